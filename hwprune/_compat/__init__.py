@@ -1,0 +1,1 @@
+"""Adapters around deprecated or moving third-party APIs, one module each."""

@@ -1,0 +1,71 @@
+"""Apply a policy: a physically smaller model, then per-layer formats; save and load the result.
+
+A pruned model is saved as a plain dict (``torch.save``) holding the model
+reference, the policy and the pruned state dict. Loading rebuilds the dense
+model, re-derives the pruned shapes from the policy (they depend only on it)
+and loads the weights with ``torch.load(weights_only=True)``: no pickled code.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from hwprune._io import write_atomic
+from hwprune.apply.formats import DeployReport, FormatSim, apply_formats, deploy_cpu
+from hwprune.apply.importance import IMPORTANCES
+from hwprune.apply.prune import kept_indices, prune_model
+from hwprune.errors import HwpruneError
+from hwprune.models import build_model
+from hwprune.policy import Policy
+
+__all__ = ["apply_policy", "prune_model", "apply_formats", "deploy_cpu", "DeployReport", "FormatSim",
+           "IMPORTANCES", "kept_indices", "save_pruned", "load_pruned", "ARTIFACT_FORMAT"]
+
+ARTIFACT_FORMAT = "hwprune-pruned-model/1"
+
+
+def apply_policy(model: nn.Module, policy: Policy, example: torch.Tensor, *, exclude: Iterable[str] = (),
+                 importance: str = "l1", batches: Any = None) -> nn.Module:
+    """Prune a copy of ``model`` under ``policy`` and set each layer's (simulated) format."""
+    pruned = prune_model(model, policy, example, exclude=exclude, importance=importance, batches=batches)
+    return apply_formats(pruned, policy.formats)
+
+
+def save_pruned(path: str | Path, model: nn.Module, policy: Policy, model_ref: str, model_args: dict[str, Any],
+                input_shape: tuple[int, ...], num_classes: int, exclude: Iterable[str] = (),
+                extra: dict[str, Any] | None = None) -> None:
+    """Write a pruned model artifact atomically."""
+    blob = {"format": ARTIFACT_FORMAT, "model": model_ref, "model_args": dict(model_args),
+            "input_shape": list(input_shape), "num_classes": num_classes, "exclude": sorted(exclude),
+            "policy": policy.to_dict(), "extra": dict(extra or {}), "state_dict": model.state_dict()}
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    write_atomic(Path(path), buf.getvalue())
+
+
+def load_pruned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a pruned model from an artifact written by :func:`save_pruned`."""
+    p = Path(path)
+    if not p.is_file():
+        raise HwpruneError(f"pruned model {str(p)!r} does not exist")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise HwpruneError(f"cannot read pruned model {str(p)!r}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
+        raise HwpruneError(f"{str(p)!r} is not an hwprune pruned model ({ARTIFACT_FORMAT})")
+    shape = tuple(blob["input_shape"])
+    dense = build_model(blob["model"], shape, blob["num_classes"], blob["model_args"])
+    policy = Policy.from_dict(blob["policy"], source=str(p))
+    example = torch.zeros(2, *shape)
+    model = apply_policy(dense, policy, example, exclude=blob["exclude"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise HwpruneError(f"pruned model {str(p)!r} does not match its policy: {str(exc).splitlines()[0]}") from exc
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model.eval(), meta

@@ -1,0 +1,136 @@
+"""Per-layer numeric formats: simulated for accuracy, real kernels for deployment.
+
+Simulation (during search and fine-tune): ``int8`` = per-channel symmetric
+fake-quant of weights + per-tensor dynamic fake-quant of input activations;
+``int4`` = weight-only per-channel fake-quant; ``bf16``/``fp16`` = casts of
+weights, inputs and outputs. Gradients pass straight through.
+
+Deployment on CPU (:func:`deploy_cpu`): dynamic int8 for Linear/LSTM/GRU
+(real fbgemm/x86 or qnnpack kernels), bf16 as a real bf16 module. Every other
+(layer, format) stays simulated and is listed in the report, never hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from hwprune._compat.ao import DYNAMIC_INT8_TYPES, quantize_dynamic_int8
+from hwprune.errors import HwpruneError
+
+__all__ = ["FormatSim", "apply_formats", "fake_quant_weight", "fake_quant_act", "deploy_cpu", "DeployReport"]
+
+_QMAX = {"int8": 127, "int4": 7}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fake_quant_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per-row (output channel / gate row) symmetric fake-quant of a weight with ``fmt`` bits."""
+    qmax = _QMAX[fmt]
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(1).float()
+    scale = (amax / qmax).clamp_min(1e-12)
+    zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -qmax - 1, qmax)
+
+
+def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor symmetric int8 fake-quant with a dynamic (per call) scale."""
+    scale = float(x.detach().abs().amax().clamp_min(1e-12)) / 127.0
+    return torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
+
+
+def _cast(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    return t.to(_DTYPES[fmt]).to(t.dtype)
+
+
+class FormatSim(nn.Module):
+    """Runs ``inner`` as if in format ``fmt`` (for accuracy); see the module docstring."""
+
+    def __init__(self, inner: nn.Module, fmt: str) -> None:
+        super().__init__()
+        if fmt not in ("bf16", "fp16", "int8", "int4"):
+            raise HwpruneError(f"cannot simulate format {fmt!r}")
+        self.inner = inner
+        self.fmt = fmt
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.inner.named_parameters():
+            if self.fmt in _DTYPES:
+                out[name] = _cast(p, self.fmt)
+            elif p.dim() >= 2:
+                out[name] = fake_quant_weight(p, self.fmt)
+            else:
+                out[name] = p
+        return out
+
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt in _DTYPES:
+            return _cast(x, self.fmt)
+        return fake_quant_act(x) if self.fmt == "int8" else x
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = functional_call(self.inner, self._params(), (self._in(x),) + args, kwargs)
+        if self.fmt in _DTYPES:
+            if isinstance(out, tuple):
+                return (_cast(out[0], self.fmt),) + out[1:]
+            return _cast(out, self.fmt)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt}"
+
+
+def apply_formats(model: nn.Module, formats: dict[str, str]) -> nn.Module:
+    """Wrap each named layer whose format is not fp32 in a :class:`FormatSim` (in place)."""
+    for name, fmt in sorted(formats.items()):
+        if fmt == "fp32":
+            continue
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise HwpruneError(f"layer {name!r} is not in the model") from None
+        model.set_submodule(name, FormatSim(mod, fmt))
+    return model
+
+
+class _BF16(nn.Module):
+    """A real bf16 module: casts the input to bf16 and the output back to fp32."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = self.inner(x.to(torch.bfloat16), *args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0].float(),) + out[1:]
+        return out.float()
+
+
+@dataclass
+class DeployReport:
+    """Which layers run a real kernel in their format, and which stay simulated."""
+
+    real: dict[str, str] = field(default_factory=dict)
+    simulated: dict[str, str] = field(default_factory=dict)
+
+
+def deploy_cpu(model: nn.Module) -> tuple[nn.Module, DeployReport]:
+    """Replace simulated formats by real CPU kernels where they exist (in place)."""
+    report = DeployReport()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, FormatSim):
+            continue
+        inner, fmt = mod.inner, mod.fmt
+        if fmt == "int8" and isinstance(inner, DYNAMIC_INT8_TYPES):
+            model.set_submodule(name, quantize_dynamic_int8(inner))
+            report.real[name] = "int8-dynamic"
+        elif fmt == "bf16":
+            model.set_submodule(name, _BF16(inner))
+            report.real[name] = "bf16"
+        else:
+            report.simulated[name] = fmt
+    return model, report

