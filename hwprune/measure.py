@@ -41,10 +41,12 @@ def rnn_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-adds of one forward pass on ``example`` (all of its batch)."""
+    """Multiply-adds of one forward pass on ``example`` (all of its batch); formats do not change it."""
     from fvcore.nn import FlopCountAnalysis
 
-    model = model.eval()
+    from hwprune.apply.formats import strip_formats
+
+    model = strip_formats(model).eval()
     flops = FlopCountAnalysis(model, (example,))
     flops.set_op_handle("aten::lstm", rnn_flop_handle)
     flops.set_op_handle("aten::gru", rnn_flop_handle)

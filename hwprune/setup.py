@@ -9,7 +9,7 @@ from torch import nn
 
 from hwprune.data import DataBundle, load_data
 from hwprune.errors import HwpruneError
-from hwprune.factory import is_factory_ref
+from hwprune.factory import is_factory_ref, load_factory
 from hwprune.models import MODELS, build_model, load_weights, model_layout
 from hwprune.train import cache_key, load_cached
 
@@ -34,7 +34,7 @@ class Setup:
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """``"1,28,28"`` -> (1, 28, 28); every entry a positive integer."""
     try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise HwpruneError(f"input shape {text!r} must be comma-separated positive integers, e.g. 1,28,28") from None
     if not shape or any(v <= 0 for v in shape):
@@ -63,6 +63,7 @@ def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None
     elif not is_factory_ref(model_ref):
         shape = MODELS.get(model_ref).default_input_shape
     else:
+        load_factory(model_ref)  # a missing file or name is the first thing to report
         raise HwpruneError(f"user model {model_ref!r} needs --data or --input-shape to know its input")
     num_classes = data.num_classes if data is not None else 10
     torch.manual_seed(seed)

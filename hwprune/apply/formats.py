@@ -20,7 +20,7 @@ from torch.func import functional_call
 from hwprune._compat.ao import DYNAMIC_INT8_TYPES, quantize_dynamic_int8
 from hwprune.errors import HwpruneError
 
-__all__ = ["FormatSim", "apply_formats", "fake_quant_weight", "fake_quant_act", "deploy_cpu", "DeployReport"]
+__all__ = ["FormatSim", "apply_formats", "strip_formats", "fake_quant_weight", "fake_quant_act", "deploy_cpu", "DeployReport"]
 
 _QMAX = {"int8": 127, "int4": 7}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,6 +94,22 @@ def apply_formats(model: nn.Module, formats: dict[str, str]) -> nn.Module:
             raise HwpruneError(f"layer {name!r} is not in the model") from None
         model.set_submodule(name, FormatSim(mod, fmt))
     return model
+
+
+def strip_formats(model: nn.Module) -> nn.Module:
+    """A shallow-structured copy of ``model`` with every :class:`FormatSim` replaced by its layer.
+
+    Formats do not change multiply-add counts; FLOP counting traces this copy.
+    """
+    if not any(isinstance(m, FormatSim) for m in model.modules()):
+        return model
+    import copy
+
+    plain = copy.deepcopy(model)
+    for name, mod in list(plain.named_modules()):
+        if isinstance(mod, FormatSim):
+            plain.set_submodule(name, mod.inner)
+    return plain
 
 
 class _BF16(nn.Module):

@@ -128,8 +128,8 @@ def analyze_rnn_model(model: nn.Module, example: torch.Tensor, exclude: set[str]
         counts[str(n.target)] = counts.get(str(n.target), 0) + 1
     for node in calls:
         name, mod = str(node.target), mods[str(node.target)]
-        if counts[name] > 1:
-            continue  # a module called twice cannot be pruned on its own
+        if counts[name] > 1 or name in exclude:
+            continue  # excluded, or called twice: not pruned on its own
         if isinstance(mod, RNNStack):
             d = mod.dirs
             for k in range(len(mod.layers) - 1):

@@ -1,0 +1,21 @@
+"""A user's own model and data, given to hwprune as file.py:factory."""
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def make_model(width: int = 8):
+    return nn.Sequential(nn.Conv2d(1, width, 3), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, 2 * width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(2 * width, 3))
+
+
+def make_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+
+
+def not_a_model():
+    return 42

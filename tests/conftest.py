@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).parent / "assets"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own model cache; nothing leaks into ~/.cache."""
+    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m hwprune ARGS`` in a subprocess and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "hwprune", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=full_env, timeout=600)

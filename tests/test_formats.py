@@ -1,0 +1,74 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hwprune import apply_policy, build_model, build_space, deploy_cpu, uniform_policy
+from hwprune.apply.formats import FormatSim, fake_quant_act, fake_quant_weight
+
+
+@pytest.mark.parametrize("fmt,levels", [("int8", 256), ("int4", 16)])
+def test_weight_fake_quant_is_per_row_symmetric(fmt, levels):
+    w = torch.randn(6, 40)
+    q = fake_quant_weight(w, fmt)
+    qmax = levels // 2 - 1
+    for r in range(6):
+        scale = w[r].abs().max() / qmax
+        k = q[r] / scale  # integer grid, within [-qmax-1, qmax]
+        assert torch.allclose(k, k.round(), atol=1e-4)
+        assert k.round().abs().max() <= qmax + 1
+        assert (q[r] - w[r]).abs().max() <= scale / 2 + 1e-6
+    assert len(torch.unique(q[0])) <= levels
+
+
+def test_activation_fake_quant_per_tensor():
+    x = torch.randn(4, 10) * 3
+    q = fake_quant_act(x)
+    scale = x.abs().max() / 127
+    assert (q - x).abs().max() <= scale / 2 + 1e-6 and len(torch.unique(q)) <= 256
+
+
+def test_formats_change_outputs_by_the_expected_amount():
+    m = build_model("cnn1d").eval()
+    x = torch.randn(8, 1, 40)
+    s = build_space(m, x)
+    with torch.no_grad():
+        ref = m(x)
+    err = {}
+    for fmt in ("fp16", "bf16", "int8", "int4"):
+        q = apply_policy(m, uniform_policy(s, 1.0, fmt), x).eval()
+        assert all(isinstance(q.get_submodule(l.name), FormatSim) for l in s.layers)
+        with torch.no_grad():
+            err[fmt] = float((q(x) - ref).abs().max() / ref.abs().max())
+    assert 0 < err["fp16"] < err["bf16"] < err["int4"] and err["int8"] < err["int4"]
+    assert err["fp16"] < 1e-3 and err["int4"] < 0.5
+
+
+def test_gradients_pass_through_simulated_formats():
+    m = build_model("lstm", (6, 2), 3, {"hidden_size": 8})
+    x = torch.randn(4, 6, 2)
+    q = apply_policy(m, uniform_policy(build_space(m, x), 1.0, "int8"), x).train()
+    q(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters())
+
+
+def test_deploy_cpu_uses_real_int8_kernels_for_linear_and_rnn():
+    m = build_model("gru", (10, 4), 5, {"hidden_size": 16, "num_layers": 2}).eval()
+    x = torch.randn(4, 10, 4)
+    q = apply_policy(m, uniform_policy(build_space(m, x), 1.0, "int8"), x).eval()
+    sim = q(x)
+    real, report = deploy_cpu(copy.deepcopy(q))
+    assert report.real == {"rnn.layers.0": "int8-dynamic", "rnn.layers.1": "int8-dynamic", "fc": "int8-dynamic"}
+    assert report.simulated == {}
+    assert "quantized" in type(real.fc).__module__ and "quantized" in type(real.rnn.layers[0]).__module__
+    assert (real(x) - sim).abs().max() < 0.05 * sim.abs().max()
+
+
+def test_deploy_cpu_reports_what_stays_simulated():
+    m = build_model("cnn1d").eval()
+    x = torch.randn(2, 1, 40)
+    q = apply_policy(m, uniform_policy(build_space(m, x), 1.0, "int8"), x)
+    _, report = deploy_cpu(q)
+    assert report.simulated == {"features.0": "int8", "features.3": "int8", "features.6": "int8"}
+    assert set(report.real) == {"fc1", "fc"}
