@@ -53,7 +53,6 @@ def _emit(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hwprune.apply import FormatSim  # noqa: F401  (import check of the package)
     from hwprune.train import DEFAULT_EPOCHS, TrainConfig, cache_key, evaluate, load_cached, save_cached, train_model
 
     s = _setup(args, use_cache=False)

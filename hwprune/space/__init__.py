@@ -72,12 +72,8 @@ def build_space(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] 
         raise HwpruneError(f"excluded layer {unknown[0]!r} is not in the model")
     check_input(model, example)
     if is_recurrent(model):
-        groups = []
-        mods = dict(model.named_modules())
-        for p in rnn_plans(model, example, excl):
-            layers = (p.producer,) + p.consumers
-            groups.append(PrunableGroup(p.producer, p.units, layers, p.kind))
-            assert p.producer in mods
+        groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.consumers, p.kind)
+                  for p in rnn_plans(model, example, excl)]
     else:
         _, cg = cnn_groups(model, example, excl)
         groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)

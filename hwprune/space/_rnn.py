@@ -55,10 +55,6 @@ def _last_dim(node: fx.Node) -> int | None:
     return int(shape[-1]) if shape is not None and len(shape) else None
 
 
-def _index_keeps_last(node: fx.Node, width: int) -> bool:
-    return _last_dim(node) == width
-
-
 def _follow(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[str, nn.Module]) -> tuple[str, ...] | None:
     """Consumers reading ``start``'s last dim (of size ``width``); None if it reaches the model output."""
     consumers: list[str] = []
@@ -87,7 +83,7 @@ def _follow(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[str, nn.M
                     continue
             ok = (user.op == "call_function" and (user.target in _PASS_FUNCS or user.target is operator.getitem)) \
                 or (user.op == "call_method" and user.target in _PASS_METHODS)
-            if ok and _index_keeps_last(user, width) and sum(a is node for a in user.args) == 1:
+            if ok and _last_dim(user) == width and sum(a is node for a in user.args) == 1:
                 frontier.append(user)
                 continue
             raise HwpruneError(f"cannot tell how {start.target!s} output reaches {user.format_node()!s}; "
