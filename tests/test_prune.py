@@ -170,3 +170,15 @@ def test_other_importances_make_the_same_shapes(importance):
     p = apply_policy(m, Policy({"rnn.layers.0": 0.5, "rnn.layers.1": 0.25}, channel_multiple=1), x,
                      importance=importance, batches=[(x, y)])
     assert [l.hidden_size for l in p.rnn.layers] == [8, 4] and p(x).shape == (8, 4)
+
+
+@pytest.mark.parametrize("importance", ["l2", "taylor", "activation"])
+def test_cnn_importances_choose_by_their_criterion(importance):
+    m = build_model("cnn1d").eval()
+    x, y = torch.randn(16, 1, 40), torch.randint(0, 10, (16,))
+    with torch.no_grad():  # channels 5 and 9 of conv 0 dominate by weight, gradient and activation
+        m.features[0].weight.mul_(0.01)
+        m.features[0].weight[[5, 9]] *= 1000.0
+    p = apply_policy(m, Policy({"features.0": 2 / 32}, channel_multiple=1), x, importance=importance,
+                     batches=[(x, y)])
+    assert torch.equal(p.features[0].weight, m.features[0].weight[[5, 9]])
