@@ -51,9 +51,18 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
     return correct / max(total, 1)
 
 
-def _check_loss(loss: torch.Tensor, step: int) -> None:
+def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
+          step: int) -> float:
+    """One optimizer step on cross-entropy (gradients clipped at norm 5); returns the loss."""
+    loss = nn.functional.cross_entropy(model(x), y)
     if not torch.isfinite(loss):
         raise HwpruneError(f"training loss became {float(loss.detach())} at step {step}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
 
 
 def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
@@ -68,14 +77,7 @@ def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig
         model.train()
         total = 0.0
         for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            _check_loss(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(y)
+            total += _step(model, opt, sched, x, y, step) * len(y)
             step += 1
         acc = evaluate(model, val)
         history.append(acc)
@@ -104,13 +106,7 @@ def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, bat
         except StopIteration:
             it = None
             continue
-        loss = nn.functional.cross_entropy(model(x), y)
-        _check_loss(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        sched.step()
+        _step(model, opt, sched, x, y, step)
         step += 1
     return model
 

@@ -19,7 +19,7 @@ from hwprune.apply.formats import DeployReport, FormatSim, apply_formats, deploy
 from hwprune.apply.importance import IMPORTANCES
 from hwprune.apply.prune import kept_indices, prune_model
 from hwprune.errors import HwpruneError
-from hwprune.models import build_model
+from hwprune.models import build_model, safe_load
 from hwprune.policy import Policy
 
 __all__ = ["apply_policy", "prune_model", "apply_formats", "deploy_cpu", "DeployReport", "FormatSim",
@@ -50,12 +50,7 @@ def save_pruned(path: str | Path, model: nn.Module, policy: Policy, model_ref: s
 def load_pruned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a pruned model from an artifact written by :func:`save_pruned`."""
     p = Path(path)
-    if not p.is_file():
-        raise HwpruneError(f"pruned model {str(p)!r} does not exist")
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise HwpruneError(f"cannot read pruned model {str(p)!r}: {str(exc).splitlines()[0]}") from exc
+    blob = safe_load(p, "pruned model")
     if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
         raise HwpruneError(f"{str(p)!r} is not an hwprune pruned model ({ARTIFACT_FORMAT})")
     shape = tuple(blob["input_shape"])

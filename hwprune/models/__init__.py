@@ -19,7 +19,7 @@ from hwprune.models.cnn import CNN1d, MobileNetV2, ResNet20
 from hwprune.models.rnn import RNNClassifier
 from hwprune.registry import Registry
 
-__all__ = ["ModelEntry", "MODELS", "build_model", "load_weights", "parse_model_args", "model_layout"]
+__all__ = ["ModelEntry", "MODELS", "build_model", "load_weights", "parse_model_args", "model_layout", "safe_load"]
 
 LAYOUT_DIMS = {"1d": 2, "2d": 3, "seq": 2}
 
@@ -110,15 +110,21 @@ def build_model(ref: str, input_shape: tuple[int, ...] | None = None, num_classe
         raise HwpruneError(f"bad model argument for {ref!r}: {exc}") from exc
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict saved with ``torch.save`` (``weights_only=True``: no pickle code runs)."""
+def safe_load(path: str | Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` (no pickled code runs); problems become one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise HwpruneError(f"weights file {str(path)!r} does not exist")
+        raise HwpruneError(f"{what} {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise HwpruneError(f"cannot read weights {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise HwpruneError(f"cannot read {what} {str(path)!r}: {type(exc).__name__}: {first}") from exc
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict saved with ``torch.save``; a mismatch names the first bad key."""
+    state = safe_load(path, "weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
