@@ -89,3 +89,35 @@ def test_input_that_does_not_fit_is_one_error():
     m = build_model("cnn1d")
     with pytest.raises(HwpruneError, match=r"input of shape \(1, 50\) does not fit"):
         build_space(m, torch.randn(2, 1, 50))
+
+
+class _Concat(torch.nn.Module):
+    """Two branches concatenated on channels, then one conv reading both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.mix = torch.nn.Conv2d(24, 8, 1)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.mix(torch.cat([self.a(x), self.b(x)], 1))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_concatenation_maps_each_branch_into_the_consumer():
+    from hwprune import Policy, apply_policy
+
+    m = _Concat().eval()
+    x = torch.randn(2, 1, 6, 6)
+    s = build_space(m, x)
+    assert {g.name: g.units for g in s.groups} == {"a": 8, "b": 16, "mix": 8}
+    assert "mix" in s.group("a").layers and "mix" in s.group("b").layers
+    with torch.no_grad():
+        m.b.weight.mul_(0.01)
+        m.b.weight[[2, 11]] *= 1000.0
+    p = apply_policy(m, Policy({"b": 2 / 16}, channel_multiple=1), x)
+    assert p.mix.in_channels == 8 + 2
+    # the consumer keeps its columns for branch a (0..7) and b's kept channels 2, 11 (offset 8)
+    assert torch.equal(p.mix.weight, m.mix.weight[:, list(range(8)) + [8 + 2, 8 + 11]])
