@@ -23,7 +23,8 @@ from hwprune.space import Space
 __all__ = ["FORMATS", "FORMAT_VERSION", "Policy", "keep_units", "uniform_policy", "load_policy", "save_policy"]
 
 FORMAT_VERSION = 1
-FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "sp24")
+"""Numeric formats: int4 is weight-only; fp8 (e4m3) and sp24 (2:4 semi-structured sparse fp16) are CUDA formats."""
 _KEYS = {"format_version", "model", "channel_multiple", "keep", "formats"}
 
 

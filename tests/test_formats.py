@@ -59,7 +59,7 @@ def test_deploy_cpu_uses_real_int8_kernels_for_linear_and_rnn():
     q = apply_policy(m, uniform_policy(build_space(m, x), 1.0, "int8"), x).eval()
     sim = q(x)
     real, report = deploy_cpu(copy.deepcopy(q))
-    assert report.real == {"rnn.layers.0": "int8-dynamic", "rnn.layers.1": "int8-dynamic", "fc": "int8-dynamic"}
+    assert report.real == {"rnn.layers.0": "int8", "rnn.layers.1": "int8", "fc": "int8"}
     assert report.simulated == {}
     assert "quantized" in type(real.fc).__module__ and "quantized" in type(real.rnn.layers[0]).__module__
     assert (real(x) - sim).abs().max() < 0.05 * sim.abs().max()

@@ -2,12 +2,14 @@
 
 Simulation (during search and fine-tune): ``int8`` = per-channel symmetric
 fake-quant of weights + per-tensor dynamic fake-quant of input activations;
-``int4`` = weight-only per-channel fake-quant; ``bf16``/``fp16`` = casts of
-weights, inputs and outputs. Gradients pass straight through.
+``int4`` = weight-only per-channel fake-quant; ``bf16``/``fp16``/``fp8`` = casts
+of weights, inputs and outputs (fp8 as e4m3); ``sp24`` = fp16 with the two
+smallest of every four weights zeroed. Gradients pass straight through.
 
-Deployment on CPU (:func:`deploy_cpu`): dynamic int8 for Linear/LSTM/GRU
-(real fbgemm/x86 or qnnpack kernels), bf16 as a real bf16 module. Every other
-(layer, format) stays simulated and is listed in the report, never hidden.
+Deployment (:func:`deploy`): each layer goes through the target's ``realize``
+(the same code the profiler times), e.g. on CPU dynamic int8 for
+Linear/LSTM/GRU and bf16 modules. Every (layer, format) without a real kernel
+stays simulated and is listed in the report, never hidden.
 """
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hwprune._compat.ao import DYNAMIC_INT8_TYPES, quantize_dynamic_int8
 from hwprune.errors import HwpruneError
 
-__all__ = ["FormatSim", "apply_formats", "strip_formats", "fake_quant_weight", "fake_quant_act", "deploy_cpu", "DeployReport"]
+__all__ = ["FormatSim", "apply_formats", "strip_formats", "fake_quant_weight", "fake_quant_act", "deploy",
+           "deploy_cpu", "DeployReport"]
 
 _QMAX = {"int8": 127, "int4": 7}
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 def fake_quant_weight(w: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -45,12 +47,19 @@ def _cast(t: torch.Tensor, fmt: str) -> torch.Tensor:
     return t.to(_DTYPES[fmt]).to(t.dtype)
 
 
+def _mask_2_4(w: torch.Tensor) -> torch.Tensor:
+    """1 for the two largest-magnitude weights of every four along the last dim, else 0."""
+    groups = w.abs().reshape(-1, 4)
+    keep = torch.zeros_like(groups).scatter(1, groups.argsort(1)[:, 2:], 1.0)
+    return keep.reshape(w.shape)
+
+
 class FormatSim(nn.Module):
     """Runs ``inner`` as if in format ``fmt`` (for accuracy); see the module docstring."""
 
     def __init__(self, inner: nn.Module, fmt: str) -> None:
         super().__init__()
-        if fmt not in ("bf16", "fp16", "int8", "int4"):
+        if fmt not in ("bf16", "fp16", "int8", "int4", "fp8", "sp24"):
             raise HwpruneError(f"cannot simulate format {fmt!r}")
         self.inner = inner
         self.fmt = fmt
@@ -58,8 +67,10 @@ class FormatSim(nn.Module):
     def _params(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, p in self.inner.named_parameters():
-            if self.fmt in _DTYPES:
-                out[name] = _cast(p, self.fmt)
+            if self.fmt == "sp24" and p.dim() >= 2 and p.shape[-1] % 4 == 0:
+                out[name] = _cast(p * _mask_2_4(p.detach()), "fp16")
+            elif self.fmt in _DTYPES or self.fmt == "sp24":
+                out[name] = _cast(p, "fp16" if self.fmt == "sp24" else self.fmt)
             elif p.dim() >= 2:
                 out[name] = fake_quant_weight(p, self.fmt)
             else:
@@ -67,16 +78,17 @@ class FormatSim(nn.Module):
         return out
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt in _DTYPES:
-            return _cast(x, self.fmt)
+        if self.fmt in _DTYPES or self.fmt == "sp24":
+            return _cast(x, "fp16" if self.fmt == "sp24" else self.fmt)
         return fake_quant_act(x) if self.fmt == "int8" else x
 
     def forward(self, x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
         out = functional_call(self.inner, self._params(), (self._in(x),) + args, kwargs)
-        if self.fmt in _DTYPES:
+        if self.fmt in _DTYPES or self.fmt == "sp24":
+            fmt = "fp16" if self.fmt == "sp24" else self.fmt
             if isinstance(out, tuple):
-                return (_cast(out[0], self.fmt),) + out[1:]
-            return _cast(out, self.fmt)
+                return (_cast(out[0], fmt),) + out[1:]
+            return _cast(out, fmt)
         return out
 
     def extra_repr(self) -> str:
@@ -112,20 +124,6 @@ def strip_formats(model: nn.Module) -> nn.Module:
     return plain
 
 
-class _BF16(nn.Module):
-    """A real bf16 module: casts the input to bf16 and the output back to fp32."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner.to(torch.bfloat16)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
-        out = self.inner(x.to(torch.bfloat16), *args, **kwargs)
-        if isinstance(out, tuple):
-            return (out[0].float(),) + out[1:]
-        return out.float()
-
-
 @dataclass
 class DeployReport:
     """Which layers run a real kernel in their format, and which stay simulated."""
@@ -134,19 +132,25 @@ class DeployReport:
     simulated: dict[str, str] = field(default_factory=dict)
 
 
-def deploy_cpu(model: nn.Module) -> tuple[nn.Module, DeployReport]:
-    """Replace simulated formats by real CPU kernels where they exist (in place)."""
+def deploy(model: nn.Module, target: str = "cpu") -> tuple[nn.Module, DeployReport]:
+    """Replace simulated formats by the target's real kernels where it has them (in place)."""
+    from hwprune.latency.targets import get_target
+
+    tgt = get_target(target)
     report = DeployReport()
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, FormatSim):
             continue
-        inner, fmt = mod.inner, mod.fmt
-        if fmt == "int8" and isinstance(inner, DYNAMIC_INT8_TYPES):
-            model.set_submodule(name, quantize_dynamic_int8(inner))
-            report.real[name] = "int8-dynamic"
-        elif fmt == "bf16":
-            model.set_submodule(name, _BF16(inner))
-            report.real[name] = "bf16"
-        else:
-            report.simulated[name] = fmt
+        try:
+            real = tgt.realize(mod.inner, mod.fmt)
+        except HwpruneError:
+            report.simulated[name] = mod.fmt
+            continue
+        model.set_submodule(name, real)
+        report.real[name] = mod.fmt
     return model, report
+
+
+def deploy_cpu(model: nn.Module) -> tuple[nn.Module, DeployReport]:
+    """:func:`deploy` on the ``cpu`` target."""
+    return deploy(model, "cpu")

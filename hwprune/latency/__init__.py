@@ -1,0 +1,10 @@
+"""Latency: targets, on-device timing, layer configurations, tables, the predictor, validation."""
+from __future__ import annotations
+
+from hwprune.latency.layers import LayerConfig, ModelLayers, analyze_layers
+from hwprune.latency.predictor import Prediction, Predictor, fit_linear, model_key
+from hwprune.latency.table import Entry, LatencyTable, find_table, table_path
+from hwprune.latency.targets import TARGETS, Target, get_target
+
+__all__ = ["LayerConfig", "ModelLayers", "analyze_layers", "Prediction", "Predictor", "fit_linear", "model_key",
+           "Entry", "LatencyTable", "find_table", "table_path", "TARGETS", "Target", "get_target"]

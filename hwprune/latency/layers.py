@@ -1,0 +1,251 @@
+"""Which kernel each layer runs under a policy: layer configurations and their keys.
+
+Each quantizable layer's dims (inputs, outputs, conv groups) are a linear form
+of the kept units of the prunable groups: ``dim = const + sum(factor_g * units_g)``
+(a flatten multiplies by the spatial size, a bidirectional RNN by two, a
+concatenation sums its branches). The factors are found once per model by
+pruning each group on its own, then checked on a policy that prunes all groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from hwprune.errors import HwpruneError
+from hwprune.policy import Policy, keep_units
+from hwprune.space import Space, build_space, prepare_model
+
+__all__ = ["LayerConfig", "LayerForm", "ModelLayers", "analyze_layers"]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Everything that changes a layer's kernel; :attr:`key` names it in a latency table."""
+
+    op: str
+    cin: int
+    cout: int
+    batch: int
+    fmt: str = "fp32"
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+    extent: tuple[int, ...] = ()  # spatial size (conv), middle dims (linear), sequence length (rnn)
+    bidirectional: bool = False
+
+    @property
+    def key(self) -> str:
+        j = lambda t: "x".join(map(str, t)) or "-"  # noqa: E731
+        parts = [self.op, f"i{self.cin}", f"o{self.cout}"]
+        if self.op.startswith("conv"):
+            parts += [f"k{j(self.kernel)}", f"s{j(self.stride)}", f"p{j(self.padding)}", f"g{self.groups}"]
+        if self.op in ("lstm", "gru"):
+            parts.append("bi" if self.bidirectional else "uni")
+        parts += [f"x{j(self.extent)}", f"b{self.batch}", "bias" if self.bias else "nobias", self.fmt]
+        return "|".join(parts)
+
+    @classmethod
+    def from_key(cls, key: str) -> "LayerConfig | None":
+        """Parse a :attr:`key` back (None if it is not one)."""
+        parts = key.split("|")
+        try:
+            op = parts[0]
+            t = lambda s: tuple(int(v) for v in s.split("x")) if s != "-" else ()  # noqa: E731
+            kw: dict[str, Any] = {"cin": int(parts[1][1:]), "cout": int(parts[2][1:])}
+            rest = parts[3:]
+            if op.startswith("conv"):
+                kw.update(kernel=t(rest[0][1:]), stride=t(rest[1][1:]), padding=t(rest[2][1:]), groups=int(rest[3][1:]))
+                rest = rest[4:]
+            elif op in ("lstm", "gru"):
+                kw["bidirectional"] = rest[0] == "bi"
+                rest = rest[1:]
+            kw.update(extent=t(rest[0][1:]), batch=int(rest[1][1:]), bias=rest[2] == "bias", fmt=rest[3])
+            cfg = cls(op, **kw)
+        except (IndexError, ValueError):
+            return None
+        return cfg if cfg.key == key else None
+
+    def macs(self) -> int:
+        """Multiply-adds of one call (the FLOPs proxy; same convention as fvcore)."""
+        ext = 1
+        for e in self.extent:
+            ext *= e
+        if self.op.startswith("conv"):
+            out_ext = 1
+            for n, k, s, p in zip(self.extent, self.kernel, self.stride, self.padding):
+                out_ext *= (n + 2 * p - k) // s + 1
+            kvol = 1
+            for k in self.kernel:
+                kvol *= k
+            return self.batch * out_ext * self.cout * (self.cin // self.groups) * kvol
+        if self.op == "linear":
+            return self.batch * ext * self.cin * self.cout
+        gates = 4 if self.op == "lstm" else 3
+        d = 2 if self.bidirectional else 1
+        return self.batch * ext * d * gates * self.cout * (self.cin + self.cout)
+
+    def out_elems(self) -> int:
+        """Elements of one call's output: what the elementwise ops after the layer touch."""
+        if self.op.startswith("conv"):
+            n = self.batch * self.cout
+            for e, k, st, p in zip(self.extent, self.kernel, self.stride, self.padding):
+                n *= (e + 2 * p - k) // st + 1
+            return n
+        n = self.batch * self.cout * (2 if self.bidirectional else 1)
+        for e in self.extent:
+            n *= e
+        return n
+
+    def build(self) -> tuple[nn.Module, torch.Tensor]:
+        """A fresh fp32 module of this configuration and an input for it."""
+        g = torch.Generator().manual_seed(0)
+        if self.op in ("conv1d", "conv2d"):
+            cls = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
+            mod: nn.Module = cls(self.cin, self.cout, self.kernel, self.stride, self.padding, groups=self.groups,
+                                 bias=self.bias)
+            x = torch.randn(self.batch, self.cin, *self.extent, generator=g)
+        elif self.op == "linear":
+            mod = nn.Linear(self.cin, self.cout, bias=self.bias)
+            x = torch.randn(self.batch, *self.extent, self.cin, generator=g)
+        else:
+            cls = nn.LSTM if self.op == "lstm" else nn.GRU
+            mod = cls(self.cin, self.cout, batch_first=True, bidirectional=self.bidirectional, bias=self.bias)
+            x = torch.randn(self.batch, *self.extent, self.cin, generator=g)
+        return mod.eval(), x
+
+
+@dataclass(frozen=True)
+class LayerForm:
+    """One layer's dims as linear forms of the groups' kept units."""
+
+    name: str
+    base: LayerConfig  # the dense configuration (batch 1, fp32)
+    terms: dict[str, dict[str, int]] = field(default_factory=dict)  # dim -> {group: factor}
+    consts: dict[str, int] = field(default_factory=dict)  # dim -> constant
+
+    def dim(self, which: str, units: dict[str, int]) -> int:
+        return self.consts[which] + sum(f * units[g] for g, f in self.terms[which].items())
+
+    def config(self, units: dict[str, int], batch: int, fmt: str) -> LayerConfig:
+        groups = self.dim("groups", units) if self.base.groups > 1 else 1
+        return replace(self.base, cin=self.dim("cin", units), cout=self.dim("cout", units), groups=groups,
+                       batch=batch, fmt=fmt)
+
+
+@dataclass
+class ModelLayers:
+    """The layer forms of one model and the space they were derived from."""
+
+    space: Space
+    layers: list[LayerForm]
+    channel_multiple: int
+
+    def configs(self, policy: Policy, batch: int) -> list[tuple[str, LayerConfig]]:
+        units = policy.units(self.space)
+        return [(f.name, f.config(units, batch, policy.formats.get(f.name, "fp32"))) for f in self.layers]
+
+    def unit_options(self, group: str, grid: list[float]) -> list[int]:
+        g = self.space.group(group)
+        return sorted({keep_units(r, g.units, self.channel_multiple) for r in grid})
+
+
+_DIMS = ("cin", "cout", "groups")
+
+
+def _dims(mod: nn.Module) -> dict[str, int]:
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return {"cin": mod.in_channels, "cout": mod.out_channels, "groups": mod.groups}
+    if isinstance(mod, nn.Linear):
+        return {"cin": mod.in_features, "cout": mod.out_features, "groups": 1}
+    return {"cin": mod.input_size, "cout": mod.hidden_size, "groups": 1}  # LSTM / GRU
+
+
+def _base_configs(model: nn.Module, example: torch.Tensor, space: Space) -> dict[str, LayerConfig]:
+    extents: dict[str, tuple[int, ...]] = {}
+    mods = dict(model.named_modules())
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(m: nn.Module, inp: tuple, _out: Any) -> None:
+            x = inp[0]
+            if isinstance(m, nn.modules.conv._ConvNd):
+                extents[name] = tuple(x.shape[2:])
+            else:  # linear: middle dims; batch-first rnn: (T,)
+                extents[name] = tuple(x.shape[1:-1])
+        return fn
+
+    handles = [mods[q.name].register_forward_hook(hook(q.name)) for q in space.layers]
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for q in space.layers:
+        m, d = mods[q.name], _dims(mods[q.name])
+        if q.name not in extents:
+            continue  # never called in forward: costs nothing
+        if isinstance(m, nn.modules.conv._ConvNd):
+            pad = m.padding if isinstance(m.padding, tuple) else (0,) * len(m.kernel_size)
+            extra = dict(kernel=tuple(m.kernel_size), stride=tuple(m.stride), padding=tuple(pad),
+                         groups=m.groups, bias=m.bias is not None)
+        elif isinstance(m, nn.Linear):
+            extra = dict(bias=m.bias is not None)
+        else:
+            if not m.batch_first:
+                raise HwpruneError(f"layer {q.name!r}: only batch_first LSTM/GRU layers can be profiled")
+            extra = dict(bias=m.bias, bidirectional=m.bidirectional)
+        out[q.name] = LayerConfig(q.op, d["cin"], d["cout"], 1, extent=extents[q.name], **extra)
+    return out
+
+
+def analyze_layers(model: nn.Module, example: torch.Tensor, exclude: list[str] | tuple[str, ...] = (),
+                   channel_multiple: int = 8) -> ModelLayers:
+    """Derive every layer's dims as linear forms of the groups' units (prunes each group once)."""
+    from hwprune.apply.prune import prune_model
+
+    model = prepare_model(model)
+    space = build_space(model, example, exclude)
+    base = _base_configs(model, example, space)
+    dense = {n: _dims(model.get_submodule(n)) for n in base}
+    terms: dict[str, dict[str, dict[str, int]]] = {n: {d: {} for d in _DIMS} for n in base}
+    for g in space.groups:
+        small = max(1, g.units // 2)
+        pruned = prune_model(model, Policy({g.name: small / g.units}, channel_multiple=1), example, exclude=exclude)
+        for n in base:
+            now = _dims(pruned.get_submodule(n))
+            for d in _DIMS:
+                delta = dense[n][d] - now[d]
+                if delta:
+                    terms[n][d][g.name] = delta // (g.units - small)
+    forms = []
+    full = {g.name: g.units for g in space.groups}
+    for n, cfg in base.items():
+        consts = {d: dense[n][d] - sum(f * full[g] for g, f in terms[n][d].items()) for d in _DIMS}
+        forms.append(LayerForm(n, cfg, terms[n], consts))
+    layers = ModelLayers(space, forms, channel_multiple)
+    _check_forms(model, example, exclude, layers)
+    return layers
+
+
+def _check_forms(model: nn.Module, example: torch.Tensor, exclude: Any, layers: ModelLayers) -> None:
+    """Prune every group at once and compare the real dims with the forms' prediction."""
+    from hwprune.apply.prune import prune_model
+
+    if not layers.space.groups:
+        return
+    keep = {g.name: (1 + i % 3) / 4 for i, g in enumerate(layers.space.groups)}
+    policy = Policy(keep, channel_multiple=1)
+    pruned = prune_model(model, policy, example, exclude=exclude)
+    units = policy.units(layers.space)
+    for f in layers.layers:
+        real = _dims(pruned.get_submodule(f.name))
+        for d in ("cin", "cout"):
+            if f.dim(d, units) != real[d]:
+                raise HwpruneError(f"layer {f.name!r}: its {d} does not follow the groups linearly "
+                                   f"({f.dim(d, units)} predicted, {real[d]} real); exclude it")

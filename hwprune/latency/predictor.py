@@ -1,0 +1,145 @@
+"""Price a policy from a latency table: sum of measured layers, calibrated end to end.
+
+``latency = a * sum(layer entries) + b``, fitted by least squares on the
+end-to-end measurements that ``hwprune profile`` took for this model. ``a``
+absorbs what isolated timing misses per unit of layer work (cold caches,
+layout changes between layers); ``b`` absorbs what does not shrink with
+pruning (normalization, activations, pooling, Python dispatch). The FLOPs
+proxy is fitted the same way on multiply-adds, for comparison.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import numpy as np
+
+from hwprune.errors import HwpruneError
+from hwprune.latency.layers import LayerConfig, ModelLayers
+from hwprune.latency.table import LatencyTable
+from hwprune.policy import Policy
+
+__all__ = ["Prediction", "Predictor", "fit_linear", "model_key"]
+
+
+def model_key(model_ref: str, model_args: dict[str, Any], input_shape: Iterable[int], exclude: Iterable[str],
+              channel_multiple: int) -> str:
+    """Names a model configuration inside a table (calibration is per model)."""
+    args = ",".join(f"{k}={v}" for k, v in sorted(model_args.items()))
+    excl = ",".join(sorted(exclude))
+    shape = "x".join(map(str, input_shape))
+    return f"{model_ref}[{args}]@{shape}" + (f"-excl[{excl}]" if excl else "") + f"-m{channel_multiple}"
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``y = a*x + b`` (with ``b`` clipped at 0 when the fit wants a negative overhead)."""
+    if len(x) < 2 or float(np.ptp(x)) == 0.0:
+        return (float(np.mean(y / np.maximum(x, 1e-12))), 0.0)
+    a, b = np.polyfit(x, y, 1)
+    if b < 0:
+        return (float(np.dot(x, y) / np.dot(x, x)), 0.0)
+    return float(a), float(b)
+
+
+@dataclass
+class Prediction:
+    """A priced policy: calibrated total, the raw layer sum, and each layer's entry."""
+
+    latency_us: float
+    layer_sum_us: float
+    macs: int
+    by_layer: list[dict[str, Any]] = field(default_factory=list)
+    estimated: list[str] = field(default_factory=list)  # keys priced by interpolation (--allow-missing)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.latency_us / 1000.0
+
+
+class Predictor:
+    """Prices policies of one model from one table.
+
+    Args:
+        table: the latency table (its batch size is the batch that is priced).
+        layers: the model's layer forms (:func:`hwprune.latency.layers.analyze_layers`).
+        key: the model's key in the table (:func:`model_key`); its calibration is used if present.
+        allow_missing: price unmeasured configurations by interpolation, flagged as estimated.
+    """
+
+    def __init__(self, table: LatencyTable, layers: ModelLayers, key: str, allow_missing: bool = False) -> None:
+        self.table, self.layers, self.key, self.allow_missing = table, layers, key, allow_missing
+        self._families: dict[str, list[tuple[int, float]]] | None = None
+        self.coef: tuple[float, float] = (1.0, 0.0)
+        self.flops_coef: tuple[float, float] | None = None
+        self.calibration: list[dict[str, Any]] = list(table.models.get(key, {}).get("calibration", []))
+        if self.calibration:
+            raw = [self.price(Policy.from_dict(s["policy"], source=f"calibration of {key}"))
+                   for s in self.calibration]
+            y = np.array([float(s["measured_us"]) for s in self.calibration])
+            self.coef = fit_linear(np.array([r.layer_sum_us for r in raw]), y)
+            self.flops_coef = fit_linear(np.array([float(r.macs) for r in raw]), y)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.calibration)
+
+    @staticmethod
+    def _family(cfg: LayerConfig) -> str:
+        """Configurations that differ only in channel counts."""
+        return replace(cfg, cin=0, cout=0, groups=0 if cfg.groups > 1 else 1).key
+
+    def _interpolate(self, cfg: LayerConfig) -> float:
+        if self._families is None:
+            self._families = {}
+            for k, e in self.table.entries.items():
+                c = LayerConfig.from_key(k)
+                if c is not None:
+                    self._families.setdefault(self._family(c), []).append((c.macs(), e.median_us))
+        near = self._families.get(self._family(cfg), [])
+        if not near:
+            raise HwpruneError(f"configuration {cfg.key!r} is not in the table and no measured neighbour "
+                               f"shares its shape family; profile this model")
+        macs = cfg.macs()
+        m, lat = min(near, key=lambda t: abs(np.log(max(t[0], 1)) - np.log(max(macs, 1))))
+        return lat * macs / max(m, 1)
+
+    def price(self, policy: Policy, by_layer: bool = False) -> Prediction:
+        """Predicted latency of ``policy`` at the table's batch size (a missing entry is an error)."""
+        total, macs, rows, est = 0.0, 0, [], []
+        for name, cfg in self.layers.configs(policy, self.table.batch_size):
+            e = self.table.entries.get(cfg.key)
+            if e is not None:
+                us = e.median_us
+            elif self.allow_missing:
+                us = self._interpolate(cfg)
+                est.append(cfg.key)
+            else:
+                raise HwpruneError(f"layer {name!r} in configuration {cfg.key!r} is not in table "
+                                   f"{str(self.table.path)!r}; profile it, or pass --allow-missing to estimate")
+            total += us
+            macs += cfg.macs()
+            if by_layer:
+                rows.append({"layer": name, "key": cfg.key, "latency_us": us, "estimated": e is None})
+        a, b = self.coef
+        return Prediction(a * total + b, total, macs, rows, est)
+
+    def price_flops(self, macs: int) -> float:
+        """The FLOPs-proportional proxy (fitted on the same calibration runs), in microseconds."""
+        if self.flops_coef is None:
+            raise HwpruneError(f"table has no calibration for {self.key!r}; run 'hwprune profile' for it")
+        a, b = self.flops_coef
+        return a * macs + b
+
+    def menu(self, layer: str, offered: Iterable[str]) -> list[str]:
+        """Formats worth offering for ``layer``: measured, and faster than fp32 at its dense shape."""
+        form = next(f for f in self.layers.layers if f.name == layer)
+        full = {g.name: g.units for g in self.layers.space.groups}
+        base = self.table.entries.get(form.config(full, self.table.batch_size, "fp32").key)
+        out = ["fp32"]
+        for fmt in offered:
+            if fmt == "fp32" or base is None:
+                continue
+            e = self.table.entries.get(form.config(full, self.table.batch_size, fmt).key)
+            if e is not None and e.median_us < base.median_us:
+                out.append(fmt)
+        return out

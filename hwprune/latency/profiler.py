@@ -1,0 +1,147 @@
+"""Profile a model on this device: every reachable layer configuration, then end-to-end calibration.
+
+Incremental (only configurations missing from the table are measured) and
+interrupt-safe (the table is saved atomically every few seconds and on Ctrl-C,
+so a later run picks up where this one stopped).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hwprune.latency.layers import LayerConfig, ModelLayers
+from hwprune.latency.table import Entry, LatencyTable
+from hwprune.latency.targets import Target
+from hwprune.latency.timing import Timing
+from hwprune.policy import Policy
+
+__all__ = ["DEFAULT_GRID", "layer_configs", "measure_config", "measure_model", "random_policy",
+           "calibration_policies", "profile_layers", "calibrate"]
+
+DEFAULT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target, batch: int) -> list[LayerConfig]:
+    """Every distinct configuration the model's layers can take on the keep-ratio grid, in every offered format."""
+    full = {g.name: g.units for g in layers.space.groups}
+    out: dict[str, LayerConfig] = {}
+    for form in layers.layers:
+        involved = sorted({g for terms in form.terms.values() for g in terms})
+        for combo in itertools.product(*(layers.unit_options(g, list(grid)) for g in involved)):
+            units = {**full, **dict(zip(involved, combo))}
+            for fmt in target.offered_formats(form.base.op):
+                cfg = form.config(units, batch, fmt)
+                out.setdefault(cfg.key, cfg)
+    return list(out.values())
+
+
+def measure_config(cfg: LayerConfig, target: Target, repeats: int) -> Entry:
+    """Time one layer configuration in isolation, in its format's real kernel."""
+    mod, x = cfg.build()
+    mod = target.realize(mod.to(target.device), cfg.fmt)
+    x = x.to(target.device)
+    t = target.time(lambda: mod(x), repeats)
+    return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
+
+
+def measure_model(model: nn.Module, x: torch.Tensor, target: Target, repeats: int) -> Timing:
+    """End-to-end time of a (deployed) model on ``x``."""
+    model = model.eval().to(target.device)
+    x = x.to(target.device)
+    return target.time(lambda: model(x), repeats)
+
+
+def random_policy(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str, list[str]], rng: random.Random,
+                  p_lowp: float = 0.5) -> Policy:
+    """Random keep ratio per group from the grid; per layer fp32 or (with ``p_lowp``) a menu format."""
+    keep = {g.name: rng.choice(grid) for g in layers.space.groups}
+    formats = {}
+    for name, menu in menus.items():
+        low = [f for f in menu if f != "fp32"]
+        if low and rng.random() < p_lowp:
+            formats[name] = rng.choice(low)
+    return Policy(keep, formats, layers.channel_multiple)
+
+
+def calibration_policies(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str, list[str]], n: int,
+                         seed: int = 1234) -> list[Policy]:
+    """Dense, three uniform points, then random policies: ``n`` in all."""
+    m = layers.channel_multiple
+    fixed = [Policy({}, {}, m)] + [Policy({g.name: r for g in layers.space.groups}, {}, m)
+                                   for r in (min(grid), 0.5, 0.75)]
+    rng = random.Random(seed)
+    out = fixed[:n]
+    while len(out) < n:
+        out.append(random_policy(layers, grid, menus, rng))
+    return out
+
+
+@dataclass
+class _Saver:
+    table: LatencyTable
+    every_s: float = 5.0
+    last: float = 0.0
+
+    def maybe(self, force: bool = False) -> None:
+        if force or time.time() - self.last > self.every_s:
+            self.table.save()
+            self.last = time.time()
+
+
+def profile_layers(table: LatencyTable, configs: list[LayerConfig], target: Target, repeats: int,
+                   log: Callable[[str], None]) -> int:
+    """Measure every configuration missing from ``table``; returns how many were measured."""
+    from tqdm import tqdm
+
+    todo = [c for c in configs if c.key not in table.entries]
+    log(f"{len(configs)} layer configurations; {len(configs) - len(todo)} already in the table; measuring {len(todo)}")
+    saver = _Saver(table)
+    try:
+        for cfg in tqdm(todo, desc="profiling layers", unit="cfg", file=sys.stderr, disable=None):
+            table.entries[cfg.key] = measure_config(cfg, target, repeats)
+            saver.maybe()
+    finally:
+        saver.maybe(force=True)
+    return len(todo)
+
+
+def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Tensor, layers: ModelLayers,
+              policies: list[Policy], target: Target, repeats: int, exclude: list[str],
+              log: Callable[[str], None], extra: dict[str, Any]) -> int:
+    """Measure end to end the calibration policies not yet measured for ``key``; returns how many."""
+    from tqdm import tqdm
+
+    from hwprune.apply import apply_policy
+    from hwprune.apply.formats import deploy
+
+    entry = table.models.setdefault(key, {})
+    entry.update(extra)
+    samples = entry.setdefault("calibration", [])
+    done = {json_key(s["policy"]) for s in samples}
+    todo = [p for p in policies if json_key(p.to_dict()) not in done]
+    log(f"end-to-end calibration: {len(policies)} policies, measuring {len(todo)}")
+    x = torch.randn(table.batch_size, *example.shape[1:])
+    saver = _Saver(table)
+    try:
+        for pol in tqdm(todo, desc="calibrating", unit="model", file=sys.stderr, disable=None):
+            pruned, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target.name)
+            t = measure_model(pruned, x, target, repeats)
+            samples.append({"policy": pol.to_dict(), "measured_us": round(t.median_us, 3),
+                            "iqr_us": round(t.iqr_us, 3)})
+            saver.maybe()
+    finally:
+        saver.maybe(force=True)
+    return len(todo)
+
+
+def json_key(d: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps({k: d.get(k) for k in ("keep", "formats", "channel_multiple")}, sort_keys=True)

@@ -1,0 +1,155 @@
+"""Latency tables: measured layer latencies with the provenance of where they were measured.
+
+A table is one JSON file ``<tables dir>/<fingerprint slug>/b<batch>.json``::
+
+    {"format": "hwprune-latency-table/1", "fingerprint": {...}, "batch_size": 16,
+     "command": "hwprune profile ...", "entries": {key: {"median_us", "iqr_us", "repeats", "inner"}},
+     "models": {model_key: {"grid": [...], "calibration": [sample, ...]}}}
+
+It is written atomically and re-read strictly: a truncated, edited or
+poisoned file (negative or NaN latencies) is refused with its path.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwprune._io import write_atomic
+from hwprune.errors import HwpruneError
+from hwprune.latency.targets import Target, fingerprint_slug
+
+__all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "find_table", "FINGERPRINT_KEYS"]
+
+TABLE_FORMAT = "hwprune-latency-table/1"
+# what must match between a table and the local device when the local device is the target
+FINGERPRINT_KEYS = ("target", "arch", "cpu", "gpu", "flags", "threads", "torch", "engine", "compute_capability",
+                    "cuda", "malloc", "emulated")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One measured configuration: median and interquartile range in microseconds."""
+
+    median_us: float
+    iqr_us: float
+    repeats: int
+    inner: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_us": round(self.median_us, 3), "iqr_us": round(self.iqr_us, 3), "repeats": self.repeats,
+                "inner": self.inner}
+
+
+def _entry(key: str, raw: Any, where: str) -> Entry:
+    if not isinstance(raw, dict):
+        raise HwpruneError(f"latency table {where}: entry {key!r} is not an object")
+    vals = []
+    for f in ("median_us", "iqr_us"):
+        v = raw.get(f)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
+                or (f == "median_us" and v == 0):
+            raise HwpruneError(f"latency table {where}: entry {key!r} has {f} {v!r}; a measured latency is a "
+                               f"finite positive number")
+        vals.append(float(v))
+    reps = raw.get("repeats", 0)
+    if not isinstance(reps, int) or reps < 1:
+        raise HwpruneError(f"latency table {where}: entry {key!r} has repeats {reps!r}")
+    return Entry(vals[0], vals[1], reps, int(raw.get("inner", 1)))
+
+
+@dataclass
+class LatencyTable:
+    """Measured entries for one device fingerprint and batch size, plus per-model calibration."""
+
+    fingerprint: dict[str, Any]
+    batch_size: int
+    entries: dict[str, Entry] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    command: str = ""
+    path: Path | None = None
+
+    @property
+    def slug(self) -> str:
+        return fingerprint_slug(self.fingerprint)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": TABLE_FORMAT, "fingerprint": self.fingerprint, "batch_size": self.batch_size,
+                "command": self.command, "entries": {k: self.entries[k].to_dict() for k in sorted(self.entries)},
+                "models": self.models}
+
+    def save(self, path: Path | None = None) -> Path:
+        p = Path(path or self.path or "")
+        if not str(p):
+            raise ValueError("no path to save the table to")
+        write_atomic(p, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        self.path = p
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        p = Path(path)
+        where = repr(str(p))
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise HwpruneError(f"latency table {where} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HwpruneError(f"latency table {where} is not valid JSON (truncated or edited?): {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+            raise HwpruneError(f"latency table {where} is not a {TABLE_FORMAT} file")
+        fp, batch = data.get("fingerprint"), data.get("batch_size")
+        if not isinstance(fp, dict) or "target" not in fp:
+            raise HwpruneError(f"latency table {where} has no device fingerprint")
+        if not isinstance(batch, int) or batch < 1:
+            raise HwpruneError(f"latency table {where} has batch_size {batch!r}")
+        raw, models = data.get("entries", {}), data.get("models", {})
+        if not isinstance(raw, dict) or not isinstance(models, dict):
+            raise HwpruneError(f"latency table {where}: 'entries' and 'models' must be objects")
+        entries = {str(k): _entry(k, v, where) for k, v in raw.items()}
+        return cls(fp, batch, entries, models, str(data.get("command", "")), p)
+
+
+def table_path(tables_dir: str | Path, fingerprint: dict[str, Any], batch: int) -> Path:
+    return Path(tables_dir) / fingerprint_slug(fingerprint) / f"b{batch}.json"
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{k}: table {a.get(k)!r} vs here {b.get(k)!r}" for k in FINGERPRINT_KEYS if a.get(k) != b.get(k)]
+
+
+def find_table(tables_dir: str | Path, target: Target, batch: int, table: str | None = None,
+               allow_foreign: bool = False) -> LatencyTable:
+    """The table that prices ``target`` at ``batch``.
+
+    When this machine is the target, the table's fingerprint must match it
+    (unless ``allow_foreign``); otherwise any table of the target kind is used
+    (one, or the one named by ``table``).
+    """
+    if table:
+        tbl = LatencyTable.load(table)
+    else:
+        root = Path(tables_dir)
+        found = sorted(root.glob(f"{target.name}-*/b{batch}.json")) if root.is_dir() else []
+        if target.is_local():
+            here = table_path(root, target.fingerprint(), batch)
+            if here.is_file():
+                return LatencyTable.load(here)
+        if not found:
+            raise HwpruneError(f"no {target.name} latency table for batch {batch} under {str(root)!r}; "
+                               f"run 'hwprune profile --target {target.name} --batch-size {batch}' on the device")
+        if len(found) > 1 and not target.is_local():
+            raise HwpruneError(f"{len(found)} {target.name} tables for batch {batch}: "
+                               f"{', '.join(str(f) for f in found)}; pick one with --table")
+        tbl = LatencyTable.load(found[0])
+    if tbl.fingerprint.get("target") != target.name:
+        raise HwpruneError(f"table {str(tbl.path)!r} was measured for target {tbl.fingerprint.get('target')!r}, "
+                           f"not {target.name!r}")
+    if target.is_local() and not allow_foreign:
+        diff = _diff(tbl.fingerprint, target.fingerprint())
+        if diff:
+            raise HwpruneError(f"table {str(tbl.path)!r} was measured on another device ({'; '.join(diff)}); "
+                               f"profile this one, or pass --allow-foreign-table")
+    return tbl

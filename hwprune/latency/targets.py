@@ -1,0 +1,246 @@
+"""Targets: how to time on a device, what it fingerprints as, which formats run real kernels.
+
+One small base class; ``cpu``, ``cuda`` and ``arm`` are registered by name.
+"""
+from __future__ import annotations
+
+import platform
+import re
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hwprune.errors import HwpruneError
+from hwprune.latency.timing import Timing, time_cpu, time_cuda
+from hwprune.registry import Registry
+
+__all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR"]
+
+TARGETS: Registry[type["Target"]] = Registry("target")
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+              "amx_bf16", "neon", "asimd", "asimdhp", "asimddp", "sve", "i8mm", "bf16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CastModule(nn.Module):
+    """A module run in a low-precision dtype: input cast in, output cast back to fp32."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = inner.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(x.to(self.dtype), *args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0].float(),) + tuple(out[1:])
+        return out.float()
+
+
+# glibc returns large blocks (tensors above its mmap threshold) to the OS on free and
+# maps them again on the next call; every call then page-faults, and whether it does
+# depends on the allocation history. Measured here (batch 512, 1 thread): a Conv1d took
+# 1,030 us with glibc's defaults and 105 us with these settings. hwprune times with them
+# and records them; deploy with them too (or jemalloc/tcmalloc) to see the same numbers.
+ALLOCATOR = "glibc-mmap1g-trim2g"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_allocator() -> str:
+    """Keep large blocks in glibc's heap (no per-call mmap/munmap); returns what was set."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return ALLOCATOR if ok else "default"
+
+
+def _allocator_policy() -> str:
+    """What :func:`tune_allocator` sets on this machine (without setting it)."""
+    return ALLOCATOR if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "default"
+
+
+def fingerprint_slug(fp: dict[str, Any]) -> str:
+    """A folder name from a fingerprint: device, the flags that matter, threads, torch, engine."""
+    dev = fp.get("gpu") or fp.get("cpu") or "unknown"
+    parts = [fp["target"], fp.get("arch", ""), dev]
+    if fp.get("compute_capability"):
+        parts.append("sm" + str(fp["compute_capability"]).replace(".", ""))
+    parts += [f for f in fp.get("flags", []) if f.startswith(("avx512", "amx", "sve", "i8mm"))]
+    if fp.get("threads"):
+        parts.append(f"t{fp['threads']}")
+    parts += [f"torch{fp.get('torch', '')}", fp.get("engine", "")]
+    if fp.get("emulated"):
+        parts.append("emulated")
+    slug = "-".join(str(p) for p in parts if p)
+    return re.sub(r"[^a-z0-9.]+", "-", slug.lower()).strip("-")
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, val = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "hardware", "cpu model") and name in ("", platform.machine(), platform.processor()):
+                name = val.strip()
+            elif key in ("flags", "features"):
+                flags.update(val.split())
+    except OSError:
+        pass
+    return name, sorted(f for f in _CPU_FLAGS if f in flags)
+
+
+class Target(ABC):
+    """A device kind. Subclasses say how to time, fingerprint and realize formats.
+
+    Call order: :meth:`check_can_measure` (measuring commands only), :meth:`setup`,
+    then :meth:`time` / :meth:`realize` any number of times.
+    """
+
+    name: str = ""
+    device: str = "cpu"
+
+    def __init__(self, threads: int | None = None, emulate: bool = False) -> None:
+        self.threads = threads
+        self.emulate = emulate
+
+    @abstractmethod
+    def is_local(self) -> bool:
+        """Is this machine the target device (so that tables must match it)?"""
+
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What changes the numbers on this device (only meaningful where it is local)."""
+
+    @abstractmethod
+    def offered_formats(self, op: str) -> tuple[str, ...]:
+        """Formats with a real kernel here for an op type (conv1d, conv2d, linear, lstm, gru)."""
+
+    @abstractmethod
+    def realize(self, module: nn.Module, fmt: str) -> nn.Module:
+        """A module running ``module`` in ``fmt`` with this device's real kernel."""
+
+    def check_can_measure(self) -> None:
+        """Raise unless this machine can measure for this target."""
+        if not self.is_local():
+            raise HwpruneError(f"target {self.name!r} is not this machine; run 'hwprune profile' on the device")
+
+    def setup(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def time(self, fn: Callable[[], object], repeats: int, warmup: int = 3) -> Timing:
+        return time_cpu(fn, repeats, warmup)
+
+
+@TARGETS.register("cpu")
+class CpuTarget(Target):
+    """An x86 (or any) CPU: fbgemm/x86 engine, dynamic int8 for Linear/LSTM/GRU, bf16 where it runs."""
+
+    name = "cpu"
+    engine = "x86"
+
+    def is_local(self) -> bool:
+        return True
+
+    def setup(self) -> None:
+        super().setup()
+        tune_allocator()
+        if self.engine in torch.backends.quantized.supported_engines:
+            torch.backends.quantized.engine = self.engine
+
+    def fingerprint(self) -> dict[str, Any]:
+        cpu, flags = _cpu_model_and_flags()
+        return {"target": self.name, "arch": platform.machine(), "cpu": cpu, "flags": flags,
+                "threads": self.threads or torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
+                "engine": self.engine, "malloc": _allocator_policy(), "emulated": bool(self.emulate)}
+
+    def offered_formats(self, op: str) -> tuple[str, ...]:
+        return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
+
+    def realize(self, module: nn.Module, fmt: str) -> nn.Module:
+        from hwprune._compat.ao import DYNAMIC_INT8_TYPES, quantize_dynamic_int8
+
+        if fmt == "fp32":
+            return module
+        if fmt == "bf16":
+            return CastModule(module, torch.bfloat16)
+        if fmt == "int8" and isinstance(module, DYNAMIC_INT8_TYPES):
+            return quantize_dynamic_int8(module)
+        raise HwpruneError(f"target {self.name!r} has no {fmt!r} kernel for {type(module).__name__}")
+
+
+@TARGETS.register("arm")
+class ArmTarget(CpuTarget):
+    """An ARM board: the qnnpack engine. Profile on the board; ``--emulate`` runs elsewhere, marked so."""
+
+    name = "arm"
+    engine = "qnnpack"
+
+    def is_local(self) -> bool:
+        return platform.machine().lower() in ("aarch64", "arm64") or self.emulate
+
+    def check_can_measure(self) -> None:
+        if not self.is_local():
+            raise HwpruneError(f"--target arm measures on an ARM board, and this machine is {platform.machine()}; "
+                               "run 'hwprune profile --target arm' on the board, or pass --emulate for a table "
+                               "marked as not measured on ARM")
+
+    def offered_formats(self, op: str) -> tuple[str, ...]:
+        return ("fp32", "int8") if op in ("linear", "lstm", "gru") else ("fp32",)
+
+
+@TARGETS.register("cuda")
+class CudaTarget(Target):
+    """An NVIDIA GPU: CUDA-event timing; fp32 (TF32), fp16, bf16; int8/fp8/2:4 for Linear where supported."""
+
+    name = "cuda"
+    device = "cuda"
+
+    def is_local(self) -> bool:
+        return torch.cuda.is_available()
+
+    def check_can_measure(self) -> None:
+        if not torch.cuda.is_available():
+            raise HwpruneError("--target cuda needs a CUDA device, and torch sees none here "
+                               f"(torch {torch.__version__}); run it on the GPU machine")
+
+    def setup(self) -> None:  # pragma: no cover - needs a GPU
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    def fingerprint(self) -> dict[str, Any]:  # pragma: no cover - needs a GPU
+        cap = torch.cuda.get_device_capability()
+        return {"target": self.name, "arch": platform.machine(), "gpu": torch.cuda.get_device_name(),
+                "compute_capability": f"{cap[0]}.{cap[1]}", "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__.split("+")[0],
+                "tf32": True, "emulated": False}
+
+    def offered_formats(self, op: str) -> tuple[str, ...]:
+        fmts = ["fp32", "fp16", "bf16"]
+        if op == "linear" and torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability()
+            fmts += ["int8"] + (["fp8"] if cap >= (8, 9) else []) + (["sp24"] if cap >= (8, 0) else [])
+        return tuple(fmts)
+
+    def time(self, fn: Callable[[], object], repeats: int, warmup: int = 5) -> Timing:  # pragma: no cover
+        return time_cuda(fn, repeats, warmup)
+
+    def realize(self, module: nn.Module, fmt: str) -> nn.Module:  # pragma: no cover - needs a GPU
+        from hwprune.latency import _cuda_formats
+
+        return _cuda_formats.realize(module.to("cuda"), fmt)
+
+
+def get_target(name: str, threads: int | None = None, emulate: bool = False) -> Target:
+    """The target called ``name`` (unknown names list the known ones)."""
+    return TARGETS.get(name)(threads=threads, emulate=emulate)

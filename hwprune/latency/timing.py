@@ -1,0 +1,86 @@
+"""Timing like a benchmark: warm-up, inference mode, synchronize, median and spread.
+
+CPU: wall clock (``perf_counter_ns``) at a fixed thread count. Each repeat runs
+the call enough times to last at least ``min_repeat_us`` (timer resolution and
+scheduler noise), and the per-call time is that repeat's mean. CUDA: CUDA
+events around the same loop after warm-up, synchronized; the first call is
+never timed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Timing", "time_cpu", "time_cuda"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call latency in microseconds: median over repeats, interquartile range, and counts."""
+
+    median_us: float
+    iqr_us: float
+    repeats: int
+    inner: int
+
+    @property
+    def spread_pct(self) -> float:
+        return 100.0 * self.iqr_us / self.median_us if self.median_us > 0 else 0.0
+
+
+def _summarize(samples: list[float], inner: int) -> Timing:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    return Timing(statistics.median(samples), q[2] - q[0], len(samples), inner)
+
+
+def _calibrate_inner(fn: Callable[[], object], min_repeat_us: float) -> int:
+    t0 = time.perf_counter_ns()
+    fn()
+    one = max((time.perf_counter_ns() - t0) / 1e3, 0.5)
+    return max(1, int(min_repeat_us / one + 0.999))
+
+
+def time_cpu(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
+             min_repeat_us: float = 2000.0) -> Timing:
+    """Median per-call wall time of ``fn`` (run under ``torch.inference_mode``)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        inner = _calibrate_inner(fn, min_repeat_us)
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter_ns()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter_ns() - t0) / 1e3 / inner)
+    return _summarize(samples, inner)
+
+
+def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 5,
+              min_repeat_us: float = 2000.0) -> Timing:  # pragma: no cover - needs a GPU
+    """Median per-call time of ``fn`` on the current CUDA device, from CUDA events."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        one = max(start.elapsed_time(end) * 1e3, 0.5)
+        inner = max(1, int(min_repeat_us / one + 0.999))
+        samples = []
+        for _ in range(repeats):
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / inner)
+    return _summarize(samples, inner)
