@@ -14,8 +14,6 @@ from hwprune.errors import HwpruneError
 
 __all__ = ["main", "build_parser"]
 
-DEFAULT_BATCH = 16
-DEFAULT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def _log(msg: str) -> None:
@@ -169,8 +167,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--target", required=True, help="device kind: cpu, cuda or arm")
-    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH,
-                   help=f"batch size the latency is for (default {DEFAULT_BATCH})")
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="batch size the latency is for (default: the model's, 512 for cnn1d, 16 otherwise)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="CPU threads (part of the table's fingerprint; default 1)")
     p.add_argument("--tables", default="latency_tables", metavar="DIR",
@@ -184,8 +182,9 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
         p.add_argument("--table", default=None, help="the table file to use when several match")
         p.add_argument("--allow-missing", action="store_true",
                        help="price configurations missing from the table by interpolation, flagged as estimated")
-    p.add_argument("--allow-foreign-table", action="store_true",
-                   help="use a table measured on another device/torch version even though this machine is the target")
+    if p.prog.split()[-1] != "profile":
+        p.add_argument("--allow-foreign-table", action="store_true",
+                       help="use a table measured on another device/torch version though this machine is the target")
 
 
 def _positive(text: str) -> int:
@@ -211,7 +210,11 @@ def _grid(text: str) -> tuple[float, ...]:
 def _latency_setup(args: argparse.Namespace, measure: bool):  # type: ignore[no-untyped-def]
     from hwprune.latency import analyze_layers, get_target, model_key
 
+    from hwprune.models import default_latency_batch
+
     target = get_target(args.target, threads=args.threads, emulate=getattr(args, "emulate", False))
+    if args.batch_size is None:
+        args.batch_size = default_latency_batch(args.model)
     if measure:
         target.check_can_measure()
         target.setup()
@@ -314,7 +317,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     target, s, exclude, layers, key, table, pred = _predictor(args, measure=True)
     if not pred.calibrated:
         raise HwpruneError(f"table {str(table.path)!r} has no calibration for {key}; run 'hwprune profile' first")
-    grid = tuple(table.models[key].get("grid", DEFAULT_GRID))
+    grid = tuple(table.models[key]["grid"])
     rep = validate_predictor(s.model, s.example, layers, pred, target, args.samples, args.seed, args.repeats,
                              exclude, grid, _menus(pred, layers, target), None if args.json else _log)
     summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size,
@@ -384,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pr)
     _add_shape_args(pr)
     _add_latency_args(pr, measure=True)
+    from hwprune.latency.profiler import DEFAULT_GRID
+
     pr.add_argument("--grid", type=_grid, default=DEFAULT_GRID, metavar="R,R,...",
                     help="keep ratios to profile (default " + ",".join(map(str, DEFAULT_GRID)) + ")")
     pr.add_argument("--calibration", type=_positive, default=12,

@@ -32,11 +32,15 @@ def model_key(model_ref: str, model_args: dict[str, Any], input_shape: Iterable[
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares ``y = a*x + b`` (with ``b`` clipped at 0 when the fit wants a negative overhead)."""
+    """Least-squares ``y = a*x + b`` with ``a > 0`` and ``b >= 0``.
+
+    Work cannot take negative time and overhead cannot be negative: when noise
+    pushes the fit there, the fit goes through 0 (``y = a*x``) instead.
+    """
     if len(x) < 2 or float(np.ptp(x)) == 0.0:
         return (float(np.mean(y / np.maximum(x, 1e-12))), 0.0)
     a, b = np.polyfit(x, y, 1)
-    if b < 0:
+    if a <= 0 or b < 0:
         return (float(np.dot(x, y) / np.dot(x, x)), 0.0)
     return float(a), float(b)
 
@@ -68,7 +72,7 @@ class Predictor:
 
     def __init__(self, table: LatencyTable, layers: ModelLayers, key: str, allow_missing: bool = False) -> None:
         self.table, self.layers, self.key, self.allow_missing = table, layers, key, allow_missing
-        self._families: dict[str, list[tuple[int, float]]] | None = None
+        self._families: dict[str, list[tuple[LayerConfig, float]]] | None = None
         self.coef: tuple[float, float] = (1.0, 0.0)
         self.flops_coef: tuple[float, float] | None = None
         self.calibration: list[dict[str, Any]] = list(table.models.get(key, {}).get("calibration", []))
@@ -89,19 +93,20 @@ class Predictor:
         return replace(cfg, cin=0, cout=0, groups=0 if cfg.groups > 1 else 1).key
 
     def _interpolate(self, cfg: LayerConfig) -> float:
+        """The nearest measured configuration in (log inputs, log outputs), scaled by multiply-adds."""
         if self._families is None:
             self._families = {}
             for k, e in self.table.entries.items():
                 c = LayerConfig.from_key(k)
                 if c is not None:
-                    self._families.setdefault(self._family(c), []).append((c.macs(), e.median_us))
+                    self._families.setdefault(self._family(c), []).append((c, e.median_us))
         near = self._families.get(self._family(cfg), [])
         if not near:
             raise HwpruneError(f"configuration {cfg.key!r} is not in the table and no measured neighbour "
                                f"shares its shape family; profile this model")
-        macs = cfg.macs()
-        m, lat = min(near, key=lambda t: abs(np.log(max(t[0], 1)) - np.log(max(macs, 1))))
-        return lat * macs / max(m, 1)
+        dist = lambda c: abs(np.log(c.cin / cfg.cin)) + abs(np.log(c.cout / cfg.cout))  # noqa: E731
+        nb, lat = min(near, key=lambda t: dist(t[0]))
+        return lat * cfg.macs() / max(nb.macs(), 1)
 
     def price(self, policy: Policy, by_layer: bool = False) -> Prediction:
         """Predicted latency of ``policy`` at the table's batch size (a missing entry is an error)."""

@@ -19,7 +19,8 @@ from hwprune.models.cnn import CNN1d, MobileNetV2, ResNet20
 from hwprune.models.rnn import RNNClassifier
 from hwprune.registry import Registry
 
-__all__ = ["ModelEntry", "MODELS", "build_model", "load_weights", "parse_model_args", "model_layout", "safe_load"]
+__all__ = ["ModelEntry", "MODELS", "build_model", "load_weights", "parse_model_args", "model_layout", "safe_load",
+           "default_latency_batch"]
 
 LAYOUT_DIMS = {"1d": 2, "2d": 3, "seq": 2}
 
@@ -32,12 +33,13 @@ class ModelEntry:
     layout: str
     default_input_shape: tuple[int, ...]
     defaults: dict[str, Any] = field(default_factory=dict)
+    latency_batch: int = 16  # default batch for latency: large enough that pruning shows above noise
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 MODELS.register("cnn1d")(ModelEntry(
-    lambda shape, nc, **kw: CNN1d(shape[0], shape[1], nc, **kw), "1d", (1, 40)))
+    lambda shape, nc, **kw: CNN1d(shape[0], shape[1], nc, **kw), "1d", (1, 40), latency_batch=512))
 MODELS.register("resnet20")(ModelEntry(
     lambda shape, nc, **kw: ResNet20(shape[0], nc, **kw), "2d", (3, 32, 32)))
 MODELS.register("mobilenetv2")(ModelEntry(
@@ -51,6 +53,11 @@ MODELS.register("gru")(ModelEntry(
 def model_layout(ref: str) -> str | None:
     """The layout a built-in model expects, or None for a user model."""
     return None if is_factory_ref(ref) else MODELS.get(ref).layout
+
+
+def default_latency_batch(ref: str) -> int:
+    """The batch size latency is profiled and predicted at when none is given (16 for user models)."""
+    return 16 if is_factory_ref(ref) else MODELS.get(ref).latency_batch
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:

@@ -19,3 +19,8 @@ def make_data():
 
 def not_a_model():
     return 42
+
+
+def mlp():
+    """A two-layer MLP: one prunable group (the 16 hidden features)."""
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))

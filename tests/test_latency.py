@@ -1,0 +1,206 @@
+"""Latency tables, the predictor and the profiler."""
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import ASSETS, run_cli
+from hwprune import HwpruneError, Policy, build_model
+from hwprune.latency import (Entry, LatencyTable, LayerConfig, Predictor, analyze_layers, find_table, fit_linear,
+                             get_target, model_key, table_path)
+from hwprune.latency.validate import kendall_tau
+
+MLP = f"{ASSETS / 'user_model.py'}:mlp"
+
+
+def mlp_layers():
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    return analyze_layers(m, torch.randn(2, 4))
+
+
+def five_row_table(batch=2, fp=None):
+    """Entries for the MLP at 16 and 8 hidden units, one in int8."""
+    rows = {"linear|i4|o16|x-|b2|bias|fp32": 10.0, "linear|i4|o8|x-|b2|bias|fp32": 6.0,
+            "linear|i16|o3|x-|b2|bias|fp32": 5.0, "linear|i8|o3|x-|b2|bias|fp32": 3.0,
+            "linear|i16|o3|x-|b2|bias|int8": 2.0}
+    fp = fp or get_target("cpu", threads=1).fingerprint()
+    return LatencyTable(fp, batch, {k: Entry(v, v / 10, 5) for k, v in rows.items()})
+
+
+def test_layer_forms_follow_flatten_bidirectional_and_depthwise():
+    cnn = analyze_layers(build_model("cnn1d"), torch.randn(2, 1, 40))
+    fc1 = next(f for f in cnn.layers if f.name == "fc1")
+    assert fc1.terms["cin"] == {"features.6": 5} and fc1.consts["cin"] == 0  # flatten of 5 positions
+    lstm = analyze_layers(build_model("lstm", (6, 3), 4, {"num_layers": 2, "bidirectional": True, "hidden_size": 16}),
+                          torch.randn(2, 6, 3))
+    l1 = next(f for f in lstm.layers if f.name == "rnn.layers.1")
+    assert l1.terms["cin"] == {"rnn.layers.0": 2} and l1.terms["cout"] == {"rnn.layers.1": 1}
+    assert l1.base.extent == (6,) and l1.base.bidirectional
+    from hwprune.models.cnn import MobileNetV2
+    mb = analyze_layers(MobileNetV2(3, 10, cfg=[(1, 16, 1, 1), (6, 24, 2, 2)], last_channel=64), torch.randn(2, 3, 16, 16))
+    dw = next(f for f in mb.layers if f.name == "features.2.conv.3")
+    assert dw.terms["groups"] == dw.terms["cin"] == dw.terms["cout"] == {"features.2.conv.0": 1}
+    cfg = dw.config({g.name: g.units // 2 for g in mb.space.groups}, 4, "fp32")
+    assert (cfg.cin, cfg.cout, cfg.groups) == (48, 48, 48)
+    assert cfg.key == "conv2d|i48|o48|k3x3|s2x2|p1x1|g48|x16x16|b4|nobias|fp32"
+
+
+def test_key_round_trip_and_macs_by_hand():
+    c = LayerConfig("conv2d", 8, 16, 4, "bf16", (3, 3), (2, 2), (1, 1), 1, False, (10, 10))
+    assert LayerConfig.from_key(c.key) == c
+    assert c.macs() == 4 * 5 * 5 * 16 * 8 * 9
+    g = LayerConfig("gru", 5, 7, 3, extent=(11,), bidirectional=True)
+    assert g.macs() == 3 * 11 * 2 * 3 * 7 * (5 + 7) and LayerConfig.from_key("nonsense") is None
+
+
+def test_table_round_trip(tmp_path):
+    t = five_row_table()
+    t.models["m"] = {"grid": [0.5, 1.0], "calibration": [{"policy": Policy().to_dict(), "measured_us": 20.0,
+                                                          "iqr_us": 1.0}]}
+    t.save(tmp_path / "t.json")
+    back = LatencyTable.load(tmp_path / "t.json")
+    assert back.entries == t.entries and back.models == t.models and back.fingerprint == t.fingerprint
+    assert back.batch_size == 2
+
+
+def test_five_row_table_priced_by_hand():
+    layers = mlp_layers()
+    t = five_row_table()
+    p = Predictor(t, layers, "mlp")
+    assert not p.calibrated
+    assert p.price(Policy()).latency_us == 10.0 + 5.0
+    assert p.price(Policy({"0": 0.5})).latency_us == 6.0 + 3.0
+    assert p.price(Policy(formats={"2": "int8"})).latency_us == 10.0 + 2.0
+    # calibrated: measured = 2 * layer sum + 10, exactly
+    cal = [{"policy": Policy(k, f).to_dict(), "measured_us": 2 * s + 10, "iqr_us": 0.1}
+           for k, f, s in (({}, {}, 15.0), ({"0": 0.5}, {}, 9.0), ({}, {"2": "int8"}, 12.0))]
+    t.models["mlp"] = {"calibration": cal}
+    p = Predictor(t, layers, "mlp")
+    assert p.coef == pytest.approx((2.0, 10.0))
+    assert p.price(Policy({"0": 0.5})).latency_us == pytest.approx(28.0)
+    assert p.menu("2", ["fp32", "bf16", "int8"]) == ["fp32", "int8"]  # int8 measured faster; bf16 not measured
+
+
+def test_missing_configuration_is_named_or_estimated():
+    t = five_row_table()
+    t.entries.pop("linear|i8|o3|x-|b2|bias|fp32")
+    with pytest.raises(HwpruneError, match=r"'linear\|i8\|o3\|x-\|b2\|bias\|fp32'"):
+        Predictor(t, mlp_layers(), "mlp").price(Policy({"0": 0.5}))
+    est = Predictor(t, mlp_layers(), "mlp", allow_missing=True).price(Policy({"0": 0.5}))
+    assert est.estimated == ["linear|i8|o3|x-|b2|bias|fp32"]
+    assert est.latency_us == pytest.approx(6.0 + 5.0 * 8 / 16)  # scaled from the i16 neighbour by MACs
+
+
+def test_foreign_fingerprint_refused(tmp_path):
+    here = get_target("cpu", threads=1)
+    fp = {**here.fingerprint(), "cpu": "Some Other CPU", "torch": "2.4.0"}
+    t = five_row_table(fp=fp)
+    t.save(table_path(tmp_path, fp, 2))
+    with pytest.raises(HwpruneError) as err:
+        find_table(tmp_path, here, 2)
+    assert "Some Other CPU" in str(err.value) and "2.4.0" in str(err.value) and "allow-foreign-table" in str(err.value)
+    assert find_table(tmp_path, here, 2, allow_foreign=True).fingerprint["cpu"] == "Some Other CPU"
+    with pytest.raises(HwpruneError, match="no cpu latency table for batch 7"):
+        find_table(tmp_path, here, 7)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda s: s[: len(s) // 2], "not valid JSON"),
+    (lambda s: s.replace('"median_us": 10.0', '"median_us": -1'), "median_us -1"),
+    (lambda s: s.replace('"median_us": 10.0', '"median_us": NaN'), "median_us nan"),
+    (lambda s: s.replace('"hwprune-latency-table/1"', '"something-else"'), "not a hwprune-latency-table/1"),
+])
+def test_corrupted_table_refused_with_its_path(tmp_path, mutate, needle):
+    path = tmp_path / "t.json"
+    five_row_table().save(path)
+    path.write_text(mutate(path.read_text()))
+    with pytest.raises(HwpruneError, match=needle) as err:
+        LatencyTable.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_calibration_recovers_a_known_linear_relation():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(100, 1000, 20)
+    y = 1.3 * x + 42 + rng.normal(0, 0.5, 20)
+    a, b = fit_linear(x, y)
+    assert a == pytest.approx(1.3, abs=0.005) and b == pytest.approx(42, abs=2)
+    a, b = fit_linear(x, 0.9 * x - 30)  # a negative overhead is not physical: refit through 0
+    assert b == 0.0 and a < 0.9
+
+
+def test_kendall_tau_by_hand():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == -1.0
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+
+
+def test_pricing_a_candidate_takes_under_a_millisecond():
+    m = build_model("resnet20")
+    layers = analyze_layers(m, torch.randn(2, 3, 32, 32))
+    pol = Policy({g.name: 0.5 for g in layers.space.groups})
+    t = LatencyTable({"target": "cpu"}, 16, {c.key: Entry(1.0, 0.1, 3) for _, c in layers.configs(pol, 16)})
+    pred = Predictor(t, layers, "r")
+    times = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        pred.price(pol)
+        times.append(time.perf_counter() - t0)
+    assert sorted(times)[25] < 1e-3
+
+
+def test_profile_tiny_model_end_to_end_and_incremental(tmp_path):
+    args = ["profile", "--target", "cpu", "--model", MLP, "--input-shape", "4", "--batch-size", "2",
+            "--repeats", "2", "--grid", "0.5,1.0", "--calibration", "3", "--tables", str(tmp_path), "--json"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    # hidden 16 -> {8, 16}; layer 0: i4 x o{8,16}, layer 2: i{8,16} x o3; formats fp32, bf16, int8
+    assert s["configurations"] == 12 and s["measured_now"] == 12 and s["calibration_measured_now"] == 3
+    t = LatencyTable.load(s["table"])
+    assert len(t.entries) == 12 and all(e.median_us > 0 and e.repeats == 2 for e in t.entries.values())
+    assert t.fingerprint["threads"] == 1 and "profile" in t.command
+    cal = t.models[s["model_key"]]["calibration"]
+    assert len(cal) == 3 and all(c["measured_us"] > 0 for c in cal)
+    again = json.loads(run_cli(*args).stdout)
+    assert again["measured_now"] == 0 and again["calibration_measured_now"] == 0
+    pol = tmp_path / "p.json"
+    pol.write_text(json.dumps({"format_version": 1, "keep": {"0": 0.5}, "formats": {"2": "int8"}}))
+    pr = run_cli("predict", "--target", "cpu", "--model", MLP, "--input-shape", "4", "--batch-size", "2",
+                 "--tables", str(tmp_path), "--policy", str(pol), "--by-layer", "--json")
+    assert pr.returncode == 0, pr.stderr
+    p = json.loads(pr.stdout)
+    e = {k: v.median_us for k, v in t.entries.items()}
+    assert p["layer_sum_ms"] * 1e3 == pytest.approx(e["linear|i4|o8|x-|b2|bias|fp32"] + e["linear|i8|o3|x-|b2|bias|int8"])
+    assert [r["layer"] for r in p["by_layer"]] == ["0", "2"] and p["predicted_latency_ms"] > 0
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--target", "tpu"], ["unknown target 'tpu'", "known: arm, cpu, cuda"]),
+    (["--target", "arm"], ["--emulate", "x86_64"]),
+])
+def test_bad_latency_input(tmp_path, args, needles):
+    proc = run_cli("profile", "--model", MLP, "--input-shape", "4", "--tables", str(tmp_path), *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert all(n in proc.stderr for n in needles), proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_target_without_gpu_is_one_line(tmp_path):
+    proc = run_cli("profile", "--model", MLP, "--input-shape", "4", "--target", "cuda", "--tables", str(tmp_path))
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_arm_emulated_table_is_marked(tmp_path):
+    proc = run_cli("profile", "--model", MLP, "--input-shape", "4", "--batch-size", "2", "--repeats", "2",
+                   "--grid", "0.5,1.0", "--calibration", "2", "--target", "arm", "--emulate", "--tables",
+                   str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["fingerprint"]["emulated"] is True and s["fingerprint"]["engine"] == "qnnpack"
+    assert "emulated" in s["table"] and s["configurations"] == 8  # arm offers fp32 and int8 for Linear
