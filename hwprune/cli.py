@@ -251,11 +251,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     pred = Predictor(table, layers, key)
     summary = {"table": str(path), "fingerprint": fp, "model_key": key, "configurations": len(configs),
                "measured_now": measured, "calibration_measured_now": cal, "entries_in_table": len(table.entries),
-               "calibration_fit": {"scale": pred.coef[0], "overhead_us": pred.coef[1]},
+               "calibration_fit": {"layer_scale": pred.coef[0], "us_per_output_element": pred.coef[1],
+                                   "overhead_us": pred.coef[2]},
                "seconds": round(time.time() - t0, 1)}
     if not args.json:
         print(f"{len(configs)} configurations ({measured} measured now), {len(pred.calibration)} calibration runs "
-              f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1]:.1f} us; "
+              f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "
+              f"elements + {pred.coef[2]:.1f} us; "
               f"{summary['seconds']} s -> {path}")
     _emit(args, summary)
     return 0
@@ -391,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr.add_argument("--grid", type=_grid, default=DEFAULT_GRID, metavar="R,R,...",
                     help="keep ratios to profile (default " + ",".join(map(str, DEFAULT_GRID)) + ")")
-    pr.add_argument("--calibration", type=_positive, default=12,
-                    help="end-to-end runs of random policies used to calibrate the predictor (default 12)")
+    pr.add_argument("--calibration", type=_positive, default=20,
+                    help="end-to-end runs (dense, uniform, random policies) that calibrate the predictor (default 20)")
     pr.set_defaults(fn=cmd_profile)
 
     pd = sub.add_parser("predict", help="price a policy from a latency table (no measuring)")

@@ -75,12 +75,12 @@ def test_five_row_table_priced_by_hand():
     assert p.price(Policy()).latency_us == 10.0 + 5.0
     assert p.price(Policy({"0": 0.5})).latency_us == 6.0 + 3.0
     assert p.price(Policy(formats={"2": "int8"})).latency_us == 10.0 + 2.0
-    # calibrated: measured = 2 * layer sum + 10, exactly
+    # calibrated: measured = 2 * layer sum + 10, exactly (no cost per output element)
     cal = [{"policy": Policy(k, f).to_dict(), "measured_us": 2 * s + 10, "iqr_us": 0.1}
            for k, f, s in (({}, {}, 15.0), ({"0": 0.5}, {}, 9.0), ({}, {"2": "int8"}, 12.0))]
     t.models["mlp"] = {"calibration": cal}
     p = Predictor(t, layers, "mlp")
-    assert p.coef == pytest.approx((2.0, 10.0))
+    assert p.coef == pytest.approx((2.0, 0.0, 10.0), abs=1e-6)
     assert p.price(Policy({"0": 0.5})).latency_us == pytest.approx(28.0)
     assert p.menu("2", ["fp32", "bf16", "int8"]) == ["fp32", "int8"]  # int8 measured faster; bf16 not measured
 
@@ -131,6 +131,19 @@ def test_calibration_recovers_a_known_linear_relation():
     assert a == pytest.approx(1.3, abs=0.005) and b == pytest.approx(42, abs=2)
     a, b = fit_linear(x, 0.9 * x - 30)  # a negative overhead is not physical: refit through 0
     assert b == 0.0 and a < 0.9
+
+
+def test_calibration_recovers_layer_and_element_costs():
+    from hwprune.latency.predictor import fit_nonneg
+
+    rng = np.random.default_rng(1)
+    layer_sum, elems = rng.uniform(100, 1000, 20), rng.uniform(1e4, 1e5, 20)
+    y = 1.1 * layer_sum + 0.002 * elems + 15
+    coef = fit_nonneg(np.stack([layer_sum, elems, np.ones(20)], 1), y)
+    assert coef == pytest.approx([1.1, 0.002, 15], rel=1e-4)
+    # a relation with a negative term is clipped at 0, never fitted negative
+    coef = fit_nonneg(np.stack([layer_sum, elems, np.ones(20)], 1), 1.1 * layer_sum - 0.001 * elems + 200)
+    assert (coef >= 0).all() and coef[1] == 0
 
 
 def test_kendall_tau_by_hand():

@@ -1,11 +1,14 @@
 """Price a policy from a latency table: sum of measured layers, calibrated end to end.
 
-``latency = a * sum(layer entries) + b``, fitted by least squares on the
-end-to-end measurements that ``hwprune profile`` took for this model. ``a``
-absorbs what isolated timing misses per unit of layer work (cold caches,
-layout changes between layers); ``b`` absorbs what does not shrink with
-pruning (normalization, activations, pooling, Python dispatch). The FLOPs
-proxy is fitted the same way on multiply-adds, for comparison.
+``latency = a * sum(layer entries) + c * sum(layer output elements) + b``,
+fitted by non-negative least squares on the end-to-end measurements that
+``hwprune profile`` took for this model. ``a`` absorbs what isolated timing
+misses per unit of layer work (cold caches between layers); ``c`` prices the
+memory-bound operators the table does not hold (normalization, activations,
+residual adds, casts), which touch every output element of the layers before
+them; ``b`` is what does not shrink with pruning (Python dispatch, pooling,
+the classifier). The FLOPs proxy is ``a * multiply-adds + b``, fitted on the
+same runs, for comparison.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from hwprune.latency.layers import LayerConfig, ModelLayers
 from hwprune.latency.table import LatencyTable
 from hwprune.policy import Policy
 
-__all__ = ["Prediction", "Predictor", "fit_linear", "model_key"]
+__all__ = ["Prediction", "Predictor", "fit_linear", "fit_nonneg", "model_key"]
 
 
 def model_key(model_ref: str, model_args: dict[str, Any], input_shape: Iterable[int], exclude: Iterable[str],
@@ -29,6 +32,15 @@ def model_key(model_ref: str, model_args: dict[str, Any], input_shape: Iterable[
     excl = ",".join(sorted(exclude))
     shape = "x".join(map(str, input_shape))
     return f"{model_ref}[{args}]@{shape}" + (f"-excl[{excl}]" if excl else "") + f"-m{channel_multiple}"
+
+
+def fit_nonneg(features: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares ``y ~ features @ coef`` (columns scaled first for conditioning)."""
+    from scipy.optimize import nnls
+
+    scale = np.maximum(np.abs(features).max(axis=0), 1e-12)
+    coef, _ = nnls(features / scale, y)
+    return coef / scale
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -52,6 +64,7 @@ class Prediction:
     latency_us: float
     layer_sum_us: float
     macs: int
+    out_elems: int
     by_layer: list[dict[str, Any]] = field(default_factory=list)
     estimated: list[str] = field(default_factory=list)  # keys priced by interpolation (--allow-missing)
 
@@ -73,14 +86,16 @@ class Predictor:
     def __init__(self, table: LatencyTable, layers: ModelLayers, key: str, allow_missing: bool = False) -> None:
         self.table, self.layers, self.key, self.allow_missing = table, layers, key, allow_missing
         self._families: dict[str, list[tuple[LayerConfig, float]]] | None = None
-        self.coef: tuple[float, float] = (1.0, 0.0)
+        self.coef: tuple[float, float, float] = (1.0, 0.0, 0.0)  # layer sum, output elements, constant
         self.flops_coef: tuple[float, float] | None = None
         self.calibration: list[dict[str, Any]] = list(table.models.get(key, {}).get("calibration", []))
         if self.calibration:
             raw = [self.price(Policy.from_dict(s["policy"], source=f"calibration of {key}"))
                    for s in self.calibration]
             y = np.array([float(s["measured_us"]) for s in self.calibration])
-            self.coef = fit_linear(np.array([r.layer_sum_us for r in raw]), y)
+            feats = np.array([[r.layer_sum_us, float(r.out_elems), 1.0] for r in raw])
+            a, c, b = fit_nonneg(feats, y)
+            self.coef = (float(a), float(c), float(b))
             self.flops_coef = fit_linear(np.array([float(r.macs) for r in raw]), y)
 
     @property
@@ -110,7 +125,7 @@ class Predictor:
 
     def price(self, policy: Policy, by_layer: bool = False) -> Prediction:
         """Predicted latency of ``policy`` at the table's batch size (a missing entry is an error)."""
-        total, macs, rows, est = 0.0, 0, [], []
+        total, macs, elems, rows, est = 0.0, 0, 0, [], []
         for name, cfg in self.layers.configs(policy, self.table.batch_size):
             e = self.table.entries.get(cfg.key)
             if e is not None:
@@ -123,10 +138,11 @@ class Predictor:
                                    f"{str(self.table.path)!r}; profile it, or pass --allow-missing to estimate")
             total += us
             macs += cfg.macs()
+            elems += cfg.out_elems()
             if by_layer:
                 rows.append({"layer": name, "key": cfg.key, "latency_us": us, "estimated": e is None})
-        a, b = self.coef
-        return Prediction(a * total + b, total, macs, rows, est)
+        a, c, b = self.coef
+        return Prediction(a * total + c * elems + b, total, macs, elems, rows, est)
 
     def price_flops(self, macs: int) -> float:
         """The FLOPs-proportional proxy (fitted on the same calibration runs), in microseconds."""
