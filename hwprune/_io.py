@@ -1,11 +1,15 @@
-"""Small file helpers: atomic writes."""
+"""Small file helpers: atomic writes, strict JSON reads."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["write_atomic"]
+from hwprune.errors import HwpruneError
+
+__all__ = ["write_atomic", "read_json"]
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
@@ -25,3 +29,14 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Parse a JSON file; a missing, truncated or non-JSON file is a one-line error naming ``what`` and the path."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise HwpruneError(f"{what} {str(p)!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HwpruneError(f"{what} {str(p)!r} is not valid JSON (truncated or edited?): {exc}") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from hwprune._io import write_atomic
+from hwprune._io import read_json, write_atomic
 from hwprune.errors import HwpruneError
 from hwprune.space import Space
 
@@ -122,13 +122,7 @@ def uniform_policy(space: Space, keep: float, fmt: str = "fp32", channel_multipl
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read a policy JSON file."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise HwpruneError(f"policy file {str(p)!r} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HwpruneError(f"policy file {str(p)!r} is not valid JSON: {exc}") from None
-    return Policy.from_dict(data, source=f"policy {str(p)!r}")
+    return Policy.from_dict(read_json(p, "policy file"), source=f"policy {str(p)!r}")
 
 
 def save_policy(policy: Policy, path: str | os.PathLike[str]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwprune._io import write_atomic
+from hwprune._io import read_json, write_atomic
 from hwprune.errors import HwpruneError
 from hwprune.latency.targets import Target, fingerprint_slug
 
@@ -92,12 +92,7 @@ class LatencyTable:
     def load(cls, path: str | Path) -> "LatencyTable":
         p = Path(path)
         where = repr(str(p))
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise HwpruneError(f"latency table {where} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HwpruneError(f"latency table {where} is not valid JSON (truncated or edited?): {exc}") from None
+        data = read_json(p, "latency table")
         if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
             raise HwpruneError(f"latency table {where} is not a {TABLE_FORMAT} file")
         fp, batch = data.get("fingerprint"), data.get("batch_size")
