@@ -24,3 +24,11 @@ def not_a_model():
 def mlp():
     """A two-layer MLP: one prunable group (the 16 hidden features)."""
     return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def make_mlp_data():
+    """Four features, three classes, learnable by the MLP."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:])

@@ -1,0 +1,101 @@
+"""What a search run leaves: run.json, trials.csv, pareto.csv, best_policy.json (all written atomically)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from hwprune._io import read_json, write_atomic
+from hwprune.errors import HwpruneError
+
+__all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "TRIAL_COLUMNS"]
+
+TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "budget_ms", "feasible", "repairs",
+                 "mean_keep", "formats", "flops", "params", "seconds", "error"]
+
+
+def check_run_dir(out: Path, identity: dict[str, Any]) -> bool:
+    """True if ``out`` holds this study already; an error if it holds another; False if new."""
+    run = out / "run.json"
+    if run.exists():
+        old = read_json(run, "run file")
+        if not isinstance(old, dict) or old.get("identity") != identity:
+            theirs = old.get("identity", {}) if isinstance(old, dict) else {}
+            diff = [k for k in identity if theirs.get(k) != identity[k]]
+            raise HwpruneError(f"run directory {str(out)!r} holds a different study (differs in "
+                               f"{', '.join(diff) or 'format'}); choose another --out")
+        return True
+    return False
+
+
+def claim_run_dir(out: Path, identity: dict[str, Any], run_info: dict[str, Any]) -> bool:
+    """Create ``out`` for this study, or accept it if it holds the same study; True when resuming."""
+    if check_run_dir(out, identity):
+        return True
+    import torch
+
+    run = out / "run.json"
+    info = {"identity": identity, **run_info,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "optuna": __import__("optuna").__version__, "hwprune": __import__("hwprune").__version__}}
+    write_atomic(run, json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    return False
+
+
+def _row(t: Any, budget_ms: float) -> dict[str, Any]:
+    a = t.user_attrs
+    pol = a.get("policy", {})
+    keep = list(pol.get("keep", {}).values())
+    fmts: dict[str, int] = {}
+    for f in pol.get("formats", {}).values():
+        fmts[f] = fmts.get(f, 0) + 1
+    vals = t.values or [None, None]
+    return {"trial": t.number, "state": t.state.name, "seed": a.get("seed", ""),
+            "accuracy": "" if vals[0] is None else f"{vals[0]:.4f}",
+            "predicted_latency_ms": "" if vals[1] is None else f"{vals[1]:.5f}", "budget_ms": f"{budget_ms:.5f}",
+            "feasible": "" if vals[1] is None else str(vals[1] <= budget_ms + 1e-12),
+            "repairs": a.get("repairs", ""), "mean_keep": f"{sum(keep) / len(keep):.3f}" if keep else "1.000",
+            "formats": " ".join(f"{k}:{v}" for k, v in sorted(fmts.items())) or "fp32",
+            "flops": a.get("flops", ""), "params": a.get("params", ""), "seconds": a.get("seconds", ""),
+            "error": a.get("error", "")}
+
+
+def write_trials(out: Path, trials: list[Any], budget_ms: float) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, TRIAL_COLUMNS)
+    w.writeheader()
+    for t in sorted(trials, key=lambda t: t.number):
+        w.writerow(_row(t, budget_ms))
+    write_atomic(out / "trials.csv", buf.getvalue())
+
+
+def front(trials: list[Any], budget_ms: float) -> list[Any]:
+    """Feasible, non-dominated trials (accuracy up, latency down), by latency."""
+    ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= budget_ms + 1e-12]
+    pts = []
+    for t in ok:
+        dominated = any((o.values[0] >= t.values[0] and o.values[1] <= t.values[1]) and
+                        (o.values[0] > t.values[0] or o.values[1] < t.values[1]) for o in ok)
+        if not dominated:
+            pts.append(t)
+    return sorted(pts, key=lambda t: (t.values[1], -t.values[0], t.number))
+
+
+def write_front(out: Path, pts: list[Any], budget_ms: float) -> dict[str, Any] | None:
+    """pareto.csv and best_policy.json (the most accurate feasible point; ties: the faster)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", "accuracy", "predicted_latency_ms", "seed", "policy"])
+    for t in pts:
+        w.writerow([t.number, f"{t.values[0]:.4f}", f"{t.values[1]:.5f}", t.user_attrs.get("seed", ""),
+                    json.dumps(t.user_attrs.get("policy", {}), sort_keys=True)])
+    write_atomic(out / "pareto.csv", buf.getvalue())
+    if not pts:
+        return None
+    best = max(pts, key=lambda t: (t.values[0], -t.values[1]))
+    write_atomic(out / "best_policy.json", json.dumps(best.user_attrs["policy"], indent=2, sort_keys=True) + "\n")
+    return {"trial": best.number, "accuracy": best.values[0], "predicted_latency_ms": best.values[1],
+            "budget_ms": budget_ms}

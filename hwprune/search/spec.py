@@ -1,0 +1,127 @@
+"""Search specs: the same fields as ``hwprune search`` flags, as YAML in ``search/``.
+
+Parsed with ``yaml.safe_load`` into :class:`SearchSpec`; unknown keys and wrong
+types are errors naming the key, the value and what is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwprune.errors import HwpruneError
+
+__all__ = ["SearchSpec", "load_spec", "SAMPLERS", "BACKENDS"]
+
+SAMPLERS = ("tpe", "nsga2", "random")
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class SearchSpec:
+    """Everything a search needs; CLI flags override fields loaded from a spec file."""
+
+    model: str = ""
+    data: str = ""
+    target: str = "cpu"
+    budget: str = ""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    trials: int = 20
+    sampler: str = "tpe"
+    seed: int = 0
+    finetune_steps: int = 100
+    lr: float = 1e-3
+    batch_size: int | None = None
+    threads: int = 1
+    channel_multiple: int = 8
+    exclude: list[str] = field(default_factory=list)
+    importance: str = "l1"
+    tables: str = "latency_tables"
+    table: str | None = None
+    allow_foreign_table: bool = False
+    storage: str | None = None
+    study: str | None = None
+    out: str | None = None
+    backend: str = "local"
+    ray_address: str | None = None
+    workers: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+    def validate(self) -> None:
+        from hwprune.search.budget import parse_budget
+
+        for name in ("model", "data", "budget"):
+            if not getattr(self, name):
+                raise HwpruneError(f"search needs --{name} (or '{name}:' in the spec)")
+        parse_budget(self.budget, dense_ms=1.0)  # syntax first: nothing is trained or read for a typo
+        if self.trials < 1:
+            raise HwpruneError(f"trials must be at least 1, got {self.trials}")
+        if self.finetune_steps < 0:
+            raise HwpruneError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        if self.sampler not in SAMPLERS:
+            raise HwpruneError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        if self.backend not in BACKENDS:
+            raise HwpruneError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+
+    @property
+    def name(self) -> str:
+        """A default study / run name: model-data-target-budget."""
+        short = lambda s: Path(s.split(":")[0]).stem if ":" in s else s  # noqa: E731
+        budget = "".join(c for c in str(self.budget) if c.isalnum() or c == ".").replace("%", "pct")
+        return self.study or f"{short(self.model)}-{short(self.data)}-{self.target}-{budget}"
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the study (a run directory holds exactly one)."""
+        keep = ("model", "data", "target", "budget", "model_args", "weights", "sampler", "seed", "finetune_steps",
+                "lr", "batch_size", "threads", "channel_multiple", "exclude", "importance")
+        return {k: getattr(self, k) for k in keep}
+
+
+_TYPES: dict[str, tuple[type, ...]] = {}
+for _f in dataclasses.fields(SearchSpec):
+    _t = str(_f.type)
+    _TYPES[_f.name] = ((int,) if _t.startswith("int") else (float, int) if _t.startswith("float")
+                       else (bool,) if _t == "bool" else (dict,) if _t.startswith("dict")
+                       else (list,) if _t.startswith("list") else (str,))
+
+
+def _check(key: str, value: Any, source: str) -> Any:
+    if value is None and key in ("weights", "batch_size", "storage", "study", "out", "ray_address", "table"):
+        return None
+    want = _TYPES[key]
+    if key == "budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise HwpruneError(f"{source}: budget {value!r} needs a unit: 10ms, 800us, 0.01s or 50%")
+    if isinstance(value, bool) and bool not in want:
+        ok = False
+    else:
+        ok = isinstance(value, want)
+    if not ok:
+        raise HwpruneError(f"{source}: '{key}' must be {' or '.join(t.__name__ for t in want)}, "
+                           f"got {value!r} ({type(value).__name__})")
+    if key == "exclude" and not all(isinstance(v, str) for v in value):
+        raise HwpruneError(f"{source}: 'exclude' must be a list of layer names, got {value!r}")
+    return value
+
+
+def load_spec(path: str | Path) -> SearchSpec:
+    """Read a YAML spec (``yaml.safe_load``) into a :class:`SearchSpec`."""
+    import yaml
+
+    p = Path(path)
+    src = f"spec {str(p)!r}"
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise HwpruneError(f"{src} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise HwpruneError(f"{src} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise HwpruneError(f"{src} must be a mapping of field: value, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(SearchSpec)}
+    for key in data:
+        if key not in known:
+            raise HwpruneError(f"{src}: unknown key {key!r}; known: {', '.join(sorted(known))}")
+    return SearchSpec(**{k: _check(k, v, src) for k, v in data.items()})

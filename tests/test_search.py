@@ -1,0 +1,131 @@
+"""The search end to end through the CLI, resume, and bad input."""
+import csv
+import json
+
+import pytest
+
+from conftest import ASSETS, run_cli
+from hwprune import HwpruneError
+from hwprune.search import SearchSpec, load_spec, parse_budget
+
+MLP = f"{ASSETS / 'user_model.py'}:mlp"
+DATA = f"{ASSETS / 'user_model.py'}:make_mlp_data"
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """A synthetic table for this machine: entries = MACs/100 + 1 us, calibration exact (no timing noise)."""
+    import torch
+
+    from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key, table_path
+    from hwprune.latency.profiler import calibration_policies, layer_configs
+    from hwprune.latency.table import Entry
+    from hwprune.setup import resolve
+
+    d = tmp_path_factory.mktemp("tables")
+    target = get_target("cpu", threads=1)
+    s = resolve(MLP, DATA, use_cache=False)
+    layers = analyze_layers(s.model, s.example)
+    grid = (0.5, 0.75, 1.0)
+    entries = {c.key: Entry(c.macs() / 100 + 1.0, 0.1, 3) for c in layer_configs(layers, grid, target, 4)}
+    fp = target.fingerprint()
+    table = LatencyTable(fp, 4, entries, path=table_path(d, fp, 4))
+    key = model_key(MLP, {}, s.input_shape, [], 8)
+    pred = Predictor(table, layers, key)
+    pols = calibration_policies(layers, grid, {f.name: ["fp32"] for f in layers.layers}, 4)
+    table.models[key] = {"grid": list(grid), "calibration": [
+        {"policy": p.to_dict(), "measured_us": pred.price(p).layer_sum_us, "iqr_us": 0.1} for p in pols]}
+    table.save()
+    assert torch.is_tensor(s.example)
+    return d
+
+
+def _search(tables, out, cache, *extra):
+    return run_cli("search", "--model", MLP, "--data", DATA, "--target", "cpu", "--budget", "80%",
+                   "--batch-size", "4", "--tables", str(tables), "--finetune-steps", "3", "--out", str(out),
+                   "--json", *extra, env={"HWPRUNE_CACHE": str(cache)})
+
+
+def test_tiny_search_resumes_without_losing_or_repeating(tables, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    first = _search(tables, out, cache, "--trials", "3")
+    assert first.returncode == 0, first.stderr
+    s = json.loads(first.stdout)
+    assert s["trials"] == 3 and s["budget_ms"] == pytest.approx(0.8 * s["dense_predicted_ms"])
+    assert s["pareto"] and all(p["predicted_latency_ms"] <= s["budget_ms"] for p in s["pareto"])
+    assert list(s["uniform_seeds"])[0].startswith("uniform-")  # the first trials are the uniform seeds
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert len(rows) == 3 and all(r["feasible"] == "True" for r in rows if r["state"] == "COMPLETE")
+    assert json.loads((out / "best_policy.json").read_text())["format_version"] == 1
+    assert (out / "pareto.csv").exists() and json.loads((out / "run.json").read_text())["table_fingerprint"]
+
+    second = _search(tables, out, cache, "--trials", "5")
+    assert second.returncode == 0, second.stderr
+    s2 = json.loads(second.stdout)
+    assert s2["resumed"] and s2["trials"] == 5
+    rows2 = list(csv.DictReader(open(out / "trials.csv")))
+    assert [r["trial"] for r in rows2] == ["0", "1", "2", "3", "4"]
+    assert rows2[:3] == rows  # the first three are unchanged
+
+    again = run_cli("pareto", str(out), "--json")
+    assert json.loads(again.stdout)["pareto"] == s2["pareto"]
+
+    other = run_cli("search", "--model", MLP, "--data", DATA, "--target", "cpu", "--budget", "60%", "--batch-size", "4",
+                    "--tables", str(tables), "--out", str(out), env={"HWPRUNE_CACHE": str(cache)})
+    assert other.returncode == 2 and "holds a different study" in other.stderr and "budget" in other.stderr
+    assert len(list(csv.DictReader(open(out / "trials.csv")))) == 5  # nothing overwritten
+
+
+def test_impossible_budget_states_the_smallest(tables, tmp_path):
+    proc = _search(tables, tmp_path / "r", tmp_path / "c", "--budget", "1us", "--trials", "1")
+    assert proc.returncode == 2 and "cannot be met" in proc.stderr and "smallest policy" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text", ["10", "fast", "-1ms", "10 parsecs", "0ms", "150%"])
+def test_bad_budgets(text):
+    with pytest.raises(HwpruneError, match="budget"):
+        parse_budget(text, 10.0)
+
+
+@pytest.mark.parametrize("text,ms", [("10ms", 10), ("2.5 ms", 2.5), ("800us", 0.8), ("0.01s", 10), ("50%", 2)])
+def test_good_budgets(text, ms):
+    assert parse_budget(text, 4.0) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("model: gru\ncolour: red\n", "unknown key 'colour'"),
+    ("model: gru\ntrials: many\n", "'trials' must be int"),
+    ("model: gru\nbudget: 10\n", "needs a unit"),
+    ("model: gru\nexclude: fc\n", "'exclude' must be list"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("model: [unclosed\n", "not valid YAML"),
+])
+def test_bad_specs(tmp_path, body, needle):
+    p = tmp_path / "s.yaml"
+    p.write_text(body)
+    with pytest.raises(HwpruneError, match=needle):
+        load_spec(p)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--trials", "0"], "positive integer"),
+    (["--sampler", "bogus"], "unknown sampler 'bogus'; known: tpe, nsga2, random"),
+    (["--backend", "slurm"], "unknown backend 'slurm'; known: local, ray"),
+    (["--budget", "fast"], "budget 'fast'"),
+])
+def test_bad_search_flags_are_one_line(tmp_path, args, needle):
+    base = ["search", "--model", MLP, "--data", DATA, "--budget", "50%", "--out", str(tmp_path / "r")]
+    proc = run_cli(*base, *args, env={"HWPRUNE_CACHE": str(tmp_path / "c")})
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_shipped_specs_parse():
+    from pathlib import Path
+    specs = sorted(Path(__file__).resolve().parents[1].glob("search/*.yaml"))
+    assert specs
+    for p in specs:
+        s = load_spec(p)
+        s.validate()
+        assert isinstance(s, SearchSpec) and s.budget
