@@ -3,13 +3,15 @@
 Each trial samples a keep ratio per group (from the grid the table was
 profiled on) and a format per layer (from the layer's measured menu), repairs
 the policy to the budget (see :mod:`hwprune.search.context`), fine-tunes the
-pruned model from the dense weights and reports validation accuracy and
-predicted latency. The first trials are the uniform policies that just meet
+pruned model from the dense weights (same data order and seed for every trial,
+so accuracy differences come from the policy) and reports validation accuracy
+and predicted latency. A policy already evaluated is not fine-tuned again. The first trials are the uniform policies that just meet
 the budget. The study lives in a journal file in the run directory, so the
 same command resumes it.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,8 @@ def _params(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str])
 
 
 def _evaluate(ctx: SearchContext, trial: Any) -> tuple[float, float]:
+    from optuna.trial import TrialState
+
     from hwprune.apply import apply_policy
     from hwprune.measure import count_params
     from hwprune.train import evaluate, finetune
@@ -76,10 +80,17 @@ def _evaluate(ctx: SearchContext, trial: Any) -> tuple[float, float]:
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("repairs", repairs)
         trial.set_user_attr("flops", pred.macs // ctx.predictor.table.batch_size)
+        key = json.dumps(policy.to_dict(), sort_keys=True)
+        for prev in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if json.dumps(prev.user_attrs.get("policy"), sort_keys=True) == key:  # same policy: same result
+                trial.set_user_attr("duplicate_of", prev.number)
+                for k in ("params", "seconds"):
+                    trial.set_user_attr(k, prev.user_attrs.get(k))
+                return prev.values[0], prev.values[1]
         model = apply_policy(ctx.setup.model, policy, ctx.setup.example, exclude=ctx.spec.exclude,
                              importance=ctx.spec.importance, batches=[(ctx.setup.example, torch.zeros(2).long())])
         trial.set_user_attr("params", count_params(model))
-        finetune(model, data.train, ctx.spec.finetune_steps, lr=ctx.spec.lr, seed=ctx.spec.seed + trial.number)
+        finetune(model, data.train, ctx.spec.finetune_steps, lr=ctx.spec.lr, seed=ctx.spec.seed)
         acc = evaluate(model, data.val)
     except Exception as exc:
         trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -14,7 +14,7 @@ from hwprune.errors import HwpruneError
 __all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "budget_ms", "feasible", "repairs",
-                 "mean_keep", "formats", "flops", "params", "seconds", "error"]
+                 "mean_keep", "formats", "flops", "params", "seconds", "duplicate_of", "error"]
 
 
 def check_run_dir(out: Path, identity: dict[str, Any]) -> bool:
@@ -60,7 +60,7 @@ def _row(t: Any, budget_ms: float) -> dict[str, Any]:
             "repairs": a.get("repairs", ""), "mean_keep": f"{sum(keep) / len(keep):.3f}" if keep else "1.000",
             "formats": " ".join(f"{k}:{v}" for k, v in sorted(fmts.items())) or "fp32",
             "flops": a.get("flops", ""), "params": a.get("params", ""), "seconds": a.get("seconds", ""),
-            "error": a.get("error", "")}
+            "duplicate_of": a.get("duplicate_of", ""), "error": a.get("error", "")}
 
 
 def write_trials(out: Path, trials: list[Any], budget_ms: float) -> None:
@@ -73,10 +73,13 @@ def write_trials(out: Path, trials: list[Any], budget_ms: float) -> None:
 
 
 def front(trials: list[Any], budget_ms: float) -> list[Any]:
-    """Feasible, non-dominated trials (accuracy up, latency down), by latency."""
+    """Feasible, non-dominated trials (accuracy up, latency down), by latency; ties keep the first trial."""
     ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= budget_ms + 1e-12]
-    pts = []
-    for t in ok:
+    pts, seen = [], set()
+    for t in sorted(ok, key=lambda t: t.number):
+        if tuple(t.values) in seen:  # the same point again (a repeated policy): keep the first trial
+            continue
+        seen.add(tuple(t.values))
         dominated = any((o.values[0] >= t.values[0] and o.values[1] <= t.values[1]) and
                         (o.values[0] > t.values[0] or o.values[1] < t.values[1]) for o in ok)
         if not dominated:
