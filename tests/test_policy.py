@@ -67,3 +67,18 @@ def test_bad_policy_files(tmp_path):
     (tmp_path / "trunc.json").write_text('{"format_version": 1, "keep": {')
     with pytest.raises(HwpruneError, match="not valid JSON"):
         load_policy(tmp_path / "trunc.json")
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from hwprune._io import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "f.json").st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary left behind

@@ -58,6 +58,7 @@ def test_tiny_search_resumes_without_losing_or_repeating(tables, tmp_path):
     assert len(rows) == 3 and all(r["feasible"] == "True" for r in rows if r["state"] == "COMPLETE")
     assert json.loads((out / "best_policy.json").read_text())["format_version"] == 1
     assert (out / "pareto.csv").exists() and json.loads((out / "run.json").read_text())["table_fingerprint"]
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     second = _search(tables, out, cache, "--trials", "5")
     assert second.returncode == 0, second.stderr

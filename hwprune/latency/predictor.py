@@ -27,7 +27,16 @@ __all__ = ["Prediction", "Predictor", "fit_linear", "fit_nonneg", "model_key"]
 
 def model_key(model_ref: str, model_args: dict[str, Any], input_shape: Iterable[int], exclude: Iterable[str],
               channel_multiple: int) -> str:
-    """Names a model configuration inside a table (calibration is per model)."""
+    """Names a model configuration inside a table (calibration is per model).
+
+    A ``file.py:factory`` reference is keyed by the file's absolute path, so a
+    relative and an absolute reference to the same file find the same entry.
+    """
+    from pathlib import Path
+
+    target, sep, attr = model_ref.rpartition(":")
+    if sep and (target.endswith(".py") or "/" in target):
+        model_ref = f"{Path(target).resolve()}:{attr}"
     args = ",".join(f"{k}={v}" for k, v in sorted(model_args.items()))
     excl = ",".join(sorted(exclude))
     shape = "x".join(map(str, input_shape))

@@ -21,7 +21,7 @@ import torch
 
 from hwprune.errors import HwpruneError
 from hwprune.search.context import SearchContext, prepare_context
-from hwprune.search.rundir import check_run_dir, claim_run_dir, front, write_front, write_trials
+from hwprune.search.rundir import check_run_dir, claim_run_dir, front, plot_front, write_front, write_trials
 from hwprune.search.spec import SearchSpec
 
 __all__ = ["run_search", "open_study", "load_front", "SearchResult"]
@@ -154,6 +154,7 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> Se
     write_trials(out, trials, ctx.budget_ms)
     pts = front(trials, ctx.budget_ms)
     best = write_front(out, pts, ctx.budget_ms)
+    plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_accuracy, ctx.dense_ms))
     seeds = {t.user_attrs["seed"]: {"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1]}
              for t in trials if t.user_attrs.get("seed") and t.state == optuna.trial.TrialState.COMPLETE}
     return {"study": spec.name, "out": str(out), "budget_ms": ctx.budget_ms, "dense_predicted_ms": ctx.dense_ms,

@@ -11,7 +11,7 @@ from typing import Any
 from hwprune._io import read_json, write_atomic
 from hwprune.errors import HwpruneError
 
-__all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "TRIAL_COLUMNS"]
+__all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "plot_front", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "budget_ms", "feasible", "repairs",
                  "mean_keep", "formats", "flops", "params", "seconds", "duplicate_of", "error"]
@@ -102,3 +102,34 @@ def write_front(out: Path, pts: list[Any], budget_ms: float) -> dict[str, Any] |
     write_atomic(out / "best_policy.json", json.dumps(best.user_attrs["policy"], indent=2, sort_keys=True) + "\n")
     return {"trial": best.number, "accuracy": best.values[0], "predicted_latency_ms": best.values[1],
             "budget_ms": budget_ms}
+
+
+def plot_front(out: Path, trials: list[Any], pts: list[Any], budget_ms: float, dense: tuple[float, float]) -> Path:
+    """pareto.png: every completed trial, the front, the budget line, the dense model and the uniform seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t.state.name == "COMPLETE" and t.values]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], s=14, c="0.7", label="trials")
+    ax.plot([t.values[1] for t in pts], [t.values[0] for t in pts], "o-", c="tab:blue", label="Pareto front")
+    seeds = [t for t in done if t.user_attrs.get("seed")]
+    for i, t in enumerate(seeds):  # labels staggered: uniform seeds often sit close together
+        ax.scatter([t.values[1]], [t.values[0]], marker="s", s=40, c="tab:orange")
+        ax.annotate(t.user_attrs["seed"], (t.values[1], t.values[0]), fontsize=7, xytext=(6, -10 - 9 * i),
+                    textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
+    ax.scatter([dense[1]], [dense[0]], marker="*", s=120, c="tab:green", label="dense")
+    ax.axvline(budget_ms, ls="--", c="tab:red", label=f"budget {budget_ms:.3f} ms")
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(out / "pareto.png", buf.getvalue())
+    return out / "pareto.png"
