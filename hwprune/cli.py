@@ -1,4 +1,4 @@
-"""The ``hwprune`` command line: train, inspect, apply.
+"""The ``hwprune`` command line: train, inspect, apply, profile, predict, validate, search, pareto.
 
 Every user error is one line on stderr (``hwprune: error: ...``) and exit 2.
 """
@@ -13,7 +13,6 @@ from typing import Any, Callable
 from hwprune.errors import HwpruneError
 
 __all__ = ["main", "build_parser"]
-
 
 
 def _log(msg: str) -> None:
@@ -49,13 +48,18 @@ def _setup(args: argparse.Namespace, use_cache: bool = True):  # type: ignore[no
                    getattr(args, "weights", None), args.seed, use_cache)
 
 
+def _exclude(text: str) -> list[str]:
+    """``--exclude a,b`` -> ["a", "b"]."""
+    return [e for e in text.split(",") if e]
+
+
 def _emit(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hwprune.train import DEFAULT_EPOCHS, TrainConfig, cache_key, evaluate, load_cached, save_cached, train_model
+    from hwprune.train import DEFAULT_EPOCHS, TrainConfig, cache_key, load_cached, train_and_cache
 
     s = _setup(args, use_cache=False)
     assert s.data is not None
@@ -66,17 +70,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = hit[1]
     else:
         epochs = args.epochs or DEFAULT_EPOCHS.get(args.model, 20)
-        if epochs <= 0:
-            raise HwpruneError(f"--epochs must be a positive integer, got {epochs}")
         cfg = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
         _log(f"hwprune: training {args.model} on {args.data} for {epochs} epochs "
              f"({len(s.data.train)} train / {len(s.data.val)} val examples)")
-        summary = train_model(s.model, s.data.train, s.data.val, cfg, log=None if args.quiet else _log)
-        test = s.data.test if s.data.test is not None else s.data.val
-        summary.update({"model": args.model, "data": args.data, "seed": args.seed, "epochs": epochs,
-                        "model_args": s.model_args, "test_accuracy": evaluate(s.model, test),
-                        "test_split": "test" if s.data.test is not None else "val"})
-        summary["weights"] = str(save_cached(key, s.model, summary))
+        summary = train_and_cache(s.model, s.data, args.model, args.data, args.seed, s.model_args, cfg,
+                                  log=None if args.quiet else _log)
     if not args.json:
         print(f"{args.model}/{args.data} seed {args.seed}: val {summary['val_accuracy']:.4f}  "
               f"test {summary['test_accuracy']:.4f}  -> {summary['weights']}")
@@ -96,7 +94,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from hwprune.space import build_space
 
     s = _setup(args)
-    space = build_space(s.model, s.example, [e for e in args.exclude.split(",") if e])
+    space = build_space(s.model, s.example, _exclude(args.exclude))
     st = model_stats(s.model, s.example)
     if not args.json:
         print(f"model {args.model}  input {s.input_shape}  params {st.params:,}  FLOPs/example {st.flops:,} (MACs)")
@@ -109,16 +107,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    import torch
-
     from hwprune.apply import apply_policy, save_pruned
     from hwprune.measure import model_stats
     from hwprune.policy import load_policy, uniform_policy
     from hwprune.space import build_space
-    from hwprune.train import evaluate, finetune
+    from hwprune.train import evaluate, few_batches, finetune
 
     s = _setup(args)
-    exclude = [e for e in args.exclude.split(",") if e]
+    exclude = _exclude(args.exclude)
     space = build_space(s.model, s.example, exclude)
     if args.policy:
         policy = load_policy(args.policy)
@@ -127,10 +123,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     policy.validate(space)
     if s.weights == "random init":
         _log("hwprune: warning: no trained weights (give --weights or run 'hwprune train'); pruning a random init")
-    batches = None
-    if s.data is not None:
-        loader = torch.utils.data.DataLoader(s.data.train, batch_size=64, shuffle=False)
-        batches = [b for _, b in zip(range(4), loader)]
+    batches = few_batches(s.data.train) if s.data is not None else None
     pruned = apply_policy(s.model, policy, s.example, exclude=exclude, importance=args.importance, batches=batches)
     before, after = model_stats(s.model, s.example), model_stats(pruned, s.example)
     summary: dict[str, Any] = {"model": args.model, "weights": s.weights, "policy": policy.to_dict(),
@@ -209,7 +202,6 @@ def _grid(text: str) -> tuple[float, ...]:
 
 def _latency_setup(args: argparse.Namespace, measure: bool):  # type: ignore[no-untyped-def]
     from hwprune.latency import analyze_layers, get_target, model_key
-
     from hwprune.models import default_latency_batch
 
     target = get_target(args.target, threads=args.threads, emulate=getattr(args, "emulate", False))
@@ -219,14 +211,10 @@ def _latency_setup(args: argparse.Namespace, measure: bool):  # type: ignore[no-
         target.check_can_measure()
         target.setup()
     s = _setup(args)
-    exclude = [e for e in args.exclude.split(",") if e]
+    exclude = _exclude(args.exclude)
     layers = analyze_layers(s.model, s.example, exclude, args.channel_multiple)
     key = model_key(args.model, s.model_args, s.input_shape, exclude, args.channel_multiple)
     return target, s, exclude, layers, key
-
-
-def _menus(predictor, layers, target) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
-    return {f.name: predictor.menu(f.name, target.offered_formats(f.base.op)) for f in layers.layers}
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -244,9 +232,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _log(f"hwprune: profiling {args.model} for {fingerprint_line(fp)} at batch {args.batch_size} -> {path}")
     configs = layer_configs(layers, args.grid, target, args.batch_size)
     measured = profile_layers(table, configs, target, args.repeats, _log)
-    menus = _menus(Predictor(table, layers, key), layers, target)
+    menus = Predictor(table, layers, key).menus(target)
     pols = calibration_policies(layers, args.grid, menus, args.calibration)
-    cal = calibrate(table, key, s.model, s.example, layers, pols, target, args.repeats, exclude, _log,
+    cal = calibrate(table, key, s.model, s.example, pols, target, args.repeats, exclude, _log,
                     {"grid": list(args.grid), "input_shape": list(s.input_shape)})
     pred = Predictor(table, layers, key)
     summary = {"table": str(path), "fingerprint": fp, "model_key": key, "configurations": len(configs),
@@ -321,7 +309,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise HwpruneError(f"table {str(table.path)!r} has no calibration for {key}; run 'hwprune profile' first")
     grid = tuple(table.models[key]["grid"])
     rep = validate_predictor(s.model, s.example, layers, pred, target, args.samples, args.seed, args.repeats,
-                             exclude, grid, _menus(pred, layers, target), None if args.json else _log)
+                             exclude, grid, pred.menus(target), None if args.json else _log)
     summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size,
                "fingerprint": table.fingerprint, **rep.to_dict()}
     if not args.json:
@@ -359,10 +347,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.model_args is not None:
         spec.model_args = parse_model_args(args.model_args)
     if args.exclude is not None:
-        spec.exclude = [e for e in args.exclude.split(",") if e]
-    spec.validate()
-    if spec.backend == "ray":
-        raise HwpruneError("--backend ray is not available yet in this version; use --backend local")
+        spec.exclude = _exclude(args.exclude)
     summary = run_search(spec, _log)
     if not args.json:
         _print_front(summary)
@@ -411,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the dense base model and cache it (keyed by model, data, seed)")
     _add_model_args(t, data_required=True)
-    t.add_argument("--epochs", type=int, default=None, help="epochs (default: per model, tuned to reach the README's accuracies)")
+    t.add_argument("--epochs", type=_positive, default=None, help="epochs (default: per model, tuned to reach the README's accuracies)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, one-cycle; default 3e-3)")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=_positive, default=128, help="training batch size (default 128)")
     t.add_argument("--retrain", action="store_true", help="train again even if a cached model exists (replaces it)")
     t.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     t.set_defaults(fn=cmd_train)
@@ -430,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--policy", help="policy JSON file")
     src.add_argument("--uniform", type=_keep, metavar="KEEP", help="keep this fraction of every group, e.g. 0.5")
     a.add_argument("--format", default="fp32", choices=FORMATS, help="with --uniform: every layer's format")
-    a.add_argument("--channel-multiple", type=int, default=8, help="with --uniform: round kept units to this multiple")
+    a.add_argument("--channel-multiple", type=_positive, default=8, help="with --uniform: round kept units to this multiple")
     a.add_argument("--importance", default="l1", choices=IMPORTANCES, help="which units to keep (default l1)")
     a.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after pruning (needs --data)")
     a.add_argument("--out", default=None, help="write the pruned model artifact here (.pt)")

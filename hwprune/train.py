@@ -18,7 +18,7 @@ from hwprune._io import write_atomic
 from hwprune.errors import HwpruneError
 
 __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "cache_dir", "cache_key",
-           "load_cached", "save_cached"]
+           "load_cached", "save_cached", "train_and_cache", "few_batches"]
 
 # epochs that reach the README's accuracies for each built-in model
 DEFAULT_EPOCHS = {"cnn1d": 40, "resnet20": 12, "mobilenetv2": 12, "lstm": 30, "gru": 30}
@@ -123,7 +123,13 @@ def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any]) -> s
     return f"{short(model)}-{short(data)}-s{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
+def few_batches(ds: Dataset, n: int = 4, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` batches of ``ds`` in order (real inputs and labels, e.g. for Taylor importance)."""
+    return [b for _, b in zip(range(n), _loader(ds, batch_size, False, 0))]
+
+
 def save_cached(key: str, model: nn.Module, summary: dict[str, Any]) -> Path:
+    """Write weights and summary atomically; the summary records where the weights are."""
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
     import io
@@ -131,8 +137,26 @@ def save_cached(key: str, model: nn.Module, summary: dict[str, Any]) -> Path:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     write_atomic(d / f"{key}.pt", buf.getvalue())
+    summary["weights"] = str(d / f"{key}.pt")
     write_atomic(d / f"{key}.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return d / f"{key}.pt"
+
+
+def train_and_cache(model: nn.Module, data: Any, model_ref: str, data_ref: str, seed: int,
+                    model_args: dict[str, Any], cfg: TrainConfig,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train the dense base model in place, evaluate it on the test split (val if none) and cache it.
+
+    ``data`` is a :class:`hwprune.data.DataBundle`. ``hwprune train`` and a
+    search that finds no trained model both come here, so the cache holds one kind of entry.
+    """
+    summary = train_model(model, data.train, data.val, cfg, log=log)
+    test = data.test if data.test is not None else data.val
+    summary.update({"model": model_ref, "data": data_ref, "seed": seed, "epochs": cfg.epochs,
+                    "model_args": model_args, "test_accuracy": evaluate(model, test),
+                    "test_split": "test" if data.test is not None else "val"})
+    save_cached(cache_key(model_ref, data_ref, seed, model_args), model, summary)
+    return summary
 
 
 def load_cached(key: str) -> tuple[Path, dict[str, Any]] | None:
@@ -142,7 +166,7 @@ def load_cached(key: str) -> tuple[Path, dict[str, Any]] | None:
     if not (pt.is_file() and js.is_file()):
         return None
     try:
-        return pt, json.loads(js.read_text())
+        return pt, {**json.loads(js.read_text()), "weights": str(pt)}
     except (json.JSONDecodeError, OSError):
         print(f"hwprune: ignoring unreadable cache entry {js}", file=sys.stderr)
         return None

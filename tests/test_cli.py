@@ -68,6 +68,8 @@ def test_apply_uniform_builtin_json_keys():
     (["inspect", "--model", USER_MODEL, "--input-shape", "1,3,3"], ["(1, 3, 3) does not fit"]),
     (["inspect", "--model", "cnn1d", "--input-shape", "1,x"], ["'1,x'"]),
     (["apply", "--model", "cnn1d", "--uniform", "1.5"], ["1.5"]),
+    (["apply", "--model", "cnn1d", "--uniform", "0.5", "--channel-multiple", "0"], ["positive integer", "'0'"]),
+    (["train", "--model", "cnn1d", "--data", "mnist1d", "--batch-size", "0"], ["positive integer", "'0'"]),
     (["inspect", "--model", "lstm", "--model-args", "layers=2"], ["layers"]),
 ])
 def test_bad_input_is_one_line(args, needles):
@@ -97,6 +99,10 @@ def test_train_caches_and_reports_test_accuracy(tmp_path):
     again = run_cli("train", "--model", "cnn1d", "--data", "mnist1d", "--epochs", "2", "--json", env=env)
     assert "using cached model" in again.stderr
     assert json.loads(again.stdout)["test_accuracy"] == s["test_accuracy"]
+    assert json.loads(again.stdout)["weights"] == s["weights"] and s["weights"].endswith(".pt")
+    plain = run_cli("train", "--model", "cnn1d", "--data", "mnist1d", env=env)  # the text summary of a cache hit
+    assert plain.returncode == 0, plain.stderr
+    assert f"test {s['test_accuracy']:.4f}" in plain.stdout and s["weights"] in plain.stdout
     # apply picks up the cached weights: accuracy well above chance before pruning
     ap = run_cli("apply", "--model", "cnn1d", "--data", "mnist1d", "--uniform", "1.0", "--json", env=env)
     assert ap.returncode == 0, ap.stderr

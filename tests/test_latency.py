@@ -146,6 +146,18 @@ def test_calibration_recovers_layer_and_element_costs():
     assert (coef >= 0).all() and coef[1] == 0
 
 
+def test_calibration_policies_are_distinct_and_on_the_grid():
+    from hwprune.latency.profiler import calibration_policies
+
+    layers = mlp_layers()  # one group of 16 units: at grid (0.5, 1.0) only 8 or 16 units exist
+    pols = calibration_policies(layers, (0.5, 1.0), {"0": ["fp32"], "2": ["fp32"]}, 10)
+    assert sorted(p.units(layers.space)["0"] for p in pols) == [8, 16]
+    assert all(r in (0.5, 1.0) for p in pols for r in p.keep.values())
+    default = calibration_policies(mlp_layers(), (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
+                                   {"0": ["fp32", "int8"], "2": ["fp32", "int8"]}, 20)
+    assert len({json.dumps([p.units(layers.space), p.formats], sort_keys=True) for p in default}) == len(default)
+
+
 def test_kendall_tau_by_hand():
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == -1.0
@@ -173,12 +185,15 @@ def test_profile_tiny_model_end_to_end_and_incremental(tmp_path):
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
     # hidden 16 -> {8, 16}; layer 0: i4 x o{8,16}, layer 2: i{8,16} x o3; formats fp32, bf16, int8
-    assert s["configurations"] == 12 and s["measured_now"] == 12 and s["calibration_measured_now"] == 3
+    assert s["configurations"] == 12 and s["measured_now"] == 12
     t = LatencyTable.load(s["table"])
     assert len(t.entries) == 12 and all(e.median_us > 0 and e.repeats == 2 for e in t.entries.values())
     assert t.fingerprint["threads"] == 1 and "profile" in t.command
     cal = t.models[s["model_key"]]["calibration"]
-    assert len(cal) == 3 and all(c["measured_us"] > 0 for c in cal)
+    # 8 or 16 hidden units, times whatever format measured faster than fp32: all distinct, none repeated
+    what = {json.dumps([c["policy"]["keep"].get("0", 1.0), c["policy"]["formats"]], sort_keys=True) for c in cal}
+    assert s["calibration_measured_now"] == len(cal) == len(what) and 2 <= len(cal) <= 3
+    assert all(c["measured_us"] > 0 for c in cal)
     again = json.loads(run_cli(*args).stdout)
     assert again["measured_now"] == 0 and again["calibration_measured_now"] == 0
     pol = tmp_path / "p.json"

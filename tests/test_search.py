@@ -130,3 +130,21 @@ def test_shipped_specs_parse():
         s = load_spec(p)
         s.validate()
         assert isinstance(s, SearchSpec) and s.budget
+
+
+def test_search_uses_real_training_batches_for_importance(tables, tmp_path, monkeypatch):
+    import torch
+
+    from hwprune.search.context import prepare_context
+
+    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path / "cache"))
+    spec = SearchSpec(model=MLP, data=DATA, budget="90%", batch_size=4, tables=str(tables), importance="taylor")
+    spec.validate()
+    ctx = prepare_context(spec, log=lambda m: None)
+    train = ctx.setup.data.train
+    assert len(ctx.batches) == 3  # 192 training examples in batches of 64
+    assert torch.equal(ctx.batches[0][1], train.tensors[1][:64]) and torch.equal(ctx.batches[0][0], train.tensors[0][:64])
+    # the base model trained on the way is cached the same way 'hwprune train' caches it
+    from hwprune.train import cache_key, load_cached
+    hit = load_cached(cache_key(MLP, DATA, 0, {}))
+    assert hit is not None and "test_accuracy" in hit[1] and hit[1]["weights"] == str(hit[0])

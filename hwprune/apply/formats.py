@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["FormatSim", "apply_formats", "strip_formats", "fake_quant_weight", "fake_quant_act", "deploy",
+__all__ = ["FormatSim", "apply_formats", "strip_formats", "mask_2_4", "fake_quant_weight", "fake_quant_act", "deploy",
            "deploy_cpu", "DeployReport"]
 
 _QMAX = {"int8": 127, "int4": 7}
@@ -47,7 +47,7 @@ def _cast(t: torch.Tensor, fmt: str) -> torch.Tensor:
     return t.to(_DTYPES[fmt]).to(t.dtype)
 
 
-def _mask_2_4(w: torch.Tensor) -> torch.Tensor:
+def mask_2_4(w: torch.Tensor) -> torch.Tensor:
     """1 for the two largest-magnitude weights of every four along the last dim, else 0."""
     groups = w.abs().reshape(-1, 4)
     keep = torch.zeros_like(groups).scatter(1, groups.argsort(1)[:, 2:], 1.0)
@@ -68,7 +68,7 @@ class FormatSim(nn.Module):
         out = {}
         for name, p in self.inner.named_parameters():
             if self.fmt == "sp24" and p.dim() >= 2 and p.shape[-1] % 4 == 0:
-                out[name] = _cast(p * _mask_2_4(p.detach()), "fp16")
+                out[name] = _cast(p * mask_2_4(p.detach()), "fp16")
             elif self.fmt in _DTYPES or self.fmt == "sp24":
                 out[name] = _cast(p, "fp16" if self.fmt == "sp24" else self.fmt)
             elif p.dim() >= 2:

@@ -10,16 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hwprune.apply.formats import mask_2_4
 from hwprune.errors import HwpruneError
 
-__all__ = ["realize", "mask_2_4"]
-
-
-def mask_2_4(w: torch.Tensor) -> torch.Tensor:
-    """Zero the two smallest-magnitude weights of every group of four along the input dim."""
-    groups = w.reshape(-1, 4)
-    idx = groups.abs().argsort(dim=1)[:, :2]
-    return groups.scatter(1, idx, 0).reshape(w.shape)
+__all__ = ["realize"]
 
 
 def _torchao():  # type: ignore[no-untyped-def]
@@ -51,7 +45,8 @@ def realize(module: nn.Module, fmt: str) -> nn.Module:  # pragma: no cover - nee
 
         wrapped = CastModule(module, torch.float16)
         with torch.no_grad():
-            dense = mask_2_4(wrapped.inner.weight.detach())
+            w = wrapped.inner.weight.detach()
+            dense = w * mask_2_4(w)  # the same mask the simulation uses
             wrapped.inner.weight = nn.Parameter(to_sparse_semi_structured(dense), requires_grad=False)
         return wrapped
     raise HwpruneError(f"cuda has no {fmt!r} kernel")

@@ -160,6 +160,10 @@ class Predictor:
         a, b = self.flops_coef
         return a * macs + b
 
+    def menus(self, target: Any) -> dict[str, list[str]]:
+        """Each layer's menu (:meth:`menu`) from what ``target`` offers for its op type."""
+        return {f.name: self.menu(f.name, target.offered_formats(f.base.op)) for f in self.layers.layers}
+
     def menu(self, layer: str, offered: Iterable[str]) -> list[str]:
         """Formats worth offering for ``layer``: measured, and faster than fp32 at its dense shape."""
         form = next(f for f in self.layers.layers if f.name == layer)

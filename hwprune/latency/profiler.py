@@ -7,6 +7,7 @@ so a later run picks up where this one stopped).
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import sys
 import time
@@ -72,15 +73,23 @@ def random_policy(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str,
 
 def calibration_policies(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str, list[str]], n: int,
                          seed: int = 1234) -> list[Policy]:
-    """Dense, three uniform points, then random policies: ``n`` in all."""
+    """Dense, three uniform points of the grid, then random policies: ``n`` that differ in what they build.
+
+    Policies count as the same when they keep the same units in the same formats; a small space
+    (one group, few formats) yields fewer than ``n``.
+    """
     m = layers.channel_multiple
-    fixed = [Policy({}, {}, m)] + [Policy({g.name: r for g in layers.space.groups}, {}, m)
-                                   for r in (min(grid), 0.5, 0.75)]
+    ratios = sorted(grid)
+    uniform = [ratios[0], ratios[len(ratios) // 3], ratios[2 * len(ratios) // 3]]
+    fixed = [Policy({}, {}, m)] + [Policy({g.name: r for g in layers.space.groups}, {}, m) for r in uniform]
     rng = random.Random(seed)
-    out = fixed[:n]
-    while len(out) < n:
-        out.append(random_policy(layers, grid, menus, rng))
-    return out
+    out: dict[str, Policy] = {}
+    for pol in itertools.chain(fixed, (random_policy(layers, grid, menus, rng) for _ in range(50 * n))):
+        what = json.dumps([pol.units(layers.space), pol.formats], sort_keys=True)
+        out.setdefault(what, pol)
+        if len(out) == n:
+            break
+    return list(out.values())
 
 
 @dataclass
@@ -112,7 +121,7 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig], target: Targ
     return len(todo)
 
 
-def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Tensor, layers: ModelLayers,
+def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Tensor,
               policies: list[Policy], target: Target, repeats: int, exclude: list[str],
               log: Callable[[str], None], extra: dict[str, Any]) -> int:
     """Measure end to end the calibration policies not yet measured for ``key``; returns how many."""
@@ -142,6 +151,5 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
 
 
 def json_key(d: dict[str, Any]) -> str:
-    import json
-
+    """What identifies a policy (its model label aside)."""
     return json.dumps({k: d.get(k) for k in ("keep", "formats", "channel_multiple")}, sort_keys=True)

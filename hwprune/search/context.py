@@ -38,6 +38,7 @@ class SearchContext:
     budget_ms: float
     dense_ms: float
     dense_val_accuracy: float
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # for data-driven importance
     notes: list[str] = field(default_factory=list)
 
     def policy(self, keep: dict[str, float], formats: dict[str, str]) -> Policy:
@@ -111,20 +112,22 @@ def _log(msg: str) -> None:
 
 
 def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> SearchContext:
-    """Resolve model and data, train the base model if needed, load the table, parse the budget."""
-    from hwprune.models import default_latency_batch
-    from hwprune.train import DEFAULT_EPOCHS, TrainConfig, cache_key, evaluate, save_cached, train_model
+    """Resolve model and data, train the base model if needed, load the table, parse the budget.
 
-    spec.validate()
+    ``spec`` must be validated already (:func:`hwprune.search.run_search` does it).
+    """
+    from hwprune.models import default_latency_batch
+    from hwprune.train import DEFAULT_EPOCHS, TrainConfig, evaluate, few_batches, train_and_cache
+
     target = get_target(spec.target, threads=spec.threads)
     setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
     assert setup.data is not None
     if setup.weights == "random init":
         epochs = DEFAULT_EPOCHS.get(spec.model, 20)
         log(f"hwprune: no trained {spec.model} for {spec.data} (seed {spec.seed}); training it first ({epochs} epochs)")
-        summary = train_model(setup.model, setup.data.train, setup.data.val, TrainConfig(epochs=epochs, seed=spec.seed))
-        save_cached(cache_key(spec.model, spec.data, spec.seed, setup.model_args), setup.model,
-                    {**summary, "epochs": epochs, "model": spec.model, "data": spec.data, "seed": spec.seed})
+        summary = train_and_cache(setup.model, setup.data, spec.model, spec.data, spec.seed, setup.model_args,
+                                  TrainConfig(epochs=epochs, seed=spec.seed))
+        setup.weights = summary["weights"]
     batch = spec.batch_size or default_latency_batch(spec.model)
     layers = analyze_layers(setup.model, setup.example, spec.exclude, spec.channel_multiple)
     table = find_table(spec.tables, target, batch, spec.table, spec.allow_foreign_table)
@@ -135,11 +138,11 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                            f"--target {spec.target} --model {spec.model} --input-shape "
                            f"{','.join(map(str, setup.input_shape))} --batch-size {batch}' first")
     grid = tuple(table.models[key]["grid"])
-    menus = {f.name: predictor.menu(f.name, target.offered_formats(f.base.op)) for f in layers.layers}
+    menus = predictor.menus(target)
     dense_ms = predictor.price(Policy(channel_multiple=spec.channel_multiple)).latency_ms
     budget_ms = parse_budget(spec.budget, dense_ms)
     ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms,
-                        evaluate(setup.model, setup.data.val))
+                        evaluate(setup.model, setup.data.val), few_batches(setup.data.train))
     floor = ctx.price_ms(ctx.smallest())
     if floor > budget_ms:
         raise HwpruneError(f"budget {budget_ms:.4f} ms cannot be met: the smallest policy the grid allows is "

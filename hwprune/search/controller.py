@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from hwprune.errors import HwpruneError
 from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.rundir import check_run_dir, claim_run_dir, front, plot_front, write_front, write_trials
@@ -84,11 +82,11 @@ def _evaluate(ctx: SearchContext, trial: Any) -> tuple[float, float]:
         for prev in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if json.dumps(prev.user_attrs.get("policy"), sort_keys=True) == key:  # same policy: same result
                 trial.set_user_attr("duplicate_of", prev.number)
-                for k in ("params", "seconds"):
-                    trial.set_user_attr(k, prev.user_attrs.get(k))
+                trial.set_user_attr("params", prev.user_attrs.get("params"))
+                trial.set_user_attr("seconds", round(time.time() - t0, 2))
                 return prev.values[0], prev.values[1]
         model = apply_policy(ctx.setup.model, policy, ctx.setup.example, exclude=ctx.spec.exclude,
-                             importance=ctx.spec.importance, batches=[(ctx.setup.example, torch.zeros(2).long())])
+                             importance=ctx.spec.importance, batches=ctx.batches)
         trial.set_user_attr("params", count_params(model))
         finetune(model, data.train, ctx.spec.finetune_steps, lr=ctx.spec.lr, seed=ctx.spec.seed)
         acc = evaluate(model, data.val)
@@ -106,12 +104,14 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> Se
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     spec.validate()
+    if spec.backend == "ray":
+        raise HwpruneError("--backend ray is not available yet in this version; use --backend local")
     out = Path(spec.out or Path("runs") / spec.name)
     check_run_dir(out, spec.identity())  # before any training or reading: a wrong --out costs nothing
     ctx = prepare_context(spec, log)
     table = ctx.predictor.table
     resumed = claim_run_dir(out, spec.identity(), {
-        "spec": {k: v for k, v in vars(spec).items()}, "budget_ms": ctx.budget_ms, "dense_predicted_ms": ctx.dense_ms,
+        "spec": dict(vars(spec)), "budget_ms": ctx.budget_ms, "dense_predicted_ms": ctx.dense_ms,
         "dense_val_accuracy": ctx.dense_val_accuracy, "table": str(table.path), "table_fingerprint": table.fingerprint,
         "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus})
     for note in ctx.notes:
@@ -161,9 +161,7 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> Se
             "dense_val_accuracy": ctx.dense_val_accuracy, "trials": len([t for t in trials if t.state.name == "COMPLETE"]),
             "failed": len([t for t in trials if t.state.name == "FAIL"]),
             "repaired": sum(1 for t in trials if t.user_attrs.get("repairs")),
-            "pareto": [{"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1],
-                        "seed": t.user_attrs.get("seed", "")} for t in pts],
-            "best": best, "uniform_seeds": seeds, "table_fingerprint": table.fingerprint, "resumed": resumed}
+            "pareto": _points(pts), "best": best, "uniform_seeds": seeds, "table_fingerprint": table.fingerprint, "resumed": resumed}
 
 
 def load_front(run_dir: str | Path) -> SearchResult:
@@ -175,8 +173,12 @@ def load_front(run_dir: str | Path) -> SearchResult:
     spec = SearchSpec(**{k: v for k, v in info["spec"].items()})
     study = open_study(out, spec, load_only=True)
     pts = front(study.get_trials(deepcopy=False), info["budget_ms"])
-    return {"study": spec.name, "out": str(out), "budget_ms": info["budget_ms"],
-            "pareto": [{"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1],
-                        "seed": t.user_attrs.get("seed", "")} for t in pts]}
+    return {"study": spec.name, "out": str(out), "budget_ms": info["budget_ms"], "pareto": _points(pts)}
+
+
+def _points(pts: list[Any]) -> list[dict[str, Any]]:
+    """Front trials as the ``pareto`` list of ``--json``."""
+    return [{"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1],
+             "seed": t.user_attrs.get("seed", "")} for t in pts]
 
 
