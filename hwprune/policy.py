@@ -91,7 +91,7 @@ class Policy:
         names = {g.name for g in space.groups}
         for name in self.keep:
             if name not in names:
-                hint = f"; it is excluded" if name in space.excluded else ""
+                hint = "; it is excluded" if name in space.excluded else ""
                 raise HwpruneError(f"policy names group {name!r}, which the model does not have{hint} "
                                    f"(groups: {', '.join(sorted(names)[:8])}{', ...' if len(names) > 8 else ''})")
         layers = {q.name for q in space.layers}

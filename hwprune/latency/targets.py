@@ -16,7 +16,7 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.timing import Timing, time_cpu, time_cuda
 from hwprune.registry import Registry
 
-__all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR"]
+__all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR", "fingerprint_line"]
 
 TARGETS: Registry[type["Target"]] = Registry("target")
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
@@ -239,6 +239,16 @@ class CudaTarget(Target):
         from hwprune.latency import _cuda_formats
 
         return _cuda_formats.realize(module.to("cuda"), fmt)
+
+
+def fingerprint_line(fp: dict[str, Any]) -> str:
+    """A fingerprint in one readable line."""
+    dev = fp.get("gpu") or fp.get("cpu")
+    bits = [fp["target"], str(dev), fp.get("arch", "")]
+    if fp.get("threads"):
+        bits.append(f"{fp['threads']} thread(s)")
+    bits += [f"torch {fp.get('torch')}", str(fp.get("engine") or fp.get("compute_capability") or "")]
+    return ", ".join(b for b in bits if b) + (" [EMULATED]" if fp.get("emulated") else "")
 
 
 def get_target(name: str, threads: int | None = None, emulate: bool = False) -> Target:

@@ -1,0 +1,177 @@
+"""``hwprune profile``, ``predict`` and ``validate``: latency tables and the predictor."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from hwprune.cli._common import (add_model_args, add_shape_args, emit, grid, log, parse_exclude, positive,
+                                 setup_from_args)
+from hwprune.errors import HwpruneError
+from hwprune.latency.targets import fingerprint_line
+
+def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
+    p.add_argument("--target", required=True, help="device kind: cpu, cuda or arm")
+    p.add_argument("--batch-size", type=positive, default=None,
+                   help="batch size the latency is for (default: the model's, 512 for cnn1d, 16 otherwise)")
+    p.add_argument("--threads", type=positive, default=1,
+                   help="CPU threads (part of the table's fingerprint; default 1)")
+    p.add_argument("--tables", default="latency_tables", metavar="DIR",
+                   help="folder of latency tables (default ./latency_tables)")
+    p.add_argument("--channel-multiple", type=positive, default=8, help="kept units are multiples of this (default 8)")
+    if measure:
+        p.add_argument("--repeats", type=positive, default=15, help="timed repeats per measurement (default 15)")
+        p.add_argument("--emulate", action="store_true",
+                       help="--target arm on a non-ARM machine: use the qnnpack engine here; the table is marked emulated")
+    else:
+        p.add_argument("--table", default=None, help="the table file to use when several match")
+        p.add_argument("--allow-missing", action="store_true",
+                       help="price configurations missing from the table by interpolation, flagged as estimated")
+    if p.prog.split()[-1] != "profile":
+        p.add_argument("--allow-foreign-table", action="store_true",
+                       help="use a table measured on another device/torch version though this machine is the target")
+
+
+def _latency_setup(args: argparse.Namespace, measure: bool):  # type: ignore[no-untyped-def]
+    from hwprune.latency import analyze_layers, get_target, model_key
+    from hwprune.models import default_latency_batch
+
+    target = get_target(args.target, threads=args.threads, emulate=getattr(args, "emulate", False))
+    if args.batch_size is None:
+        args.batch_size = default_latency_batch(args.model)
+    if measure:
+        target.check_can_measure()
+        target.setup()
+    s = setup_from_args(args)
+    exclude = parse_exclude(args.exclude)
+    layers = analyze_layers(s.model, s.example, exclude, args.channel_multiple)
+    key = model_key(args.model, s.model_args, s.input_shape, exclude, args.channel_multiple)
+    return target, s, exclude, layers, key
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hwprune.latency import LatencyTable, Predictor, table_path
+    from hwprune.latency.profiler import calibrate, calibration_policies, layer_configs, profile_layers
+
+    t0 = time.time()
+    target, s, exclude, layers, key = _latency_setup(args, measure=True)
+    fp = target.fingerprint()
+    path = table_path(args.tables, fp, args.batch_size)
+    table = LatencyTable.load(path) if path.exists() else LatencyTable(fp, args.batch_size, path=path)
+    if table.fingerprint != fp:
+        raise HwpruneError(f"table {str(path)!r} holds another fingerprint than this device; move it away first")
+    table.command = "hwprune " + " ".join(sys.argv[1:]) if sys.argv[1:] else table.command
+    log(f"hwprune: profiling {args.model} for {fingerprint_line(fp)} at batch {args.batch_size} -> {path}")
+    configs = layer_configs(layers, args.grid, target, args.batch_size)
+    measured = profile_layers(table, configs, target, args.repeats, log)
+    menus = Predictor(table, layers, key).menus(target)
+    pols = calibration_policies(layers, args.grid, menus, args.calibration)
+    cal = calibrate(table, key, s.model, s.example, pols, target, args.repeats, exclude, log,
+                    {"grid": list(args.grid), "input_shape": list(s.input_shape)})
+    pred = Predictor(table, layers, key)
+    summary = {"table": str(path), "fingerprint": fp, "model_key": key, "configurations": len(configs),
+               "measured_now": measured, "calibration_measured_now": cal, "entries_in_table": len(table.entries),
+               "calibration_fit": {"layer_scale": pred.coef[0], "us_per_output_element": pred.coef[1],
+                                   "overhead_us": pred.coef[2]},
+               "seconds": round(time.time() - t0, 1)}
+    if not args.json:
+        print(f"{len(configs)} configurations ({measured} measured now), {len(pred.calibration)} calibration runs "
+              f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "
+              f"elements + {pred.coef[2]:.1f} us; "
+              f"{summary['seconds']} s -> {path}")
+    emit(args, summary)
+    return 0
+
+
+def _predictor(args: argparse.Namespace, measure: bool):  # type: ignore[no-untyped-def]
+    from hwprune.latency import Predictor, find_table
+
+    target, s, exclude, layers, key = _latency_setup(args, measure)
+    table = find_table(args.tables, target, args.batch_size, getattr(args, "table", None), args.allow_foreign_table)
+    log(f"hwprune: latency table {table.path} ({fingerprint_line(table.fingerprint)})")
+    pred = Predictor(table, layers, key, getattr(args, "allow_missing", False))
+    if not pred.calibrated:
+        log(f"hwprune: warning: the table has no end-to-end calibration for {key}; predicting the raw layer "
+             f"sum (run 'hwprune profile' for this model)")
+    return target, s, exclude, layers, key, table, pred
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hwprune.policy import load_policy
+
+    target, s, exclude, layers, key, table, pred = _predictor(args, measure=False)
+    policy = load_policy(args.policy)
+    policy.validate(layers.space)
+    if policy.channel_multiple != args.channel_multiple:
+        raise HwpruneError(f"policy rounds to multiples of {policy.channel_multiple}, the table was asked for "
+                           f"--channel-multiple {args.channel_multiple}")
+    t0 = time.perf_counter()
+    p = pred.price(policy, by_layer=True)
+    dt = (time.perf_counter() - t0) * 1e3
+    summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size, "table": str(table.path),
+               "fingerprint": table.fingerprint, "predicted_latency_ms": p.latency_ms,
+               "layer_sum_ms": p.layer_sum_us / 1e3, "calibrated": pred.calibrated, "estimated": p.estimated,
+               "macs": p.macs, "pricing_ms": dt}
+    if args.by_layer:
+        summary["by_layer"] = p.by_layer
+    if not args.json:
+        if args.by_layer:
+            for r in p.by_layer:
+                print(f"{r['layer']:<28} {r['latency_us'] / 1e3:9.4f} ms{'  (estimated)' if r['estimated'] else ''}  {r['key']}")
+        print(f"predicted {p.latency_ms:.4f} ms at batch {table.batch_size} on {args.target} "
+              f"(layer sum {p.layer_sum_us / 1e3:.4f} ms; {len(p.estimated)} estimated entries)")
+    emit(args, summary)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from hwprune.latency.validate import validate_predictor
+
+    target, s, exclude, layers, key, table, pred = _predictor(args, measure=True)
+    if not pred.calibrated:
+        raise HwpruneError(f"table {str(table.path)!r} has no calibration for {key}; run 'hwprune profile' first")
+    grid = tuple(table.models[key]["grid"])
+    rep = validate_predictor(s.model, s.example, layers, pred, target, args.samples, args.seed, args.repeats,
+                             exclude, grid, pred.menus(target), None if args.json else log)
+    summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size,
+               "fingerprint": table.fingerprint, **rep.to_dict()}
+    if not args.json:
+        print(f"{'':<22}{'table predictor':>16}{'FLOPs proxy':>14}")
+        print(f"{'within +-10%':<22}{rep.within_10pct:>16.0%}{rep.flops_within_10pct:>14.0%}")
+        print(f"{'Kendall tau':<22}{rep.kendall_tau:>16.3f}{rep.flops_kendall_tau:>14.3f}")
+        print(f"{'MAPE':<22}{rep.mape:>16.1%}{rep.flops_mape:>14.1%}")
+        print(f"{'worst case':<22}{rep.worst:>16.1%}{rep.flops_worst:>14.1%}")
+        print(f"measurement noise (median re-run difference): {rep.noise_pct:.1f}%; {rep.samples} policies")
+    emit(args, summary)
+    return 0
+
+
+
+def register(sub: Any) -> None:
+    pr = sub.add_parser("profile", help="measure every reachable layer configuration of a model on this device")
+    add_model_args(pr)
+    add_shape_args(pr)
+    _add_latency_args(pr, measure=True)
+    from hwprune.latency.profiler import DEFAULT_GRID
+
+    pr.add_argument("--grid", type=grid, default=DEFAULT_GRID, metavar="R,R,...",
+                    help="keep ratios to profile (default " + ",".join(map(str, DEFAULT_GRID)) + ")")
+    pr.add_argument("--calibration", type=positive, default=20,
+                    help="end-to-end runs (dense, uniform, random policies) that calibrate the predictor (default 20)")
+    pr.set_defaults(fn=cmd_profile)
+
+    pd = sub.add_parser("predict", help="price a policy from a latency table (no measuring)")
+    add_model_args(pd)
+    add_shape_args(pd)
+    _add_latency_args(pd, measure=False)
+    pd.add_argument("--policy", required=True, help="policy JSON file")
+    pd.add_argument("--by-layer", action="store_true", help="list each layer's table entry")
+    pd.set_defaults(fn=cmd_predict)
+
+    v = sub.add_parser("validate", help="measure random policies end to end and compare with the predictor")
+    add_model_args(v)
+    add_shape_args(v)
+    _add_latency_args(v, measure=True)
+    v.add_argument("--samples", type=positive, default=20, help="random policies to measure (default 20)")
+    v.set_defaults(fn=cmd_validate)

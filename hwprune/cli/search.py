@@ -1,0 +1,98 @@
+"""``hwprune search``, ``pareto`` and ``export``."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hwprune.cli._common import (emit, log, parse_exclude, positive)
+
+_SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
+                 "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
+                 "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple")
+
+
+def _print_front(summary: dict[str, Any]) -> None:
+    print(f"Pareto front of {summary['study']} (budget {summary['budget_ms']:.4f} ms; feasible points only):")
+    print(f"{'trial':>6} {'accuracy':>9} {'predicted ms':>13}  seed")
+    for p in summary["pareto"]:
+        print(f"{p['trial']:>6} {p['accuracy']:>9.4f} {p['predicted_latency_ms']:>13.4f}  {p.get('seed', '')}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from hwprune.models import parse_model_args
+    from hwprune.search import SearchSpec, load_spec, run_search
+
+    spec = load_spec(args.spec) if args.spec else SearchSpec()
+    for name in _SEARCH_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(spec, name, value)
+    if args.model_args is not None:
+        spec.model_args = parse_model_args(args.model_args)
+    if args.exclude is not None:
+        spec.exclude = parse_exclude(args.exclude)
+    summary = run_search(spec, log)
+    if not args.json:
+        _print_front(summary)
+        if summary["best"]:
+            b = summary["best"]
+            print(f"best feasible: trial {b['trial']}, val accuracy {b['accuracy']:.4f}, predicted "
+                  f"{b['predicted_latency_ms']:.4f} ms -> {summary['out']}/best_policy.json")
+        for name, u in summary["uniform_seeds"].items():
+            print(f"baseline {name}: val accuracy {u['accuracy']:.4f}, predicted {u['predicted_latency_ms']:.4f} ms")
+    emit(args, summary)
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from hwprune.search import load_front
+
+    summary = load_front(args.run_dir)
+    if not args.json:
+        _print_front(summary)
+    emit(args, summary)
+    return 0
+
+
+
+def register(sub: Any) -> None:
+    from hwprune.apply.importance import IMPORTANCES
+
+    se = sub.add_parser("search", help="search per-layer keep ratios and formats under a latency budget")
+    se.add_argument("--spec", help="a search spec (YAML, e.g. search/gru-mnist1d-cpu.yaml); flags override it")
+    se.add_argument("--model", help="built-in model or path/to/file.py:factory")
+    se.add_argument("--model-args", default=None, metavar="K=V,...", help="arguments for the model factory")
+    se.add_argument("--data", help="built-in data (mnist1d, mnist5k) or path/to/file.py:factory")
+    se.add_argument("--target", help="cpu, cuda or arm (default cpu)")
+    se.add_argument("--budget", help="latency per forward pass at the spec's batch size: 10ms, 2.5 ms, 800us, "
+                                     "0.01s, or 50%% of the dense model's predicted latency")
+    se.add_argument("--trials", type=positive, help="completed trials wanted (default 20; a resumed study counts "
+                                                     "the ones it has)")
+    se.add_argument("--sampler", help="tpe (default), nsga2 or random")
+    se.add_argument("--seed", type=int, help="seed for the sampler and the fine-tunes (default 0)")
+    se.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial (default 100)")
+    se.add_argument("--lr", type=float, help="fine-tune learning rate (default 1e-3)")
+    se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")
+    se.add_argument("--storage", help="Optuna storage URL for many machines (e.g. postgresql://...); "
+                                      "default: a journal file in the run directory")
+    se.add_argument("--study", help="study name (default: model-data-target-budget)")
+    se.add_argument("--out", help="run directory (default runs/<study>)")
+    se.add_argument("--backend", help="local (default) or ray")
+    se.add_argument("--ray-address", help="with --backend ray: auto or host:port")
+    se.add_argument("--workers", type=positive, help="with --backend ray: concurrent trials")
+    se.add_argument("--cpus-per-trial", type=float, help="with --backend ray")
+    se.add_argument("--gpus-per-trial", type=float, help="with --backend ray")
+    se.add_argument("--batch-size", type=positive, help="latency batch (default: the model's)")
+    se.add_argument("--threads", type=positive, help="CPU threads of the table (default 1)")
+    se.add_argument("--tables", help="folder of latency tables (default latency_tables)")
+    se.add_argument("--table", help="the table file to use when several match")
+    se.add_argument("--weights", help="dense weights (default: the cached trained model; trained if missing)")
+    se.add_argument("--channel-multiple", type=positive, help="kept units are multiples of this (default 8)")
+    se.add_argument("--exclude", default=None, metavar="LAYER,...", help="layers never to prune")
+    se.add_argument("--json", action="store_true", help="print a JSON summary (pareto, budget_ms, ...) at the end")
+    se.set_defaults(fn=cmd_search)
+
+    pa = sub.add_parser("pareto", help="print the Pareto front of a search run again")
+    pa.add_argument("run_dir", help="the run directory (runs/<study>)")
+    pa.add_argument("--json", action="store_true", help="print JSON")
+    pa.set_defaults(fn=cmd_pareto)
