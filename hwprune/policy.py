@@ -25,7 +25,8 @@ __all__ = ["FORMATS", "FORMAT_VERSION", "Policy", "keep_units", "uniform_policy"
 FORMAT_VERSION = 1
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "sp24")
 """Numeric formats: int4 is weight-only; fp8 (e4m3) and sp24 (2:4 semi-structured sparse fp16) are CUDA formats."""
-_KEYS = {"format_version", "model", "channel_multiple", "keep", "formats"}
+_KEYS = {"format_version", "model", "channel_multiple", "keep", "formats", "provenance"}
+"""``provenance`` (where an exported policy came from) is informational: read, checked to be an object, not kept."""
 
 
 def keep_units(ratio: float, units: int, multiple: int = 8) -> int:
@@ -81,6 +82,8 @@ class Policy:
         for name, f in formats.items():
             if f not in FORMATS:
                 raise HwpruneError(f"{source}: format of layer {name!r} must be one of {', '.join(FORMATS)}, got {f!r}")
+        if not isinstance(data.get("provenance", {}), dict):
+            raise HwpruneError(f"{source}: 'provenance' must be a JSON object")
         model = data.get("model", "")
         if not isinstance(model, str):
             raise HwpruneError(f"{source}: 'model' must be a string, got {model!r}")

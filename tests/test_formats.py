@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from hwprune import apply_policy, build_model, build_space, deploy_cpu, uniform_policy
 from hwprune.apply.formats import FormatSim, fake_quant_act, fake_quant_weight

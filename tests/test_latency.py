@@ -1,6 +1,5 @@
 """Latency tables, the predictor and the profiler."""
 import json
-import math
 import time
 
 import numpy as np
@@ -11,7 +10,7 @@ from torch import nn
 from conftest import ASSETS, run_cli
 from hwprune import HwpruneError, Policy, build_model
 from hwprune.latency import (Entry, LatencyTable, LayerConfig, Predictor, analyze_layers, find_table, fit_linear,
-                             get_target, model_key, table_path)
+                             get_target, table_path)
 from hwprune.latency.validate import kendall_tau
 
 MLP = f"{ASSETS / 'user_model.py'}:mlp"

@@ -22,8 +22,11 @@ def tables(tmp_path_factory):
     from hwprune.latency.table import Entry
     from hwprune.setup import resolve
 
+    from hwprune.latency.targets import tune_allocator
+
     d = tmp_path_factory.mktemp("tables")
     target = get_target("cpu", threads=1)
+    tune_allocator()  # the fingerprint records the allocator policy that export sets before measuring
     s = resolve(MLP, DATA, use_cache=False)
     layers = analyze_layers(s.model, s.example)
     grid = (0.5, 0.75, 1.0)

@@ -55,6 +55,22 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hwprune.export import export_run
+
+    s = export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
+                   args.measure_here, log=log)
+    if not args.json:
+        m = s["measured_latency_ms"]
+        print(f"trial {s['trial']}: test accuracy {s['test_accuracy']:.4f} (dense {s['dense_test_accuracy']:.4f}); "
+              f"predicted {s['predicted_latency_ms']:.4f} ms, measured "
+              + (f"{m:.4f} ms (spread {s['measurement']['spread_pct']:.1f}%)" if m is not None else "- (not on the target)")
+              + f", budget {s['budget_ms']:.4f} ms")
+        print("artifacts: " + ", ".join(f"{k} {v}" for k, v in s["artifacts"].items()))
+    emit(args, s)
+    return 0
+
+
 def register(sub: Any) -> None:
     from hwprune.apply.importance import IMPORTANCES
 
@@ -96,3 +112,18 @@ def register(sub: Any) -> None:
     pa.add_argument("run_dir", help="the run directory (runs/<study>)")
     pa.add_argument("--json", action="store_true", help="print JSON")
     pa.set_defaults(fn=cmd_pareto)
+
+    ex = sub.add_parser("export", help="fine-tune a searched policy longer, deploy it on the target's kernels, "
+                                       "measure it and save a model plain torch loads")
+    ex.add_argument("run_dir", help="the run directory of 'hwprune search' (runs/<study>)")
+    ex.add_argument("--trial", default="best", help="'best' (most accurate feasible point, default) or a trial number")
+    ex.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps (default 1000)")
+    ex.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
+                    help="oneshot: prune once, then fine-tune (default); gradual: prune toward the policy in 4 "
+                         "stages over the first half of the steps")
+    ex.add_argument("--out", default=None, help="export directory (default RUN_DIR/export-trial<N>-<schedule>)")
+    ex.add_argument("--repeats", type=positive, default=30, help="timed repeats of the end-to-end measurement (default 30)")
+    ex.add_argument("--measure-here", action="store_true",
+                    help="measure even when this machine differs from the run's latency table (labelled so)")
+    ex.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ex.set_defaults(fn=cmd_export)

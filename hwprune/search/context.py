@@ -22,7 +22,7 @@ from hwprune.search.budget import parse_budget
 from hwprune.search.spec import SearchSpec
 from hwprune.setup import Setup, resolve
 
-__all__ = ["SearchContext", "prepare_context"]
+__all__ = ["SearchContext", "prepare_context", "dense_setup"]
 
 
 @dataclass
@@ -111,15 +111,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> SearchContext:
-    """Resolve model and data, train the base model if needed, load the table, parse the budget.
+def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log) -> Setup:
+    """The spec's dense model with its trained weights (trained and cached first if there are none) and data."""
+    from hwprune.train import DEFAULT_EPOCHS, TrainConfig, train_and_cache
 
-    ``spec`` must be validated already (:func:`hwprune.search.run_search` does it).
-    """
-    from hwprune.models import default_latency_batch
-    from hwprune.train import DEFAULT_EPOCHS, TrainConfig, evaluate, few_batches, train_and_cache
-
-    target = get_target(spec.target, threads=spec.threads)
     setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
     assert setup.data is not None
     if setup.weights == "random init":
@@ -128,6 +123,20 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
         summary = train_and_cache(setup.model, setup.data, spec.model, spec.data, spec.seed, setup.model_args,
                                   TrainConfig(epochs=epochs, seed=spec.seed))
         setup.weights = summary["weights"]
+    return setup
+
+
+def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> SearchContext:
+    """Resolve model and data, train the base model if needed, load the table, parse the budget.
+
+    ``spec`` must be validated already (:func:`hwprune.search.run_search` does it).
+    """
+    from hwprune.models import default_latency_batch
+    from hwprune.train import evaluate, few_batches
+
+    target = get_target(spec.target, threads=spec.threads)
+    setup = dense_setup(spec, log)
+    assert setup.data is not None
     batch = spec.batch_size or default_latency_batch(spec.model)
     layers = analyze_layers(setup.model, setup.example, spec.exclude, spec.channel_multiple)
     table = find_table(spec.tables, target, batch, spec.table, spec.allow_foreign_table)

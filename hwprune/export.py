@@ -1,0 +1,369 @@
+"""Export one point of a search: fine-tune it longer, deploy it on the target's kernels, measure it, save it.
+
+``export_run`` reads a run directory written by ``hwprune search``, applies the
+chosen trial's policy to the dense model, fine-tunes (all at once, or
+gradually: pruning toward the policy in stages, as progressive pruning does),
+evaluates on the test split, replaces simulated formats by the target's real
+kernels, measures end-to-end latency when this machine is the run's target,
+and writes:
+
+- ``policy.json``: the policy plus provenance (``hwprune apply --policy`` reads it);
+- ``model.pt2`` (``torch.export``) and/or ``model.ts`` (TorchScript): loadable
+  by plain ``torch`` (``torch.export.load(p).module()`` / ``torch.jit.load(p)``),
+  each checked against the in-memory model before it is kept;
+- ``pruned.pt``: the hwprune artifact (pruned state dict + policy, simulated
+  formats), for further training with hwprune;
+- ``report.md`` and ``export.json`` (the summary ``--json`` prints).
+
+An export directory is written once: the same command again prints the stored
+summary; a different export into the same directory is refused.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hwprune._io import read_json, write_atomic
+from hwprune.errors import HwpruneError
+from hwprune.policy import Policy, keep_units
+
+__all__ = ["export_run", "SCHEDULES", "gradual_keeps", "finetune_policy", "pick_trial"]
+
+SCHEDULES = ("oneshot", "gradual")
+DEFAULT_STEPS = 1000
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def gradual_keeps(final: dict[str, float], stages: int) -> list[dict[str, float]]:
+    """Keep ratios per stage, cubic from 1.0 to ``final`` (Zhu & Gupta's schedule); the last is ``final``.
+
+    >>> [round(s["g"], 4) for s in gradual_keeps({"g": 0.5}, 3)]
+    [0.6481, 0.5185, 0.5]
+    """
+    out = []
+    for k in range(1, stages + 1):
+        f = (1 - k / stages) ** 3
+        out.append({g: r + (1 - r) * f for g, r in final.items()})
+    return out
+
+
+def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, train: Any, steps: int, *,
+                    schedule: str = "oneshot", stages: int = 4, exclude: list[str] | None = None,
+                    importance: str = "l1", lr: float = 1e-3, seed: int = 0, batches: Any = None,
+                    log: Callable[[str], None] | None = None) -> nn.Module:
+    """Prune ``dense`` to ``policy`` and fine-tune ``steps`` steps in total.
+
+    ``oneshot`` prunes once and fine-tunes with the policy's (simulated) formats.
+    ``gradual`` spends half the steps pruning in ``stages`` stages toward the
+    policy's units (each stage prunes the current model by importance, then
+    fine-tunes), then sets the formats and fine-tunes the other half. Both end
+    in the same architecture: the policy's units, rounded as the policy rounds.
+    """
+    from hwprune.apply import apply_formats, apply_policy, prune_model
+    from hwprune.space import build_space
+    from hwprune.train import finetune
+
+    exclude = list(exclude or [])
+    if schedule not in SCHEDULES:
+        raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if schedule == "oneshot":
+        model = apply_policy(dense, policy, example, exclude=exclude, importance=importance, batches=batches)
+        return finetune(model, train, steps, lr=lr, seed=seed)
+    space = build_space(dense, example, exclude)
+    dense_units = {g.name: g.units for g in space.groups}
+    final = policy.units(space)
+    per_stage = max(1, steps // (2 * stages)) if steps else 0
+    model = dense
+    plan = gradual_keeps({g: policy.keep.get(g, 1.0) for g in dense_units}, stages)
+    for k, keeps in enumerate(plan, start=1):
+        target = {g: final[g] if k == stages else max(final[g], keep_units(r, dense_units[g], policy.channel_multiple))
+                  for g, r in keeps.items()}
+        current = {g.name: g.units for g in build_space(model, example, exclude).groups}
+        rel = Policy({g: target[g] / current[g] for g in target if target[g] < current[g]}, {}, 1, policy.model)
+        if rel.keep:
+            model = prune_model(model, rel, example, exclude=exclude, importance=importance, batches=batches)
+        if log:
+            log(f"hwprune: gradual stage {k}/{stages}: {sum(target.values())} of {sum(dense_units.values())} units")
+        if k < stages:
+            finetune(model, train, per_stage, lr=lr, seed=seed + k)
+    model = apply_formats(model, policy.formats)
+    return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, seed=seed)
+
+
+def pick_trial(trials: list[Any], which: str, budget_ms: float) -> Any:
+    """``best`` (the most accurate feasible point of the front) or a trial number that completed."""
+    from hwprune.search.rundir import front
+
+    if which == "best":
+        pts = front(trials, budget_ms)
+        if not pts:
+            raise HwpruneError("the run has no feasible completed trial to export yet")
+        return max(pts, key=lambda t: (t.values[0], -t.values[1]))
+    try:
+        n = int(which)
+    except ValueError:
+        raise HwpruneError(f"--trial must be 'best' or a trial number, got {which!r}") from None
+    done = sorted(t.number for t in trials if t.state.name == "COMPLETE")
+    for t in trials:
+        if t.number == n:
+            if t.state.name != "COMPLETE":
+                raise HwpruneError(f"trial {n} is {t.state.name.lower()}, not complete; completed trials: "
+                                   f"{_ranges(done)}")
+            return t
+    raise HwpruneError(f"the run has no trial {n}; completed trials: {_ranges(done)}")
+
+
+def _ranges(nums: list[int]) -> str:
+    if not nums:
+        return "none"
+    out, start = [], nums[0]
+    for a, b in zip(nums, nums[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
+
+
+def _fingerprint_diff(run_fp: dict[str, Any], here: dict[str, Any] | None) -> list[str]:
+    if here is None:
+        return ["device (the target is not this machine)"]
+    return sorted(k for k in set(run_fp) | set(here) if run_fp.get(k) != here.get(k))
+
+
+def _save_artifacts(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """torch.export and TorchScript versions of ``model``, each kept only if plain torch reloads it identically."""
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    kept: dict[str, str] = {}
+    checks: dict[str, Any] = {}
+
+    def check(name: str, path: Path, data: bytes, load: Callable[[io.BytesIO], Any]) -> None:
+        with torch.no_grad():
+            got = load(io.BytesIO(data))(x)
+        diff = float((got.float() - ref.float()).abs().max())
+        checks[name] = {"max_abs_diff": diff}
+        if diff <= 1e-5 * max(1.0, float(ref.float().abs().max())):
+            write_atomic(path, data)
+            kept[name] = str(path)
+        else:
+            checks[name]["error"] = "reloaded outputs differ"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(model, (x,))
+            buf = io.BytesIO()
+            torch.export.save(ep, buf)
+            check("torch.export", out / "model.pt2", buf.getvalue(), lambda b: torch.export.load(b).module())
+        except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
+            checks["torch.export"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        try:
+            ts = torch.jit.trace(model, (x,), check_trace=False)
+            buf = io.BytesIO()
+            torch.jit.save(ts, buf)
+            check("torchscript", out / "model.ts", buf.getvalue(), torch.jit.load)
+        except Exception as exc:  # noqa: BLE001
+            checks["torchscript"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    return kept, checks
+
+
+def _identity(run_dir: Path, trial: int, steps: int, schedule: str, stages: int) -> dict[str, Any]:
+    return {"run": str(run_dir.resolve()), "trial": trial, "finetune_steps": steps, "schedule": schedule,
+            "stages": stages}
+
+
+def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | None = None,
+               schedule: str = "oneshot", out: str | Path | None = None, repeats: int = 30,
+               measure_here: bool = False, stages: int = 4, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Export one trial of a search run; returns the summary ``hwprune export --json`` prints."""
+    from hwprune.apply import save_pruned
+    from hwprune.apply.formats import deploy
+    from hwprune.latency.profiler import measure_model
+    from hwprune.latency.targets import fingerprint_line, get_target
+    from hwprune.measure import model_stats
+    from hwprune.search.context import dense_setup
+    from hwprune.search.controller import open_study
+    from hwprune.search.rundir import front
+    from hwprune.search.spec import SearchSpec
+    from hwprune.space import build_space
+    from hwprune.train import evaluate, few_batches
+
+    run = Path(run_dir)
+    if not (run / "run.json").exists():
+        raise HwpruneError(f"{str(run)!r} is not a search run directory (no run.json); give the --out of 'hwprune search'")
+    if schedule not in SCHEDULES:
+        raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if finetune_steps is not None and finetune_steps < 0:
+        raise HwpruneError(f"--finetune-steps must be >= 0, got {finetune_steps}")
+    info = read_json(run / "run.json", "run file")
+    spec = SearchSpec(**info["spec"])
+    study = open_study(run, spec, load_only=True)
+    trials = study.get_trials(deepcopy=False)
+    chosen = pick_trial(trials, trial, info["budget_ms"])
+    steps = DEFAULT_STEPS if finetune_steps is None else finetune_steps
+    dest = Path(out) if out else run / f"export-trial{chosen.number}-{schedule}"
+    ident = _identity(run, chosen.number, steps, schedule, stages)
+    if (dest / "export.json").exists():
+        old = read_json(dest / "export.json", "export summary")
+        if isinstance(old, dict) and old.get("identity") == ident:
+            log(f"hwprune: {dest} already holds this export; printing it (choose another --out to export again)")
+            return old
+        raise HwpruneError(f"{str(dest)!r} holds a different export; choose another --out")
+    if dest.exists() and any(dest.iterdir()):
+        raise HwpruneError(f"{str(dest)!r} exists and is not an hwprune export; choose another --out")
+
+    policy = Policy.from_dict(chosen.user_attrs["policy"], source=f"trial {chosen.number}")
+    target = get_target(spec.target, threads=spec.threads)
+    run_fp = info["table_fingerprint"]
+    here = None
+    if target.is_local():
+        target.setup()  # threads and allocator as the table was measured; the fingerprint includes both
+        here = target.fingerprint()
+    differs = _fingerprint_diff(run_fp, here)
+    if differs:
+        log(f"hwprune: note: the run's latency table was measured on {fingerprint_line(run_fp)}; this machine "
+            f"{'is ' + fingerprint_line(here) if here else 'is not a ' + spec.target + ' device'} (differs in "
+            f"{', '.join(differs)}). " + ("Measuring here anyway (--measure-here): the number is this machine's, "
+                                          "not the target's." if measure_here and here else
+                                          "Not measuring: export on the target device to measure it "
+                                          "(or --measure-here for this machine's number)."))
+    setup = dense_setup(spec, log)
+    data = setup.data
+    assert data is not None
+    test = data.test if data.test is not None else data.val
+    split = "test" if data.test is not None else "val (the data has no test split)"
+    t0 = time.time()
+    dense_acc = evaluate(setup.model, test)
+    log(f"hwprune: exporting trial {chosen.number} of {spec.name} (val acc {chosen.values[0]:.4f} after "
+        f"{spec.finetune_steps} steps, predicted {chosen.values[1]:.4f} ms); {schedule} fine-tune, {steps} steps")
+    model = finetune_policy(setup.model, policy, setup.example, data.train, steps, schedule=schedule, stages=stages,
+                            exclude=spec.exclude, importance=spec.importance, lr=spec.lr, seed=spec.seed,
+                            batches=few_batches(data.train), log=log)
+    space = build_space(setup.model, setup.example, spec.exclude)
+    sim_acc = evaluate(model, test)
+    val_acc = evaluate(model, data.val)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_pruned(dest / "pruned.pt", model, policy, spec.model, setup.model_args, setup.input_shape,
+                setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps})
+    stats = model_stats(model, setup.example)
+    if target.is_local():
+        deployed, rep = deploy(copy.deepcopy(model).eval(), spec.target)
+        deployed = deployed.to(target.device)
+    else:
+        deployed, rep = model.eval(), None
+        log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
+    dev_test = _on_device(test, target.device if target.is_local() else "cpu")
+    test_acc = evaluate(deployed, dev_test) if rep is not None else sim_acc
+    x = torch.randn(info["batch_size"], *setup.input_shape, device=target.device if rep is not None else "cpu")
+    artifacts, checks = _save_artifacts(deployed, x[: min(8, len(x))], dest)
+    if not artifacts:
+        log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
+    measured = None
+    if here is not None and (not differs or measure_here):
+        torch.manual_seed(0)
+        timing = measure_model(deployed, x, target, repeats)
+        measured = {"median_ms": timing.median_us / 1e3, "spread_pct": timing.spread_pct,
+                    "repeats": repeats, "on_target": not differs}
+        if "model.ts" in " ".join(artifacts.values()):
+            ts = torch.jit.load(str(dest / "model.ts"))
+            t2 = measure_model(ts, x, target, repeats)
+            measured["torchscript_median_ms"] = t2.median_us / 1e3
+    pred_ms = chosen.values[1]
+    prov = {"run": str(run), "study": spec.name, "trial": chosen.number, "model": spec.model,
+            "model_args": setup.model_args, "data": spec.data, "weights": setup.weights, "target": spec.target,
+            "batch_size": info["batch_size"], "table": info.get("table"), "table_fingerprint": run_fp,
+            "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"],
+            "search_val_accuracy": chosen.values[0], "test_accuracy": test_acc, "schedule": schedule,
+            "finetune_steps": steps}
+    write_atomic(dest / "policy.json", json.dumps({**policy.to_dict(), "provenance": prov}, indent=2,
+                                                  sort_keys=True) + "\n")
+    summary: dict[str, Any] = {
+        "identity": ident, "run": str(run), "trial": chosen.number, "out": str(dest), "schedule": schedule,
+        "finetune_steps": steps, "policy": policy.to_dict(), "units": policy.units(space),
+        "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"],
+        "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
+        "fingerprint_matches": not differs, "fingerprint_differs_in": differs,
+        "test_split": split, "dense_test_accuracy": dense_acc, "test_accuracy": test_acc,
+        "test_accuracy_simulated": sim_acc, "val_accuracy": val_acc, "search_val_accuracy": chosen.values[0],
+        "params": stats.params, "flops": stats.flops,
+        "formats_real": rep.real if rep else {}, "formats_simulated": rep.simulated if rep else dict(policy.formats),
+        "artifacts": {**artifacts, "hwprune": str(dest / "pruned.pt"), "policy": str(dest / "policy.json"),
+                      "report": str(dest / "report.md")},
+        "artifact_checks": checks, "seconds": round(time.time() - t0, 1)}
+    pts = front(trials, info["budget_ms"])
+    write_atomic(dest / "report.md", _report(summary, spec, info, pts, run_fp, here))
+    write_atomic(dest / "export.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    return summary
+
+
+def _on_device(ds: Any, device: str) -> Any:
+    if device == "cpu":
+        return ds
+    from torch.utils.data import TensorDataset
+
+    xs = torch.stack([ds[i][0] for i in range(len(ds))]).to(device)
+    ys = torch.tensor([int(ds[i][1]) for i in range(len(ds))], device=device)
+    return TensorDataset(xs, ys)
+
+
+def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], run_fp: dict[str, Any],
+            here: dict[str, Any] | None) -> str:
+    from hwprune.latency.targets import fingerprint_line
+
+    m = s["measurement"]
+    lines = [f"# Export of trial {s['trial']} — {spec.name}", "",
+             f"Model `{spec.model}` on `{spec.data}`, target `{spec.target}`, batch {info['batch_size']}; "
+             f"budget {s['budget_ms']:.4f} ms; {s['schedule']} fine-tune of {s['finetune_steps']} steps.", "",
+             "## Latency", "",
+             "| | ms |", "|---|---|",
+             f"| predicted (table) | {s['predicted_latency_ms']:.4f} |"]
+    if m:
+        lines.append(f"| measured, deployed model (median of {m['repeats']}, spread {m['spread_pct']:.1f}%) | "
+                     f"{m['median_ms']:.4f} |")
+        if "torchscript_median_ms" in m:
+            lines.append(f"| measured, reloaded TorchScript | {m['torchscript_median_ms']:.4f} |")
+        lines += ["", f"Measured / predicted: {m['median_ms'] / s['predicted_latency_ms']:.3f}; "
+                      f"measured / budget: {m['median_ms'] / s['budget_ms']:.3f}."
+                  + ("" if m["on_target"] else " **Measured on a machine other than the table's target.**")]
+    else:
+        lines.append("| measured | not measured: this machine is not the run's target |")
+    lines += ["", f"Table measured on: {fingerprint_line(run_fp)}.",
+              f"This machine: {fingerprint_line(here) if here else 'not a ' + spec.target + ' device'}"
+              + ("" if s["fingerprint_matches"] else f" (differs in {', '.join(s['fingerprint_differs_in'])})") + ".",
+              "", "## Accuracy", "", f"Split: {s['test_split']}.", "", "| | accuracy |", "|---|---|",
+              f"| dense model | {s['dense_test_accuracy']:.4f} |",
+              f"| search (val, {spec.finetune_steps} fine-tune steps) | {s['search_val_accuracy']:.4f} |",
+              f"| exported, simulated formats | {s['test_accuracy_simulated']:.4f} |",
+              f"| exported, target kernels | {s['test_accuracy']:.4f} |", "",
+              f"Params {s['params']:,}, FLOPs {s['flops']:,} per example. Real kernels: "
+              f"{', '.join(f'{k}:{v}' for k, v in sorted(s['formats_real'].items())) or 'none (all fp32)'}; "
+              f"simulated: {', '.join(f'{k}:{v}' for k, v in sorted(s['formats_simulated'].items())) or 'none'}.", "",
+              "## Policy", "", "| group | units |", "|---|---|"]
+    lines += [f"| {g} | {u} |" for g, u in s["units"].items()]
+    lines += ["", "## Front of the search", "", "| trial | val accuracy | predicted ms | |", "|---|---|---|---|"]
+    lines += [f"| {t.number} | {t.values[0]:.4f} | {t.values[1]:.4f} | {'**chosen**' if t.number == s['trial'] else ''} |"
+              for t in pts]
+    lines += ["", "## Artifacts", ""]
+    for name, path in s["artifacts"].items():
+        lines.append(f"- {name}: `{Path(path).name}`")
+    for name, c in s["artifact_checks"].items():
+        lines.append(f"- {name} check: " + (f"not written ({c['error']})" if "error" in c else
+                                            f"reloaded with plain torch, max |diff| {c['max_abs_diff']:.2e}"))
+    loads = {"torchscript": "`torch.jit.load('model.ts')`", "torch.export": "`torch.export.load('model.pt2').module()`"}
+    how = [loads[k] for k in s["artifacts"] if k in loads]
+    lines += ["", "Load without hwprune: " + (" or ".join(how) if how else "no plain-torch artifact could be written")
+              + "."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+"""Export: the chosen policy fine-tuned, deployed, measured and saved; plain torch reloads it identically."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli
+from test_search import DATA, MLP, _search, tables  # noqa: F401 - the fixture is used by name
+
+from hwprune.export import gradual_keeps
+
+
+@pytest.fixture(scope="module")
+def run_dir(tables, tmp_path_factory):  # noqa: F811
+    base = tmp_path_factory.mktemp("exp")
+    out, cache = base / "run", base / "cache"
+    proc = _search(tables, out, cache, "--trials", "4")
+    assert proc.returncode == 0, proc.stderr
+    return out, cache
+
+
+def _export(run, cache, *extra):
+    return run_cli("export", str(run), "--finetune-steps", "6", "--repeats", "3", "--json", *extra,
+                   env={"HWPRUNE_CACHE": str(cache)})
+
+
+def test_export_reloads_in_plain_torch_and_measures(run_dir, tmp_path):
+    run, cache = run_dir
+    proc = _export(run, cache, "--out", str(tmp_path / "e"))
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    best = json.loads((run / "best_policy.json").read_text())
+    assert s["policy"] == best and s["fingerprint_matches"]
+    assert s["measured_latency_ms"] > 0 and s["measurement"]["repeats"] == 3
+    assert 0 <= s["test_accuracy"] <= 1 and 0 <= s["dense_test_accuracy"] <= 1
+    for key in ("predicted_latency_ms", "measured_latency_ms", "test_accuracy", "dense_test_accuracy", "artifacts"):
+        assert key in s
+    assert "torchscript" in s["artifacts"] and s["artifact_checks"]["torchscript"]["max_abs_diff"] == 0.0
+    prov = json.loads((tmp_path / "e" / "policy.json").read_text())["provenance"]
+    assert prov["trial"] == s["trial"] and prov["predicted_latency_ms"] == s["predicted_latency_ms"]
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert f"| predicted (table) | {s['predicted_latency_ms']:.4f} |" in report and "**chosen**" in report
+
+    # the in-memory pruned model (rebuilt by hwprune, deployed) against the TorchScript file loaded by plain torch
+    from hwprune.apply import load_pruned
+    from hwprune.apply.formats import deploy
+
+    model, meta = load_pruned(tmp_path / "e" / "pruned.pt")
+    assert meta["policy"] == best
+    deployed, _ = deploy(model, "cpu")
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]); "
+            "torch.save(m(x), sys.argv[3]); assert not any(k.startswith('hwprune') for k in sys.modules)")
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "e" / "model.ts"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), deployed(x))
+
+    again = _export(run, cache, "--out", str(tmp_path / "e"))
+    assert again.returncode == 0 and "already holds this export" in again.stderr
+    assert json.loads(again.stdout)["measured_latency_ms"] == s["measured_latency_ms"]
+    other = _export(run, cache, "--out", str(tmp_path / "e"), "--schedule", "gradual")
+    assert other.returncode == 2 and "holds a different export" in other.stderr
+
+
+def test_export_on_another_machine_says_so(run_dir, tmp_path):
+    run, cache = run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["table_fingerprint"]["cpu"] = "Some Other CPU 9000"
+    (copy / "run.json").write_text(json.dumps(info))
+    proc = _export(copy, cache, "--trial", "0")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert "Some Other CPU 9000" in proc.stderr and "differs in cpu" in proc.stderr and "Not measuring" in proc.stderr
+    assert s["measured_latency_ms"] is None and s["fingerprint_differs_in"] == ["cpu"] and s["trial"] == 0
+    assert "not measured" in (copy / "export-trial0-oneshot" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--trial", "99"], "no trial 99; completed trials: 0-3"),
+    (["--trial", "first"], "--trial must be 'best' or a trial number, got 'first'"),
+    (["--schedule", "slow"], "invalid choice: 'slow'"),
+])
+def test_export_bad_input(run_dir, tmp_path, args, needle):
+    run, cache = run_dir
+    proc = _export(run, cache, "--out", str(tmp_path / "e"), *args)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_of_a_non_run_dir(tmp_path):
+    proc = run_cli("export", str(tmp_path))
+    assert proc.returncode == 2 and "not a search run directory" in proc.stderr
+
+
+def test_gradual_schedule_is_cubic_and_ends_at_the_policy():
+    stages = gradual_keeps({"a": 0.25, "b": 1.0}, 4)
+    assert [round(s["a"], 4) for s in stages] == [round(0.25 + 0.75 * (1 - k / 4) ** 3, 4) for k in (1, 2, 3, 4)]
+    assert stages[-1] == {"a": 0.25, "b": 1.0} and all(s["b"] == 1.0 for s in stages)
+
+
+def test_gradual_and_oneshot_reach_the_same_architecture():
+    from hwprune.export import finetune_policy
+    from hwprune.policy import Policy
+    from hwprune.setup import resolve
+
+    s = resolve("cnn1d", "mnist1d", use_cache=False)
+    pol = Policy({"features.0": 0.5, "features.3": 0.25, "fc1": 0.75}, {"fc": "int8"})
+    shapes = {}
+    for sched in ("oneshot", "gradual"):
+        m = finetune_policy(s.model, pol, s.example, s.data.train, 8, schedule=sched, stages=3)
+        shapes[sched] = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes["oneshot"] == shapes["gradual"]
+    # hand-computed: conv1 keeps 16 of 32, conv2 16 of 64, conv3 all 64 (8,16,...), fc1 96 of 128
+    assert shapes["gradual"]["features.0.weight"][0] == 16 and shapes["gradual"]["features.3.weight"][:2] == (16, 16)
+    assert shapes["gradual"]["fc1.weight"][0] == 96
