@@ -89,8 +89,11 @@ def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig
 
 
 def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, batch_size: int = 128,
-             seed: int = 0) -> nn.Module:
-    """A short fine-tune of ``steps`` optimizer steps (Adam, cosine decay), in place."""
+             seed: int = 0, callback: Callable[[int], None] | None = None) -> nn.Module:
+    """A short fine-tune of ``steps`` optimizer steps (Adam, cosine decay), in place.
+
+    ``callback(step)`` runs after every step (1-based); it may raise to stop the fine-tune early.
+    """
     if steps <= 0:
         return model
     torch.manual_seed(seed)
@@ -108,6 +111,9 @@ def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, bat
             continue
         _step(model, opt, sched, x, y, step)
         step += 1
+        if callback is not None:
+            callback(step)
+            model.train()
     return model
 
 

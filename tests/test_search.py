@@ -9,6 +9,7 @@ from hwprune import HwpruneError
 from hwprune.search import SearchSpec, load_spec, parse_budget
 
 MLP = f"{ASSETS / 'user_model.py'}:mlp"
+MLP3 = f"{ASSETS / 'user_model.py'}:mlp3"
 DATA = f"{ASSETS / 'user_model.py'}:make_mlp_data"
 
 
@@ -27,24 +28,27 @@ def tables(tmp_path_factory):
     d = tmp_path_factory.mktemp("tables")
     target = get_target("cpu", threads=1)
     tune_allocator()  # the fingerprint records the allocator policy that export sets before measuring
-    s = resolve(MLP, DATA, use_cache=False)
-    layers = analyze_layers(s.model, s.example)
-    grid = (0.5, 0.75, 1.0)
-    entries = {c.key: Entry(c.macs() / 100 + 1.0, 0.1, 3) for c in layer_configs(layers, grid, target, 4)}
     fp = target.fingerprint()
-    table = LatencyTable(fp, 4, entries, path=table_path(d, fp, 4))
-    key = model_key(MLP, {}, s.input_shape, [], 8)
-    pred = Predictor(table, layers, key)
-    pols = calibration_policies(layers, grid, {f.name: ["fp32"] for f in layers.layers}, 4)
-    table.models[key] = {"grid": list(grid), "calibration": [
-        {"policy": p.to_dict(), "measured_us": pred.price(p).layer_sum_us, "iqr_us": 0.1} for p in pols]}
+    table = LatencyTable(fp, 4, {}, path=table_path(d, fp, 4))
+    speed = {"fp32": 1.0, "bf16": 0.8, "int8": 0.6}
+    for ref in (MLP, MLP3):
+        s = resolve(ref, DATA, use_cache=False)
+        layers = analyze_layers(s.model, s.example)
+        grid = (0.5, 0.75, 1.0)
+        for c in layer_configs(layers, grid, target, 4):
+            table.entries[c.key] = Entry(c.macs() / 100 * speed[c.fmt] + 1.0, 0.1, 3)
+        key = model_key(ref, {}, s.input_shape, [], 8)
+        pred = Predictor(table, layers, key)
+        pols = calibration_policies(layers, grid, {f.name: ["fp32"] for f in layers.layers}, 4)
+        table.models[key] = {"grid": list(grid), "calibration": [
+            {"policy": p.to_dict(), "measured_us": pred.price(p).layer_sum_us, "iqr_us": 0.1} for p in pols]}
+        assert torch.is_tensor(s.example)
     table.save()
-    assert torch.is_tensor(s.example)
     return d
 
 
-def _search(tables, out, cache, *extra):
-    return run_cli("search", "--model", MLP, "--data", DATA, "--target", "cpu", "--budget", "80%",
+def _search(tables, out, cache, *extra, model=MLP):
+    return run_cli("search", "--model", model, "--data", DATA, "--target", "cpu", "--budget", "80%",
                    "--batch-size", "4", "--tables", str(tables), "--finetune-steps", "3", "--out", str(out),
                    "--json", *extra, env={"HWPRUNE_CACHE": str(cache)})
 
@@ -151,3 +155,73 @@ def test_search_uses_real_training_batches_for_importance(tables, tmp_path, monk
     from hwprune.train import cache_key, load_cached
     hit = load_cached(cache_key(MLP, DATA, 0, {}))
     assert hit is not None and "test_accuracy" in hit[1] and hit[1]["weights"] == str(hit[0])
+
+
+def test_ray_backend_local_two_workers_matches_local(tables, tmp_path):
+    """A real local Ray with 2 CPUs: the same study files, and the seed trials score what the local backend scores."""
+    pytest.importorskip("ray.tune")
+    cache = tmp_path / "cache"
+    local = _search(tables, tmp_path / "local", cache, "--trials", "3")
+    assert local.returncode == 0, local.stderr
+    ray = _search(tables, tmp_path / "ray", cache, "--trials", "4", "--backend", "ray", "--workers", "2")
+    assert ray.returncode == 0, ray.stderr
+    s, r = json.loads(local.stdout), json.loads(ray.stdout)
+    assert r["backend"] == "ray" and r["trials"] == 4 and r["failed"] == 0
+    rows = list(csv.DictReader(open(tmp_path / "ray" / "trials.csv")))
+    assert [x["trial"] for x in rows] == ["0", "1", "2", "3"] and all(x["state"] == "COMPLETE" for x in rows)
+    assert all(float(x["predicted_latency_ms"]) <= r["budget_ms"] + 1e-9 for x in rows)
+    assert (tmp_path / "ray" / "study.journal").exists() and (tmp_path / "ray" / "ray").is_dir()
+    for name, seed in s["uniform_seeds"].items():  # same policy, data order and seed -> the same accuracy
+        assert r["uniform_seeds"][name]["accuracy"] == pytest.approx(seed["accuracy"], abs=1e-9)
+    again = run_cli("pareto", str(tmp_path / "ray"), "--json")
+    assert json.loads(again.stdout)["pareto"] == r["pareto"]
+
+
+@pytest.mark.parametrize("address,needle", [
+    ("127.0.0.1:1", "cannot reach a Ray cluster at '127.0.0.1:1'"),
+    ("nowhere", "--ray-address 'nowhere' is not 'auto' or host:port"),
+])
+def test_unreachable_ray_address_is_one_line(tables, tmp_path, address, needle):
+    proc = _search(tables, tmp_path / "r", tmp_path / "c", "--backend", "ray", "--ray-address", address)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was trained or written
+
+
+def test_dominance_rule_stops_only_clear_losers():
+    from hwprune.search.early_stop import DominanceRule, checkpoints
+
+    assert checkpoints(150) == [50, 100] and checkpoints(20) == [] and checkpoints(150, enabled=False) == []
+    rule = DominanceRule(margin=0.05)
+    rule.add(0, latency_ms=1.0, curve={"50": 0.80, "100": 0.90}, final=0.93)
+    assert rule.check(1.2, 50, 0.70) and "trial 0" in rule.check(1.2, 50, 0.70)  # slower and 10 points behind
+    assert rule.check(1.2, 50, 0.76) is None  # behind by less than the margin
+    assert rule.check(0.9, 50, 0.50) is None  # faster than every finished trial: it may still be on the front
+    assert rule.check(1.2, 75, 0.10) is None  # no reference at this step
+    assert DominanceRule(margin=0).check(5.0, 50, 0.0) is None
+
+
+def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch):
+    """Wiring: a candidate dominated at its first checkpoint stops there (PRUNED, reason in trials.csv), counts
+    toward --trials, and the uniform seeds always finish. The reference is a perfect, zero-latency trial."""
+    from hwprune.search import controller
+    from hwprune.search.early_stop import DominanceRule
+
+    def rule_with_perfect_reference(study, spec):
+        rule = DominanceRule(spec.early_stop_margin)
+        rule.add(-1, 0.0, {"10": 1.0, "20": 1.0}, 1.0)
+        return rule
+
+    monkeypatch.setattr(controller, "_rule_from", rule_with_perfect_reference)
+    spec = SearchSpec(model=MLP3, data=DATA, budget="100%", batch_size=4, tables=str(tables), trials=7,
+                      finetune_steps=30, sampler="random", out=str(tmp_path / "r"))
+    s = controller.run_search(spec, log=lambda m: None)
+    rows = list(csv.DictReader(open(tmp_path / "r" / "trials.csv")))
+    seeds = [r for r in rows if r["seed"]]
+    assert s["trials"] == 7 and len(rows) == 7 and s["stopped_early"] == 7 - len(seeds) >= 1
+    assert all(r["state"] == "COMPLETE" for r in seeds)
+    for r in rows:
+        if not r["seed"]:
+            assert r["state"] == "PRUNED" and r["accuracy"] == ""
+            assert r["error"].startswith("stopped at step 10: val acc") and "trial -1" in r["error"]
+    spec.early_stop_margin, spec.out = 0.0, str(tmp_path / "r0")  # 0: never stop
+    assert controller.run_search(spec, log=lambda m: None)["stopped_early"] == 0

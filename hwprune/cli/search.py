@@ -8,7 +8,7 @@ from hwprune.cli._common import (emit, log, parse_exclude, positive)
 
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
-                 "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple")
+                 "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -89,6 +89,9 @@ def register(sub: Any) -> None:
     se.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial (default 100)")
     se.add_argument("--lr", type=float, help="fine-tune learning rate (default 1e-3)")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")
+    se.add_argument("--early-stop-margin", type=float,
+                    help="stop a fine-tune at a checkpoint (1/3, 2/3 of the steps) when a finished, no-slower trial "
+                         "was ahead there by this much validation accuracy (default 0.05; 0 never stops)")
     se.add_argument("--storage", help="Optuna storage URL for many machines (e.g. postgresql://...); "
                                       "default: a journal file in the run directory")
     se.add_argument("--study", help="study name (default: model-data-target-budget)")

@@ -22,7 +22,7 @@ from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.rundir import check_run_dir, claim_run_dir, front, plot_front, write_front, write_trials
 from hwprune.search.spec import SearchSpec
 
-__all__ = ["run_search", "open_study", "load_front", "SearchResult"]
+__all__ = ["run_search", "open_study", "load_front", "SearchResult", "propose", "train_candidate", "Progress"]
 
 SearchResult = dict[str, Any]
 
@@ -60,54 +60,176 @@ def _params(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str])
     return p
 
 
-def _evaluate(ctx: SearchContext, trial: Any) -> tuple[float, float]:
+def propose(ctx: SearchContext, trial: Any) -> tuple[Any, float, Any]:
+    """Sample a candidate on ``trial``, repair it to the budget and price it (in the driver, before any training).
+
+    Returns the policy, its predicted latency, and the completed trial that already evaluated the same policy
+    (or None). The trial's user attributes get the policy, repair count and FLOPs.
+    """
     from optuna.trial import TrialState
 
-    from hwprune.apply import apply_policy
-    from hwprune.measure import count_params
-    from hwprune.train import evaluate, finetune
-
-    t0 = time.time()
     keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in ctx.layers.space.groups}
     formats = {n: trial.suggest_categorical(f"fmt:{n}", menu) for n, menu in ctx.menus.items() if len(menu) > 1}
-    data = ctx.setup.data
-    assert data is not None
+    policy, repairs = ctx.repair(ctx.policy(keep, formats))
+    pred = ctx.predictor.price(policy)
+    trial.set_user_attr("policy", policy.to_dict())
+    trial.set_user_attr("repairs", repairs)
+    trial.set_user_attr("flops", pred.macs // ctx.predictor.table.batch_size)
+    trial.set_user_attr("predicted_latency_ms", pred.latency_ms)
+    key = json.dumps(policy.to_dict(), sort_keys=True)
+    for prev in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if json.dumps(prev.user_attrs.get("policy"), sort_keys=True) == key:  # same policy: same result
+            return policy, pred.latency_ms, prev
+    return policy, pred.latency_ms, None
+
+
+def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
+                    at_checkpoint: Callable[[int, float], None] | None = None) -> tuple[float, int]:
+    """Prune the dense model to ``policy``, fine-tune it, return (validation accuracy, parameters).
+
+    ``at_checkpoint(step, accuracy)`` runs at :func:`~hwprune.search.early_stop.checkpoints`; it may raise to
+    stop the fine-tune.
+    """
+    from hwprune.apply import apply_policy
+    from hwprune.measure import count_params
+    from hwprune.search.early_stop import checkpoints
+    from hwprune.train import evaluate, finetune
+
+    data = setup.data
+    model = apply_policy(setup.model, policy, setup.example, exclude=spec.exclude, importance=spec.importance,
+                         batches=batches)
+    params = count_params(model)
+    marks = set(checkpoints(spec.finetune_steps, at_checkpoint is not None and spec.early_stop_margin > 0))
+
+    def callback(step: int) -> None:
+        if step in marks and at_checkpoint is not None:
+            at_checkpoint(step, evaluate(model, data.val))
+
+    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, seed=spec.seed, callback=callback)
+    return evaluate(model, data.val), params
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _rule_from(study: Any, spec: SearchSpec) -> Any:
+    """The early-stopping rule, holding the finished trials of a (resumed) study."""
+    from hwprune.search.early_stop import DominanceRule
+
+    rule = DominanceRule(spec.early_stop_margin)
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "COMPLETE" and t.user_attrs.get("curve"):
+            rule.add(t.number, t.values[1], t.user_attrs["curve"], t.values[0])
+    return rule
+
+
+def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
+    import optuna
+
+    t0 = time.time()
     try:
-        policy, repairs = ctx.repair(ctx.policy(keep, formats))
-        pred = ctx.predictor.price(policy)
-        trial.set_user_attr("policy", policy.to_dict())
-        trial.set_user_attr("repairs", repairs)
-        trial.set_user_attr("flops", pred.macs // ctx.predictor.table.batch_size)
-        key = json.dumps(policy.to_dict(), sort_keys=True)
-        for prev in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if json.dumps(prev.user_attrs.get("policy"), sort_keys=True) == key:  # same policy: same result
-                trial.set_user_attr("duplicate_of", prev.number)
-                trial.set_user_attr("params", prev.user_attrs.get("params"))
+        policy, latency, dup = propose(ctx, trial)
+        if dup is not None:
+            trial.set_user_attr("duplicate_of", dup.number)
+            trial.set_user_attr("params", dup.user_attrs.get("params"))
+            trial.set_user_attr("seconds", round(time.time() - t0, 2))
+            return dup.values[0], dup.values[1]
+        curve: dict[str, float] = {}
+        seed = bool(trial.user_attrs.get("seed"))
+
+        def at_checkpoint(step: int, acc: float) -> None:
+            curve[str(step)] = acc
+            trial.set_user_attr("curve", dict(curve))
+            why = None if seed else rule.check(latency, step, acc)
+            if why:
+                trial.set_user_attr("error", why)
                 trial.set_user_attr("seconds", round(time.time() - t0, 2))
-                return prev.values[0], prev.values[1]
-        model = apply_policy(ctx.setup.model, policy, ctx.setup.example, exclude=ctx.spec.exclude,
-                             importance=ctx.spec.importance, batches=ctx.batches)
-        trial.set_user_attr("params", count_params(model))
-        finetune(model, data.train, ctx.spec.finetune_steps, lr=ctx.spec.lr, seed=ctx.spec.seed)
-        acc = evaluate(model, data.val)
+                raise optuna.TrialPruned(why)
+
+        acc, params = train_candidate(ctx.setup, ctx.batches, ctx.spec, policy, at_checkpoint)
+        trial.set_user_attr("params", params)
+    except optuna.TrialPruned:
+        raise
     except Exception as exc:
-        trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        trial.set_user_attr("error", _error_text(exc))
         raise
     trial.set_user_attr("seconds", round(time.time() - t0, 2))
-    return acc, pred.latency_ms
+    if curve:
+        rule.add(trial.number, latency, curve, acc)
+    return acc, latency
+
+
+FINISHED = ("COMPLETE", "PRUNED")  # trials that count toward --trials; failed ones are retried
+
+
+def finished(trials: list[Any]) -> list[Any]:
+    return [t for t in trials if t.state.name in FINISHED]
+
+
+class Progress:
+    """The progress bar (trials, best feasible accuracy, ETA) and trials.csv, updated as each trial ends."""
+
+    def __init__(self, out: Path, ctx: SearchContext, total: int, done: int, log: Callable[[str], None]) -> None:
+        from tqdm import tqdm
+
+        self.out, self.ctx, self.log = out, ctx, log
+        self.bar = tqdm(total=total, initial=done, desc="search", unit="trial", file=sys.stderr, disable=None)
+        self.failed = 0
+
+    def trial_ended(self, trials: list[Any], trial: Any) -> None:
+        write_trials(self.out, trials, self.ctx.budget_ms)
+        pts = front(trials, self.ctx.budget_ms)
+        if trial.state.name in FINISHED:
+            self.bar.update(1)
+        if trial.state.name == "FAIL":
+            self.failed += 1
+            self.log(f"hwprune: trial {trial.number} failed: {trial.user_attrs.get('error', 'unknown')}")
+        if pts:
+            self.bar.set_postfix(best_acc=f"{max(p.values[0] for p in pts):.4f}")
+
+    def check_failures(self, trials: list[Any], wanted: int) -> None:
+        """Stop when nothing works: every trial failed, or this session failed more often than it asked for."""
+        failed = [t for t in trials if t.state.name == "FAIL"]
+        if failed and not finished(trials):
+            raise HwpruneError(f"every trial failed; the first: {failed[0].user_attrs.get('error', 'unknown')}")
+        if self.failed > max(5, wanted):
+            raise HwpruneError(f"{self.failed} trials failed in this run (see trials.csv); the last: "
+                               f"{failed[-1].user_attrs.get('error', 'unknown')}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], None]) -> None:
+    spec = ctx.spec
+    todo = max(0, spec.trials - len(finished(study.trials)))
+    progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
+    rule = _rule_from(study, spec)
+    objective = lambda trial: _evaluate(ctx, rule, trial)  # noqa: E731
+    try:
+        while todo > 0:
+            study.optimize(objective, n_trials=todo, catch=(Exception,),
+                           callbacks=[lambda st, tr: progress.trial_ended(st.get_trials(deepcopy=False), tr)])
+            trials = study.get_trials(deepcopy=False)
+            progress.check_failures(trials, todo)
+            todo = max(0, spec.trials - len(finished(trials)))
+    finally:
+        progress.close()
 
 
 def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) a search; returns the summary that ``--json`` prints."""
     import optuna
-    from tqdm import tqdm
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     spec.validate()
-    if spec.backend == "ray":
-        raise HwpruneError("--backend ray is not available yet in this version; use --backend local")
     out = Path(spec.out or Path("runs") / spec.name)
     check_run_dir(out, spec.identity())  # before any training or reading: a wrong --out costs nothing
+    if spec.backend == "ray":
+        from hwprune.search.ray_backend import check_ray
+
+        check_ray(spec)  # installed, and the cluster reachable: before any training
     ctx = prepare_context(spec, log)
     table = ctx.predictor.table
     resumed = claim_run_dir(out, spec.identity(), {
@@ -125,43 +247,29 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> Se
     if not resumed and not study.trials:
         for name, pol in ctx.uniform_seeds():
             study.enqueue_trial(_params(ctx, pol.keep, pol.formats), user_attrs={"seed": name})
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    todo = max(0, spec.trials - len(done))
-    bar = tqdm(total=spec.trials, initial=len(done), desc="search", unit="trial", file=sys.stderr, disable=None)
+    t0 = time.time()
+    if spec.backend == "ray":
+        from hwprune.search.ray_backend import run_ray
 
-    def on_trial(st: Any, trial: Any) -> None:
-        trials = st.get_trials(deepcopy=False)
-        write_trials(out, trials, ctx.budget_ms)
-        pts = front(trials, ctx.budget_ms)
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            bar.update(1)
-        elif trial.state == optuna.trial.TrialState.FAIL:
-            log(f"hwprune: trial {trial.number} failed: {trial.user_attrs.get('error', 'unknown')}")
-        if pts:
-            bar.set_postfix(best_acc=f"{max(p.values[0] for p in pts):.4f}")
-
-    objective = lambda trial: _evaluate(ctx, trial)  # noqa: E731
-    while todo > 0:
-        study.optimize(objective, n_trials=todo, callbacks=[on_trial], catch=(Exception,))
-        trials = study.get_trials(deepcopy=False)
-        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-        if not complete and failed:
-            raise HwpruneError(f"every trial failed; the first: {failed[0].user_attrs.get('error', 'unknown')}")
-        todo = max(0, spec.trials - len(complete))
-    bar.close()
+        run_ray(ctx, study, out, log)
+    else:
+        _run_local(ctx, study, out, log)
     trials = study.get_trials(deepcopy=False)
     write_trials(out, trials, ctx.budget_ms)
     pts = front(trials, ctx.budget_ms)
     best = write_front(out, pts, ctx.budget_ms)
     plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_accuracy, ctx.dense_ms))
     seeds = {t.user_attrs["seed"]: {"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1]}
-             for t in trials if t.user_attrs.get("seed") and t.state == optuna.trial.TrialState.COMPLETE}
-    return {"study": spec.name, "out": str(out), "budget_ms": ctx.budget_ms, "dense_predicted_ms": ctx.dense_ms,
-            "dense_val_accuracy": ctx.dense_val_accuracy, "trials": len([t for t in trials if t.state.name == "COMPLETE"]),
-            "failed": len([t for t in trials if t.state.name == "FAIL"]),
+             for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"}
+    count = lambda s: len([t for t in trials if t.state.name == s])  # noqa: E731
+    return {"study": spec.name, "out": str(out), "backend": spec.backend, "budget_ms": ctx.budget_ms,
+            "dense_predicted_ms": ctx.dense_ms, "dense_val_accuracy": ctx.dense_val_accuracy,
+            "trials": count("COMPLETE") + count("PRUNED"), "complete": count("COMPLETE"),
+            "stopped_early": count("PRUNED"), "failed": count("FAIL"),
             "repaired": sum(1 for t in trials if t.user_attrs.get("repairs")),
-            "pareto": _points(pts), "best": best, "uniform_seeds": seeds, "table_fingerprint": table.fingerprint, "resumed": resumed}
+            "duplicates": sum(1 for t in trials if t.user_attrs.get("duplicate_of") not in (None, "")),
+            "seconds": round(time.time() - t0, 1), "pareto": _points(pts), "best": best, "uniform_seeds": seeds,
+            "table_fingerprint": table.fingerprint, "resumed": resumed}
 
 
 def load_front(run_dir: str | Path) -> SearchResult:

@@ -52,7 +52,7 @@ def _row(t: Any, budget_ms: float) -> dict[str, Any]:
     fmts: dict[str, int] = {}
     for f in pol.get("formats", {}).values():
         fmts[f] = fmts.get(f, 0) + 1
-    vals = t.values or [None, None]
+    vals = t.values or [None, a.get("predicted_latency_ms")]  # stopped or failed: priced all the same
     return {"trial": t.number, "state": t.state.name, "seed": a.get("seed", ""),
             "accuracy": "" if vals[0] is None else f"{vals[0]:.4f}",
             "predicted_latency_ms": "" if vals[1] is None else f"{vals[1]:.5f}", "budget_ms": f"{budget_ms:.5f}",

@@ -38,6 +38,7 @@ class SearchSpec:
     channel_multiple: int = 8
     exclude: list[str] = field(default_factory=list)
     importance: str = "l1"
+    early_stop_margin: float = 0.05
     tables: str = "latency_tables"
     table: str | None = None
     allow_foreign_table: bool = False
@@ -61,6 +62,14 @@ class SearchSpec:
             raise HwpruneError(f"trials must be at least 1, got {self.trials}")
         if self.finetune_steps < 0:
             raise HwpruneError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        if not 0 <= self.early_stop_margin <= 1:
+            raise HwpruneError(f"early_stop_margin must be in [0, 1] (0: never stop a fine-tune early), "
+                               f"got {self.early_stop_margin}")
+        if self.workers < 1:
+            raise HwpruneError(f"workers must be at least 1, got {self.workers}")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise HwpruneError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial} "
+                               f"and {self.gpus_per_trial}")
         if self.sampler not in SAMPLERS:
             raise HwpruneError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.backend not in BACKENDS:

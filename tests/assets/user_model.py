@@ -26,6 +26,11 @@ def mlp():
     return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+def mlp3():
+    """A three-layer MLP: two prunable groups of 32 hidden features."""
+    return nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
 def make_mlp_data():
     """Four features, three classes, learnable by the MLP."""
     g = torch.Generator().manual_seed(1)

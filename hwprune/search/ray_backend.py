@@ -1,0 +1,260 @@
+"""``--backend ray``: the same search, its fine-tunes run as Ray Tune trials (locally or on a cluster).
+
+The driver keeps the Optuna study (the same journal file or RDB as the local
+backend) and does everything cheap and stateful: a custom Tune ``Searcher``
+asks the study for a candidate, repairs it to the budget and prices it
+(:func:`hwprune.search.controller.propose`), and tells the study the result.
+Only the fine-tune runs on Ray workers, each with ``--cpus-per-trial`` /
+``--gpus-per-trial``. Ray's ``OptunaSearch`` is not used: it keeps its own
+study and has no constraint or repair hook. Fine-tunes that are clearly
+losing are stopped by :class:`DominanceScheduler`, a Tune scheduler applying
+:class:`hwprune.search.early_stop.DominanceRule`.
+
+Multi-node clusters: ``--ray-address host:port`` (or ``auto``) joins one; the
+run directory (Tune's ``storage_path`` is ``RUN_DIR/ray``) must be on storage
+every node sees, and a model or data given as ``path/to/file.py:factory``
+must exist at the same absolute path on every node. The dense weights travel
+with the trials (``tune.with_parameters``), so workers need no model cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from hwprune.errors import HwpruneError
+from hwprune.search.spec import SearchSpec
+
+__all__ = ["check_ray", "run_ray"]
+
+_STARTED_HERE = False
+
+
+def check_ray(spec: SearchSpec) -> None:
+    """Ray importable and its cluster reachable (starting a local one when no address is given)."""
+    global _STARTED_HERE
+    try:
+        import ray
+        from ray import tune  # noqa: F401
+    except ImportError as exc:
+        raise HwpruneError(f"--backend ray needs ray[tune] ({exc}); pip install 'ray[tune]'") from None
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if spec.ray_address and spec.ray_address != "auto":
+        _check_reachable(spec.ray_address)
+    try:
+        if spec.ray_address:
+            ray.init(address=spec.ray_address, log_to_driver=False, logging_level="ERROR")
+        else:
+            need = max(1, int(round(spec.workers * spec.cpus_per_trial + 0.4999)))
+            ray.init(num_cpus=need, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            _STARTED_HERE = True
+    except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
+        where = f"at {spec.ray_address!r}" if spec.ray_address else "locally"
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HwpruneError(f"cannot start or reach a Ray cluster {where}: {msg} (accepted: --ray-address auto, "
+                           f"host:port of a running 'ray start --head', or none for a local Ray)") from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connect to ``host:port`` first: ``ray.init`` retries an unreachable address for minutes."""
+    import socket
+
+    addr = address.split("://", 1)[-1]
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise HwpruneError(f"--ray-address {address!r} is not 'auto' or host:port (e.g. 10.0.0.5:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise HwpruneError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc} (start one with "
+                           f"'ray start --head' there, or leave --ray-address out for a local Ray)") from None
+
+
+def _portable_spec(spec: SearchSpec) -> dict[str, Any]:
+    """The spec as a dict, file references made absolute (Tune trials run in their own directory)."""
+    d = dict(vars(spec))
+    for key in ("model", "data"):
+        ref = d[key]
+        if ":" in ref and ref.split(":")[0].endswith(".py"):
+            path, fn = ref.rsplit(":", 1)
+            d[key] = f"{Path(path).resolve()}:{fn}"
+    return d
+
+
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[str, Any]) -> None:
+    """One fine-tune on a Ray worker; reports checkpoint accuracies and the final one."""
+    import json
+
+    import torch
+    from ray import tune
+
+    from hwprune.policy import Policy
+    from hwprune.search.controller import train_candidate
+    from hwprune.setup import resolve
+    from hwprune.train import few_batches
+
+    t0 = time.time()
+    try:
+        s = SearchSpec(**spec)
+        torch.set_num_threads(max(1, int(s.cpus_per_trial)))
+        key = json.dumps(s.identity(), sort_keys=True, default=str)
+        if key not in _WORKER_CACHE:  # workers are reused across trials: build the dense model once
+            setup = resolve(s.model, s.data, None, s.model_args, None, s.seed, use_cache=False)
+            setup.model.load_state_dict(dense_state)
+            _WORKER_CACHE.clear()
+            _WORKER_CACHE[key] = (setup, few_batches(setup.data.train))
+        setup, batches = _WORKER_CACHE[key]
+        policy = Policy.from_dict(config["policy"])
+
+        def at_checkpoint(step: int, acc: float) -> None:
+            tune.report({"accuracy": acc, "step": step, "final": False})
+
+        acc, params = train_candidate(setup, batches, s, policy, None if config["seed"] else at_checkpoint)
+        tune.report({"accuracy": acc, "step": s.finetune_steps, "final": True, "params": params,
+                     "seconds": round(time.time() - t0, 2)})
+    except Exception as exc:  # noqa: BLE001 - contained: the trial fails with its reason, the search goes on
+        text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        tune.report({"accuracy": float("nan"), "step": -1, "final": True, "error": text})
+
+
+def _make_classes() -> tuple[type, type]:
+    """The Searcher and the scheduler (defined lazily: Ray is an optional import)."""
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+    from ray.tune.search import Searcher
+
+    class DominanceScheduler(FIFOScheduler):
+        """Stops a trial whose checkpoint accuracy a finished, no-slower trial beat by the margin."""
+
+        def __init__(self, rule: Any) -> None:
+            super().__init__()
+            self.rule = rule
+            self.curves: dict[str, dict[str, float]] = {}
+            self.reasons: dict[str, str] = {}
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+            if result.get("final", True) or result.get("step", -1) < 0:
+                return TrialScheduler.CONTINUE
+            self.curves.setdefault(trial.trial_id, {})[str(result["step"])] = float(result["accuracy"])
+            why = self.rule.check(trial.config["latency"], int(result["step"]), float(result["accuracy"]))
+            if why:
+                self.reasons[trial.trial_id] = why
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+
+    class StudySearcher(Searcher):
+        """Asks the Optuna study for candidates (repaired, priced) and tells it the results."""
+
+        def __init__(self, ctx: Any, study: Any, progress: Any, scheduler: Any, wanted: int) -> None:
+            super().__init__(metric="accuracy", mode="max")
+            self.ctx, self.study, self.progress, self.scheduler = ctx, study, progress, scheduler
+            self.wanted = wanted
+            self.live: dict[str, tuple[Any, float, float]] = {}
+
+        def _finished(self) -> int:
+            from hwprune.search.controller import finished
+
+            return len(finished(self.study.get_trials(deepcopy=False)))
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | None:
+            from hwprune.search.controller import propose
+
+            while self._finished() + len(self.live) < self.wanted:
+                t0 = time.time()
+                trial = self.study.ask()
+                try:
+                    policy, latency, dup = propose(self.ctx, trial)
+                except Exception as exc:  # noqa: BLE001
+                    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                    self._tell(trial, "FAIL")
+                    continue
+                if dup is not None:  # same policy as a finished trial: same result, no fine-tune
+                    trial.set_user_attr("duplicate_of", dup.number)
+                    trial.set_user_attr("params", dup.user_attrs.get("params"))
+                    trial.set_user_attr("seconds", round(time.time() - t0, 2))
+                    self._tell(trial, "COMPLETE", [dup.values[0], dup.values[1]])
+                    continue
+                self.live[trial_id] = (trial, latency, t0)
+                return {"policy": policy.to_dict(), "latency": latency, "seed": bool(trial.user_attrs.get("seed"))}
+            return Searcher.FINISHED if not self.live else None
+
+        def _tell(self, trial: Any, state: str, values: list[float] | None = None) -> None:
+            from optuna.trial import TrialState
+
+            if state == "COMPLETE":
+                self.study.tell(trial, values)
+            else:
+                self.study.tell(trial, state=getattr(TrialState, state))
+            trials = self.study.get_trials(deepcopy=False)
+            self.progress.trial_ended(trials, trials[trial.number])
+
+        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+            if trial_id not in self.live:
+                return
+            trial, latency, t0 = self.live.pop(trial_id)
+            curve = self.scheduler.curves.get(trial_id, {})
+            if curve:
+                trial.set_user_attr("curve", curve)
+            trial.set_user_attr("seconds", round(time.time() - t0, 2))
+            if error or result is None:
+                trial.set_user_attr("error", "the Ray worker died (see the Tune logs under RUN_DIR/ray)")
+                self._tell(trial, "FAIL")
+            elif result.get("error"):
+                trial.set_user_attr("error", result["error"])
+                self._tell(trial, "FAIL")
+            elif not result.get("final"):
+                trial.set_user_attr("error", self.scheduler.reasons.get(trial_id, "stopped by the Tune scheduler"))
+                self._tell(trial, "PRUNED")
+            else:
+                trial.set_user_attr("params", result.get("params"))
+                if curve:
+                    self.scheduler.rule.add(trial.number, latency, curve, float(result["accuracy"]))
+                self._tell(trial, "COMPLETE", [float(result["accuracy"]), latency])
+
+    return StudySearcher, DominanceScheduler
+
+
+def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None:
+    """Run the remaining trials of ``study`` through Ray Tune, ``spec.workers`` at a time."""
+    import ray
+    from ray import tune
+
+    from hwprune.search.controller import Progress, _rule_from, finished
+
+    spec = ctx.spec
+    check_ray(spec)
+    todo = max(0, spec.trials - len(finished(study.trials)))
+    progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
+    StudySearcher, DominanceScheduler = _make_classes()
+    scheduler = DominanceScheduler(_rule_from(study, spec))
+    searcher = StudySearcher(ctx, study, progress, scheduler, spec.trials)
+    res = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, spec=_portable_spec(spec),
+                                                         dense_state=ctx.setup.model.state_dict()), res)
+    log(f"hwprune: Ray backend: {spec.workers} concurrent trials, {res['cpu']:g} CPU / {res['gpu']:g} GPU each; "
+        f"cluster {ray.cluster_resources().get('CPU', 0):g} CPUs; Tune logs in {out / 'ray'}")
+    try:
+        while todo > 0:
+            tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=-1, max_concurrent_trials=spec.workers,
+                reuse_actors=True),
+                run_config=tune.RunConfig(storage_path=str((out / "ray").resolve()),
+                                          name=time.strftime("session-%Y%m%d-%H%M%S"), verbose=0))
+            with contextlib.redirect_stdout(sys.stderr):  # Tune prints its banner to stdout; --json owns stdout
+                tuner.fit()
+            trials = study.get_trials(deepcopy=False)
+            progress.check_failures(trials, todo)
+            todo = max(0, spec.trials - len(finished(trials)))
+    finally:
+        progress.close()
+        if _STARTED_HERE:
+            ray.shutdown()
+            globals()["_STARTED_HERE"] = False
