@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # A real search on the built-in cnn1d/MNIST-1D (trains the base model first if it is not cached),
-# priced on the committed CPU table, under half the dense latency; prints the Pareto front.
+# priced on the committed CPU table, under half the dense latency; prints the Pareto front, then exports
+# the best point (longer fine-tune, real CPU kernels, measured latency, TorchScript artifact).
+# Running it again resumes the study and prints the stored export.
 demo: $(STAMP)
 	$(BIN)/hwprune search --spec search/cnn1d-mnist1d-cpu.yaml --out runs/demo-cnn1d
+	$(BIN)/hwprune export runs/demo-cnn1d --trial best
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -25,6 +28,7 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# Benchmarks that measure (not tests): predictor fidelity on this CPU.
+# Benchmarks that measure (not tests): predictor fidelity, search throughput (local vs Ray) on this CPU.
 bench: $(STAMP)
 	$(BIN)/python bench/predictor_fidelity.py
+	$(BIN)/python bench/search_throughput.py

@@ -147,7 +147,11 @@ def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
                 trial.set_user_attr("seconds", round(time.time() - t0, 2))
                 raise optuna.TrialPruned(why)
 
-        acc, params = train_candidate(ctx.setup, ctx.batches, ctx.spec, policy, at_checkpoint)
+        t1 = time.time()
+        try:
+            acc, params = train_candidate(ctx.setup, ctx.batches, ctx.spec, policy, at_checkpoint)
+        finally:
+            trial.set_user_attr("train_seconds", round(time.time() - t1, 3))
         trial.set_user_attr("params", params)
     except optuna.TrialPruned:
         raise

@@ -118,9 +118,10 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
         def at_checkpoint(step: int, acc: float) -> None:
             tune.report({"accuracy": acc, "step": step, "final": False})
 
+        t1 = time.time()
         acc, params = train_candidate(setup, batches, s, policy, None if config["seed"] else at_checkpoint)
         tune.report({"accuracy": acc, "step": s.finetune_steps, "final": True, "params": params,
-                     "seconds": round(time.time() - t0, 2)})
+                     "seconds": round(time.time() - t0, 2), "train_seconds": round(time.time() - t1, 3)})
     except Exception as exc:  # noqa: BLE001 - contained: the trial fails with its reason, the search goes on
         text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         tune.report({"accuracy": float("nan"), "step": -1, "final": True, "error": text})
@@ -215,6 +216,7 @@ def _make_classes() -> tuple[type, type]:
                 self._tell(trial, "PRUNED")
             else:
                 trial.set_user_attr("params", result.get("params"))
+                trial.set_user_attr("train_seconds", result.get("train_seconds"))
                 if curve:
                     self.scheduler.rule.add(trial.number, latency, curve, float(result["accuracy"]))
                 self._tell(trial, "COMPLETE", [float(result["accuracy"]), latency])
