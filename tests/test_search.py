@@ -225,3 +225,16 @@ def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch):
             assert r["error"].startswith("stopped at step 10: val acc") and "trial -1" in r["error"]
     spec.early_stop_margin, spec.out = 0.0, str(tmp_path / "r0")  # 0: never stop
     assert controller.run_search(spec, log=lambda m: None)["stopped_early"] == 0
+
+
+def test_rdb_storage_resumes(tables, tmp_path):
+    """--storage takes an RDB URL (SQLite here; PostgreSQL the same way): the study lives there, not in the journal."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    first = _search(tables, tmp_path / "r", tmp_path / "c", "--trials", "2", "--storage", url)
+    assert first.returncode == 0, first.stderr
+    second = _search(tables, tmp_path / "r", tmp_path / "c", "--trials", "3", "--storage", url)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["resumed"] and json.loads(second.stdout)["trials"] == 3
+    assert (tmp_path / "studies.db").stat().st_size > 0 and not (tmp_path / "r" / "study.journal").exists()
+    import optuna
+    assert len(optuna.load_study(study_name=json.loads(second.stdout)["study"], storage=url).trials) == 3

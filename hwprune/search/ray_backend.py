@@ -100,6 +100,7 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
     from hwprune.policy import Policy
     from hwprune.search.controller import train_candidate
     from hwprune.setup import resolve
+    from hwprune.space import prepare_model
     from hwprune.train import few_batches
 
     t0 = time.time()
@@ -109,6 +110,7 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
         key = json.dumps(s.identity(), sort_keys=True, default=str)
         if key not in _WORKER_CACHE:  # workers are reused across trials: build the dense model once
             setup = resolve(s.model, s.data, None, s.model_args, None, s.seed, use_cache=False)
+            prepare_model(setup.model)  # the driver's analysis split RNN stacks in place: same keys here
             setup.model.load_state_dict(dense_state)
             _WORKER_CACHE.clear()
             _WORKER_CACHE[key] = (setup, few_batches(setup.data.train))
@@ -159,16 +161,18 @@ def _make_classes() -> tuple[type, type]:
             self.ctx, self.study, self.progress, self.scheduler = ctx, study, progress, scheduler
             self.wanted = wanted
             self.live: dict[str, tuple[Any, float, float]] = {}
-
-        def _finished(self) -> int:
             from hwprune.search.controller import finished
 
-            return len(finished(self.study.get_trials(deepcopy=False)))
+            # counted here, not re-read: Tune polls suggest() in its event loop, and a storage read per poll
+            # kept the driver at ~90% CPU, starving the workers
+            self.done = len(finished(study.get_trials(deepcopy=False)))
 
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
             from hwprune.search.controller import propose
 
-            while self._finished() + len(self.live) < self.wanted:
+            if self.progress.failed > max(5, self.wanted) or (self.progress.failed >= 3 and not self.done):
+                return Searcher.FINISHED if not self.live else None  # nothing works: stop, report after fit()
+            while self.done + len(self.live) < self.wanted:
                 t0 = time.time()
                 trial = self.study.ask()
                 try:
@@ -194,6 +198,7 @@ def _make_classes() -> tuple[type, type]:
                 self.study.tell(trial, values)
             else:
                 self.study.tell(trial, state=getattr(TrialState, state))
+            self.done += state in ("COMPLETE", "PRUNED")
             trials = self.study.get_trials(deepcopy=False)
             self.progress.trial_ended(trials, trials[trial.number])
 
