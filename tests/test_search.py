@@ -238,3 +238,26 @@ def test_rdb_storage_resumes(tables, tmp_path):
     assert (tmp_path / "studies.db").stat().st_size > 0 and not (tmp_path / "r" / "study.journal").exists()
     import optuna
     assert len(optuna.load_study(study_name=json.loads(second.stdout)["study"], storage=url).trials) == 3
+
+
+def test_ray_worker_rebuilds_the_drivers_dense_model():
+    """The driver's analysis splits RNN stacks in place; a worker's fresh model must load those weights and
+    compute the same outputs (a 2-layer GRU once failed every Ray trial on this)."""
+    import torch
+
+    from hwprune.latency import analyze_layers
+    from hwprune.search.ray_backend import worker_setup
+    from hwprune.setup import resolve
+
+    driver = resolve("gru", "mnist1d", None, {"num_layers": 2}, None, 0, use_cache=False)
+    analyze_layers(driver.model, driver.example)  # what prepare_context does to the driver's model
+    with torch.no_grad():  # weights a fresh init cannot have
+        for p in driver.model.parameters():
+            p.add_(0.1)
+    spec = SearchSpec(model="gru", data="mnist1d", model_args={"num_layers": 2}, budget="50%")
+    setup, batches = worker_setup(spec, driver.model.state_dict())
+    x = driver.example[:3]
+    driver.model.eval(), setup.model.eval()
+    with torch.no_grad():
+        assert torch.equal(setup.model(x), driver.model(x))
+    assert len(batches) == 4 and batches[0][0].shape[0] == 64

@@ -90,6 +90,18 @@ def _portable_spec(spec: SearchSpec) -> dict[str, Any]:
 _WORKER_CACHE: dict[str, Any] = {}
 
 
+def worker_setup(spec: SearchSpec, dense_state: dict[str, Any]) -> tuple[Any, Any]:
+    """The dense model (weights from the driver) and importance batches, rebuilt on a worker."""
+    from hwprune.setup import resolve
+    from hwprune.space import prepare_model
+    from hwprune.train import few_batches
+
+    setup = resolve(spec.model, spec.data, None, spec.model_args, None, spec.seed, use_cache=False)
+    prepare_model(setup.model)  # the driver's analysis split RNN stacks in place: the same keys here
+    setup.model.load_state_dict(dense_state)
+    return setup, few_batches(setup.data.train)
+
+
 def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[str, Any]) -> None:
     """One fine-tune on a Ray worker; reports checkpoint accuracies and the final one."""
     import json
@@ -99,9 +111,6 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
 
     from hwprune.policy import Policy
     from hwprune.search.controller import train_candidate
-    from hwprune.setup import resolve
-    from hwprune.space import prepare_model
-    from hwprune.train import few_batches
 
     t0 = time.time()
     try:
@@ -109,11 +118,8 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
         torch.set_num_threads(max(1, int(s.cpus_per_trial)))
         key = json.dumps(s.identity(), sort_keys=True, default=str)
         if key not in _WORKER_CACHE:  # workers are reused across trials: build the dense model once
-            setup = resolve(s.model, s.data, None, s.model_args, None, s.seed, use_cache=False)
-            prepare_model(setup.model)  # the driver's analysis split RNN stacks in place: same keys here
-            setup.model.load_state_dict(dense_state)
             _WORKER_CACHE.clear()
-            _WORKER_CACHE[key] = (setup, few_batches(setup.data.train))
+            _WORKER_CACHE[key] = worker_setup(s, dense_state)
         setup, batches = _WORKER_CACHE[key]
         policy = Policy.from_dict(config["policy"])
 
