@@ -52,3 +52,17 @@ def test_kill_9_mid_search_then_resume(tables, tmp_path):  # noqa: F811
     print(f"killed after {len(before)} complete; {len(interrupted)} interrupted; {len(rows)} trials in all")
     assert len(rows) == 6 + len(interrupted) and len(interrupted) <= 1
     assert sorted(int(r["trial"]) for r in rows) == list(range(len(rows)))  # no trial number twice
+
+
+def test_every_trial_nan_stops_with_the_first_reason(tables, tmp_path):  # noqa: F811
+    """Trials whose loss goes NaN/inf fail with the reason in trials.csv; when all fail the search stops, exit 2."""
+    from test_search import _search
+
+    proc = _search(tables, tmp_path / "r", tmp_path / "c", "--trials", "3", "--finetune-steps", "20",
+                   "--lr", "1e30", model=MLP3)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hwprune: error: every trial failed; the first: HwpruneError: training loss became")
+    rows = _rows(tmp_path / "r" / "trials.csv")
+    assert rows and all(r["state"] == "FAIL" and "training loss became" in r["error"] for r in rows)
+    assert len(rows) == 3  # stopped after the asked number of attempts, no endless retrying
