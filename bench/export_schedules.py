@@ -37,19 +37,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--runs", default=RUNS)
     args = ap.parse_args()
-    from hwprune.latency.targets import fingerprint_slug, get_target
+    from _results import cpu_fingerprint, write_results
 
-    fp = get_target("cpu", threads=1).fingerprint()
+    fp = cpu_fingerprint()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs.split(","):
             for sched in ("oneshot", "gradual"):
                 print(f"{run} / {sched} ...", file=sys.stderr, flush=True)
                 rows.append(export(run, sched, args.steps, Path(tmp) / f"{Path(run).name}-{sched}"))
-    slug = fingerprint_slug(fp)
-    out_md = ROOT / "bench" / "results" / f"export_schedules_{slug}.md"
-    out_md.with_name(out_md.name[:-3] + ".json").write_text(json.dumps({"fingerprint": fp, "rows": rows},
-                                                                      indent=1) + "\n")
     lines = [f"# Export: one-shot vs gradual pruning — {fp['cpu']}, torch {fp['torch']}", "",
              f"Made by `python bench/export_schedules.py --steps {args.steps}` on {time.strftime('%Y-%m-%d')}. "
              "Each run's best feasible trial, exported twice with the same fine-tune budget, seed and data: "
@@ -62,7 +58,7 @@ def main() -> None:
         lines.append(f"| {Path(r['run']).name} | {r['trial']} | {r['schedule']} | {r['test_accuracy']:.4f} | "
                      f"{r['dense_test_accuracy']:.4f} | {r['predicted_latency_ms']:.4f} | "
                      f"{r['measured_latency_ms']:.4f} | {r['budget_ms']:.4f} |")
-    out_md.write_text("\n".join(lines) + "\n")
+    out_md = write_results("export_schedules", fp, {"rows": rows}, lines)
     print(out_md)
 
 

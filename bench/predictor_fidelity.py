@@ -42,16 +42,13 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from hwprune.latency.targets import fingerprint_slug, get_target
+    from _results import cpu_fingerprint, write_results
 
-    fp = get_target("cpu", threads=1).fingerprint()
+    fp = cpu_fingerprint()
     results = []
     for m in args.models.split(","):
         print(f"validating {m} ...", file=sys.stderr, flush=True)
         results.append(validate(m, args.samples, args.seed))
-    slug = fingerprint_slug(fp)
-    out_md = ROOT / "bench" / "results" / f"predictor_fidelity_{slug}.md"
-    out_md.with_name(out_md.name[:-3] + ".json").write_text(json.dumps({"fingerprint": fp, "results": results}, indent=1) + "\n")
     lines = [
         f"# Predictor fidelity — {fp['cpu']} ({platform.machine()}), {fp['threads']} thread, torch {torch.__version__}",
         "",
@@ -76,7 +73,7 @@ def main() -> None:
             f"{r['noise_pct']:.1f}% | {r['seconds']:.0f} s |")
     lines += ["", "`bias` is the mean signed error (negative: predictions low). `noise` is the median difference "
               "between the two end-to-end measurements of the same policy.", ""]
-    out_md.write_text("\n".join(lines))
+    out_md = write_results("predictor_fidelity", fp, {"results": results}, lines)
     print("\n".join(lines))
     print(f"wrote {out_md}", file=sys.stderr)
 

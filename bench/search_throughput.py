@@ -58,9 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from hwprune.latency.targets import fingerprint_slug, get_target
+    from _results import cpu_fingerprint, write_results
 
-    fp = get_target("cpu", threads=1).fingerprint()
+    fp = cpu_fingerprint()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.specs.split(","):
@@ -68,10 +68,6 @@ def main() -> None:
                 print(f"{spec} / {backend} ...", file=sys.stderr, flush=True)
                 results.append(run(spec, args.trials, backend, Path(tmp) / f"{spec}-{backend}"))
                 print(f"  {results[-1]}", file=sys.stderr, flush=True)
-    slug = fingerprint_slug(fp)
-    out_md = ROOT / "bench" / "results" / f"search_throughput_{slug}.md"
-    out_md.with_name(out_md.name[:-3] + ".json").write_text(json.dumps({"fingerprint": fp, "results": results},
-                                                                      indent=1) + "\n")
     lines = [f"# Search throughput — {fp['cpu']} ({platform.machine()}, 2 cores), torch {torch.__version__}", "",
              f"Made by `python bench/search_throughput.py --trials {args.trials}` on {time.strftime('%Y-%m-%d')}: "
              "each spec searched from scratch with the local backend, then with `--backend ray --workers 2` "
@@ -90,7 +86,7 @@ def main() -> None:
               for s in args.specs.split(",") if (s, "ray") in by]
     if ratios:
         lines += ["", "Ray (2 workers) / local trials per hour: " + ", ".join(ratios) + "."]
-    out_md.write_text("\n".join(lines) + "\n")
+    out_md = write_results("search_throughput", fp, {"results": results}, lines)
     print(out_md)
 
 

@@ -6,8 +6,14 @@ exits non-zero; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["HwpruneError"]
+__all__ = ["HwpruneError", "one_line"]
 
 
 class HwpruneError(Exception):
     """A problem with the user's input, stated so that it can be fixed."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (for trials.csv and reports)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"

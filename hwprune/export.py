@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from hwprune._io import read_json, write_atomic
-from hwprune.errors import HwpruneError
+from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
 
 __all__ = ["export_run", "SCHEDULES", "gradual_keeps", "finetune_policy", "pick_trial"]
@@ -104,13 +104,13 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
 
 def pick_trial(trials: list[Any], which: str, budget_ms: float) -> Any:
     """``best`` (the most accurate feasible point of the front) or a trial number that completed."""
-    from hwprune.search.rundir import front
+    from hwprune.search.rundir import best_point, front
 
     if which == "best":
         pts = front(trials, budget_ms)
         if not pts:
             raise HwpruneError("the run has no feasible completed trial to export yet")
-        return max(pts, key=lambda t: (t.values[0], -t.values[1]))
+        return best_point(pts)
     try:
         n = int(which)
     except ValueError:
@@ -161,22 +161,25 @@ def _save_artifacts(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[dict[
         else:
             checks[name]["error"] = "reloaded outputs differ"
 
+    def via_export() -> bytes:
+        buf = io.BytesIO()
+        torch.export.save(torch.export.export(model, (x,)), buf)
+        return buf.getvalue()
+
+    def via_torchscript() -> bytes:
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.trace(model, (x,), check_trace=False), buf)
+        return buf.getvalue()
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            ep = torch.export.export(model, (x,))
-            buf = io.BytesIO()
-            torch.export.save(ep, buf)
-            check("torch.export", out / "model.pt2", buf.getvalue(), lambda b: torch.export.load(b).module())
-        except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
-            checks["torch.export"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
-        try:
-            ts = torch.jit.trace(model, (x,), check_trace=False)
-            buf = io.BytesIO()
-            torch.jit.save(ts, buf)
-            check("torchscript", out / "model.ts", buf.getvalue(), torch.jit.load)
-        except Exception as exc:  # noqa: BLE001
-            checks["torchscript"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        for name, path, save, load in (
+                ("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module()),
+                ("torchscript", out / "model.ts", via_torchscript, torch.jit.load)):
+            try:
+                check(name, path, save(), load)
+            except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
+                checks[name] = {"error": one_line(exc, 200)}
     return kept, checks
 
 
@@ -277,8 +280,8 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         timing = measure_model(deployed, x, target, repeats)
         measured = {"median_ms": timing.median_us / 1e3, "spread_pct": timing.spread_pct,
                     "repeats": repeats, "on_target": not differs}
-        if "model.ts" in " ".join(artifacts.values()):
-            ts = torch.jit.load(str(dest / "model.ts"))
+        if "torchscript" in artifacts:
+            ts = torch.jit.load(artifacts["torchscript"])
             t2 = measure_model(ts, x, target, repeats)
             measured["torchscript_median_ms"] = t2.median_us / 1e3
     pred_ms = chosen.values[1]

@@ -117,6 +117,6 @@ def test_gradual_and_oneshot_reach_the_same_architecture():
         m = finetune_policy(s.model, pol, s.example, s.data.train, 8, schedule=sched, stages=3)
         shapes[sched] = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert shapes["oneshot"] == shapes["gradual"]
-    # hand-computed: conv1 keeps 16 of 32, conv2 16 of 64, conv3 all 64 (8,16,...), fc1 96 of 128
+    # hand-computed: features.0 keeps 16 of 32, features.3 16 of 64, features.6 all 64, fc1 96 of 128
     assert shapes["gradual"]["features.0.weight"][0] == 16 and shapes["gradual"]["features.3.weight"][:2] == (16, 16)
     assert shapes["gradual"]["fc1.weight"][0] == 96

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hwprune.errors import HwpruneError
+from hwprune.errors import HwpruneError, one_line
 from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.rundir import check_run_dir, claim_run_dir, front, plot_front, write_front, write_trials
 from hwprune.search.spec import SearchSpec
@@ -83,6 +83,14 @@ def propose(ctx: SearchContext, trial: Any) -> tuple[Any, float, Any]:
     return policy, pred.latency_ms, None
 
 
+def reuse(trial: Any, dup: Any, t0: float) -> tuple[float, float]:
+    """A repeated policy: record which finished trial it repeats and return that trial's values."""
+    trial.set_user_attr("duplicate_of", dup.number)
+    trial.set_user_attr("params", dup.user_attrs.get("params"))
+    trial.set_user_attr("seconds", round(time.time() - t0, 2))
+    return dup.values[0], dup.values[1]
+
+
 def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
                     at_checkpoint: Callable[[int, float], None] | None = None) -> tuple[float, int]:
     """Prune the dense model to ``policy``, fine-tune it, return (validation accuracy, parameters).
@@ -109,10 +117,6 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
     return evaluate(model, data.val), params
 
 
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
 def _rule_from(study: Any, spec: SearchSpec) -> Any:
     """The early-stopping rule, holding the finished trials of a (resumed) study."""
     from hwprune.search.early_stop import DominanceRule
@@ -131,10 +135,7 @@ def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
     try:
         policy, latency, dup = propose(ctx, trial)
         if dup is not None:
-            trial.set_user_attr("duplicate_of", dup.number)
-            trial.set_user_attr("params", dup.user_attrs.get("params"))
-            trial.set_user_attr("seconds", round(time.time() - t0, 2))
-            return dup.values[0], dup.values[1]
+            return reuse(trial, dup, t0)
         curve: dict[str, float] = {}
         seed = bool(trial.user_attrs.get("seed"))
 
@@ -156,7 +157,7 @@ def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
     except optuna.TrialPruned:
         raise
     except Exception as exc:
-        trial.set_user_attr("error", _error_text(exc))
+        trial.set_user_attr("error", one_line(exc))
         raise
     trial.set_user_attr("seconds", round(time.time() - t0, 2))
     if curve:

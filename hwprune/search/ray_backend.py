@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hwprune.errors import HwpruneError
+from hwprune.errors import HwpruneError, one_line
 from hwprune.search.spec import SearchSpec
 
 __all__ = ["check_ray", "run_ray"]
@@ -127,12 +127,11 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
             tune.report({"accuracy": acc, "step": step, "final": False})
 
         t1 = time.time()
-        acc, params = train_candidate(setup, batches, s, policy, None if config["seed"] else at_checkpoint)
+        acc, params = train_candidate(setup, batches, s, policy, at_checkpoint)
         tune.report({"accuracy": acc, "step": s.finetune_steps, "final": True, "params": params,
                      "seconds": round(time.time() - t0, 2), "train_seconds": round(time.time() - t1, 3)})
     except Exception as exc:  # noqa: BLE001 - contained: the trial fails with its reason, the search goes on
-        text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        tune.report({"accuracy": float("nan"), "step": -1, "final": True, "error": text})
+        tune.report({"accuracy": float("nan"), "step": -1, "final": True, "error": one_line(exc)})
 
 
 def _make_classes() -> tuple[type, type]:
@@ -153,6 +152,8 @@ def _make_classes() -> tuple[type, type]:
             if result.get("final", True) or result.get("step", -1) < 0:
                 return TrialScheduler.CONTINUE
             self.curves.setdefault(trial.trial_id, {})[str(result["step"])] = float(result["accuracy"])
+            if trial.config["seed"]:  # the uniform seeds always finish; their curves are references
+                return TrialScheduler.CONTINUE
             why = self.rule.check(trial.config["latency"], int(result["step"]), float(result["accuracy"]))
             if why:
                 self.reasons[trial.trial_id] = why
@@ -174,7 +175,7 @@ def _make_classes() -> tuple[type, type]:
             self.done = len(finished(study.get_trials(deepcopy=False)))
 
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
-            from hwprune.search.controller import propose
+            from hwprune.search.controller import propose, reuse
 
             if self.progress.failed > max(5, self.wanted) or (self.progress.failed >= 3 and not self.done):
                 return Searcher.FINISHED if not self.live else None  # nothing works: stop, report after fit()
@@ -184,14 +185,11 @@ def _make_classes() -> tuple[type, type]:
                 try:
                     policy, latency, dup = propose(self.ctx, trial)
                 except Exception as exc:  # noqa: BLE001
-                    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                    trial.set_user_attr("error", one_line(exc))
                     self._tell(trial, "FAIL")
                     continue
                 if dup is not None:  # same policy as a finished trial: same result, no fine-tune
-                    trial.set_user_attr("duplicate_of", dup.number)
-                    trial.set_user_attr("params", dup.user_attrs.get("params"))
-                    trial.set_user_attr("seconds", round(time.time() - t0, 2))
-                    self._tell(trial, "COMPLETE", [dup.values[0], dup.values[1]])
+                    self._tell(trial, "COMPLETE", list(reuse(trial, dup, t0)))
                     continue
                 self.live[trial_id] = (trial, latency, t0)
                 return {"policy": policy.to_dict(), "latency": latency, "seed": bool(trial.user_attrs.get("seed"))}
@@ -237,6 +235,7 @@ def _make_classes() -> tuple[type, type]:
 
 def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None:
     """Run the remaining trials of ``study`` through Ray Tune, ``spec.workers`` at a time."""
+    global _STARTED_HERE
     import ray
     from ray import tune
 
@@ -270,4 +269,4 @@ def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None
         progress.close()
         if _STARTED_HERE:
             ray.shutdown()
-            globals()["_STARTED_HERE"] = False
+            _STARTED_HERE = False

@@ -11,7 +11,7 @@ from typing import Any
 from hwprune._io import read_json, write_atomic
 from hwprune.errors import HwpruneError
 
-__all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "plot_front", "TRIAL_COLUMNS"]
+__all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "budget_ms", "feasible", "repairs",
                  "mean_keep", "formats", "flops", "params", "seconds", "train_seconds", "duplicate_of", "error"]
@@ -88,6 +88,11 @@ def front(trials: list[Any], budget_ms: float) -> list[Any]:
     return sorted(pts, key=lambda t: (t.values[1], -t.values[0], t.number))
 
 
+def best_point(pts: list[Any]) -> Any:
+    """The most accurate point of a front; ties: the faster."""
+    return max(pts, key=lambda t: (t.values[0], -t.values[1]))
+
+
 def write_front(out: Path, pts: list[Any], budget_ms: float) -> dict[str, Any] | None:
     """pareto.csv and best_policy.json (the most accurate feasible point; ties: the faster)."""
     buf = io.StringIO()
@@ -99,7 +104,7 @@ def write_front(out: Path, pts: list[Any], budget_ms: float) -> dict[str, Any] |
     write_atomic(out / "pareto.csv", buf.getvalue())
     if not pts:
         return None
-    best = max(pts, key=lambda t: (t.values[0], -t.values[1]))
+    best = best_point(pts)
     write_atomic(out / "best_policy.json", json.dumps(best.user_attrs["policy"], indent=2, sort_keys=True) + "\n")
     return {"trial": best.number, "accuracy": best.values[0], "predicted_latency_ms": best.values[1],
             "budget_ms": budget_ms}
