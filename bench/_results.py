@@ -14,11 +14,13 @@ def cpu_fingerprint() -> dict[str, Any]:
     return get_target("cpu", threads=1).fingerprint()
 
 
-def write_results(name: str, fp: dict[str, Any], payload: dict[str, Any], lines: list[str]) -> Path:
-    """The JSON (fingerprint + payload) and the markdown report side by side; returns the .md path."""
+def write_results(name: str, fp: dict[str, Any], payload: dict[str, Any], lines: list[str],
+                  folder: Path | None = None) -> Path:
+    """The JSON (fingerprint + payload) and the markdown report side by side (in ``folder``, default
+    bench/results); returns the .md path."""
     from hwprune.latency.targets import fingerprint_slug
 
-    out_md = ROOT / "bench" / "results" / f"{name}_{fingerprint_slug(fp)}.md"
+    out_md = (folder or ROOT / "bench" / "results") / f"{name}_{fingerprint_slug(fp)}.md"
     out_md.with_name(out_md.stem + ".json").write_text(json.dumps({"fingerprint": fp, **payload}, indent=1) + "\n")
     out_md.write_text("\n".join(lines) + "\n")
     return out_md

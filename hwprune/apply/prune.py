@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -12,10 +12,11 @@ from hwprune.apply.importance import (Batches, accumulate_grads, cnn_scores, mea
 from hwprune.errors import HwpruneError
 from hwprune.policy import Policy, keep_units
 from hwprune.space import build_space, is_recurrent, prepare_model, rnn_plans
-from hwprune.space._cnn import cnn_groups
+from hwprune.space._cnn import CNNGroup, cnn_groups
+from hwprune.space._rnn import RNNGroupPlan
 from hwprune.space._rnnstack import RNN_TYPES, rebuild_rnn
 
-__all__ = ["prune_model", "kept_indices"]
+__all__ = ["prune_model", "kept_indices", "unit_scores"]
 
 
 def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -60,19 +61,25 @@ def _linear_slices(mod: nn.Linear, out_keep: torch.Tensor | None, in_keep: torch
     return new
 
 
-def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, exclude: set[str],
-                     criterion: str, batches: list | None) -> None:
+def _recurrent_scores(model: nn.Module, example: torch.Tensor, exclude: set[str], criterion: str,
+                      batches: list | None) -> list[tuple[RNNGroupPlan, torch.Tensor]]:
     plans = rnn_plans(model, example, exclude)
     mods = dict(model.named_modules())
     acts = mean_activation(model, {p.producer: mods[p.producer] for p in plans}, batches) \
         if criterion == "activation" else None
+    return [(plan, rnn_scores(mods, plan, criterion, acts)) for plan in plans]
+
+
+def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, exclude: set[str],
+                     criterion: str, batches: list | None) -> None:
+    mods = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
     ins: dict[str, torch.Tensor] = {}
-    for plan in plans:
+    for plan, scores in _recurrent_scores(model, example, exclude, criterion, batches):
         keep = keep_units(policy.keep.get(plan.producer, 1.0), plan.units, policy.channel_multiple)
         if keep >= plan.units:
             continue
-        idx = kept_indices(rnn_scores(mods, plan, criterion, acts), keep)
+        idx = kept_indices(scores, keep)
         outs[plan.producer] = idx
         cols = torch.cat([d * plan.units + idx for d in range(plan.dirs)])
         for c in plan.consumers:
@@ -88,22 +95,52 @@ def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, ex
         model.set_submodule(name, new)
 
 
-def _prune_conv(model: nn.Module, example: torch.Tensor, policy: Policy, exclude: set[str],
-                criterion: str, batches: list | None) -> None:
+def _conv_scores(model: nn.Module, example: torch.Tensor, exclude: set[str], criterion: str,
+                 batches: list | None) -> tuple[Any, list[tuple[CNNGroup, torch.Tensor]]]:
     dg, groups = cnn_groups(model, example, exclude)
     names = {m: n for n, m in model.named_modules()}
     acts = mean_activation(model, {names[g.root]: g.root for g in groups}, batches) \
         if criterion == "activation" else None
+    return dg, [(g, cnn_scores(g.group, g.root, criterion, acts, names[g.root])) for g in groups]
+
+
+def _prune_conv(model: nn.Module, example: torch.Tensor, policy: Policy, exclude: set[str],
+                criterion: str, batches: list | None) -> None:
+    dg, scored = _conv_scores(model, example, exclude, criterion, batches)
     todo = []
-    for g in groups:
+    for g, scores in scored:
         keep = keep_units(policy.keep.get(g.name, 1.0), g.units, policy.channel_multiple)
         if keep >= g.units:
             continue
-        scores = cnn_scores(g.group, g.root, criterion, acts, names[g.root])
         kept = set(kept_indices(scores, keep).tolist())
         todo.append((g, [i for i in range(g.units) if i not in kept]))
     for g, drop in todo:
         dg.get_pruning_group(g.root, g.handler, idxs=drop).prune()
+
+
+def _prepared(model: nn.Module, example: torch.Tensor, exclude: set[str], importance: str,
+              batches: Batches | None) -> tuple[nn.Module, list | None]:
+    data = list(batches) if batches is not None else None
+    if needs_data(importance) and not data:
+        raise HwpruneError(f"importance {importance!r} needs a few data batches (give --data)")
+    model = prepare_model(copy.deepcopy(model))
+    if importance == "taylor":
+        accumulate_grads(model, data or [])
+    return model, data
+
+
+def unit_scores(model: nn.Module, example: torch.Tensor, *, exclude: Iterable[str] = (), importance: str = "l1",
+                batches: Batches | None = None) -> dict[str, torch.Tensor]:
+    """The importance of every unit of every prunable group (group name -> one score per unit).
+
+    The scores :func:`prune_model` ranks units by within a group; comparing them across groups
+    (global pruning) needs a normalization, which is the caller's choice.
+    """
+    excl = set(exclude)
+    model, data = _prepared(model, example, excl, importance, batches)
+    if is_recurrent(model):
+        return {plan.producer: s for plan, s in _recurrent_scores(model, example, excl, importance, data)}
+    return {g.name: s for g, s in _conv_scores(model, example, excl, importance, data)[1]}
 
 
 def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, exclude: Iterable[str] = (),
@@ -119,14 +156,8 @@ def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, excl
         batches: a few (x, y) batches; required by ``taylor`` and ``activation``.
     """
     excl = set(exclude)
-    data = list(batches) if batches is not None else None
-    if needs_data(importance) and not data:
-        raise HwpruneError(f"importance {importance!r} needs a few data batches (give --data)")
-    model = prepare_model(copy.deepcopy(model))
-    space = build_space(model, example, excl)
-    policy.validate(space)
-    if importance == "taylor":
-        accumulate_grads(model, data or [])
+    model, data = _prepared(model, example, excl, importance, batches)
+    policy.validate(build_space(model, example, excl))
     if is_recurrent(model):
         _prune_recurrent(model, example, policy, excl, importance, data)
     else:

@@ -8,7 +8,8 @@ from hwprune.cli._common import (emit, log, parse_exclude, positive)
 
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
-                 "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin")
+                 "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
+                 "uniform_seeds")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -92,6 +93,8 @@ def register(sub: Any) -> None:
     se.add_argument("--early-stop-margin", type=float,
                     help="stop a fine-tune at a checkpoint (1/3, 2/3 of the steps) when a finished, no-slower trial "
                          "was ahead there by this much validation accuracy (default 0.05; 0 never stops)")
+    se.add_argument("--no-uniform-seeds", dest="uniform_seeds", action="store_false", default=None,
+                    help="do not start with the uniform policies that just meet the budget (a plain sampler run)")
     se.add_argument("--storage", help="Optuna storage URL for many machines (e.g. postgresql://...); "
                                       "default: a journal file in the run directory")
     se.add_argument("--study", help="study name (default: model-data-target-budget)")

@@ -12,6 +12,8 @@ same command resumes it.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -68,6 +70,7 @@ def propose(ctx: SearchContext, trial: Any) -> tuple[Any, float, Any]:
     """
     from optuna.trial import TrialState
 
+    trial.set_user_attr("owner", OWNER)  # which process runs it: a resumed search fails only dead owners' trials
     keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in ctx.layers.space.groups}
     formats = {n: trial.suggest_categorical(f"fmt:{n}", menu) for n, menu in ctx.menus.items() if len(menu) > 1}
     policy, repairs = ctx.repair(ctx.policy(keep, formats))
@@ -157,7 +160,9 @@ def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
     except optuna.TrialPruned:
         raise
     except Exception as exc:
-        trial.set_user_attr("error", one_line(exc))
+        trial.set_user_attr("error", ("out of memory: " if _is_oom(exc) else "") + one_line(exc))
+        if _is_oom(exc):
+            _free_memory()
         raise
     trial.set_user_attr("seconds", round(time.time() - t0, 2))
     if curve:
@@ -166,10 +171,72 @@ def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
 
 
 FINISHED = ("COMPLETE", "PRUNED")  # trials that count toward --trials; failed ones are retried
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def finished(trials: list[Any]) -> list[Any]:
     return [t for t in trials if t.state.name in FINISHED]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+
+
+def _free_memory() -> None:
+    """After an out-of-memory trial: drop what it held, so the next trial starts clean."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def owner_alive(owner: str | None) -> bool | None:
+    """Whether the process that ran a trial still runs: True/False on this host, None when unknowable."""
+    host, _, pid = (owner or "").rpartition(":")
+    if not owner or not pid.isdigit():
+        return False  # no owner recorded: the process ended between creating the trial and starting it
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_interrupted(study: Any, log: Callable[[str], None]) -> int:
+    """Mark RUNNING trials whose process has ended FAIL ("interrupted"); returns how many.
+
+    Trials of live processes (another ``hwprune search`` on the same study) are left running; trials owned by
+    another host cannot be checked and are left too (named in the log).
+    """
+    import optuna
+
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        alive = owner_alive(t.user_attrs.get("owner"))
+        if alive is False:
+            # Optuna's public API cannot fail a trial of another process with a reason: storage calls
+            study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (process ended mid-trial)")
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            n += 1
+        elif alive is None:
+            log(f"hwprune: trial {t.number} is running on {t.user_attrs['owner']} (another host): left as it is")
+    return n
+
+
+def remaining(study: Any, wanted: int) -> int:
+    """Trials still to start: wanted minus finished minus those other live processes are running now."""
+    trials = study.get_trials(deepcopy=False)
+    others = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("owner") != OWNER]
+    return max(0, wanted - len(finished(trials)) - len(others))
 
 
 class Progress:
@@ -208,23 +275,32 @@ class Progress:
 
 def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], None]) -> None:
     spec = ctx.spec
-    todo = max(0, spec.trials - len(finished(study.trials)))
+    todo = remaining(study, spec.trials)
     progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
     rule = _rule_from(study, spec)
     objective = lambda trial: _evaluate(ctx, rule, trial)  # noqa: E731
+
+    def ended(st: Any, tr: Any) -> None:
+        progress.trial_ended(st.get_trials(deepcopy=False), tr)
+        if remaining(st, spec.trials) <= 0:  # another process on the same study may have filled it
+            st.stop()
+
     try:
         while todo > 0:
-            study.optimize(objective, n_trials=todo, catch=(Exception,),
-                           callbacks=[lambda st, tr: progress.trial_ended(st.get_trials(deepcopy=False), tr)])
-            trials = study.get_trials(deepcopy=False)
-            progress.check_failures(trials, todo)
-            todo = max(0, spec.trials - len(finished(trials)))
+            study.optimize(objective, n_trials=todo, catch=(Exception,), callbacks=[ended])
+            progress.check_failures(study.get_trials(deepcopy=False), todo)
+            todo = remaining(study, spec.trials)
     finally:
         progress.close()
 
 
-def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> SearchResult:
-    """Run (or resume) a search; returns the summary that ``--json`` prints."""
+def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
+               prepare: Callable[[SearchSpec, Callable[[str], None]], SearchContext] = prepare_context) -> SearchResult:
+    """Run (or resume) a search; returns the summary that ``--json`` prints.
+
+    ``prepare`` builds the context (default :func:`prepare_context`); a benchmark may pass one that prices
+    candidates another way (e.g. by FLOPs), which the local backend then searches under unchanged.
+    """
     import optuna
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -235,7 +311,7 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> Se
         from hwprune.search.ray_backend import check_ray
 
         check_ray(spec)  # installed, and the cluster reachable: before any training
-    ctx = prepare_context(spec, log)
+    ctx = prepare(spec, log)
     table = ctx.predictor.table
     resumed = claim_run_dir(out, spec.identity(), {
         "spec": dict(vars(spec)), "budget_ms": ctx.budget_ms, "dense_predicted_ms": ctx.dense_ms,
@@ -246,10 +322,8 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None) -> Se
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "
         f"(dense {ctx.dense_ms:.4f} ms, val acc {ctx.dense_val_accuracy:.4f}); table {table.path}")
     study = open_study(out, spec)
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (process ended mid-trial)")
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    if not resumed and not study.trials:
+    fail_interrupted(study, log)
+    if not resumed and not study.trials and spec.uniform_seeds:
         for name, pol in ctx.uniform_seeds():
             study.enqueue_trial(_params(ctx, pol.keep, pol.formats), user_attrs={"seed": name})
     t0 = time.time()

@@ -39,6 +39,7 @@ class SearchSpec:
     exclude: list[str] = field(default_factory=list)
     importance: str = "l1"
     early_stop_margin: float = 0.05
+    uniform_seeds: bool = True
     tables: str = "latency_tables"
     table: str | None = None
     allow_foreign_table: bool = False
