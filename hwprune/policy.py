@@ -77,7 +77,7 @@ class Policy:
         if not isinstance(keep, dict) or not isinstance(formats, dict):
             raise HwpruneError(f"{source}: 'keep' and 'formats' must be JSON objects")
         for name, r in keep.items():
-            if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 < float(r) <= 1.0):
+            if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0 < r <= 1):
                 raise HwpruneError(f"{source}: keep ratio of group {name!r} must be in (0, 1], got {r!r}")
         for name, f in formats.items():
             if f not in FORMATS:

@@ -10,6 +10,7 @@ from hwprune.search import SearchSpec, load_spec, parse_budget
 
 MLP = f"{ASSETS / 'user_model.py'}:mlp"
 MLP3 = f"{ASSETS / 'user_model.py'}:mlp3"
+FLAKY = f"{ASSETS / 'user_model.py'}:flaky"
 DATA = f"{ASSETS / 'user_model.py'}:make_mlp_data"
 
 
@@ -31,7 +32,7 @@ def tables(tmp_path_factory):
     fp = target.fingerprint()
     table = LatencyTable(fp, 4, {}, path=table_path(d, fp, 4))
     speed = {"fp32": 1.0, "bf16": 0.8, "int8": 0.6}
-    for ref in (MLP, MLP3):
+    for ref in (MLP, MLP3, FLAKY):
         s = resolve(ref, DATA, use_cache=False)
         layers = analyze_layers(s.model, s.example)
         grid = (0.5, 0.75, 1.0)

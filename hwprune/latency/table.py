@@ -54,10 +54,38 @@ def _entry(key: str, raw: Any, where: str) -> Entry:
             raise HwpruneError(f"latency table {where}: entry {key!r} has {f} {v!r}; a measured latency is a "
                                f"finite positive number")
         vals.append(float(v))
-    reps = raw.get("repeats", 0)
-    if not isinstance(reps, int) or reps < 1:
-        raise HwpruneError(f"latency table {where}: entry {key!r} has repeats {reps!r}")
-    return Entry(vals[0], vals[1], reps, int(raw.get("inner", 1)))
+    reps, inner = raw.get("repeats", 0), raw.get("inner", 1)
+    for name, n in (("repeats", reps), ("inner", inner)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise HwpruneError(f"latency table {where}: entry {key!r} has {name} {n!r}; expected an integer >= 1")
+    return Entry(vals[0], vals[1], reps, inner)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_model(key: str, raw: Any, where: str) -> None:
+    """A model's grid and calibration runs: ratios in (0, 1], policies that parse, finite positive times."""
+    from hwprune.policy import Policy
+
+    if not isinstance(raw, dict):
+        raise HwpruneError(f"latency table {where}: model {key!r} is not an object")
+    grid = raw.get("grid", [])
+    if not isinstance(grid, list) or not all(_positive(r) and r <= 1 for r in grid):
+        raise HwpruneError(f"latency table {where}: model {key!r} has grid {grid!r}; expected keep ratios in (0, 1]")
+    cal = raw.get("calibration", [])
+    if not isinstance(cal, list):
+        raise HwpruneError(f"latency table {where}: model {key!r} has calibration {cal!r}; expected a list")
+    for i, sample in enumerate(cal):
+        what = f"latency table {where}: calibration run {i} of {key!r}"
+        if not isinstance(sample, dict):
+            raise HwpruneError(f"{what} is not an object")
+        Policy.from_dict(sample.get("policy"), source=what)
+        m, iqr = sample.get("measured_us"), sample.get("iqr_us", 0.0)
+        if not _positive(m) or not (iqr == 0 or _positive(iqr)):
+            raise HwpruneError(f"{what} has measured_us {m!r}, iqr_us {iqr!r}; a measured latency is a finite "
+                               f"positive number")
 
 
 @dataclass
@@ -104,6 +132,8 @@ class LatencyTable:
         if not isinstance(raw, dict) or not isinstance(models, dict):
             raise HwpruneError(f"latency table {where}: 'entries' and 'models' must be objects")
         entries = {str(k): _entry(k, v, where) for k, v in raw.items()}
+        for k, v in models.items():
+            _check_model(k, v, where)
         return cls(fp, batch, entries, models, str(data.get("command", "")), p)
 
 

@@ -126,6 +126,9 @@ def safe_load(path: str | Path, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
+        if "Weights only load failed" in first:  # torch's long advice to load unsafely is not ours to give
+            raise HwpruneError(f"cannot read {what} {str(path)!r}: it holds pickled objects other than tensors, "
+                               f"and hwprune loads only plain state dicts (torch.load weights_only=True)") from exc
         raise HwpruneError(f"cannot read {what} {str(path)!r}: {type(exc).__name__}: {first}") from exc
 
 

@@ -301,8 +301,6 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     ``prepare`` builds the context (default :func:`prepare_context`); a benchmark may pass one that prices
     candidates another way (e.g. by FLOPs), which the local backend then searches under unchanged.
     """
-    import optuna
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     spec.validate()
     out = Path(spec.out or Path("runs") / spec.name)

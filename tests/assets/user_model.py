@@ -37,3 +37,26 @@ def make_mlp_data():
     x = torch.randn(256, 4, generator=g)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
     return TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:])
+
+
+class _Flaky(nn.Module):
+    """mlp3 whose fine-tunes fail by the widths they were pruned to (reliability tests).
+
+    Second hidden layer at 24 units: the training step runs out of memory; first at 16: the loss goes NaN.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp3()
+
+    def forward(self, x):
+        if self.training and self.net[2].out_features == 24:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+        y = self.net(x)
+        if self.training and self.net[0].out_features == 16:
+            y = y * float("nan")
+        return y
+
+
+def flaky():
+    return _Flaky()
