@@ -50,12 +50,13 @@ class _Flaky(nn.Module):
         self.net = mlp3()
 
     def forward(self, x):
-        if self.training and self.net[2].out_features == 24:
+        h = self.net[1](self.net[0](x))
+        if self.training and h.shape[-1] == 16:
+            h = h * float("nan")
+        h = self.net[3](self.net[2](h))
+        if self.training and h.shape[-1] == 24:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-        y = self.net(x)
-        if self.training and self.net[0].out_features == 16:
-            y = y * float("nan")
-        return y
+        return self.net[4](h)
 
 
 def flaky():
