@@ -32,3 +32,4 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/predictor_fidelity.py
 	$(BIN)/python bench/search_throughput.py
+	$(BIN)/python bench/search_quality.py

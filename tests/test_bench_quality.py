@@ -1,0 +1,43 @@
+"""bench/search_quality.py --quick: the comparison runs end to end and its numbers are consistent."""
+import json
+import statistics
+import subprocess
+import sys
+
+from conftest import ROOT
+from test_search import DATA, MLP3, tables  # noqa: F401 - the fixture is used by name
+
+
+def test_search_quality_quick(tables, tmp_path):  # noqa: F811
+    res, work = tmp_path / "results", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "bench/search_quality.py", "--quick", "--rows", f"{MLP3}|{DATA}||20",
+                           "--tables", str(tables), "--batch-size", "4", "--budgets", "0.9", "--results", str(res),
+                           "--work", str(work)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={"HWPRUNE_CACHE": str(tmp_path / "c"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    [js] = res.glob("search_quality_*.json")
+    assert js.with_suffix(".md").exists() and js.with_suffix(".png").exists()
+    row = json.loads(js.read_text())["rows"][0]
+    cell = row["budgets"]["0.9"]
+    budget = cell["budget_ms"]
+    assert abs(budget - 0.9 * row["dense_ms"]) < 1e-9
+    assert set(cell) == {"budget_ms", "hwprune", "uniform", "global", "random", "flops"}
+    for method in ("hwprune", "uniform", "global", "random", "flops"):
+        r = cell[method]
+        if "final" not in r:
+            assert r["infeasible"]
+            continue
+        f = r["final"]
+        assert len(f["test_accuracies"]) == 2 and f["mean"] == statistics.mean(f["test_accuracies"])
+        assert abs(f["std"] - statistics.stdev(f["test_accuracies"])) < 1e-12
+        assert r["met_budget"] == (f["measured_ms"] <= budget) and f["measured_ms"] > 0
+    for method in ("uniform", "global"):  # chosen by measurement: the scan's latency met the budget
+        if "policy" in cell[method]:
+            assert cell[method]["scan_ms"] <= budget
+    if "trials" in cell["random"]:
+        [csv_path] = work.glob("*-90-random/trials.csv")
+        rows = csv_path.read_text().splitlines()[1:]
+        assert cell["random"]["trials"] == 3
+        assert not any("uniform-" in r for r in rows)  # random search: no uniform seeds
+    md = js.with_suffix(".md").read_text()
+    assert "## Verdicts" in md and "mlp3" in md
