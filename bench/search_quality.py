@@ -61,11 +61,11 @@ class Row:
 
     @property
     def label(self) -> str:
-        from pathlib import Path as P
+        def short(ref: str) -> str:  # file.py:factory -> file:factory
+            return f"{Path(ref.split(':')[0]).stem}:{ref.split(':')[1]}" if ":" in ref else ref
 
-        name = P(self.model.split(":")[0]).stem + ":" + self.model.split(":")[1] if ":" in self.model else self.model
         args = ",".join(f"{k}={v}" for k, v in self.model_args.items())
-        return f"{name}{'[' + args + ']' if args else ''}/{P(self.data.split(':')[0]).stem if ':' in self.data else self.data}"
+        return f"{short(self.model)}{'[' + args + ']' if args else ''}/{short(self.data).split(':')[0]}"
 
 
 def parse_rows(text: str) -> list[Row]:
@@ -83,7 +83,6 @@ class FlopsPricer:
 
     def __init__(self, inner: Any, ms_per_mac: float) -> None:
         self.inner, self.table, self.ms_per_mac = inner, inner.table, ms_per_mac
-        self.calibrated = True
 
     def price(self, policy: Any, by_layer: bool = False) -> Any:
         from hwprune.policy import Policy

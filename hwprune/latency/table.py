@@ -43,14 +43,21 @@ class Entry:
                 "inner": self.inner}
 
 
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _nonnegative(v: Any) -> bool:
+    return _positive(v) or (v == 0 and isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
 def _entry(key: str, raw: Any, where: str) -> Entry:
     if not isinstance(raw, dict):
         raise HwpruneError(f"latency table {where}: entry {key!r} is not an object")
     vals = []
     for f in ("median_us", "iqr_us"):
         v = raw.get(f)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
-                or (f == "median_us" and v == 0):
+        if not (_positive(v) if f == "median_us" else _nonnegative(v)):
             raise HwpruneError(f"latency table {where}: entry {key!r} has {f} {v!r}; a measured latency is a "
                                f"finite positive number")
         vals.append(float(v))
@@ -59,10 +66,6 @@ def _entry(key: str, raw: Any, where: str) -> Entry:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise HwpruneError(f"latency table {where}: entry {key!r} has {name} {n!r}; expected an integer >= 1")
     return Entry(vals[0], vals[1], reps, inner)
-
-
-def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _check_model(key: str, raw: Any, where: str) -> None:
@@ -83,7 +86,7 @@ def _check_model(key: str, raw: Any, where: str) -> None:
             raise HwpruneError(f"{what} is not an object")
         Policy.from_dict(sample.get("policy"), source=what)
         m, iqr = sample.get("measured_us"), sample.get("iqr_us", 0.0)
-        if not _positive(m) or not (iqr == 0 or _positive(iqr)):
+        if not _positive(m) or not _nonnegative(iqr):
             raise HwpruneError(f"{what} has measured_us {m!r}, iqr_us {iqr!r}; a measured latency is a finite "
                                f"positive number")
 

@@ -232,9 +232,8 @@ def fail_interrupted(study: Any, log: Callable[[str], None]) -> int:
     return n
 
 
-def remaining(study: Any, wanted: int) -> int:
+def remaining(trials: list[Any], wanted: int) -> int:
     """Trials still to start: wanted minus finished minus those other live processes are running now."""
-    trials = study.get_trials(deepcopy=False)
     others = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("owner") != OWNER]
     return max(0, wanted - len(finished(trials)) - len(others))
 
@@ -275,21 +274,23 @@ class Progress:
 
 def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], None]) -> None:
     spec = ctx.spec
-    todo = remaining(study, spec.trials)
+    todo = remaining(study.get_trials(deepcopy=False), spec.trials)
     progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
     rule = _rule_from(study, spec)
     objective = lambda trial: _evaluate(ctx, rule, trial)  # noqa: E731
 
     def ended(st: Any, tr: Any) -> None:
-        progress.trial_ended(st.get_trials(deepcopy=False), tr)
-        if remaining(st, spec.trials) <= 0:  # another process on the same study may have filled it
+        trials = st.get_trials(deepcopy=False)
+        progress.trial_ended(trials, tr)
+        if remaining(trials, spec.trials) <= 0:  # another process on the same study may have filled it
             st.stop()
 
     try:
         while todo > 0:
             study.optimize(objective, n_trials=todo, catch=(Exception,), callbacks=[ended])
-            progress.check_failures(study.get_trials(deepcopy=False), todo)
-            todo = remaining(study, spec.trials)
+            trials = study.get_trials(deepcopy=False)
+            progress.check_failures(trials, todo)
+            todo = remaining(trials, spec.trials)
     finally:
         progress.close()
 
