@@ -9,7 +9,64 @@ from typing import Any
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["write_atomic", "read_json"]
+__all__ = ["write_atomic", "read_json", "cache_root", "mask_url", "file_lock"]
+
+
+def _current_umask() -> int:
+    """The process umask, read once at import (reading it with ``os.umask`` briefly changes it)."""
+    try:  # Linux >= 4.7 reports it without changing it
+        for line in open("/proc/self/status", encoding="ascii", errors="replace"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # at import, before any thread of ours creates files
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # like a plain open(): mkstemp makes 0600 files
+
+
+def cache_root() -> Path:
+    """hwprune's per-user folder: ``$HWPRUNE_CACHE``, else ``$XDG_CACHE_HOME/hwprune``, else ``~/.cache/hwprune``."""
+    if os.environ.get("HWPRUNE_CACHE"):
+        return Path(os.environ["HWPRUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hwprune"
+
+
+def mask_url(url: str | None) -> str | None:
+    """A URL with its password replaced by ``***`` (``postgresql://user:***@host/db``); others unchanged."""
+    if not url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    auth, at, host = rest.rpartition("@")
+    if not at or ":" not in auth.split("/")[0]:
+        return url
+    user = auth.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+class file_lock:  # noqa: N801 - used as a context manager, like open()
+    """An exclusive advisory lock on ``path`` (a ``.lock`` file beside what it guards; fcntl, POSIX only)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh: Any = None
+
+    def __enter__(self) -> "file_lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+b")
+        try:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - no fcntl (Windows): unlocked
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()  # closing releases the lock
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
@@ -25,9 +82,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # like a plain open(): mkstemp makes 0600 files
+        os.chmod(tmp, _FILE_MODE)  # the umask was read once: changing it here races other threads' files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

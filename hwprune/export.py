@@ -190,7 +190,8 @@ def _identity(run_dir: Path, trial: int, steps: int, schedule: str, stages: int)
 
 def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | None = None,
                schedule: str = "oneshot", out: str | Path | None = None, repeats: int = 30,
-               measure_here: bool = False, stages: int = 4, log: Callable[[str], None] = _log) -> dict[str, Any]:
+               measure_here: bool = False, stages: int = 4, log: Callable[[str], None] = _log,
+               storage: str | None = None) -> dict[str, Any]:
     """Export one trial of a search run; returns the summary ``hwprune export --json`` prints."""
     from hwprune.apply import save_pruned
     from hwprune.apply.formats import deploy
@@ -198,9 +199,8 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     from hwprune.latency.targets import fingerprint_line, get_target
     from hwprune.measure import model_stats
     from hwprune.search.context import dense_setup
-    from hwprune.search.controller import open_study
+    from hwprune.search.controller import open_study, run_limit, run_spec
     from hwprune.search.rundir import front
-    from hwprune.search.spec import SearchSpec
     from hwprune.space import build_space
     from hwprune.train import evaluate, few_batches
 
@@ -212,10 +212,10 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     if finetune_steps is not None and finetune_steps < 0:
         raise HwpruneError(f"--finetune-steps must be >= 0, got {finetune_steps}")
     info = read_json(run / "run.json", "run file")
-    spec = SearchSpec(**info["spec"])
+    spec = run_spec(info, storage)
     study = open_study(run, spec, load_only=True)
     trials = study.get_trials(deepcopy=False)
-    chosen = pick_trial(trials, trial, info["budget_ms"])
+    chosen = pick_trial(trials, trial, run_limit(info))
     steps = DEFAULT_STEPS if finetune_steps is None else finetune_steps
     dest = Path(out) if out else run / f"export-trial{chosen.number}-{schedule}"
     ident = _identity(run, chosen.number, steps, schedule, stages)
@@ -285,6 +285,11 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
             t2 = measure_model(ts, x, target, repeats)
             measured["torchscript_median_ms"] = t2.median_us / 1e3
     pred_ms = chosen.values[1]
+    over = measured is not None and measured["median_ms"] > info["budget_ms"]
+    if over:
+        log(f"hwprune: warning: measured {measured['median_ms']:.4f} ms is over the budget {info['budget_ms']:.4f} ms "
+            f"by {measured['median_ms'] / info['budget_ms'] - 1:.1%} (predicted {pred_ms:.4f} ms); export a faster "
+            f"point of the front (hwprune pareto), or search again with a larger --budget-margin")
     prov = {"run": str(run), "study": spec.name, "trial": chosen.number, "model": spec.model,
             "model_args": setup.model_args, "data": spec.data, "weights": setup.weights, "target": spec.target,
             "batch_size": info["batch_size"], "table": info.get("table"), "table_fingerprint": run_fp,
@@ -296,8 +301,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     summary: dict[str, Any] = {
         "identity": ident, "run": str(run), "trial": chosen.number, "out": str(dest), "schedule": schedule,
         "finetune_steps": steps, "policy": policy.to_dict(), "units": policy.units(space),
-        "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"],
+        "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
         "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
+        "over_budget": over if measured is not None else None,
         "fingerprint_matches": not differs, "fingerprint_differs_in": differs,
         "test_split": split, "dense_test_accuracy": dense_acc, "test_accuracy": test_acc,
         "test_accuracy_simulated": sim_acc, "val_accuracy": val_acc, "search_val_accuracy": chosen.values[0],
@@ -306,7 +312,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         "artifacts": {**artifacts, "hwprune": str(dest / "pruned.pt"), "policy": str(dest / "policy.json"),
                       "report": str(dest / "report.md")},
         "artifact_checks": checks, "seconds": round(time.time() - t0, 1)}
-    pts = front(trials, info["budget_ms"])
+    pts = front(trials, run_limit(info))
     write_atomic(dest / "report.md", _report(summary, spec, info, pts, run_fp, here))
     write_atomic(dest / "export.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     return summary
@@ -341,6 +347,9 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
         lines += ["", f"Measured / predicted: {m['median_ms'] / s['predicted_latency_ms']:.3f}; "
                       f"measured / budget: {m['median_ms'] / s['budget_ms']:.3f}."
                   + ("" if m["on_target"] else " **Measured on a machine other than the table's target.**")]
+        if s.get("over_budget"):
+            lines += ["", f"**Over budget:** measured {m['median_ms']:.4f} ms > budget {s['budget_ms']:.4f} ms "
+                          f"(by {m['median_ms'] / s['budget_ms'] - 1:.1%})."]
     else:
         lines.append("| measured | not measured: this machine is not the run's target |")
     lines += ["", f"Table measured on: {fingerprint_line(run_fp)}.",

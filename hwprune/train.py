@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -118,8 +117,10 @@ def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, bat
 
 
 def cache_dir() -> Path:
-    """Where trained base models live: ``$HWPRUNE_CACHE`` or ``~/.cache/hwprune``."""
-    return Path(os.environ.get("HWPRUNE_CACHE", Path.home() / ".cache" / "hwprune"))
+    """Where trained base models live: ``$HWPRUNE_CACHE``, else the user's cache dir (``~/.cache/hwprune``)."""
+    from hwprune._io import cache_root
+
+    return cache_root()
 
 
 def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any]) -> str:

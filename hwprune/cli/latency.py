@@ -17,8 +17,9 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
                    help="batch size the latency is for (default: the model's, 512 for cnn1d, 16 otherwise)")
     p.add_argument("--threads", type=positive, default=1,
                    help="CPU threads (part of the table's fingerprint; default 1)")
-    p.add_argument("--tables", default="latency_tables", metavar="DIR",
-                   help="folder of latency tables (default ./latency_tables)")
+    p.add_argument("--tables", default=None, metavar="DIR",
+                   help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or ~/.cache/hwprune/tables "
+                        "for this machine's tables, then the reference tables in the repository's latency_tables/)")
     p.add_argument("--channel-multiple", type=positive, default=8, help="kept units are multiples of this (default 8)")
     if measure:
         p.add_argument("--repeats", type=positive, default=15, help="timed repeats per measurement (default 15)")
@@ -31,6 +32,8 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
     if p.prog.split()[-1] != "profile":
         p.add_argument("--allow-foreign-table", action="store_true",
                        help="use a table measured on another device/torch version though this machine is the target")
+        p.add_argument("--no-profile", dest="profile", action="store_false",
+                       help="refuse when this machine has no table for the model, instead of profiling it first")
 
 
 def _latency_setup(args: argparse.Namespace, measure: bool):  # type: ignore[no-untyped-def]
@@ -50,33 +53,35 @@ def _latency_setup(args: argparse.Namespace, measure: bool):  # type: ignore[no-
     return target, s, exclude, layers, key
 
 
+def _job(args: argparse.Namespace, s: Any, exclude: list[str], layers: Any, key: str) -> Any:
+    from hwprune.latency import ProfileJob
+
+    return ProfileJob(s.model, s.example, layers, key, tuple(s.input_shape), exclude,
+                      getattr(args, "grid", ()), getattr(args, "calibration", 20), getattr(args, "repeats", 15))
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
-    from hwprune.latency import LatencyTable, Predictor, table_path
-    from hwprune.latency.profiler import calibrate, calibration_policies, layer_configs, profile_layers
+    from hwprune.latency import LatencyTable, Predictor, table_path, user_tables_dir
+    from hwprune.latency.ondemand import profile_model
 
     t0 = time.time()
     target, s, exclude, layers, key = _latency_setup(args, measure=True)
     fp = target.fingerprint()
-    path = table_path(args.tables, fp, args.batch_size)
+    path = table_path(args.tables or user_tables_dir(), fp, args.batch_size)
     table = LatencyTable.load(path) if path.exists() else LatencyTable(fp, args.batch_size, path=path)
     if table.fingerprint != fp:
         raise HwpruneError(f"table {str(path)!r} holds another fingerprint than this device; move it away first")
     table.command = "hwprune " + " ".join(sys.argv[1:]) if sys.argv[1:] else table.command
     log(f"hwprune: profiling {args.model} for {fingerprint_line(fp)} at batch {args.batch_size} -> {path}")
-    configs = layer_configs(layers, args.grid, target, args.batch_size)
-    measured = profile_layers(table, configs, target, args.repeats, log)
-    menus = Predictor(table, layers, key).menus(target)
-    pols = calibration_policies(layers, args.grid, menus, args.calibration)
-    cal = calibrate(table, key, s.model, s.example, pols, target, args.repeats, exclude, log,
-                    {"grid": list(args.grid), "input_shape": list(s.input_shape)})
+    counts = profile_model(table, target, _job(args, s, exclude, layers, key), log)
+    measured, cal = counts["measured_now"], counts["calibration_measured_now"]
     pred = Predictor(table, layers, key)
-    summary = {"table": str(path), "fingerprint": fp, "model_key": key, "configurations": len(configs),
-               "measured_now": measured, "calibration_measured_now": cal, "entries_in_table": len(table.entries),
+    summary = {"table": str(path), "fingerprint": fp, "model_key": key, **counts, "entries_in_table": len(table.entries),
                "calibration_fit": {"layer_scale": pred.coef[0], "us_per_output_element": pred.coef[1],
                                    "overhead_us": pred.coef[2]},
                "seconds": round(time.time() - t0, 1)}
     if not args.json:
-        print(f"{len(configs)} configurations ({measured} measured now), {len(pred.calibration)} calibration runs "
+        print(f"{counts['configurations']} configurations ({measured} measured now), {len(pred.calibration)} calibration runs "
               f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "
               f"elements + {pred.coef[2]:.1f} us; "
               f"{summary['seconds']} s -> {path}")
@@ -85,10 +90,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _predictor(args: argparse.Namespace, measure: bool):  # type: ignore[no-untyped-def]
-    from hwprune.latency import Predictor, find_table
+    from hwprune.latency import Predictor, resolve_table
 
     target, s, exclude, layers, key = _latency_setup(args, measure)
-    table = find_table(args.tables, target, args.batch_size, getattr(args, "table", None), args.allow_foreign_table)
+    table = resolve_table(target, args.batch_size, layers, key, tables=args.tables, table=getattr(args, "table", None),
+                          allow_foreign=args.allow_foreign_table,
+                          profile=_job(args, s, exclude, layers, key) if args.profile else None, log=log)
     log(f"hwprune: latency table {table.path} ({fingerprint_line(table.fingerprint)})")
     pred = Predictor(table, layers, key, getattr(args, "allow_missing", False))
     if not pred.calibrated:
@@ -161,7 +168,8 @@ def register(sub: Any) -> None:
                     help="end-to-end runs (dense, uniform, random policies) that calibrate the predictor (default 20)")
     pr.set_defaults(fn=cmd_profile)
 
-    pd = sub.add_parser("predict", help="price a policy from a latency table (no measuring)")
+    pd = sub.add_parser("predict", help="price a policy from a latency table (this machine is profiled first if it "
+                                        "is the target and has no table for the model)")
     add_model_args(pd)
     add_shape_args(pd)
     _add_latency_args(pd, measure=False)

@@ -9,11 +9,13 @@ from hwprune.cli._common import (emit, log, parse_exclude, positive)
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
-                 "uniform_seeds")
+                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
-    print(f"Pareto front of {summary['study']} (budget {summary['budget_ms']:.4f} ms; feasible points only):")
+    limit = summary.get("limit_ms", summary["budget_ms"])
+    kept = f", priced at most {limit:.4f} ms" if limit < summary["budget_ms"] else ""
+    print(f"Pareto front of {summary['study']} (budget {summary['budget_ms']:.4f} ms{kept}; feasible points only):")
     print(f"{'trial':>6} {'accuracy':>9} {'predicted ms':>13}  seed")
     for p in summary["pareto"]:
         print(f"{p['trial']:>6} {p['accuracy']:>9.4f} {p['predicted_latency_ms']:>13.4f}  {p.get('seed', '')}")
@@ -48,7 +50,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     from hwprune.search import load_front
 
-    summary = load_front(args.run_dir)
+    summary = load_front(args.run_dir, args.storage)
     if not args.json:
         _print_front(summary)
     emit(args, summary)
@@ -60,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hwprune.export import export_run
 
     s = export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
-                   args.measure_here, log=log)
+                   args.measure_here or args.allow_foreign_table, log=log, storage=args.storage)
     if not args.json:
         m = s["measured_latency_ms"]
         print(f"trial {s['trial']}: test accuracy {s['test_accuracy']:.4f} (dense {s['dense_test_accuracy']:.4f}); "
@@ -106,8 +108,19 @@ def register(sub: Any) -> None:
     se.add_argument("--gpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--batch-size", type=positive, help="latency batch (default: the model's)")
     se.add_argument("--threads", type=positive, help="CPU threads of the table (default 1)")
-    se.add_argument("--tables", help="folder of latency tables (default latency_tables)")
+    se.add_argument("--tables", help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or "
+                                     "~/.cache/hwprune/tables, then the repository's latency_tables/)")
     se.add_argument("--table", help="the table file to use when several match")
+    se.add_argument("--allow-foreign-table", action="store_true", default=None,
+                    help="price with a table measured on another device or torch version though this machine is "
+                         "the target (instead of profiling this one)")
+    se.add_argument("--no-profile", dest="profile", action="store_false", default=None,
+                    help="refuse when this machine has no table for the model, instead of profiling it first "
+                         "(spec key 'profile: false')")
+    se.add_argument("--budget-margin", type=float,
+                    help="share of the budget kept free for prediction error: candidates are priced at most "
+                         "budget / (1 + margin) (default: the 90th percentile of the table's leave-one-out "
+                         "calibration errors |measured/predicted - 1|; 0 prices up to the budget)")
     se.add_argument("--weights", help="dense weights (default: the cached trained model; trained if missing)")
     se.add_argument("--channel-multiple", type=positive, help="kept units are multiples of this (default 8)")
     se.add_argument("--exclude", default=None, metavar="LAYER,...", help="layers never to prune")
@@ -116,6 +129,7 @@ def register(sub: Any) -> None:
 
     pa = sub.add_parser("pareto", help="print the Pareto front of a search run again")
     pa.add_argument("run_dir", help="the run directory (runs/<study>)")
+    pa.add_argument("--storage", help="the study's storage URL, when it has a password (run.json keeps it masked)")
     pa.add_argument("--json", action="store_true", help="print JSON")
     pa.set_defaults(fn=cmd_pareto)
 
@@ -131,5 +145,9 @@ def register(sub: Any) -> None:
     ex.add_argument("--repeats", type=positive, default=30, help="timed repeats of the end-to-end measurement (default 30)")
     ex.add_argument("--measure-here", action="store_true",
                     help="measure even when this machine differs from the run's latency table (labelled so)")
+    ex.add_argument("--allow-foreign-table", action="store_true",
+                    help="the same as --measure-here: export on this machine though the run's table was "
+                         "measured on another device (the measurement is labelled so)")
+    ex.add_argument("--storage", help="the study's storage URL, when it has a password (run.json keeps it masked)")
     ex.add_argument("--json", action="store_true", help="print the summary as JSON")
     ex.set_defaults(fn=cmd_export)

@@ -98,14 +98,38 @@ class Predictor:
         self.coef: tuple[float, float, float] = (1.0, 0.0, 0.0)  # layer sum, output elements, constant
         self.flops_coef: tuple[float, float] | None = None
         self.calibration: list[dict[str, Any]] = list(table.models.get(key, {}).get("calibration", []))
+        self._feats, self._y = np.zeros((0, 3)), np.zeros(0)
         if self.calibration:
             raw = [self.price(Policy.from_dict(s["policy"], source=f"calibration of {key}"))
                    for s in self.calibration]
-            y = np.array([float(s["measured_us"]) for s in self.calibration])
-            feats = np.array([[r.layer_sum_us, float(r.out_elems), 1.0] for r in raw])
-            a, c, b = fit_nonneg(feats, y)
+            self._y = np.array([float(s["measured_us"]) for s in self.calibration])
+            self._feats = np.array([[r.layer_sum_us, float(r.out_elems), 1.0] for r in raw])
+            a, c, b = fit_nonneg(self._feats, self._y)
             self.coef = (float(a), float(c), float(b))
-            self.flops_coef = fit_linear(np.array([float(r.macs) for r in raw]), y)
+            self.flops_coef = fit_linear(np.array([float(r.macs) for r in raw]), self._y)
+
+    def calibration_errors(self) -> list[float]:
+        """Leave-one-out ``|measured / predicted - 1|`` of each calibration run (the fit without that run).
+
+        With fewer than 5 runs the in-sample errors of the full fit are returned (too few to leave one out).
+        """
+        n = len(self._y)
+        if n == 0:
+            return []
+        if n < 5:
+            pred = self._feats @ np.array(self.coef)
+            return [abs(float(m / max(p, 1e-9)) - 1) for m, p in zip(self._y, pred)]
+        out = []
+        for i in range(n):
+            keep = np.arange(n) != i
+            coef = fit_nonneg(self._feats[keep], self._y[keep])
+            out.append(abs(float(self._y[i] / max(float(self._feats[i] @ coef), 1e-9)) - 1))
+        return out
+
+    def margin(self, quantile: float = 0.9) -> float:
+        """The ``quantile`` of :meth:`calibration_errors` (0 without calibration): how far measured runs strayed."""
+        errs = self.calibration_errors()
+        return float(np.quantile(errs, quantile)) if errs else 0.0
 
     @property
     def calibrated(self) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hwprune.latency.layers import LayerConfig, ModelLayers
-from hwprune.latency.table import Entry, LatencyTable
+from hwprune.latency.table import Entry, LatencyTable, calibration_key
 from hwprune.latency.targets import Target
 from hwprune.latency.timing import Timing
 from hwprune.policy import Policy
@@ -133,8 +133,8 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
     entry = table.models.setdefault(key, {})
     entry.update(extra)
     samples = entry.setdefault("calibration", [])
-    done = {json_key(s["policy"]) for s in samples}
-    todo = [p for p in policies if json_key(p.to_dict()) not in done]
+    done = {calibration_key(s["policy"]) for s in samples}
+    todo = [p for p in policies if calibration_key(p.to_dict()) not in done]
     log(f"end-to-end calibration: {len(policies)} policies, measuring {len(todo)}")
     x = torch.randn(table.batch_size, *example.shape[1:])
     saver = _Saver(table)
@@ -150,6 +150,3 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
     return len(todo)
 
 
-def json_key(d: dict[str, Any]) -> str:
-    """What identifies a policy (its model label aside)."""
-    return json.dumps({k: d.get(k) for k in ("keep", "formats", "channel_multiple")}, sort_keys=True)

@@ -7,21 +7,31 @@ A table is one JSON file ``<tables dir>/<fingerprint slug>/b<batch>.json``::
      "models": {model_key: {"grid": [...], "calibration": [sample, ...]}}}
 
 It is written atomically and re-read strictly: a truncated, edited or
-poisoned file (negative or NaN latencies) is refused with its path.
+poisoned file (negative or NaN latencies) is refused with its path. Saving
+merges with what is on disk under a file lock, so two processes profiling
+different models into one table both keep their entries.
+
+Where tables are looked up (:func:`table_dirs`): ``--tables DIR`` alone when
+given; otherwise the user's folder (``$HWPRUNE_TABLES``, default
+``<user cache>/tables``), then the reference tables shipped in the
+repository's ``latency_tables/`` (read-only: new measurements go to the
+user's folder).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwprune._io import read_json, write_atomic
+from hwprune._io import cache_root, file_lock, read_json, write_atomic
 from hwprune.errors import HwpruneError
-from hwprune.latency.targets import Target, fingerprint_slug
+from hwprune.latency.targets import fingerprint_slug
 
-__all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "find_table", "FINGERPRINT_KEYS"]
+__all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "FINGERPRINT_KEYS", "user_tables_dir",
+           "reference_tables_dir", "table_dirs", "fingerprint_diff", "calibration_key"]
 
 TABLE_FORMAT = "hwprune-latency-table/1"
 # what must match between a table and the local device when the local device is the target
@@ -112,12 +122,36 @@ class LatencyTable:
                 "models": self.models}
 
     def save(self, path: Path | None = None) -> Path:
+        """Write the table atomically, merged with the file on disk (under a lock; another process may write it).
+
+        Entries and calibration runs on disk that this table lacks are added to it first; where both hold a
+        configuration, this table's measurement is kept.
+        """
         p = Path(path or self.path or "")
         if not str(p):
             raise ValueError("no path to save the table to")
-        write_atomic(p, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        with file_lock(p.parent / f".{p.name}.lock"):
+            if p.exists():
+                self.merge(LatencyTable.load(p))
+            write_atomic(p, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
         self.path = p
         return p
+
+    def merge(self, other: "LatencyTable") -> None:
+        """Add ``other``'s entries and calibration runs that this table lacks (same device and batch only)."""
+        if other.batch_size != self.batch_size or fingerprint_diff(other.fingerprint, self.fingerprint):
+            raise HwpruneError(f"table {str(other.path)!r} holds another device or batch than the one being saved "
+                               f"(batch {other.batch_size} vs {self.batch_size}); move it away first")
+        for k, e in other.entries.items():
+            self.entries.setdefault(k, e)
+        for key, theirs in other.models.items():
+            mine = self.models.setdefault(key, {})
+            for field_name, value in theirs.items():
+                if field_name != "calibration":
+                    mine.setdefault(field_name, value)
+            runs = mine.setdefault("calibration", [])
+            have = {calibration_key(s["policy"]) for s in runs}
+            runs.extend(s for s in theirs.get("calibration", []) if calibration_key(s["policy"]) not in have)
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
@@ -140,44 +174,34 @@ class LatencyTable:
         return cls(fp, batch, entries, models, str(data.get("command", "")), p)
 
 
+def calibration_key(policy: dict[str, Any]) -> str:
+    """What identifies a calibration run's policy (its model label aside)."""
+    return json.dumps({k: policy.get(k) for k in ("keep", "formats", "channel_multiple")}, sort_keys=True)
+
+
 def table_path(tables_dir: str | Path, fingerprint: dict[str, Any], batch: int) -> Path:
     return Path(tables_dir) / fingerprint_slug(fingerprint) / f"b{batch}.json"
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def user_tables_dir() -> Path:
+    """Where this machine's own tables go: ``$HWPRUNE_TABLES``, else ``<user cache>/tables``."""
+    return Path(os.environ["HWPRUNE_TABLES"]) if os.environ.get("HWPRUNE_TABLES") else cache_root() / "tables"
+
+
+def reference_tables_dir() -> Path | None:
+    """The measured tables shipped beside the package (a checkout's ``latency_tables/``), if present."""
+    d = Path(__file__).resolve().parents[2] / "latency_tables"
+    return d if d.is_dir() else None
+
+
+def table_dirs(tables: str | Path | None = None) -> list[Path]:
+    """Folders to look for tables in, in order: ``tables`` alone if given, else the user's, then the reference."""
+    if tables:
+        return [Path(tables)]
+    ref = reference_tables_dir()
+    return [user_tables_dir()] + ([ref] if ref is not None else [])
+
+
+def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The fingerprint keys that differ between two devices, as ``key: table X vs here Y``."""
     return [f"{k}: table {a.get(k)!r} vs here {b.get(k)!r}" for k in FINGERPRINT_KEYS if a.get(k) != b.get(k)]
-
-
-def find_table(tables_dir: str | Path, target: Target, batch: int, table: str | None = None,
-               allow_foreign: bool = False) -> LatencyTable:
-    """The table that prices ``target`` at ``batch``.
-
-    When this machine is the target, the table's fingerprint must match it
-    (unless ``allow_foreign``); otherwise any table of the target kind is used
-    (one, or the one named by ``table``).
-    """
-    if table:
-        tbl = LatencyTable.load(table)
-    else:
-        root = Path(tables_dir)
-        found = sorted(root.glob(f"{target.name}-*/b{batch}.json")) if root.is_dir() else []
-        if target.is_local():
-            here = table_path(root, target.fingerprint(), batch)
-            if here.is_file():
-                return LatencyTable.load(here)
-        if not found:
-            raise HwpruneError(f"no {target.name} latency table for batch {batch} under {str(root)!r}; "
-                               f"run 'hwprune profile --target {target.name} --batch-size {batch}' on the device")
-        if len(found) > 1 and not target.is_local():
-            raise HwpruneError(f"{len(found)} {target.name} tables for batch {batch}: "
-                               f"{', '.join(str(f) for f in found)}; pick one with --table")
-        tbl = LatencyTable.load(found[0])
-    if tbl.fingerprint.get("target") != target.name:
-        raise HwpruneError(f"table {str(tbl.path)!r} was measured for target {tbl.fingerprint.get('target')!r}, "
-                           f"not {target.name!r}")
-    if target.is_local() and not allow_foreign:
-        diff = _diff(tbl.fingerprint, target.fingerprint())
-        if diff:
-            raise HwpruneError(f"table {str(tbl.path)!r} was measured on another device ({'; '.join(diff)}); "
-                               f"profile this one, or pass --allow-foreign-table")
-    return tbl

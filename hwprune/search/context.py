@@ -1,7 +1,7 @@
 """Everything a trial needs, prepared once: the dense model and data, the predictor, the budget.
 
 Candidates are *repaired* before any fine-tuning: while the predicted latency
-exceeds the budget, the group whose next-lower keep ratio saves the most
+exceeds the search limit (the budget less a margin for prediction error), the group whose next-lower keep ratio saves the most
 predicted time steps down one notch of the grid (then layers move to their
 fastest offered format). Repair is deterministic, so every fine-tuned
 candidate meets the budget and no fine-tune is spent on an infeasible one.
@@ -15,14 +15,16 @@ from typing import Callable
 import torch
 
 from hwprune.errors import HwpruneError
-from hwprune.latency import Predictor, analyze_layers, find_table, get_target, model_key
+from hwprune.latency import ProfileJob, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.layers import ModelLayers
 from hwprune.policy import Policy
 from hwprune.search.budget import parse_budget
 from hwprune.search.spec import SearchSpec
 from hwprune.setup import Setup, resolve
 
-__all__ = ["SearchContext", "prepare_context", "dense_setup"]
+__all__ = ["SearchContext", "prepare_context", "dense_setup", "MARGIN_QUANTILE"]
+
+MARGIN_QUANTILE = 0.9  # which quantile of the calibration errors the automatic budget margin is
 
 
 @dataclass
@@ -40,6 +42,12 @@ class SearchContext:
     dense_val_accuracy: float
     batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # for data-driven importance
     notes: list[str] = field(default_factory=list)
+    margin: float = 0.0  # share of the budget kept free: candidates are priced at most budget / (1 + margin)
+
+    @property
+    def limit_ms(self) -> float:
+        """The predicted latency a candidate may reach: the budget less the margin for prediction error."""
+        return self.budget_ms / (1.0 + self.margin)
 
     def policy(self, keep: dict[str, float], formats: dict[str, str]) -> Policy:
         return Policy(dict(keep), {k: v for k, v in formats.items() if v != "fp32"}, self.spec.channel_multiple,
@@ -59,7 +67,7 @@ class SearchContext:
         formats = dict(policy.formats)
         steps = 0
         current = self.price_ms(self.policy(keep, formats))
-        while current > self.budget_ms:
+        while current > self.limit_ms:
             best: tuple[float, str, float] | None = None
             for g, r in sorted(keep.items()):
                 lower = [v for v in self.grid if v < r]
@@ -83,7 +91,7 @@ class SearchContext:
                         changed = True
                         break
                 if not changed:
-                    raise HwpruneError(f"cannot repair a policy to {self.budget_ms:.4f} ms")  # guarded earlier
+                    raise HwpruneError(f"cannot repair a policy to {self.limit_ms:.4f} ms")  # guarded earlier
             steps += 1
             current = self.price_ms(self.policy(keep, formats))
         return self.policy(keep, formats), steps
@@ -101,7 +109,7 @@ class SearchContext:
             formats = {layer: fmt for layer, menu in self.menus.items() if fmt in menu}
             for r in sorted(self.grid, reverse=True):
                 pol = self.policy({g.name: r for g in self.layers.space.groups}, formats)
-                if self.price_ms(pol) <= self.budget_ms:
+                if self.price_ms(pol) <= self.limit_ms:
                     seeds.append((f"uniform-{r:g}" + ("" if fmt == "fp32" else f"-{fmt}"), pol))
                     break
         return seeds
@@ -111,11 +119,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log) -> Setup:
+def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log, setup: Setup | None = None) -> Setup:
     """The spec's dense model with its trained weights (trained and cached first if there are none) and data."""
     from hwprune.train import DEFAULT_EPOCHS, TrainConfig, train_and_cache
 
-    setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
+    setup = setup or resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
     assert setup.data is not None
     if setup.weights == "random init":
         epochs = DEFAULT_EPOCHS.get(spec.model, 20)
@@ -127,20 +135,25 @@ def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log) -> Setup:
 
 
 def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> SearchContext:
-    """Resolve model and data, train the base model if needed, load the table, parse the budget.
+    """Everything the search needs, cheapest checks first.
 
+    Order: the model and data (shapes; nothing trained), the latency table (profiled here first when this
+    machine is the target and has none, unless ``spec.profile`` is off), the budget against the grid's
+    smallest policy, and only then the base model's training (if not cached) and its evaluation.
     ``spec`` must be validated already (:func:`hwprune.search.run_search` does it).
     """
     from hwprune.models import default_latency_batch
     from hwprune.train import evaluate, few_batches
 
     target = get_target(spec.target, threads=spec.threads)
-    setup = dense_setup(spec, log)
+    setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
     assert setup.data is not None
     batch = spec.batch_size or default_latency_batch(spec.model)
     layers = analyze_layers(setup.model, setup.example, spec.exclude, spec.channel_multiple)
-    table = find_table(spec.tables, target, batch, spec.table, spec.allow_foreign_table)
     key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
+    job = ProfileJob(setup.model, setup.example, layers, key, tuple(setup.input_shape), list(spec.exclude))
+    table = resolve_table(target, batch, layers, key, tables=spec.tables, table=spec.table,
+                          allow_foreign=spec.allow_foreign_table, profile=job if spec.profile else None, log=log)
     predictor = Predictor(table, layers, key)
     if not predictor.calibrated:
         raise HwpruneError(f"table {str(table.path)!r} has no calibration for {key}; run 'hwprune profile "
@@ -150,14 +163,24 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     menus = predictor.menus(target)
     dense_ms = predictor.price(Policy(channel_multiple=spec.channel_multiple)).latency_ms
     budget_ms = parse_budget(spec.budget, dense_ms)
-    ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms,
-                        evaluate(setup.model, setup.data.val), few_batches(setup.data.train))
+    margin = predictor.margin(MARGIN_QUANTILE) if spec.budget_margin is None else spec.budget_margin
+    ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms, float("nan"), margin=margin)
     floor = ctx.price_ms(ctx.smallest())
-    if floor > budget_ms:
-        raise HwpruneError(f"budget {budget_ms:.4f} ms cannot be met: the smallest policy the grid allows is "
-                           f"predicted at {floor:.4f} ms on {spec.target} (batch {batch})")
-    if dense_ms <= budget_ms:
+    if floor > ctx.limit_ms:
+        kept = "" if margin == 0 else (f" ({budget_ms:.4f} ms less the {margin:.1%} margin for prediction error; "
+                                       f"--budget-margin 0 prices up to the budget itself)")
+        raise HwpruneError(f"budget {ctx.limit_ms:.4f} ms{kept} cannot be met: the smallest policy the grid allows "
+                           f"is predicted at {floor:.4f} ms on {spec.target} (batch {batch})")
+    if margin:
+        how = "--budget-margin" if spec.budget_margin is not None else \
+            f"the {MARGIN_QUANTILE:.0%} quantile of the calibration runs' leave-one-out |measured/predicted - 1|"
+        ctx.notes.append(f"candidates are priced at most {ctx.limit_ms:.4f} ms: the budget less a {margin:.1%} "
+                         f"margin ({how})")
+    if dense_ms <= ctx.limit_ms:
         ctx.notes.append(f"the dense model ({dense_ms:.4f} ms) already meets the budget; searching the "
                          f"accuracy/latency front anyway")
+    ctx.setup = dense_setup(spec, log, setup)  # the expensive part last: every cheap check has passed
+    ctx.dense_val_accuracy = evaluate(setup.model, setup.data.val)
+    ctx.batches = few_batches(setup.data.train)
     torch.manual_seed(spec.seed)
     return ctx

@@ -24,7 +24,8 @@ from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.rundir import check_run_dir, claim_run_dir, front, plot_front, write_front, write_trials
 from hwprune.search.spec import SearchSpec
 
-__all__ = ["run_search", "open_study", "load_front", "SearchResult", "propose", "train_candidate", "Progress"]
+__all__ = ["run_search", "open_study", "load_front", "SearchResult", "propose", "train_candidate", "Progress",
+           "Heartbeat", "fail_interrupted", "stale_for"]
 
 SearchResult = dict[str, Any]
 
@@ -45,6 +46,8 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from hwprune._io import mask_url
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: one line each from hwprune, reason in trials.csv
     storage: Any = spec.storage or JournalStorage(JournalFileBackend(str(out / "study.journal")))
     try:
@@ -52,8 +55,9 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
             return optuna.load_study(study_name=spec.name, storage=storage)
         return optuna.create_study(study_name=spec.name, storage=storage, directions=["maximize", "minimize"],
                                    sampler=_sampler(spec.sampler, spec.seed), load_if_exists=True)
-    except (KeyError, ValueError, ImportError) as exc:
-        raise HwpruneError(f"cannot open study {spec.name!r} in {spec.storage or str(out)!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server: one line
+        where = mask_url(spec.storage) or str(out)
+        raise HwpruneError(f"cannot open study {spec.name!r} in {where!r}: {one_line(exc)}") from exc
 
 
 def _params(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str]) -> dict[str, Any]:
@@ -71,6 +75,7 @@ def propose(ctx: SearchContext, trial: Any) -> tuple[Any, float, Any]:
     from optuna.trial import TrialState
 
     trial.set_user_attr("owner", OWNER)  # which process runs it: a resumed search fails only dead owners' trials
+    trial.set_user_attr("heartbeat", time.time())  # its lease, renewed by Heartbeat while it runs
     keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in ctx.layers.space.groups}
     formats = {n: trial.suggest_categorical(f"fmt:{n}", menu) for n, menu in ctx.menus.items() if len(menu) > 1}
     policy, repairs = ctx.repair(ctx.policy(keep, formats))
@@ -211,31 +216,90 @@ def owner_alive(owner: str | None) -> bool | None:
     return True
 
 
-def fail_interrupted(study: Any, log: Callable[[str], None]) -> int:
-    """Mark RUNNING trials whose process has ended FAIL ("interrupted"); returns how many.
+def stale_for(trial: Any, grace_s: float, now: float | None = None) -> float | None:
+    """Seconds since a RUNNING trial of another host last beat, when that is over ``grace_s``; else None.
 
-    Trials of live processes (another ``hwprune search`` on the same study) are left running; trials owned by
-    another host cannot be checked and are left too (named in the log).
+    Every search process renews a lease on its running trials (user attribute ``heartbeat``, every
+    ``heartbeat_interval`` seconds, see :class:`Heartbeat`); a trial whose lease is older than the grace
+    period belongs to a host that crashed or lost the storage. Trials of this host are judged by their
+    process instead (:func:`owner_alive`).
+    """
+    start = trial.datetime_start.timestamp() if trial.datetime_start else None
+    last = trial.user_attrs.get("heartbeat", start)
+    if not isinstance(last, (int, float)):
+        return None
+    age = (time.time() if now is None else now) - float(last)
+    return age if age > grace_s else None
+
+
+def fail_interrupted(study: Any, log: Callable[[str], None], grace_s: float = 120.0) -> int:
+    """Mark FAIL the RUNNING trials whose process has ended, or whose host stopped renewing their lease.
+
+    Trials of live processes (another ``hwprune search`` on the same study) are left running; so are trials
+    of another host whose lease is younger than ``grace_s`` seconds.
     """
     import optuna
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         alive = owner_alive(t.user_attrs.get("owner"))
+        why = None
         if alive is False:
-            # Optuna's public API cannot fail a trial of another process with a reason: storage calls
-            study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (process ended mid-trial)")
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            n += 1
+            why = "interrupted (process ended mid-trial)"
         elif alive is None:
-            log(f"hwprune: trial {t.number} is running on {t.user_attrs['owner']} (another host): left as it is")
+            age = stale_for(t, grace_s)
+            if age is not None:
+                why = f"stale: no heartbeat from {t.user_attrs['owner']} for {age:.0f} s (host down or cut off)"
+        if why:
+            # Optuna's public API cannot fail a trial of another process with a reason: storage calls
+            study._storage.set_trial_user_attr(t._trial_id, "error", why)
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            log(f"hwprune: trial {t.number} marked failed: {why}")
+            n += 1
     return n
 
 
-def remaining(trials: list[Any], wanted: int) -> int:
+def remaining(trials: list[Any], wanted: int, grace_s: float = 120.0) -> int:
     """Trials still to start: wanted minus finished minus those other live processes are running now."""
-    others = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("owner") != OWNER]
+    others = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("owner") != OWNER
+              and owner_alive(t.user_attrs.get("owner")) is not False and stale_for(t, grace_s) is None]
     return max(0, wanted - len(finished(trials)) - len(others))
+
+
+class Heartbeat:
+    """Renews the lease (user attribute ``heartbeat``) of this process's running trials every ``interval_s``."""
+
+    def __init__(self, study: Any, interval_s: float) -> None:
+        import threading
+
+        self.study, self.interval_s = study, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hwprune-heartbeat", daemon=True)
+
+    def beat(self) -> int:
+        import optuna
+
+        n = 0
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get("owner") == OWNER:
+                self.study._storage.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
+                n += 1
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a storage hiccup must not kill the search; the next beat retries
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class Progress:
@@ -249,8 +313,8 @@ class Progress:
         self.failed = 0
 
     def trial_ended(self, trials: list[Any], trial: Any) -> None:
-        write_trials(self.out, trials, self.ctx.budget_ms)
-        pts = front(trials, self.ctx.budget_ms)
+        write_trials(self.out, trials, self.ctx.limit_ms)
+        pts = front(trials, self.ctx.limit_ms)
         if trial.state.name in FINISHED:
             self.bar.update(1)
         if trial.state.name == "FAIL":
@@ -274,7 +338,8 @@ class Progress:
 
 def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], None]) -> None:
     spec = ctx.spec
-    todo = remaining(study.get_trials(deepcopy=False), spec.trials)
+    grace = spec.heartbeat_grace
+    todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace)
     progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
     rule = _rule_from(study, spec)
     objective = lambda trial: _evaluate(ctx, rule, trial)  # noqa: E731
@@ -282,7 +347,7 @@ def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], N
     def ended(st: Any, tr: Any) -> None:
         trials = st.get_trials(deepcopy=False)
         progress.trial_ended(trials, tr)
-        if remaining(trials, spec.trials) <= 0:  # another process on the same study may have filled it
+        if remaining(trials, spec.trials, grace) <= 0:  # another process on the same study may have filled it
             st.stop()
 
     try:
@@ -290,7 +355,8 @@ def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], N
             study.optimize(objective, n_trials=todo, catch=(Exception,), callbacks=[ended])
             trials = study.get_trials(deepcopy=False)
             progress.check_failures(trials, todo)
-            todo = remaining(trials, spec.trials)
+            fail_interrupted(study, log, grace)  # a host that died meanwhile: its trials are not waited for
+            todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace)
     finally:
         progress.close()
 
@@ -313,7 +379,8 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     ctx = prepare(spec, log)
     table = ctx.predictor.table
     resumed = claim_run_dir(out, spec.identity(), {
-        "spec": dict(vars(spec)), "budget_ms": ctx.budget_ms, "dense_predicted_ms": ctx.dense_ms,
+        "spec": spec.public(), "budget_ms": ctx.budget_ms, "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
+        "dense_predicted_ms": ctx.dense_ms,
         "dense_val_accuracy": ctx.dense_val_accuracy, "table": str(table.path), "table_fingerprint": table.fingerprint,
         "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus})
     for note in ctx.notes:
@@ -321,26 +388,28 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "
         f"(dense {ctx.dense_ms:.4f} ms, val acc {ctx.dense_val_accuracy:.4f}); table {table.path}")
     study = open_study(out, spec)
-    fail_interrupted(study, log)
+    fail_interrupted(study, log, spec.heartbeat_grace)
     if not resumed and not study.trials and spec.uniform_seeds:
         for name, pol in ctx.uniform_seeds():
             study.enqueue_trial(_params(ctx, pol.keep, pol.formats), user_attrs={"seed": name})
     t0 = time.time()
-    if spec.backend == "ray":
-        from hwprune.search.ray_backend import run_ray
+    with Heartbeat(study, spec.heartbeat_interval):
+        if spec.backend == "ray":
+            from hwprune.search.ray_backend import run_ray
 
-        run_ray(ctx, study, out, log)
-    else:
-        _run_local(ctx, study, out, log)
+            run_ray(ctx, study, out, log)
+        else:
+            _run_local(ctx, study, out, log)
     trials = study.get_trials(deepcopy=False)
-    write_trials(out, trials, ctx.budget_ms)
-    pts = front(trials, ctx.budget_ms)
+    write_trials(out, trials, ctx.limit_ms)
+    pts = front(trials, ctx.limit_ms)
     best = write_front(out, pts, ctx.budget_ms)
-    plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_accuracy, ctx.dense_ms))
+    plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_accuracy, ctx.dense_ms), ctx.limit_ms)
     seeds = {t.user_attrs["seed"]: {"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1]}
              for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"}
     count = lambda s: len([t for t in trials if t.state.name == s])  # noqa: E731
     return {"study": spec.name, "out": str(out), "backend": spec.backend, "budget_ms": ctx.budget_ms,
+            "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
             "dense_predicted_ms": ctx.dense_ms, "dense_val_accuracy": ctx.dense_val_accuracy,
             "trials": count("COMPLETE") + count("PRUNED"), "complete": count("COMPLETE"),
             "stopped_early": count("PRUNED"), "failed": count("FAIL"),
@@ -350,16 +419,37 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
             "table_fingerprint": table.fingerprint, "resumed": resumed}
 
 
-def load_front(run_dir: str | Path) -> SearchResult:
+def load_front(run_dir: str | Path, storage: str | None = None) -> SearchResult:
     """The front of a finished or running search, read back from its run directory."""
     from hwprune._io import read_json
 
     out = Path(run_dir)
     info = read_json(out / "run.json", "run file")
-    spec = SearchSpec(**{k: v for k, v in info["spec"].items()})
+    spec = run_spec(info, storage)
     study = open_study(out, spec, load_only=True)
-    pts = front(study.get_trials(deepcopy=False), info["budget_ms"])
-    return {"study": spec.name, "out": str(out), "budget_ms": info["budget_ms"], "pareto": _points(pts)}
+    pts = front(study.get_trials(deepcopy=False), run_limit(info))
+    return {"study": spec.name, "out": str(out), "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
+            "pareto": _points(pts)}
+
+
+def run_limit(info: dict[str, Any]) -> float:
+    """The priced limit of a run: its budget less the margin (runs of older versions had none)."""
+    return float(info.get("limit_ms", info["budget_ms"]))
+
+
+def run_spec(info: dict[str, Any], storage: str | None = None) -> SearchSpec:
+    """The spec a run.json recorded; ``storage`` supplies the URL whose password run.json does not keep."""
+    from hwprune._io import mask_url
+
+    spec = SearchSpec(**info["spec"])
+    if storage:
+        if mask_url(storage) != spec.storage:
+            raise HwpruneError(f"--storage {mask_url(storage)!r} is not the run's storage {spec.storage!r}")
+        spec.storage = storage
+    elif spec.storage and ":***@" in spec.storage:
+        raise HwpruneError(f"the run's study is in {spec.storage!r}, and run.json does not keep its password; "
+                           f"pass --storage with the full URL")
+    return spec
 
 
 def _points(pts: list[Any]) -> list[dict[str, Any]]:

@@ -77,8 +77,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def _portable_spec(spec: SearchSpec) -> dict[str, Any]:
-    """The spec as a dict, file references made absolute (Tune trials run in their own directory)."""
-    d = dict(vars(spec))
+    """The spec as a dict, file references made absolute (Tune trials run in their own directory).
+
+    The storage URL's password is masked: workers never open the study, and Tune keeps these parameters on disk.
+    """
+    d = spec.public()
     for key in ("model", "data"):
         ref = d[key]
         if ":" in ref and ref.split(":")[0].endswith(".py"):

@@ -13,7 +13,7 @@ from hwprune.errors import HwpruneError
 
 __all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
 
-TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "budget_ms", "feasible", "repairs",
+TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "limit_ms", "feasible", "repairs",
                  "mean_keep", "formats", "flops", "params", "seconds", "train_seconds", "duplicate_of", "error", "owner"]
 
 
@@ -45,7 +45,7 @@ def claim_run_dir(out: Path, identity: dict[str, Any], run_info: dict[str, Any])
     return False
 
 
-def _row(t: Any, budget_ms: float) -> dict[str, Any]:
+def _row(t: Any, limit_ms: float) -> dict[str, Any]:
     a = t.user_attrs
     pol = a.get("policy", {})
     keep = list(pol.get("keep", {}).values())
@@ -55,8 +55,8 @@ def _row(t: Any, budget_ms: float) -> dict[str, Any]:
     vals = t.values or [None, a.get("predicted_latency_ms")]  # stopped or failed: priced all the same
     return {"trial": t.number, "state": t.state.name, "seed": a.get("seed", ""),
             "accuracy": "" if vals[0] is None else f"{vals[0]:.4f}",
-            "predicted_latency_ms": "" if vals[1] is None else f"{vals[1]:.5f}", "budget_ms": f"{budget_ms:.5f}",
-            "feasible": "" if vals[1] is None else str(vals[1] <= budget_ms + 1e-12),
+            "predicted_latency_ms": "" if vals[1] is None else f"{vals[1]:.5f}", "limit_ms": f"{limit_ms:.5f}",
+            "feasible": "" if vals[1] is None else str(vals[1] <= limit_ms + 1e-12),
             "repairs": a.get("repairs", ""), "mean_keep": f"{sum(keep) / len(keep):.3f}" if keep else "1.000",
             "formats": " ".join(f"{k}:{v}" for k, v in sorted(fmts.items())) or "fp32",
             "flops": a.get("flops", ""), "params": a.get("params", ""), "seconds": a.get("seconds", ""),
@@ -64,18 +64,19 @@ def _row(t: Any, budget_ms: float) -> dict[str, Any]:
             "duplicate_of": a.get("duplicate_of", ""), "error": a.get("error", ""), "owner": a.get("owner", "")}
 
 
-def write_trials(out: Path, trials: list[Any], budget_ms: float) -> None:
+def write_trials(out: Path, trials: list[Any], limit_ms: float) -> None:
+    """trials.csv; ``feasible`` says whether the predicted latency is within ``limit_ms`` (budget less margin)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, TRIAL_COLUMNS)
     w.writeheader()
     for t in sorted(trials, key=lambda t: t.number):
-        w.writerow(_row(t, budget_ms))
+        w.writerow(_row(t, limit_ms))
     write_atomic(out / "trials.csv", buf.getvalue())
 
 
-def front(trials: list[Any], budget_ms: float) -> list[Any]:
-    """Feasible, non-dominated trials (accuracy up, latency down), by latency; ties keep the first trial."""
-    ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= budget_ms + 1e-12]
+def front(trials: list[Any], limit_ms: float) -> list[Any]:
+    """Feasible (predicted within ``limit_ms``), non-dominated trials, by latency; ties keep the first trial."""
+    ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= limit_ms + 1e-12]
     pts, seen = [], set()
     for t in sorted(ok, key=lambda t: t.number):
         if tuple(t.values) in seen:  # the same point again (a repeated policy): keep the first trial
@@ -110,7 +111,8 @@ def write_front(out: Path, pts: list[Any], budget_ms: float) -> dict[str, Any] |
             "budget_ms": budget_ms}
 
 
-def plot_front(out: Path, trials: list[Any], pts: list[Any], budget_ms: float, dense: tuple[float, float]) -> Path:
+def plot_front(out: Path, trials: list[Any], pts: list[Any], budget_ms: float, dense: tuple[float, float],
+               limit_ms: float | None = None) -> Path:
     """pareto.png: every completed trial, the front, the budget line, the dense model and the uniform seeds."""
     import matplotlib
 
@@ -128,6 +130,8 @@ def plot_front(out: Path, trials: list[Any], pts: list[Any], budget_ms: float, d
                     textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
     ax.scatter([dense[1]], [dense[0]], marker="*", s=120, c="tab:green", label="dense")
     ax.axvline(budget_ms, ls="--", c="tab:red", label=f"budget {budget_ms:.3f} ms")
+    if limit_ms is not None and limit_ms < budget_ms:
+        ax.axvline(limit_ms, ls=":", c="tab:red", label=f"priced limit {limit_ms:.3f} ms (margin)")
     ax.set_xlabel("predicted latency (ms)")
     ax.set_ylabel("validation accuracy")
     ax.legend(fontsize=8, loc="lower right")

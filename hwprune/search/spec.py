@@ -40,9 +40,11 @@ class SearchSpec:
     importance: str = "l1"
     early_stop_margin: float = 0.05
     uniform_seeds: bool = True
-    tables: str = "latency_tables"
+    tables: str | None = None
     table: str | None = None
     allow_foreign_table: bool = False
+    profile: bool = True
+    budget_margin: float | None = None
     storage: str | None = None
     study: str | None = None
     out: str | None = None
@@ -51,6 +53,8 @@ class SearchSpec:
     workers: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    heartbeat_interval: float = 30.0  # seconds between renewals of a running trial's lease
+    heartbeat_grace: float = 120.0  # a trial of another host whose lease is older than this is failed as stale
 
     def validate(self) -> None:
         from hwprune.search.budget import parse_budget
@@ -71,6 +75,12 @@ class SearchSpec:
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise HwpruneError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0, got {self.cpus_per_trial} "
                                f"and {self.gpus_per_trial}")
+        if self.budget_margin is not None and not 0 <= self.budget_margin < 1:
+            raise HwpruneError(f"budget_margin must be in [0, 1) (a share of the budget kept free for prediction "
+                               f"error, e.g. 0.05; 0 prices up to the budget), got {self.budget_margin}")
+        if not 0 < self.heartbeat_interval < self.heartbeat_grace:
+            raise HwpruneError(f"heartbeat_interval must be > 0 and below heartbeat_grace, got "
+                               f"{self.heartbeat_interval} and {self.heartbeat_grace}")
         if self.sampler not in SAMPLERS:
             raise HwpruneError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.backend not in BACKENDS:
@@ -87,7 +97,16 @@ class SearchSpec:
         """The fields that define the study (a run directory holds exactly one)."""
         keep = ("model", "data", "target", "budget", "model_args", "weights", "sampler", "seed", "finetune_steps",
                 "lr", "batch_size", "threads", "channel_multiple", "exclude", "importance")
-        return {k: getattr(self, k) for k in keep}
+        ident = {k: getattr(self, k) for k in keep}
+        if self.budget_margin is not None:  # the automatic margin (None) keeps run directories of older versions
+            ident["budget_margin"] = self.budget_margin
+        return ident
+
+    def public(self) -> dict[str, Any]:
+        """The spec as plain data for run.json, logs and workers: a storage URL's password masked."""
+        from hwprune._io import mask_url
+
+        return {**vars(self), "storage": mask_url(self.storage)}
 
 
 _TYPES: dict[str, tuple[type, ...]] = {}
@@ -99,7 +118,8 @@ for _f in dataclasses.fields(SearchSpec):
 
 
 def _check(key: str, value: Any, source: str) -> Any:
-    if value is None and key in ("weights", "batch_size", "storage", "study", "out", "ray_address", "table"):
+    if value is None and key in ("weights", "batch_size", "storage", "study", "out", "ray_address", "table", "tables",
+                                 "budget_margin"):
         return None
     want = _TYPES[key]
     if key == "budget" and isinstance(value, (int, float)) and not isinstance(value, bool):

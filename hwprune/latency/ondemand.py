@@ -1,0 +1,220 @@
+"""The table a command prices with: found in the table folders, or measured here first.
+
+When this machine is the target (``cpu``; ``arm`` on an ARM board or with
+``--emulate``; ``cuda`` with a GPU) and no table matching its fingerprint at
+the asked batch holds the model, :func:`resolve_table` profiles what is missing
+(one line saying why and what it costs, then progress bars) into the user's
+table folder, and the command goes on. ``profile=None`` (``--no-profile``)
+restores the refusal. A target that is not this machine is priced from any
+table of its kind (profiled on the device and copied here).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hwprune.errors import HwpruneError
+from hwprune.latency.layers import ModelLayers
+from hwprune.latency.table import (LatencyTable, fingerprint_diff, table_dirs, table_path, user_tables_dir)
+from hwprune.latency.targets import Target, fingerprint_line
+
+__all__ = ["ProfileJob", "profile_model", "resolve_table", "find_table", "missing_for", "estimate_seconds"]
+
+
+@dataclass
+class ProfileJob:
+    """What profiling a model needs: the model, an example batch, its layers and its key in the table."""
+
+    model: nn.Module
+    example: torch.Tensor
+    layers: ModelLayers
+    key: str
+    input_shape: tuple[int, ...]
+    exclude: list[str] = field(default_factory=list)
+    grid: tuple[float, ...] = ()
+    calibration: int = 20
+    repeats: int = 15
+
+    def __post_init__(self) -> None:
+        if not self.grid:
+            from hwprune.latency.profiler import DEFAULT_GRID
+
+            self.grid = DEFAULT_GRID
+
+
+def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Callable[[str], None]) -> dict[str, int]:
+    """Measure the job's missing layer configurations, then its end-to-end calibration runs; saves the table."""
+    from hwprune.latency.predictor import Predictor
+    from hwprune.latency.profiler import calibrate, calibration_policies, layer_configs, profile_layers
+
+    configs = layer_configs(job.layers, job.grid, target, table.batch_size)
+    measured = profile_layers(table, configs, target, job.repeats, log)
+    menus = Predictor(table, job.layers, job.key).menus(target)
+    pols = calibration_policies(job.layers, job.grid, menus, job.calibration)
+    cal = calibrate(table, job.key, job.model, job.example, pols, target, job.repeats, job.exclude, log,
+                    {"grid": list(job.grid), "input_shape": list(job.input_shape)})
+    return {"configurations": len(configs), "measured_now": measured, "calibration_measured_now": cal}
+
+
+def missing_for(table: LatencyTable, target: Target, layers: ModelLayers | None, key: str | None) -> str:
+    """What ``table`` lacks to price the model ('' when nothing): its calibration or layer configurations.
+
+    Layer configurations are checked only where this machine is the target (its formats are the table's).
+    """
+    from hwprune.latency.profiler import layer_configs
+
+    if key is None or layers is None:
+        return ""
+    model = table.models.get(key, {})
+    if not model.get("calibration"):
+        return "no calibration runs for this model"
+    if not target.is_local():
+        return ""
+    configs = layer_configs(layers, tuple(model.get("grid") or ()), target, table.batch_size)
+    gone = sum(1 for c in configs if c.key not in table.entries)
+    return f"{gone} of its {len(configs)} layer configurations unmeasured" if gone else ""
+
+
+def estimate_seconds(job: ProfileJob, target: Target, batch: int, configs: int, calibration: int) -> float:
+    """A rough profiling time from one timed dense forward pass (an estimate for the user, never stored)."""
+    model = job.model.eval().to(target.device)
+    x = torch.randn(batch, *job.input_shape, device=target.device)
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        model(x)
+        if target.device == "cuda":  # pragma: no cover - needs a GPU
+            torch.cuda.synchronize()
+        dense = time.perf_counter() - t0
+    layer = dense / max(1, len(job.layers.layers))
+    per_run = lambda one: job.repeats * max(0.002, one) + 5 * one  # noqa: E731 - repeats last >= 2 ms each
+    return configs * (per_run(layer) + 0.004) + calibration * (per_run(dense) + 0.05)
+
+
+def _load_all(dirs: list[Path], target: Target, batch: int) -> list[LatencyTable]:
+    found = []
+    for d in dirs:
+        if d.is_dir():
+            found += [LatencyTable.load(p) for p in sorted(d.glob(f"{target.name}-*/b{batch}.json"))]
+    return [t for t in found if t.fingerprint.get("target") == target.name]
+
+
+def _where(dirs: list[Path]) -> str:
+    return " or ".join(repr(str(d)) for d in dirs)
+
+
+def resolve_table(target: Target, batch: int, layers: ModelLayers | None = None, key: str | None = None, *,
+                  tables: str | Path | None = None, table: str | Path | None = None, allow_foreign: bool = False,
+                  profile: ProfileJob | None = None, log: Callable[[str], None] = lambda m: None) -> LatencyTable:
+    """The table that prices ``target`` at ``batch`` for the model ``key``.
+
+    Lookup: ``table`` (a file) if given; else the folders of :func:`~hwprune.latency.table.table_dirs`
+    (``tables`` alone, or the user's folder then the reference tables). Where this machine is the target,
+    a table of its own fingerprint that holds the model is used; failing that, with ``profile`` the missing
+    measurements are taken now (into ``tables`` or the user's folder); without it, a table of this machine
+    is returned as it is, and a table of another device only with ``allow_foreign``.
+    """
+    if table:
+        return _check_file(LatencyTable.load(table), target, allow_foreign)
+    dirs = table_dirs(tables)
+    if not target.is_local():
+        return _remote(_load_all(dirs, target, batch), target, batch, key, dirs)
+    fp = target.fingerprint()
+    mine = [t for t in (LatencyTable.load(table_path(d, fp, batch)) for d in dirs
+                        if table_path(d, fp, batch).is_file())]
+    for t in mine:
+        if not missing_for(t, target, layers, key):
+            return t
+    foreign = [t for t in _load_all(dirs, target, batch) if fingerprint_diff(t.fingerprint, fp)]
+    if allow_foreign:
+        for t in foreign:
+            if not missing_for(t, target, layers, key):
+                return t
+    if profile is not None:
+        return _profile_here(target, batch, fp, mine, foreign, Path(tables) if tables else user_tables_dir(),
+                             profile, log)
+    if mine:
+        return mine[0]
+    if foreign and allow_foreign:
+        return foreign[0]
+    if foreign:
+        t = foreign[0]
+        raise HwpruneError(f"table {str(t.path)!r} was measured on another device "
+                           f"({'; '.join(fingerprint_diff(t.fingerprint, fp))}); profile this one (leave out "
+                           f"--no-profile), or pass --allow-foreign-table")
+    raise HwpruneError(f"no {target.name} latency table for this machine ({fingerprint_line(fp)}) at batch {batch} "
+                       f"under {_where(dirs)}; leave out --no-profile to measure one now, or run 'hwprune profile "
+                       f"--target {target.name} --batch-size {batch}'")
+
+
+def find_table(tables_dir: str | Path, target: Target, batch: int, table: str | Path | None = None,
+               allow_foreign: bool = False) -> LatencyTable:
+    """A table of ``target`` at ``batch`` in ``tables_dir`` (or the file ``table``), never profiling."""
+    return resolve_table(target, batch, tables=tables_dir, table=table, allow_foreign=allow_foreign)
+
+
+def _check_file(tbl: LatencyTable, target: Target, allow_foreign: bool) -> LatencyTable:
+    if tbl.fingerprint.get("target") != target.name:
+        raise HwpruneError(f"table {str(tbl.path)!r} was measured for target {tbl.fingerprint.get('target')!r}, "
+                           f"not {target.name!r}")
+    if target.is_local() and not allow_foreign:
+        diff = fingerprint_diff(tbl.fingerprint, target.fingerprint())
+        if diff:
+            raise HwpruneError(f"table {str(tbl.path)!r} was measured on another device ({'; '.join(diff)}); "
+                               f"profile this one, or pass --allow-foreign-table")
+    return tbl
+
+
+def _remote(found: list[LatencyTable], target: Target, batch: int, key: str | None, dirs: list[Path]) -> LatencyTable:
+    """A target that is not this machine: a table measured on it and copied here."""
+    if key is not None:
+        found = [t for t in found if key in t.models] or found
+    if not found:
+        raise HwpruneError(f"no {target.name} latency table for batch {batch} under {_where(dirs)}; run 'hwprune "
+                           f"profile --target {target.name} --batch-size {batch}' on the device and copy its table "
+                           f"folder into {str(user_tables_dir())!r} (or pass --tables/--table)")
+    if len(found) > 1:
+        raise HwpruneError(f"{len(found)} {target.name} tables for batch {batch}: "
+                           f"{', '.join(str(t.path) for t in found)}; pick one with --table")
+    return found[0]
+
+
+def _profile_here(target: Target, batch: int, fp: dict[str, Any], mine: list[LatencyTable],
+                  foreign: list[LatencyTable], dest_dir: Path, job: ProfileJob,
+                  log: Callable[[str], None]) -> LatencyTable:
+    """Measure what this machine's table lacks for the job, starting from any table of this fingerprint."""
+    from hwprune.latency.profiler import layer_configs
+
+    dest = table_path(dest_dir, fp, batch)
+    tbl = LatencyTable(fp, batch, path=dest)
+    for t in mine:  # measurements of this very device (e.g. a reference table): reused, not re-taken
+        tbl.merge(t)
+    if mine:
+        why = f"the tables of this machine ({', '.join(repr(str(t.path)) for t in mine)}) lack this model " \
+              f"({missing_for(mine[0], target, job.layers, job.key)})"
+    else:
+        why = f"no {target.name} table for this machine ({fingerprint_line(fp)}) at batch {batch}"
+        if foreign:
+            why += f"; {str(foreign[0].path)!r} is another device's (differs in " \
+                   f"{', '.join(d.split(':')[0] for d in fingerprint_diff(foreign[0].fingerprint, fp))})"
+    configs = layer_configs(job.layers, job.grid, target, batch)
+    todo = sum(1 for c in configs if c.key not in tbl.entries)
+    cal = job.calibration - len(tbl.models.get(job.key, {}).get("calibration", []))
+    threads = torch.get_num_threads()
+    target.setup()  # the table's threads and allocator; the command's own thread count comes back after
+    est = estimate_seconds(job, target, batch, todo, max(0, cal))
+    log(f"hwprune: {why}; measuring {todo} layer configurations and up to {max(0, cal)} calibration runs, "
+        f"~{est:.0f} s (estimated), into {str(dest)!r} (--no-profile refuses instead)")
+    t0 = time.time()
+    try:
+        profile_model(tbl, target, job, log)
+        tbl.save()
+    finally:
+        torch.set_num_threads(threads)
+    log(f"hwprune: profiled in {time.time() - t0:.1f} s -> {dest}")
+    return tbl
