@@ -62,7 +62,7 @@ def gradual_keeps(final: dict[str, float], stages: int) -> list[dict[str, float]
 def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, train: Any, steps: int, *,
                     schedule: str = "oneshot", stages: int = 4, exclude: list[str] | None = None,
                     importance: str = "l1", lr: float = 1e-3, seed: int = 0, batches: Any = None,
-                    log: Callable[[str], None] | None = None) -> nn.Module:
+                    log: Callable[[str], None] | None = None, device: str | None = None) -> nn.Module:
     """Prune ``dense`` to ``policy`` and fine-tune ``steps`` steps in total.
 
     ``oneshot`` prunes once and fine-tunes with the policy's (simulated) formats.
@@ -80,7 +80,7 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if schedule == "oneshot":
         model = apply_policy(dense, policy, example, exclude=exclude, importance=importance, batches=batches)
-        return finetune(model, train, steps, lr=lr, seed=seed)
+        return finetune(model, train, steps, lr=lr, seed=seed, device=device)
     space = build_space(dense, example, exclude)
     dense_units = {g.name: g.units for g in space.groups}
     final = policy.units(space)
@@ -97,9 +97,9 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         if log:
             log(f"hwprune: gradual stage {k}/{stages}: {sum(target.values())} of {sum(dense_units.values())} units")
         if k < stages:
-            finetune(model, train, per_stage, lr=lr, seed=seed + k)
+            finetune(model, train, per_stage, lr=lr, seed=seed + k, device=device)
     model = apply_formats(model, policy.formats)
-    return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, seed=seed)
+    return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, seed=seed, device=device)
 
 
 def pick_trial(trials: list[Any], which: str, budget_ms: float) -> Any:
@@ -191,7 +191,7 @@ def _identity(run_dir: Path, trial: int, steps: int, schedule: str, stages: int)
 def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | None = None,
                schedule: str = "oneshot", out: str | Path | None = None, repeats: int = 30,
                measure_here: bool = False, stages: int = 4, log: Callable[[str], None] = _log,
-               storage: str | None = None) -> dict[str, Any]:
+               storage: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Export one trial of a search run; returns the summary ``hwprune export --json`` prints."""
     from hwprune.apply import save_pruned
     from hwprune.apply.formats import deploy
@@ -254,7 +254,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         f"{spec.finetune_steps} steps, predicted {chosen.values[1]:.4f} ms); {schedule} fine-tune, {steps} steps")
     model = finetune_policy(setup.model, policy, setup.example, data.train, steps, schedule=schedule, stages=stages,
                             exclude=spec.exclude, importance=spec.importance, lr=spec.lr, seed=spec.seed,
-                            batches=few_batches(data.train), log=log)
+                            batches=few_batches(data.train), log=log, device=device or spec.device)
     space = build_space(setup.model, setup.example, spec.exclude)
     sim_acc = evaluate(model, test)
     val_acc = evaluate(model, data.val)
@@ -268,8 +268,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     else:
         deployed, rep = model.eval(), None
         log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
-    dev_test = _on_device(test, target.device if target.is_local() else "cpu")
-    test_acc = evaluate(deployed, dev_test) if rep is not None else sim_acc
+    test_acc = evaluate(deployed, test) if rep is not None else sim_acc  # batch by batch, on the model's device
     x = torch.randn(info["batch_size"], *setup.input_shape, device=target.device if rep is not None else "cpu")
     artifacts, checks = _save_artifacts(deployed, x[: min(8, len(x))], dest)
     if not artifacts:
@@ -316,16 +315,6 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     write_atomic(dest / "report.md", _report(summary, spec, info, pts, run_fp, here))
     write_atomic(dest / "export.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     return summary
-
-
-def _on_device(ds: Any, device: str) -> Any:
-    if device == "cpu":
-        return ds
-    from torch.utils.data import TensorDataset
-
-    xs = torch.stack([ds[i][0] for i in range(len(ds))]).to(device)
-    ys = torch.tensor([int(ds[i][1]) for i in range(len(ds))], device=device)
-    return TensorDataset(xs, ys)
 
 
 def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], run_fp: dict[str, Any],

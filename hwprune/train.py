@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from hwprune._io import write_atomic
 from hwprune.errors import HwpruneError
 
-__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "cache_dir", "cache_key",
+__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "resolve_device", "DEVICES",
+           "cache_dir", "cache_key",
            "load_cached", "save_cached", "train_and_cache", "few_batches"]
 
 # epochs that reach the README's accuracies for each built-in model
@@ -32,6 +33,30 @@ class TrainConfig:
     batch_size: int = 128
     weight_decay: float = 1e-4
     seed: int = 0
+    device: str = "auto"
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """``auto`` (the GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    name = name or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise HwpruneError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HwpruneError(f"device {name!r} asked, and torch sees no CUDA device here (torch {torch.__version__}); "
+                           f"use --device cpu or auto")
+    return torch.device(name)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        p = next(iter(model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
@@ -40,11 +65,13 @@ def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
 
 
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on ``ds``."""
+    """Top-1 accuracy of ``model`` on ``ds``, batch by batch on the device the model is on."""
     model.eval()
+    dev = _device_of(model)
     correct = total = 0
     with torch.inference_mode():
         for x, y in _loader(ds, batch_size, False, 0):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             correct += int((model(x).argmax(-1) == y).sum())
             total += len(y)
     return correct / max(total, 1)
@@ -53,6 +80,8 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
 def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
           step: int) -> float:
     """One optimizer step on cross-entropy (gradients clipped at norm 5); returns the loss."""
+    dev = _device_of(model)
+    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
     loss = nn.functional.cross_entropy(model(x), y)
     if not torch.isfinite(loss):
         raise HwpruneError(f"training loss became {float(loss.detach())} at step {step}; lower the learning rate")
@@ -66,7 +95,20 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Ten
 
 def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train ``model`` in place; returns a summary with per-epoch val accuracy."""
+    """Train ``model`` in place on ``cfg.device``; returns a summary with per-epoch val accuracy.
+
+    The model comes back on the device it was on.
+    """
+    home = _device_of(model)
+    model.to(resolve_device(cfg.device))
+    try:
+        return _train(model, train, val, cfg, log)
+    finally:
+        model.to(home)
+
+
+def _train(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
+           log: Callable[[str], None] | None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     loader = _loader(train, cfg.batch_size, True, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -84,17 +126,30 @@ def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig
             eta = (time.time() - t0) / (epoch + 1) * (cfg.epochs - epoch - 1)
             log(f"epoch {epoch + 1}/{cfg.epochs}  loss {total / len(train):.4f}  val_acc {acc:.4f}  eta {eta:.0f}s")
     return {"val_accuracy": history[-1] if history else evaluate(model, val), "val_history": history,
-            "train_seconds": round(time.time() - t0, 1), "steps": step}
+            "train_seconds": round(time.time() - t0, 1), "steps": step, "device": str(_device_of(model))}
 
 
 def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, batch_size: int = 128,
-             seed: int = 0, callback: Callable[[int], None] | None = None) -> nn.Module:
+             seed: int = 0, callback: Callable[[int], None] | None = None, device: str | None = None) -> nn.Module:
     """A short fine-tune of ``steps`` optimizer steps (Adam, cosine decay), in place.
 
-    ``callback(step)`` runs after every step (1-based); it may raise to stop the fine-tune early.
+    Runs on ``device`` (``auto``/``cpu``/``cuda``; None: where the model is), batches moved per step; the
+    model comes back on the device it was on. ``callback(step)`` runs after every step (1-based), with the
+    model on the training device; it may raise to stop the fine-tune early.
     """
     if steps <= 0:
         return model
+    home = _device_of(model)
+    if device is not None:
+        model.to(resolve_device(device))
+    try:
+        return _finetune(model, train, steps, lr, batch_size, seed, callback)
+    finally:
+        model.to(home)
+
+
+def _finetune(model: nn.Module, train: Dataset, steps: int, lr: float, batch_size: int, seed: int,
+              callback: Callable[[int], None] | None) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

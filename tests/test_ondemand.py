@@ -307,3 +307,21 @@ def test_export_warns_when_measured_over_budget(tables, tmp_path):  # noqa: F811
     assert s["measured_latency_ms"] > s["budget_ms"] and s["over_budget"] is True
     assert re.search(r"hwprune: warning: measured [\d.]+ ms is over the budget [\d.]+ ms by [\d.]+%", proc.stderr)
     assert "**Over budget:**" in (run / f"export-trial{s['trial']}-oneshot" / "report.md").read_text()
+
+
+def test_a_stacked_rnn_trained_by_the_search_exports(tmp_path):
+    """Cheap checks first must not change what is trained: a 2-layer GRU the search trains (the analysis splits
+    its stack) is cached with its own keys, so export (a fresh model) loads it."""
+    from conftest import ASSETS
+
+    gru, seq = f"{ASSETS / 'user_model.py'}:gru2", f"{ASSETS / 'user_model.py'}:make_seq_data"
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    env = {"HWPRUNE_CACHE": str(cache)}
+    proc = run_cli("search", "--model", gru, "--data", seq, "--budget", "50ms", "--batch-size", "4", "--trials", "2",
+                   "--finetune-steps", "3", "--out", str(run), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    weights = list(cache.glob("*.pt"))
+    assert len(weights) == 1 and "rnn.weight_ih_l1" in torch.load(weights[0], weights_only=True)
+    exp = run_cli("export", str(run), "--finetune-steps", "2", "--repeats", "3", "--json", env=env)
+    assert exp.returncode == 0, exp.stderr[-1500:]
+    assert json.loads(exp.stdout)["measured_latency_ms"] > 0

@@ -20,7 +20,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = hit[1]
     else:
         epochs = args.epochs or DEFAULT_EPOCHS.get(args.model, 20)
-        cfg = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+        cfg = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device)
         log(f"hwprune: training {args.model} on {args.data} for {epochs} epochs "
              f"({len(s.data.train)} train / {len(s.data.val)} val examples)")
         summary = train_and_cache(s.model, s.data, args.model, args.data, args.seed, s.model_args, cfg,
@@ -85,7 +85,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         summary["val_accuracy_pruned"] = evaluate(pruned, s.data.val)
         if args.finetune_steps:
             log(f"hwprune: fine-tuning {args.finetune_steps} steps")
-            finetune(pruned, s.data.train, args.finetune_steps, seed=args.seed)
+            finetune(pruned, s.data.train, args.finetune_steps, seed=args.seed, device=args.device)
             summary["val_accuracy_after"] = evaluate(pruned, s.data.val)
         summary["finetune_steps"] = args.finetune_steps
     elif args.finetune_steps:
@@ -112,6 +112,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     from hwprune.apply.importance import IMPORTANCES
     from hwprune.policy import FORMATS
+    from hwprune.train import DEVICES
 
     t = sub.add_parser("train", help="train the dense base model and cache it (keyed by model, data, seed)")
     add_model_args(t, data_required=True)
@@ -120,6 +121,8 @@ def register(sub: Any) -> None:
     t.add_argument("--batch-size", type=positive, default=128, help="training batch size (default 128)")
     t.add_argument("--retrain", action="store_true", help="train again even if a cached model exists (replaces it)")
     t.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    t.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train: auto (the GPU when torch sees one, default), cpu or cuda")
     t.set_defaults(fn=cmd_train)
 
     i = sub.add_parser("inspect", help="list prunable groups, quantizable layers, params and FLOPs")
@@ -138,4 +141,6 @@ def register(sub: Any) -> None:
     a.add_argument("--importance", default="l1", choices=IMPORTANCES, help="which units to keep (default l1)")
     a.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after pruning (needs --data)")
     a.add_argument("--out", default=None, help="write the pruned model artifact here (.pt)")
+    a.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to fine-tune: auto (the GPU when torch sees one, default), cpu or cuda")
     a.set_defaults(fn=cmd_apply)

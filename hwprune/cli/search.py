@@ -9,7 +9,7 @@ from hwprune.cli._common import (emit, log, parse_exclude, positive)
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
-                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin")
+                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -62,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hwprune.export import export_run
 
     s = export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
-                   args.measure_here or args.allow_foreign_table, log=log, storage=args.storage)
+                   args.measure_here or args.allow_foreign_table, log=log, storage=args.storage, device=args.device)
     if not args.json:
         m = s["measured_latency_ms"]
         print(f"trial {s['trial']}: test accuracy {s['test_accuracy']:.4f} (dense {s['dense_test_accuracy']:.4f}); "
@@ -76,6 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     from hwprune.apply.importance import IMPORTANCES
+    from hwprune.train import DEVICES
 
     se = sub.add_parser("search", help="search per-layer keep ratios and formats under a latency budget")
     se.add_argument("--spec", help="a search spec (YAML, e.g. search/gru-mnist1d-cpu.yaml); flags override it")
@@ -107,6 +108,9 @@ def register(sub: Any) -> None:
     se.add_argument("--cpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--gpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--batch-size", type=positive, help="latency batch (default: the model's)")
+    se.add_argument("--device", choices=DEVICES,
+                    help="where base training and fine-tunes run: auto (the GPU when torch sees one, default), cpu "
+                         "or cuda; Ray trials use the GPU --gpus-per-trial gives them")
     se.add_argument("--threads", type=positive, help="CPU threads of the table (default 1)")
     se.add_argument("--tables", help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or "
                                      "~/.cache/hwprune/tables, then the repository's latency_tables/)")
@@ -149,5 +153,7 @@ def register(sub: Any) -> None:
                     help="the same as --measure-here: export on this machine though the run's table was "
                          "measured on another device (the measurement is labelled so)")
     ex.add_argument("--storage", help="the study's storage URL, when it has a password (run.json keeps it masked)")
+    ex.add_argument("--device", choices=DEVICES, default=None,
+                    help="where the fine-tune runs: auto, cpu or cuda (default: the run's --device)")
     ex.add_argument("--json", action="store_true", help="print the summary as JSON")
     ex.set_defaults(fn=cmd_export)

@@ -39,6 +39,10 @@ def realize(module: nn.Module, fmt: str) -> nn.Module:  # pragma: no cover - nee
             q.Float8DynamicActivationFloat8WeightConfig()
         wrapped = CastModule(module, torch.bfloat16)
         q.quantize_(wrapped.inner, cfg)
+        w = wrapped.inner.weight
+        if type(w) in (torch.Tensor, nn.Parameter):  # torchao leaves shapes it cannot quantize in bf16, silently
+            raise HwpruneError(f"torchao left this {module.out_features}x{module.in_features} Linear in bf16 "
+                               f"({fmt} not applied): it would be a bf16 timing labelled {fmt}")
         return wrapped
     if fmt == "sp24":
         from torch.sparse import to_sparse_semi_structured

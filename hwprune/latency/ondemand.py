@@ -54,8 +54,8 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
 
     configs = layer_configs(job.layers, job.grid, target, table.batch_size)
     measured = profile_layers(table, configs, target, job.repeats, log)
-    menus = Predictor(table, job.layers, job.key).menus(target)
-    pols = calibration_policies(job.layers, job.grid, menus, job.calibration)
+    pred = Predictor(table, job.layers, job.key)
+    pols = calibration_policies(job.layers, job.grid, pred.menus(target), job.calibration, fix=pred.runnable)
     cal = calibrate(table, job.key, job.model, job.example, pols, target, job.repeats, job.exclude, log,
                     {"grid": list(job.grid), "input_shape": list(job.input_shape)})
     return {"configurations": len(configs), "measured_now": measured, "calibration_measured_now": cal}
@@ -76,7 +76,7 @@ def missing_for(table: LatencyTable, target: Target, layers: ModelLayers | None,
     if not target.is_local():
         return ""
     configs = layer_configs(layers, tuple(model.get("grid") or ()), target, table.batch_size)
-    gone = sum(1 for c in configs if c.key not in table.entries)
+    gone = sum(1 for c in configs if c.key not in table.entries and c.key not in table.unsupported)
     return f"{gone} of its {len(configs)} layer configurations unmeasured" if gone else ""
 
 
@@ -203,7 +203,7 @@ def _profile_here(target: Target, batch: int, fp: dict[str, Any], mine: list[Lat
             why += f"; {str(foreign[0].path)!r} is another device's (differs in " \
                    f"{', '.join(d.split(':')[0] for d in fingerprint_diff(foreign[0].fingerprint, fp))})"
     configs = layer_configs(job.layers, job.grid, target, batch)
-    todo = sum(1 for c in configs if c.key not in tbl.entries)
+    todo = sum(1 for c in configs if c.key not in tbl.entries and c.key not in tbl.unsupported)
     cal = job.calibration - len(tbl.models.get(job.key, {}).get("calibration", []))
     threads = torch.get_num_threads()
     target.setup()  # the table's threads and allocator; the command's own thread count comes back after

@@ -163,6 +163,9 @@ class Predictor:
             e = self.table.entries.get(cfg.key)
             if e is not None:
                 us = e.median_us
+            elif cfg.key in self.table.unsupported:
+                raise HwpruneError(f"layer {name!r} cannot run {cfg.fmt} at this shape ({cfg.key!r}): "
+                                   f"{self.table.unsupported[cfg.key]}")
             elif self.allow_missing:
                 us = self._interpolate(cfg)
                 est.append(cfg.key)
@@ -184,20 +187,41 @@ class Predictor:
         a, b = self.flops_coef
         return a * macs + b
 
-    def menus(self, target: Any) -> dict[str, list[str]]:
-        """Each layer's menu (:meth:`menu`) from what ``target`` offers for its op type."""
-        return {f.name: self.menu(f.name, target.offered_formats(f.base.op)) for f in self.layers.layers}
+    def menus(self, target: Any = None) -> dict[str, list[str]]:
+        """Each layer's menu (:meth:`menu`): what the table measured, whichever machine asks.
 
-    def menu(self, layer: str, offered: Iterable[str]) -> list[str]:
-        """Formats worth offering for ``layer``: measured, and faster than fp32 at its dense shape."""
+        ``target`` is accepted for callers of older versions and not used: a CUDA search priced from a CPU
+        box sees the menu the GPU's table holds.
+        """
+        return {f.name: self.menu(f.name) for f in self.layers.layers}
+
+    def menu(self, layer: str, offered: Iterable[str] | None = None) -> list[str]:
+        """Formats worth offering for ``layer``: measured (not marked unsupported) and faster than fp32 at its
+        dense shape. ``offered`` narrows the formats considered (default: every format a table can hold)."""
+        from hwprune.policy import FORMATS
+
         form = next(f for f in self.layers.layers if f.name == layer)
         full = {g.name: g.units for g in self.layers.space.groups}
         base = self.table.entries.get(form.config(full, self.table.batch_size, "fp32").key)
         out = ["fp32"]
-        for fmt in offered:
+        for fmt in (FORMATS if offered is None else offered):
             if fmt == "fp32" or base is None:
                 continue
             e = self.table.entries.get(form.config(full, self.table.batch_size, fmt).key)
             if e is not None and e.median_us < base.median_us:
                 out.append(fmt)
         return out
+
+    def runnable(self, policy: Policy) -> Policy:
+        """``policy`` with fp32 for every layer whose configuration the table marks unsupported in its format.
+
+        A kernel that accepts a layer's dense shape may reject a pruned one (2:4 sparse and fp8 need
+        multiples of 16): that layer runs fp32, as deployment would leave it.
+        """
+        formats = dict(policy.formats)
+        for name, cfg in self.layers.configs(policy, self.table.batch_size):
+            if cfg.fmt != "fp32" and cfg.key in self.table.unsupported:
+                formats.pop(name, None)
+        if formats == policy.formats:
+            return policy
+        return Policy(dict(policy.keep), formats, policy.channel_multiple, policy.model)

@@ -52,6 +52,22 @@ def measure_config(cfg: LayerConfig, target: Target, repeats: int) -> Entry:
     return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
 
 
+def try_measure(cfg: LayerConfig, target: Target, repeats: int) -> Entry | str:
+    """:func:`measure_config`, or why the configuration cannot run: a shape rule of the target's kernel, or the
+    kernel's own error (a shape it rejects, a silent fallback to another format) in one line."""
+    from hwprune.errors import one_line
+
+    why = target.unsupported(cfg)
+    if why:
+        return why
+    try:
+        return measure_config(cfg, target, repeats)
+    except Exception as exc:  # noqa: BLE001 - any kernel failure marks the configuration, never a traceback
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        return one_line(exc, 200)
+
+
 def measure_model(model: nn.Module, x: torch.Tensor, target: Target, repeats: int) -> Timing:
     """End-to-end time of a (deployed) model on ``x``."""
     model = model.eval().to(target.device)
@@ -72,11 +88,12 @@ def random_policy(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str,
 
 
 def calibration_policies(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str, list[str]], n: int,
-                         seed: int = 1234) -> list[Policy]:
+                         seed: int = 1234, fix: Callable[[Policy], Policy] | None = None) -> list[Policy]:
     """Dense, three uniform points of the grid, then random policies: ``n`` that differ in what they build.
 
     Policies count as the same when they keep the same units in the same formats; a small space
-    (one group, few formats) yields fewer than ``n``.
+    (one group, few formats) yields fewer than ``n``. ``fix`` (e.g. :meth:`Predictor.runnable`) turns a
+    policy into one whose every layer has a kernel, before it is counted.
     """
     m = layers.channel_multiple
     ratios = sorted(grid)
@@ -85,6 +102,7 @@ def calibration_policies(layers: ModelLayers, grid: tuple[float, ...], menus: di
     rng = random.Random(seed)
     out: dict[str, Policy] = {}
     for pol in itertools.chain(fixed, (random_policy(layers, grid, menus, rng) for _ in range(50 * n))):
+        pol = fix(pol) if fix else pol
         what = json.dumps([pol.units(layers.space), pol.formats], sort_keys=True)
         out.setdefault(what, pol)
         if len(out) == n:
@@ -109,15 +127,24 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig], target: Targ
     """Measure every configuration missing from ``table``; returns how many were measured."""
     from tqdm import tqdm
 
-    todo = [c for c in configs if c.key not in table.entries]
+    todo = [c for c in configs if c.key not in table.entries and c.key not in table.unsupported]
     log(f"{len(configs)} layer configurations; {len(configs) - len(todo)} already in the table; measuring {len(todo)}")
     saver = _Saver(table)
+    t0, rejected = time.time(), 0
     try:
         for cfg in tqdm(todo, desc="profiling layers", unit="cfg", file=sys.stderr, disable=None):
-            table.entries[cfg.key] = measure_config(cfg, target, repeats)
+            got = try_measure(cfg, target, repeats)
+            if isinstance(got, Entry):
+                table.entries[cfg.key] = got
+            else:
+                table.unsupported[cfg.key] = got
+                rejected += 1
             saver.maybe()
     finally:
         saver.maybe(force=True)
+    if todo:
+        log(f"measured {len(todo) - rejected} configurations in {time.time() - t0:.1f} s "
+            f"({len(todo) / max(time.time() - t0, 1e-9):.1f}/s); {rejected} unsupported by their kernel")
     return len(todo)
 
 

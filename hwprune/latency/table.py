@@ -4,7 +4,12 @@ A table is one JSON file ``<tables dir>/<fingerprint slug>/b<batch>.json``::
 
     {"format": "hwprune-latency-table/1", "fingerprint": {...}, "batch_size": 16,
      "command": "hwprune profile ...", "entries": {key: {"median_us", "iqr_us", "repeats", "inner"}},
+     "unsupported": {key: "why the kernel rejected it"},
      "models": {model_key: {"grid": [...], "calibration": [sample, ...]}}}
+
+``unsupported`` (optional) holds the configurations whose kernel rejects the
+shape or silently fell back to another format while profiling: never priced,
+never offered, never measured again.
 
 It is written atomically and re-read strictly: a truncated, edited or
 poisoned file (negative or NaN latencies) is refused with its path. Saving
@@ -111,6 +116,7 @@ class LatencyTable:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     command: str = ""
     path: Path | None = None
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
@@ -119,7 +125,7 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {"format": TABLE_FORMAT, "fingerprint": self.fingerprint, "batch_size": self.batch_size,
                 "command": self.command, "entries": {k: self.entries[k].to_dict() for k in sorted(self.entries)},
-                "models": self.models}
+                "unsupported": dict(sorted(self.unsupported.items())), "models": self.models}
 
     def save(self, path: Path | None = None) -> Path:
         """Write the table atomically, merged with the file on disk (under a lock; another process may write it).
@@ -144,6 +150,8 @@ class LatencyTable:
                                f"(batch {other.batch_size} vs {self.batch_size}); move it away first")
         for k, e in other.entries.items():
             self.entries.setdefault(k, e)
+        for k, why in other.unsupported.items():
+            self.unsupported.setdefault(k, why)
         for key, theirs in other.models.items():
             mine = self.models.setdefault(key, {})
             for field_name, value in theirs.items():
@@ -171,7 +179,10 @@ class LatencyTable:
         entries = {str(k): _entry(k, v, where) for k, v in raw.items()}
         for k, v in models.items():
             _check_model(k, v, where)
-        return cls(fp, batch, entries, models, str(data.get("command", "")), p)
+        unsup = data.get("unsupported", {})
+        if not isinstance(unsup, dict) or not all(isinstance(v, str) for v in unsup.values()):
+            raise HwpruneError(f"latency table {where}: 'unsupported' must map configurations to reasons")
+        return cls(fp, batch, entries, models, str(data.get("command", "")), p, {str(k): v for k, v in unsup.items()})
 
 
 def calibration_key(policy: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.timing import Timing, time_cpu, time_cuda
 from hwprune.registry import Registry
 
-__all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR", "fingerprint_line"]
+__all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR",
+           "fingerprint_line", "cuda_shape_rule"]
 
 TARGETS: Registry[type["Target"]] = Registry("target")
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
@@ -128,6 +129,14 @@ class Target(ABC):
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:
         """A module running ``module`` in ``fmt`` with this device's real kernel."""
 
+    def unsupported(self, cfg: Any) -> str | None:
+        """Why this device's kernel for ``cfg.fmt`` rejects the configuration's shape (None: it accepts it).
+
+        Rules known up front; a kernel that still raises or falls back while profiling is recorded as
+        unsupported in the table by the profiler.
+        """
+        return None
+
     def check_can_measure(self) -> None:
         """Raise unless this machine can measure for this target."""
         if not self.is_local():
@@ -232,6 +241,10 @@ class CudaTarget(Target):
             fmts += ["int8"] + (["fp8"] if cap >= (8, 9) else []) + (["sp24"] if cap >= (8, 0) else [])
         return tuple(fmts)
 
+    def unsupported(self, cfg: Any) -> str | None:
+        return cuda_shape_rule(cfg.op, cfg.cin, cfg.cout, cfg.fmt,
+                               torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
+
     def time(self, fn: Callable[[], object], repeats: int, warmup: int = 5) -> Timing:  # pragma: no cover
         return time_cuda(fn, repeats, warmup)
 
@@ -239,6 +252,34 @@ class CudaTarget(Target):
         from hwprune.latency import _cuda_formats
 
         return _cuda_formats.realize(module.to("cuda"), fmt)
+
+
+def cuda_shape_rule(op: str, cin: int, cout: int, fmt: str, capability: tuple[int, int] | None) -> str | None:
+    """Why a CUDA kernel for ``fmt`` cannot run a layer of this shape (None when it can).
+
+    The rules of the kernels hwprune uses (checked on an H100, see shared/gpu/FACTS.md): 2:4 sparse
+    (cuSPARSELt through ``to_sparse_semi_structured``) needs both weight dims multiples of 16; torchao's
+    fp8 needs multiples of 16 and sm_89+; torchao's int8 skips layers with 16 or fewer inputs; bf16 needs
+    sm_80+. ``capability`` None: the device is unknown, only the shape rules apply.
+    """
+    cap = capability or (99, 0)
+    if fmt in ("int8", "fp8", "sp24") and op != "linear":
+        return f"cuda {fmt} kernels cover Linear layers only, not {op}"
+    if fmt == "sp24":
+        if cin % 16 or cout % 16:
+            return f"2:4 sparse needs both weight dims to be multiples of 16, got {cout}x{cin}"
+        if cap < (8, 0):
+            return "2:4 sparse needs sm_80 or newer"
+    if fmt == "fp8":
+        if cin % 16 or cout % 16:
+            return f"fp8 needs both weight dims to be multiples of 16, got {cout}x{cin}"
+        if cap < (8, 9):
+            return "fp8 needs sm_89 or newer"
+    if fmt == "int8" and cin <= 16:
+        return f"torchao int8 skips Linear layers with 16 or fewer inputs (this one has {cin})"
+    if fmt == "bf16" and cap < (8, 0):
+        return "bf16 needs sm_80 or newer"
+    return None
 
 
 def fingerprint_line(fp: dict[str, Any]) -> str:

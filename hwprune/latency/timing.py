@@ -62,8 +62,14 @@ def time_cpu(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
 
 
 def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 5,
-              min_repeat_us: float = 2000.0) -> Timing:  # pragma: no cover - needs a GPU
-    """Median per-call time of ``fn`` on the current CUDA device, from CUDA events."""
+              min_repeat_us: float = 200.0, first: int = 5, settled_pct: float = 2.0) -> Timing:  # pragma: no cover
+    """Median per-call time of ``fn`` on the current CUDA device, from CUDA events.
+
+    Each repeat replays ``fn`` for at least ``min_repeat_us`` between two events (event resolution is
+    ~0.5 us, so 200 us suffices). ``first`` repeats are taken; when their spread (IQR / median) is already
+    within ``settled_pct`` the timing stops there, else it goes on to ``repeats``: the stored ``repeats``
+    says how many were taken.
+    """
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -75,12 +81,14 @@ def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 5,
         torch.cuda.synchronize()
         one = max(start.elapsed_time(end) * 1e3, 0.5)
         inner = max(1, int(min_repeat_us / one + 0.999))
-        samples = []
-        for _ in range(repeats):
+        samples: list[float] = []
+        while len(samples) < repeats:
             start.record()
             for _ in range(inner):
                 fn()
             end.record()
             torch.cuda.synchronize()
             samples.append(start.elapsed_time(end) * 1e3 / inner)
+            if len(samples) == min(first, repeats) and _summarize(samples, inner).spread_pct <= settled_pct:
+                break
     return _summarize(samples, inner)

@@ -66,7 +66,7 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
     x = torch.randn(predictor.table.batch_size, *example.shape[1:])
     rows = []
     for i in range(samples):
-        pol = random_policy(layers, grid, menus, rng)
+        pol = predictor.runnable(random_policy(layers, grid, menus, rng))
         pred = predictor.price(pol)
         m, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target.name)
         t1 = measure_model(m, x, target, repeats).median_us

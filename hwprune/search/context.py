@@ -8,6 +8,7 @@ candidate meets the budget and no fine-tune is spent on an infeasible one.
 """
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,7 @@ from hwprune.policy import Policy
 from hwprune.search.budget import parse_budget
 from hwprune.search.spec import SearchSpec
 from hwprune.setup import Setup, resolve
+from hwprune.space import prepare_model
 
 __all__ = ["SearchContext", "prepare_context", "dense_setup", "MARGIN_QUANTILE"]
 
@@ -50,8 +52,11 @@ class SearchContext:
         return self.budget_ms / (1.0 + self.margin)
 
     def policy(self, keep: dict[str, float], formats: dict[str, str]) -> Policy:
-        return Policy(dict(keep), {k: v for k, v in formats.items() if v != "fp32"}, self.spec.channel_multiple,
-                      self.spec.model)
+        """A policy of these keep ratios and formats; a format the table marks unsupported at the layer's
+        pruned shape falls back to fp32 (:meth:`Predictor.runnable`)."""
+        pol = Policy(dict(keep), {k: v for k, v in formats.items() if v != "fp32"}, self.spec.channel_multiple,
+                     self.spec.model)
+        return self.predictor.runnable(pol)
 
     def price_ms(self, policy: Policy) -> float:
         return self.predictor.price(policy).latency_ms
@@ -129,7 +134,7 @@ def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log, setup: Setu
         epochs = DEFAULT_EPOCHS.get(spec.model, 20)
         log(f"hwprune: no trained {spec.model} for {spec.data} (seed {spec.seed}); training it first ({epochs} epochs)")
         summary = train_and_cache(setup.model, setup.data, spec.model, spec.data, spec.seed, setup.model_args,
-                                  TrainConfig(epochs=epochs, seed=spec.seed))
+                                  TrainConfig(epochs=epochs, seed=spec.seed, device=spec.device))
         setup.weights = summary["weights"]
     return setup
 
@@ -149,9 +154,10 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
     assert setup.data is not None
     batch = spec.batch_size or default_latency_batch(spec.model)
-    layers = analyze_layers(setup.model, setup.example, spec.exclude, spec.channel_multiple)
+    structure = copy.deepcopy(setup.model)  # the analysis splits RNN stacks in place; training and the cache
+    layers = analyze_layers(structure, setup.example, spec.exclude, spec.channel_multiple)  # keep the user's keys
     key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
-    job = ProfileJob(setup.model, setup.example, layers, key, tuple(setup.input_shape), list(spec.exclude))
+    job = ProfileJob(structure, setup.example, layers, key, tuple(setup.input_shape), list(spec.exclude))
     table = resolve_table(target, batch, layers, key, tables=spec.tables, table=spec.table,
                           allow_foreign=spec.allow_foreign_table, profile=job if spec.profile else None, log=log)
     predictor = Predictor(table, layers, key)
@@ -180,6 +186,7 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
         ctx.notes.append(f"the dense model ({dense_ms:.4f} ms) already meets the budget; searching the "
                          f"accuracy/latency front anyway")
     ctx.setup = dense_setup(spec, log, setup)  # the expensive part last: every cheap check has passed
+    prepare_model(setup.model)  # trials (and Ray workers) prune the split form the analysis saw
     ctx.dense_val_accuracy = evaluate(setup.model, setup.data.val)
     ctx.batches = few_batches(setup.data.train)
     torch.manual_seed(spec.seed)

@@ -121,7 +121,7 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
         if step in marks and at_checkpoint is not None:
             at_checkpoint(step, evaluate(model, data.val))
 
-    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, seed=spec.seed, callback=callback)
+    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, seed=spec.seed, callback=callback, device=spec.device)
     return evaluate(model, data.val), params
 
 

@@ -53,6 +53,7 @@ class SearchSpec:
     workers: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    device: str = "auto"  # where base training and fine-tunes run: auto (GPU if any), cpu, cuda
     heartbeat_interval: float = 30.0  # seconds between renewals of a running trial's lease
     heartbeat_grace: float = 120.0  # a trial of another host whose lease is older than this is failed as stale
 
@@ -81,6 +82,8 @@ class SearchSpec:
         if not 0 < self.heartbeat_interval < self.heartbeat_grace:
             raise HwpruneError(f"heartbeat_interval must be > 0 and below heartbeat_grace, got "
                                f"{self.heartbeat_interval} and {self.heartbeat_grace}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise HwpruneError(f"unknown device {self.device!r}; known: auto, cpu, cuda, cuda:N")
         if self.sampler not in SAMPLERS:
             raise HwpruneError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.backend not in BACKENDS:

@@ -61,3 +61,28 @@ class _Flaky(nn.Module):
 
 def flaky():
     return _Flaky()
+
+
+class _Gru2(nn.Module):
+    """A 2-layer GRU classifier over the output sequence (its last step): hwprune splits such stacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(1, 16, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.fc(out[:, -1])
+
+
+def gru2():
+    return _Gru2()
+
+
+def make_seq_data():
+    """Sequences of 6 steps x 1 feature, three classes (a trend and a level)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(192, 6, 1, generator=g)
+    y = (x[:, -1, 0] > x[:, 0, 0]).long() + (x.mean((1, 2)) > 0.3).long()
+    return TensorDataset(x[:144], y[:144]), TensorDataset(x[144:], y[144:])

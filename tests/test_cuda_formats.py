@@ -1,0 +1,166 @@
+"""CUDA formats without a GPU (issue 13, part): shape rules, kernels that fail marked unsupported in the
+table, menus read from the table whichever machine asks, policies made runnable, --device auto.
+
+Tests marked ``gpu`` run the real kernels and are skipped where CUDA is absent.
+"""
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from hwprune import HwpruneError
+from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key
+from hwprune.latency.profiler import layer_configs, profile_layers
+from hwprune.latency.table import Entry
+from hwprune.latency.targets import CpuTarget, cuda_shape_rule
+from hwprune.policy import Policy
+from hwprune.train import resolve_device
+
+H100 = ROOT / "latency_tables" / "cuda-x86-64-nvidia-h100-80gb-hbm3-sm90-torch2.11.0"
+
+
+@pytest.mark.parametrize("op,cin,cout,fmt,cap,bad", [
+    ("linear", 64, 10, "sp24", (9, 0), "multiples of 16, got 10x64"),   # the 10-class head that crashed
+    ("linear", 32, 16, "sp24", (9, 0), None),
+    ("linear", 128, 128, "sp24", (7, 5), "sm_80"),
+    ("linear", 24, 32, "fp8", (9, 0), "multiples of 16, got 32x24"),
+    ("linear", 128, 128, "fp8", (8, 0), "sm_89"),
+    ("linear", 128, 128, "fp8", (9, 0), None),
+    ("linear", 16, 64, "int8", (9, 0), "16 or fewer inputs"),
+    ("linear", 17, 64, "int8", (9, 0), None),
+    ("conv2d", 64, 64, "int8", (9, 0), "Linear layers only"),
+    ("lstm", 64, 64, "sp24", (9, 0), "Linear layers only"),
+    ("conv2d", 64, 64, "bf16", (7, 5), "sm_80"),
+    ("conv2d", 64, 64, "fp16", (7, 5), None),
+])
+def test_cuda_shape_rules(op, cin, cout, fmt, cap, bad):
+    why = cuda_shape_rule(op, cin, cout, fmt, cap)
+    assert (why is None) if bad is None else (bad in why)
+
+
+class _PickyTarget(CpuTarget):
+    """A CPU target whose bf16 kernel rejects layers with fewer than 16 outputs (as cuSPARSELt rejects shapes)."""
+
+    def realize(self, module, fmt):
+        if fmt == "bf16" and getattr(module, "out_features", 99) < 16:
+            raise RuntimeError("Error original_tensor.shape torch.Size([10, 16]) is not supported!")
+        return super().realize(module, fmt)
+
+    def unsupported(self, cfg):
+        return "no bf16 for 8 inputs" if cfg.fmt == "bf16" and cfg.cin == 8 else None
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def test_failing_kernels_are_marked_unsupported_not_raised(tmp_path):
+    target = _PickyTarget(threads=1)
+    model, x = _mlp(), torch.randn(2, 8)
+    layers = analyze_layers(model, x)
+    table = LatencyTable(target.fingerprint(), 4, path=tmp_path / "t.json")
+    configs = layer_configs(layers, (0.5, 1.0), target, 4)
+    logs = []
+    n = profile_layers(table, configs, target, 3, logs.append)
+    assert n == len(configs) == len(table.entries) + len(table.unsupported)
+    head = [k for k in table.unsupported if k.startswith("linear|i") and "|o10|" in k]
+    assert head and all(table.unsupported[k].startswith("RuntimeError: Error original_tensor") for k in head)
+    first = [k for k in table.unsupported if k.startswith("linear|i8|")]
+    assert first and all(table.unsupported[k] == "no bf16 for 8 inputs" for k in first)
+    assert not any(k in table.entries for k in table.unsupported)
+    assert "unsupported by their kernel" in logs[-1]
+    again = LatencyTable.load(tmp_path / "t.json")
+    assert again.unsupported == table.unsupported  # saved, and never measured again
+    assert profile_layers(again, configs, target, 3, logs.append) == 0
+
+    pred = Predictor(again, layers, "k")
+    assert pred.menu("4") == ["fp32"]  # the head's bf16 entry is unsupported: not offered
+    pol = Policy({}, {"4": "bf16", "2": "bf16"}, 8)
+    fixed = pred.runnable(pol)
+    assert fixed.formats == {"2": "bf16"}  # the head falls back to fp32, the middle layer keeps bf16
+    with pytest.raises(HwpruneError, match="cannot run bf16 at this shape"):
+        pred.price(pol)
+    assert pred.price(fixed).latency_us > 0
+
+
+def test_cuda_menus_come_from_the_table_not_this_machine():
+    """The H100 table's menus on any machine: exactly the formats the table measured faster than fp32."""
+    from hwprune.setup import resolve
+
+    table = LatencyTable.load(H100 / "b1024.json")
+    s = resolve("gru", None, "40,1", {"num_layers": 2}, use_cache=False)
+    layers = analyze_layers(s.model, s.example)
+    key = model_key("gru", {"num_layers": 2}, (40, 1), [], 8)
+    assert key in table.models
+    pred = Predictor(table, layers, key)
+    menus = pred.menus(get_target("cuda"))
+    assert menus == pred.menus()  # the machine asking (no GPU here, or one) does not change them
+    full = {g.name: g.units for g in layers.space.groups}
+    for form in layers.layers:
+        fp32 = table.entries[form.config(full, 1024, "fp32").key].median_us
+        want = ["fp32"] + [f for f in ("bf16", "fp16")
+                           if table.entries.get(form.config(full, 1024, f).key, Entry(1e9, 0, 1)).median_us < fp32]
+        assert sorted(menus[form.name]) == sorted(want)
+    # what the H100 measured: fp16 GRU layers beat fp32 (cast islands included), the small classifier does not
+    assert menus == {"rnn.layers.0": ["fp32", "fp16"], "rnn.layers.1": ["fp32", "fp16"], "fc": ["fp32"]}
+
+
+def test_device_auto_is_the_cpu_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(HwpruneError, match="torch sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(HwpruneError, match="not one of auto, cpu, cuda"):
+        resolve_device("tpu")
+
+
+def test_finetune_returns_the_model_where_it_was():
+    from torch.utils.data import TensorDataset
+
+    from hwprune.train import evaluate, finetune
+
+    model = _mlp()
+    ds = TensorDataset(torch.randn(64, 8), torch.randint(0, 10, (64,)))
+    before = [p.detach().clone() for p in model.parameters()]
+    finetune(model, ds, 5, device="auto")
+    assert next(model.parameters()).device.type == "cpu"
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trained in place
+    assert 0.0 <= evaluate(model, ds) <= 1.0
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_profile_marks_what_its_kernels_reject(tmp_path):
+    """Every CUDA format on a small MLP: no traceback; the 10-output head is not 2:4, 8-input layers not int8."""
+    target = get_target("cuda")
+    target.setup()
+    model, x = _mlp(), torch.randn(2, 8)
+    layers = analyze_layers(model, x)
+    table = LatencyTable(target.fingerprint(), 64, path=tmp_path / "t.json")
+    configs = layer_configs(layers, (0.5, 1.0), target, 64)
+    profile_layers(table, configs, target, 5, print)
+    assert len(table.entries) + len(table.unsupported) == len(configs)
+    for k, why in table.unsupported.items():
+        print(k, "->", why)
+    assert any("|o10|" in k and k.endswith("sp24") for k in table.unsupported)
+    assert any(k.startswith("linear|i8|") and k.endswith("int8") for k in table.unsupported)
+    assert any(k.endswith("fp16") for k in table.entries) and any(k.endswith("fp32") for k in table.entries)
+
+
+@pytest.mark.gpu
+@gpu
+def test_finetune_on_the_gpu_moves_batches_and_returns_to_cpu():
+    from torch.utils.data import TensorDataset
+
+    from hwprune.train import finetune
+
+    model = _mlp()
+    ds = TensorDataset(torch.randn(256, 8), torch.randint(0, 10, (256,)))
+    seen = []
+    finetune(model, ds, 3, device="cuda", callback=lambda step: seen.append(next(model.parameters()).device.type))
+    assert seen == ["cuda"] * 3 and next(model.parameters()).device.type == "cpu"
