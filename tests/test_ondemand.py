@@ -325,3 +325,24 @@ def test_a_stacked_rnn_trained_by_the_search_exports(tmp_path):
     exp = run_cli("export", str(run), "--finetune-steps", "2", "--repeats", "3", "--json", env=env)
     assert exp.returncode == 0, exp.stderr[-1500:]
     assert json.loads(exp.stdout)["measured_latency_ms"] > 0
+
+
+def test_a_table_at_this_machines_path_with_another_setup_is_not_used(tmp_path):
+    """Same folder name, different fingerprint (e.g. another allocator): never priced with, never overwritten."""
+    from hwprune.latency import ProfileJob, analyze_layers
+    from hwprune.setup import resolve
+
+    here = get_target("cpu", threads=1)
+    fp = here.fingerprint()
+    other = {**fp, "malloc": "default"}  # not part of the folder name
+    path = table_path(tmp_path, fp, 4)
+    LatencyTable(other, 4, {"linear|i4|o16|x-|b4|bias|fp32": Entry(1.0, 0.1, 3)}).save(path)
+    before = path.read_bytes()
+    s = resolve(MLP, DATA, use_cache=False)
+    layers = analyze_layers(s.model, s.example)
+    with pytest.raises(HwpruneError, match="was measured on another device .*malloc"):
+        resolve_table(here, 4, layers, "k", tables=tmp_path)
+    job = ProfileJob(s.model, s.example, layers, "k", tuple(s.input_shape))
+    with pytest.raises(HwpruneError, match="holds a table of another setup of this device .*malloc.*move it away"):
+        resolve_table(here, 4, layers, "k", tables=tmp_path, profile=job)
+    assert path.read_bytes() == before

@@ -101,21 +101,22 @@ class LayerConfig:
             n *= e
         return n
 
-    def build(self) -> tuple[nn.Module, torch.Tensor]:
-        """A fresh fp32 module of this configuration and an input for it."""
-        g = torch.Generator().manual_seed(0)
+    def build(self, device: str | torch.device = "cpu") -> tuple[nn.Module, torch.Tensor]:
+        """A fresh fp32 module of this configuration and an input for it, made on ``device`` (no copies)."""
+        g = torch.Generator(device=device).manual_seed(0)
         if self.op in ("conv1d", "conv2d"):
             cls = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
             mod: nn.Module = cls(self.cin, self.cout, self.kernel, self.stride, self.padding, groups=self.groups,
-                                 bias=self.bias)
-            x = torch.randn(self.batch, self.cin, *self.extent, generator=g)
+                                 bias=self.bias, device=device)
+            x = torch.randn(self.batch, self.cin, *self.extent, generator=g, device=device)
         elif self.op == "linear":
-            mod = nn.Linear(self.cin, self.cout, bias=self.bias)
-            x = torch.randn(self.batch, *self.extent, self.cin, generator=g)
+            mod = nn.Linear(self.cin, self.cout, bias=self.bias, device=device)
+            x = torch.randn(self.batch, *self.extent, self.cin, generator=g, device=device)
         else:
             cls = nn.LSTM if self.op == "lstm" else nn.GRU
-            mod = cls(self.cin, self.cout, batch_first=True, bidirectional=self.bidirectional, bias=self.bias)
-            x = torch.randn(self.batch, *self.extent, self.cin, generator=g)
+            mod = cls(self.cin, self.cout, batch_first=True, bidirectional=self.bidirectional, bias=self.bias,
+                      device=device)
+            x = torch.randn(self.batch, *self.extent, self.cin, generator=g, device=device)
         return mod.eval(), x
 
 

@@ -126,7 +126,7 @@ def resolve_table(target: Target, batch: int, layers: ModelLayers | None = None,
         return _remote(_load_all(dirs, target, batch), target, batch, key, dirs)
     fp = target.fingerprint()
     mine = [t for t in (LatencyTable.load(table_path(d, fp, batch)) for d in dirs
-                        if table_path(d, fp, batch).is_file())]
+                        if table_path(d, fp, batch).is_file()) if not fingerprint_diff(t.fingerprint, fp)]
     for t in mine:
         if not missing_for(t, target, layers, key):
             return t
@@ -191,6 +191,11 @@ def _profile_here(target: Target, batch: int, fp: dict[str, Any], mine: list[Lat
     from hwprune.latency.profiler import layer_configs
 
     dest = table_path(dest_dir, fp, batch)
+    if dest.is_file() and not any(t.path == dest for t in mine):
+        other = LatencyTable.load(dest)
+        raise HwpruneError(f"{str(dest)!r} holds a table of another setup of this device (differs in "
+                           f"{'; '.join(fingerprint_diff(other.fingerprint, fp))}); move it away, or pass "
+                           f"--tables DIR to profile into another folder")
     tbl = LatencyTable(fp, batch, path=dest)
     for t in mine:  # measurements of this very device (e.g. a reference table): reused, not re-taken
         tbl.merge(t)

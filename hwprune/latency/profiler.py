@@ -45,9 +45,8 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target, 
 
 def measure_config(cfg: LayerConfig, target: Target, repeats: int) -> Entry:
     """Time one layer configuration in isolation, in its format's real kernel."""
-    mod, x = cfg.build()
-    mod = target.realize(mod.to(target.device), cfg.fmt)
-    x = x.to(target.device)
+    mod, x = cfg.build(target.device)
+    mod = target.realize(mod, cfg.fmt)
     t = target.time(lambda: mod(x), repeats)
     return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
 

@@ -225,14 +225,17 @@ class CudaTarget(Target):
     def setup(self) -> None:  # pragma: no cover - needs a GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        # cuDNN's heuristics, as torch runs by default: with benchmark=True every new conv shape is autotuned
+        # first (~60 ms each on an H100, most of a profile's time), and a deployment that does not opt in
+        # runs the heuristic kernels anyway. Recorded in the fingerprint.
+        torch.backends.cudnn.benchmark = False
 
     def fingerprint(self) -> dict[str, Any]:  # pragma: no cover - needs a GPU
         cap = torch.cuda.get_device_capability()
         return {"target": self.name, "arch": platform.machine(), "gpu": torch.cuda.get_device_name(),
                 "compute_capability": f"{cap[0]}.{cap[1]}", "cuda": torch.version.cuda,
                 "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__.split("+")[0],
-                "tf32": True, "emulated": False}
+                "tf32": True, "cudnn_benchmark": False, "emulated": False}
 
     def offered_formats(self, op: str) -> tuple[str, ...]:
         fmts = ["fp32", "fp16", "bf16"]
