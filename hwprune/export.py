@@ -263,7 +263,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
                 setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps})
     stats = model_stats(model, setup.example)
     if target.is_local():
-        deployed, rep = deploy(copy.deepcopy(model).eval(), spec.target)
+        deployed, rep = deploy(copy.deepcopy(model).eval(), target)
         deployed = deployed.to(target.device)
     else:
         deployed, rep = model.eval(), None

@@ -164,3 +164,20 @@ def test_finetune_on_the_gpu_moves_batches_and_returns_to_cpu():
     seen = []
     finetune(model, ds, 3, device="cuda", callback=lambda step: seen.append(next(model.parameters()).device.type))
     assert seen == ["cuda"] * 3 and next(model.parameters()).device.type == "cpu"
+
+
+def test_kernels_is_a_leaf_that_apply_and_latency_share():
+    """One module realizes formats for deployment and profiling; it imports no other stage (no cycle)."""
+    import ast
+
+    import hwprune.apply.formats as formats
+    import hwprune.kernels as kernels
+    import hwprune.latency.targets as targets
+
+    tree = ast.parse((ROOT / "hwprune" / "kernels.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert {m for m in imported if m.startswith("hwprune")} == {"hwprune.errors", "hwprune._compat.ao"}
+    assert formats.mask_2_4 is kernels.mask_2_4 and targets.CastModule is kernels.CastModule
+    lin = nn.Linear(8, 4)
+    real, report = formats.deploy(formats.apply_formats(nn.Sequential(lin), {"0": "bf16"}), get_target("cpu"))
+    assert isinstance(real[0], kernels.CastModule) and report.real == {"0": "bf16"}

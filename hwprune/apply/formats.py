@@ -14,12 +14,14 @@ stays simulated and is listed in the report, never hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from hwprune.errors import HwpruneError
+from hwprune.kernels import mask_2_4
 
 __all__ = ["FormatSim", "apply_formats", "strip_formats", "mask_2_4", "fake_quant_weight", "fake_quant_act", "deploy",
            "deploy_cpu", "DeployReport"]
@@ -45,13 +47,6 @@ def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
 
 def _cast(t: torch.Tensor, fmt: str) -> torch.Tensor:
     return t.to(_DTYPES[fmt]).to(t.dtype)
-
-
-def mask_2_4(w: torch.Tensor) -> torch.Tensor:
-    """1 for the two largest-magnitude weights of every four along the last dim, else 0."""
-    groups = w.abs().reshape(-1, 4)
-    keep = torch.zeros_like(groups).scatter(1, groups.argsort(1)[:, 2:], 1.0)
-    return keep.reshape(w.shape)
 
 
 class FormatSim(nn.Module):
@@ -132,18 +127,26 @@ class DeployReport:
     simulated: dict[str, str] = field(default_factory=dict)
 
 
-def deploy(model: nn.Module, target: str = "cpu") -> tuple[nn.Module, DeployReport]:
-    """Replace simulated formats by the target's real kernels where it has them (in place)."""
-    from hwprune.latency.targets import get_target
+def deploy(model: nn.Module, target: Any = "cpu") -> tuple[nn.Module, DeployReport]:
+    """Replace simulated formats by the target's real kernels where it has them (in place).
 
-    tgt = get_target(target)
+    ``target`` is a :class:`~hwprune.latency.targets.Target` (its ``realize`` is what the profiler timed) or
+    a target name.
+    """
+    if isinstance(target, str):
+        from hwprune.latency.targets import get_target
+
+        target = get_target(target)
+    tgt = target
     report = DeployReport()
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, FormatSim):
             continue
         try:
             real = tgt.realize(mod.inner, mod.fmt)
-        except HwpruneError:
+        except Exception as exc:  # noqa: BLE001 - no kernel, or one that rejects this shape: stays simulated
+            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+                raise
             report.simulated[name] = mod.fmt
             continue
         model.set_submodule(name, real)

@@ -166,7 +166,7 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
     saver = _Saver(table)
     try:
         for pol in tqdm(todo, desc="calibrating", unit="model", file=sys.stderr, disable=None):
-            pruned, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target.name)
+            pruned, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target)
             t = measure_model(pruned, x, target, repeats)
             samples.append({"policy": pol.to_dict(), "measured_us": round(t.median_us, 3),
                             "iqr_us": round(t.iqr_us, 3)})

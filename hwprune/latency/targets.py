@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hwprune.errors import HwpruneError
+from hwprune.kernels import CastModule, cuda_shape_rule, realize_cpu, realize_cuda
 from hwprune.latency.timing import Timing, time_cpu, time_cuda
 from hwprune.registry import Registry
 
@@ -22,22 +23,6 @@ __all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", 
 TARGETS: Registry[type["Target"]] = Registry("target")
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
               "amx_bf16", "neon", "asimd", "asimdhp", "asimddp", "sve", "i8mm", "bf16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class CastModule(nn.Module):
-    """A module run in a low-precision dtype: input cast in, output cast back to fp32."""
-
-    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inner = inner.to(dtype)
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.inner(x.to(self.dtype), *args, **kwargs)
-        if isinstance(out, tuple):
-            return (out[0].float(),) + tuple(out[1:])
-        return out.float()
 
 
 # glibc returns large blocks (tensors above its mmap threshold) to the OS on free and
@@ -176,15 +161,7 @@ class CpuTarget(Target):
         return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:
-        from hwprune._compat.ao import DYNAMIC_INT8_TYPES, quantize_dynamic_int8
-
-        if fmt == "fp32":
-            return module
-        if fmt == "bf16":
-            return CastModule(module, torch.bfloat16)
-        if fmt == "int8" and isinstance(module, DYNAMIC_INT8_TYPES):
-            return quantize_dynamic_int8(module)
-        raise HwpruneError(f"target {self.name!r} has no {fmt!r} kernel for {type(module).__name__}")
+        return realize_cpu(module, fmt, self.name)
 
 
 @TARGETS.register("arm")
@@ -252,37 +229,7 @@ class CudaTarget(Target):
         return time_cuda(fn, repeats, warmup)
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:  # pragma: no cover - needs a GPU
-        from hwprune.latency import _cuda_formats
-
-        return _cuda_formats.realize(module.to("cuda"), fmt)
-
-
-def cuda_shape_rule(op: str, cin: int, cout: int, fmt: str, capability: tuple[int, int] | None) -> str | None:
-    """Why a CUDA kernel for ``fmt`` cannot run a layer of this shape (None when it can).
-
-    The rules of the kernels hwprune uses (checked on an H100, see shared/gpu/FACTS.md): 2:4 sparse
-    (cuSPARSELt through ``to_sparse_semi_structured``) needs both weight dims multiples of 16; torchao's
-    fp8 needs multiples of 16 and sm_89+; torchao's int8 skips layers with 16 or fewer inputs; bf16 needs
-    sm_80+. ``capability`` None: the device is unknown, only the shape rules apply.
-    """
-    cap = capability or (99, 0)
-    if fmt in ("int8", "fp8", "sp24") and op != "linear":
-        return f"cuda {fmt} kernels cover Linear layers only, not {op}"
-    if fmt == "sp24":
-        if cin % 16 or cout % 16:
-            return f"2:4 sparse needs both weight dims to be multiples of 16, got {cout}x{cin}"
-        if cap < (8, 0):
-            return "2:4 sparse needs sm_80 or newer"
-    if fmt == "fp8":
-        if cin % 16 or cout % 16:
-            return f"fp8 needs both weight dims to be multiples of 16, got {cout}x{cin}"
-        if cap < (8, 9):
-            return "fp8 needs sm_89 or newer"
-    if fmt == "int8" and cin <= 16:
-        return f"torchao int8 skips Linear layers with 16 or fewer inputs (this one has {cin})"
-    if fmt == "bf16" and cap < (8, 0):
-        return "bf16 needs sm_80 or newer"
-    return None
+        return realize_cuda(module, fmt)
 
 
 def fingerprint_line(fp: dict[str, Any]) -> str:
