@@ -10,6 +10,7 @@ table of its kind (profiled on the device and copied here).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ def missing_for(table: LatencyTable, target: Target, layers: ModelLayers | None,
 
 def estimate_seconds(job: ProfileJob, target: Target, batch: int, configs: int, calibration: int) -> float:
     """A rough profiling time from one timed dense forward pass (an estimate for the user, never stored)."""
-    model = job.model.eval().to(target.device)
+    model = copy.deepcopy(job.model).eval().to(target.device)  # the job's model stays where it is (the CPU)
     x = torch.randn(batch, *job.input_shape, device=target.device)
     with torch.inference_mode():
         model(x)
