@@ -155,6 +155,9 @@ def test_calibration_policies_are_distinct_and_on_the_grid():
     default = calibration_policies(mlp_layers(), (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
                                    {"0": ["fp32", "int8"], "2": ["fp32", "int8"]}, 20)
     assert len({json.dumps([p.units(layers.space), p.formats], sort_keys=True) for p in default}) == len(default)
+    # the corners a tight search reaches are measured: every layer in int8, at the smallest and the dense size
+    corners = [p for p in default if p.formats == {"0": "int8", "2": "int8"}]
+    assert sorted(p.units(layers.space)["0"] for p in corners) == [8, 16]
 
 
 def test_kendall_tau_by_hand():

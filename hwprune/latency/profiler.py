@@ -97,7 +97,13 @@ def calibration_policies(layers: ModelLayers, grid: tuple[float, ...], menus: di
     m = layers.channel_multiple
     ratios = sorted(grid)
     uniform = [ratios[0], ratios[len(ratios) // 3], ratios[2 * len(ratios) // 3]]
-    fixed = [Policy({}, {}, m)] + [Policy({g.name: r for g in layers.space.groups}, {}, m) for r in uniform]
+    keep = lambda r: {g.name: r for g in layers.space.groups}  # noqa: E731
+    fixed = [Policy({}, {}, m)] + [Policy(keep(r), {}, m) for r in uniform]
+    # each low-precision format on every layer that offers it, small and dense: the corners a search under a
+    # tight budget goes to (random policies mix formats and rarely reach them; a fit without them extrapolates)
+    for fmt in sorted({f for menu in menus.values() for f in menu if f != "fp32"}):
+        on = {name: fmt for name, menu in menus.items() if fmt in menu}
+        fixed += [Policy(keep(ratios[0]), on, m), Policy({}, on, m)]
     rng = random.Random(seed)
     out: dict[str, Policy] = {}
     for pol in itertools.chain(fixed, (random_policy(layers, grid, menus, rng) for _ in range(50 * n))):
