@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# A real search on the built-in cnn1d/MNIST-1D (trains the base model first if it is not cached),
-# priced on the committed CPU table, under half the dense latency; prints the Pareto front, then exports
+# A real search on the built-in cnn1d/MNIST-1D, priced on this machine's latency table (profiled first
+# when no table matches this CPU; ~15 s), trained first if the base model is not cached, under half the
+# dense latency; prints the Pareto front, then exports
 # the best point (longer fine-tune, real CPU kernels, measured latency, TorchScript artifact).
 # Running it again resumes the study and prints the stored export.
 demo: $(STAMP)
