@@ -90,6 +90,10 @@ class FlopsPricer:
         p = self.inner.price(Policy(dict(policy.keep), {}, policy.channel_multiple, policy.model))
         return SimpleNamespace(latency_ms=p.macs * self.ms_per_mac, macs=p.macs)
 
+    def runnable(self, policy: Any) -> Any:
+        """Every policy runs: this pricer searches fp32 only (formats are ignored)."""
+        return policy
+
 
 def flops_prepare(dense_ms: float):  # type: ignore[no-untyped-def]
     """A ``prepare`` for run_search that swaps the table predictor for :class:`FlopsPricer` (fp32 only)."""
@@ -104,6 +108,7 @@ def flops_prepare(dense_ms: float):  # type: ignore[no-untyped-def]
         dense = ctx.predictor.price(Policy(channel_multiple=spec.channel_multiple))
         ctx.predictor = FlopsPricer(ctx.predictor, dense_ms / dense.macs)
         ctx.menus = {}
+        ctx.margin = 0.0  # FLOPs are priced up to the budget: the table's calibration errors say nothing of them
         ctx.dense_ms = dense_ms
         ctx.budget_ms = parse_budget(spec.budget, dense_ms)
         floor = ctx.price_ms(ctx.smallest())
