@@ -6,8 +6,10 @@
 #
 # What it runs today (the parts of issue 13 that exist): the gpu-marked tests; `hwprune profile --target cuda`
 # of the built-in models at batches where the GPU is busy, every format, with configurations/s; `hwprune
-# validate` of each (predictor fidelity, eager runtime); fine-tune throughput GPU vs CPU. Every command's
-# output and the tables go to RESULTS_DIR. Not yet: precision regions, --runtime compile, the 10 ms headline.
+# validate` of each (predictor fidelity) in each runtime (eager, cudagraph); fine-tune throughput GPU vs
+# CPU. Every command's
+# output and the tables go to RESULTS_DIR. Env: RUNTIMES, SAMPLES (20), PROBE=0 skips the throughput.
+# Not yet: precision regions, --runtime compile, the 10 ms headline with them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -23,15 +25,18 @@ mkdir -p "$R"
 SAMPLES=${SAMPLES:-20}
 echo "== gpu tests" | tee "$R/summary.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -3 | tee -a "$R/summary.txt"
+RUNTIMES=${RUNTIMES:-eager cudagraph}
 # model | args   (batches: the GPU busy, the dense model well above launch overhead)
+for rt in $RUNTIMES; do
 while read -r m args; do
     [ -z "$m" ] && continue
-    echo "== profile $m $args" | tee -a "$R/summary.txt"
-    python3 -m hwprune profile --target cuda --model $m $args --tables "$T" --json > "$R/profile-$m.json" 2> "$R/profile-$m.log"
-    echo "rc=$? $(grep -E 'measured .* configurations' "$R/profile-$m.log" | tail -1)" | tee -a "$R/summary.txt"
-    python3 -m hwprune validate --target cuda --model $m $args --tables "$T" --samples "$SAMPLES" --json \
-        > "$R/validate-$m.json" 2> "$R/validate-$m.log"
-    python3 - "$R/validate-$m.json" <<'PY' | tee -a "$R/summary.txt"
+    echo "== profile $m $args --runtime $rt" | tee -a "$R/summary.txt"
+    python3 -m hwprune profile --target cuda --runtime $rt --model $m $args --tables "$T" --json \
+        > "$R/profile-$m-$rt.json" 2> "$R/profile-$m-$rt.log"
+    echo "rc=$? $(grep -E 'measured .* configurations' "$R/profile-$m-$rt.log" | tail -1)" | tee -a "$R/summary.txt"
+    python3 -m hwprune validate --target cuda --runtime $rt --model $m $args --tables "$T" --samples "$SAMPLES" \
+        --json > "$R/validate-$m-$rt.json" 2> "$R/validate-$m-$rt.log"
+    python3 - "$R/validate-$m-$rt.json" <<'PY' | tee -a "$R/summary.txt"
 import json, sys
 try:
     d = json.load(open(sys.argv[1]))
@@ -46,5 +51,7 @@ resnet20 --input-shape 1,28,28 --batch-size 4096
 gru --model-args num_layers=2 --batch-size 1024
 lstm --model-args num_layers=2 --input-shape 28,28 --batch-size 1024
 LIST
+done
+[ "${PROBE:-1}" = 1 ] || exit 0
 echo "== fine-tune throughput" | tee -a "$R/summary.txt"
 python3 bench/gpu_probe.py --steps 100 | tee -a "$R/summary.txt"

@@ -229,7 +229,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         raise HwpruneError(f"{str(dest)!r} exists and is not an hwprune export; choose another --out")
 
     policy = Policy.from_dict(chosen.user_attrs["policy"], source=f"trial {chosen.number}")
-    target = get_target(spec.target, threads=spec.threads)
+    target = get_target(spec.target, threads=spec.threads, runtime=spec.runtime)
     run_fp = info["table_fingerprint"]
     here = None
     if target.is_local():
@@ -299,6 +299,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
                                                   sort_keys=True) + "\n")
     summary: dict[str, Any] = {
         "identity": ident, "run": str(run), "trial": chosen.number, "out": str(dest), "schedule": schedule,
+        "runtime": spec.runtime,
         "finetune_steps": steps, "policy": policy.to_dict(), "units": policy.units(space),
         "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
         "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
@@ -323,7 +324,8 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
 
     m = s["measurement"]
     lines = [f"# Export of trial {s['trial']} — {spec.name}", "",
-             f"Model `{spec.model}` on `{spec.data}`, target `{spec.target}`, batch {info['batch_size']}; "
+             f"Model `{spec.model}` on `{spec.data}`, target `{spec.target}` ({spec.runtime} runtime), "
+             f"batch {info['batch_size']}; "
              f"budget {s['budget_ms']:.4f} ms; {s['schedule']} fine-tune of {s['finetune_steps']} steps.", "",
              "## Latency", "",
              "| | ms |", "|---|---|",

@@ -181,3 +181,29 @@ def test_kernels_is_a_leaf_that_apply_and_latency_share():
     lin = nn.Linear(8, 4)
     real, report = formats.deploy(formats.apply_formats(nn.Sequential(lin), {"0": "bf16"}), get_target("cpu"))
     assert isinstance(real[0], kernels.CastModule) and report.real == {"0": "bf16"}
+
+
+def test_runtime_is_part_of_the_fingerprint_and_folder_but_eager_keeps_old_names():
+    from hwprune.latency.targets import fingerprint_slug
+
+    with pytest.raises(HwpruneError, match="target 'cpu' has no runtime 'cudagraph'; known: eager"):
+        get_target("cpu", runtime="cudagraph")
+    cpu = get_target("cpu", threads=1)
+    assert "runtime" not in cpu.fingerprint()  # eager tables of older versions still match
+    fp = {"target": "cuda", "arch": "x86_64", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+          "torch": "2.11.0"}
+    eager, graph = fingerprint_slug(fp), fingerprint_slug({**fp, "runtime": "cudagraph"})
+    assert eager == "cuda-x86-64-nvidia-h100-80gb-hbm3-sm90-torch2.11.0" and graph == eager + "-cudagraph"
+    assert get_target("cuda", runtime="cudagraph").runtime == "cudagraph"
+
+
+@pytest.mark.gpu
+@gpu
+def test_cudagraph_timing_replays_what_eager_runs():
+    """A graph replay of a small layer takes no longer than eager calls of it (launch overhead removed)."""
+    target, eager = get_target("cuda", runtime="cudagraph"), get_target("cuda")
+    target.setup()
+    lin, x = nn.Linear(64, 64).cuda().eval(), torch.randn(32, 64, device="cuda")
+    g, e = target.time(lambda: lin(x), 15), eager.time(lambda: lin(x), 15)
+    print(f"graph {g.median_us:.2f} us, eager {e.median_us:.2f} us")
+    assert 0 < g.median_us <= e.median_us * 1.1

@@ -17,6 +17,9 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
                    help="batch size the latency is for (default: the model's, 512 for cnn1d, 16 otherwise)")
     p.add_argument("--threads", type=positive, default=1,
                    help="CPU threads (part of the table's fingerprint; default 1)")
+    p.add_argument("--runtime", default=None,
+                   help="how the model runs on the target, part of the table's fingerprint: eager (default), or "
+                        "on cuda cudagraph (every layer and model timed as the replay of a captured CUDA graph)")
     p.add_argument("--tables", default=None, metavar="DIR",
                    help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or ~/.cache/hwprune/tables "
                         "for this machine's tables, then the reference tables in the repository's latency_tables/)")
@@ -40,7 +43,8 @@ def _latency_setup(args: argparse.Namespace, measure: bool):  # type: ignore[no-
     from hwprune.latency import analyze_layers, get_target, model_key
     from hwprune.models import default_latency_batch
 
-    target = get_target(args.target, threads=args.threads, emulate=getattr(args, "emulate", False))
+    target = get_target(args.target, threads=args.threads, emulate=getattr(args, "emulate", False),
+                        runtime=args.runtime)
     if args.batch_size is None:
         args.batch_size = default_latency_batch(args.model)
     if measure:

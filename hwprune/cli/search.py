@@ -9,7 +9,7 @@ from hwprune.cli._common import (emit, log, parse_exclude, positive)
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
-                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device")
+                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -108,6 +108,8 @@ def register(sub: Any) -> None:
     se.add_argument("--cpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--gpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--batch-size", type=positive, help="latency batch (default: the model's)")
+    se.add_argument("--runtime", help="how the deployed model runs: eager (default), or on cuda cudagraph (tables, "
+                                      "calibration and the export's measurement are CUDA graph replays)")
     se.add_argument("--device", choices=DEVICES,
                     help="where base training and fine-tunes run: auto (the GPU when torch sees one, default), cpu "
                          "or cuda; Ray trials use the GPU --gpus-per-trial gives them")

@@ -41,7 +41,7 @@ __all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "FINGERPRINT_K
 TABLE_FORMAT = "hwprune-latency-table/1"
 # what must match between a table and the local device when the local device is the target
 FINGERPRINT_KEYS = ("target", "arch", "cpu", "gpu", "flags", "threads", "torch", "engine", "compute_capability",
-                    "cuda", "malloc", "emulated", "cudnn_benchmark")
+                    "cuda", "malloc", "emulated", "cudnn_benchmark", "runtime")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 from hwprune.kernels import CastModule, cuda_shape_rule, realize_cpu, realize_cuda
-from hwprune.latency.timing import Timing, time_cpu, time_cuda
+from hwprune.latency.timing import Timing, time_cpu, time_cuda, time_cuda_graph
 from hwprune.registry import Registry
 
 __all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR",
@@ -65,6 +65,8 @@ def fingerprint_slug(fp: dict[str, Any]) -> str:
     parts += [f"torch{fp.get('torch', '')}", fp.get("engine", "")]
     if fp.get("emulated"):
         parts.append("emulated")
+    if fp.get("runtime") not in (None, "eager"):
+        parts.append(str(fp["runtime"]))
     slug = "-".join(str(p) for p in parts if p)
     return re.sub(r"[^a-z0-9.]+", "-", slug.lower()).strip("-")
 
@@ -93,10 +95,18 @@ class Target(ABC):
 
     name: str = ""
     device: str = "cpu"
+    runtimes: tuple[str, ...] = ("eager",)  # how a model runs here; the first is the default
 
-    def __init__(self, threads: int | None = None, emulate: bool = False) -> None:
+    def __init__(self, threads: int | None = None, emulate: bool = False, runtime: str | None = None) -> None:
         self.threads = threads
         self.emulate = emulate
+        self.runtime = runtime or self.runtimes[0]
+        if self.runtime not in self.runtimes:
+            raise HwpruneError(f"target {self.name!r} has no runtime {self.runtime!r}; known: {', '.join(self.runtimes)}")
+
+    def _runtime_key(self) -> dict[str, Any]:
+        """The runtime in a fingerprint; eager (the default) is left out, so eager tables keep their names."""
+        return {} if self.runtime == "eager" else {"runtime": self.runtime}
 
     @abstractmethod
     def is_local(self) -> bool:
@@ -155,7 +165,8 @@ class CpuTarget(Target):
         cpu, flags = _cpu_model_and_flags()
         return {"target": self.name, "arch": platform.machine(), "cpu": cpu, "flags": flags,
                 "threads": self.threads or torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
-                "engine": self.engine, "malloc": _allocator_policy(), "emulated": bool(self.emulate)}
+                "engine": self.engine, "malloc": _allocator_policy(), "emulated": bool(self.emulate),
+                **self._runtime_key()}
 
     def offered_formats(self, op: str) -> tuple[str, ...]:
         return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
@@ -190,6 +201,9 @@ class CudaTarget(Target):
 
     name = "cuda"
     device = "cuda"
+    # cudagraph: every timing (each layer, each whole model) is the replay of a captured CUDA graph, as a
+    # deployment that captures its forward pass runs it: no per-kernel launch overhead from Python.
+    runtimes = ("eager", "cudagraph")
 
     def is_local(self) -> bool:
         return torch.cuda.is_available()
@@ -212,7 +226,7 @@ class CudaTarget(Target):
         return {"target": self.name, "arch": platform.machine(), "gpu": torch.cuda.get_device_name(),
                 "compute_capability": f"{cap[0]}.{cap[1]}", "cuda": torch.version.cuda,
                 "cudnn": torch.backends.cudnn.version(), "torch": torch.__version__.split("+")[0],
-                "tf32": True, "cudnn_benchmark": False, "emulated": False}
+                "tf32": True, "cudnn_benchmark": False, "emulated": False, **self._runtime_key()}
 
     def offered_formats(self, op: str) -> tuple[str, ...]:
         fmts = ["fp32", "fp16", "bf16"]
@@ -226,6 +240,8 @@ class CudaTarget(Target):
                                torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
 
     def time(self, fn: Callable[[], object], repeats: int, warmup: int = 5) -> Timing:  # pragma: no cover
+        if self.runtime == "cudagraph":
+            return time_cuda_graph(fn, repeats, warmup)
         return time_cuda(fn, repeats, warmup)
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:  # pragma: no cover - needs a GPU
@@ -242,6 +258,6 @@ def fingerprint_line(fp: dict[str, Any]) -> str:
     return ", ".join(b for b in bits if b) + (" [EMULATED]" if fp.get("emulated") else "")
 
 
-def get_target(name: str, threads: int | None = None, emulate: bool = False) -> Target:
-    """The target called ``name`` (unknown names list the known ones)."""
-    return TARGETS.get(name)(threads=threads, emulate=emulate)
+def get_target(name: str, threads: int | None = None, emulate: bool = False, runtime: str | None = None) -> Target:
+    """The target called ``name`` (unknown names list the known ones) in ``runtime`` (default: eager)."""
+    return TARGETS.get(name)(threads=threads, emulate=emulate, runtime=runtime)

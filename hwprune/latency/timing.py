@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Timing", "time_cpu", "time_cuda"]
+__all__ = ["Timing", "time_cpu", "time_cuda", "time_cuda_graph"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,21 @@ def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 5,
             if len(samples) == min(first, repeats) and _summarize(samples, inner).spread_pct <= settled_pct:
                 break
     return _summarize(samples, inner)
+
+
+def time_cuda_graph(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> Timing:  # pragma: no cover
+    """:func:`time_cuda` of the replay of ``fn`` captured as one CUDA graph (warm-up on a side stream first,
+    as capture requires); what a deployment that captures its forward pass runs."""
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    return time_cuda(graph.replay, repeats, warmup=2)
+

@@ -150,7 +150,7 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     from hwprune.models import default_latency_batch
     from hwprune.train import evaluate, few_batches
 
-    target = get_target(spec.target, threads=spec.threads)
+    target = get_target(spec.target, threads=spec.threads, runtime=spec.runtime)
     setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
     assert setup.data is not None
     batch = spec.batch_size or default_latency_batch(spec.model)

@@ -54,6 +54,7 @@ class SearchSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     device: str = "auto"  # where base training and fine-tunes run: auto (GPU if any), cpu, cuda
+    runtime: str = "eager"  # how the deployed model runs on the target (cuda: eager or cudagraph)
     heartbeat_interval: float = 30.0  # seconds between renewals of a running trial's lease
     heartbeat_grace: float = 120.0  # a trial of another host whose lease is older than this is failed as stale
 
@@ -103,6 +104,8 @@ class SearchSpec:
         ident = {k: getattr(self, k) for k in keep}
         if self.budget_margin is not None:  # the automatic margin (None) keeps run directories of older versions
             ident["budget_margin"] = self.budget_margin
+        if self.runtime != "eager":  # likewise: eager runs of older versions resume
+            ident["runtime"] = self.runtime
         return ident
 
     def public(self) -> dict[str, Any]:
