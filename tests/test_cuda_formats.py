@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import ROOT
 from hwprune import HwpruneError
-from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key
+from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.profiler import layer_configs, profile_layers
 from hwprune.latency.table import Entry
 from hwprune.latency.targets import CpuTarget, cuda_shape_rule
@@ -207,3 +207,17 @@ def test_cudagraph_timing_replays_what_eager_runs():
     g, e = target.time(lambda: lin(x), 15), eager.time(lambda: lin(x), 15)
     print(f"graph {g.median_us:.2f} us, eager {e.median_us:.2f} us")
     assert 0 < g.median_us <= e.median_us * 1.1
+
+
+def test_a_cuda_search_from_a_cpu_box_prices_with_the_shipped_table_of_its_runtime():
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the cuda target is this machine")
+    from hwprune.setup import resolve
+
+    s = resolve("gru", None, "40,1", {"num_layers": 2}, use_cache=False)
+    layers = analyze_layers(s.model, s.example)
+    key = model_key("gru", {"num_layers": 2}, (40, 1), [], 8)
+    for runtime, folder in (("eager", H100.name), ("cudagraph", H100.name + "-cudagraph")):
+        t = resolve_table(get_target("cuda", runtime=runtime), 1024, layers, key, tables=ROOT / "latency_tables")
+        assert t.path.parent.name == folder and t.fingerprint.get("runtime", "eager") == runtime
+        assert Predictor(t, layers, key).calibrated

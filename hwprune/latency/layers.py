@@ -102,22 +102,29 @@ class LayerConfig:
         return n
 
     def build(self, device: str | torch.device = "cpu") -> tuple[nn.Module, torch.Tensor]:
-        """A fresh fp32 module of this configuration and an input for it, made on ``device`` (no copies)."""
+        """A fresh fp32 module of this configuration and an input for it, on ``device``.
+
+        The module is initialized on the CPU (weights are small; the default CUDA generator must stay out of
+        it: CUDA graph capture registers that generator), the input is drawn on ``device`` with its own
+        generator (inputs are large).
+        """
         g = torch.Generator(device=device).manual_seed(0)
+        made = self._module()
+        return made.to(device).eval(), self._input(g, device)
+
+    def _module(self) -> nn.Module:
         if self.op in ("conv1d", "conv2d"):
             cls = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
-            mod: nn.Module = cls(self.cin, self.cout, self.kernel, self.stride, self.padding, groups=self.groups,
-                                 bias=self.bias, device=device)
-            x = torch.randn(self.batch, self.cin, *self.extent, generator=g, device=device)
-        elif self.op == "linear":
-            mod = nn.Linear(self.cin, self.cout, bias=self.bias, device=device)
-            x = torch.randn(self.batch, *self.extent, self.cin, generator=g, device=device)
-        else:
-            cls = nn.LSTM if self.op == "lstm" else nn.GRU
-            mod = cls(self.cin, self.cout, batch_first=True, bidirectional=self.bidirectional, bias=self.bias,
-                      device=device)
-            x = torch.randn(self.batch, *self.extent, self.cin, generator=g, device=device)
-        return mod.eval(), x
+            return cls(self.cin, self.cout, self.kernel, self.stride, self.padding, groups=self.groups, bias=self.bias)
+        if self.op == "linear":
+            return nn.Linear(self.cin, self.cout, bias=self.bias)
+        cls = nn.LSTM if self.op == "lstm" else nn.GRU
+        return cls(self.cin, self.cout, batch_first=True, bidirectional=self.bidirectional, bias=self.bias)
+
+    def _input(self, g: torch.Generator, device: str | torch.device) -> torch.Tensor:
+        if self.op in ("conv1d", "conv2d"):
+            return torch.randn(self.batch, self.cin, *self.extent, generator=g, device=device)
+        return torch.randn(self.batch, *self.extent, self.cin, generator=g, device=device)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,8 @@ def _load_all(dirs: list[Path], target: Target, batch: int) -> list[LatencyTable
     for d in dirs:
         if d.is_dir():
             found += [LatencyTable.load(p) for p in sorted(d.glob(f"{target.name}-*/b{batch}.json"))]
-    return [t for t in found if t.fingerprint.get("target") == target.name]
+    return [t for t in found if t.fingerprint.get("target") == target.name
+            and t.fingerprint.get("runtime", "eager") == target.runtime]  # a table per runtime
 
 
 def _where(dirs: list[Path]) -> str:

@@ -64,6 +64,12 @@ def try_measure(cfg: LayerConfig, target: Target, repeats: int) -> Entry | str:
     except Exception as exc:  # noqa: BLE001 - any kernel failure marks the configuration, never a traceback
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
             raise
+        if "capture" in str(exc).lower():  # a failed CUDA graph capture poisons every later one: stop, mark nothing
+            from hwprune.errors import HwpruneError
+
+            raise HwpruneError(f"CUDA graph capture of {cfg.key!r} failed ({one_line(exc, 150)}); the CUDA "
+                               f"context is unusable after that, so profiling stops here (the table keeps what "
+                               f"was measured)") from None
         return one_line(exc, 200)
 
 
