@@ -283,12 +283,16 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
             ts = torch.jit.load(artifacts["torchscript"])
             t2 = measure_model(ts, x, target, repeats)
             measured["torchscript_median_ms"] = t2.median_us / 1e3
+        measured.update(_machine_drift(info, spec, setup, x, target, repeats))
     pred_ms = chosen.values[1]
     over = measured is not None and measured["median_ms"] > info["budget_ms"]
     if over:
+        drift = measured.get("machine_drift_pct")
+        why = (f"; the dense model measures {drift:+.1f}% against its time when the table was profiled, so the "
+               f"machine itself is slower now" if drift is not None and drift > 3 else "")
         log(f"hwprune: warning: measured {measured['median_ms']:.4f} ms is over the budget {info['budget_ms']:.4f} ms "
-            f"by {measured['median_ms'] / info['budget_ms'] - 1:.1%} (predicted {pred_ms:.4f} ms); export a faster "
-            f"point of the front (hwprune pareto), or search again with a larger --budget-margin")
+            f"by {measured['median_ms'] / info['budget_ms'] - 1:.1%} (predicted {pred_ms:.4f} ms){why}; export a "
+            f"faster point of the front (hwprune pareto), or search again with a larger --budget-margin")
     prov = {"run": str(run), "study": spec.name, "trial": chosen.number, "model": spec.model,
             "model_args": setup.model_args, "data": spec.data, "weights": setup.weights, "target": spec.target,
             "batch_size": info["batch_size"], "table": info.get("table"), "table_fingerprint": run_fp,
@@ -318,6 +322,32 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     return summary
 
 
+def _machine_drift(info: dict[str, Any], spec: Any, setup: Any, x: torch.Tensor, target: Any,
+                   repeats: int) -> dict[str, Any]:
+    """The dense model timed now against its calibration run in the table: how much the machine itself drifted.
+
+    Tells predictor error (the dense model measures as at profiling time) from a machine that runs slower or
+    faster than when its table was measured (noisy neighbours, clocks, another load). Empty when the table or
+    its dense run is not there.
+    """
+    from hwprune.latency.predictor import model_key
+    from hwprune.latency.profiler import measure_model
+    from hwprune.latency.table import LatencyTable
+
+    try:
+        table = LatencyTable.load(info["table"])
+    except (HwpruneError, KeyError, TypeError):
+        return {}
+    key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
+    runs = table.models.get(key, {}).get("calibration", [])
+    dense = [r for r in runs if not r["policy"].get("keep") and not r["policy"].get("formats")]
+    if not dense:
+        return {}
+    then_ms = dense[0]["measured_us"] / 1e3
+    now_ms = measure_model(copy.deepcopy(setup.model).eval(), x, target, repeats).median_us / 1e3
+    return {"dense_now_ms": now_ms, "dense_at_profile_ms": then_ms, "machine_drift_pct": 100 * (now_ms / then_ms - 1)}
+
+
 def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], run_fp: dict[str, Any],
             here: dict[str, Any] | None) -> str:
     from hwprune.latency.targets import fingerprint_line
@@ -338,6 +368,10 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
         lines += ["", f"Measured / predicted: {m['median_ms'] / s['predicted_latency_ms']:.3f}; "
                       f"measured / budget: {m['median_ms'] / s['budget_ms']:.3f}."
                   + ("" if m["on_target"] else " **Measured on a machine other than the table's target.**")]
+        if "machine_drift_pct" in m:
+            lines += ["", f"The dense model measures {m['dense_now_ms']:.4f} ms now and measured "
+                          f"{m['dense_at_profile_ms']:.4f} ms when the table was profiled "
+                          f"({m['machine_drift_pct']:+.1f}%: how much the machine itself drifted since)."]
         if s.get("over_budget"):
             lines += ["", f"**Over budget:** measured {m['median_ms']:.4f} ms > budget {s['budget_ms']:.4f} ms "
                           f"(by {m['median_ms'] / s['budget_ms'] - 1:.1%})."]

@@ -307,6 +307,11 @@ def test_export_warns_when_measured_over_budget(tables, tmp_path):  # noqa: F811
     assert s["measured_latency_ms"] > s["budget_ms"] and s["over_budget"] is True
     assert re.search(r"hwprune: warning: measured [\d.]+ ms is over the budget [\d.]+ ms by [\d.]+%", proc.stderr)
     assert "**Over budget:**" in (run / f"export-trial{s['trial']}-oneshot" / "report.md").read_text()
+    # the dense model timed again against its calibration run: the synthetic table's "measurement" is the layer
+    # sum (microseconds), so the machine looks far slower than the table, and the warning says so
+    m = s["measurement"]
+    assert m["machine_drift_pct"] == pytest.approx(100 * (m["dense_now_ms"] / m["dense_at_profile_ms"] - 1))
+    assert m["machine_drift_pct"] > 3 and "so the machine itself is slower now" in proc.stderr
 
 
 def test_a_stacked_rnn_trained_by_the_search_exports(tmp_path):
