@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hwprune.errors import HwpruneError
+from hwprune.errors import HwpruneError, is_oom
 from hwprune.kernels import mask_2_4
 
 __all__ = ["FormatSim", "apply_formats", "strip_formats", "mask_2_4", "fake_quant_weight", "fake_quant_act", "deploy",
@@ -145,7 +145,7 @@ def deploy(model: nn.Module, target: Any = "cpu") -> tuple[nn.Module, DeployRepo
         try:
             real = tgt.realize(mod.inner, mod.fmt)
         except Exception as exc:  # noqa: BLE001 - no kernel, or one that rejects this shape: stays simulated
-            if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            if is_oom(exc):
                 raise
             report.simulated[name] = mod.fmt
             continue

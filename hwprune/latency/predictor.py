@@ -218,6 +218,8 @@ class Predictor:
         A kernel that accepts a layer's dense shape may reject a pruned one (2:4 sparse and fp8 need
         multiples of 16): that layer runs fp32, as deployment would leave it.
         """
+        if not policy.formats or not self.table.unsupported:  # the common case, on the search's pricing path
+            return policy
         formats = dict(policy.formats)
         for name, cfg in self.layers.configs(policy, self.table.batch_size):
             if cfg.fmt != "fp32" and cfg.key in self.table.unsupported:

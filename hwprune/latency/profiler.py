@@ -54,7 +54,7 @@ def measure_config(cfg: LayerConfig, target: Target, repeats: int) -> Entry:
 def try_measure(cfg: LayerConfig, target: Target, repeats: int) -> Entry | str:
     """:func:`measure_config`, or why the configuration cannot run: a shape rule of the target's kernel, or the
     kernel's own error (a shape it rejects, a silent fallback to another format) in one line."""
-    from hwprune.errors import one_line
+    from hwprune.errors import HwpruneError, is_oom, one_line
 
     why = target.unsupported(cfg)
     if why:
@@ -62,11 +62,10 @@ def try_measure(cfg: LayerConfig, target: Target, repeats: int) -> Entry | str:
     try:
         return measure_config(cfg, target, repeats)
     except Exception as exc:  # noqa: BLE001 - any kernel failure marks the configuration, never a traceback
-        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        if is_oom(exc):
             raise
-        if "capture" in str(exc).lower():  # a failed CUDA graph capture poisons every later one: stop, mark nothing
-            from hwprune.errors import HwpruneError
-
+        if getattr(target, "runtime", "eager") == "cudagraph" and "capture" in str(exc).lower():
+            # a failed CUDA graph capture poisons every later one: stop, mark nothing
             raise HwpruneError(f"CUDA graph capture of {cfg.key!r} failed ({one_line(exc, 150)}); the CUDA "
                                f"context is unusable after that, so profiling stops here (the table keeps what "
                                f"was measured)") from None

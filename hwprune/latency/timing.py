@@ -109,4 +109,3 @@ def time_cuda_graph(fn: Callable[[], object], repeats: int = 20, warmup: int = 3
         with torch.cuda.graph(graph):
             fn()
     return time_cuda(graph.replay, repeats, warmup=2)
-

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hwprune.errors import HwpruneError, one_line
+from hwprune.errors import HwpruneError, is_oom, one_line
 from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.rundir import check_run_dir, claim_run_dir, front, plot_front, write_front, write_trials
 from hwprune.search.spec import SearchSpec
@@ -165,8 +165,8 @@ def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
     except optuna.TrialPruned:
         raise
     except Exception as exc:
-        trial.set_user_attr("error", ("out of memory: " if _is_oom(exc) else "") + one_line(exc))
-        if _is_oom(exc):
+        trial.set_user_attr("error", ("out of memory: " if is_oom(exc) else "") + one_line(exc))
+        if is_oom(exc):
             _free_memory()
         raise
     trial.set_user_attr("seconds", round(time.time() - t0, 2))
@@ -181,12 +181,6 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 def finished(trials: list[Any]) -> list[Any]:
     return [t for t in trials if t.state.name in FINISHED]
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
 def _free_memory() -> None:

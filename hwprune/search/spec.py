@@ -83,8 +83,9 @@ class SearchSpec:
         if not 0 < self.heartbeat_interval < self.heartbeat_grace:
             raise HwpruneError(f"heartbeat_interval must be > 0 and below heartbeat_grace, got "
                                f"{self.heartbeat_interval} and {self.heartbeat_grace}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise HwpruneError(f"unknown device {self.device!r}; known: auto, cpu, cuda, cuda:N")
+        from hwprune.train import resolve_device
+
+        resolve_device(self.device)  # a name it knows, and a GPU here if one is asked: before anything runs
         if self.sampler not in SAMPLERS:
             raise HwpruneError(f"unknown sampler {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.backend not in BACKENDS:
