@@ -157,7 +157,7 @@ class Bench:
         key = json.dumps([units, policy.formats, repeats, tag], sort_keys=True)
         if key not in self._lat:
             model = apply_policy(self.setup.model, policy, self.setup.example, batches=self.batches)
-            deployed, _ = deploy(model.eval(), "cpu")
+            deployed, _ = deploy(model.eval(), "cpu", self.setup.example)
             t = measure_model(deployed, self.x, self.target, repeats)
             self._lat[key] = (t.median_us / 1e3, t.spread_pct)
         return self._lat[key]
@@ -242,7 +242,7 @@ class Bench:
         for s in seeds:
             model = finetune_policy(self.setup.model, pol, self.setup.example, data.train, self.args.final_steps,
                                     seed=s, batches=self.batches)
-            deployed, _ = deploy(copy.deepcopy(model).eval(), "cpu")
+            deployed, _ = deploy(copy.deepcopy(model).eval(), "cpu", self.setup.example)
             accs.append(evaluate(deployed, test))
         ms, spread = self.measure(pol, self.args.repeats, "final")
         cache[key] = {"test_accuracies": accs, "mean": statistics.mean(accs),
@@ -264,7 +264,7 @@ class Bench:
         test = data.test if data.test is not None else data.val
         out = {"layers": sorted(fmts)}
         for name, pol in (("fp32", Policy({}, {}, 8)), ("int8", Policy({}, fmts, 8))):
-            model, _ = deploy(apply_policy(self.setup.model, pol, self.setup.example).eval(), "cpu")
+            model, _ = deploy(apply_policy(self.setup.model, pol, self.setup.example).eval(), "cpu", self.setup.example)
             ms, spread = self.measure(pol, self.args.repeats)
             out[name] = {"measured_ms": ms, "spread_pct": spread, "test_accuracy": evaluate(model, test)}
         out["speedup"] = out["fp32"]["measured_ms"] / out["int8"]["measured_ms"]

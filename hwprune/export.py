@@ -263,7 +263,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
                 setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps})
     stats = model_stats(model, setup.example)
     if target.is_local():
-        deployed, rep = deploy(copy.deepcopy(model).eval(), target)
+        deployed, rep = deploy(copy.deepcopy(model).eval(), target, setup.example)
         deployed = deployed.to(target.device)
     else:
         deployed, rep = model.eval(), None
@@ -313,6 +313,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         "test_accuracy_simulated": sim_acc, "val_accuracy": val_acc, "search_val_accuracy": chosen.values[0],
         "params": stats.params, "flops": stats.flops,
         "formats_real": rep.real if rep else {}, "formats_simulated": rep.simulated if rep else dict(policy.formats),
+        "precision_regions": rep.regions if rep else None, "casts": rep.casts if rep else None,
         "artifacts": {**artifacts, "hwprune": str(dest / "pruned.pt"), "policy": str(dest / "policy.json"),
                       "report": str(dest / "report.md")},
         "artifact_checks": checks, "seconds": round(time.time() - t0, 1)}
@@ -387,7 +388,9 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
               f"| exported, target kernels | {s['test_accuracy']:.4f} |", "",
               f"Params {s['params']:,}, FLOPs {s['flops']:,} per example. Real kernels: "
               f"{', '.join(f'{k}:{v}' for k, v in sorted(s['formats_real'].items())) or 'none (all fp32)'}; "
-              f"simulated: {', '.join(f'{k}:{v}' for k, v in sorted(s['formats_simulated'].items())) or 'none'}.", "",
+              f"simulated: {', '.join(f'{k}:{v}' for k, v in sorted(s['formats_simulated'].items())) or 'none'}."
+              + (f" bf16/fp16 layers: {s['precision_regions']}, {s['casts']} dtype cast(s) per forward pass."
+                 if s.get("precision_regions") not in (None, "none") else ""), "",
               "## Policy", "", "| group | units |", "|---|---|"]
     lines += [f"| {g} | {u} |" for g, u in s["units"].items()]
     lines += ["", "## Front of the search", "", "| trial | val accuracy | predicted ms | |", "|---|---|---|---|"]

@@ -186,10 +186,15 @@ def test_profile_tiny_model_end_to_end_and_incremental(tmp_path):
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
-    # hidden 16 -> {8, 16}; layer 0: i4 x o{8,16}, layer 2: i{8,16} x o3; formats fp32, bf16, int8
-    assert s["configurations"] == 12 and s["measured_now"] == 12
+    # hidden 16 -> {8, 16}; layer 0: i4 x o{8,16}, layer 2: i{8,16} x o3; formats fp32, bf16, int8: 12 layer
+    # entries; casts fp32<->bf16 of the inputs {4, 8, 16} (6) and bf16->fp32 of the output (3 elements): 7
+    assert s["configurations"] == 19 and s["measured_now"] == 19
     t = LatencyTable.load(s["table"])
-    assert len(t.entries) == 12 and all(e.median_us > 0 and e.repeats == 2 for e in t.entries.values())
+    casts = sorted(k for k in t.entries if k.startswith("cast|"))
+    assert casts == ["cast|bf16>fp32|n16|b2", "cast|bf16>fp32|n3|b2", "cast|bf16>fp32|n4|b2", "cast|bf16>fp32|n8|b2",
+                     "cast|fp32>bf16|n16|b2", "cast|fp32>bf16|n4|b2", "cast|fp32>bf16|n8|b2"]
+    assert t.casts == "regions"
+    assert len(t.entries) == 19 and all(e.median_us > 0 and e.repeats == 2 for e in t.entries.values())
     assert t.fingerprint["threads"] == 1 and "profile" in t.command
     cal = t.models[s["model_key"]]["calibration"]
     # 8 or 16 hidden units, times whatever format measured faster than fp32: all distinct, none repeated

@@ -18,7 +18,7 @@ from hwprune.errors import HwpruneError
 from hwprune.policy import Policy, keep_units
 from hwprune.space import Space, build_space, prepare_model
 
-__all__ = ["LayerConfig", "LayerForm", "ModelLayers", "analyze_layers"]
+__all__ = ["LayerConfig", "CastConfig", "LayerForm", "ModelLayers", "analyze_layers"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,13 @@ class LayerConfig:
         d = 2 if self.bidirectional else 1
         return self.batch * ext * d * gates * self.cout * (self.cin + self.cout)
 
+    def in_elems(self) -> int:
+        """Elements of one call's input: what a dtype cast in front of the layer touches."""
+        n = self.batch * self.cin
+        for e in self.extent:
+            n *= e
+        return n
+
     def out_elems(self) -> int:
         """Elements of one call's output: what the elementwise ops after the layer touch."""
         if self.op.startswith("conv"):
@@ -128,6 +135,52 @@ class LayerConfig:
 
 
 @dataclass(frozen=True)
+class CastConfig:
+    """A dtype cast of an activation (``src`` -> ``dst``, format names) of ``elems`` elements per example.
+
+    Measured and priced like a layer: ``op`` is ``cast`` and it runs in fp32 terms (no format of its own).
+    """
+
+    src: str
+    dst: str
+    elems: int
+    batch: int
+    op: str = "cast"
+    fmt: str = "fp32"
+    cin: int = 0
+    cout: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"cast|{self.src}>{self.dst}|n{self.elems}|b{self.batch}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "CastConfig | None":
+        parts = key.split("|")
+        try:
+            src, dst = parts[1].split(">")
+            cfg = cls(src, dst, int(parts[2][1:]), int(parts[3][1:]))
+        except (IndexError, ValueError):
+            return None
+        return cfg if parts[0] == "cast" and cfg.key == key else None
+
+    def macs(self) -> int:
+        return 0
+
+    def in_elems(self) -> int:
+        return self.batch * self.elems
+
+    out_elems = in_elems
+
+    def build(self, device: str | torch.device = "cpu") -> tuple[nn.Module, torch.Tensor]:
+        from hwprune.kernels import Cast, DTYPE_BY_NAME
+
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(self.batch, self.elems, generator=g, device=device).to(DTYPE_BY_NAME[self.src])
+        return Cast(DTYPE_BY_NAME[self.dst]), x
+
+
+@dataclass(frozen=True)
 class LayerForm:
     """One layer's dims as linear forms of the groups' kept units."""
 
@@ -152,6 +205,7 @@ class ModelLayers:
     space: Space
     layers: list[LayerForm]
     channel_multiple: int
+    sources: Any = None  # hwprune.kernels.Sources: which layer feeds which (None: unknown, priced as islands)
 
     def configs(self, policy: Policy, batch: int) -> list[tuple[str, LayerConfig]]:
         units = policy.units(self.space)
@@ -236,7 +290,9 @@ def analyze_layers(model: nn.Module, example: torch.Tensor, exclude: list[str] |
     for n, cfg in base.items():
         consts = {d: dense[n][d] - sum(f * full[g] for g, f in terms[n][d].items()) for d in _DIMS}
         forms.append(LayerForm(n, cfg, terms[n], consts))
-    layers = ModelLayers(space, forms, channel_multiple)
+    from hwprune.kernels import dtype_sources
+
+    layers = ModelLayers(space, forms, channel_multiple, dtype_sources(model, example, [f.name for f in forms]))
     _check_forms(model, example, exclude, layers)
     return layers
 

@@ -53,6 +53,10 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
     from hwprune.latency.predictor import Predictor
     from hwprune.latency.profiler import calibrate, calibration_policies, layer_configs, profile_layers
 
+    dropped = table.upgrade_casts()
+    if dropped:
+        log(f"hwprune: {table.path} held bf16/fp16 timings with their casts included (an older table); "
+            f"{dropped} of them are measured again as precision-region entries")
     configs = layer_configs(job.layers, job.grid, target, table.batch_size)
     measured = profile_layers(table, configs, target, job.repeats, log)
     pred = Predictor(table, job.layers, job.key)

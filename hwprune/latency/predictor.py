@@ -1,8 +1,11 @@
 """Price a policy from a latency table: sum of measured layers, calibrated end to end.
 
-``latency = a * sum(layer entries) + c * sum(layer output elements) + b``,
+``latency = a * sum(layer and cast entries) + c * sum(layer output elements) + b``,
 fitted by non-negative least squares on the end-to-end measurements that
-``hwprune profile`` took for this model. ``a`` absorbs what isolated timing
+``hwprune profile`` took for this model. Casts: where a policy's bf16/fp16
+layers form precision regions (:func:`hwprune.kernels.plan_regions`), each
+dtype change is a measured ``cast|...`` entry (by dtype pair and tensor size);
+output elements in a 16-bit region count half (half the bytes). ``a`` absorbs what isolated timing
 misses per unit of layer work (cold caches between layers); ``c`` prices the
 memory-bound operators the table does not hold (normalization, activations,
 residual adds, casts), which touch every output element of the layers before
@@ -16,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 from hwprune.errors import HwpruneError
-from hwprune.latency.layers import LayerConfig, ModelLayers
+from hwprune.latency.layers import CastConfig, LayerConfig, ModelLayers
 from hwprune.latency.table import LatencyTable
 from hwprune.policy import Policy
 
@@ -73,7 +77,7 @@ class Prediction:
     latency_us: float
     layer_sum_us: float
     macs: int
-    out_elems: int
+    out_elems: float  # in fp32 terms: 16-bit activations count half
     by_layer: list[dict[str, Any]] = field(default_factory=list)
     estimated: list[str] = field(default_factory=list)  # keys priced by interpolation (--allow-missing)
 
@@ -156,10 +160,53 @@ class Predictor:
         nb, lat = min(near, key=lambda t: dist(t[0]))
         return lat * cfg.macs() / max(nb.macs(), 1)
 
+    def _cast_entry(self, cfg: CastConfig) -> float | None:
+        """A cast not measured, priced from the nearest measured size of the same dtype pair (linear in size)."""
+        near = [(c, e.median_us) for k, e in self.table.entries.items() if k.startswith(f"cast|{cfg.src}>{cfg.dst}|")
+                for c in [CastConfig.from_key(k)] if c is not None and c.batch == cfg.batch]
+        if not near:
+            return None
+        c, us = min(near, key=lambda t: abs(np.log(t[0].elems / cfg.elems)))
+        return us * cfg.elems / c.elems
+
+    def _casts(self, configs: list[tuple[str, LayerConfig]]) -> tuple[list[tuple[str, CastConfig]], dict[str, float]]:
+        """The casts of a policy's precision regions, and each layer's output width in fp32 terms (0.5 for 16-bit)."""
+        from hwprune.kernels import DTYPE_NAMES, plan_regions, region_dtype
+
+        src = self.layers.sources
+        if self.table.casts != "regions" or src is None or all(region_dtype(c.fmt) == torch.float32 for _, c in configs):
+            return [], {}
+        by = dict(configs)
+        plan = plan_regions({n: region_dtype(c.fmt) for n, c in configs}, src)
+        b = self.table.batch_size
+        out = [(n, CastConfig(DTYPE_NAMES[x], DTYPE_NAMES[y], by[n].in_elems() // b, b))
+               for n, (x, y) in plan.cast_in.items() if n in by]
+        out += [(n, CastConfig(DTYPE_NAMES[x], DTYPE_NAMES[y], by[n].out_elems() // b, b))
+                for n, (x, y) in plan.cast_out.items() if n in by]
+        width = {n: (0.5 if d != torch.float32 else 1.0) for n, d in plan.act.items()}
+        return out, width
+
     def price(self, policy: Policy, by_layer: bool = False) -> Prediction:
         """Predicted latency of ``policy`` at the table's batch size (a missing entry is an error)."""
-        total, macs, elems, rows, est = 0.0, 0, 0, [], []
-        for name, cfg in self.layers.configs(policy, self.table.batch_size):
+        total, macs, elems, rows, est = 0.0, 0, 0.0, [], []
+        configs = self.layers.configs(policy, self.table.batch_size)
+        casts, width = self._casts(configs)
+        for name, cfg in casts:
+            e = self.table.entries.get(cfg.key)
+            if e is not None:
+                us = e.median_us
+            else:
+                guess = self._cast_entry(cfg) if self.allow_missing else None
+                if guess is None:
+                    raise HwpruneError(f"the {cfg.src}->{cfg.dst} cast at layer {name!r} ({cfg.key!r}) is not in "
+                                       f"table {str(self.table.path)!r}; profile this model"
+                                       + ("" if self.allow_missing else ", or pass --allow-missing to estimate"))
+                us = guess
+                est.append(cfg.key)
+            total += us
+            if by_layer:
+                rows.append({"layer": name, "key": cfg.key, "latency_us": us, "estimated": e is None})
+        for name, cfg in configs:
             e = self.table.entries.get(cfg.key)
             if e is not None:
                 us = e.median_us
@@ -174,7 +221,7 @@ class Predictor:
                                    f"{str(self.table.path)!r}; profile it, or pass --allow-missing to estimate")
             total += us
             macs += cfg.macs()
-            elems += cfg.out_elems()
+            elems += cfg.out_elems() * width.get(name, 1.0)
             if by_layer:
                 rows.append({"layer": name, "key": cfg.key, "latency_us": us, "estimated": e is None})
         a, c, b = self.coef

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hwprune.latency.layers import LayerConfig, ModelLayers
+from hwprune.latency.layers import CastConfig, LayerConfig, ModelLayers
 from hwprune.latency.table import Entry, LatencyTable, calibration_key
 from hwprune.latency.targets import Target
 from hwprune.latency.timing import Timing
@@ -29,29 +29,59 @@ __all__ = ["DEFAULT_GRID", "layer_configs", "measure_config", "measure_model", "
 DEFAULT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
-def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target, batch: int) -> list[LayerConfig]:
-    """Every distinct configuration the model's layers can take on the keep-ratio grid, in every offered format."""
+def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
+                  batch: int) -> list[LayerConfig | CastConfig]:
+    """Every distinct configuration the model's layers can take on the keep-ratio grid, in every offered format,
+    then the dtype casts precision regions can need: at any layer's input, and at the output of the layers
+    that feed the model output, between fp32 and every region dtype offered (and between those dtypes)."""
+    from hwprune.kernels import DTYPES
+
     full = {g.name: g.units for g in layers.space.groups}
-    out: dict[str, LayerConfig] = {}
+    out: dict[str, LayerConfig | CastConfig] = {}
+    ins: set[int] = set()
+    outs: set[int] = set()
+    low: set[str] = set()
+    feeds_output = set(layers.sources.output) if layers.sources is not None else set()
     for form in layers.layers:
         involved = sorted({g for terms in form.terms.values() for g in terms})
+        offered = target.offered_formats(form.base.op)
+        low.update(f for f in offered if f in DTYPES)
         for combo in itertools.product(*(layers.unit_options(g, list(grid)) for g in involved)):
             units = {**full, **dict(zip(involved, combo))}
-            for fmt in target.offered_formats(form.base.op):
+            for fmt in offered:
                 cfg = form.config(units, batch, fmt)
                 out.setdefault(cfg.key, cfg)
+            dense = form.config(units, 1, "fp32")
+            ins.add(dense.in_elems())
+            if form.name in feeds_output:
+                outs.add(dense.out_elems())
+    if layers.sources is not None and low:
+        names = ["fp32"] + sorted(low)
+        for a, b in itertools.permutations(names, 2):
+            for n in sorted(ins):
+                c = CastConfig(a, b, n, batch)
+                out.setdefault(c.key, c)
+        for a in sorted(low):
+            for n in sorted(outs):
+                c = CastConfig(a, "fp32", n, batch)
+                out.setdefault(c.key, c)
     return list(out.values())
 
 
-def measure_config(cfg: LayerConfig, target: Target, repeats: int) -> Entry:
-    """Time one layer configuration in isolation, in its format's real kernel."""
+def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
+    """Time one layer configuration in isolation, in its format's real kernel (a precision-region layer with
+    its input already in its dtype, output left in it: the casts are entries of their own)."""
+    from hwprune.kernels import RegionLayer
+
     mod, x = cfg.build(target.device)
     mod = target.realize(mod, cfg.fmt)
+    if isinstance(mod, RegionLayer):
+        x = x.to(mod.dtype)
     t = target.time(lambda: mod(x), repeats)
     return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
 
 
-def try_measure(cfg: LayerConfig, target: Target, repeats: int) -> Entry | str:
+def try_measure(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry | str:
     """:func:`measure_config`, or why the configuration cannot run: a shape rule of the target's kernel, or the
     kernel's own error (a shape it rejects, a silent fallback to another format) in one line."""
     from hwprune.errors import HwpruneError, is_oom, one_line
@@ -132,7 +162,7 @@ class _Saver:
             self.last = time.time()
 
 
-def profile_layers(table: LatencyTable, configs: list[LayerConfig], target: Target, repeats: int,
+def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig], target: Target, repeats: int,
                    log: Callable[[str], None]) -> int:
     """Measure every configuration missing from ``table``; returns how many were measured."""
     from tqdm import tqdm
@@ -177,7 +207,7 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
     saver = _Saver(table)
     try:
         for pol in tqdm(todo, desc="calibrating", unit="model", file=sys.stderr, disable=None):
-            pruned, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target)
+            pruned, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target, example)
             t = measure_model(pruned, x, target, repeats)
             samples.append({"policy": pol.to_dict(), "measured_us": round(t.median_us, 3),
                             "iqr_us": round(t.iqr_us, 3)})

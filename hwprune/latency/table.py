@@ -7,6 +7,13 @@ A table is one JSON file ``<tables dir>/<fingerprint slug>/b<batch>.json``::
      "unsupported": {key: "why the kernel rejected it"},
      "models": {model_key: {"grid": [...], "calibration": [sample, ...]}}}
 
+``casts`` says what a bf16/fp16 entry holds: ``"regions"`` (tables profiled
+since precision regions: the layer alone, input already in its dtype, output
+left in it; dtype changes are separate ``cast|...`` entries) or ``"islands"``
+(older tables, the default when the field is absent: each entry includes
+casting its input in and its output back to fp32). Profiling into an islands
+table first drops its bf16/fp16 entries and calibration runs (re-measured).
+
 ``unsupported`` (optional) holds the configurations whose kernel rejects the
 shape or silently fell back to another format while profiling: never priced,
 never offered, never measured again.
@@ -39,6 +46,7 @@ __all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "FINGERPRINT_K
            "reference_tables_dir", "table_dirs", "fingerprint_diff", "calibration_key"]
 
 TABLE_FORMAT = "hwprune-latency-table/1"
+REGION_FORMATS = ("bf16", "fp16")  # formats whose layers run as precision regions (hwprune.kernels.DTYPES)
 # what must match between a table and the local device when the local device is the target
 FINGERPRINT_KEYS = ("target", "arch", "cpu", "gpu", "flags", "threads", "torch", "engine", "compute_capability",
                     "cuda", "malloc", "emulated", "cudnn_benchmark", "runtime")
@@ -117,6 +125,23 @@ class LatencyTable:
     command: str = ""
     path: Path | None = None
     unsupported: dict[str, str] = field(default_factory=dict)
+    casts: str = "regions"
+
+    def upgrade_casts(self) -> int:
+        """Turn an ``islands`` table into a ``regions`` one: drop its bf16/fp16 entries and the calibration runs
+        that use them (they are re-measured); returns how many entries were dropped."""
+        if self.casts == "regions":
+            return 0
+        low = lambda fmts: any(f in REGION_FORMATS for f in fmts)  # noqa: E731
+        gone = [k for k in self.entries if low([k.rsplit("|", 1)[-1]])]
+        for k in gone:
+            del self.entries[k]
+        for k in [k for k in self.unsupported if low([k.rsplit("|", 1)[-1]])]:
+            del self.unsupported[k]
+        for m in self.models.values():
+            m["calibration"] = [s for s in m.get("calibration", []) if not low(s["policy"].get("formats", {}).values())]
+        self.casts = "regions"
+        return len(gone)
 
     @property
     def slug(self) -> str:
@@ -125,7 +150,7 @@ class LatencyTable:
     def to_dict(self) -> dict[str, Any]:
         return {"format": TABLE_FORMAT, "fingerprint": self.fingerprint, "batch_size": self.batch_size,
                 "command": self.command, "entries": {k: self.entries[k].to_dict() for k in sorted(self.entries)},
-                "unsupported": dict(sorted(self.unsupported.items())), "models": self.models}
+                "unsupported": dict(sorted(self.unsupported.items())), "models": self.models, "casts": self.casts}
 
     def save(self, path: Path | None = None) -> Path:
         """Write the table atomically, merged with the file on disk (under a lock; another process may write it).
@@ -148,6 +173,12 @@ class LatencyTable:
         if other.batch_size != self.batch_size or fingerprint_diff(other.fingerprint, self.fingerprint):
             raise HwpruneError(f"table {str(other.path)!r} holds another device or batch than the one being saved "
                                f"(batch {other.batch_size} vs {self.batch_size}); move it away first")
+        if other.casts != self.casts:  # one side is an older islands table: its bf16/fp16 timings do not fit
+            import copy
+
+            other = copy.deepcopy(other)
+            other.upgrade_casts()
+            self.upgrade_casts()
         for k, e in other.entries.items():
             self.entries.setdefault(k, e)
         for k, why in other.unsupported.items():
@@ -182,7 +213,11 @@ class LatencyTable:
         unsup = data.get("unsupported", {})
         if not isinstance(unsup, dict) or not all(isinstance(v, str) for v in unsup.values()):
             raise HwpruneError(f"latency table {where}: 'unsupported' must map configurations to reasons")
-        return cls(fp, batch, entries, models, str(data.get("command", "")), p, {str(k): v for k, v in unsup.items()})
+        casts = data.get("casts", "islands")
+        if casts not in ("regions", "islands"):
+            raise HwpruneError(f"latency table {where} has casts {casts!r}; expected 'regions' or 'islands'")
+        return cls(fp, batch, entries, models, str(data.get("command", "")), p, {str(k): v for k, v in unsup.items()},
+                   casts)
 
 
 def calibration_key(policy: dict[str, Any]) -> str:

@@ -68,7 +68,7 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
     for i in range(samples):
         pol = predictor.runnable(random_policy(layers, grid, menus, rng))
         pred = predictor.price(pol)
-        m, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target)
+        m, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target, example)
         t1 = measure_model(m, x, target, repeats).median_us
         t2 = measure_model(m, x, target, repeats).median_us
         rows.append({"policy": pol.to_dict(), "predicted_us": pred.latency_us, "flops_us": predictor.price_flops(pred.macs),
