@@ -11,6 +11,9 @@ and writes:
 - ``model.pt2`` (``torch.export``) and/or ``model.ts`` (TorchScript): loadable
   by plain ``torch`` (``torch.export.load(p).module()`` / ``torch.jit.load(p)``),
   each checked against the in-memory model before it is kept;
+- ``model_aoti.pt2`` (runtime ``compile`` only): an AOTInductor package of the
+  deployed model at the latency batch size, compiled ahead of time, checked and
+  measured like the others (``torch._inductor.aoti_load_package(p)``);
 - ``pruned.pt``: the hwprune artifact (pruned state dict + policy, simulated
   formats), for further training with hwprune;
 - ``report.md`` and ``export.json`` (the summary ``--json`` prints).
@@ -183,6 +186,30 @@ def _save_artifacts(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[dict[
     return kept, checks
 
 
+def _save_aoti(model: nn.Module, x: torch.Tensor, out: Path, kept: dict[str, str], checks: dict[str, Any]) -> None:
+    """An AOTInductor package of ``model`` for inputs shaped like ``x`` (``model_aoti.pt2``; load with
+    ``torch._inductor.aoti_load_package``), kept only if it reloads and computes what the model computes."""
+    import tempfile
+
+    try:
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                ref = model(x)
+                path = torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)),
+                                                                 package_path=str(Path(tmp) / "model_aoti.pt2"))
+                got = torch._inductor.aoti_load_package(path)(x)
+            diff = float((got.float() - ref.float()).abs().max())
+            checks["aoti"] = {"max_abs_diff": diff, "batch": len(x)}
+            if diff <= 1e-3 * max(1.0, float(ref.float().abs().max())):
+                write_atomic(out / "model_aoti.pt2", Path(path).read_bytes())
+                kept["aoti"] = str(out / "model_aoti.pt2")
+            else:
+                checks["aoti"]["error"] = "reloaded outputs differ"
+    except Exception as exc:  # noqa: BLE001 - e.g. an op inductor cannot compile ahead of time
+        checks["aoti"] = {"error": one_line(exc, 200)}
+
+
 def _identity(run_dir: Path, trial: int, steps: int, schedule: str, stages: int) -> dict[str, Any]:
     return {"run": str(run_dir.resolve()), "trial": trial, "finetune_steps": steps, "schedule": schedule,
             "stages": stages}
@@ -273,6 +300,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     artifacts, checks = _save_artifacts(deployed, x[: min(8, len(x))], dest)
     if not artifacts:
         log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
+    if spec.runtime == "compile" and rep is not None:
+        log(f"hwprune: compiling the AOTInductor package for batch {len(x)} (the compile runtime's artifact)")
+        _save_aoti(deployed, x, dest, artifacts, checks)
     measured = None
     if here is not None and (not differs or measure_here):
         torch.manual_seed(0)
@@ -281,8 +311,12 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
                     "repeats": repeats, "on_target": not differs}
         if "torchscript" in artifacts:
             ts = torch.jit.load(artifacts["torchscript"])
-            t2 = measure_model(ts, x, target, repeats)
+            t2 = measure_model(ts, x, target, repeats, as_runtime=False)
             measured["torchscript_median_ms"] = t2.median_us / 1e3
+        if "aoti" in artifacts:
+            aoti = torch._inductor.aoti_load_package(artifacts["aoti"])
+            t3 = measure_model(aoti, x, target, repeats, as_runtime=False)
+            measured["aoti_median_ms"] = t3.median_us / 1e3
         measured.update(_machine_drift(info, spec, setup, x, target, repeats))
     pred_ms = chosen.values[1]
     over = measured is not None and measured["median_ms"] > info["budget_ms"]
@@ -402,7 +436,8 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
     for name, c in s["artifact_checks"].items():
         lines.append(f"- {name} check: " + (f"not written ({c['error']})" if "error" in c else
                                             f"reloaded with plain torch, max |diff| {c['max_abs_diff']:.2e}"))
-    loads = {"torchscript": "`torch.jit.load('model.ts')`", "torch.export": "`torch.export.load('model.pt2').module()`"}
+    loads = {"torchscript": "`torch.jit.load('model.ts')`", "torch.export": "`torch.export.load('model.pt2').module()`",
+             "aoti": "`torch._inductor.aoti_load_package('model_aoti.pt2')` (compiled ahead of time, this batch size)"}
     how = [loads[k] for k in s["artifacts"] if k in loads]
     lines += ["", "Load without hwprune: " + (" or ".join(how) if how else "no plain-torch artifact could be written")
               + "."]

@@ -50,8 +50,8 @@ def test_export_reloads_in_plain_torch_and_measures(run_dir, tmp_path):
 
     model, meta = load_pruned(tmp_path / "e" / "pruned.pt")
     assert meta["policy"] == best
-    deployed, _ = deploy(model, "cpu")
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    deployed, _ = deploy(model, "cpu", x)  # with its example, as export deploys it (regions planned)
     code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]); "
             "torch.save(m(x), sys.argv[3]); assert not any(k.startswith('hwprune') for k in sys.modules)")
     torch.save(x, tmp_path / "x.pt")

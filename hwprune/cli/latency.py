@@ -18,8 +18,10 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--threads", type=positive, default=1,
                    help="CPU threads (part of the table's fingerprint; default 1)")
     p.add_argument("--runtime", default=None,
-                   help="how the model runs on the target, part of the table's fingerprint: eager (default), or "
-                        "on cuda cudagraph (every layer and model timed as the replay of a captured CUDA graph)")
+                   help="how the model runs on the target, part of the table's fingerprint: eager (default); "
+                        "compile (torch.compile: every layer and model compiled before it is timed; compiled "
+                        "kernels are cached under ~/.cache/hwprune/inductor); on cuda also cudagraph (every layer "
+                        "and model timed as the replay of a captured CUDA graph)")
     p.add_argument("--tables", default=None, metavar="DIR",
                    help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or ~/.cache/hwprune/tables "
                         "for this machine's tables, then the reference tables in the repository's latency_tables/)")

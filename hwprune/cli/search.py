@@ -108,8 +108,10 @@ def register(sub: Any) -> None:
     se.add_argument("--cpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--gpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--batch-size", type=positive, help="latency batch (default: the model's)")
-    se.add_argument("--runtime", help="how the deployed model runs: eager (default), or on cuda cudagraph (tables, "
-                                      "calibration and the export's measurement are CUDA graph replays)")
+    se.add_argument("--runtime", help="how the deployed model runs: eager (default); compile (torch.compile: the "
+                                      "table, calibration and the export's measurement are of compiled models, and "
+                                      "export writes an AOTInductor package); on cuda also cudagraph (CUDA graph "
+                                      "replays)")
     se.add_argument("--device", choices=DEVICES,
                     help="where base training and fine-tunes run: auto (the GPU when torch sees one, default), cpu "
                          "or cuda; Ray trials use the GPU --gpus-per-trial gives them")

@@ -77,7 +77,8 @@ def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) 
     mod = target.realize(mod, cfg.fmt)
     if isinstance(mod, RegionLayer):
         x = x.to(mod.dtype)
-    t = target.time(lambda: mod(x), repeats)
+    run = target.prepare(mod, x)
+    t = target.time(lambda: run(x), repeats)
     return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
 
 
@@ -102,11 +103,14 @@ def try_measure(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> 
         return one_line(exc, 200)
 
 
-def measure_model(model: nn.Module, x: torch.Tensor, target: Target, repeats: int) -> Timing:
-    """End-to-end time of a (deployed) model on ``x``."""
-    model = model.eval().to(target.device)
+def measure_model(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, target: Target, repeats: int, as_runtime: bool = True) -> Timing:
+    """End-to-end time of a (deployed) model on ``x``, run as the target's runtime runs it (``as_runtime``
+    False: the module as given, e.g. an already compiled or TorchScript artifact)."""
+    if isinstance(model, nn.Module):
+        model = model.eval().to(target.device)
     x = x.to(target.device)
-    return target.time(lambda: model(x), repeats)
+    run = target.prepare(model, x) if as_runtime else model
+    return target.time(lambda: run(x), repeats)
 
 
 def random_policy(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str, list[str]], rng: random.Random,

@@ -18,7 +18,7 @@ from hwprune.latency.timing import Timing, time_cpu, time_cuda, time_cuda_graph
 from hwprune.registry import Registry
 
 __all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR",
-           "fingerprint_line", "cuda_shape_rule"]
+           "fingerprint_line", "cuda_shape_rule", "compile_module", "use_compile_cache"]
 
 TARGETS: Registry[type["Target"]] = Registry("target")
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
@@ -95,7 +95,9 @@ class Target(ABC):
 
     name: str = ""
     device: str = "cpu"
-    runtimes: tuple[str, ...] = ("eager",)  # how a model runs here; the first is the default
+    # how a model runs here; the first is the default. compile: torch.compile (inductor), each layer and each
+    # whole model compiled before it is timed, as a deployment that compiles its model runs it
+    runtimes: tuple[str, ...] = ("eager", "compile")
 
     def __init__(self, threads: int | None = None, emulate: bool = False, runtime: str | None = None) -> None:
         self.threads = threads
@@ -140,6 +142,15 @@ class Target(ABC):
     def setup(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.runtime == "compile":
+            use_compile_cache()
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+        """What this runtime runs for ``module``: the module itself, or (compile) ``torch.compile`` of it,
+        compiled here on ``x`` so that the compilation is not inside a timing."""
+        if self.runtime != "compile":
+            return module
+        return compile_module(module, x)
 
     def time(self, fn: Callable[[], object], repeats: int, warmup: int = 3) -> Timing:
         return time_cpu(fn, repeats, warmup)
@@ -203,7 +214,8 @@ class CudaTarget(Target):
     device = "cuda"
     # cudagraph: every timing (each layer, each whole model) is the replay of a captured CUDA graph, as a
     # deployment that captures its forward pass runs it: no per-kernel launch overhead from Python.
-    runtimes = ("eager", "cudagraph")
+    # compile: torch.compile (inductor's default mode) of each layer and model.
+    runtimes = ("eager", "cudagraph", "compile")
 
     def is_local(self) -> bool:
         return torch.cuda.is_available()
@@ -214,6 +226,7 @@ class CudaTarget(Target):
                                f"(torch {torch.__version__}); run it on the GPU machine")
 
     def setup(self) -> None:  # pragma: no cover - needs a GPU
+        super().setup()
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         # cuDNN's heuristics, as torch runs by default: with benchmark=True every new conv shape is autotuned
@@ -250,6 +263,34 @@ class CudaTarget(Target):
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:  # pragma: no cover - needs a GPU
         return realize_cuda(module, fmt)
+
+
+def use_compile_cache() -> str:
+    """Point inductor's on-disk caches (compiled graphs, kernels, autotuning) at hwprune's cache folder, unless
+    the user chose one (``TORCHINDUCTOR_CACHE_DIR``): a layer shape compiled once is not compiled again by a
+    later profile, search or export."""
+    import os
+
+    from hwprune._io import cache_root
+
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+def compile_module(module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    """``torch.compile(module)`` (inductor, default mode), compiled now by one call on ``x``.
+
+    Dynamo's caches are reset first: every layer of a profile is a module of the same class, and past its
+    recompile limit dynamo would silently run new shapes eagerly (an eager timing labelled compiled). Layers
+    dynamo does not trace (LSTM/GRU, torch.ao's dynamic int8) run eagerly inside the compiled model, as they
+    do in a deployment compiled with default settings.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module)
+    with torch.inference_mode():
+        compiled(x)
+    return compiled
 
 
 def fingerprint_line(fp: dict[str, Any]) -> str:

@@ -54,7 +54,7 @@ class SearchSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     device: str = "auto"  # where base training and fine-tunes run: auto (GPU if any), cpu, cuda
-    runtime: str = "eager"  # how the deployed model runs on the target (cuda: eager or cudagraph)
+    runtime: str = "eager"  # how the deployed model runs on the target: eager, compile (cuda: also cudagraph)
     heartbeat_interval: float = 30.0  # seconds between renewals of a running trial's lease
     heartbeat_grace: float = 120.0  # a trial of another host whose lease is older than this is failed as stale
 
