@@ -4,12 +4,18 @@
 #
 #   bash bench/gpu_acceptance.sh [RESULTS_DIR]     (default bench/results/gpu-<gpu name>)
 #
-# What it runs today (the parts of issue 13 that exist): the gpu-marked tests; `hwprune profile --target cuda`
-# of the built-in models at batches where the GPU is busy, every format, with configurations/s; `hwprune
-# validate` of each (predictor fidelity) in each runtime (eager, cudagraph); fine-tune throughput GPU vs
-# CPU. Every command's
-# output and the tables go to RESULTS_DIR. Env: RUNTIMES, SAMPLES (20), PROBE=0 skips the throughput.
-# Not yet: precision regions, --runtime compile, the 10 ms headline with them.
+# What it runs: the gpu-marked tests; `hwprune profile --target cuda` of the built-in models at batches where
+# the GPU is busy, every format (fp16/bf16 as precision regions, with cast entries), with configurations/s;
+# `hwprune validate` of each (predictor fidelity) in each runtime (eager, cudagraph, compile); the headline
+# (search/resnet20-mnist5k-cuda.yaml, --budget 10ms, in each runtime; the batch doubles where the dense
+# model is under 15 ms in that runtime), its export measured, and the best searched point against the best
+# uniform seed (whole-model fp16/bf16 included); fine-tune throughput GPU vs CPU. Every command's output and
+# the tables go to RESULTS_DIR. Env: RUNTIMES (default "eager cudagraph compile"), SAMPLES (20), PROBE=0
+# skips the throughput, HEADLINE=0 skips the headline, COMPILE_GRID (the compile runtime's keep-ratio grid,
+# default 0.25,0.5,0.75,1.0: every configuration is compiled, ~1-3 s each).
+# Device time: eager+cudagraph profiles and validates took ~8 min on an H100 (issue 13, session 4); compile
+# adds compile time per configuration. With a 10-minute limit per command, run one runtime per call:
+#   RUNTIMES=eager bash bench/gpu_acceptance.sh R; RUNTIMES=cudagraph ...; RUNTIMES=compile ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,13 +31,16 @@ mkdir -p "$R"
 SAMPLES=${SAMPLES:-20}
 echo "== gpu tests" | tee "$R/summary.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -3 | tee -a "$R/summary.txt"
-RUNTIMES=${RUNTIMES:-eager cudagraph}
+RUNTIMES=${RUNTIMES:-eager cudagraph compile}
+COMPILE_GRID=${COMPILE_GRID:-0.25,0.5,0.75,1.0}
 # model | args   (batches: the GPU busy, the dense model well above launch overhead)
 for rt in $RUNTIMES; do
 while read -r m args; do
     [ -z "$m" ] && continue
     echo "== profile $m $args --runtime $rt" | tee -a "$R/summary.txt"
-    python3 -m hwprune profile --target cuda --runtime $rt --model $m $args --tables "$T" --json \
+    grid=""
+    [ "$rt" = compile ] && grid="--grid $COMPILE_GRID"
+    python3 -m hwprune profile --target cuda --runtime $rt --model $m $args $grid --tables "$T" --json \
         > "$R/profile-$m-$rt.json" 2> "$R/profile-$m-$rt.log"
     echo "rc=$? $(grep -E 'measured .* configurations' "$R/profile-$m-$rt.log" | tail -1)" | tee -a "$R/summary.txt"
     python3 -m hwprune validate --target cuda --runtime $rt --model $m $args --tables "$T" --samples "$SAMPLES" \
@@ -52,6 +61,45 @@ gru --model-args num_layers=2 --batch-size 1024
 lstm --model-args num_layers=2 --input-shape 28,28 --batch-size 1024
 LIST
 done
+if [ "${HEADLINE:-1}" = 1 ]; then
+for rt in $RUNTIMES; do
+    for b in 4096 8192 16384; do
+        out=$R/headline-$rt-b$b
+        grid=""
+        [ "$rt" = compile ] && grid="--grid $COMPILE_GRID"
+        # the table first (the search profiles on demand too, but with the default grid)
+        python3 -m hwprune profile --target cuda --runtime $rt --model resnet20 --input-shape 1,28,28 --batch-size $b \
+            $grid --tables "$T" --json > "$out-profile.json" 2> "$out-profile.log"
+        echo "== headline $rt batch $b" | tee -a "$R/summary.txt"
+        python3 -m hwprune search --spec search/resnet20-mnist5k-cuda.yaml --runtime $rt --batch-size $b \
+            --tables "$T" --out "$out" --json > "$out.json" 2> "$out.log"
+        echo "search rc=$?" | tee -a "$R/summary.txt"
+        dense=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['dense_predicted_ms'])" "$out.json" 2>/dev/null || echo 0)
+        if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) >= 15 else 1)" "$dense"; then break; fi
+        echo "dense model predicted at $dense ms in $rt at batch $b: under 15 ms, doubling the batch" | tee -a "$R/summary.txt"
+    done
+    python3 -m hwprune export "$out" --trial best --finetune-steps 300 --json > "$out-export.json" 2> "$out-export.log"
+    echo "export rc=$?" | tee -a "$R/summary.txt"
+    python3 - "$out.json" "$out-export.json" <<'PY' | tee -a "$R/summary.txt"
+import json, sys
+try:
+    s, e = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+    seeds = s["uniform_seeds"]
+    top = max(seeds.items(), key=lambda kv: kv[1]["accuracy"]) if seeds else ("none", {"accuracy": float("nan")})
+    b = s["best"]
+    print(f"dense predicted {s['dense_predicted_ms']:.3f} ms; best trial {b['trial']} val {b['accuracy']:.4f} "
+          f"(predicted {b['predicted_latency_ms']:.3f} ms) vs best uniform seed {top[0]} val {top[1]['accuracy']:.4f} "
+          f"-> {'beats' if b['accuracy'] > top[1]['accuracy'] and b['trial'] != top[1].get('trial') else 'does NOT beat'} it")
+    m = e["measurement"] or {}
+    print(f"export: predicted {e['predicted_latency_ms']:.3f} ms, measured {e['measured_latency_ms']} ms "
+          f"(budget {e['budget_ms']} ms, over={e['over_budget']}); test acc {e['test_accuracy']:.4f} vs dense "
+          f"{e['dense_test_accuracy']:.4f}; formats {sorted(set(e['policy'].get('formats', {}).values()))}; "
+          f"{e.get('precision_regions')} ({e.get('casts')} casts); aoti {m.get('aoti_median_ms')} ms")
+except Exception as exc:
+    print(f"headline summary failed: {exc}")
+PY
+done
+fi
 [ "${PROBE:-1}" = 1 ] || exit 0
 echo "== fine-tune throughput" | tee -a "$R/summary.txt"
 python3 bench/gpu_probe.py --steps 100 | tee -a "$R/summary.txt"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import ROOT
-from hwprune import HwpruneError
+from hwprune import HwpruneError, build_model
 from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.profiler import layer_configs, profile_layers
 from hwprune.latency.table import Entry
@@ -223,3 +223,32 @@ def test_a_cuda_search_from_a_cpu_box_prices_with_the_shipped_table_of_its_runti
         t = resolve_table(get_target("cuda", runtime=runtime), 1024, layers, key, tables=ROOT / "latency_tables")
         assert t.path.parent.name == folder and t.fingerprint.get("runtime", "eager") == runtime
         assert Predictor(t, layers, key).calibrated
+
+
+@pytest.mark.gpu
+@gpu
+def test_fp16_regions_on_the_gpu_cast_twice_and_beat_islands():
+    """Whole-model fp16 ResNet-20 on the GPU: 2 casts (in, out), BN in fp16, outputs as fp32's, and no slower
+    than the same model as islands (44 casts); the compile runtime compiles it."""
+    import copy
+
+    from hwprune.apply.formats import apply_formats, deploy
+    from hwprune.latency.profiler import measure_model
+    from hwprune.space import quant_layers
+
+    target = get_target("cuda")
+    target.setup()
+    m = build_model("resnet20", (1, 28, 28), 10).eval()
+    x = torch.randn(1024, 1, 28, 28)
+    every = {q.name: "fp16" for q in quant_layers(m)}
+    reg, rep = deploy(apply_formats(copy.deepcopy(m), every), target, x[:2])
+    isl, rep2 = deploy(apply_formats(copy.deepcopy(m), every), target)
+    assert rep.regions == "regions" and rep.casts == 2 and rep2.casts == 44
+    assert reg.layer1[0].bn1.weight.dtype == torch.float16
+    with torch.no_grad():
+        ref = m.cuda()(x.cuda())
+        assert float((reg(x.cuda()) - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    t_reg, t_isl = measure_model(reg, x, target, 15), measure_model(isl, x, target, 15)
+    t_comp = measure_model(reg, x, get_target("cuda", runtime="compile"), 15)
+    print(f"regions {t_reg.median_us:.0f} us, islands {t_isl.median_us:.0f} us, compiled regions {t_comp.median_us:.0f} us")
+    assert t_reg.median_us <= 1.05 * t_isl.median_us
