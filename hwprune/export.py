@@ -65,7 +65,8 @@ def gradual_keeps(final: dict[str, float], stages: int) -> list[dict[str, float]
 def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, train: Any, steps: int, *,
                     schedule: str = "oneshot", stages: int = 4, exclude: list[str] | None = None,
                     importance: str = "l1", lr: float = 1e-3, seed: int = 0, batches: Any = None,
-                    log: Callable[[str], None] | None = None, device: str | None = None) -> nn.Module:
+                    log: Callable[[str], None] | None = None, device: str | None = None,
+                    task: Any = None) -> nn.Module:
     """Prune ``dense`` to ``policy`` and fine-tune ``steps`` steps in total.
 
     ``oneshot`` prunes once and fine-tunes with the policy's (simulated) formats.
@@ -83,7 +84,7 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if schedule == "oneshot":
         model = apply_policy(dense, policy, example, exclude=exclude, importance=importance, batches=batches)
-        return finetune(model, train, steps, lr=lr, seed=seed, device=device)
+        return finetune(model, train, steps, lr=lr, seed=seed, device=device, task=task)
     space = build_space(dense, example, exclude)
     dense_units = {g.name: g.units for g in space.groups}
     final = policy.units(space)
@@ -100,9 +101,10 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         if log:
             log(f"hwprune: gradual stage {k}/{stages}: {sum(target.values())} of {sum(dense_units.values())} units")
         if k < stages:
-            finetune(model, train, per_stage, lr=lr, seed=seed + k, device=device)
+            finetune(model, train, per_stage, lr=lr, seed=seed + k, device=device, task=task)
     model = apply_formats(model, policy.formats)
-    return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, seed=seed, device=device)
+    return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, seed=seed, device=device,
+                    task=task)
 
 
 def pick_trial(trials: list[Any], which: str, budget_ms: float) -> Any:
@@ -276,15 +278,17 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     test = data.test if data.test is not None else data.val
     split = "test" if data.test is not None else "val (the data has no test split)"
     t0 = time.time()
-    dense_acc = evaluate(setup.model, test)
-    log(f"hwprune: exporting trial {chosen.number} of {spec.name} (val acc {chosen.values[0]:.4f} after "
+    task = setup.task
+    metric = task.metric
+    dense_acc = evaluate(setup.model, test, task=task)
+    log(f"hwprune: exporting trial {chosen.number} of {spec.name} (val {metric} {task.show(chosen.values[0]):.4f} after "
         f"{spec.finetune_steps} steps, predicted {chosen.values[1]:.4f} ms); {schedule} fine-tune, {steps} steps")
     model = finetune_policy(setup.model, policy, setup.example, data.train, steps, schedule=schedule, stages=stages,
                             exclude=spec.exclude, importance=spec.importance, lr=spec.lr, seed=spec.seed,
-                            batches=few_batches(data.train), log=log, device=device or spec.device)
+                            batches=few_batches(data.train), log=log, device=device or spec.device, task=task)
     space = build_space(setup.model, setup.example, spec.exclude)
-    sim_acc = evaluate(model, test)
-    val_acc = evaluate(model, data.val)
+    sim_acc = evaluate(model, test, task=task)
+    val_acc = evaluate(model, data.val, task=task)
     dest.mkdir(parents=True, exist_ok=True)
     save_pruned(dest / "pruned.pt", model, policy, spec.model, setup.model_args, setup.input_shape,
                 setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps})
@@ -295,8 +299,8 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     else:
         deployed, rep = model.eval(), None
         log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
-    test_acc = evaluate(deployed, test) if rep is not None else sim_acc  # batch by batch, on the model's device
-    x = torch.randn(info["batch_size"], *setup.input_shape, device=target.device if rep is not None else "cpu")
+    test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
+    x = setup.inputs(info["batch_size"]).to(target.device if rep is not None else "cpu")  # real inputs (token ids too)
     artifacts, checks = _save_artifacts(deployed, x[: min(8, len(x))], dest)
     if not artifacts:
         log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
@@ -331,7 +335,8 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
             "model_args": setup.model_args, "data": spec.data, "weights": setup.weights, "target": spec.target,
             "batch_size": info["batch_size"], "table": info.get("table"), "table_fingerprint": run_fp,
             "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"],
-            "search_val_accuracy": chosen.values[0], "test_accuracy": test_acc, "schedule": schedule,
+            f"search_val_{metric}": task.show(chosen.values[0]), f"test_{metric}": test_acc, "schedule": schedule,
+            "task": task.name, "metric": metric,
             "finetune_steps": steps}
     write_atomic(dest / "policy.json", json.dumps({**policy.to_dict(), "provenance": prov}, indent=2,
                                                   sort_keys=True) + "\n")
@@ -343,8 +348,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
         "over_budget": over if measured is not None else None,
         "fingerprint_matches": not differs, "fingerprint_differs_in": differs,
-        "test_split": split, "dense_test_accuracy": dense_acc, "test_accuracy": test_acc,
-        "test_accuracy_simulated": sim_acc, "val_accuracy": val_acc, "search_val_accuracy": chosen.values[0],
+        "task": task.name, "metric": metric, "direction": task.direction,
+        "test_split": split, f"dense_test_{metric}": dense_acc, f"test_{metric}": test_acc,
+        f"test_{metric}_simulated": sim_acc, f"val_{metric}": val_acc, f"search_val_{metric}": task.show(chosen.values[0]),
         "params": stats.params, "flops": stats.flops,
         "formats_real": rep.real if rep else {}, "formats_simulated": rep.simulated if rep else dict(policy.formats),
         "precision_regions": rep.regions if rep else None, "casts": rep.casts if rep else None,
@@ -388,6 +394,7 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
     from hwprune.latency.targets import fingerprint_line
 
     m = s["measurement"]
+    mt = s["metric"]
     lines = [f"# Export of trial {s['trial']} — {spec.name}", "",
              f"Model `{spec.model}` on `{spec.data}`, target `{spec.target}` ({spec.runtime} runtime), "
              f"batch {info['batch_size']}; "
@@ -415,11 +422,12 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
     lines += ["", f"Table measured on: {fingerprint_line(run_fp)}.",
               f"This machine: {fingerprint_line(here) if here else 'not a ' + spec.target + ' device'}"
               + ("" if s["fingerprint_matches"] else f" (differs in {', '.join(s['fingerprint_differs_in'])})") + ".",
-              "", "## Accuracy", "", f"Split: {s['test_split']}.", "", "| | accuracy |", "|---|---|",
-              f"| dense model | {s['dense_test_accuracy']:.4f} |",
-              f"| search (val, {spec.finetune_steps} fine-tune steps) | {s['search_val_accuracy']:.4f} |",
-              f"| exported, simulated formats | {s['test_accuracy_simulated']:.4f} |",
-              f"| exported, target kernels | {s['test_accuracy']:.4f} |", "",
+              "", f"## {mt.capitalize()} ({'higher' if s['direction'] == 'max' else 'lower'} is better)", "",
+              f"Split: {s['test_split']}.", "", f"| | {mt} |", "|---|---|",
+              f"| dense model | {s[f'dense_test_{mt}']:.4f} |",
+              f"| search (val, {spec.finetune_steps} fine-tune steps) | {s[f'search_val_{mt}']:.4f} |",
+              f"| exported, simulated formats | {s[f'test_{mt}_simulated']:.4f} |",
+              f"| exported, target kernels | {s[f'test_{mt}']:.4f} |", "",
               f"Params {s['params']:,}, FLOPs {s['flops']:,} per example. Real kernels: "
               f"{', '.join(f'{k}:{v}' for k, v in sorted(s['formats_real'].items())) or 'none (all fp32)'}; "
               f"simulated: {', '.join(f'{k}:{v}' for k, v in sorted(s['formats_simulated'].items())) or 'none'}."
@@ -427,9 +435,9 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
                  if s.get("precision_regions") not in (None, "none") else ""), "",
               "## Policy", "", "| group | units |", "|---|---|"]
     lines += [f"| {g} | {u} |" for g, u in s["units"].items()]
-    lines += ["", "## Front of the search", "", "| trial | val accuracy | predicted ms | |", "|---|---|---|---|"]
-    lines += [f"| {t.number} | {t.values[0]:.4f} | {t.values[1]:.4f} | {'**chosen**' if t.number == s['trial'] else ''} |"
-              for t in pts]
+    lines += ["", "## Front of the search", "", f"| trial | val {mt} | predicted ms | |", "|---|---|---|---|"]
+    lines += [f"| {t.number} | {(t.values[0] if s['direction'] == 'max' else -t.values[0]):.4f} | {t.values[1]:.4f} | "
+              f"{'**chosen**' if t.number == s['trial'] else ''} |" for t in pts]
     lines += ["", "## Artifacts", ""]
     for name, path in s["artifacts"].items():
         lines.append(f"- {name}: `{Path(path).name}`")

@@ -29,6 +29,24 @@ class Setup:
     model_args: dict[str, Any] = field(default_factory=dict)
     weights: str = "random init"
     seed: int = 0
+    task: Any = None  # hwprune.tasks.Task: the data's (or --task's); classification without data
+
+    def inputs(self, n: int, seed: int = 0) -> torch.Tensor:
+        """``n`` model inputs for timing. Float inputs: standard normal (the latency of dense float kernels does
+        not depend on the values). Integer inputs (token ids): drawn with replacement (seeded) from at most 256
+        training examples, or from the example batch without data."""
+        g = torch.Generator().manual_seed(seed)
+        if self.example.is_floating_point():
+            return torch.randn(n, *self.input_shape, generator=g)
+        pool = self.example
+        if self.data is not None:
+            idx = torch.randint(len(self.data.train), (min(n, 256),), generator=g).tolist()
+            pool = torch.stack([self.data.train[i][0] for i in idx])
+        return pool[torch.randint(len(pool), (n,), generator=g)]
+
+    def timing_pool(self) -> torch.Tensor | None:
+        """Real inputs to draw timing batches from (integer inputs only; None: float inputs, drawn N(0, 1))."""
+        return None if self.example.is_floating_point() else self.inputs(256)
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -44,18 +62,24 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None = None,
             model_args: dict[str, Any] | None = None, weights: str | None = None, seed: int = 0,
-            use_cache: bool = True) -> Setup:
+            use_cache: bool = True, task: str | None = None) -> Setup:
     """Build the model (loading weights: ``weights``, else the cached trained model) and its data.
 
     Args:
         model_ref: built-in name or ``file.py:factory``.
         data_ref: built-in data name or ``file.py:factory``; optional for inspect/apply.
         input_shape: overrides the data's shape (``C,L``, ``C,H,W`` or ``T,F``).
+        task: overrides the data's task (``classification``, ``language-model`` or ``file.py:factory``).
     """
+    from hwprune.tasks import get_task
+
     args = dict(model_args or {})
     if not is_factory_ref(model_ref):
         MODELS.get(model_ref)  # unknown names fail here, listing the known ones
+    the_task = get_task(task) if task else None  # a bad name fails before the data is built
     data = load_data(data_ref, model_layout(model_ref)) if data_ref else None
+    if data is not None and the_task is not None:
+        data.task = the_task
     if input_shape:
         shape: tuple[int, ...] | None = parse_input_shape(input_shape)
     elif data is not None:
@@ -81,4 +105,5 @@ def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
     if data is not None:
         example = torch.stack([data.train[i][0] for i in range(2)])
-    return Setup(model_ref, model, example, tuple(shape), num_classes, data, args, source, seed)
+    return Setup(model_ref, model, example, tuple(shape), num_classes, data, args, source, seed,
+                 data.task if data is not None else (the_task or get_task(None)))

@@ -21,7 +21,7 @@ __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate
            "load_cached", "save_cached", "train_and_cache", "few_batches"]
 
 # epochs that reach the README's accuracies for each built-in model
-DEFAULT_EPOCHS = {"cnn1d": 40, "resnet20": 12, "mobilenetv2": 12, "lstm": 30, "gru": 30}
+DEFAULT_EPOCHS = {"cnn1d": 40, "resnet20": 12, "mobilenetv2": 12, "lstm": 30, "gru": 30, "lstm-lm": 10}
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     device: str = "auto"
+    task: Any = None  # hwprune.tasks.Task (None: classification)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,25 +65,24 @@ def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, drop_last=False)
 
 
-def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on ``ds``, batch by batch on the device the model is on."""
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, task: Any = None) -> float:
+    """The task's metric of ``model`` on ``ds`` (default: top-1 accuracy), batch by batch on the device the
+    model is on."""
+    from hwprune.tasks import get_task
+
     model.eval()
-    dev = _device_of(model)
-    correct = total = 0
     with torch.inference_mode():
-        for x, y in _loader(ds, batch_size, False, 0):
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
+        return get_task(task).evaluate(model, _loader(ds, batch_size, False, 0), _device_of(model))
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
-          step: int) -> float:
-    """One optimizer step on cross-entropy (gradients clipped at norm 5); returns the loss."""
+          step: int, task: Any = None) -> float:
+    """One optimizer step on the task's loss (gradients clipped at norm 5); returns the loss."""
+    from hwprune.tasks import get_task
+
     dev = _device_of(model)
     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-    loss = nn.functional.cross_entropy(model(x), y)
+    loss = get_task(task).loss(model(x), y)
     if not torch.isfinite(loss):
         raise HwpruneError(f"training loss became {float(loss.detach())} at step {step}; lower the learning rate")
     opt.zero_grad(set_to_none=True)
@@ -109,6 +109,8 @@ def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig
 
 def _train(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
            log: Callable[[str], None] | None) -> dict[str, Any]:
+    from hwprune.tasks import get_task
+
     torch.manual_seed(cfg.seed)
     loader = _loader(train, cfg.batch_size, True, cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -118,19 +120,22 @@ def _train(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
         model.train()
         total = 0.0
         for x, y in loader:
-            total += _step(model, opt, sched, x, y, step) * len(y)
+            total += _step(model, opt, sched, x, y, step, cfg.task) * len(y)
             step += 1
-        acc = evaluate(model, val)
+        acc = evaluate(model, val, task=cfg.task)
         history.append(acc)
         if log:
             eta = (time.time() - t0) / (epoch + 1) * (cfg.epochs - epoch - 1)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {total / len(train):.4f}  val_acc {acc:.4f}  eta {eta:.0f}s")
-    return {"val_accuracy": history[-1] if history else evaluate(model, val), "val_history": history,
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {total / len(train):.4f}  val {get_task(cfg.task).metric} "
+                f"{acc:.4f}  eta {eta:.0f}s")
+    final = history[-1] if history else evaluate(model, val, task=cfg.task)
+    return {f"val_{get_task(cfg.task).metric}": final, "val_history": history,
             "train_seconds": round(time.time() - t0, 1), "steps": step, "device": str(_device_of(model))}
 
 
 def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, batch_size: int = 128,
-             seed: int = 0, callback: Callable[[int], None] | None = None, device: str | None = None) -> nn.Module:
+             seed: int = 0, callback: Callable[[int], None] | None = None, device: str | None = None,
+             task: Any = None) -> nn.Module:
     """A short fine-tune of ``steps`` optimizer steps (Adam, cosine decay), in place.
 
     Runs on ``device`` (``auto``/``cpu``/``cuda``; None: where the model is), batches moved per step; the
@@ -143,13 +148,13 @@ def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, bat
     if device is not None:
         model.to(resolve_device(device))
     try:
-        return _finetune(model, train, steps, lr, batch_size, seed, callback)
+        return _finetune(model, train, steps, lr, batch_size, seed, callback, task)
     finally:
         model.to(home)
 
 
 def _finetune(model: nn.Module, train: Dataset, steps: int, lr: float, batch_size: int, seed: int,
-              callback: Callable[[int], None] | None) -> nn.Module:
+              callback: Callable[[int], None] | None, task: Any = None) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -163,7 +168,7 @@ def _finetune(model: nn.Module, train: Dataset, steps: int, lr: float, batch_siz
         except StopIteration:
             it = None
             continue
-        _step(model, opt, sched, x, y, step)
+        _step(model, opt, sched, x, y, step, task)
         step += 1
         if callback is not None:
             callback(step)
@@ -212,10 +217,15 @@ def train_and_cache(model: nn.Module, data: Any, model_ref: str, data_ref: str, 
     ``data`` is a :class:`hwprune.data.DataBundle`. ``hwprune train`` and a
     search that finds no trained model both come here, so the cache holds one kind of entry.
     """
+    from hwprune.tasks import get_task
+
+    task = get_task(cfg.task if cfg.task is not None else getattr(data, "task", None))
+    cfg.task = task
     summary = train_model(model, data.train, data.val, cfg, log=log)
     test = data.test if data.test is not None else data.val
     summary.update({"model": model_ref, "data": data_ref, "seed": seed, "epochs": cfg.epochs,
-                    "model_args": model_args, "test_accuracy": evaluate(model, test),
+                    "model_args": model_args, f"test_{task.metric}": evaluate(model, test, task=task),
+                    "task": task.name, "metric": task.metric, "direction": task.direction,
                     "test_split": "test" if data.test is not None else "val"})
     save_cached(cache_key(model_ref, data_ref, seed, model_args), model, summary)
     return summary

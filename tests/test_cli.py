@@ -59,8 +59,8 @@ def test_apply_uniform_builtin_json_keys():
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["inspect", "--model", "resnet21"], ["'resnet21'", "known: cnn1d, gru, lstm, mobilenetv2, resnet20"]),
-    (["inspect", "--model", "cnn1d", "--data", "imagenet"], ["'imagenet'", "mnist1d, mnist5k"]),
+    (["inspect", "--model", "resnet21"], ["'resnet21'", "known: cnn1d, gru, lstm, lstm-lm, mobilenetv2, resnet20"]),
+    (["inspect", "--model", "cnn1d", "--data", "imagenet"], ["'imagenet'", "mnist1d, mnist5k, pydoc"]),
     (["inspect", "--model", "missing/file.py:make"], ["'missing/file.py'", "does not exist"]),
     (["inspect", "--model", f"{ASSETS / 'user_model.py'}:nothing", "--input-shape", "1,8,8"], ["no callable 'nothing'"]),
     (["inspect", "--model", f"{ASSETS / 'user_model.py'}:not_a_model", "--input-shape", "1,8,8"], ["returned int"]),
@@ -102,7 +102,7 @@ def test_train_caches_and_reports_test_accuracy(tmp_path):
     assert json.loads(again.stdout)["weights"] == s["weights"] and s["weights"].endswith(".pt")
     plain = run_cli("train", "--model", "cnn1d", "--data", "mnist1d", env=env)  # the text summary of a cache hit
     assert plain.returncode == 0, plain.stderr
-    assert f"test {s['test_accuracy']:.4f}" in plain.stdout and s["weights"] in plain.stdout
+    assert f"test accuracy {s['test_accuracy']:.4f}" in plain.stdout and s["weights"] in plain.stdout
     # apply picks up the cached weights: accuracy well above chance before pruning
     ap = run_cli("apply", "--model", "cnn1d", "--data", "mnist1d", "--uniform", "1.0", "--json", env=env)
     assert ap.returncode == 0, ap.stderr

@@ -26,8 +26,8 @@ def test_mnist5k_splits_are_shuffled(layout, shape):
 
 
 def test_unknown_dataset_and_layout():
-    with pytest.raises(HwpruneError, match="unknown dataset 'cifar'; known: mnist1d, mnist5k"):
+    with pytest.raises(HwpruneError, match="unknown dataset 'cifar'; known: mnist1d, mnist5k, pydoc"):
         load_data("cifar")
     with pytest.raises(HwpruneError, match="no '2d' view"):
         load_data("mnist1d", "2d")
-    assert DATASETS.names() == ["mnist1d", "mnist5k"]
+    assert DATASETS.names() == ["mnist1d", "mnist5k", "pydoc"]

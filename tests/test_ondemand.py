@@ -65,7 +65,10 @@ def test_unseen_machine_profiles_then_searches_and_exports(random_cnn1d, tmp_pat
     assert len(tables_made) == 1  # the user's folder, not the repository's latency_tables/
     tbl = LatencyTable.load(tables_made[0])
     assert tbl.fingerprint["cpu"] == FAKE_CPU and tbl.fingerprint["flags"] == ["avx2", "fma"]
-    assert len(tbl.entries) == 330 and len(next(iter(tbl.models.values()))["calibration"]) == 20
+    layers = [k for k in tbl.entries if not k.startswith("cast|")]
+    casts = {k.split("|")[1] for k in tbl.entries if k.startswith("cast|")}
+    assert len(layers) == 330 and casts == {"fp32>bf16", "bf16>fp32"}  # + the casts of bf16 regions
+    assert len(next(iter(tbl.models.values()))["calibration"]) == 20
     s = json.loads(proc.stdout)
     assert s["trials"] == 3 and s["table_fingerprint"]["cpu"] == FAKE_CPU
     assert s["limit_ms"] == pytest.approx(s["budget_ms"] / (1 + s["budget_margin"]))
@@ -112,8 +115,8 @@ def test_budget_margin_flag_and_message(tables, tmp_path):  # noqa: F811
     assert all(p["predicted_latency_ms"] <= s["limit_ms"] + 1e-9 for p in s["pareto"])
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["limit_ms"] == pytest.approx(s["limit_ms"]) and run["identity"]["budget_margin"] == 0.1
-    tight = _search(tables, tmp_path / "run2", tmp_path / "cache", "--budget-margin", "0.25")
-    assert tight.returncode == 2 and "less the 25.0% margin for prediction error; --budget-margin 0 prices up to " \
+    tight = _search(tables, tmp_path / "run2", tmp_path / "cache", "--budget-margin", "0.7")
+    assert tight.returncode == 2 and "less the 70.0% margin for prediction error; --budget-margin 0 prices up to " \
         "the budget itself) cannot be met" in tight.stderr
     bad = _search(tables, tmp_path / "run3", tmp_path / "cache", "--budget-margin", "1.5")
     assert bad.returncode == 2 and "budget_margin must be in [0, 1)" in bad.stderr

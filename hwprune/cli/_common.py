@@ -21,7 +21,13 @@ def add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> N
     p.add_argument("--model-args", default=None, metavar="K=V,...",
                    help="arguments for the model factory, e.g. num_layers=2,bidirectional=true or width_mult=0.5")
     p.add_argument("--data", required=data_required,
-                   help="built-in data (mnist1d, mnist5k) or path/to/file.py:factory returning (train, val) datasets")
+                   help="built-in data (mnist1d, mnist5k, pydoc) or path/to/file.py:factory returning (train, val) "
+                        "datasets")
+    p.add_argument("--task", default=None,
+                   help="how outputs are trained and scored: classification (accuracy, the default), "
+                        "language-model (per-token cross-entropy, perplexity; targets -100 are padding), or "
+                        "path/to/file.py:factory returning {loss, metric, direction, name}; default: the data's "
+                        "(pydoc is a language-model data set)")
     p.add_argument("--seed", type=int, default=0, help="seed for training and the cached base model (default 0)")
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout at the end")
 
@@ -40,7 +46,7 @@ def setup_from_args(args: argparse.Namespace, use_cache: bool = True):  # type: 
     from hwprune.setup import resolve
 
     return resolve(args.model, args.data, getattr(args, "input_shape", None), parse_model_args(args.model_args),
-                   getattr(args, "weights", None), args.seed, use_cache)
+                   getattr(args, "weights", None), args.seed, use_cache, getattr(args, "task", None))
 
 
 def parse_exclude(text: str) -> list[str]:

@@ -20,14 +20,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = hit[1]
     else:
         epochs = args.epochs or DEFAULT_EPOCHS.get(args.model, 20)
-        cfg = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device)
+        cfg = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          task=s.task)
         log(f"hwprune: training {args.model} on {args.data} for {epochs} epochs "
              f"({len(s.data.train)} train / {len(s.data.val)} val examples)")
         summary = train_and_cache(s.model, s.data, args.model, args.data, args.seed, s.model_args, cfg,
                                   log=None if args.quiet else log)
     if not args.json:
-        print(f"{args.model}/{args.data} seed {args.seed}: val {summary['val_accuracy']:.4f}  "
-              f"test {summary['test_accuracy']:.4f}  -> {summary['weights']}")
+        metric = summary.get("metric", "accuracy")
+        print(f"{args.model}/{args.data} seed {args.seed}: val {metric} {summary[f'val_{metric}']:.4f}  "
+              f"{summary.get('test_split', 'test')} {metric} {summary[f'test_{metric}']:.4f}  -> {summary['weights']}")
     emit(args, summary)
     return 0
 
@@ -80,13 +82,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
                                "params_before": before.params, "params_after": after.params,
                                "flops_before": before.flops, "flops_after": after.flops,
                                "units": policy.units(space)}
+    metric = s.task.metric
     if s.data is not None:
-        summary["val_accuracy_before"] = evaluate(s.model, s.data.val)
-        summary["val_accuracy_pruned"] = evaluate(pruned, s.data.val)
+        summary["metric"] = metric
+        summary[f"val_{metric}_before"] = evaluate(s.model, s.data.val, task=s.task)
+        summary[f"val_{metric}_pruned"] = evaluate(pruned, s.data.val, task=s.task)
         if args.finetune_steps:
             log(f"hwprune: fine-tuning {args.finetune_steps} steps")
-            finetune(pruned, s.data.train, args.finetune_steps, seed=args.seed, device=args.device)
-            summary["val_accuracy_after"] = evaluate(pruned, s.data.val)
+            finetune(pruned, s.data.train, args.finetune_steps, seed=args.seed, device=args.device, task=s.task)
+            summary[f"val_{metric}_after"] = evaluate(pruned, s.data.val, task=s.task)
         summary["finetune_steps"] = args.finetune_steps
     elif args.finetune_steps:
         raise HwpruneError("--finetune-steps needs --data")
@@ -97,10 +101,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"params {before.params:,} -> {after.params:,} ({after.params / before.params:.1%})   "
               f"FLOPs {before.flops:,} -> {after.flops:,} ({after.flops / max(before.flops, 1):.1%})")
-        if "val_accuracy_before" in summary:
-            line = f"val accuracy {summary['val_accuracy_before']:.4f} dense, {summary['val_accuracy_pruned']:.4f} pruned"
-            if "val_accuracy_after" in summary:
-                line += f", {summary['val_accuracy_after']:.4f} after {args.finetune_steps} fine-tune steps"
+        if f"val_{metric}_before" in summary:
+            line = (f"val {metric} {summary[f'val_{metric}_before']:.4f} dense, "
+                    f"{summary[f'val_{metric}_pruned']:.4f} pruned")
+            if f"val_{metric}_after" in summary:
+                line += f", {summary[f'val_{metric}_after']:.4f} after {args.finetune_steps} fine-tune steps"
             print(line)
         if args.out:
             print(f"wrote {args.out}")

@@ -63,7 +63,8 @@ def _job(args: argparse.Namespace, s: Any, exclude: list[str], layers: Any, key:
     from hwprune.latency import ProfileJob
 
     return ProfileJob(s.model, s.example, layers, key, tuple(s.input_shape), exclude,
-                      getattr(args, "grid", ()), getattr(args, "calibration", 20), getattr(args, "repeats", 15))
+                      getattr(args, "grid", ()), getattr(args, "calibration", 20), getattr(args, "repeats", 15),
+                      s.timing_pool())
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -146,7 +147,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise HwpruneError(f"table {str(table.path)!r} has no calibration for {key}; run 'hwprune profile' first")
     grid = tuple(table.models[key]["grid"])
     rep = validate_predictor(s.model, s.example, layers, pred, target, args.samples, args.seed, args.repeats,
-                             exclude, grid, pred.menus(target), None if args.json else log)
+                             exclude, grid, pred.menus(target), None if args.json else log, s.timing_pool())
     summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size,
                "fingerprint": table.fingerprint, **rep.to_dict()}
     if not args.json:

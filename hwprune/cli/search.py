@@ -9,16 +9,17 @@ from hwprune.cli._common import (emit, log, parse_exclude, positive)
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
-                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime")
+                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
     limit = summary.get("limit_ms", summary["budget_ms"])
     kept = f", priced at most {limit:.4f} ms" if limit < summary["budget_ms"] else ""
     print(f"Pareto front of {summary['study']} (budget {summary['budget_ms']:.4f} ms{kept}; feasible points only):")
-    print(f"{'trial':>6} {'accuracy':>9} {'predicted ms':>13}  seed")
+    metric = summary.get("metric", "accuracy")
+    print(f"{'trial':>6} {metric:>10} {'predicted ms':>13}  seed")
     for p in summary["pareto"]:
-        print(f"{p['trial']:>6} {p['accuracy']:>9.4f} {p['predicted_latency_ms']:>13.4f}  {p.get('seed', '')}")
+        print(f"{p['trial']:>6} {p[metric]:>10.4f} {p['predicted_latency_ms']:>13.4f}  {p.get('seed', '')}")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -37,12 +38,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     summary = run_search(spec, log)
     if not args.json:
         _print_front(summary)
+        metric = summary.get("metric", "accuracy")
         if summary["best"]:
             b = summary["best"]
-            print(f"best feasible: trial {b['trial']}, val accuracy {b['accuracy']:.4f}, predicted "
+            print(f"best feasible: trial {b['trial']}, val {metric} {b[metric]:.4f}, predicted "
                   f"{b['predicted_latency_ms']:.4f} ms -> {summary['out']}/best_policy.json")
         for name, u in summary["uniform_seeds"].items():
-            print(f"baseline {name}: val accuracy {u['accuracy']:.4f}, predicted {u['predicted_latency_ms']:.4f} ms")
+            print(f"baseline {name}: val {metric} {u[metric]:.4f}, predicted {u['predicted_latency_ms']:.4f} ms")
     emit(args, summary)
     return 0
 
@@ -65,7 +67,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                    args.measure_here or args.allow_foreign_table, log=log, storage=args.storage, device=args.device)
     if not args.json:
         m = s["measured_latency_ms"]
-        print(f"trial {s['trial']}: test accuracy {s['test_accuracy']:.4f} (dense {s['dense_test_accuracy']:.4f}); "
+        mt, split = s.get("metric", "accuracy"), s["test_split"].split(" ")[0]
+        print(f"trial {s['trial']}: {split} {mt} {s[f'test_{mt}']:.4f} (dense {s[f'dense_test_{mt}']:.4f}); "
               f"predicted {s['predicted_latency_ms']:.4f} ms, measured "
               + (f"{m:.4f} ms (spread {s['measurement']['spread_pct']:.1f}%)" if m is not None else "- (not on the target)")
               + f", budget {s['budget_ms']:.4f} ms")
@@ -82,7 +85,9 @@ def register(sub: Any) -> None:
     se.add_argument("--spec", help="a search spec (YAML, e.g. search/gru-mnist1d-cpu.yaml); flags override it")
     se.add_argument("--model", help="built-in model or path/to/file.py:factory")
     se.add_argument("--model-args", default=None, metavar="K=V,...", help="arguments for the model factory")
-    se.add_argument("--data", help="built-in data (mnist1d, mnist5k) or path/to/file.py:factory")
+    se.add_argument("--data", help="built-in data (mnist1d, mnist5k, pydoc) or path/to/file.py:factory")
+    se.add_argument("--task", help="classification (accuracy; default), language-model (perplexity) or "
+                                   "path/to/file.py:factory; default: the data's own task")
     se.add_argument("--target", help="cpu, cuda or arm (default cpu)")
     se.add_argument("--budget", help="latency per forward pass at the spec's batch size: 10ms, 2.5 ms, 800us, "
                                      "0.01s, or 50%% of the dense model's predicted latency")
@@ -95,7 +100,8 @@ def register(sub: Any) -> None:
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")
     se.add_argument("--early-stop-margin", type=float,
                     help="stop a fine-tune at a checkpoint (1/3, 2/3 of the steps) when a finished, no-slower trial "
-                         "was ahead there by this much validation accuracy (default 0.05; 0 never stops)")
+                         "was ahead there by this much validation score (accuracy; for a lower-is-better metric "
+                         "such as perplexity, that metric) (default 0.05; 0 never stops)")
     se.add_argument("--no-uniform-seeds", dest="uniform_seeds", action="store_false", default=None,
                     help="do not start with the uniform policies that just meet the budget (a plain sampler run)")
     se.add_argument("--storage", help="Optuna storage URL for many machines (e.g. postgresql://...); "

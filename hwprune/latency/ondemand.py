@@ -40,6 +40,7 @@ class ProfileJob:
     grid: tuple[float, ...] = ()
     calibration: int = 20
     repeats: int = 15
+    inputs: torch.Tensor | None = None  # real inputs to time whole models on (default: from the example)
 
     def __post_init__(self) -> None:
         if not self.grid:
@@ -62,7 +63,7 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
     pred = Predictor(table, job.layers, job.key)
     pols = calibration_policies(job.layers, job.grid, pred.menus(target), job.calibration, fix=pred.runnable)
     cal = calibrate(table, job.key, job.model, job.example, pols, target, job.repeats, job.exclude, log,
-                    {"grid": list(job.grid), "input_shape": list(job.input_shape)})
+                    {"grid": list(job.grid), "input_shape": list(job.input_shape)}, job.inputs)
     return {"configurations": len(configs), "measured_now": measured, "calibration_measured_now": cal}
 
 
@@ -88,7 +89,9 @@ def missing_for(table: LatencyTable, target: Target, layers: ModelLayers | None,
 def estimate_seconds(job: ProfileJob, target: Target, batch: int, configs: int, calibration: int) -> float:
     """A rough profiling time from one timed dense forward pass (an estimate for the user, never stored)."""
     model = copy.deepcopy(job.model).eval().to(target.device)  # the job's model stays where it is (the CPU)
-    x = torch.randn(batch, *job.input_shape, device=target.device)
+    from hwprune.latency.profiler import timing_batch
+
+    x = timing_batch(job.example, batch, job.inputs).to(target.device)
     with torch.inference_mode():
         model(x)
         t0 = time.perf_counter()

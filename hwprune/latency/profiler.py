@@ -23,7 +23,7 @@ from hwprune.latency.targets import Target
 from hwprune.latency.timing import Timing
 from hwprune.policy import Policy
 
-__all__ = ["DEFAULT_GRID", "layer_configs", "measure_config", "measure_model", "random_policy",
+__all__ = ["DEFAULT_GRID", "layer_configs", "measure_config", "measure_model", "random_policy", "timing_batch",
            "calibration_policies", "profile_layers", "calibrate"]
 
 DEFAULT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -101,6 +101,17 @@ def try_measure(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> 
                                f"context is unusable after that, so profiling stops here (the table keeps what "
                                f"was measured)") from None
         return one_line(exc, 200)
+
+
+def timing_batch(example: torch.Tensor, n: int, pool: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """``n`` inputs to time a model on: drawn (seeded, with replacement) from ``pool`` (real inputs from the
+    data) when given, else from ``example``'s rows when the inputs are integers (token ids: ``randn`` would not
+    be a valid input), else standard normal."""
+    g = torch.Generator().manual_seed(seed)
+    src = pool if pool is not None and len(pool) else (example if not example.is_floating_point() else None)
+    if src is None:
+        return torch.randn(n, *example.shape[1:], generator=g)
+    return src[torch.randint(len(src), (n,), generator=g)]
 
 
 def measure_model(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, target: Target, repeats: int, as_runtime: bool = True) -> Timing:
@@ -194,7 +205,7 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
 
 def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Tensor,
               policies: list[Policy], target: Target, repeats: int, exclude: list[str],
-              log: Callable[[str], None], extra: dict[str, Any]) -> int:
+              log: Callable[[str], None], extra: dict[str, Any], inputs: torch.Tensor | None = None) -> int:
     """Measure end to end the calibration policies not yet measured for ``key``; returns how many."""
     from tqdm import tqdm
 
@@ -207,7 +218,7 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
     done = {calibration_key(s["policy"]) for s in samples}
     todo = [p for p in policies if calibration_key(p.to_dict()) not in done]
     log(f"end-to-end calibration: {len(policies)} policies, measuring {len(todo)}")
-    x = torch.randn(table.batch_size, *example.shape[1:])
+    x = timing_batch(example, table.batch_size, inputs)
     saver = _Saver(table)
     try:
         for pol in tqdm(todo, desc="calibrating", unit="model", file=sys.stderr, disable=None):

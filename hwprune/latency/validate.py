@@ -57,13 +57,15 @@ class FidelityReport:
 def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLayers, predictor: Predictor,
                        target: Target, samples: int, seed: int, repeats: int, exclude: list[str],
                        grid: tuple[float, ...], menus: dict[str, list[str]],
-                       log: Callable[[str], None] | None = None) -> FidelityReport:
+                       log: Callable[[str], None] | None = None, inputs: torch.Tensor | None = None) -> FidelityReport:
     """Draw ``samples`` random policies, measure each twice end to end, compare with both predictors."""
     from hwprune.apply import apply_policy
     from hwprune.apply.formats import deploy
 
     rng = random.Random(seed)
-    x = torch.randn(predictor.table.batch_size, *example.shape[1:])
+    from hwprune.latency.profiler import timing_batch
+
+    x = timing_batch(example, predictor.table.batch_size, inputs)
     rows = []
     for i in range(samples):
         pol = predictor.runnable(random_policy(layers, grid, menus, rng))

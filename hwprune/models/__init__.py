@@ -1,8 +1,8 @@
 """Model registry and loading of user models.
 
 A built-in model is registered with the input *layout* it expects:
-``"1d"`` (C, L), ``"2d"`` (C, H, W) or ``"seq"`` (T, F); data sets provide
-tensors in the layout the model asks for.
+``"1d"`` (C, L), ``"2d"`` (C, H, W), ``"seq"`` (T, F) or ``"tokens"`` (T,
+integer ids); data sets provide tensors in the layout the model asks for.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from torch import nn
 from hwprune.errors import HwpruneError
 from hwprune.factory import is_factory_ref, load_factory
 from hwprune.models.cnn import CNN1d, MobileNetV2, ResNet20
-from hwprune.models.rnn import RNNClassifier
+from hwprune.models.rnn import LSTMLanguageModel, RNNClassifier
 from hwprune.registry import Registry
 
 __all__ = ["ModelEntry", "MODELS", "build_model", "load_weights", "parse_model_args", "model_layout", "safe_load",
            "default_latency_batch"]
 
-LAYOUT_DIMS = {"1d": 2, "2d": 3, "seq": 2}
+LAYOUT_DIMS = {"1d": 2, "2d": 3, "seq": 2, "tokens": 1}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ MODELS.register("lstm")(ModelEntry(
     lambda shape, nc, **kw: RNNClassifier("lstm", shape[1], nc, **kw), "seq", (40, 1)))
 MODELS.register("gru")(ModelEntry(
     lambda shape, nc, **kw: RNNClassifier("gru", shape[1], nc, **kw), "seq", (40, 1)))
+# num_classes is the vocabulary (the data's); a vocabulary-sized output is never pruned
+MODELS.register("lstm-lm")(ModelEntry(
+    lambda shape, nc, **kw: LSTMLanguageModel(nc, **kw), "tokens", (64,)))
 
 
 def model_layout(ref: str) -> str | None:

@@ -41,10 +41,15 @@ class SearchContext:
     menus: dict[str, list[str]]
     budget_ms: float
     dense_ms: float
-    dense_val_accuracy: float
+    dense_val_metric: float  # the task's metric of the dense model on the validation split
     batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # for data-driven importance
     notes: list[str] = field(default_factory=list)
     margin: float = 0.0  # share of the budget kept free: candidates are priced at most budget / (1 + margin)
+
+    @property
+    def task(self) -> Any:
+        """The search's :class:`~hwprune.tasks.Task` (the data's, or the spec's ``task``)."""
+        return self.setup.task
 
     @property
     def limit_ms(self) -> float:
@@ -128,13 +133,13 @@ def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log, setup: Setu
     """The spec's dense model with its trained weights (trained and cached first if there are none) and data."""
     from hwprune.train import DEFAULT_EPOCHS, TrainConfig, train_and_cache
 
-    setup = setup or resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
+    setup = setup or resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed, task=spec.task)
     assert setup.data is not None
     if setup.weights == "random init":
         epochs = DEFAULT_EPOCHS.get(spec.model, 20)
         log(f"hwprune: no trained {spec.model} for {spec.data} (seed {spec.seed}); training it first ({epochs} epochs)")
         summary = train_and_cache(setup.model, setup.data, spec.model, spec.data, spec.seed, setup.model_args,
-                                  TrainConfig(epochs=epochs, seed=spec.seed, device=spec.device))
+                                  TrainConfig(epochs=epochs, seed=spec.seed, device=spec.device, task=setup.task))
         setup.weights = summary["weights"]
     return setup
 
@@ -151,13 +156,14 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     from hwprune.train import evaluate, few_batches
 
     target = get_target(spec.target, threads=spec.threads, runtime=spec.runtime)
-    setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed)
+    setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed, task=spec.task)
     assert setup.data is not None
     batch = spec.batch_size or default_latency_batch(spec.model)
     structure = copy.deepcopy(setup.model)  # the analysis splits RNN stacks in place; training and the cache
     layers = analyze_layers(structure, setup.example, spec.exclude, spec.channel_multiple)  # keep the user's keys
     key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
-    job = ProfileJob(structure, setup.example, layers, key, tuple(setup.input_shape), list(spec.exclude))
+    job = ProfileJob(structure, setup.example, layers, key, tuple(setup.input_shape), list(spec.exclude),
+                     inputs=setup.timing_pool())
     table = resolve_table(target, batch, layers, key, tables=spec.tables, table=spec.table,
                           allow_foreign=spec.allow_foreign_table, profile=job if spec.profile else None, log=log)
     predictor = Predictor(table, layers, key)
@@ -184,10 +190,10 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                          f"margin ({how})")
     if dense_ms <= ctx.limit_ms:
         ctx.notes.append(f"the dense model ({dense_ms:.4f} ms) already meets the budget; searching the "
-                         f"accuracy/latency front anyway")
+                         f"{setup.task.metric}/latency front anyway")
     ctx.setup = dense_setup(spec, log, setup)  # the expensive part last: every cheap check has passed
     prepare_model(setup.model)  # trials (and Ray workers) prune the split form the analysis saw
-    ctx.dense_val_accuracy = evaluate(setup.model, setup.data.val)
+    ctx.dense_val_metric = evaluate(setup.model, setup.data.val, task=setup.task)
     ctx.batches = few_batches(setup.data.train)
     torch.manual_seed(spec.seed)
     return ctx

@@ -101,9 +101,10 @@ def reuse(trial: Any, dup: Any, t0: float) -> tuple[float, float]:
 
 def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
                     at_checkpoint: Callable[[int, float], None] | None = None) -> tuple[float, int]:
-    """Prune the dense model to ``policy``, fine-tune it, return (validation accuracy, parameters).
+    """Prune the dense model to ``policy``, fine-tune it, return (validation score, parameters).
 
-    ``at_checkpoint(step, accuracy)`` runs at :func:`~hwprune.search.early_stop.checkpoints`; it may raise to
+    The score is the task's metric where higher is better, minus the metric where lower is (perplexity):
+    what the study maximizes (:meth:`hwprune.tasks.Task.score`). ``at_checkpoint(step, score)`` runs at :func:`~hwprune.search.early_stop.checkpoints`; it may raise to
     stop the fine-tune.
     """
     from hwprune.apply import apply_policy
@@ -111,7 +112,7 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
     from hwprune.search.early_stop import checkpoints
     from hwprune.train import evaluate, finetune
 
-    data = setup.data
+    data, task = setup.data, setup.task
     model = apply_policy(setup.model, policy, setup.example, exclude=spec.exclude, importance=spec.importance,
                          batches=batches)
     params = count_params(model)
@@ -119,10 +120,11 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
 
     def callback(step: int) -> None:
         if step in marks and at_checkpoint is not None:
-            at_checkpoint(step, evaluate(model, data.val))
+            at_checkpoint(step, task.score(evaluate(model, data.val, task=task)))
 
-    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, seed=spec.seed, callback=callback, device=spec.device)
-    return evaluate(model, data.val), params
+    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, seed=spec.seed, callback=callback, device=spec.device,
+             task=task)
+    return task.score(evaluate(model, data.val, task=task)), params
 
 
 def _rule_from(study: Any, spec: SearchSpec) -> Any:
@@ -307,7 +309,7 @@ class Progress:
         self.failed = 0
 
     def trial_ended(self, trials: list[Any], trial: Any) -> None:
-        write_trials(self.out, trials, self.ctx.limit_ms)
+        write_trials(self.out, trials, self.ctx.limit_ms, self.ctx.task)
         pts = front(trials, self.ctx.limit_ms)
         if trial.state.name in FINISHED:
             self.bar.update(1)
@@ -315,7 +317,8 @@ class Progress:
             self.failed += 1
             self.log(f"hwprune: trial {trial.number} failed: {trial.user_attrs.get('error', 'unknown')}")
         if pts:
-            self.bar.set_postfix(best_acc=f"{max(p.values[0] for p in pts):.4f}")
+            task = self.ctx.task
+            self.bar.set_postfix({f"best_{task.metric}": f"{task.show(max(p.values[0] for p in pts)):.4f}"})
 
     def check_failures(self, trials: list[Any], wanted: int) -> None:
         """Stop when nothing works: every trial failed, or this session failed more often than it asked for."""
@@ -375,12 +378,13 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     resumed = claim_run_dir(out, spec.identity(), {
         "spec": spec.public(), "budget_ms": ctx.budget_ms, "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
         "dense_predicted_ms": ctx.dense_ms,
-        "dense_val_accuracy": ctx.dense_val_accuracy, "table": str(table.path), "table_fingerprint": table.fingerprint,
+        f"dense_val_{ctx.task.metric}": ctx.dense_val_metric, "task": ctx.task.name, "metric": ctx.task.metric,
+        "direction": ctx.task.direction, "table": str(table.path), "table_fingerprint": table.fingerprint,
         "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus})
     for note in ctx.notes:
         log(f"hwprune: {note}")
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "
-        f"(dense {ctx.dense_ms:.4f} ms, val acc {ctx.dense_val_accuracy:.4f}); table {table.path}")
+        f"(dense {ctx.dense_ms:.4f} ms, val {ctx.task.metric} {ctx.dense_val_metric:.4f}); table {table.path}")
     study = open_study(out, spec)
     fail_interrupted(study, log, spec.heartbeat_grace)
     if not resumed and not study.trials and spec.uniform_seeds:
@@ -395,21 +399,24 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
         else:
             _run_local(ctx, study, out, log)
     trials = study.get_trials(deepcopy=False)
-    write_trials(out, trials, ctx.limit_ms)
+    task = ctx.task
+    write_trials(out, trials, ctx.limit_ms, task)
     pts = front(trials, ctx.limit_ms)
-    best = write_front(out, pts, ctx.budget_ms)
-    plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_accuracy, ctx.dense_ms), ctx.limit_ms)
-    seeds = {t.user_attrs["seed"]: {"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1]}
+    best = write_front(out, pts, ctx.budget_ms, task)
+    plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
+    seeds = {t.user_attrs["seed"]: {"trial": t.number, task.metric: task.show(t.values[0]),
+                                    "predicted_latency_ms": t.values[1]}
              for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"}
     count = lambda s: len([t for t in trials if t.state.name == s])  # noqa: E731
     return {"study": spec.name, "out": str(out), "backend": spec.backend, "budget_ms": ctx.budget_ms,
             "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
-            "dense_predicted_ms": ctx.dense_ms, "dense_val_accuracy": ctx.dense_val_accuracy,
+            "dense_predicted_ms": ctx.dense_ms, f"dense_val_{task.metric}": ctx.dense_val_metric,
+            "task": task.name, "metric": task.metric, "direction": task.direction,
             "trials": count("COMPLETE") + count("PRUNED"), "complete": count("COMPLETE"),
             "stopped_early": count("PRUNED"), "failed": count("FAIL"),
             "repaired": sum(1 for t in trials if t.user_attrs.get("repairs")),
             "duplicates": sum(1 for t in trials if t.user_attrs.get("duplicate_of") not in (None, "")),
-            "seconds": round(time.time() - t0, 1), "pareto": _points(pts), "best": best, "uniform_seeds": seeds,
+            "seconds": round(time.time() - t0, 1), "pareto": _points(pts, task), "best": best, "uniform_seeds": seeds,
             "table_fingerprint": table.fingerprint, "resumed": resumed}
 
 
@@ -422,8 +429,16 @@ def load_front(run_dir: str | Path, storage: str | None = None) -> SearchResult:
     spec = run_spec(info, storage)
     study = open_study(out, spec, load_only=True)
     pts = front(study.get_trials(deepcopy=False), run_limit(info))
+    task = run_task(info)
     return {"study": spec.name, "out": str(out), "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
-            "pareto": _points(pts)}
+            "metric": task.metric, "direction": task.direction, "pareto": _points(pts, task)}
+
+
+def run_task(info: dict[str, Any]) -> Any:
+    """The task a run scored with (runs of older versions: classification)."""
+    from hwprune.tasks import get_task
+
+    return get_task(info.get("task") or (info.get("spec") or {}).get("task"))
 
 
 def run_limit(info: dict[str, Any]) -> float:
@@ -446,9 +461,12 @@ def run_spec(info: dict[str, Any], storage: str | None = None) -> SearchSpec:
     return spec
 
 
-def _points(pts: list[Any]) -> list[dict[str, Any]]:
-    """Front trials as the ``pareto`` list of ``--json``."""
-    return [{"trial": t.number, "accuracy": t.values[0], "predicted_latency_ms": t.values[1],
+def _points(pts: list[Any], task: Any = None) -> list[dict[str, Any]]:
+    """Front trials as the ``pareto`` list of ``--json`` (the metric under its own name, e.g. accuracy)."""
+    from hwprune.tasks import get_task
+
+    task = get_task(task)
+    return [{"trial": t.number, task.metric: task.show(t.values[0]), "predicted_latency_ms": t.values[1],
              "seed": t.user_attrs.get("seed", "")} for t in pts]
 
 

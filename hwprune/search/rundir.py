@@ -45,7 +45,15 @@ def claim_run_dir(out: Path, identity: dict[str, Any], run_info: dict[str, Any])
     return False
 
 
-def _row(t: Any, limit_ms: float) -> dict[str, Any]:
+def trial_columns(task: Any = None) -> list[str]:
+    """trials.csv's columns: the metric's own name where TRIAL_COLUMNS says accuracy."""
+    from hwprune.tasks import get_task
+
+    metric = get_task(task).metric
+    return [metric if c == "accuracy" else c for c in TRIAL_COLUMNS]
+
+
+def _row(t: Any, limit_ms: float, task: Any) -> dict[str, Any]:
     a = t.user_attrs
     pol = a.get("policy", {})
     keep = list(pol.get("keep", {}).values())
@@ -54,7 +62,7 @@ def _row(t: Any, limit_ms: float) -> dict[str, Any]:
         fmts[f] = fmts.get(f, 0) + 1
     vals = t.values or [None, a.get("predicted_latency_ms")]  # stopped or failed: priced all the same
     return {"trial": t.number, "state": t.state.name, "seed": a.get("seed", ""),
-            "accuracy": "" if vals[0] is None else f"{vals[0]:.4f}",
+            task.metric: "" if vals[0] is None else f"{task.show(vals[0]):.4f}",
             "predicted_latency_ms": "" if vals[1] is None else f"{vals[1]:.5f}", "limit_ms": f"{limit_ms:.5f}",
             "feasible": "" if vals[1] is None else str(vals[1] <= limit_ms + 1e-12),
             "repairs": a.get("repairs", ""), "mean_keep": f"{sum(keep) / len(keep):.3f}" if keep else "1.000",
@@ -64,13 +72,17 @@ def _row(t: Any, limit_ms: float) -> dict[str, Any]:
             "duplicate_of": a.get("duplicate_of", ""), "error": a.get("error", ""), "owner": a.get("owner", "")}
 
 
-def write_trials(out: Path, trials: list[Any], limit_ms: float) -> None:
-    """trials.csv; ``feasible`` says whether the predicted latency is within ``limit_ms`` (budget less margin)."""
+def write_trials(out: Path, trials: list[Any], limit_ms: float, task: Any = None) -> None:
+    """trials.csv; ``feasible`` says whether the predicted latency is within ``limit_ms`` (budget less margin);
+    the metric column is named after the task's metric (accuracy, perplexity, ...)."""
+    from hwprune.tasks import get_task
+
+    task = get_task(task)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, TRIAL_COLUMNS)
+    w = csv.DictWriter(buf, trial_columns(task))
     w.writeheader()
     for t in sorted(trials, key=lambda t: t.number):
-        w.writerow(_row(t, limit_ms))
+        w.writerow(_row(t, limit_ms, task))
     write_atomic(out / "trials.csv", buf.getvalue())
 
 
@@ -90,51 +102,59 @@ def front(trials: list[Any], limit_ms: float) -> list[Any]:
 
 
 def best_point(pts: list[Any]) -> Any:
-    """The most accurate point of a front; ties: the faster."""
+    """The best-scoring point of a front (highest accuracy, lowest perplexity); ties: the faster."""
     return max(pts, key=lambda t: (t.values[0], -t.values[1]))
 
 
-def write_front(out: Path, pts: list[Any], budget_ms: float) -> dict[str, Any] | None:
-    """pareto.csv and best_policy.json (the most accurate feasible point; ties: the faster)."""
+def write_front(out: Path, pts: list[Any], budget_ms: float, task: Any = None) -> dict[str, Any] | None:
+    """pareto.csv and best_policy.json (the best-scoring feasible point; ties: the faster)."""
+    from hwprune.tasks import get_task
+
+    task = get_task(task)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial", "accuracy", "predicted_latency_ms", "seed", "policy"])
+    w.writerow(["trial", task.metric, "predicted_latency_ms", "seed", "policy"])
     for t in pts:
-        w.writerow([t.number, f"{t.values[0]:.4f}", f"{t.values[1]:.5f}", t.user_attrs.get("seed", ""),
+        w.writerow([t.number, f"{task.show(t.values[0]):.4f}", f"{t.values[1]:.5f}", t.user_attrs.get("seed", ""),
                     json.dumps(t.user_attrs.get("policy", {}), sort_keys=True)])
     write_atomic(out / "pareto.csv", buf.getvalue())
     if not pts:
         return None
     best = best_point(pts)
     write_atomic(out / "best_policy.json", json.dumps(best.user_attrs["policy"], indent=2, sort_keys=True) + "\n")
-    return {"trial": best.number, "accuracy": best.values[0], "predicted_latency_ms": best.values[1],
+    return {"trial": best.number, task.metric: task.show(best.values[0]), "predicted_latency_ms": best.values[1],
             "budget_ms": budget_ms}
 
 
 def plot_front(out: Path, trials: list[Any], pts: list[Any], budget_ms: float, dense: tuple[float, float],
-               limit_ms: float | None = None) -> Path:
-    """pareto.png: every completed trial, the front, the budget line, the dense model and the uniform seeds."""
+               limit_ms: float | None = None, task: Any = None) -> Path:
+    """pareto.png: every completed trial, the front, the budget line, the dense model (``dense``: its metric and
+    latency) and the uniform seeds; the y axis is the task's metric."""
     import matplotlib
 
+    from hwprune.tasks import get_task
+
+    task = get_task(task)
+    m = lambda t: task.show(t.values[0])  # noqa: E731
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = [t for t in trials if t.state.name == "COMPLETE" and t.values]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], s=14, c="0.7", label="trials")
-    ax.plot([t.values[1] for t in pts], [t.values[0] for t in pts], "o-", c="tab:blue", label="Pareto front")
+    ax.scatter([t.values[1] for t in done], [m(t) for t in done], s=14, c="0.7", label="trials")
+    ax.plot([t.values[1] for t in pts], [m(t) for t in pts], "o-", c="tab:blue", label="Pareto front")
     seeds = [t for t in done if t.user_attrs.get("seed")]
     for i, t in enumerate(seeds):  # labels staggered: uniform seeds often sit close together
-        ax.scatter([t.values[1]], [t.values[0]], marker="s", s=40, c="tab:orange")
-        ax.annotate(t.user_attrs["seed"], (t.values[1], t.values[0]), fontsize=7, xytext=(6, -10 - 9 * i),
+        ax.scatter([t.values[1]], [m(t)], marker="s", s=40, c="tab:orange")
+        ax.annotate(t.user_attrs["seed"], (t.values[1], m(t)), fontsize=7, xytext=(6, -10 - 9 * i),
                     textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
     ax.scatter([dense[1]], [dense[0]], marker="*", s=120, c="tab:green", label="dense")
     ax.axvline(budget_ms, ls="--", c="tab:red", label=f"budget {budget_ms:.3f} ms")
     if limit_ms is not None and limit_ms < budget_ms:
         ax.axvline(limit_ms, ls=":", c="tab:red", label=f"priced limit {limit_ms:.3f} ms (margin)")
     ax.set_xlabel("predicted latency (ms)")
-    ax.set_ylabel("validation accuracy")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel(f"validation {task.label}")
+    ax.legend(fontsize=8, loc="lower right" if task.direction == "max" else "upper right")
     fig.tight_layout()
     import io
 

@@ -57,6 +57,7 @@ class SearchSpec:
     runtime: str = "eager"  # how the deployed model runs on the target: eager, compile (cuda: also cudagraph)
     heartbeat_interval: float = 30.0  # seconds between renewals of a running trial's lease
     heartbeat_grace: float = 120.0  # a trial of another host whose lease is older than this is failed as stale
+    task: str | None = None  # classification, language-model or file.py:factory (None: the data's own task)
 
     def validate(self) -> None:
         from hwprune.search.budget import parse_budget
@@ -83,7 +84,12 @@ class SearchSpec:
         if not 0 < self.heartbeat_interval < self.heartbeat_grace:
             raise HwpruneError(f"heartbeat_interval must be > 0 and below heartbeat_grace, got "
                                f"{self.heartbeat_interval} and {self.heartbeat_grace}")
+        from hwprune.tasks import TASK_NAMES
+        from hwprune.factory import is_factory_ref
         from hwprune.train import resolve_device
+
+        if self.task is not None and self.task not in TASK_NAMES and not is_factory_ref(self.task):
+            raise HwpruneError(f"unknown task {self.task!r}; known: {', '.join(TASK_NAMES)}, or path/to/file.py:factory")
 
         resolve_device(self.device)  # a name it knows, and a GPU here if one is asked: before anything runs
         if self.sampler not in SAMPLERS:
@@ -107,6 +113,8 @@ class SearchSpec:
             ident["budget_margin"] = self.budget_margin
         if self.runtime != "eager":  # likewise: eager runs of older versions resume
             ident["runtime"] = self.runtime
+        if self.task is not None:
+            ident["task"] = self.task
         return ident
 
     def public(self) -> dict[str, Any]:
@@ -126,7 +134,7 @@ for _f in dataclasses.fields(SearchSpec):
 
 def _check(key: str, value: Any, source: str) -> Any:
     if value is None and key in ("weights", "batch_size", "storage", "study", "out", "ray_address", "table", "tables",
-                                 "budget_margin"):
+                                 "budget_margin", "task"):
         return None
     want = _TYPES[key]
     if key == "budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
