@@ -68,7 +68,7 @@ def test_exclude_removes_groups_touching_the_layer():
         build_space(m, torch.randn(2, 1, 16, 16), exclude=["nope"])
 
 
-def test_rnn_final_state_consumer_is_reported():
+def test_rnn_final_state_consumer_is_a_state_consumer_of_the_group():
     class UsesHn(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -79,8 +79,8 @@ def test_rnn_final_state_consumer_is_reported():
             _, h = self.rnn(x)
             return self.fc(h[-1])
 
-    with pytest.raises(HwpruneError, match="final state"):
-        build_space(UsesHn(), torch.randn(2, 5, 3))
+    s = build_space(UsesHn(), torch.randn(2, 5, 3))
+    assert [(g.name, g.units, g.layers) for g in s.groups] == [("rnn", 8, ("rnn", "fc"))]
     s = build_space(UsesHn(), torch.randn(2, 5, 3), exclude=["rnn"])
     assert s.groups == []
 

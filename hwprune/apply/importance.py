@@ -94,11 +94,11 @@ def rnn_scores(mods: dict[str, nn.Module], plan: RNNGroupPlan, criterion: str,
         for p in prod.parameters():
             s = _saliency(p, criterion)
             score += s.reshape(H, -1).sum(1)
-    for cname in plan.consumers:
+    for cname, dirs in [(c, D) for c in plan.consumers] + [(c, 1) for c in plan.state_consumers]:
         cons = mods[cname]
         for name, p in cons.named_parameters():
             if name == "weight" or name.startswith("weight_ih"):
-                score += _saliency(p, criterion).sum(0).reshape(D, H).sum(0)
+                score += _saliency(p, criterion).sum(0).reshape(dirs, H).sum(0)
     return score
 
 

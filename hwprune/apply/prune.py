@@ -84,6 +84,8 @@ def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, ex
         cols = torch.cat([d * plan.units + idx for d in range(plan.dirs)])
         for c in plan.consumers:
             ins[c] = cols
+        for c in plan.state_consumers:  # h_n[i]: one direction of one layer, the kept units
+            ins[c] = idx
     for name in sorted(set(outs) | set(ins)):
         mod = mods[name]
         if isinstance(mod, RNN_TYPES):

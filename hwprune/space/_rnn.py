@@ -42,11 +42,28 @@ class RNNGroupPlan:
     dirs: int
     consumers: tuple[str, ...]
     kind: str
+    state_consumers: tuple[str, ...] = ()  # layers reading the producer's final state h_n / c_n (one direction)
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (RNNStack,) + RNN_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def describe(node: fx.Node, mods: dict[str, nn.Module] | None = None) -> str:
+    """A node of the traced forward pass in words (never an fx node dump)."""
+    if node.op == "output":
+        return "the model output"
+    if node.op == "call_module":
+        mod = (mods or {}).get(str(node.target))
+        return f"layer {str(node.target)!r}" + (f" ({type(mod).__name__})" if mod is not None else "")
+    if node.op == "call_method":
+        return f"a '.{node.target}()' call"
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return f"indexing with [{node.args[1]!r}]"
+        return f"a call to {getattr(node.target, '__name__', str(node.target))}()"
+    return f"the input {node.target!s}" if node.op == "placeholder" else str(node.op)
 
 
 def _last_dim(node: fx.Node) -> int | None:
@@ -86,24 +103,69 @@ def _follow(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[str, nn.M
             if ok and _last_dim(user) == width and sum(a is node for a in user.args) == 1:
                 frontier.append(user)
                 continue
-            raise HwpruneError(f"cannot tell how {start.target!s} output reaches {user.format_node()!s}; "
-                               f"exclude that layer (--exclude) or restructure the model")
+            raise HwpruneError(f"cannot tell how the {width} features of {_name(start)} reach {describe(user, mods)} "
+                               f"(only ops that keep the feature dimension are followed); exclude that layer "
+                               f"(--exclude) or restructure the model")
     return tuple(consumers)
+
+
+def _name(node: fx.Node) -> str:
+    """The layer a traced value comes from (for messages)."""
+    seen = node
+    while seen.op == "call_function" and seen.target is operator.getitem and isinstance(seen.args[0], fx.Node):
+        seen = seen.args[0]
+    return repr(str(seen.target)) if seen.op == "call_module" else repr(seen.name)
+
+
+def _is_getitem(node: fx.Node, index: object = None) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem and \
+        (index is None or node.args[1] == index)
 
 
 def _rnn_output(node: fx.Node) -> fx.Node | None:
     """The output-sequence node of an RNN call (``out`` of ``out, h = rnn(x)``)."""
     out = None
     for user in node.users:
-        if user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0:
+        if _is_getitem(user, 0):
             out = user
-        elif user.op == "call_function" and user.target is operator.getitem and not user.users:
-            continue
+        elif _is_getitem(user, 1):
+            continue  # the final state: _state_uses
         else:
-            raise HwpruneError(f"{node.target!s}: only the output sequence of an RNN can be traced; "
-                               f"its final state is used by {user.format_node()} (use out[:, -1] instead, "
-                               f"or --exclude {node.target!s})")
+            raise HwpruneError(f"layer {str(node.target)!r}: its (output, state) pair is used by {describe(user)}; "
+                               f"hwprune follows 'out, h = rnn(x)' (or --exclude {node.target!s})")
     return out
+
+
+def _state_uses(node: fx.Node, layers: int, dirs: int) -> list[tuple[int, fx.Node]]:
+    """Every read of an RNN call's final state, as (layer index, node holding that layer's h_n or c_n).
+
+    Followed: ``h_n[i]`` (one layer and direction of the stacked state; ``c_n[i]`` for an LSTM) and, for a
+    single-layer one-direction RNN, ``h_n.squeeze(0)``. Anything else that reads the whole stacked state is
+    refused with the layer and the operation named.
+    """
+    name = str(node.target)
+    states = []
+    for user in node.users:
+        if not _is_getitem(user, 1):
+            continue
+        kids = list(user.users)
+        if kids and all(_is_getitem(k) and k.args[1] in (0, 1) for k in kids):  # LSTM: (h_n, c_n)
+            states += kids
+        else:
+            states.append(user)
+    uses = []
+    for st in states:
+        for u in st.users:
+            if _is_getitem(u) and isinstance(u.args[1], int):
+                uses.append(((u.args[1] % (layers * dirs)) // dirs, u))
+            elif layers * dirs == 1 and ((u.op == "call_method" and u.target == "squeeze") or
+                                         (u.op == "call_function" and u.target is torch.squeeze)):
+                uses.append((0, u))
+            else:
+                raise HwpruneError(f"layer {name!r}: its final state h_n is used by {describe(u)}; hwprune follows "
+                                   f"one layer's state, h_n[i] (or h_n.squeeze(0) for one layer), into the "
+                                   f"layers that read it. Index the state that way, or --exclude {name}")
+    return uses
 
 
 def analyze_rnn_model(model: nn.Module, example: torch.Tensor, exclude: set[str]) -> list[RNNGroupPlan]:
@@ -126,24 +188,36 @@ def analyze_rnn_model(model: nn.Module, example: torch.Tensor, exclude: set[str]
         name, mod = str(node.target), mods[str(node.target)]
         if counts[name] > 1 or name in exclude:
             continue  # excluded, or called twice: not pruned on its own
-        if isinstance(mod, RNNStack):
-            d = mod.dirs
-            for k in range(len(mod.layers) - 1):
-                plans.append(RNNGroupPlan(f"{name}.layers.{k}", mod.layers[k].hidden_size, d,
-                                          (f"{name}.layers.{k + 1}",), "hidden"))
+        if isinstance(mod, (RNNStack,) + RNN_TYPES):
+            stack = list(mod.layers) if isinstance(mod, RNNStack) else [mod]
+            names = [f"{name}.layers.{k}" for k in range(len(stack))] if isinstance(mod, RNNStack) else [name]
+            d = 2 if stack[0].bidirectional else 1
             out = _rnn_output(node)
-            last = mod.layers[-1]
-            cons = _follow(gm, out, last.hidden_size * d, mods) if out is not None else ()
-            if cons is not None:
-                plans.append(RNNGroupPlan(f"{name}.layers.{len(mod.layers) - 1}", last.hidden_size, d, cons, "hidden"))
-        elif isinstance(mod, RNN_TYPES):
-            d = 2 if mod.bidirectional else 1
-            out = _rnn_output(node)
-            cons = _follow(gm, out, mod.hidden_size * d, mods) if out is not None else ()
-            if cons is not None:
-                plans.append(RNNGroupPlan(name, mod.hidden_size, d, cons, "hidden"))
+            readers: dict[int, list[str]] = {}
+            reaches_output = set()
+            for k, use in _state_uses(node, len(stack), d):
+                got = _follow(gm, use, stack[k].hidden_size, mods)
+                if got is None:
+                    reaches_output.add(k)
+                else:
+                    readers.setdefault(k, []).extend(got)
+            for k, layer in enumerate(stack):
+                if k < len(stack) - 1:
+                    cons: tuple[str, ...] | None = (names[k + 1],)
+                else:
+                    cons = _follow(gm, out, layer.hidden_size * d, mods) if out is not None else ()
+                if cons is None or k in reaches_output:
+                    continue  # a model output: its units are not ours to remove
+                state = tuple(dict.fromkeys(readers.get(k, [])))
+                if set(state) & set(cons):
+                    raise HwpruneError(f"layer {names[k]!r}: {sorted(set(state) & set(cons))[0]!r} reads both its "
+                                       f"output sequence and its final state; exclude one of them")
+                plans.append(RNNGroupPlan(names[k], layer.hidden_size, d, cons, "hidden", state))
         elif isinstance(mod, nn.Linear):
-            cons = _follow(gm, node, mod.out_features, mods)
+            try:
+                cons = _follow(gm, node, mod.out_features, mods)
+            except HwpruneError:
+                continue  # a Linear whose features meet others (e.g. two heads added): kept whole, never guessed
             if cons is not None:
                 plans.append(RNNGroupPlan(name, mod.out_features, 1, cons, "features"))
-    return [p for p in plans if p.producer not in exclude and not (set(p.consumers) & exclude)]
+    return [p for p in plans if p.producer not in exclude and not ((set(p.consumers) | set(p.state_consumers)) & exclude)]

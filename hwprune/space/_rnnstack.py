@@ -30,7 +30,9 @@ class RNNStack(nn.Module):
 
     Returns ``(output, h_n)`` (``(output, (h_n, c_n))`` for LSTM) like the
     module it replaces. When the layers' hidden sizes differ, ``h_n`` cannot
-    be one tensor and is returned as a tuple with one tensor per layer.
+    be one tensor and is returned as a tuple with one ``(batch, hidden)``
+    tensor per layer and direction, so ``h_n[i]`` still reads what it read in
+    the dense model (layer ``i // dirs``, direction ``i % dirs``).
     """
 
     def __init__(self, layers: list[nn.RNNBase], dropout: float = 0.0) -> None:
@@ -65,7 +67,7 @@ class RNNStack(nn.Module):
         same = len({t.shape[-1] for t in hs}) == 1
 
         def join(ts: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-            return torch.cat(ts, 0) if same else tuple(ts)
+            return torch.cat(ts, 0) if same else tuple(t for h in ts for t in h.unbind(0))
 
         return (out, (join(hs), join(cs))) if self.is_lstm else (out, join(hs))
 

@@ -86,3 +86,58 @@ def make_seq_data():
     x = torch.randn(192, 6, 1, generator=g)
     y = (x[:, -1, 0] > x[:, 0, 0]).long() + (x.mean((1, 2)) > 0.3).long()
     return TensorDataset(x[:144], y[:144]), TensorDataset(x[144:], y[144:])
+
+
+class _TinyLM(nn.Module):
+    """Embedding -> LSTM -> Linear per step: a token-input language model (12 symbols)."""
+
+    def __init__(self, vocab: int = 12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8)
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, vocab)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.embed(x))
+        return self.head(out)
+
+
+def tiny_lm():
+    return _TinyLM()
+
+
+def make_token_data():
+    """Sequences of 10 token ids (12 symbols) counting up mod 12 from a random start, targets shifted by one;
+    the last target of every fourth sequence is padding (-100)."""
+    g = torch.Generator().manual_seed(3)
+    start = torch.randint(0, 12, (160, 1), generator=g)
+    seq = (start + torch.arange(11)) % 12
+    x, y = seq[:, :-1].clone(), seq[:, 1:].clone()
+    y[::4, -1] = -100
+    return TensorDataset(x[:128], y[:128]), TensorDataset(x[128:], y[128:])
+
+
+def mean_abs_error_task():
+    """A user task: regression-like score on a classifier's outputs, lower is better."""
+    import torch.nn.functional as F
+
+    return {"loss": lambda out, y: F.cross_entropy(out, y),
+            "metric": lambda out, y: (float((out.argmax(-1) != y).float().sum()), len(y)),
+            "direction": "min", "name": "error_rate"}
+
+
+class _GruHn(nn.Module):
+    """A GRU whose final state feeds the classifier (how many tutorials write it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(1, 16, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        _, h = self.rnn(x)
+        return self.fc(h[-1])
+
+
+def gru_hn():
+    return _GruHn()
