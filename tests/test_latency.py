@@ -239,3 +239,31 @@ def test_arm_emulated_table_is_marked(tmp_path):
     s = json.loads(proc.stdout)
     assert s["fingerprint"]["emulated"] is True and s["fingerprint"]["engine"] == "qnnpack"
     assert "emulated" in s["table"] and s["configurations"] == 8  # arm offers fp32 and int8 for Linear
+
+
+def test_a_layer_fed_by_eight_groups_is_enumerated_by_its_widths_not_their_product():
+    """The fuse conv reads 8 branches of 32 channels: 4 unit options each on the default grid (multiples of 8),
+    4**8 = 65,536 combinations, but only the 25 input widths 64, 72, ..., 256 (times its 4 output widths)."""
+    from hwprune.latency.profiler import DEFAULT_GRID, layer_configs, reachable_dims
+    from hwprune.models import build_model
+
+    m = build_model(f"{ASSETS / 'user_model.py'}:concat8", (1, 8, 8))
+    layers = analyze_layers(m, torch.randn(2, 1, 8, 8))
+    fuse = next(f for f in layers.layers if f.name == "fuse")
+    assert len(fuse.terms["cin"]) == 8
+    t0 = time.perf_counter()
+    dims = reachable_dims(layers, fuse, DEFAULT_GRID)
+    assert sorted({d[0] for d in dims}) == list(range(64, 257, 8)) and sorted({d[1] for d in dims}) == [8, 16, 24, 32]
+    assert len(dims) == 25 * 4
+    configs = layer_configs(layers, DEFAULT_GRID, get_target("cpu"), 4)
+    assert time.perf_counter() - t0 < 5.0
+    fuse_fp32 = [c for c in configs if c.op == "conv2d" and c.kernel == (1, 1) and c.fmt == "fp32"]
+    assert len(fuse_fp32) == 100
+    # every policy the search can build prices from entries the enumeration holds
+    keys = {c.key for c in configs}
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        pol = Policy({g.name: rng.choice(DEFAULT_GRID) for g in layers.space.groups})
+        assert all(c.key in keys for _, c in layers.configs(pol, 4))

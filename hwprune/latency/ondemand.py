@@ -58,7 +58,7 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
     if dropped:
         log(f"hwprune: {table.path} held bf16/fp16 timings with their casts included (an older table); "
             f"{dropped} of them are measured again as precision-region entries")
-    configs = layer_configs(job.layers, job.grid, target, table.batch_size)
+    configs = layer_configs(job.layers, job.grid, target, table.batch_size, log)
     measured = profile_layers(table, configs, target, job.repeats, log)
     pred = Predictor(table, job.layers, job.key)
     pols = calibration_policies(job.layers, job.grid, pred.menus(target), job.calibration, fix=pred.runnable)

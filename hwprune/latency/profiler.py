@@ -30,7 +30,7 @@ DEFAULT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
-                  batch: int) -> list[LayerConfig | CastConfig]:
+                  batch: int, log: Callable[[str], None] | None = None) -> list[LayerConfig | CastConfig]:
     """Every distinct configuration the model's layers can take on the keep-ratio grid, in every offered format,
     then the dtype casts precision regions can need: at any layer's input, and at the output of the layers
     that feed the model output, between fp32 and every region dtype offered (and between those dtypes)."""
@@ -43,15 +43,20 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
     low: set[str] = set()
     feeds_output = set(layers.sources.output) if layers.sources is not None else set()
     for form in layers.layers:
-        involved = sorted({g for terms in form.terms.values() for g in terms})
         offered = target.offered_formats(form.base.op)
         low.update(f for f in offered if f in DTYPES)
-        for combo in itertools.product(*(layers.unit_options(g, list(grid)) for g in involved)):
-            units = {**full, **dict(zip(involved, combo))}
+        dims_list = reachable_dims(layers, form, grid)
+        combos = 1
+        for g in {g for terms in form.terms.values() for g in terms}:
+            combos *= len(layers.unit_options(g, list(grid)))
+        if log and combos > COMBINATIONS_LIMIT:
+            log(f"layer {form.name!r} depends on {len({g for t in form.terms.values() for g in t})} groups "
+                f"({combos:,} unit combinations): profiled at its {len(dims_list)} reachable (inputs, outputs) pairs")
+        for dims in dims_list:
             for fmt in offered:
-                cfg = form.config(units, batch, fmt)
+                cfg = _with_dims(form, dims, batch, fmt)
                 out.setdefault(cfg.key, cfg)
-            dense = form.config(units, 1, "fp32")
+            dense = _with_dims(form, dims, 1, "fp32")
             ins.add(dense.in_elems())
             if form.name in feeds_output:
                 outs.add(dense.out_elems())
@@ -66,6 +71,51 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
                 c = CastConfig(a, "fp32", n, batch)
                 out.setdefault(c.key, c)
     return list(out.values())
+
+
+COMBINATIONS_LIMIT = 4096  # above this many unit combinations, a layer's dims are enumerated dim by dim
+
+
+def _dim_values(layers: ModelLayers, form: Any, dim: str, grid: tuple[float, ...]) -> set[int]:
+    """Every value ``dim`` of ``form`` takes on the grid: the constant plus every reachable sum of
+    ``factor * units`` over its groups (a set that grows with the range of the sum, not with the product)."""
+    sums = {form.consts[dim]}
+    for g, f in form.terms[dim].items():
+        sums = {s + f * u for s in sums for u in layers.unit_options(g, list(grid))}
+    return sums
+
+
+def reachable_dims(layers: ModelLayers, form: Any, grid: tuple[float, ...]) -> list[tuple[int, int, int]]:
+    """The (cin, cout, groups) a layer takes over the grid's unit combinations.
+
+    Few combinations: exactly those. A layer fed by many groups (a concatenation of k branches has
+    ``options ** k`` combinations, DenseNet-style blocks never finish) only depends on the sums, so its dims
+    are enumerated one by one as reachable sums and combined: a bounded superset of what the search reaches.
+    """
+    full = {g.name: g.units for g in layers.space.groups}
+    involved = sorted({g for terms in form.terms.values() for g in terms})
+    options = [layers.unit_options(g, list(grid)) for g in involved]
+    n = 1
+    for o in options:
+        n *= len(o)
+    depthwise = form.base.groups > 1
+    if n <= COMBINATIONS_LIMIT:
+        seen: dict[tuple[int, int, int], None] = {}
+        for combo in itertools.product(*options):
+            units = {**full, **dict(zip(involved, combo))}
+            seen.setdefault((form.dim("cin", units), form.dim("cout", units),
+                             form.dim("groups", units) if depthwise else 1))
+        return list(seen)
+    groups = _dim_values(layers, form, "groups", grid) if depthwise else {1}
+    return [(ci, co, gr) for ci in sorted(_dim_values(layers, form, "cin", grid))
+            for co in sorted(_dim_values(layers, form, "cout", grid)) for gr in sorted(groups)
+            if not depthwise or (ci % gr == 0 and co % gr == 0)]
+
+
+def _with_dims(form: Any, dims: tuple[int, int, int], batch: int, fmt: str) -> LayerConfig:
+    from dataclasses import replace
+
+    return replace(form.base, cin=dims[0], cout=dims[1], groups=dims[2], batch=batch, fmt=fmt)
 
 
 def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
