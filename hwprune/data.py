@@ -37,7 +37,7 @@ class DataBundle:
     val: Dataset
     test: Dataset | None
     input_shape: tuple[int, ...]
-    num_classes: int  # classes, or the vocabulary of a language model
+    num_classes: int | None  # classes, or the vocabulary of a language model (None: the data does not say)
     task: Any = None  # hwprune.tasks.Task; None: classification
 
     def __post_init__(self) -> None:
@@ -134,10 +134,27 @@ def pydoc(layout: str, seq_len: int = 64) -> DataBundle:
                       TensorDataset(x[b:], y[b:]), (seq_len,), len(PYDOC_CHARS) + 1, "language-model")
 
 
-def _num_classes(ds: Dataset) -> int:
-    if isinstance(ds, TensorDataset):
-        return int(ds.tensors[1].max()) + 1
-    return int(max(int(ds[i][1]) for i in range(len(ds)))) + 1  # type: ignore[arg-type]
+def _num_classes(ds: Dataset) -> int | None:
+    """The class count a dataset exposes without reading its items: ``num_classes``, ``classes`` (e.g.
+    torchvision's ImageFolder), ``targets`` (a list or tensor of labels), or a TensorDataset's label tensor
+    (padding labels -100 aside). None when it exposes none of these (pass --num-classes)."""
+    base = ds
+    while hasattr(base, "dataset") and hasattr(base, "indices"):  # a Subset: its parent exposes the labels
+        base = base.dataset
+    n = getattr(base, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    classes = getattr(base, "classes", None)
+    if classes is not None and hasattr(classes, "__len__") and len(classes) > 0:
+        return len(classes)
+    labels = getattr(base, "targets", None)
+    if labels is None and isinstance(base, TensorDataset) and len(base.tensors) > 1:
+        labels = base.tensors[1]
+    if labels is not None:
+        t = torch.as_tensor(labels)
+        if t.numel() and not t.is_floating_point():
+            return int(t.max()) + 1
+    return None
 
 
 def _user_data(ref: str) -> DataBundle:

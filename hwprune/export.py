@@ -66,7 +66,7 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
                     schedule: str = "oneshot", stages: int = 4, exclude: list[str] | None = None,
                     importance: str = "l1", lr: float = 1e-3, seed: int = 0, batches: Any = None,
                     log: Callable[[str], None] | None = None, device: str | None = None,
-                    task: Any = None) -> nn.Module:
+                    task: Any = None, batch_size: int = 128) -> nn.Module:
     """Prune ``dense`` to ``policy`` and fine-tune ``steps`` steps in total.
 
     ``oneshot`` prunes once and fine-tunes with the policy's (simulated) formats.
@@ -84,7 +84,7 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if schedule == "oneshot":
         model = apply_policy(dense, policy, example, exclude=exclude, importance=importance, batches=batches)
-        return finetune(model, train, steps, lr=lr, seed=seed, device=device, task=task)
+        return finetune(model, train, steps, lr=lr, batch_size=batch_size, seed=seed, device=device, task=task)
     space = build_space(dense, example, exclude)
     dense_units = {g.name: g.units for g in space.groups}
     final = policy.units(space)
@@ -101,10 +101,10 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         if log:
             log(f"hwprune: gradual stage {k}/{stages}: {sum(target.values())} of {sum(dense_units.values())} units")
         if k < stages:
-            finetune(model, train, per_stage, lr=lr, seed=seed + k, device=device, task=task)
+            finetune(model, train, per_stage, lr=lr, batch_size=batch_size, seed=seed + k, device=device, task=task)
     model = apply_formats(model, policy.formats)
-    return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, seed=seed, device=device,
-                    task=task)
+    return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, batch_size=batch_size, seed=seed,
+                    device=device, task=task)
 
 
 def pick_trial(trials: list[Any], which: str, budget_ms: float) -> Any:
@@ -285,7 +285,8 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         f"{spec.finetune_steps} steps, predicted {chosen.values[1]:.4f} ms); {schedule} fine-tune, {steps} steps")
     model = finetune_policy(setup.model, policy, setup.example, data.train, steps, schedule=schedule, stages=stages,
                             exclude=spec.exclude, importance=spec.importance, lr=spec.lr, seed=spec.seed,
-                            batches=few_batches(data.train), log=log, device=device or spec.device, task=task)
+                            batches=few_batches(data.train), log=log, device=device or spec.device, task=task,
+                            batch_size=spec.train_batch_size)
     space = build_space(setup.model, setup.example, spec.exclude)
     sim_acc = evaluate(model, test, task=task)
     val_acc = evaluate(model, data.val, task=task)

@@ -62,7 +62,7 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None = None,
             model_args: dict[str, Any] | None = None, weights: str | None = None, seed: int = 0,
-            use_cache: bool = True, task: str | None = None) -> Setup:
+            use_cache: bool = True, task: str | None = None, num_classes: int | None = None) -> Setup:
     """Build the model (loading weights: ``weights``, else the cached trained model) and its data.
 
     Args:
@@ -89,7 +89,13 @@ def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None
     else:
         load_factory(model_ref)  # a missing file or name is the first thing to report
         raise HwpruneError(f"user model {model_ref!r} needs --data or --input-shape to know its input")
-    num_classes = data.num_classes if data is not None else 10
+    if num_classes is None:
+        num_classes = data.num_classes if data is not None else 10
+    if num_classes is None:
+        if not is_factory_ref(model_ref):
+            raise HwpruneError(f"data {data_ref!r} does not say how many classes it has (no num_classes, classes or "
+                               f"targets attribute); pass --num-classes N")
+        num_classes = 0  # a user model sets its own outputs
     torch.manual_seed(seed)
     model = build_model(model_ref, shape, num_classes, args)
     source = "random init"

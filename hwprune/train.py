@@ -18,7 +18,7 @@ from hwprune.errors import HwpruneError
 
 __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "resolve_device", "DEVICES",
            "cache_dir", "cache_key",
-           "load_cached", "save_cached", "train_and_cache", "few_batches"]
+           "load_cached", "save_cached", "train_and_cache", "few_batches", "subset"]
 
 # epochs that reach the README's accuracies for each built-in model
 DEFAULT_EPOCHS = {"cnn1d": 40, "resnet20": 12, "mobilenetv2": 12, "lstm": 30, "gru": 30, "lstm-lm": 10}
@@ -60,9 +60,23 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _workers(ds: Dataset) -> int:
+    """DataLoader workers: none for in-memory tensors (a worker only adds a copy), else up to 4 (one core left)."""
+    import os
+
+    from torch.utils.data import Subset, TensorDataset
+
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    if isinstance(base, TensorDataset):
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, drop_last=False)
+    workers = _workers(ds)
+    return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, drop_last=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
 
 def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, task: Any = None) -> float:
@@ -190,9 +204,24 @@ def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any]) -> s
     return f"{short(model)}-{short(data)}-s{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-def few_batches(ds: Dataset, n: int = 4, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``n`` batches of ``ds`` in order (real inputs and labels, e.g. for Taylor importance)."""
-    return [b for _, b in zip(range(n), _loader(ds, batch_size, False, 0))]
+def few_batches(ds: Dataset, n: int = 4, batch_size: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches drawn at random (seeded) from ``ds``: real inputs and labels for data-driven importance
+    (on data sorted by label, the first batches would hold one class). Reads ``n * batch_size`` items."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[: n * batch_size].tolist()
+    from torch.utils.data import Subset
+
+    return [b for b in DataLoader(Subset(ds, idx), batch_size=batch_size, shuffle=False)]
+
+
+def subset(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
+    """A fixed random (seeded) subset of ``n`` items of ``ds`` (``ds`` itself when n is None or not smaller)."""
+    if n is None or n >= len(ds):  # type: ignore[arg-type]
+        return ds
+    from torch.utils.data import Subset
+
+    g = torch.Generator().manual_seed(seed)
+    return Subset(ds, sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))  # type: ignore[arg-type]
 
 
 def save_cached(key: str, model: nn.Module, summary: dict[str, Any]) -> Path:

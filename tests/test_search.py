@@ -151,7 +151,9 @@ def test_search_uses_real_training_batches_for_importance(tables, tmp_path, monk
     ctx = prepare_context(spec, log=lambda m: None)
     train = ctx.setup.data.train
     assert len(ctx.batches) == 3  # 192 training examples in batches of 64
-    assert torch.equal(ctx.batches[0][1], train.tensors[1][:64]) and torch.equal(ctx.batches[0][0], train.tensors[0][:64])
+    # a seeded random draw, not the first rows (sorted data would give one class): the same rows every time
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:64]
+    assert torch.equal(ctx.batches[0][1], train.tensors[1][idx]) and torch.equal(ctx.batches[0][0], train.tensors[0][idx])
     # the base model trained on the way is cached the same way 'hwprune train' caches it
     from hwprune.train import cache_key, load_cached
     hit = load_cached(cache_key(MLP, DATA, 0, {}))

@@ -28,6 +28,9 @@ def add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> N
                         "language-model (per-token cross-entropy, perplexity; targets -100 are padding), or "
                         "path/to/file.py:factory returning {loss, metric, direction, name}; default: the data's "
                         "(pydoc is a language-model data set)")
+    p.add_argument("--num-classes", type=positive, default=None,
+                   help="classes of a built-in model's output when the data does not expose them (a dataset's "
+                        "num_classes, classes or targets; items are never read to count them)")
     p.add_argument("--seed", type=int, default=0, help="seed for training and the cached base model (default 0)")
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout at the end")
 
@@ -46,7 +49,8 @@ def setup_from_args(args: argparse.Namespace, use_cache: bool = True):  # type: 
     from hwprune.setup import resolve
 
     return resolve(args.model, args.data, getattr(args, "input_shape", None), parse_model_args(args.model_args),
-                   getattr(args, "weights", None), args.seed, use_cache, getattr(args, "task", None))
+                   getattr(args, "weights", None), args.seed, use_cache, getattr(args, "task", None),
+                   getattr(args, "num_classes", None))
 
 
 def parse_exclude(text: str) -> list[str]:

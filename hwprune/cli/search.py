@@ -9,7 +9,8 @@ from hwprune.cli._common import (emit, log, parse_exclude, positive)
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
-                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task")
+                 "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
+                 "train_batch_size", "val_subset", "num_classes")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -97,6 +98,12 @@ def register(sub: Any) -> None:
     se.add_argument("--seed", type=int, help="seed for the sampler and the fine-tunes (default 0)")
     se.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial (default 100)")
     se.add_argument("--lr", type=float, help="fine-tune learning rate (default 1e-3)")
+    se.add_argument("--train-batch-size", type=positive, help="fine-tune batch size (default 128; the latency batch "
+                                                               "is --batch-size)")
+    se.add_argument("--val-subset", type=positive, help="score trials on this many validation items (a fixed, "
+                                                         "seeded subset; default all); the export uses the full split")
+    se.add_argument("--num-classes", type=positive, help="a built-in model's outputs when the data does not expose "
+                                                          "its class count")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")
     se.add_argument("--early-stop-margin", type=float,
                     help="stop a fine-tune at a checkpoint (1/3, 2/3 of the steps) when a finished, no-slower trial "

@@ -133,7 +133,8 @@ def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log, setup: Setu
     """The spec's dense model with its trained weights (trained and cached first if there are none) and data."""
     from hwprune.train import DEFAULT_EPOCHS, TrainConfig, train_and_cache
 
-    setup = setup or resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed, task=spec.task)
+    setup = setup or resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed, task=spec.task,
+                             num_classes=spec.num_classes)
     assert setup.data is not None
     if setup.weights == "random init":
         epochs = DEFAULT_EPOCHS.get(spec.model, 20)
@@ -156,7 +157,8 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     from hwprune.train import evaluate, few_batches
 
     target = get_target(spec.target, threads=spec.threads, runtime=spec.runtime)
-    setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed, task=spec.task)
+    setup = resolve(spec.model, spec.data, None, spec.model_args, spec.weights, spec.seed, task=spec.task,
+                    num_classes=spec.num_classes)
     assert setup.data is not None
     batch = spec.batch_size or default_latency_batch(spec.model)
     structure = copy.deepcopy(setup.model)  # the analysis splits RNN stacks in place; training and the cache

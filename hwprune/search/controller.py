@@ -110,9 +110,10 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
     from hwprune.apply import apply_policy
     from hwprune.measure import count_params
     from hwprune.search.early_stop import checkpoints
-    from hwprune.train import evaluate, finetune
+    from hwprune.train import evaluate, finetune, subset
 
     data, task = setup.data, setup.task
+    val = subset(data.val, spec.val_subset, spec.seed)  # the same items for every trial
     model = apply_policy(setup.model, policy, setup.example, exclude=spec.exclude, importance=spec.importance,
                          batches=batches)
     params = count_params(model)
@@ -120,11 +121,11 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
 
     def callback(step: int) -> None:
         if step in marks and at_checkpoint is not None:
-            at_checkpoint(step, task.score(evaluate(model, data.val, task=task)))
+            at_checkpoint(step, task.score(evaluate(model, val, task=task)))
 
-    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, seed=spec.seed, callback=callback, device=spec.device,
-             task=task)
-    return task.score(evaluate(model, data.val, task=task)), params
+    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, batch_size=spec.train_batch_size, seed=spec.seed,
+             callback=callback, device=spec.device, task=task)
+    return task.score(evaluate(model, val, task=task)), params
 
 
 def _rule_from(study: Any, spec: SearchSpec) -> Any:

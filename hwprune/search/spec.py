@@ -58,6 +58,9 @@ class SearchSpec:
     heartbeat_interval: float = 30.0  # seconds between renewals of a running trial's lease
     heartbeat_grace: float = 120.0  # a trial of another host whose lease is older than this is failed as stale
     task: str | None = None  # classification, language-model or file.py:factory (None: the data's own task)
+    train_batch_size: int = 128  # the fine-tunes' batch (the latency batch is batch_size)
+    val_subset: int | None = None  # trials score on this many validation items (fixed, seeded); export uses all
+    num_classes: int | None = None  # a built-in model's outputs when the data does not expose its class count
 
     def validate(self) -> None:
         from hwprune.search.budget import parse_budget
@@ -68,6 +71,10 @@ class SearchSpec:
         parse_budget(self.budget, dense_ms=1.0)  # syntax first: nothing is trained or read for a typo
         if self.trials < 1:
             raise HwpruneError(f"trials must be at least 1, got {self.trials}")
+        if self.train_batch_size < 1 or (self.val_subset is not None and self.val_subset < 1) or \
+                (self.num_classes is not None and self.num_classes < 1):
+            raise HwpruneError(f"train_batch_size, val_subset and num_classes must be positive integers, got "
+                               f"{self.train_batch_size}, {self.val_subset} and {self.num_classes}")
         if self.finetune_steps < 0:
             raise HwpruneError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
         if not 0 <= self.early_stop_margin <= 1:
@@ -115,6 +122,9 @@ class SearchSpec:
             ident["runtime"] = self.runtime
         if self.task is not None:
             ident["task"] = self.task
+        for k, default in (("train_batch_size", 128), ("val_subset", None), ("num_classes", None)):
+            if getattr(self, k) != default:  # the defaults keep run directories of older versions
+                ident[k] = getattr(self, k)
         return ident
 
     def public(self) -> dict[str, Any]:
@@ -134,7 +144,7 @@ for _f in dataclasses.fields(SearchSpec):
 
 def _check(key: str, value: Any, source: str) -> Any:
     if value is None and key in ("weights", "batch_size", "storage", "study", "out", "ray_address", "table", "tables",
-                                 "budget_margin", "task"):
+                                 "budget_margin", "task", "val_subset", "num_classes"):
         return None
     want = _TYPES[key]
     if key == "budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
