@@ -31,3 +31,46 @@ def test_unknown_dataset_and_layout():
     with pytest.raises(HwpruneError, match="no '2d' view"):
         load_data("mnist1d", "2d")
     assert DATASETS.names() == ["mnist1d", "mnist5k", "pydoc"]
+
+
+def test_a_search_set_up_reads_a_bounded_number_of_items_of_a_large_lazy_dataset(tmp_path, monkeypatch):
+    """50,000 training items, never all read before the trials: the class count comes from ``classes``, the
+    example and the importance batches read a few hundred. (Trials then read what their fine-tunes draw.)"""
+    import sys
+
+    from conftest import ASSETS
+    from hwprune.search import SearchSpec
+    from hwprune.search.context import prepare_context
+    from hwprune.setup import resolve
+
+    reads = lambda ds: sys.modules[type(ds).__module__].READS["train"]  # noqa: E731 - the factory's module
+    mlp, data = f"{ASSETS / 'user_model.py'}:mlp", f"{ASSETS / 'user_model.py'}:make_lazy_data"
+    s = resolve(mlp, data, use_cache=False)
+    assert s.data.num_classes == 3 and len(s.data.train) == 50_000
+    assert reads(s.data.train) <= 5  # the shape and a 2-item example
+    weights = tmp_path / "w.pt"
+    torch.save(s.model.state_dict(), weights)
+    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HWPRUNE_TABLES", str(tmp_path / "tables"))
+    spec = SearchSpec(model=mlp, data=data, budget="10ms", batch_size=4, weights=str(weights), importance="taylor")
+    spec.validate()
+    ctx = prepare_context(spec, log=lambda m: None)  # profiles the MLP on demand (a few seconds)
+    assert len(ctx.batches) == 4 and reads(ctx.setup.data.train) <= 4 * 64 + 5, reads(ctx.setup.data.train)
+
+
+def test_a_dataset_that_does_not_say_its_class_count_needs_num_classes():
+    from conftest import ASSETS, run_cli
+
+    data = f"{ASSETS / 'user_model.py'}:make_plain_data"
+    proc = run_cli("inspect", "--model", "cnn1d", "--data", data)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"hwprune: error: data {data!r} does not say how many classes it has (no num_classes, classes or targets "
+        f"attribute); pass --num-classes N"]
+    import json
+
+    p3, p5 = (json.loads(run_cli("inspect", "--model", "cnn1d", "--data", data, "--num-classes", n, "--json").stdout)
+              ["params"] for n in ("3", "5"))
+    from hwprune import build_model
+
+    head = build_model("cnn1d", (1, 40), 3).fc
+    assert p5 - p3 == 2 * (head.in_features + 1)  # the classifier has the asked outputs

@@ -162,3 +162,43 @@ class _Concat8(nn.Module):
 
 def concat8():
     return _Concat8()
+
+
+READS = {"train": 0}
+
+
+class _Lazy(torch.utils.data.Dataset):
+    """50,000 items made on demand (as if decoded from disk); counts every item read. Exposes its labels'
+    class count as ``classes`` (as torchvision's ImageFolder does)."""
+
+    classes = ["a", "b", "c"]
+
+    def __len__(self):
+        return 50_000
+
+    def __getitem__(self, i):
+        READS["train"] += 1
+        g = torch.Generator().manual_seed(int(i))
+        x = torch.randn(4, generator=g)
+        return x, int(x[0] > 0) + int(x[1] > 0.5)
+
+
+def make_lazy_data():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return _Lazy(), TensorDataset(x, y)
+
+
+class _Plain(torch.utils.data.Dataset):
+    """(x, label) items and nothing else: no classes, targets or num_classes attribute."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return torch.full((1, 40), float(i % 3)), i % 3
+
+
+def make_plain_data():
+    return _Plain(), _Plain()
