@@ -117,3 +117,61 @@ def test_what_cannot_be_followed_is_named_in_words(model, needles):
     assert "%" not in msg and "call_function" not in msg and "\n" not in msg  # no fx node dump
     for n in needles:
         assert n in msg, msg
+
+
+def test_crnn_convolutions_and_gru_are_all_groups_and_dead_units_prune_without_changing_outputs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("um_crnn", ASSETS / "user_model.py")
+    um = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(um)
+    torch.manual_seed(0)
+    m = um.crnn().eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for bn in (m.b1, m.b2):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(3, 1, 8, 20)
+    space = build_space(m, x)
+    assert [(g.name, g.kind, g.units, g.layers) for g in space.groups] == [
+        ("c1", "channels", 16, ("c1", "b1", "c2")), ("c2", "channels", 24, ("c2", "b2", "rnn")),
+        ("rnn", "hidden", 32, ("rnn", "fc"))]
+    d1, d2, dr = [0, 3, 5, 8, 9, 12, 14, 15], [1, 2, 6, 7, 10, 13, 17, 18, 20, 21, 22, 23], list(range(0, 32, 2))
+    with torch.no_grad():
+        for conv, bn, dead in ((m.c1, m.b1, d1), (m.c2, m.b2, d2)):
+            conv.weight[dead] = 0
+            conv.bias[dead] = 0
+            bn.weight[dead] = 0
+            bn.bias[dead] = 0  # the channel is 0 after BN and ReLU: whatever reads it sees nothing
+        H = 32
+        rows = [g * H + u for g in range(3) for u in dr]
+        for pname, p in m.rnn.named_parameters():
+            p[rows] = 0
+            if pname.startswith("weight_hh"):
+                p[:, dr] = 0
+    keep = Policy({"c1": 0.5, "c2": 0.5, "rnn": 0.5}, channel_multiple=1)
+    p = apply_policy(m, keep, x).eval()
+    assert (p.c1.out_channels, p.b1.num_features, p.c2.in_channels, p.c2.out_channels, p.b2.num_features) == \
+        (8, 8, 8, 12, 12)
+    assert p.rnn.input_size == 12 * 4 and p.rnn.hidden_size == 16 and p.fc.in_features == 32
+    assert torch.allclose(p(x), m(x), atol=1e-5, rtol=0)
+    # the GRU reads each kept channel's 4 rows: channel-major columns c*4 + h
+    live2 = [c for c in range(24) if c not in d2]
+    cols = [c * 4 + h for c in live2 for h in range(4)]
+    live_r = [u for u in range(32) if u not in dr]
+    rows = [g * 32 + u for g in range(3) for u in live_r]
+    assert torch.equal(p.rnn.weight_ih_l0, m.rnn.weight_ih_l0[rows][:, cols])
+
+
+def test_crnn_through_the_cli():
+    model, data = f"{ASSETS / 'user_model.py'}:crnn", f"{ASSETS / 'user_model.py'}:make_image_data"
+    ins = run_cli("inspect", "--model", model, "--data", data, "--json")
+    assert ins.returncode == 0, ins.stderr
+    assert [g["name"] for g in json.loads(ins.stdout)["groups"]] == ["c1", "c2", "rnn"]
+    ap = run_cli("apply", "--model", model, "--data", data, "--uniform", "0.5", "--finetune-steps", "3", "--json")
+    assert ap.returncode == 0, ap.stderr
+    s = json.loads(ap.stdout)
+    # multiples of 8: c1 16->8 (+BN 8), c2 24->16 (12 rounds to 16; +BN 16), GRU (16*4)->16 bidirectional, fc 32->3
+    gru = 2 * 3 * (16 * 64 + 16 * 16 + 2 * 16)
+    assert s["params_after"] == (8 * 9 + 8) + 2 * 8 + (16 * 8 * 9 + 16) + 2 * 16 + gru + (32 * 3 + 3) == 9267
+    assert 0 <= s["val_accuracy_after"] <= 1

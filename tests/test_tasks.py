@@ -75,7 +75,8 @@ def test_a_token_input_language_model_through_inspect_profile_search_and_export(
     ins = run_cli("inspect", *common, "--json", env=env)
     assert ins.returncode == 0, ins.stderr
     groups = json.loads(ins.stdout)["groups"]
-    assert [(g["name"], g["units"]) for g in groups] == [("rnn", 16)]  # the head's 12 outputs are the vocabulary
+    # the embedding width and the hidden units; the head's 12 outputs are the vocabulary, never a group
+    assert [(g["name"], g["units"]) for g in groups] == [("embed", 8), ("rnn", 16)]
     prof = run_cli("profile", "--target", "cpu", *common, "--batch-size", "4", "--grid", "0.5,1.0",
                    "--calibration", "4", "--repeats", "3", "--json", env=env)
     assert prof.returncode == 0, prof.stderr  # calibration timed on token ids (randn would not index the embedding)
@@ -104,3 +105,24 @@ def test_a_token_input_language_model_through_inspect_profile_search_and_export(
     assert e["test_split"].startswith("val") and e["measured_latency_ms"] > 0  # no test split: said so
     report = (tmp_path / "e" / "report.md").read_text()
     assert "## Perplexity (lower is better)" in report and "| trial | val perplexity |" in report
+
+
+def test_the_embedding_width_is_a_group_and_dead_columns_prune_without_changing_outputs():
+    from hwprune import Policy, build_model
+    from hwprune.apply import apply_policy
+    from hwprune.space import build_space
+
+    torch.manual_seed(0)
+    m = build_model("lstm-lm", (10,), 20, {"embed_size": 16, "hidden_size": 24, "num_layers": 1}).eval()
+    x = torch.randint(0, 20, (3, 10))
+    space = build_space(m, x)
+    assert [(g.name, g.kind, g.units, g.layers) for g in space.groups] == [
+        ("embed", "embedding", 16, ("embed", "rnn")), ("rnn", "hidden", 24, ("rnn", "head"))]
+    dead = [1, 4, 6, 7, 9, 12, 13, 15]
+    with torch.no_grad():
+        m.embed.weight[:, dead] = 0
+        m.rnn.weight_ih_l0[:, dead] = 0
+    p = apply_policy(m, Policy({"embed": 0.5}, channel_multiple=1), x).eval()
+    assert p.embed.embedding_dim == 8 and p.rnn.input_size == 8 and p.embed.num_embeddings == 20
+    assert torch.allclose(p(x), m(x), atol=1e-6, rtol=0)
+    assert torch.equal(p.embed.weight, m.embed.weight[:, [0, 2, 3, 5, 8, 10, 11, 14]])

@@ -90,6 +90,8 @@ def rnn_scores(mods: dict[str, nn.Module], plan: RNNGroupPlan, criterion: str,
             score += rows.reshape(rows.shape[0], H, -1).sum((0, 2))
             if name.startswith("weight_hh"):
                 score += s.sum(0)
+    elif isinstance(prod, nn.Embedding):  # unit = a column of the table
+        score += _saliency(prod.weight, criterion).sum(0)
     else:
         for p in prod.parameters():
             s = _saliency(p, criterion)
@@ -98,7 +100,9 @@ def rnn_scores(mods: dict[str, nn.Module], plan: RNNGroupPlan, criterion: str,
         cons = mods[cname]
         for name, p in cons.named_parameters():
             if name == "weight" or name.startswith("weight_ih"):
-                score += _saliency(p, criterion).sum(0).reshape(dirs, H).sum(0)
+                s = _saliency(p, criterion).sum(0)
+                s = s.reshape(s.shape[0], -1).sum(1) if s.dim() > 1 else s  # a conv reader: (in, k...) -> in
+                score += s.reshape(dirs, H, plan.stride).sum((0, 2))
     return score
 
 

@@ -61,6 +61,38 @@ def _linear_slices(mod: nn.Linear, out_keep: torch.Tensor | None, in_keep: torch
     return new
 
 
+def _conv_slices(mod: nn.modules.conv._ConvNd, out_keep: torch.Tensor | None,
+                 in_keep: torch.Tensor | None) -> nn.Module:
+    w = mod.weight.detach()
+    b = mod.bias.detach() if mod.bias is not None else None
+    if out_keep is not None:
+        w, b = w[out_keep], (b[out_keep] if b is not None else None)
+    if in_keep is not None:
+        w = w[:, in_keep]
+    new = type(mod)(w.shape[1], w.shape[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation, 1,
+                    b is not None, mod.padding_mode).to(w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    new.train(mod.training)
+    return new
+
+
+def _bn_slices(mod: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
+    new = type(mod)(len(keep), mod.eps, mod.momentum, mod.affine, mod.track_running_stats).to(
+        next(iter(mod.buffers()), torch.zeros(0)).device)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src = getattr(mod, name)
+            if src is not None:
+                getattr(new, name).copy_(src.detach()[keep])
+        if mod.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(mod.num_batches_tracked)
+    new.train(mod.training)
+    return new
+
+
 def _recurrent_scores(model: nn.Module, example: torch.Tensor, exclude: set[str], criterion: str,
                       batches: list | None) -> list[tuple[RNNGroupPlan, torch.Tensor]]:
     plans = rnn_plans(model, example, exclude)
@@ -82,6 +114,10 @@ def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, ex
         idx = kept_indices(scores, keep)
         outs[plan.producer] = idx
         cols = torch.cat([d * plan.units + idx for d in range(plan.dirs)])
+        if plan.stride > 1:  # a conv's channel flattened with its height: channel-major features
+            cols = (idx[:, None] * plan.stride + torch.arange(plan.stride)).reshape(-1)
+        for m in plan.members:
+            outs[m] = idx
         for c in plan.consumers:
             ins[c] = cols
         for c in plan.state_consumers:  # h_n[i]: one direction of one layer, the kept units
@@ -92,6 +128,18 @@ def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, ex
             new: nn.Module = _rnn_slices(mod, outs.get(name), ins.get(name))
         elif isinstance(mod, nn.Linear):
             new = _linear_slices(mod, outs.get(name), ins.get(name))
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            new = _conv_slices(mod, outs.get(name), ins.get(name))
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and name in outs:
+            new = _bn_slices(mod, outs[name])
+        elif isinstance(mod, nn.Embedding) and name in outs and name not in ins:
+            keep = outs[name]
+            new = nn.Embedding(mod.num_embeddings, len(keep), padding_idx=mod.padding_idx, max_norm=mod.max_norm,
+                               norm_type=mod.norm_type, scale_grad_by_freq=mod.scale_grad_by_freq,
+                               sparse=mod.sparse).to(mod.weight.device)
+            with torch.no_grad():
+                new.weight.copy_(mod.weight.detach()[:, keep])
+            new.train(mod.training)
         else:  # pragma: no cover - analysis only yields RNN/Linear members
             raise HwpruneError(f"cannot prune layer {name!r} of type {type(mod).__name__}")
         model.set_submodule(name, new)

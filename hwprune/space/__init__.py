@@ -72,7 +72,7 @@ def build_space(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] 
         raise HwpruneError(f"excluded layer {unknown[0]!r} is not in the model")
     check_input(model, example)
     if is_recurrent(model):
-        groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.consumers + p.state_consumers, p.kind)
+        groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.members + p.consumers + p.state_consumers, p.kind)
                   for p in rnn_plans(model, example, excl)]
     else:
         _, cg = cnn_groups(model, example, excl)

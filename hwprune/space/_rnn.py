@@ -43,6 +43,8 @@ class RNNGroupPlan:
     consumers: tuple[str, ...]
     kind: str
     state_consumers: tuple[str, ...] = ()  # layers reading the producer's final state h_n / c_n (one direction)
+    members: tuple[str, ...] = ()  # per-channel layers between a conv and its readers (BatchNorm), sliced with it
+    stride: int = 1  # features per unit at the readers (a conv's channel flattened with its height: C*H inputs)
 
 
 class _Tracer(fx.Tracer):
@@ -168,6 +170,123 @@ def _state_uses(node: fx.Node, layers: int, dirs: int) -> list[tuple[int, fx.Nod
     return uses
 
 
+_CHANNEL_PASS = _PASS_MODULES + (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Dropout2d, nn.Dropout1d,
+                                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _rank(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(int(v) for v in node.meta["tensor_meta"].shape)
+
+
+def _dims_arg(node: fx.Node) -> list[int]:
+    args = list(node.args[1:])
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    if "dims" in node.kwargs:
+        args = list(node.kwargs["dims"])
+    return [int(a) for a in args]
+
+
+def _follow_channels(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[str, nn.Module]
+                     ) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
+    """Where a conv's output channels go: (readers, per-channel members such as BatchNorm, features per channel
+    at the readers), or None when they reach the model output.
+
+    Followed: BatchNorm, activations, pooling, dropout; ``permute``/``transpose`` (the channel dim moves) and
+    ``flatten`` (the channel dim merges with the dims after it: a reader sees channel-major features, ``stride``
+    per channel, as ``(B, C, H, W) -> (B, W, C*H)`` in a CRNN). Readers: convs (channels at dim 1), and
+    Linear/LSTM/GRU layers (channels in the last dim).
+    """
+    readers: list[str] = []
+    members: list[str] = []
+    strides: set[int] = set()
+    frontier = [(start, 1, 1)]
+    seen: set[fx.Node] = set()
+    while frontier:
+        node, cdim, stride = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            rank = _rank(user)
+            if user.op == "output":
+                return None
+            if user.op == "call_module":
+                mod = mods[str(user.target)]
+                r_node = _rank(node)
+                last = r_node is not None and cdim == r_node - 1
+                if isinstance(mod, nn.modules.conv._ConvNd) and cdim == 1 and stride == 1 and \
+                        mod.in_channels == width and mod.groups == 1:
+                    readers.append(str(user.target))
+                    strides.add(1)
+                    continue
+                if isinstance(mod, _BN) and cdim == 1 and stride == 1 and mod.num_features == width:
+                    members.append(str(user.target))
+                    frontier.append((user, cdim, stride))
+                    continue
+                if isinstance(mod, _CHANNEL_PASS):
+                    frontier.append((user, cdim, stride))
+                    continue
+                feats = width * stride
+                if last and ((isinstance(mod, nn.Linear) and mod.in_features == feats) or
+                             (isinstance(mod, RNN_TYPES) and mod.input_size == feats)):
+                    readers.append(str(user.target))
+                    strides.add(stride)
+                    continue
+                if last and isinstance(mod, RNNStack) and mod.layers[0].input_size == feats:
+                    readers.append(f"{user.target}.layers.0")
+                    strides.add(stride)
+                    continue
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+            if user.op in ("call_method", "call_function") and name in ("permute", "transpose", "flatten") and \
+                    user.args and user.args[0] is node and rank is not None:
+                r_in = _rank(node)
+                assert r_in is not None
+                if name == "permute":
+                    dims = [d % r_in for d in _dims_arg(user)]
+                    frontier.append((user, dims.index(cdim), stride))
+                    continue
+                if name == "transpose":
+                    a, b = (d % r_in for d in _dims_arg(user)[:2])
+                    frontier.append((user, b if cdim == a else a if cdim == b else cdim, stride))
+                    continue
+                args = _dims_arg(user)
+                s0 = (args[0] if args else int(user.kwargs.get("start_dim", 0))) % r_in
+                e0 = (args[1] if len(args) > 1 else int(user.kwargs.get("end_dim", -1))) % r_in
+                if cdim < s0:
+                    frontier.append((user, cdim, stride))
+                    continue
+                if cdim > e0:
+                    frontier.append((user, cdim - (e0 - s0), stride))
+                    continue
+                if cdim == s0:
+                    inner = 1
+                    for v in _shape(node)[cdim + 1: e0 + 1]:
+                        inner *= v
+                    frontier.append((user, s0, stride * inner))
+                    continue
+            ok = (user.op == "call_function" and user.target in _PASS_FUNCS - {torch.mean, torch.sum, torch.amax,
+                                                                              torch.squeeze, torch.flatten}) or \
+                (user.op == "call_method" and user.target in ("relu", "tanh", "sigmoid", "contiguous", "clone", "float"))
+            if ok and sum(a is node for a in user.args) == 1 and _rank(user) == _rank(node):
+                frontier.append((user, cdim, stride))
+                continue
+            raise HwpruneError(f"cannot tell how the {width} channels of {_name(start)} reach {describe(user, mods)} "
+                               f"(followed: BatchNorm, activations, pooling, permute/transpose/flatten into "
+                               f"conv, Linear, LSTM and GRU layers); exclude that conv (--exclude) or restructure "
+                               f"the model")
+    if len(strides) > 1:
+        raise HwpruneError(f"the channels of {_name(start)} reach its readers with different layouts; exclude it")
+    return tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(members)), (strides.pop() if strides else 1)
+
+
 def analyze_rnn_model(model: nn.Module, example: torch.Tensor, exclude: set[str]) -> list[RNNGroupPlan]:
     """Groups of a model holding LSTM/GRU layers (stacks already split)."""
     try:
@@ -213,6 +332,18 @@ def analyze_rnn_model(model: nn.Module, example: torch.Tensor, exclude: set[str]
                     raise HwpruneError(f"layer {names[k]!r}: {sorted(set(state) & set(cons))[0]!r} reads both its "
                                        f"output sequence and its final state; exclude one of them")
                 plans.append(RNNGroupPlan(names[k], layer.hidden_size, d, cons, "hidden", state))
+        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == 1:  # a conv front end (CRNN)
+            got = _follow_channels(gm, node, mod.out_channels, mods)
+            if got is not None and got[0]:
+                plans.append(RNNGroupPlan(name, mod.out_channels, 1, got[0], "channels", members=got[1],
+                                          stride=got[2]))
+        elif isinstance(mod, nn.Embedding):  # the embedding width: its columns and the readers' inputs
+            try:
+                cons = _follow(gm, node, mod.embedding_dim, mods)
+            except HwpruneError:
+                continue
+            if cons:
+                plans.append(RNNGroupPlan(name, mod.embedding_dim, 1, cons, "embedding"))
         elif isinstance(mod, nn.Linear):
             try:
                 cons = _follow(gm, node, mod.out_features, mods)

@@ -202,3 +202,36 @@ class _Plain(torch.utils.data.Dataset):
 
 def make_plain_data():
     return _Plain(), _Plain()
+
+
+class _CRNN(nn.Module):
+    """A conv front end + bidirectional GRU (as OCR and speech models are built): (B, 1, 8, 20) images read as
+    20 columns of 24 channels x 4 rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24)
+        self.pool = nn.MaxPool2d(2)
+        self.rnn = nn.GRU(24 * 4, 32, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.b1(self.c1(x))))  # (B, 16, 4, 10)
+        x = torch.relu(self.b2(self.c2(x)))  # (B, 24, 4, 10)
+        out, _ = self.rnn(x.permute(0, 3, 1, 2).flatten(2))  # (B, 10, 96)
+        return self.fc(out[:, -1])
+
+
+def crnn():
+    return _CRNN()
+
+
+def make_image_data():
+    """(1, 8, 20) images, three classes by where the bright column band is."""
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(0, 3, (96,), generator=g)
+    x = torch.randn(96, 1, 8, 20, generator=g) * 0.3
+    for i, c in enumerate(y.tolist()):
+        x[i, 0, :, 6 * c: 6 * c + 6] += 1.0
+    return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
