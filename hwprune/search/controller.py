@@ -160,6 +160,7 @@ def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
                 raise optuna.TrialPruned(why)
 
         t1 = time.time()
+        trial.set_user_attr("node", socket.gethostname())  # the local backend fine-tunes here
         try:
             acc, params = train_candidate(ctx.setup, ctx.batches, ctx.spec, policy, at_checkpoint)
         finally:

@@ -105,6 +105,18 @@ def worker_setup(spec: SearchSpec, dense_state: dict[str, Any]) -> tuple[Any, An
     return setup, few_batches(setup.data.train)
 
 
+def _node() -> str:
+    """The Ray node this worker runs on: host name and the first 12 characters of its node id."""
+    import socket
+
+    import ray
+
+    try:
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return socket.gethostname()
+
+
 def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[str, Any]) -> None:
     """One fine-tune on a Ray worker; reports checkpoint accuracies and the final one."""
     import json
@@ -126,15 +138,19 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
         setup, batches = _WORKER_CACHE[key]
         policy = Policy.from_dict(config["policy"])
 
+        node = _node()
+        tune.report({"accuracy": float("nan"), "step": 0, "final": False, "node": node})  # where it runs, at once
+
         def at_checkpoint(step: int, acc: float) -> None:
-            tune.report({"accuracy": acc, "step": step, "final": False})
+            tune.report({"accuracy": acc, "step": step, "final": False, "node": node})
 
         t1 = time.time()
         acc, params = train_candidate(setup, batches, s, policy, at_checkpoint)
         tune.report({"accuracy": acc, "step": s.finetune_steps, "final": True, "params": params,
-                     "seconds": round(time.time() - t0, 2), "train_seconds": round(time.time() - t1, 3)})
+                     "seconds": round(time.time() - t0, 2), "train_seconds": round(time.time() - t1, 3),
+                     "node": _node()})
     except Exception as exc:  # noqa: BLE001 - contained: the trial fails with its reason, the search goes on
-        tune.report({"accuracy": float("nan"), "step": -1, "final": True, "error": one_line(exc)})
+        tune.report({"accuracy": float("nan"), "step": -1, "final": True, "error": one_line(exc), "node": _node()})
 
 
 def _make_classes() -> tuple[type, type]:
@@ -152,7 +168,7 @@ def _make_classes() -> tuple[type, type]:
             self.reasons: dict[str, str] = {}
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-            if result.get("final", True) or result.get("step", -1) < 0:
+            if result.get("final", True) or result.get("step", -1) <= 0:  # step 0: where it runs, no score yet
                 return TrialScheduler.CONTINUE
             self.curves.setdefault(trial.trial_id, {})[str(result["step"])] = float(result["accuracy"])
             if trial.config["seed"]:  # the uniform seeds always finish; their curves are references
@@ -171,11 +187,16 @@ def _make_classes() -> tuple[type, type]:
             self.ctx, self.study, self.progress, self.scheduler = ctx, study, progress, scheduler
             self.wanted = wanted
             self.live: dict[str, tuple[Any, float, float]] = {}
+            self.nodes: dict[str, str] = {}  # where each live trial reported from (a node that dies says no more)
             from hwprune.search.controller import finished
 
             # counted here, not re-read: Tune polls suggest() in its event loop, and a storage read per poll
             # kept the driver at ~90% CPU, starving the workers
             self.done = len(finished(study.get_trials(deepcopy=False)))
+
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            if result.get("node"):
+                self.nodes[trial_id] = str(result["node"])
 
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
             from hwprune.search.controller import propose, reuse
@@ -217,6 +238,9 @@ def _make_classes() -> tuple[type, type]:
             if curve:
                 trial.set_user_attr("curve", curve)
             trial.set_user_attr("seconds", round(time.time() - t0, 2))
+            node = (result or {}).get("node") or self.nodes.pop(trial_id, None)
+            if node:
+                trial.set_user_attr("node", node)
             if error or result is None:
                 trial.set_user_attr("error", "the Ray worker died (see the Tune logs under RUN_DIR/ray)")
                 self._tell(trial, "FAIL")

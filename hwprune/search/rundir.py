@@ -14,7 +14,8 @@ from hwprune.errors import HwpruneError
 __all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "limit_ms", "feasible", "repairs",
-                 "mean_keep", "formats", "flops", "params", "seconds", "train_seconds", "duplicate_of", "error", "owner"]
+                 "mean_keep", "formats", "flops", "params", "seconds", "train_seconds", "duplicate_of", "error", "owner",
+                 "node"]
 
 
 def check_run_dir(out: Path, identity: dict[str, Any]) -> bool:
@@ -69,7 +70,8 @@ def _row(t: Any, limit_ms: float, task: Any) -> dict[str, Any]:
             "formats": " ".join(f"{k}:{v}" for k, v in sorted(fmts.items())) or "fp32",
             "flops": a.get("flops", ""), "params": a.get("params", ""), "seconds": a.get("seconds", ""),
             "train_seconds": a.get("train_seconds", ""),
-            "duplicate_of": a.get("duplicate_of", ""), "error": a.get("error", ""), "owner": a.get("owner", "")}
+            "duplicate_of": a.get("duplicate_of", ""), "error": a.get("error", ""), "owner": a.get("owner", ""),
+            "node": a.get("node", "")}
 
 
 def write_trials(out: Path, trials: list[Any], limit_ms: float, task: Any = None) -> None:
