@@ -212,12 +212,13 @@ def test_ray_search_on_two_nodes_then_one_node_killed(ray_cluster, tables, tmp_p
     # the same search, longer fine-tunes, and the second node killed while it holds a trial
     out2 = tmp_path / "run2"
     t1 = time.time()
+    # ~8 s per fine-tune: trials.csv gets its first row when a trial ends; both nodes then start new trials, and
+    # 2 s later each node is mid-trial
     proc = subprocess.Popen(_search(tables, out2, "--backend", "ray", "--ray-address", addr, "--workers", "2",
-                                    trials=5, steps=2500),
+                                    trials=5, steps=8000),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait(lambda: len({r["node"] for r in _rows(out2 / "trials.csv") if r["node"]}) >= 1
-          and len(_rows(out2 / "trials.csv")) >= 2, proc, "trials on the cluster", timeout=300)
-    time.sleep(3)
+    _wait(lambda: len(_rows(out2 / "trials.csv")) >= 1, proc, "a finished trial", timeout=300)
+    time.sleep(2)
     second.kill()
     killed_at = time.time() - t1
     _, err = proc.communicate(timeout=900)
