@@ -230,9 +230,14 @@ def _has_float_state(m: nn.Module) -> bool:
     return any(t.is_floating_point() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
 
 
-def dtype_sources(model: nn.Module, example: torch.Tensor, layers: Iterable[str]) -> Sources:
+def dtype_sources(model: nn.Module, example: torch.Tensor, layers: Iterable[str]) -> Sources | None:
     """Run ``model`` once on ``example[:1]`` with autograd on and read which of ``layers`` feed each layer, each
-    follower and the output (see :class:`Sources`). The model's parameters and mode are restored afterwards."""
+    follower and the output (see :class:`Sources`). The model's parameters and mode are restored afterwards.
+
+    The graph is made by the parameters (set to require grad for the pass), never by the input, so a forward
+    that changes its input in place still runs. None when the pass fails anyway: the caller treats the
+    layers as islands.
+    """
     names = [n for n in layers]
     mods = dict(model.named_modules())
     inside = lambda n: any(n == l or n.startswith(l + ".") for l in names if l)  # noqa: E731
@@ -262,11 +267,10 @@ def dtype_sources(model: nn.Module, example: torch.Tensor, layers: Iterable[str]
         for p, _ in params:
             if p.is_floating_point():
                 p.requires_grad_(True)
-        x = example[:1]
-        if x.is_floating_point():
-            x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            out = model.eval()(x)
+            out = model.eval()(example[:1])
+    except Exception:  # noqa: BLE001 - the forward worked without autograd (checked before); regions are optional
+        return None
     finally:
         for h in handles:
             h.remove()

@@ -186,3 +186,24 @@ def test_a_model_that_cannot_run_regions_falls_back_to_islands_and_says_why():
     assert rep.regions.startswith("islands (the model does not run with regions:") and rep.casts == 4
     assert dep(x).dtype == torch.float32
     assert float((dep(x) - m(x)).abs().max()) < 0.05 * float(m(x).abs().max())
+
+
+class InPlaceInput(nn.Module):
+    """Changes its input in place: a forward that would fail if the input required grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x.mul_(0.5)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_the_graph_comes_from_the_parameters_so_in_place_input_changes_still_plan():
+    m = InPlaceInput().eval()
+    src = dtype_sources(m, torch.randn(2, 6), ["a", "b"])
+    assert src is not None and src.inputs == {"a": (), "b": ("a",)} and src.output == ("b",)
+    assert all(p.requires_grad for p in m.parameters())  # restored
+    dep, rep = deploy(apply_formats(copy.deepcopy(m), {"a": "bf16", "b": "bf16"}), "cpu", torch.randn(2, 6))
+    assert rep.regions == "regions" and rep.casts == 2

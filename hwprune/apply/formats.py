@@ -169,7 +169,8 @@ def deploy(model: nn.Module, target: Any = "cpu", example: torch.Tensor | None =
     compute = {n: region_dtype(f) for n, f in report.real.items()}
     if not any(d != torch.float32 for d in compute.values()):
         return model, report
-    why = "no example input to plan them" if src is None else ""
+    why = "no example input to plan them" if example is None else \
+        "the model's forward could not be traced with autograd" if src is None else ""
     if src is not None:
         plan = plan_regions(compute, src)
         apply_regions(model, plan)
