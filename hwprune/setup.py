@@ -35,18 +35,18 @@ class Setup:
         """``n`` model inputs for timing. Float inputs: standard normal (the latency of dense float kernels does
         not depend on the values). Integer inputs (token ids): drawn with replacement (seeded) from at most 256
         training examples, or from the example batch without data."""
-        g = torch.Generator().manual_seed(seed)
-        if self.example.is_floating_point():
-            return torch.randn(n, *self.input_shape, generator=g)
-        pool = self.example
-        if self.data is not None:
-            idx = torch.randint(len(self.data.train), (min(n, 256),), generator=g).tolist()
-            pool = torch.stack([self.data.train[i][0] for i in idx])
-        return pool[torch.randint(len(pool), (n,), generator=g)]
+        from hwprune.latency.profiler import timing_batch
 
-    def timing_pool(self) -> torch.Tensor | None:
-        """Real inputs to draw timing batches from (integer inputs only; None: float inputs, drawn N(0, 1))."""
-        return None if self.example.is_floating_point() else self.inputs(256)
+        return timing_batch(self.example, n, self.timing_pool(seed), seed)
+
+    def timing_pool(self, seed: int = 0) -> torch.Tensor | None:
+        """Real inputs to draw timing batches from: up to 256 training examples (seeded) for integer inputs; None
+        for float inputs (drawn N(0, 1)) or without data (the example's rows are used)."""
+        if self.example.is_floating_point() or self.data is None:
+            return None
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(self.data.train), (256,), generator=g).tolist()
+        return torch.stack([self.data.train[i][0] for i in idx])
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

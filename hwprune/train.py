@@ -248,8 +248,10 @@ def train_and_cache(model: nn.Module, data: Any, model_ref: str, data_ref: str, 
     """
     from hwprune.tasks import get_task
 
+    import dataclasses
+
     task = get_task(cfg.task if cfg.task is not None else getattr(data, "task", None))
-    cfg.task = task
+    cfg = dataclasses.replace(cfg, task=task)
     summary = train_model(model, data.train, data.val, cfg, log=log)
     test = data.test if data.test is not None else data.val
     summary.update({"model": model_ref, "data": data_ref, "seed": seed, "epochs": cfg.epochs,

@@ -107,8 +107,9 @@ def test_mobilenetv2_pruned_counts():
     assert p(x).shape == (2, 10)
 
 
-def _kill_units(model, dead):
-    """Zero every weight that reads or writes the dead units of each recurrent layer."""
+def _kill_units(model, dead, state_readers=None):
+    """Zero every weight that reads or writes the dead units of each recurrent layer (``state_readers``: layer ->
+    modules reading its final state, one direction, besides the next layer or ``model.fc``)."""
     mods = dict(model.named_modules())
     names = sorted(dead)
     with torch.no_grad():
@@ -123,9 +124,10 @@ def _kill_units(model, dead):
                 if pname.startswith("weight_hh"):
                     p[:, dead[name]] = 0
             consumer = mods[names[i + 1]] if i + 1 < len(names) else model.fc
-            for pname, p in consumer.named_parameters():
-                if pname == "weight" or pname.startswith("weight_ih"):
-                    p[:, cols] = 0
+            for reader, idx in [(consumer, cols)] + [(m, dead[name]) for m in (state_readers or {}).get(name, [])]:
+                for pname, p in reader.named_parameters():
+                    if pname == "weight" or pname.startswith("weight_ih"):
+                        p[:, idx] = 0
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

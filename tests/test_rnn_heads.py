@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from conftest import ASSETS, run_cli
+from test_prune import _kill_units
 from hwprune import HwpruneError, Policy
 from hwprune.apply import apply_policy
 from hwprune.space import build_space, prepare_model
@@ -27,28 +28,6 @@ class StateHeads(nn.Module):
         return self.fc(torch.relu(h[-1])) + self.fc2(c[0])
 
 
-def _kill(model, dead):
-    """Zero every weight that writes the dead units, and every weight that reads them (next layer, heads)."""
-    mods = dict(model.named_modules())
-    names = sorted(dead)
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            rnn = mods[name]
-            H, G = rnn.hidden_size, (4 if isinstance(rnn, nn.LSTM) else 3)
-            rows = [g * H + u for g in range(G) for u in dead[name]]
-            for pname, p in rnn.named_parameters():
-                p[rows] = 0
-                if pname.startswith("weight_hh"):
-                    p[:, dead[name]] = 0
-            readers = [mods[names[i + 1]]] if i + 1 < len(names) else []
-            readers += [model.fc] if i == len(names) - 1 else []
-            readers += [model.fc2] if i == 0 else []
-            for r in readers:
-                for pname, p in r.named_parameters():
-                    if pname == "weight" or pname.startswith("weight_ih"):
-                        p[:, dead[name]] = 0
-
-
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_state_heads_are_groups_and_dead_units_prune_without_changing_outputs(cell):
     m = prepare_model(StateHeads(2, cell)).eval()
@@ -58,7 +37,7 @@ def test_state_heads_are_groups_and_dead_units_prune_without_changing_outputs(ce
     assert layers == {"rnn.layers.0": {"rnn.layers.0", "rnn.layers.1", "fc2"},
                       "rnn.layers.1": {"rnn.layers.1", "fc"}}
     dead = {"rnn.layers.0": [1, 5, 9, 10], "rnn.layers.1": [0, 3, 4, 11]}
-    _kill(m, dead)
+    _kill_units(m, dead, {"rnn.layers.0": [m.fc2]})  # h_n[-1] -> fc (the last layer's reader), c_n[0] -> fc2
     p = apply_policy(m, Policy({"rnn.layers.0": 8 / 12, "rnn.layers.1": 8 / 12}, channel_multiple=1), x).eval()
     assert [l.hidden_size for l in p.rnn.layers] == [8, 8] and p.fc.in_features == p.fc2.in_features == 8
     assert torch.allclose(p(x), m(x), atol=1e-5, rtol=0)

@@ -44,33 +44,21 @@ def _rnn_slices(mod: nn.RNNBase, out_keep: torch.Tensor | None, in_keep: torch.T
     return new
 
 
-def _linear_slices(mod: nn.Linear, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.Linear:
-    w = mod.weight.detach()
-    b = mod.bias.detach() if mod.bias is not None else None
-    if out_keep is not None:
-        w = w[out_keep]
-        b = b[out_keep] if b is not None else None
-    if in_keep is not None:
-        w = w[:, in_keep]
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(w.device)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
-    new.train(mod.training)
-    return new
-
-
-def _conv_slices(mod: nn.modules.conv._ConvNd, out_keep: torch.Tensor | None,
-                 in_keep: torch.Tensor | None) -> nn.Module:
+def _weight_slices(mod: nn.Linear | nn.modules.conv._ConvNd, out_keep: torch.Tensor | None,
+                   in_keep: torch.Tensor | None) -> nn.Module:
+    """A Linear or (groups=1) conv keeping the ``out_keep`` outputs and ``in_keep`` inputs, weights copied."""
     w = mod.weight.detach()
     b = mod.bias.detach() if mod.bias is not None else None
     if out_keep is not None:
         w, b = w[out_keep], (b[out_keep] if b is not None else None)
     if in_keep is not None:
         w = w[:, in_keep]
-    new = type(mod)(w.shape[1], w.shape[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation, 1,
-                    b is not None, mod.padding_mode).to(w.device)
+    if isinstance(mod, nn.Linear):
+        new: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    else:
+        new = type(mod)(w.shape[1], w.shape[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation, 1,
+                        b is not None, mod.padding_mode)
+    new = new.to(w.device)
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:
@@ -126,10 +114,8 @@ def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, ex
         mod = mods[name]
         if isinstance(mod, RNN_TYPES):
             new: nn.Module = _rnn_slices(mod, outs.get(name), ins.get(name))
-        elif isinstance(mod, nn.Linear):
-            new = _linear_slices(mod, outs.get(name), ins.get(name))
-        elif isinstance(mod, nn.modules.conv._ConvNd):
-            new = _conv_slices(mod, outs.get(name), ins.get(name))
+        elif isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            new = _weight_slices(mod, outs.get(name), ins.get(name))
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and name in outs:
             new = _bn_slices(mod, outs[name])
         elif isinstance(mod, nn.Embedding) and name in outs and name not in ins:

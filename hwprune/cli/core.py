@@ -58,20 +58,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def nothing_to_prune(space: Any, policy: Any = None, exclude: list[str] | tuple[str, ...] = ()) -> None:
-    """Refuse (exit 2) a command that would prune nothing: no prunable group, or a policy that keeps every unit
-    and sets no format."""
-    if not space.groups and not (policy is not None and policy.formats):
-        why = f" (excluded: {', '.join(exclude)})" if exclude else ""
-        raise HwpruneError(f"nothing to prune: the model has no prunable group{why}; remove layers from --exclude, "
-                           f"or check 'hwprune inspect'")
-    if policy is not None and not policy.formats and \
-            all(policy.units(space)[g.name] == g.units for g in space.groups):
-        raise HwpruneError("nothing to prune: the policy keeps every unit of every group and sets no format")
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     from hwprune.apply import apply_policy, save_pruned
+    from hwprune.space import check_prunable
     from hwprune.measure import model_stats
     from hwprune.policy import load_policy, uniform_policy
     from hwprune.space import build_space
@@ -85,7 +74,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     else:
         policy = uniform_policy(space, args.uniform, args.format, args.channel_multiple, model=args.model)
     policy.validate(space)
-    nothing_to_prune(space, policy, exclude)
+    check_prunable(space, policy)
     if s.weights == "random init":
         log("hwprune: warning: no trained weights (give --weights or run 'hwprune train'); pruning a random init")
     batches = few_batches(s.data.train) if s.data is not None else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import sys
 import time
@@ -46,12 +47,11 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
         offered = target.offered_formats(form.base.op)
         low.update(f for f in offered if f in DTYPES)
         dims_list = reachable_dims(layers, form, grid)
-        combos = 1
-        for g in {g for terms in form.terms.values() for g in terms}:
-            combos *= len(layers.unit_options(g, list(grid)))
+        involved, options = _unit_options(layers, form, grid)
+        combos = math.prod(len(o) for o in options)
         if log and combos > COMBINATIONS_LIMIT:
-            log(f"layer {form.name!r} depends on {len({g for t in form.terms.values() for g in t})} groups "
-                f"({combos:,} unit combinations): profiled at its {len(dims_list)} reachable (inputs, outputs) pairs")
+            log(f"layer {form.name!r} depends on {len(involved)} groups ({combos:,} unit combinations): profiled "
+                f"at its {len(dims_list)} reachable (inputs, outputs) pairs")
         for dims in dims_list:
             for fmt in offered:
                 cfg = _with_dims(form, dims, batch, fmt)
@@ -85,6 +85,12 @@ def _dim_values(layers: ModelLayers, form: Any, dim: str, grid: tuple[float, ...
     return sums
 
 
+def _unit_options(layers: ModelLayers, form: Any, grid: tuple[float, ...]) -> tuple[list[str], list[list[int]]]:
+    """The groups a layer's dims depend on, and each one's unit options on the grid."""
+    involved = sorted({g for terms in form.terms.values() for g in terms})
+    return involved, [layers.unit_options(g, list(grid)) for g in involved]
+
+
 def reachable_dims(layers: ModelLayers, form: Any, grid: tuple[float, ...]) -> list[tuple[int, int, int]]:
     """The (cin, cout, groups) a layer takes over the grid's unit combinations.
 
@@ -93,13 +99,9 @@ def reachable_dims(layers: ModelLayers, form: Any, grid: tuple[float, ...]) -> l
     are enumerated one by one as reachable sums and combined: a bounded superset of what the search reaches.
     """
     full = {g.name: g.units for g in layers.space.groups}
-    involved = sorted({g for terms in form.terms.values() for g in terms})
-    options = [layers.unit_options(g, list(grid)) for g in involved]
-    n = 1
-    for o in options:
-        n *= len(o)
+    involved, options = _unit_options(layers, form, grid)
     depthwise = form.base.groups > 1
-    if n <= COMBINATIONS_LIMIT:
+    if math.prod(len(o) for o in options) <= COMBINATIONS_LIMIT:
         seen: dict[tuple[int, int, int], None] = {}
         for combo in itertools.product(*options):
             units = {**full, **dict(zip(involved, combo))}
@@ -164,7 +166,8 @@ def timing_batch(example: torch.Tensor, n: int, pool: torch.Tensor | None = None
     return src[torch.randint(len(src), (n,), generator=g)]
 
 
-def measure_model(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, target: Target, repeats: int, as_runtime: bool = True) -> Timing:
+def measure_model(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, target: Target, repeats: int,
+                  as_runtime: bool = True) -> Timing:
     """End-to-end time of a (deployed) model on ``x``, run as the target's runtime runs it (``as_runtime``
     False: the module as given, e.g. an already compiled or TorchScript artifact)."""
     if isinstance(model, nn.Module):

@@ -40,13 +40,14 @@ from typing import Any
 
 from hwprune._io import cache_root, file_lock, read_json, write_atomic
 from hwprune.errors import HwpruneError
+from hwprune.kernels import DTYPES
 from hwprune.latency.targets import fingerprint_slug
 
 __all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "FINGERPRINT_KEYS", "user_tables_dir",
            "reference_tables_dir", "table_dirs", "fingerprint_diff", "calibration_key"]
 
 TABLE_FORMAT = "hwprune-latency-table/1"
-REGION_FORMATS = ("bf16", "fp16")  # formats whose layers run as precision regions (hwprune.kernels.DTYPES)
+REGION_FORMATS = tuple(DTYPES)  # formats whose layers run as precision regions
 # what must match between a table and the local device when the local device is the target
 FINGERPRINT_KEYS = ("target", "arch", "cpu", "gpu", "flags", "threads", "torch", "engine", "compute_capability",
                     "cuda", "malloc", "emulated", "cudnn_benchmark", "runtime")

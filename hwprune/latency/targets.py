@@ -226,7 +226,8 @@ class CudaTarget(Target):
                                f"(torch {torch.__version__}); run it on the GPU machine")
 
     def setup(self) -> None:  # pragma: no cover - needs a GPU
-        super().setup()
+        if self.runtime == "compile":  # CPU threads are not part of a GPU table: left as they are
+            use_compile_cache()
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         # cuDNN's heuristics, as torch runs by default: with benchmark=True every new conv shape is autotuned

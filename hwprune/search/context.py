@@ -161,12 +161,11 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                     num_classes=spec.num_classes)
     assert setup.data is not None
     batch = spec.batch_size or default_latency_batch(spec.model)
+    from hwprune.space import check_prunable
+
     structure = copy.deepcopy(setup.model)  # the analysis splits RNN stacks in place; training and the cache
     layers = analyze_layers(structure, setup.example, spec.exclude, spec.channel_multiple)  # keep the user's keys
-    if not layers.space.groups:
-        why = f" (excluded: {', '.join(spec.exclude)})" if spec.exclude else ""
-        raise HwpruneError(f"nothing to prune: the model has no prunable group{why}; remove layers from --exclude, "
-                           f"or check 'hwprune inspect'")
+    check_prunable(layers.space)
     key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
     job = ProfileJob(structure, setup.example, layers, key, tuple(setup.input_shape), list(spec.exclude),
                      inputs=setup.timing_pool())

@@ -6,7 +6,7 @@ modules first, so each layer is its own group).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from hwprune.space._rnnstack import RNN_TYPES, RNNStack, split_rnn_stacks
 from hwprune.space._types import PrunableGroup, QuantLayer, Space
 
 __all__ = ["PrunableGroup", "QuantLayer", "Space", "RNNStack", "build_space", "prepare_model",
-           "is_recurrent", "quant_layers", "rnn_plans", "check_input"]
+           "is_recurrent", "quant_layers", "rnn_plans", "check_input", "check_prunable"]
 
 _OPS = ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.LSTM, "lstm"), (nn.GRU, "gru"))
 
@@ -50,6 +50,18 @@ def check_input(model: nn.Module, example: torch.Tensor) -> None:
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HwpruneError(f"input of shape {tuple(example.shape[1:])} does not fit the model: {msg}") from exc
+
+
+def check_prunable(space: Space, policy: Any = None) -> None:
+    """Refuse a command that would prune nothing: no prunable group (and no format to set), or a policy that
+    keeps every unit of every group and sets no format."""
+    if not space.groups and not (policy is not None and policy.formats):
+        why = f" (excluded: {', '.join(space.excluded)})" if space.excluded else ""
+        raise HwpruneError(f"nothing to prune: the model has no prunable group{why}; remove layers from --exclude, "
+                           f"or check 'hwprune inspect'")
+    if policy is not None and not policy.formats and \
+            all(policy.units(space)[g.name] == g.units for g in space.groups):
+        raise HwpruneError("nothing to prune: the policy keeps every unit of every group and sets no format")
 
 
 def rnn_plans(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] = ()) -> list[RNNGroupPlan]:

@@ -173,6 +173,9 @@ def _state_uses(node: fx.Node, layers: int, dirs: int) -> list[tuple[int, fx.Nod
 _CHANNEL_PASS = _PASS_MODULES + (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Dropout2d, nn.Dropout1d,
                                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+# elementwise ops that keep every dim (reductions and reshapes are handled, or refused, on their own)
+_CHANNEL_PASS_FUNCS = _PASS_FUNCS - {torch.mean, torch.sum, torch.amax, torch.squeeze, torch.flatten}
+_CHANNEL_PASS_METHODS = {"relu", "tanh", "sigmoid", "contiguous", "clone", "float"}
 
 
 def _rank(node: fx.Node) -> int | None:
@@ -272,9 +275,8 @@ def _follow_channels(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[
                         inner *= v
                     frontier.append((user, s0, stride * inner))
                     continue
-            ok = (user.op == "call_function" and user.target in _PASS_FUNCS - {torch.mean, torch.sum, torch.amax,
-                                                                              torch.squeeze, torch.flatten}) or \
-                (user.op == "call_method" and user.target in ("relu", "tanh", "sigmoid", "contiguous", "clone", "float"))
+            ok = (user.op == "call_function" and user.target in _CHANNEL_PASS_FUNCS) or \
+                (user.op == "call_method" and user.target in _CHANNEL_PASS_METHODS)
             if ok and sum(a is node for a in user.args) == 1 and _rank(user) == _rank(node):
                 frontier.append((user, cdim, stride))
                 continue
