@@ -12,7 +12,9 @@
 # uniform seed (whole-model fp16/bf16 included); fine-tune throughput GPU vs CPU. Every command's output and
 # the tables go to RESULTS_DIR. Env: RUNTIMES (default "eager cudagraph compile"), SAMPLES (20), PROBE=0
 # skips the throughput, HEADLINE=0 skips the headline, COMPILE_GRID (the compile runtime's keep-ratio grid,
-# default 0.25,0.5,0.75,1.0: every configuration is compiled, ~1-3 s each).
+# default 0.25,0.5,0.75,1.0: every configuration is compiled, ~1-3 s each), BLOCKS=0 skips bench/blocks.py (fused
+# blocks vs bare layers, side by side on the same runs, eager and cudagraph).
+# Tables profiled here are fused-block tables (each layer with its BatchNorm/activation/pooling epilogue).
 # Device time: eager+cudagraph profiles and validates took ~8 min on an H100 (issue 13, session 4); compile
 # adds compile time per configuration. With a 10-minute limit per command, run one runtime per call:
 #   RUNTIMES=eager bash bench/gpu_acceptance.sh R; RUNTIMES=cudagraph ...; RUNTIMES=compile ...
@@ -61,6 +63,23 @@ gru --model-args num_layers=2 --batch-size 1024
 lstm --model-args num_layers=2 --input-shape 28,28 --batch-size 1024
 LIST
 done
+# fused blocks against bare layers (issue 13 item 4): the same calibration and validation runs priced both ways
+if [ "${BLOCKS:-1}" = 1 ]; then
+for rt in $RUNTIMES; do
+    [ "$rt" = compile ] && continue  # every block compiled twice over: too slow for one call
+    while read -r m args; do
+        [ -z "$m" ] && continue
+        echo "== blocks vs bare layers: $m $args --runtime $rt" | tee -a "$R/summary.txt"
+        python3 bench/blocks.py --target cuda --runtime $rt --models $m $args --samples "$SAMPLES" --out "$R" \
+            --name "blocks-$m-$rt" > "$R/blocks-$m-$rt.log" 2>&1
+        echo "rc=$? $(grep -E '^\| '"$m"' ' "$R/blocks-$m-$rt.log" | tail -1)" | tee -a "$R/summary.txt"
+    done <<'LIST'
+cnn1d --batch-size 4096
+gru --model-args num_layers=2 --batch-size 1024
+lstm --model-args num_layers=2 --input-shape 28,28 --batch-size 1024
+LIST
+done
+fi
 if [ "${HEADLINE:-1}" = 1 ]; then
 for rt in $RUNTIMES; do
     for b in 4096 8192 16384; do

@@ -22,8 +22,8 @@ def mlp_layers():
 
 
 def five_row_table(batch=2, fp=None):
-    """Entries for the MLP at 16 and 8 hidden units, one in int8."""
-    rows = {"linear|i4|o16|x-|b2|bias|fp32": 10.0, "linear|i4|o8|x-|b2|bias|fp32": 6.0,
+    """Entries for the MLP at 16 and 8 hidden units (its first layer a block with its ReLU), one in int8."""
+    rows = {"linear|i4|o16|x-|b2|bias|fp32|+relu": 10.0, "linear|i4|o8|x-|b2|bias|fp32|+relu": 6.0,
             "linear|i16|o3|x-|b2|bias|fp32": 5.0, "linear|i8|o3|x-|b2|bias|fp32": 3.0,
             "linear|i16|o3|x-|b2|bias|int8": 2.0}
     fp = fp or get_target("cpu", threads=1).fingerprint()
@@ -45,7 +45,7 @@ def test_layer_forms_follow_flatten_bidirectional_and_depthwise():
     assert dw.terms["groups"] == dw.terms["cin"] == dw.terms["cout"] == {"features.2.conv.0": 1}
     cfg = dw.config({g.name: g.units // 2 for g in mb.space.groups}, 4, "fp32")
     assert (cfg.cin, cfg.cout, cfg.groups) == (48, 48, 48)
-    assert cfg.key == "conv2d|i48|o48|k3x3|s2x2|p1x1|g48|x16x16|b4|nobias|fp32"
+    assert cfg.key == "conv2d|i48|o48|k3x3|s2x2|p1x1|g48|x16x16|b4|nobias|fp32|+bn+relu6"  # a fused block
 
 
 def test_key_round_trip_and_macs_by_hand():
@@ -77,7 +77,7 @@ def test_five_row_table_priced_by_hand():
     # calibrated: measured = 2 * layer sum + 10, exactly (no cost per output element)
     cal = [{"policy": Policy(k, f).to_dict(), "measured_us": 2 * s + 10, "iqr_us": 0.1}
            for k, f, s in (({}, {}, 15.0), ({"0": 0.5}, {}, 9.0), ({}, {"2": "int8"}, 12.0))]
-    t.models["mlp"] = {"calibration": cal}
+    t.models["mlp"] = {"calibration": cal, "blocks": "fused"}
     p = Predictor(t, layers, "mlp")
     assert p.coef == pytest.approx((2.0, 0.0, 10.0), abs=1e-6)
     assert p.price(Policy({"0": 0.5})).latency_us == pytest.approx(28.0)
@@ -210,7 +210,7 @@ def test_profile_tiny_model_end_to_end_and_incremental(tmp_path):
     assert pr.returncode == 0, pr.stderr
     p = json.loads(pr.stdout)
     e = {k: v.median_us for k, v in t.entries.items()}
-    assert p["layer_sum_ms"] * 1e3 == pytest.approx(e["linear|i4|o8|x-|b2|bias|fp32"] + e["linear|i8|o3|x-|b2|bias|int8"])
+    assert p["layer_sum_ms"] * 1e3 == pytest.approx(e["linear|i4|o8|x-|b2|bias|fp32|+relu"] + e["linear|i8|o3|x-|b2|bias|int8"])
     assert [r["layer"] for r in p["by_layer"]] == ["0", "2"] and p["predicted_latency_ms"] > 0
 
 

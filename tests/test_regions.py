@@ -10,6 +10,7 @@ from hwprune import Policy, build_model
 from hwprune.apply.formats import apply_formats, deploy
 from hwprune.kernels import RegionLayer, dtype_sources, plan_regions
 from hwprune.latency import Entry, LatencyTable, Predictor, analyze_layers, get_target
+from hwprune.latency.table import key_format
 from hwprune.space import prepare_model, quant_layers
 
 BF = torch.bfloat16
@@ -118,7 +119,7 @@ def mlp():
 
 
 def hand_table(casts="regions"):
-    rows = {"linear|i4|o16|x-|b2|bias|fp32": 10.0, "linear|i4|o16|x-|b2|bias|bf16": 6.0,
+    rows = {"linear|i4|o16|x-|b2|bias|fp32|+relu": 10.0, "linear|i4|o16|x-|b2|bias|bf16|+relu": 6.0,
             "linear|i16|o3|x-|b2|bias|fp32": 5.0, "linear|i16|o3|x-|b2|bias|bf16": 4.0,
             "cast|fp32>bf16|n4|b2": 0.5, "cast|bf16>fp32|n16|b2": 0.75, "cast|bf16>fp32|n3|b2": 0.25}
     fp = get_target("cpu", threads=1).fingerprint()
@@ -159,12 +160,12 @@ def test_islands_table_is_upgraded_before_profiling_into_it(tmp_path):
     back = LatencyTable.load(tmp_path / "b2.json")
     assert back.casts == "islands"
     assert back.upgrade_casts() == 2  # the two bf16 layer entries go; casts, fp32 entries and fp32 calibration stay
-    assert sorted(k.rsplit("|", 1)[-1] for k in back.entries if not k.startswith("cast")) == ["fp32", "fp32"]
+    assert sorted(key_format(k) for k in back.entries if not k.startswith("cast")) == ["fp32", "fp32"]
     assert [s["measured_us"] for s in back.models["k"]["calibration"]] == [15.0]
     new = hand_table("regions")
     new.save(tmp_path / "c.json")
     t.save(tmp_path / "c.json")  # an islands writer merging into a regions file: its bf16 timings do not enter
-    assert LatencyTable.load(tmp_path / "c.json").entries["linear|i4|o16|x-|b2|bias|bf16"].median_us == 6.0
+    assert LatencyTable.load(tmp_path / "c.json").entries["linear|i4|o16|x-|b2|bias|bf16|+relu"].median_us == 6.0
 
 
 class MatmulAfter(nn.Module):

@@ -41,7 +41,7 @@ def tables(tmp_path_factory):
         key = model_key(ref, {}, s.input_shape, [], 8)
         pred = Predictor(table, layers, key)
         pols = calibration_policies(layers, grid, {f.name: ["fp32"] for f in layers.layers}, 4)
-        table.models[key] = {"grid": list(grid), "calibration": [
+        table.models[key] = {"grid": list(grid), "blocks": "fused", "calibration": [
             {"policy": p.to_dict(), "measured_us": pred.price(p).layer_sum_us, "iqr_us": 0.1} for p in pols]}
         assert torch.is_tensor(s.example)
     table.save()

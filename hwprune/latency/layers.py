@@ -37,6 +37,7 @@ class LayerConfig:
     bias: bool = True
     extent: tuple[int, ...] = ()  # spatial size (conv), middle dims (linear), sequence length (rnn)
     bidirectional: bool = False
+    post: tuple[str, ...] = ()  # the epilogue timed with the layer (hwprune.latency.epilogue): a fused block
 
     @property
     def key(self) -> str:
@@ -47,6 +48,8 @@ class LayerConfig:
         if self.op in ("lstm", "gru"):
             parts.append("bi" if self.bidirectional else "uni")
         parts += [f"x{j(self.extent)}", f"b{self.batch}", "bias" if self.bias else "nobias", self.fmt]
+        if self.post:
+            parts.append("+" + "+".join(self.post))
         return "|".join(parts)
 
     @classmethod
@@ -65,6 +68,8 @@ class LayerConfig:
                 kw["bidirectional"] = rest[0] == "bi"
                 rest = rest[1:]
             kw.update(extent=t(rest[0][1:]), batch=int(rest[1][1:]), bias=rest[2] == "bias", fmt=rest[3])
+            if len(rest) > 4:
+                kw["post"] = tuple(rest[4][1:].split("+"))
             cfg = cls(op, **kw)
         except (IndexError, ValueError):
             return None
@@ -108,8 +113,21 @@ class LayerConfig:
             n *= e
         return n
 
+    def epilogue(self) -> nn.Module | None:
+        """The fp32 modules of :attr:`post` at this configuration's width (None without an epilogue)."""
+        if not self.post:
+            return None
+        from hwprune.latency.epilogue import build_epilogue
+
+        return build_epilogue(self.post, self.op, self.cout)
+
+    def bare(self) -> "LayerConfig":
+        """This configuration without its epilogue."""
+        return replace(self, post=()) if self.post else self
+
     def build(self, device: str | torch.device = "cpu") -> tuple[nn.Module, torch.Tensor]:
-        """A fresh fp32 module of this configuration and an input for it, on ``device``.
+        """A fresh fp32 module of this configuration's layer (without its epilogue: :meth:`epilogue`) and an
+        input for it, on ``device``.
 
         The module is initialized on the CPU (weights are small; the default CUDA generator must stay out of
         it: CUDA graph capture registers that generator), the input is drawn on ``device`` with its own
@@ -192,10 +210,11 @@ class LayerForm:
     def dim(self, which: str, units: dict[str, int]) -> int:
         return self.consts[which] + sum(f * units[g] for g, f in self.terms[which].items())
 
-    def config(self, units: dict[str, int], batch: int, fmt: str) -> LayerConfig:
+    def config(self, units: dict[str, int], batch: int, fmt: str, fused: bool = True) -> LayerConfig:
+        """The configuration at ``units``; ``fused`` False: the bare layer (tables profiled before blocks)."""
         groups = self.dim("groups", units) if self.base.groups > 1 else 1
         return replace(self.base, cin=self.dim("cin", units), cout=self.dim("cout", units), groups=groups,
-                       batch=batch, fmt=fmt)
+                       batch=batch, fmt=fmt, post=self.base.post if fused else ())
 
 
 @dataclass
@@ -207,9 +226,9 @@ class ModelLayers:
     channel_multiple: int
     sources: Any = None  # hwprune.kernels.Sources: which layer feeds which (None: unknown, priced as islands)
 
-    def configs(self, policy: Policy, batch: int) -> list[tuple[str, LayerConfig]]:
+    def configs(self, policy: Policy, batch: int, fused: bool = True) -> list[tuple[str, LayerConfig]]:
         units = policy.units(self.space)
-        return [(f.name, f.config(units, batch, policy.formats.get(f.name, "fp32"))) for f in self.layers]
+        return [(f.name, f.config(units, batch, policy.formats.get(f.name, "fp32"), fused)) for f in self.layers]
 
     def unit_options(self, group: str, grid: list[float]) -> list[int]:
         g = self.space.group(group)
@@ -263,7 +282,10 @@ def _base_configs(model: nn.Module, example: torch.Tensor, space: Space) -> dict
                 raise HwpruneError(f"layer {q.name!r}: only batch_first LSTM/GRU layers can be profiled")
             extra = dict(bias=m.bias, bidirectional=m.bidirectional)
         out[q.name] = LayerConfig(q.op, d["cin"], d["cout"], 1, extent=extents[q.name], **extra)
-    return out
+    from hwprune.latency.epilogue import trace_epilogues
+
+    post = trace_epilogues(model, example, {n: c.op for n, c in out.items()}, {n: c.cout for n, c in out.items()})
+    return {n: replace(c, post=post.get(n, ())) if post else c for n, c in out.items()}
 
 
 def analyze_layers(model: nn.Module, example: torch.Tensor, exclude: list[str] | tuple[str, ...] = (),

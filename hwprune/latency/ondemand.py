@@ -58,12 +58,14 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
     if dropped:
         log(f"hwprune: {table.path} held bf16/fp16 timings with their casts included (an older table); "
             f"{dropped} of them are measured again as precision-region entries")
-    configs = layer_configs(job.layers, job.grid, target, table.batch_size, log)
+    fused = table.fused(job.key)
+    configs = layer_configs(job.layers, job.grid, target, table.batch_size, log, fused=fused)
     measured = profile_layers(table, configs, target, job.repeats, log)
     pred = Predictor(table, job.layers, job.key)
     pols = calibration_policies(job.layers, job.grid, pred.menus(target), job.calibration, fix=pred.runnable)
     cal = calibrate(table, job.key, job.model, job.example, pols, target, job.repeats, job.exclude, log,
-                    {"grid": list(job.grid), "input_shape": list(job.input_shape)}, job.inputs)
+                    {"grid": list(job.grid), "input_shape": list(job.input_shape),
+                     "blocks": "fused" if fused else "layers"}, job.inputs)
     return {"configurations": len(configs), "measured_now": measured, "calibration_measured_now": cal}
 
 
@@ -81,7 +83,7 @@ def missing_for(table: LatencyTable, target: Target, layers: ModelLayers | None,
         return "no calibration runs for this model"
     if not target.is_local():
         return ""
-    configs = layer_configs(layers, tuple(model.get("grid") or ()), target, table.batch_size)
+    configs = layer_configs(layers, tuple(model.get("grid") or ()), target, table.batch_size, fused=table.fused(key))
     gone = sum(1 for c in configs if c.key not in table.entries and c.key not in table.unsupported)
     return f"{gone} of its {len(configs)} layer configurations unmeasured" if gone else ""
 
@@ -216,7 +218,7 @@ def _profile_here(target: Target, batch: int, fp: dict[str, Any], mine: list[Lat
         if foreign:
             why += f"; {str(foreign[0].path)!r} is another device's (differs in " \
                    f"{', '.join(d.split(':')[0] for d in fingerprint_diff(foreign[0].fingerprint, fp))})"
-    configs = layer_configs(job.layers, job.grid, target, batch)
+    configs = layer_configs(job.layers, job.grid, target, batch, fused=tbl.fused(job.key))
     todo = sum(1 for c in configs if c.key not in tbl.entries and c.key not in tbl.unsupported)
     cal = job.calibration - len(tbl.models.get(job.key, {}).get("calibration", []))
     threads = torch.get_num_threads()

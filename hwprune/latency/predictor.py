@@ -1,5 +1,10 @@
 """Price a policy from a latency table: sum of measured layers, calibrated end to end.
 
+Each layer's entry is a fused block where the model was profiled since blocks
+(the layer with its BatchNorm / activation / pooling epilogue,
+:mod:`hwprune.latency.epilogue`; :meth:`LatencyTable.fused`), a bare layer in
+older tables.
+
 ``latency = a * sum(layer and cast entries) + c * sum(layer output elements) + b``,
 fitted by non-negative least squares on the end-to-end measurements that
 ``hwprune profile`` took for this model. Casts: where a policy's bf16/fp16
@@ -7,9 +12,9 @@ layers form precision regions (:func:`hwprune.kernels.plan_regions`), each
 dtype change is a measured ``cast|...`` entry (by dtype pair and tensor size);
 output elements in a 16-bit region count half (half the bytes). ``a`` absorbs what isolated timing
 misses per unit of layer work (cold caches between layers); ``c`` prices the
-memory-bound operators the table does not hold (normalization, activations,
-residual adds, casts), which touch every output element of the layers before
-them; ``b`` is what does not shrink with pruning (Python dispatch, pooling,
+memory-bound operators the table does not hold (residual adds; in bare-layer
+tables also normalization and activations), which touch every output element
+of the layers before them; ``b`` is what does not shrink with pruning (Python dispatch, pooling,
 the classifier). The FLOPs proxy is ``a * multiply-adds + b``, fitted on the
 same runs, for comparison.
 """
@@ -98,6 +103,7 @@ class Predictor:
 
     def __init__(self, table: LatencyTable, layers: ModelLayers, key: str, allow_missing: bool = False) -> None:
         self.table, self.layers, self.key, self.allow_missing = table, layers, key, allow_missing
+        self.fused = table.fused(key)  # layer entries are blocks (layer + epilogue), or bare in older tables
         self._families: dict[str, list[tuple[LayerConfig, float]]] | None = None
         self.coef: tuple[float, float, float] = (1.0, 0.0, 0.0)  # layer sum, output elements, constant
         self.flops_coef: tuple[float, float] | None = None
@@ -189,7 +195,7 @@ class Predictor:
     def price(self, policy: Policy, by_layer: bool = False) -> Prediction:
         """Predicted latency of ``policy`` at the table's batch size (a missing entry is an error)."""
         total, macs, elems, rows, est = 0.0, 0, 0.0, [], []
-        configs = self.layers.configs(policy, self.table.batch_size)
+        configs = self.layers.configs(policy, self.table.batch_size, self.fused)
         casts, width = self._casts(configs)
         for name, cfg in casts:
             e = self.table.entries.get(cfg.key)
@@ -249,12 +255,12 @@ class Predictor:
 
         form = next(f for f in self.layers.layers if f.name == layer)
         full = {g.name: g.units for g in self.layers.space.groups}
-        base = self.table.entries.get(form.config(full, self.table.batch_size, "fp32").key)
+        base = self.table.entries.get(form.config(full, self.table.batch_size, "fp32", self.fused).key)
         out = ["fp32"]
         for fmt in (FORMATS if offered is None else offered):
             if fmt == "fp32" or base is None:
                 continue
-            e = self.table.entries.get(form.config(full, self.table.batch_size, fmt).key)
+            e = self.table.entries.get(form.config(full, self.table.batch_size, fmt, self.fused).key)
             if e is not None and e.median_us < base.median_us:
                 out.append(fmt)
         return out
@@ -268,7 +274,7 @@ class Predictor:
         if not policy.formats or not self.table.unsupported:  # the common case, on the search's pricing path
             return policy
         formats = dict(policy.formats)
-        for name, cfg in self.layers.configs(policy, self.table.batch_size):
+        for name, cfg in self.layers.configs(policy, self.table.batch_size, self.fused):
             if cfg.fmt != "fp32" and cfg.key in self.table.unsupported:
                 formats.pop(name, None)
         if formats == policy.formats:

@@ -25,16 +25,18 @@ from hwprune.latency.timing import Timing
 from hwprune.policy import Policy
 
 __all__ = ["DEFAULT_GRID", "layer_configs", "measure_config", "measure_model", "random_policy", "timing_batch",
-           "calibration_policies", "profile_layers", "calibrate"]
+           "calibration_policies", "profile_layers", "calibrate", "build_block"]
 
 DEFAULT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
-                  batch: int, log: Callable[[str], None] | None = None) -> list[LayerConfig | CastConfig]:
+                  batch: int, log: Callable[[str], None] | None = None,
+                  fused: bool = True) -> list[LayerConfig | CastConfig]:
     """Every distinct configuration the model's layers can take on the keep-ratio grid, in every offered format,
     then the dtype casts precision regions can need: at any layer's input, and at the output of the layers
-    that feed the model output, between fp32 and every region dtype offered (and between those dtypes)."""
+    that feed the model output, between fp32 and every region dtype offered (and between those dtypes).
+    ``fused``: each layer with its epilogue (see :meth:`LatencyTable.fused`)."""
     from hwprune.kernels import DTYPES
 
     full = {g.name: g.units for g in layers.space.groups}
@@ -54,7 +56,7 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
                 f"at its {len(dims_list)} reachable (inputs, outputs) pairs")
         for dims in dims_list:
             for fmt in offered:
-                cfg = _with_dims(form, dims, batch, fmt)
+                cfg = _with_dims(form, dims, batch, fmt, fused)
                 out.setdefault(cfg.key, cfg)
             dense = _with_dims(form, dims, 1, "fp32")
             ins.add(dense.in_elems())
@@ -114,21 +116,35 @@ def reachable_dims(layers: ModelLayers, form: Any, grid: tuple[float, ...]) -> l
             if not depthwise or (ci % gr == 0 and co % gr == 0)]
 
 
-def _with_dims(form: Any, dims: tuple[int, int, int], batch: int, fmt: str) -> LayerConfig:
+def _with_dims(form: Any, dims: tuple[int, int, int], batch: int, fmt: str, fused: bool = True) -> LayerConfig:
     from dataclasses import replace
 
-    return replace(form.base, cin=dims[0], cout=dims[1], groups=dims[2], batch=batch, fmt=fmt)
+    return replace(form.base, cin=dims[0], cout=dims[1], groups=dims[2], batch=batch, fmt=fmt,
+                   post=form.base.post if fused else ())
 
 
-def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
-    """Time one layer configuration in isolation, in its format's real kernel (a precision-region layer with
-    its input already in its dtype, output left in it: the casts are entries of their own)."""
+def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Module, torch.Tensor]:
+    """The module a table entry times, on the target's device, and its input: the layer in its format's real
+    kernel (a precision-region layer takes its input already in its dtype and leaves its output in it: the
+    casts are entries of their own), followed by its epilogue when it has one (a fused block: BatchNorm,
+    activation, pooling, run in the dtype the layer leaves its output in)."""
     from hwprune.kernels import RegionLayer
 
     mod, x = cfg.build(target.device)
     mod = target.realize(mod, cfg.fmt)
+    dtype = torch.float32
     if isinstance(mod, RegionLayer):
         x = x.to(mod.dtype)
+        dtype = mod.out_dtype or mod.dtype
+    post = cfg.epilogue() if isinstance(cfg, LayerConfig) else None
+    if post is not None:
+        mod = nn.Sequential(mod, post.to(target.device, dtype))
+    return mod, x
+
+
+def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
+    """Time one table entry (:func:`build_block`) in isolation, as the target's runtime runs it."""
+    mod, x = build_block(cfg, target)
     run = target.prepare(mod, x)
     t = target.time(lambda: run(x), repeats)
     return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)

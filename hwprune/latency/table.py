@@ -5,7 +5,13 @@ A table is one JSON file ``<tables dir>/<fingerprint slug>/b<batch>.json``::
     {"format": "hwprune-latency-table/1", "fingerprint": {...}, "batch_size": 16,
      "command": "hwprune profile ...", "entries": {key: {"median_us", "iqr_us", "repeats", "inner"}},
      "unsupported": {key: "why the kernel rejected it"},
-     "models": {model_key: {"grid": [...], "calibration": [sample, ...]}}}
+     "models": {model_key: {"grid": [...], "blocks": "fused", "calibration": [sample, ...]}}}
+
+A model's ``blocks`` says what its layer entries time: ``"fused"`` (since
+fused blocks: each layer with its epilogue, BatchNorm / activation / pooling,
+see :mod:`hwprune.latency.epilogue`) or ``"layers"`` (the bare layer; a model
+profiled before, the default when absent and calibrated). A table can hold
+both kinds for different models: keys differ where a layer has an epilogue.
 
 ``casts`` says what a bf16/fp16 entry holds: ``"regions"`` (tables profiled
 since precision regions: the layer alone, input already in its dtype, output
@@ -101,6 +107,9 @@ def _check_model(key: str, raw: Any, where: str) -> None:
     grid = raw.get("grid", [])
     if not isinstance(grid, list) or not all(_positive(r) and r <= 1 for r in grid):
         raise HwpruneError(f"latency table {where}: model {key!r} has grid {grid!r}; expected keep ratios in (0, 1]")
+    if raw.get("blocks", "fused") not in ("fused", "layers"):
+        raise HwpruneError(f"latency table {where}: model {key!r} has blocks {raw['blocks']!r}; expected 'fused' "
+                           f"or 'layers'")
     cal = raw.get("calibration", [])
     if not isinstance(cal, list):
         raise HwpruneError(f"latency table {where}: model {key!r} has calibration {cal!r}; expected a list")
@@ -134,15 +143,24 @@ class LatencyTable:
         if self.casts == "regions":
             return 0
         low = lambda fmts: any(f in REGION_FORMATS for f in fmts)  # noqa: E731
-        gone = [k for k in self.entries if low([k.rsplit("|", 1)[-1]])]
+        gone = [k for k in self.entries if low([key_format(k)])]
         for k in gone:
             del self.entries[k]
-        for k in [k for k in self.unsupported if low([k.rsplit("|", 1)[-1]])]:
+        for k in [k for k in self.unsupported if low([key_format(k)])]:
             del self.unsupported[k]
         for m in self.models.values():
             m["calibration"] = [s for s in m.get("calibration", []) if not low(s["policy"].get("formats", {}).values())]
         self.casts = "regions"
         return len(gone)
+
+    def fused(self, key: str | None) -> bool:
+        """Whether model ``key``'s layers are priced as fused blocks (layer + epilogue,
+        :mod:`hwprune.latency.epilogue`): yes for a model profiled since blocks, or not profiled yet; no for a
+        model whose calibration was measured with bare-layer entries (an older table)."""
+        model = self.models.get(key or "", {})
+        if model.get("blocks"):
+            return model["blocks"] == "fused"
+        return not model.get("calibration")
 
     @property
     def slug(self) -> str:
@@ -219,6 +237,12 @@ class LatencyTable:
             raise HwpruneError(f"latency table {where} has casts {casts!r}; expected 'regions' or 'islands'")
         return cls(fp, batch, entries, models, str(data.get("command", "")), p, {str(k): v for k, v in unsup.items()},
                    casts)
+
+
+def key_format(key: str) -> str:
+    """The format of an entry's key (its last field, before a fused block's ``+epilogue``)."""
+    parts = key.split("|")
+    return parts[-2] if len(parts) > 1 and parts[-1].startswith("+") else parts[-1]
 
 
 def calibration_key(policy: dict[str, Any]) -> str:
