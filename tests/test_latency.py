@@ -267,3 +267,19 @@ def test_a_layer_fed_by_eight_groups_is_enumerated_by_its_widths_not_their_produ
     for _ in range(50):
         pol = Policy({g.name: rng.choice(DEFAULT_GRID) for g in layers.space.groups})
         assert all(c.key in keys for _, c in layers.configs(pol, 4))
+
+
+def test_pruning_headroom_warns_when_pruning_barely_changes_measured_time():
+    layers = mlp_layers()
+    t = five_row_table()
+    run = lambda keep, us, fmts=None: {"policy": Policy(keep, fmts or {}).to_dict(), "measured_us": us}  # noqa: E731
+    t.models["mlp"] = {"blocks": "fused", "calibration": [
+        run({}, 100.0), run({"0": 0.5}, 97.0), run({"0": 0.25}, 95.0), run({}, 20.0, {"2": "int8"})]}
+    p = Predictor(t, layers, "mlp")
+    assert p.pruning_headroom() == (0.25, pytest.approx(0.95))  # the int8 run is not a pruning-only point
+    note = p.headroom_note(2)
+    assert note and "keeping 25% of every group measured 95% of the dense model's time at batch 2" in note
+    t.models["mlp"]["calibration"][2]["measured_us"] = 40.0
+    assert Predictor(t, layers, "mlp").headroom_note(2) is None
+    t.models["mlp"]["calibration"] = t.models["mlp"]["calibration"][1:]  # no dense run: nothing to compare
+    assert Predictor(t, layers, "mlp").pruning_headroom() is None

@@ -87,6 +87,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
                "calibration_fit": {"layer_scale": pred.coef[0], "us_per_output_element": pred.coef[1],
                                    "overhead_us": pred.coef[2]},
                "seconds": round(time.time() - t0, 1)}
+    note = pred.headroom_note(table.batch_size)
+    if note:
+        summary["warning"] = note
+        log(f"hwprune: warning: {note}")
     if not args.json:
         print(f"{counts['configurations']} configurations ({measured} measured now), {len(pred.calibration)} calibration runs "
               f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "

@@ -141,6 +141,38 @@ class Predictor:
         errs = self.calibration_errors()
         return float(np.quantile(errs, quantile)) if errs else 0.0
 
+    def pruning_headroom(self) -> tuple[float, float] | None:
+        """``(ratio, fraction)``: the smallest uniform fp32 calibration policy (every group at ``ratio``) measured
+        ``fraction`` of the dense model's time. None without both runs. A fraction near 1 means the model is
+        launch- or overhead-bound at this batch on this device: pruning buys little latency there."""
+        groups = {g.name for g in self.layers.space.groups}
+        dense, small = None, None
+        for s in self.calibration:
+            pol = s["policy"]
+            if pol.get("formats"):
+                continue
+            keep = pol.get("keep", {})
+            vals = {float(keep.get(g, 1.0)) for g in groups}
+            if vals == {1.0}:
+                dense = float(s["measured_us"])
+            elif len(vals) == 1:
+                r = next(iter(vals))
+                if small is None or r < small[0]:
+                    small = (r, float(s["measured_us"]))
+        if dense is None or small is None:
+            return None
+        return small[0], small[1] / dense
+
+    def headroom_note(self, batch: int) -> str | None:
+        """A one-line warning when pruning barely changes measured latency (:meth:`pruning_headroom` >= 0.8)."""
+        got = self.pruning_headroom()
+        if got is None or got[1] < 0.8:
+            return None
+        return (f"keeping {got[0]:.0%} of every group measured {got[1]:.0%} of the dense model's time at batch "
+                f"{batch}: the model is launch- or overhead-bound here, so pruning buys little latency and the "
+                f"predictor ranks differences near the measurement noise (a larger --batch-size, or --runtime "
+                f"cudagraph / compile, makes the work dominate)")
+
     @property
     def calibrated(self) -> bool:
         return bool(self.calibration)

@@ -193,6 +193,9 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
             f"the {MARGIN_QUANTILE:.0%} quantile of the calibration runs' leave-one-out |measured/predicted - 1|"
         ctx.notes.append(f"candidates are priced at most {ctx.limit_ms:.4f} ms: the budget less a {margin:.1%} "
                          f"margin ({how})")
+    note = predictor.headroom_note(batch)
+    if note:
+        ctx.notes.append(note)
     if dense_ms <= ctx.limit_ms:
         ctx.notes.append(f"the dense model ({dense_ms:.4f} ms) already meets the budget; searching the "
                          f"{setup.task.metric}/latency front anyway")
