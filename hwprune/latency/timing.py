@@ -2,7 +2,8 @@
 
 CPU: wall clock (``perf_counter_ns``) at a fixed thread count. Each repeat runs
 the call enough times to last at least ``min_repeat_us`` (timer resolution and
-scheduler noise), and the per-call time is that repeat's mean. CUDA: CUDA
+scheduler noise), and the per-call time is that repeat's mean. On both, the
+timing stops after 5 repeats when their spread is already within 2%. CUDA: CUDA
 events around the same loop after warm-up, synchronized; the first call is
 never timed.
 """
@@ -46,18 +47,25 @@ def _calibrate_inner(fn: Callable[[], object], min_repeat_us: float) -> int:
 
 
 def time_cpu(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
-             min_repeat_us: float = 2000.0) -> Timing:
-    """Median per-call wall time of ``fn`` (run under ``torch.inference_mode``)."""
+             min_repeat_us: float = 2000.0, first: int = 5, settled_pct: float = 2.0) -> Timing:
+    """Median per-call wall time of ``fn`` (run under ``torch.inference_mode``).
+
+    As on CUDA, ``first`` repeats are taken; when their spread (IQR / median) is already within
+    ``settled_pct`` the timing stops there, else it goes on to ``repeats`` (the stored ``repeats`` says how
+    many were taken).
+    """
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
         inner = _calibrate_inner(fn, min_repeat_us)
-        samples = []
-        for _ in range(repeats):
+        samples: list[float] = []
+        while len(samples) < repeats:
             t0 = time.perf_counter_ns()
             for _ in range(inner):
                 fn()
             samples.append((time.perf_counter_ns() - t0) / 1e3 / inner)
+            if len(samples) == min(first, repeats) and _summarize(samples, inner).spread_pct <= settled_pct:
+                break
     return _summarize(samples, inner)
 
 
