@@ -11,7 +11,7 @@ from conftest import ROOT
 from hwprune import HwpruneError, build_model
 from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.profiler import layer_configs, profile_layers
-from hwprune.latency.table import Entry
+from hwprune.latency.table import Entry, key_format
 from hwprune.latency.targets import CpuTarget, cuda_shape_rule
 from hwprune.policy import Policy
 from hwprune.train import resolve_device
@@ -147,9 +147,32 @@ def test_cuda_profile_marks_what_its_kernels_reject(tmp_path):
     assert len(table.entries) + len(table.unsupported) == len(configs)
     for k, why in table.unsupported.items():
         print(k, "->", why)
-    assert any("|o10|" in k and k.endswith("sp24") for k in table.unsupported)
-    assert any(k.startswith("linear|i8|") and k.endswith("int8") for k in table.unsupported)
-    assert any(k.endswith("fp16") for k in table.entries) and any(k.endswith("fp32") for k in table.entries)
+    fmt = key_format
+    assert any("|o10|" in k and fmt(k) == "sp24" for k in table.unsupported)
+    assert any(k.startswith("linear|i8|") and fmt(k) == "int8" and k.endswith("|+relu") for k in table.unsupported)
+    assert any(fmt(k) == "fp16" for k in table.entries) and any(fmt(k) == "fp32" for k in table.entries)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_blocks_run_their_epilogue_in_the_region_dtype_in_every_runtime():
+    """A conv + BN + ReLU + pool block in fp16 on the GPU: the epilogue in fp16, timed eager and as a graph."""
+    from hwprune.latency.layers import LayerConfig
+    from hwprune.latency.profiler import build_block, measure_config
+
+    cfg = LayerConfig("conv2d", 16, 32, 256, fmt="fp16", kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                      extent=(16, 16), post=("bn", "relu", "maxpool.k2x2.s2x2.p0x0"))
+    for runtime in ("eager", "cudagraph"):
+        target = get_target("cuda", runtime=runtime)
+        target.setup()
+        mod, x = build_block(cfg, target)
+        with torch.no_grad():
+            y = mod(x)
+        assert y.dtype == torch.float16 and y.shape == (256, 32, 8, 8) and y.is_cuda
+        block = measure_config(cfg, target, 5).median_us
+        bare = measure_config(cfg.bare(), target, 5).median_us
+        print(runtime, f"block {block:.1f} us, bare layer {bare:.1f} us")
+        assert block > bare
 
 
 @pytest.mark.gpu
