@@ -154,6 +154,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              exclude, grid, pred.menus(target), None if args.json else log, s.timing_pool())
     summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size,
                "fingerprint": table.fingerprint, **rep.to_dict()}
+    note = pred.headroom_note(table.batch_size)
+    if note:
+        summary["warning"] = note
+        log(f"hwprune: warning: {note}")
     if not args.json:
         print(f"{'':<22}{'table predictor':>16}{'FLOPs proxy':>14}")
         print(f"{'within +-10%':<22}{rep.within_10pct:>16.0%}{rep.flops_within_10pct:>14.0%}")

@@ -142,11 +142,20 @@ def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Modul
     return mod, x
 
 
+SPENT = {"build": 0.0, "prepare": 0.0, "time": 0.0}  # seconds per phase of measure_config, for profile's report
+
+
 def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
     """Time one table entry (:func:`build_block`) in isolation, as the target's runtime runs it."""
+    t0 = time.perf_counter()
     mod, x = build_block(cfg, target)
+    t1 = time.perf_counter()
     run = target.prepare(mod, x)
+    t2 = time.perf_counter()
     t = target.time(lambda: run(x), repeats)
+    SPENT["build"] += t1 - t0
+    SPENT["prepare"] += t2 - t1
+    SPENT["time"] += time.perf_counter() - t2
     return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
 
 
@@ -255,6 +264,7 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
     log(f"{len(configs)} layer configurations; {len(configs) - len(todo)} already in the table; measuring {len(todo)}")
     saver = _Saver(table)
     t0, rejected = time.time(), 0
+    spent0 = dict(SPENT)
     try:
         for cfg in tqdm(todo, desc="profiling layers", unit="cfg", file=sys.stderr, disable=None):
             got = try_measure(cfg, target, repeats)
@@ -267,8 +277,11 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
     finally:
         saver.maybe(force=True)
     if todo:
-        log(f"measured {len(todo) - rejected} configurations in {time.time() - t0:.1f} s "
-            f"({len(todo) / max(time.time() - t0, 1e-9):.1f}/s); {rejected} unsupported by their kernel")
+        wall = max(time.time() - t0, 1e-9)
+        parts = {k: SPENT[k] - spent0[k] for k in SPENT}
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
+        log(f"measured {len(todo) - rejected} configurations in {wall:.1f} s ({len(todo) / wall:.1f}/s; {split}, "
+            f"other {max(0.0, wall - sum(parts.values())):.1f} s); {rejected} unsupported by their kernel")
     return len(todo)
 
 
