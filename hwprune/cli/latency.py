@@ -67,6 +67,14 @@ def _job(args: argparse.Namespace, s: Any, exclude: list[str], layers: Any, key:
                       s.timing_pool())
 
 
+def _warn_headroom(pred: Any, batch: int, summary: dict[str, Any]) -> None:
+    """Say it (and put it in the JSON) when pruning barely changed the measured latency."""
+    note = pred.headroom_note(batch)
+    if note:
+        summary["warning"] = note
+        log(f"hwprune: warning: {note}")
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from hwprune.latency import LatencyTable, Predictor, table_path, user_tables_dir
     from hwprune.latency.ondemand import profile_model
@@ -87,10 +95,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                "calibration_fit": {"layer_scale": pred.coef[0], "us_per_output_element": pred.coef[1],
                                    "overhead_us": pred.coef[2]},
                "seconds": round(time.time() - t0, 1)}
-    note = pred.headroom_note(table.batch_size)
-    if note:
-        summary["warning"] = note
-        log(f"hwprune: warning: {note}")
+    _warn_headroom(pred, table.batch_size, summary)
     if not args.json:
         print(f"{counts['configurations']} configurations ({measured} measured now), {len(pred.calibration)} calibration runs "
               f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "
@@ -154,10 +159,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                              exclude, grid, pred.menus(target), None if args.json else log, s.timing_pool())
     summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size,
                "fingerprint": table.fingerprint, **rep.to_dict()}
-    note = pred.headroom_note(table.batch_size)
-    if note:
-        summary["warning"] = note
-        log(f"hwprune: warning: {note}")
+    _warn_headroom(pred, table.batch_size, summary)
     if not args.json:
         print(f"{'':<22}{'table predictor':>16}{'FLOPs proxy':>14}")
         print(f"{'within +-10%':<22}{rep.within_10pct:>16.0%}{rep.flops_within_10pct:>14.0%}")

@@ -47,6 +47,7 @@ _ACT_FUNCS = {"relu": "relu", "relu6": "relu6", "hardtanh": None, "gelu": "gelu"
               "leaky_relu": "leakyrelu", "elu": "elu", "mish": "mish"}
 _PASS_FUNCS = {"dropout", "dropout1d", "dropout2d", "feature_dropout"}
 _PASS_MODULES = (nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+_CONV_DIMS = {"conv1d": 1, "conv2d": 2}
 _POOL_FUNCS = {"max_pool1d": "maxpool", "max_pool2d": "maxpool", "avg_pool1d": "avgpool", "avg_pool2d": "avgpool",
                "adaptive_avg_pool1d": "aavgpool", "adaptive_avg_pool2d": "aavgpool",
                "adaptive_max_pool1d": "amaxpool", "adaptive_max_pool2d": "amaxpool"}
@@ -81,7 +82,7 @@ def _pool(kind: str, n: int, kernel: Any, stride: Any, padding: Any, dilation: A
 def _describe_module(m: nn.Module, op: str, cout: int, x: Any = None) -> str | None:
     """The descriptor of a leaf module in an epilogue ('' for a pass-through), None if it ends the chain.
     ``x``: the module's input in the traced pass (a BatchNorm must normalize the layer's output channels)."""
-    conv_dims = {"conv1d": 1, "conv2d": 2}.get(op)
+    conv_dims = _CONV_DIMS.get(op)
     if isinstance(m, _PASS_MODULES):
         return ""
     if type(m) in _ACT_MODULES:
@@ -124,7 +125,7 @@ def _describe_func(func: Any, args: tuple, kwargs: dict, op: str) -> str | None:
             hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
             return "relu6" if (lo, hi) == (0.0, 6.0) else None
         return _ACT_FUNCS[name]
-    conv_dims = {"conv1d": 1, "conv2d": 2}.get(op)
+    conv_dims = _CONV_DIMS.get(op)
     kind = _POOL_FUNCS.get(name.replace("_with_indices", ""))
     if kind is None or conv_dims is None or not name.endswith(f"{conv_dims}d"):
         return None
@@ -279,7 +280,7 @@ def trace_epilogues(model: nn.Module, example: torch.Tensor, layers: dict[str, s
 def build_epilogue(post: Iterable[str], op: str, cout: int) -> nn.Module:
     """The modules of an epilogue for a layer of kind ``op`` with ``cout`` outputs (eval mode, CPU, fp32)."""
     mods: list[nn.Module] = []
-    dims = {"conv1d": 1, "conv2d": 2}.get(op, 1)
+    dims = _CONV_DIMS.get(op, 1)
     for d in post:
         kind, *fields = d.split(".")
         vals = {f[0]: tuple(int(v) for v in f[1:].split("x")) for f in fields}
