@@ -103,7 +103,7 @@ def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None
         load_weights(model, weights)
         source = weights
     elif use_cache and data_ref:
-        hit = load_cached(cache_key(model_ref, data_ref, seed, args))
+        hit = load_cached(cache_key(model_ref, data_ref, seed, args, data.task if data is not None else the_task))
         if hit is not None:
             load_weights(model, hit[0])
             source = str(hit[0])

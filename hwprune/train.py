@@ -197,9 +197,17 @@ def cache_dir() -> Path:
     return cache_root()
 
 
-def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any]) -> str:
-    """A file-name-safe key from model, data, seed and model arguments (readable prefix + hash)."""
-    blob = json.dumps([model, data, seed, model_args], sort_keys=True)
+def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any], task: Any = None) -> str:
+    """A file-name-safe key from model, data, seed, model arguments and task (readable prefix + hash).
+
+    The task (a name, a :class:`hwprune.tasks.Task` or None) enters the hash unless it is classification, so
+    the keys of classifiers cached before tasks existed are unchanged; a model trained for another task on
+    the same model and data is another entry.
+    """
+    from hwprune.tasks import get_task
+
+    name = get_task(task).name
+    blob = json.dumps([model, data, seed, model_args] + ([] if name == "classification" else [name]), sort_keys=True)
     short = lambda s: Path(s.split(":")[0]).stem if ":" in s else s  # noqa: E731
     return f"{short(model)}-{short(data)}-s{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
@@ -258,7 +266,7 @@ def train_and_cache(model: nn.Module, data: Any, model_ref: str, data_ref: str, 
                     "model_args": model_args, f"test_{task.metric}": evaluate(model, test, task=task),
                     "task": task.name, "metric": task.metric, "direction": task.direction,
                     "test_split": "test" if data.test is not None else "val"})
-    save_cached(cache_key(model_ref, data_ref, seed, model_args), model, summary)
+    save_cached(cache_key(model_ref, data_ref, seed, model_args, task), model, summary)
     return summary
 
 

@@ -126,3 +126,16 @@ def test_the_embedding_width_is_a_group_and_dead_columns_prune_without_changing_
     assert p.embed.embedding_dim == 8 and p.rnn.input_size == 8 and p.embed.num_embeddings == 20
     assert torch.allclose(p(x), m(x), atol=1e-6, rtol=0)
     assert torch.equal(p.embed.weight, m.embed.weight[:, [0, 2, 3, 5, 8, 10, 11, 14]])
+
+
+def test_trained_model_cache_key_tells_tasks_apart():
+    """A model trained for another task on the same model and data is another cache entry; classifiers keep the
+    keys they had before tasks existed."""
+    from hwprune.tasks import get_task
+    from hwprune.train import cache_key
+
+    plain = cache_key("m.py:f", "d.py:g", 0, {})
+    assert cache_key("m.py:f", "d.py:g", 0, {}, "classification") == plain
+    assert cache_key("m.py:f", "d.py:g", 0, {}, get_task("classification")) == plain
+    lm = cache_key("m.py:f", "d.py:g", 0, {}, "language-model")
+    assert lm != plain and lm == cache_key("m.py:f", "d.py:g", 0, {}, get_task("language-model"))

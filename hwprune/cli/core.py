@@ -13,7 +13,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     s = setup_from_args(args, use_cache=False)
     assert s.data is not None
-    key = cache_key(args.model, args.data, args.seed, s.model_args)
+    key = cache_key(args.model, args.data, args.seed, s.model_args, s.task)
     hit = load_cached(key)
     if hit is not None and not args.retrain:
         log(f"hwprune: using cached model {hit[0]} (trained {hit[1].get('epochs')} epochs; --retrain to train again)")
