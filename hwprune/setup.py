@@ -49,6 +49,29 @@ class Setup:
         return torch.stack([self.data.train[i][0] for i in idx])
 
 
+def _token_example(model: nn.Module, example: torch.Tensor, seed: int) -> torch.Tensor:
+    """Without data the input's dtype is unknown: a model with an ``nn.Embedding`` that cannot take the float
+    example but takes token ids (below its smallest vocabulary) gets token ids; anything else keeps ``example``."""
+    vocab = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not vocab:
+        return example
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+        return example
+    except Exception:  # noqa: BLE001 - the float example does not fit; token ids may
+        ids = torch.randint(min(vocab), example.shape, generator=torch.Generator().manual_seed(seed))
+        try:
+            with torch.no_grad():
+                model(ids)
+            return ids
+        except Exception:  # noqa: BLE001 - neither fits: check_input reports the float example's error
+            return example
+    finally:
+        model.train(was)
+
+
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """``"1,28,28"`` -> (1, 28, 28); every entry a positive integer."""
     try:
@@ -111,5 +134,7 @@ def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
     if data is not None:
         example = torch.stack([data.train[i][0] for i in range(2)])
+    else:
+        example = _token_example(model, example, seed)
     return Setup(model_ref, model, example, tuple(shape), num_classes, data, args, source, seed,
                  data.task if data is not None else (the_task or get_task(None)))

@@ -139,3 +139,29 @@ def test_trained_model_cache_key_tells_tasks_apart():
     assert cache_key("m.py:f", "d.py:g", 0, {}, get_task("classification")) == plain
     lm = cache_key("m.py:f", "d.py:g", 0, {}, "language-model")
     assert lm != plain and lm == cache_key("m.py:f", "d.py:g", 0, {}, get_task("language-model"))
+
+
+def test_a_token_model_given_only_an_input_shape_gets_token_ids():
+    """Without data the input dtype is unknown: an Embedding model that cannot take floats gets token ids below its
+    vocabulary; float models, and Embedding models that take floats (positions made inside), keep floats."""
+    from torch import nn
+
+    from hwprune.setup import resolve
+
+    s = resolve(f"{ASSETS / 'user_model.py'}:tiny_lm", input_shape="10")
+    assert s.example.dtype == torch.int64 and s.example.shape == (2, 10) and int(s.example.max()) < 12
+    assert resolve(f"{ASSETS / 'user_model.py'}:mlp", input_shape="4").example.is_floating_point()
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Embedding(10, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.fc(x + self.pos(torch.arange(x.shape[1])))
+
+    from hwprune.setup import _token_example
+
+    ex = torch.randn(2, 10, 4)
+    assert _token_example(Positions(), ex, 0) is ex
