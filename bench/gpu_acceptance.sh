@@ -15,9 +15,11 @@
 # default 0.25,0.5,0.75,1.0: every configuration is compiled, ~1-3 s each), BLOCKS=0 skips bench/blocks.py (fused
 # blocks vs bare layers, side by side on the same runs, eager and cudagraph).
 # Tables profiled here are fused-block tables (each layer with its BatchNorm/activation/pooling epilogue).
-# Device time: eager+cudagraph profiles and validates took ~8 min on an H100 (issue 13, session 4); compile
-# adds compile time per configuration. With a 10-minute limit per command, run one runtime per call:
-#   RUNTIMES=eager bash bench/gpu_acceptance.sh R; RUNTIMES=cudagraph ...; RUNTIMES=compile ...
+# STAGES (default "tests profile blocks headline probe") picks what runs; the summary is appended to, so calls
+# can be split. Device time: eager+cudagraph profiles and validates took ~8 min on an H100 (issue 13, session 4);
+# compile adds compile time per configuration. With a 10-minute limit per command, split by runtime and stage:
+#   STAGES="tests profile" RUNTIMES=eager bash bench/gpu_acceptance.sh R; STAGES=headline RUNTIMES=eager ...;
+#   STAGES=blocks RUNTIMES="eager cudagraph" ...; then the same for cudagraph and compile; STAGES=probe last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -31,11 +33,20 @@ R=${1:-bench/results/gpu-$GPU}
 T=$R/tables
 mkdir -p "$R"
 SAMPLES=${SAMPLES:-20}
-echo "== gpu tests" | tee "$R/summary.txt"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -3 | tee -a "$R/summary.txt"
 RUNTIMES=${RUNTIMES:-eager cudagraph compile}
 COMPILE_GRID=${COMPILE_GRID:-0.25,0.5,0.75,1.0}
+STAGES=${STAGES:-tests profile blocks headline probe}
+[ "${BLOCKS:-1}" = 1 ] || STAGES=${STAGES//blocks/}
+[ "${HEADLINE:-1}" = 1 ] || STAGES=${STAGES//headline/}
+[ "${PROBE:-1}" = 1 ] || STAGES=${STAGES//probe/}
+has() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
+echo "==== $(date -u +%FT%TZ) RUNTIMES='$RUNTIMES' STAGES='$STAGES'" | tee -a "$R/summary.txt"
+if has tests; then
+echo "== gpu tests" | tee -a "$R/summary.txt"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -3 | tee -a "$R/summary.txt"
+fi
 # model | args   (batches: the GPU busy, the dense model well above launch overhead)
+if has profile; then
 for rt in $RUNTIMES; do
 while read -r m args; do
     [ -z "$m" ] && continue
@@ -63,8 +74,9 @@ gru --model-args num_layers=2 --batch-size 1024
 lstm --model-args num_layers=2 --input-shape 28,28 --batch-size 1024
 LIST
 done
+fi
 # fused blocks against bare layers (issue 13 item 4): the same calibration and validation runs priced both ways
-if [ "${BLOCKS:-1}" = 1 ]; then
+if has blocks; then
 for rt in $RUNTIMES; do
     [ "$rt" = compile ] && continue  # every block compiled twice over: too slow for one call
     while read -r m args; do
@@ -80,7 +92,7 @@ lstm --model-args num_layers=2 --input-shape 28,28 --batch-size 1024
 LIST
 done
 fi
-if [ "${HEADLINE:-1}" = 1 ]; then
+if has headline; then
 for rt in $RUNTIMES; do
     for b in 4096 8192 16384; do
         out=$R/headline-$rt-b$b
@@ -119,6 +131,6 @@ except Exception as exc:
 PY
 done
 fi
-[ "${PROBE:-1}" = 1 ] || exit 0
+has probe || exit 0
 echo "== fine-tune throughput" | tee -a "$R/summary.txt"
 python3 bench/gpu_probe.py --steps 100 | tee -a "$R/summary.txt"
