@@ -27,8 +27,11 @@ def test_builtin_epilogues_stop_at_merges_and_the_output():
     posts = _posts(build_model("resnet20", (3, 32, 32)), torch.randn(2, 3, 32, 32))
     assert posts["conv1"] == ("bn", "relu")
     assert posts["layer1.0.conv1"] == ("bn", "relu")
-    assert posts["layer1.0.conv2"] == ("bn",)  # then the residual add: a merge ends the chain
-    assert posts["layer2.0.downsample.0"] == ("bn",)
+    assert posts["layer1.0.conv2"] == ("bn", "add", "relu")  # the identity shortcut's sum, then the block's ReLU
+    # with a downsample shortcut the sum is the shortcut's (it arrives last): each sum is in one block only
+    assert posts["layer2.0.conv2"] == ("bn",)
+    assert posts["layer2.0.downsample.0"] == ("bn", "add", "relu")
+    assert posts["layer3.2.conv2"] == ("bn", "add", "relu", "aavgpool.o1x1")  # the pool's flatten is a view
     assert posts["fc"] == ()  # feeds the output
     posts = _posts(build_model("cnn1d", (1, 40)), torch.randn(2, 1, 40))
     assert posts == {"features.0": ("bn", "relu"), "features.3": ("bn", "relu"), "features.6": ("bn", "relu"),
@@ -36,6 +39,9 @@ def test_builtin_epilogues_stop_at_merges_and_the_output():
     posts = _posts(build_model("mobilenetv2", (3, 32, 32)), torch.randn(2, 3, 32, 32))
     assert posts["features.18.0"] == ("bn", "relu6", "aavgpool.o1x1")  # the flatten after the pool is a view
     assert posts["features.1.conv.3"] == ("bn",)
+    assert posts["features.3.conv.6"] == ("bn", "add")  # x + conv(x): the inverted residual
+    assert posts["features.2.conv.6"] == ("bn",)  # no shortcut (stride 2)
+    assert sum(p.count("add") for p in posts.values()) == 10
 
 
 class Functional(nn.Module):
@@ -73,6 +79,48 @@ def test_functional_and_inplace_ops_and_chain_ends():
     assert posts["d"] == ()
     assert posts["fc"] == ("tanh",)  # flatten and eval dropout pass through
     assert posts["head"] == ()
+
+
+class TwoBranches(nn.Module):
+    """Two convs summed in place, a sum with a broadcast operand, and a sum of a tensor with itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 8, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.bias = nn.Parameter(torch.zeros(8, 1, 1))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        y = self.a(x)
+        y += self.b(x)  # in place; b's output arrives last: b's block holds the sum
+        y = torch.relu(y)
+        z = self.c(y) + self.bias  # broadcast (8,1,1): not a residual sum
+        w = self.d(z)
+        return w + w  # one tensor twice: not a residual sum
+
+
+def test_a_residual_sum_joins_the_branch_that_arrives_last_and_only_same_shape_sums():
+    posts = _posts(TwoBranches(), torch.randn(2, 4, 8, 8))
+    assert posts == {"a": (), "b": ("add", "relu"), "c": (), "d": ()}
+
+
+def test_a_rebuilt_residual_adds_a_fixed_operand_made_before_timing():
+    from hwprune.latency.epilogue import Residual
+
+    target = get_target("cpu")
+    cfg = LayerConfig("conv2d", 8, 8, 2, kernel=(3, 3), stride=(1, 1), padding=(1, 1), extent=(6, 6),
+                      post=("bn", "add", "relu"))
+    mod, x = build_block(cfg, target)
+    res = mod[1][1]
+    assert isinstance(res, Residual) and res.other is not None and res.other.shape == (2, 8, 6, 6)
+    other = res.other.clone()
+    with torch.no_grad():
+        y = mod(x)
+        want = torch.relu(mod[1][0](mod[0](x)) + other)
+    assert torch.equal(y, want) and torch.equal(res.other, other)  # the operand stays what it was
+    assert LayerConfig.from_key(cfg.key) == cfg
 
 
 def test_a_layer_called_twice_and_a_failing_trace_get_no_epilogue():

@@ -7,7 +7,7 @@ layer's work, so the calibration cannot recover it. As nn-Meter does with
 fused kernels, the profiler times a *block*: the layer followed by its
 *epilogue*, the chain of operators that consume only its output, one after
 another, up to the next layer, a merge (residual add, concatenation), a second
-consumer or the model output.
+consumer or the model output (a residual sum joins, see ``add`` below).
 
 :func:`trace_epilogues` finds each layer's chain by running the model once and
 recording every module call and torch function call (so functional
@@ -20,7 +20,10 @@ rebuilds the operator at any channel count (:func:`build_epilogue`):
 - activations: ``relu``, ``relu6``, ``gelu``, ``silu``, ``sigmoid``, ``tanh``,
   ``hardswish``, ``hardsigmoid``, ``leakyrelu``, ``elu``, ``mish``;
 - pooling after a convolution: ``maxpool.k<k>.s<s>.p<p>``,
-  ``avgpool.k<k>.s<s>.p<p>``, ``amaxpool.o<size>``, ``aavgpool.o<size>``.
+  ``avgpool.k<k>.s<s>.p<p>``, ``amaxpool.o<size>``, ``aavgpool.o<size>``;
+- ``add``: a residual sum with a tensor of the same shape made earlier (the
+  shortcut), claimed by the chain whose operand arrives last so that each sum
+  is in one block; the chain goes on after it (``bn+add+relu``).
 
 Views (flatten, view, reshape) and eval-mode dropout are passed through (no
 kernel). Anything else ends the chain and stays with the calibration's
@@ -34,7 +37,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["trace_epilogues", "build_epilogue", "ACTIVATIONS"]
+__all__ = ["trace_epilogues", "build_epilogue", "ACTIVATIONS", "Residual"]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
@@ -111,10 +114,14 @@ def _describe_module(m: nn.Module, op: str, cout: int, x: Any = None) -> str | N
     return None
 
 
+def _name(func: Any) -> str:
+    """A torch function's name without dunder or in-place underscores (``__iadd__`` -> ``iadd``, ``relu_`` ->
+    ``relu``, ``_max_pool2d`` -> ``max_pool2d``)."""
+    return getattr(func, "__name__", "").rstrip("_").lstrip("_")
+
+
 def _describe_func(func: Any, args: tuple, kwargs: dict, op: str) -> str | None:
-    name = getattr(func, "__name__", "").rstrip("_")
-    if name.startswith("_"):
-        name = name.lstrip("_")
+    name = _name(func)
     if name in ("flatten", "view", "reshape"):
         return ""
     if name in _PASS_FUNCS:  # dropout: a pass-through only when it does not drop (eval mode)
@@ -203,6 +210,17 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+def _residual_add(op: _Op, cur: int) -> bool:
+    """``op`` adds ``cur``'s output to one other tensor of the same shape made earlier (a residual sum): the add
+    belongs to the chain whose operand arrives last, so each sum is timed in one block only."""
+    if op.kind != "fn" or _name(op.what) not in ("add", "iadd", "radd") or len(op.ins) != 2 or cur not in op.ins:
+        return False
+    other = op.ins[0] if op.ins[1] == cur else op.ins[1]
+    ts = _flat(op.args)
+    alpha = op.kwargs.get("alpha", 1)
+    return other < cur and len(ts) == 2 and ts[0].shape == ts[1].shape and alpha == 1
+
+
 def trace_epilogues(model: nn.Module, example: torch.Tensor, layers: dict[str, str],
                     couts: dict[str, int]) -> dict[str, tuple[str, ...]] | None:
     """Each layer's epilogue (descriptors, see the module docstring) from one forward pass on ``example[:1]``.
@@ -260,9 +278,12 @@ def trace_epilogues(model: nn.Module, example: torch.Tensor, layers: dict[str, s
             if here.is_output or len(here.users) != 1:
                 break
             nxt = rec.ops[here.users[0]]
-            if nxt.ins != [cur]:  # a merge, or an input from elsewhere
-                break
-            if nxt.kind == "mod":
+            desc: str | None
+            if nxt.ins != [cur]:  # a merge: only a residual sum joins, and only the chain that reaches it last
+                if not _residual_add(nxt, cur):
+                    break
+                desc = "add"
+            elif nxt.kind == "mod":
                 desc = _describe_module(mods[nxt.what], op, couts[name], nxt.args[0] if nxt.args else None)
             else:
                 desc = _describe_func(nxt.what, nxt.args, nxt.kwargs, op)
@@ -277,6 +298,21 @@ def trace_epilogues(model: nn.Module, example: torch.Tensor, layers: dict[str, s
     return result
 
 
+class Residual(nn.Module):
+    """``x + other``: the other branch of a residual sum, a fixed random tensor of ``x``'s shape and dtype made on
+    the first call (:func:`hwprune.latency.profiler.build_block` makes that call before anything is timed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("other", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.other
+        if o is None or o.shape != x.shape or o.dtype != x.dtype or o.device != x.device:
+            self.other = o = torch.randn_like(x)
+        return x + o
+
+
 def build_epilogue(post: Iterable[str], op: str, cout: int) -> nn.Module:
     """The modules of an epilogue for a layer of kind ``op`` with ``cout`` outputs (eval mode, CPU, fp32)."""
     mods: list[nn.Module] = []
@@ -288,6 +324,8 @@ def build_epilogue(post: Iterable[str], op: str, cout: int) -> nn.Module:
             mods.append((nn.BatchNorm2d if op == "conv2d" else nn.BatchNorm1d)(cout))
         elif kind in ACTIVATIONS:
             mods.append(ACTIVATIONS[kind]())
+        elif kind == "add":
+            mods.append(Residual())
         elif kind == "maxpool":
             mods.append((nn.MaxPool1d, nn.MaxPool2d)[dims - 1](vals["k"], vals["s"], vals["p"]))
         elif kind == "avgpool":
