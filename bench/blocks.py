@@ -67,7 +67,8 @@ def run_model(name: str, args: argparse.Namespace, target, tmp: Path) -> dict:  
     # 2. calibration and validation policies, measured end to end in one shuffled pass (twice each)
     pre = Predictor(tables["fused"], layers, key)
     menus = pre.menus()
-    fix = lambda p: Predictor(tables["layers"], layers, key).runnable(pre.runnable(p))  # noqa: E731
+    bare = Predictor(tables["layers"], layers, key)
+    fix = lambda p: bare.runnable(pre.runnable(p))  # noqa: E731
     cal = calibration_policies(layers, DEFAULT_GRID, menus, args.calibration, fix=fix)
     rng = random.Random(args.seed)
     val = [fix(random_policy(layers, DEFAULT_GRID, menus, rng)) for _ in range(args.samples)]

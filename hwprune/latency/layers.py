@@ -211,10 +211,15 @@ class LayerForm:
         return self.consts[which] + sum(f * units[g] for g, f in self.terms[which].items())
 
     def config(self, units: dict[str, int], batch: int, fmt: str, fused: bool = True) -> LayerConfig:
-        """The configuration at ``units``; ``fused`` False: the bare layer (tables profiled before blocks)."""
+        """The configuration at ``units`` (see :meth:`at`)."""
         groups = self.dim("groups", units) if self.base.groups > 1 else 1
-        return replace(self.base, cin=self.dim("cin", units), cout=self.dim("cout", units), groups=groups,
-                       batch=batch, fmt=fmt, post=self.base.post if fused else ())
+        return self.at((self.dim("cin", units), self.dim("cout", units), groups), batch, fmt, fused)
+
+    def at(self, dims: tuple[int, int, int], batch: int, fmt: str, fused: bool = True) -> LayerConfig:
+        """The configuration with ``(cin, cout, groups)``; ``fused`` False: the bare layer (tables profiled
+        before blocks)."""
+        return replace(self.base, cin=dims[0], cout=dims[1], groups=dims[2], batch=batch, fmt=fmt,
+                       post=self.base.post if fused else ())
 
 
 @dataclass

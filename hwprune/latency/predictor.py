@@ -10,13 +10,13 @@ fitted by non-negative least squares on the end-to-end measurements that
 ``hwprune profile`` took for this model. Casts: where a policy's bf16/fp16
 layers form precision regions (:func:`hwprune.kernels.plan_regions`), each
 dtype change is a measured ``cast|...`` entry (by dtype pair and tensor size);
-output elements in a 16-bit region count half (half the bytes). ``a`` absorbs what isolated timing
-misses per unit of layer work (cold caches between layers); ``c`` prices the
-memory-bound operators the table does not hold (concatenations, operators no
-block holds; in bare-layer tables also normalization, activations and residual
-sums), which touch every output element
-of the layers before them; ``b`` is what does not shrink with pruning (Python dispatch, pooling,
-the classifier). The FLOPs proxy is ``a * multiply-adds + b``, fitted on the
+output elements in a 16-bit region count half (half the bytes). ``a`` absorbs
+what isolated timing misses per unit of layer work (cold caches between
+layers); ``c`` prices the memory-bound operators the table does not hold
+(concatenations, operators no block holds; in bare-layer tables also
+normalization, activations and residual sums), which touch every output
+element of the layers before them; ``b`` is what does not shrink with pruning
+(Python dispatch, the classifier). The FLOPs proxy is ``a * multiply-adds + b``, fitted on the
 same runs, for comparison.
 """
 from __future__ import annotations

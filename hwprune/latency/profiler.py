@@ -56,9 +56,9 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
                 f"at its {len(dims_list)} reachable (inputs, outputs) pairs")
         for dims in dims_list:
             for fmt in offered:
-                cfg = _with_dims(form, dims, batch, fmt, fused)
+                cfg = form.at(dims, batch, fmt, fused)
                 out.setdefault(cfg.key, cfg)
-            dense = _with_dims(form, dims, 1, "fp32")
+            dense = form.at(dims, 1, "fp32")
             ins.add(dense.in_elems())
             if form.name in feeds_output:
                 outs.add(dense.out_elems())
@@ -114,13 +114,6 @@ def reachable_dims(layers: ModelLayers, form: Any, grid: tuple[float, ...]) -> l
     return [(ci, co, gr) for ci in sorted(_dim_values(layers, form, "cin", grid))
             for co in sorted(_dim_values(layers, form, "cout", grid)) for gr in sorted(groups)
             if not depthwise or (ci % gr == 0 and co % gr == 0)]
-
-
-def _with_dims(form: Any, dims: tuple[int, int, int], batch: int, fmt: str, fused: bool = True) -> LayerConfig:
-    from dataclasses import replace
-
-    return replace(form.base, cin=dims[0], cout=dims[1], groups=dims[2], batch=batch, fmt=fmt,
-                   post=form.base.post if fused else ())
 
 
 def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Module, torch.Tensor]:
