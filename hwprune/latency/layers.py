@@ -32,19 +32,22 @@ class LayerConfig:
     fmt: str = "fp32"
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()  # or "same" (PyTorch's padding='same': output as long as the input)
     groups: int = 1
     bias: bool = True
     extent: tuple[int, ...] = ()  # spatial size (conv), middle dims (linear), sequence length (rnn)
     bidirectional: bool = False
     post: tuple[str, ...] = ()  # the epilogue timed with the layer (hwprune.latency.epilogue): a fused block
+    dilation: tuple[int, ...] = ()  # conv dilation; () when every factor is 1 (keys of undilated convs unchanged)
 
     @property
     def key(self) -> str:
         j = lambda t: "x".join(map(str, t)) or "-"  # noqa: E731
         parts = [self.op, f"i{self.cin}", f"o{self.cout}"]
         if self.op.startswith("conv"):
-            parts += [f"k{j(self.kernel)}", f"s{j(self.stride)}", f"p{j(self.padding)}", f"g{self.groups}"]
+            pad = self.padding if isinstance(self.padding, str) else j(self.padding)
+            parts += [f"k{j(self.kernel)}", f"s{j(self.stride)}", f"p{pad}"]
+            parts += ([f"d{j(self.dilation)}"] if self.dilation else []) + [f"g{self.groups}"]
         if self.op in ("lstm", "gru"):
             parts.append("bi" if self.bidirectional else "uni")
         parts += [f"x{j(self.extent)}", f"b{self.batch}", "bias" if self.bias else "nobias", self.fmt]
@@ -62,7 +65,12 @@ class LayerConfig:
             kw: dict[str, Any] = {"cin": int(parts[1][1:]), "cout": int(parts[2][1:])}
             rest = parts[3:]
             if op.startswith("conv"):
-                kw.update(kernel=t(rest[0][1:]), stride=t(rest[1][1:]), padding=t(rest[2][1:]), groups=int(rest[3][1:]))
+                pad = rest[2][1:]
+                kw.update(kernel=t(rest[0][1:]), stride=t(rest[1][1:]), padding=pad if pad == "same" else t(pad))
+                if rest[3].startswith("d"):
+                    kw["dilation"] = t(rest[3][1:])
+                    rest = rest[1:]
+                kw["groups"] = int(rest[3][1:])
                 rest = rest[4:]
             elif op in ("lstm", "gru"):
                 kw["bidirectional"] = rest[0] == "bi"
@@ -82,8 +90,8 @@ class LayerConfig:
             ext *= e
         if self.op.startswith("conv"):
             out_ext = 1
-            for n, k, s, p in zip(self.extent, self.kernel, self.stride, self.padding):
-                out_ext *= (n + 2 * p - k) // s + 1
+            for n in self.out_extent():
+                out_ext *= n
             kvol = 1
             for k in self.kernel:
                 kvol *= k
@@ -93,6 +101,14 @@ class LayerConfig:
         gates = 4 if self.op == "lstm" else 3
         d = 2 if self.bidirectional else 1
         return self.batch * ext * d * gates * self.cout * (self.cin + self.cout)
+
+    def out_extent(self) -> tuple[int, ...]:
+        """A conv's output spatial size (PyTorch's formula, with dilation; 'same' keeps the input's)."""
+        if self.padding == "same":
+            return tuple(self.extent)
+        dil = self.dilation or (1,) * len(self.kernel)
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                     for n, k, s, p, d in zip(self.extent, self.kernel, self.stride, self.padding, dil))
 
     def in_elems(self) -> int:
         """Elements of one call's input: what a dtype cast in front of the layer touches."""
@@ -105,8 +121,8 @@ class LayerConfig:
         """Elements of one call's output: what the elementwise ops after the layer touch."""
         if self.op.startswith("conv"):
             n = self.batch * self.cout
-            for e, k, st, p in zip(self.extent, self.kernel, self.stride, self.padding):
-                n *= (e + 2 * p - k) // st + 1
+            for e in self.out_extent():
+                n *= e
             return n
         n = self.batch * self.cout * (2 if self.bidirectional else 1)
         for e in self.extent:
@@ -140,7 +156,8 @@ class LayerConfig:
     def _module(self) -> nn.Module:
         if self.op in ("conv1d", "conv2d"):
             cls = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
-            return cls(self.cin, self.cout, self.kernel, self.stride, self.padding, groups=self.groups, bias=self.bias)
+            return cls(self.cin, self.cout, self.kernel, self.stride, self.padding, dilation=self.dilation or 1,
+                       groups=self.groups, bias=self.bias)
         if self.op == "linear":
             return nn.Linear(self.cin, self.cout, bias=self.bias)
         cls = nn.LSTM if self.op == "lstm" else nn.GRU
@@ -277,8 +294,10 @@ def _base_configs(model: nn.Module, example: torch.Tensor, space: Space) -> dict
         if q.name not in extents:
             continue  # never called in forward: costs nothing
         if isinstance(m, nn.modules.conv._ConvNd):
-            pad = m.padding if isinstance(m.padding, tuple) else (0,) * len(m.kernel_size)
-            extra = dict(kernel=tuple(m.kernel_size), stride=tuple(m.stride), padding=tuple(pad),
+            pad = tuple(m.padding) if isinstance(m.padding, tuple) else \
+                "same" if m.padding == "same" else (0,) * len(m.kernel_size)  # 'valid' is no padding
+            dil = tuple(m.dilation) if any(d != 1 for d in m.dilation) else ()
+            extra = dict(kernel=tuple(m.kernel_size), stride=tuple(m.stride), padding=pad, dilation=dil,
                          groups=m.groups, bias=m.bias is not None)
         elif isinstance(m, nn.Linear):
             extra = dict(bias=m.bias is not None)

@@ -49,10 +49,13 @@ class ProfileJob:
             self.grid = DEFAULT_GRID
 
 
-def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Callable[[str], None]) -> dict[str, int]:
-    """Measure the job's missing layer configurations, then its end-to-end calibration runs; saves the table."""
+def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure the job's missing layer configurations, then its end-to-end calibration runs (the smallest policy
+    the grid allows among them: the floor a budget is checked against); saves the table. The dense model is the
+    speed reference in every round of both."""
     from hwprune.latency.predictor import Predictor
-    from hwprune.latency.profiler import calibrate, calibration_policies, layer_configs, profile_layers
+    from hwprune.latency.profiler import (calibrate, calibration_policies, layer_configs, model_sampler,
+                                          profile_layers, reference_stats, timing_batch)
 
     dropped = table.upgrade_casts()
     if dropped:
@@ -60,13 +63,44 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
             f"{dropped} of them are measured again as precision-region entries")
     fused = table.fused(job.key)
     configs = layer_configs(job.layers, job.grid, target, table.batch_size, log, fused=fused)
-    measured = profile_layers(table, configs, target, job.repeats, log)
+    x = timing_batch(job.example, table.batch_size, job.inputs)
+    got = profile_layers(table, configs, target, job.repeats, log,
+                         reference=model_sampler(copy.deepcopy(job.model), x, target))
     pred = Predictor(table, job.layers, job.key)
-    pols = calibration_policies(job.layers, job.grid, pred.menus(target), job.calibration, fix=pred.runnable)
-    cal = calibrate(table, job.key, job.model, job.example, pols, target, job.repeats, job.exclude, log,
-                    {"grid": list(job.grid), "input_shape": list(job.input_shape),
-                     "blocks": "fused" if fused else "layers"}, job.inputs)
-    return {"configurations": len(configs), "measured_now": measured, "calibration_measured_now": cal}
+    menus = pred.menus(target)
+    pols = calibration_policies(job.layers, job.grid, menus, job.calibration, fix=pred.runnable,
+                                smallest=smallest_policy(pred, job.grid, menus))
+    extra = {"grid": list(job.grid), "input_shape": list(job.input_shape), "blocks": "fused" if fused else "layers"}
+    if got["reference_us"]:
+        extra["reference_layer_rounds"] = reference_stats(got["reference_us"])
+        log(f"hwprune: speed reference (the dense model, {len(got['reference_us'])} rounds among the layers): "
+            f"median {extra['reference_layer_rounds']['median_us'] / 1e3:.4f} ms, spread "
+            f"{extra['reference_layer_rounds']['spread_pct']:.1f}% (IQR / median)")
+    cal = calibrate(table, job.key, job.model, job.example, pols, target, job.repeats, job.exclude, log, extra,
+                    job.inputs, regions_priced=job.layers.sources is not None and table.casts == "regions")
+    ref = table.models[job.key].get("reference")
+    if ref:
+        log(f"hwprune: speed reference (the dense model, {ref['rounds']} rounds among the calibration runs): "
+            f"median {ref['median_us'] / 1e3:.4f} ms, spread {ref['spread_pct']:.1f}%")
+    return {"configurations": len(configs), "measured_now": got["measured"], "calibration_measured_now": cal,
+            "remeasured": got["remeasured"], "still_noisy": got["noisy"], "failed": len(got["failed"]),
+            "reference": ref}
+
+
+def smallest_policy(pred: Any, grid: tuple[float, ...], menus: dict[str, list[str]]) -> Any:
+    """Every group at the grid's lowest keep ratio, every layer in the format its table entries price fastest
+    (the smallest policy the grid allows: :meth:`SearchContext.smallest` with the raw layer sum)."""
+    from hwprune.policy import Policy
+
+    m = pred.layers.channel_multiple
+    low = {g.name: min(grid) for g in pred.layers.space.groups}
+    fastest = {}
+    for layer, menu in menus.items():
+        cost = lambda f: pred.price(Policy(low, {layer: f}, m)).layer_sum_us  # noqa: E731
+        best = min(menu, key=cost)
+        if best != "fp32":
+            fastest[layer] = best
+    return Policy(low, fastest, m)
 
 
 def missing_for(table: LatencyTable, target: Target, layers: ModelLayers | None, key: str | None) -> str:

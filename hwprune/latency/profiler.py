@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 from hwprune.latency.layers import CastConfig, LayerConfig, ModelLayers
+from hwprune.latency.rounds import RoundPlan, RoundResult, measure_in_rounds
 from hwprune.latency.table import Entry, LatencyTable, calibration_key
 from hwprune.latency.targets import Target
 from hwprune.latency.timing import Timing
 from hwprune.policy import Policy
 
 __all__ = ["DEFAULT_GRID", "layer_configs", "measure_config", "measure_model", "random_policy", "timing_batch",
-           "calibration_policies", "profile_layers", "calibrate", "build_block"]
+           "calibration_policies", "profile_layers", "calibrate", "build_block", "Failure", "try_prepare",
+           "try_measure", "measure_rounds", "model_sampler", "round_plan", "REFERENCE", "deployed_for_timing"]
 
 DEFAULT_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -138,42 +140,127 @@ def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Modul
     return mod, x
 
 
-SPENT = {"build": 0.0, "prepare": 0.0, "time": 0.0}  # seconds per phase of measure_config, for profile's report
+SPENT = {"build": 0.0, "prepare": 0.0, "time": 0.0}  # seconds per phase of profiling, for profile's report
+REFERENCE = "__reference__"  # the speed reference's key in a round: the dense model at the table's batch
+ROUND_BYTES = 1 << 30  # prepared items held at once for interleaving (inputs, weights); more go in another chunk
+ROUND_ITEMS = 4000
 
 
-def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
-    """Time one table entry (:func:`build_block`) in isolation, as the target's runtime runs it."""
+@dataclass(frozen=True)
+class Failure:
+    """Why a configuration could not be timed; ``permanent`` only for the kernel's own refusal of the shape (a
+    known shape rule, or the same error twice), never for what may pass on a retry (memory, the OS, time-outs)."""
+
+    why: str
+    permanent: bool
+
+
+_TRANSIENT_WORDS = ("out of memory", "resource temporarily", "timed out", "timeout", "interrupted", "try again",
+                    "busy", "cannot allocate", "too many open files")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a timing failure may pass on a retry: the OS, memory, time-outs (never stored as unsupported)."""
+    if isinstance(exc, (OSError, MemoryError, TimeoutError, ConnectionError)):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _TRANSIENT_WORDS)
+
+
+def _nbytes(mod: nn.Module, x: torch.Tensor) -> int:
+    held = sum(t.numel() * t.element_size() for t in itertools.chain(mod.parameters(), mod.buffers()))
+    return held + 2 * x.numel() * x.element_size()  # the input, and about as much for the output
+
+
+def prepare_config(cfg: LayerConfig | CastConfig, target: Target) -> tuple[Callable[[], float], int]:
+    """One table entry (:func:`build_block`) as the target's runtime runs it, warmed up: its sampler (one timing
+    sample per call) and the bytes it holds."""
     t0 = time.perf_counter()
     mod, x = build_block(cfg, target)
     t1 = time.perf_counter()
     run = target.prepare(mod, x)
-    t2 = time.perf_counter()
-    t = target.time(lambda: run(x), repeats)
+    sample = target.sampler(lambda: run(x))
     SPENT["build"] += t1 - t0
-    SPENT["prepare"] += t2 - t1
-    SPENT["time"] += time.perf_counter() - t2
-    return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
+    SPENT["prepare"] += time.perf_counter() - t1
+    return sample, _nbytes(mod, x)
 
 
-def try_measure(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry | str:
-    """:func:`measure_config`, or why the configuration cannot run: a shape rule of the target's kernel, or the
-    kernel's own error (a shape it rejects, a silent fallback to another format) in one line."""
+def try_prepare(cfg: LayerConfig | CastConfig, target: Target) -> tuple[Callable[[], float], int] | Failure:
+    """:func:`prepare_config`, or why the configuration cannot run. A failure is tried once more: it is permanent
+    (stored as unsupported) when the target's shape rule refuses it, or when the kernel raised the same error
+    twice and it is not one that may pass later (:func:`is_transient`)."""
     from hwprune.errors import HwpruneError, is_oom, one_line
 
     why = target.unsupported(cfg)
     if why:
-        return why
-    try:
-        return measure_config(cfg, target, repeats)
-    except Exception as exc:  # noqa: BLE001 - any kernel failure marks the configuration, never a traceback
-        if is_oom(exc):
-            raise
-        if getattr(target, "runtime", "eager") == "cudagraph" and "capture" in str(exc).lower():
-            # a failed CUDA graph capture poisons every later one: stop, mark nothing
-            raise HwpruneError(f"CUDA graph capture of {cfg.key!r} failed ({one_line(exc, 150)}); the CUDA "
-                               f"context is unusable after that, so profiling stops here (the table keeps what "
-                               f"was measured)") from None
-        return one_line(exc, 200)
+        return Failure(why, True)
+    errors: list[Exception] = []
+    for _ in range(2):
+        try:
+            return prepare_config(cfg, target)
+        except Exception as exc:  # noqa: BLE001 - any kernel failure marks the configuration, never a traceback
+            if is_oom(exc):
+                raise
+            if getattr(target, "runtime", "eager") == "cudagraph" and "capture" in str(exc).lower():
+                # a failed CUDA graph capture poisons every later one: stop, mark nothing
+                raise HwpruneError(f"CUDA graph capture of {cfg.key!r} failed ({one_line(exc, 150)}); the CUDA "
+                                   f"context is unusable after that, so profiling stops here (the table keeps what "
+                                   f"was measured)") from None
+            errors.append(exc)
+    first, last = errors
+    same = type(first) is type(last) and one_line(first, 200) == one_line(last, 200)
+    return Failure(one_line(last, 200), same and not any(is_transient(e) for e in errors))
+
+
+def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
+    """Time one table entry on its own (``repeats`` rounds back to back); profiling interleaves many instead."""
+    sample, _ = prepare_config(cfg, target)
+    t0 = time.perf_counter()
+    res = measure_in_rounds({cfg.key: sample}, RoundPlan(rounds=repeats, extra_rounds=0))
+    SPENT["time"] += time.perf_counter() - t0
+    t = res.timing(cfg.key)
+    return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
+
+
+def try_measure(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry | Failure:
+    """:func:`measure_config`, or the :class:`Failure` of :func:`try_prepare`."""
+    got = try_prepare(cfg, target)
+    if isinstance(got, Failure):
+        return got
+    res = measure_in_rounds({cfg.key: got[0]}, RoundPlan(rounds=repeats, extra_rounds=0))
+    t = res.timing(cfg.key)
+    return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
+
+
+def round_plan(repeats: int, seed: int = 0) -> RoundPlan:
+    """The rounds of a measurement asked for with ``--repeats``: that many rounds, and as many again for the items
+    whose spread stays above 10%."""
+    return RoundPlan(rounds=repeats, extra_rounds=repeats, noisy_pct=10.0, seed=seed)
+
+
+def measure_rounds(prepare: dict[Any, Callable[[], Callable[[], float]]], target: Target, plan: RoundPlan,
+                   reference: Callable[[], Callable[[], float]] | None = None) -> RoundResult:
+    """Prepare every item (a thunk returning its sampler) and time them in interleaved rounds
+    (:func:`~hwprune.latency.rounds.measure_in_rounds`), with the ``reference`` (key :data:`REFERENCE`) in every
+    round. A runtime that cannot hold several prepared items (:attr:`Target.interleaved`) times them one at a
+    time, each with its rounds back to back, the reference last."""
+    items = dict(prepare)
+    if reference is not None:
+        items[REFERENCE] = reference
+    if target.interleaved:
+        samplers = {k: make() for k, make in items.items()}
+        t0 = time.perf_counter()
+        res = measure_in_rounds(samplers, plan, always=[REFERENCE] if reference is not None else [])
+        SPENT["time"] += time.perf_counter() - t0
+        return res
+    out = RoundResult({})
+    for k, make in items.items():
+        one = measure_in_rounds({k: make()}, plan)
+        out.samples.update(one.samples)
+        out.inner.update(one.inner)
+        out.remeasured += one.remeasured
+        out.noisy += one.noisy
+    return out
 
 
 def timing_batch(example: torch.Tensor, n: int, pool: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
@@ -189,13 +276,41 @@ def timing_batch(example: torch.Tensor, n: int, pool: torch.Tensor | None = None
 
 def measure_model(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, target: Target, repeats: int,
                   as_runtime: bool = True) -> Timing:
-    """End-to-end time of a (deployed) model on ``x``, run as the target's runtime runs it (``as_runtime``
-    False: the module as given, e.g. an already compiled or TorchScript artifact)."""
-    if isinstance(model, nn.Module):
-        model = model.eval().to(target.device)
-    x = x.to(target.device)
-    run = target.prepare(model, x) if as_runtime else model
-    return target.time(lambda: run(x), repeats)
+    """End-to-end time of a (deployed) model on ``x`` on its own (``repeats`` rounds back to back), run as the
+    target's runtime runs it (``as_runtime`` False: the module as given, e.g. an already compiled or TorchScript
+    artifact). Comparisons between models use :func:`measure_rounds` with :func:`model_sampler` instead."""
+    sample = model_sampler(model, x, target, as_runtime)()
+    return measure_in_rounds({0: sample}, RoundPlan(rounds=repeats, extra_rounds=0)).timing(0)
+
+
+def model_sampler(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, target: Target,
+                  as_runtime: bool = True) -> Callable[[], Callable[[], float]]:
+    """A thunk that prepares ``model`` on ``x`` as the target's runtime runs it and returns its sampler (for
+    :func:`measure_rounds`)."""
+    def make() -> Callable[[], float]:
+        m = model.eval().to(target.device) if isinstance(model, nn.Module) else model
+        xx = x.to(target.device)
+        run = target.prepare(m, xx) if as_runtime else m
+        return target.sampler(lambda: run(xx))
+    return make
+
+
+def deployed_for_timing(model: nn.Module, policy: Policy, example: torch.Tensor, target: Target, exclude: list[str],
+                        regions_priced: bool) -> tuple[nn.Module, str]:
+    """``policy`` applied to ``model`` and deployed on the target's kernels, and what keeps it from being the
+    model the table prices ('' when nothing): a layer left simulated (no real kernel), or precision regions that
+    fell back to islands where the table prices regions (``regions_priced``). Such a run is never fitted and
+    never counted as a validation of the predictor."""
+    from hwprune.apply import apply_policy
+    from hwprune.apply.formats import deploy
+
+    deployed, rep = deploy(apply_policy(model, policy, example, exclude=exclude), target, example)
+    if rep.simulated:
+        sim = ", ".join(f"{k}:{v}" for k, v in sorted(rep.simulated.items()))
+        return deployed, f"layers left simulated, without a real kernel ({sim})"
+    if regions_priced and rep.regions.startswith("islands"):
+        return deployed, f"precision regions fell back to {rep.regions}"
+    return deployed, ""
 
 
 def random_policy(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str, list[str]], rng: random.Random,
@@ -211,18 +326,20 @@ def random_policy(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str,
 
 
 def calibration_policies(layers: ModelLayers, grid: tuple[float, ...], menus: dict[str, list[str]], n: int,
-                         seed: int = 1234, fix: Callable[[Policy], Policy] | None = None) -> list[Policy]:
+                         seed: int = 1234, fix: Callable[[Policy], Policy] | None = None,
+                         smallest: Policy | None = None) -> list[Policy]:
     """Dense, three uniform points of the grid, then random policies: ``n`` that differ in what they build.
 
     Policies count as the same when they keep the same units in the same formats; a small space
-    (one group, few formats) yields fewer than ``n``. ``fix`` (e.g. :meth:`Predictor.runnable`) turns a
+    (one group, few formats) yields fewer than ``n``. ``smallest`` (the floor of a budget) comes right after
+    the dense policy. ``fix`` (e.g. :meth:`Predictor.runnable`) turns a
     policy into one whose every layer has a kernel, before it is counted.
     """
     m = layers.channel_multiple
     ratios = sorted(grid)
     uniform = [ratios[0], ratios[len(ratios) // 3], ratios[2 * len(ratios) // 3]]
     keep = lambda r: {g.name: r for g in layers.space.groups}  # noqa: E731
-    fixed = [Policy({}, {}, m)] + [Policy(keep(r), {}, m) for r in uniform]
+    fixed = [Policy({}, {}, m)] + ([smallest] if smallest is not None else []) + [Policy(keep(r), {}, m) for r in uniform]
     # each low-precision format on every layer that offers it, small and dense: the corners a search under a
     # tight budget goes to (random policies mix formats and rarely reach them; a fit without them extrapolates)
     for fmt in sorted({f for menu in menus.values() for f in menu if f != "fp32"}):
@@ -252,61 +369,123 @@ class _Saver:
 
 
 def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig], target: Target, repeats: int,
-                   log: Callable[[str], None]) -> int:
-    """Measure every configuration missing from ``table``; returns how many were measured."""
+                   log: Callable[[str], None], reference: Callable[[], Callable[[], float]] | None = None,
+                   plan: RoundPlan | None = None) -> dict[str, Any]:
+    """Measure every configuration missing from ``table`` in interleaved rounds (:func:`measure_rounds`: all of
+    them once per round, freshly shuffled; up to :data:`ROUND_BYTES` of prepared items at a time), with the
+    speed ``reference`` in every round. Returns counts and the reference's samples."""
     from tqdm import tqdm
 
     todo = [c for c in configs if c.key not in table.entries and c.key not in table.unsupported]
     log(f"{len(configs)} layer configurations; {len(configs) - len(todo)} already in the table; measuring {len(todo)}")
+    plan = plan or round_plan(repeats)
     saver = _Saver(table)
-    t0, rejected = time.time(), 0
+    t0 = time.time()
     spent0 = dict(SPENT)
+    out: dict[str, Any] = {"measured": 0, "unsupported": 0, "failed": {}, "remeasured": 0, "noisy": 0,
+                           "reference_us": []}
+    chunk: dict[str, Callable[[], Callable[[], float]]] = {}
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        if not chunk:
+            return
+        res = measure_rounds(chunk, target, plan, reference if target.interleaved else None)
+        for k in chunk:
+            t = res.timing(k)
+            table.entries[k] = Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
+        out["measured"] += len(chunk)
+        out["remeasured"] += len([k for k in res.remeasured if k != REFERENCE])
+        out["noisy"] += len([k for k in res.noisy if k != REFERENCE])
+        out["reference_us"] += res.samples.get(REFERENCE, [])
+        chunk.clear()
+        held = 0
+        saver.maybe()
+
     try:
         for cfg in tqdm(todo, desc="profiling layers", unit="cfg", file=sys.stderr, disable=None):
-            got = try_measure(cfg, target, repeats)
-            if isinstance(got, Entry):
-                table.entries[cfg.key] = got
-            else:
-                table.unsupported[cfg.key] = got
-                rejected += 1
-            saver.maybe()
+            got = try_prepare(cfg, target)
+            if isinstance(got, Failure):
+                if got.permanent:
+                    table.unsupported[cfg.key] = got.why
+                    out["unsupported"] += 1
+                else:
+                    out["failed"][cfg.key] = got.why
+                continue
+            sampler, nbytes = got
+            chunk[cfg.key] = lambda s=sampler: s  # noqa: E731 - prepared already (its bytes count for the chunk)
+            held += nbytes
+            if not target.interleaved or held > ROUND_BYTES or len(chunk) >= ROUND_ITEMS:
+                flush()
+        flush()
     finally:
         saver.maybe(force=True)
     if todo:
         wall = max(time.time() - t0, 1e-9)
         parts = {k: SPENT[k] - spent0[k] for k in SPENT}
         split = ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
-        log(f"measured {len(todo) - rejected} configurations in {wall:.1f} s ({len(todo) / wall:.1f}/s; {split}, "
-            f"other {max(0.0, wall - sum(parts.values())):.1f} s); {rejected} unsupported by their kernel")
-    return len(todo)
+        log(f"measured {out['measured']} configurations in {plan.rounds} interleaved rounds in {wall:.1f} s "
+            f"({len(todo) / wall:.1f}/s; {split}, other {max(0.0, wall - sum(parts.values())):.1f} s); "
+            f"{out['remeasured']} re-measured (spread over {plan.noisy_pct:g}%), {out['noisy']} still noisy; "
+            f"{out['unsupported']} unsupported by their kernel")
+    if out["failed"]:
+        k, why = next(iter(out["failed"].items()))
+        log(f"hwprune: warning: {len(out['failed'])} configurations failed to time and are left unmeasured (not "
+            f"marked unsupported; the next profile tries them again), e.g. {k!r}: {why}")
+    return out
+
+
+def reference_stats(samples: list[float]) -> dict[str, Any]:
+    """A speed reference's median, IQR, spread and round count, as stored in a table."""
+    from hwprune.latency.timing import timing_of
+
+    t = timing_of(samples)
+    return {"kind": "dense model", "median_us": round(t.median_us, 3), "iqr_us": round(t.iqr_us, 3),
+            "spread_pct": round(t.spread_pct, 2), "rounds": t.repeats}
 
 
 def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Tensor,
               policies: list[Policy], target: Target, repeats: int, exclude: list[str],
-              log: Callable[[str], None], extra: dict[str, Any], inputs: torch.Tensor | None = None) -> int:
-    """Measure end to end the calibration policies not yet measured for ``key``; returns how many."""
-    from tqdm import tqdm
-
-    from hwprune.apply import apply_policy
-    from hwprune.apply.formats import deploy
-
+              log: Callable[[str], None], extra: dict[str, Any], inputs: torch.Tensor | None = None,
+              regions_priced: bool = True) -> int:
+    """Measure end to end, in interleaved rounds with the dense model as the speed reference, the calibration
+    policies not yet measured for ``key``; returns how many. A policy whose deployed model is not what the table
+    prices (:func:`deployed_for_timing`) is left out, with a line saying why. The model's ``reference`` (the dense
+    model's median, spread and rounds) is set by the first calibration; every run stores the reference measured in
+    its own rounds (``reference_us``)."""
     entry = table.models.setdefault(key, {})
     entry.update(extra)
     samples = entry.setdefault("calibration", [])
     done = {calibration_key(s["policy"]) for s in samples}
     todo = [p for p in policies if calibration_key(p.to_dict()) not in done]
-    log(f"end-to-end calibration: {len(policies)} policies, measuring {len(todo)}")
+    log(f"end-to-end calibration: {len(policies)} policies, measuring {len(todo)} in interleaved rounds")
+    if not todo:
+        return 0
     x = timing_batch(example, table.batch_size, inputs)
-    saver = _Saver(table)
-    try:
-        for pol in tqdm(todo, desc="calibrating", unit="model", file=sys.stderr, disable=None):
-            pruned, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target, example)
-            t = measure_model(pruned, x, target, repeats)
-            samples.append({"policy": pol.to_dict(), "measured_us": round(t.median_us, 3),
-                            "iqr_us": round(t.iqr_us, 3)})
-            saver.maybe()
-    finally:
-        saver.maybe(force=True)
-    return len(todo)
+    prepared: dict[int, Callable[[], Callable[[], float]]] = {}
+    for i, pol in enumerate(todo):
+        deployed, problem = deployed_for_timing(model, pol, example, target, exclude, regions_priced)
+        if problem:
+            log(f"hwprune: calibration policy {i} left out (not fitted): {problem}")
+            continue
+        prepared[i] = model_sampler(deployed, x, target)
+    import copy
+
+    res = measure_rounds(prepared, target, round_plan(repeats), model_sampler(copy.deepcopy(model), x, target))
+    ref = reference_stats(res.samples[REFERENCE])
+    for i in prepared:
+        t = res.timing(i)
+        samples.append({"policy": todo[i].to_dict(), "measured_us": round(t.median_us, 3),
+                        "iqr_us": round(t.iqr_us, 3), "reference_us": ref["median_us"]})
+    entry.setdefault("reference", ref)
+    if ref["spread_pct"] > NOISY_MACHINE_PCT:
+        log(f"hwprune: warning: the machine is noisy: the dense model's spread over {ref['rounds']} rounds was "
+            f"{ref['spread_pct']:.1f}% (IQR / median), so prices from this table are uncertain by about that much; "
+            f"profile again on a quieter machine (stop other work; 'hwprune profile --tables DIR' into a new folder) "
+            f"for a table you can trust to +-10%")
+    table.save()
+    return len(prepared)
 
 
+NOISY_MACHINE_PCT = 5.0  # a reference spread (IQR / median over rounds) above this: the machine is said to be noisy

@@ -14,7 +14,8 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 from hwprune.kernels import CastModule, cuda_shape_rule, realize_cpu, realize_cuda
-from hwprune.latency.timing import Timing, time_cpu, time_cuda, time_cuda_graph
+from hwprune.latency.timing import (Timing, cpu_sampler, cuda_graph_sampler, cuda_sampler, time_cpu, time_cuda,
+                                    time_cuda_graph)
 from hwprune.registry import Registry
 
 __all__ = ["Target", "TARGETS", "get_target", "fingerprint_slug", "CastModule", "tune_allocator", "ALLOCATOR",
@@ -155,6 +156,18 @@ class Target(ABC):
     def time(self, fn: Callable[[], object], repeats: int, warmup: int = 3) -> Timing:
         return time_cpu(fn, repeats, warmup)
 
+    def sampler(self, fn: Callable[[], object]) -> Callable[[], float]:
+        """``fn`` warmed up, returned as a callable taking one timing sample (for interleaved rounds,
+        :mod:`hwprune.latency.rounds`)."""
+        return cpu_sampler(fn)
+
+    @property
+    def interleaved(self) -> bool:
+        """Whether several prepared items can be timed in alternation. Not in the compile runtime: each layer is
+        compiled after a reset of dynamo's caches (see :func:`compile_module`), which drops the ones before, so
+        its items are timed one at a time (their rounds back to back)."""
+        return self.runtime != "compile"
+
 
 @TARGETS.register("cpu")
 class CpuTarget(Target):
@@ -261,6 +274,9 @@ class CudaTarget(Target):
         if self.runtime == "cudagraph":
             return time_cuda_graph(fn, repeats, warmup)
         return time_cuda(fn, repeats, warmup)
+
+    def sampler(self, fn: Callable[[], object]) -> Callable[[], float]:  # pragma: no cover - needs a GPU
+        return cuda_graph_sampler(fn) if self.runtime == "cudagraph" else cuda_sampler(fn)
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:  # pragma: no cover - needs a GPU
         return realize_cuda(module, fmt)

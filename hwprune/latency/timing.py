@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Timing", "time_cpu", "time_cuda", "time_cuda_graph"]
+__all__ = ["Timing", "time_cpu", "time_cuda", "time_cuda_graph", "timing_of", "cpu_sampler", "cuda_sampler",
+           "cuda_graph_sampler"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,13 @@ def _summarize(samples: list[float], inner: int) -> Timing:
     samples = sorted(samples)
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
     return Timing(statistics.median(samples), q[2] - q[0], len(samples), inner)
+
+
+def timing_of(samples: list[float], inner: int = 1) -> Timing:
+    """A :class:`Timing` from per-call samples (one per round or repeat): median, IQR, how many."""
+    if not samples:
+        raise ValueError("no samples to summarize")
+    return _summarize(list(samples), inner)
 
 
 def _calibrate_inner(fn: Callable[[], object], min_repeat_us: float) -> int:
@@ -117,3 +125,71 @@ def time_cuda_graph(fn: Callable[[], object], repeats: int = 20, warmup: int = 3
         with torch.cuda.graph(graph):
             fn()
     return time_cuda(graph.replay, repeats, warmup=2)
+
+
+# Samplers: the interleaved measurement (:mod:`hwprune.latency.rounds`) prepares every item once (warm-up, inner
+# count) and then takes one sample of each per round. A sampler is a callable returning one sample: the mean
+# per-call time, in microseconds, of ``inner`` back-to-back calls lasting at least ``min_repeat_us``.
+
+
+def cpu_sampler(fn: Callable[[], object], warmup: int = 3, min_repeat_us: float = 2000.0) -> Callable[[], float]:
+    """Warm ``fn`` up, fix its inner count, and return a callable that takes one wall-clock sample of it."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        inner = _calibrate_inner(fn, min_repeat_us)
+
+    def sample() -> float:
+        with torch.inference_mode():
+            t0 = time.perf_counter_ns()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter_ns() - t0) / 1e3 / inner
+
+    sample.inner = inner  # type: ignore[attr-defined]
+    return sample
+
+
+def cuda_sampler(fn: Callable[[], object], warmup: int = 5,
+                 min_repeat_us: float = 200.0) -> Callable[[], float]:  # pragma: no cover - needs a GPU
+    """As :func:`cpu_sampler`, timed with CUDA events around the inner loop (synchronized per sample)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        inner = max(1, int(min_repeat_us / max(start.elapsed_time(end) * 1e3, 0.5) + 0.999))
+
+    def sample() -> float:
+        with torch.inference_mode():
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) * 1e3 / inner
+
+    sample.inner = inner  # type: ignore[attr-defined]
+    return sample
+
+
+def cuda_graph_sampler(fn: Callable[[], object], warmup: int = 3) -> Callable[[], float]:  # pragma: no cover
+    """:func:`cuda_sampler` of the replay of ``fn`` captured as one CUDA graph (see :func:`time_cuda_graph`)."""
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    sample = cuda_sampler(graph.replay, warmup=2)
+    sample.graph = graph  # type: ignore[attr-defined]  # kept alive with the sampler
+    return sample
