@@ -57,8 +57,10 @@ def run_model(name: str, args: argparse.Namespace, target, tmp: Path) -> dict:  
     for i, k in enumerate(order):
         got = try_measure(todo[k], target, args.repeats)
         for m, t in tables.items():
-            if k in want[m]:
-                (t.entries if isinstance(got, Entry) else t.unsupported)[k] = got
+            if k in want[m] and isinstance(got, Entry):
+                t.entries[k] = got
+            elif k in want[m] and got.permanent:  # a transient failure is left out, not marked unsupported
+                t.unsupported[k] = got.why
         if (i + 1) % 200 == 0:
             log(f"{name}: {i + 1}/{len(order)} configurations")
     profile_s = round(time.time() - t0, 1)

@@ -88,6 +88,7 @@ def test_tiny_search_resumes_without_losing_or_repeating(tables, tmp_path):
 def test_impossible_budget_states_the_smallest(tables, tmp_path):
     proc = _search(tables, tmp_path / "r", tmp_path / "c", "--budget", "1us", "--trials", "1")
     assert proc.returncode == 2 and "cannot be met" in proc.stderr and "smallest policy" in proc.stderr
+    assert "of the dense model's" in proc.stderr  # the floor as a share of the dense time
     assert not (tmp_path / "r").exists()
 
 
@@ -264,3 +265,28 @@ def test_ray_worker_rebuilds_the_drivers_dense_model():
     with torch.no_grad():
         assert torch.equal(setup.model(x), driver.model(x))
     assert len(batches) == 4 and batches[0][0].shape[0] == 64
+
+
+def test_absolute_budget_is_priced_at_the_machine_speed_now(tables, tmp_path):
+    """A table whose speed reference (the dense model at profiling) is 1000x faster than this machine now: an
+    absolute budget buys that much less table time (limit = budget / factor, kept in run.json); a share of the
+    dense latency is unchanged (both scale alike)."""
+    import shutil
+
+    mine = tmp_path / "tables"
+    shutil.copytree(tables, mine)
+    path = next(mine.glob("*/b4.json"))
+    t = json.loads(path.read_text())
+    for m in t["models"].values():
+        m["reference"] = {"kind": "dense model", "median_us": 0.01, "iqr_us": 0.0, "spread_pct": 1.0, "rounds": 10}
+    path.write_text(json.dumps(t))
+    proc = _search(mine, tmp_path / "abs", tmp_path / "c", "--trials", "1", "--budget", "1s", "--budget-margin", "0")
+    assert proc.returncode == 0, proc.stderr
+    s, run = json.loads(proc.stdout), json.loads((tmp_path / "abs" / "run.json").read_text())
+    assert run["speed_factor"] > 100 and "slower now than at profiling" in proc.stderr
+    assert s["limit_ms"] == pytest.approx(1000.0 / run["speed_factor"]) and s["budget_ms"] == pytest.approx(1000.0)
+    rel = _search(mine, tmp_path / "rel", tmp_path / "c", "--trials", "1", "--budget-margin", "0")
+    assert rel.returncode == 0, rel.stderr
+    r = json.loads(rel.stdout)
+    assert r["limit_ms"] == pytest.approx(r["budget_ms"]) and "search is unchanged" in rel.stderr
+    assert json.loads((tmp_path / "rel" / "run.json").read_text())["speed_factor"] == 1.0

@@ -27,7 +27,11 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
                         "for this machine's tables, then the reference tables in the repository's latency_tables/)")
     p.add_argument("--channel-multiple", type=positive, default=8, help="kept units are multiples of this (default 8)")
     if measure:
-        p.add_argument("--repeats", type=positive, default=15, help="timed repeats per measurement (default 15)")
+        p.add_argument("--repeats", type=positive, default=10,
+                       help="rounds of interleaved timing (default 10): every item (layer configuration or whole "
+                            "model, and the dense model as the speed reference) is timed once per round in a fresh "
+                            "random order, its median over rounds kept; items whose spread is over 10%% after them get half as "
+                            "many rounds again")
         p.add_argument("--emulate", action="store_true",
                        help="--target arm on a non-ARM machine: use the qnnpack engine here; the table is marked emulated")
     else:
@@ -63,7 +67,7 @@ def _job(args: argparse.Namespace, s: Any, exclude: list[str], layers: Any, key:
     from hwprune.latency import ProfileJob
 
     return ProfileJob(s.model, s.example, layers, key, tuple(s.input_shape), exclude,
-                      getattr(args, "grid", ()), getattr(args, "calibration", 20), getattr(args, "repeats", 15),
+                      getattr(args, "grid", ()), getattr(args, "calibration", 20), getattr(args, "repeats", 10),
                       s.timing_pool())
 
 
@@ -78,6 +82,7 @@ def _warn_headroom(pred: Any, batch: int, summary: dict[str, Any]) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     from hwprune.latency import LatencyTable, Predictor, table_path, user_tables_dir
     from hwprune.latency.ondemand import profile_model
+    from hwprune.latency.profiler import NOISY_MACHINE_PCT
 
     t0 = time.time()
     target, s, exclude, layers, key = _latency_setup(args, measure=True)
@@ -101,6 +106,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
               f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "
               f"elements + {pred.coef[2]:.1f} us; "
               f"{summary['seconds']} s -> {path}")
+        ref = table.models.get(key, {}).get("reference")
+        if ref:
+            print(f"speed reference: the dense model, {ref['median_us'] / 1e3:.4f} ms, spread {ref['spread_pct']:.1f}% "
+                  f"over {ref['rounds']} rounds" + (" (a noisy machine: see the warning above)"
+                                                    if ref["spread_pct"] > NOISY_MACHINE_PCT else ""))
     emit(args, summary)
     return 0
 
@@ -166,7 +176,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{'Kendall tau':<22}{rep.kendall_tau:>16.3f}{rep.flops_kendall_tau:>14.3f}")
         print(f"{'MAPE':<22}{rep.mape:>16.1%}{rep.flops_mape:>14.1%}")
         print(f"{'worst case':<22}{rep.worst:>16.1%}{rep.flops_worst:>14.1%}")
-        print(f"measurement noise (median re-run difference): {rep.noise_pct:.1f}%; {rep.samples} policies")
+        print(f"measurement noise: median odd/even-round difference {rep.noise_pct:.1f}%; noise floor +-"
+              f"{rep.noise_floor_pct:.1f}% (twice the standard error of a measured median); {rep.samples} policies "
+              f"in {rep.rounds} interleaved rounds")
+        if not rep.resolvable:
+            print(f"this machine is too noisy right now to resolve +-10%: a measured latency itself is uncertain "
+                  f"by +-{rep.noise_floor_pct:.1f}%; run validate again when it is quieter, or with more --repeats")
     emit(args, summary)
     return 0
 

@@ -39,7 +39,7 @@ class ProfileJob:
     exclude: list[str] = field(default_factory=list)
     grid: tuple[float, ...] = ()
     calibration: int = 20
-    repeats: int = 15
+    repeats: int = 10  # rounds of interleaved timing (hwprune.latency.rounds)
     inputs: torch.Tensor | None = None  # real inputs to time whole models on (default: from the example)
 
     def __post_init__(self) -> None:

@@ -143,7 +143,7 @@ def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Modul
 SPENT = {"build": 0.0, "prepare": 0.0, "time": 0.0}  # seconds per phase of profiling, for profile's report
 REFERENCE = "__reference__"  # the speed reference's key in a round: the dense model at the table's batch
 ROUND_BYTES = 1 << 30  # prepared items held at once for interleaving (inputs, weights); more go in another chunk
-ROUND_ITEMS = 4000
+ROUND_SECONDS = 20.0  # a chunk's first rounds last about this long: it is saved when done (interrupt safety)
 
 
 @dataclass(frozen=True)
@@ -233,9 +233,10 @@ def try_measure(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> 
 
 
 def round_plan(repeats: int, seed: int = 0) -> RoundPlan:
-    """The rounds of a measurement asked for with ``--repeats``: that many rounds, and as many again for the items
-    whose spread stays above 10%."""
-    return RoundPlan(rounds=repeats, extra_rounds=repeats, noisy_pct=10.0, seed=seed)
+    """The rounds of a measurement asked for with ``--repeats``: that many rounds, and half as many again for the
+    items whose spread is above 10% after them (at most 15 samples an item at the default 10, as many as the
+    sequential timing before rounds took at most)."""
+    return RoundPlan(rounds=repeats, extra_rounds=max(1, repeats // 2), noisy_pct=10.0, seed=seed)
 
 
 def measure_rounds(prepare: dict[Any, Callable[[], Callable[[], float]]], target: Target, plan: RoundPlan,
@@ -372,8 +373,10 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
                    log: Callable[[str], None], reference: Callable[[], Callable[[], float]] | None = None,
                    plan: RoundPlan | None = None) -> dict[str, Any]:
     """Measure every configuration missing from ``table`` in interleaved rounds (:func:`measure_rounds`: all of
-    them once per round, freshly shuffled; up to :data:`ROUND_BYTES` of prepared items at a time), with the
-    speed ``reference`` in every round. Returns counts and the reference's samples."""
+    them once per round, freshly shuffled), with the speed ``reference`` in every round. Items are prepared into
+    a chunk until it holds :data:`ROUND_BYTES` or its rounds would last :data:`ROUND_SECONDS` (each item's
+    first sample, taken and dropped while preparing, says how long it takes); each chunk is saved when its rounds
+    are done, so an interrupted profile keeps the chunks it finished. Returns counts and the reference's samples."""
     from tqdm import tqdm
 
     todo = [c for c in configs if c.key not in table.entries and c.key not in table.unsupported]
@@ -385,10 +388,10 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
     out: dict[str, Any] = {"measured": 0, "unsupported": 0, "failed": {}, "remeasured": 0, "noisy": 0,
                            "reference_us": []}
     chunk: dict[str, Callable[[], Callable[[], float]]] = {}
-    held = 0
+    held, chunk_s = 0, 0.0
 
     def flush() -> None:
-        nonlocal held
+        nonlocal held, chunk_s
         if not chunk:
             return
         res = measure_rounds(chunk, target, plan, reference if target.interleaved else None)
@@ -400,8 +403,8 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
         out["noisy"] += len([k for k in res.noisy if k != REFERENCE])
         out["reference_us"] += res.samples.get(REFERENCE, [])
         chunk.clear()
-        held = 0
-        saver.maybe()
+        held, chunk_s = 0, 0.0
+        saver.maybe(force=True)
 
     try:
         for cfg in tqdm(todo, desc="profiling layers", unit="cfg", file=sys.stderr, disable=None):
@@ -415,8 +418,10 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
                 continue
             sampler, nbytes = got
             chunk[cfg.key] = lambda s=sampler: s  # noqa: E731 - prepared already (its bytes count for the chunk)
-            held += nbytes
-            if not target.interleaved or held > ROUND_BYTES or len(chunk) >= ROUND_ITEMS:
+            t1 = time.perf_counter()
+            sampler()
+            held, chunk_s = held + nbytes, chunk_s + (time.perf_counter() - t1) * plan.rounds
+            if not target.interleaved or held > ROUND_BYTES or chunk_s > ROUND_SECONDS:
                 flush()
         flush()
     finally:

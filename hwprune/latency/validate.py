@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from hwprune.errors import HwpruneError
 from hwprune.latency.layers import ModelLayers
 from hwprune.latency.predictor import Predictor
-from hwprune.latency.profiler import measure_model, random_policy
+from hwprune.latency.profiler import random_policy
 from hwprune.latency.targets import Target
 
 __all__ = ["kendall_tau", "FidelityReport", "validate_predictor"]
@@ -35,7 +36,14 @@ def _errors(pred: list[float], meas: list[float]) -> dict[str, float]:
 
 @dataclass
 class FidelityReport:
-    """Side-by-side fidelity of the table predictor and the FLOPs proxy."""
+    """Side-by-side fidelity of the table predictor and the FLOPs proxy, beside the noise floor.
+
+    ``noise_pct``: the median difference between the medians of a policy's odd and even rounds (a re-run);
+    ``noise_floor_pct``: the median over policies of twice the standard error of their measured median, in % (how
+    far a measured latency itself may be off); ``resolvable`` is False when that floor reaches 10%: a +-10% verdict
+    cannot be resolved on this machine right now. ``speed``: the speed check (predictions are multiplied by its
+    factor). ``left_out``: sampled policies not measured because their deployed model is not what the table prices.
+    """
 
     samples: int
     within_10pct: float
@@ -49,40 +57,75 @@ class FidelityReport:
     flops_worst: float
     noise_pct: float
     rows: list[dict[str, Any]]
+    noise_floor_pct: float = 0.0
+    rounds: int = 0
+    speed: dict[str, Any] | None = None
+    left_out: list[str] = field(default_factory=list)
+
+    @property
+    def resolvable(self) -> bool:
+        return self.noise_floor_pct < 10.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "resolvable": self.resolvable}
 
 
 def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLayers, predictor: Predictor,
                        target: Target, samples: int, seed: int, repeats: int, exclude: list[str],
                        grid: tuple[float, ...], menus: dict[str, list[str]],
                        log: Callable[[str], None] | None = None, inputs: torch.Tensor | None = None) -> FidelityReport:
-    """Draw ``samples`` random policies, measure each twice end to end, compare with both predictors."""
-    from hwprune.apply import apply_policy
-    from hwprune.apply.formats import deploy
+    """Draw ``samples`` random policies and measure them end to end in interleaved rounds (every policy and the
+    dense model, the speed reference, once per round in a fresh order; ``repeats`` rounds, more for noisy ones);
+    compare with both predictors (scaled by the speed factor where the machine's speed changed significantly)."""
+    import copy
+
+    from hwprune.latency.profiler import (REFERENCE, deployed_for_timing, measure_rounds, model_sampler,
+                                          round_plan, timing_batch)
+    from hwprune.latency.speed import median_se_pct, model_reference, speed_check
+    from hwprune.latency.timing import timing_of
 
     rng = random.Random(seed)
-    from hwprune.latency.profiler import timing_batch
-
     x = timing_batch(example, predictor.table.batch_size, inputs)
-    rows = []
+    regions = layers.sources is not None and predictor.table.casts == "regions"
+    pols, prepared, left_out = [], {}, []
     for i in range(samples):
         pol = predictor.runnable(random_policy(layers, grid, menus, rng))
+        deployed, problem = deployed_for_timing(model, pol, example, target, exclude, regions)
+        if problem:
+            left_out.append(problem)
+            if log:
+                log(f"hwprune: sampled policy {i + 1} left out (not a validation of the table): {problem}")
+            continue
+        prepared[len(pols)] = model_sampler(deployed, x, target)
+        pols.append(pol)
+    if log:
+        log(f"hwprune: measuring {len(pols)} policies and the dense model in {repeats} interleaved rounds")
+    res = measure_rounds(prepared, target, round_plan(repeats, seed), model_sampler(copy.deepcopy(model), x, target))
+    speed = speed_check(model_reference(predictor.table, predictor.key), res.samples.get(REFERENCE, []))
+    factor = speed.factor if speed else 1.0
+    if log and speed:
+        log(f"hwprune: {speed.line()}")
+    rows = []
+    for i, pol in enumerate(pols):
         pred = predictor.price(pol)
-        m, _ = deploy(apply_policy(model, pol, example, exclude=exclude), target, example)
-        t1 = measure_model(m, x, target, repeats).median_us
-        t2 = measure_model(m, x, target, repeats).median_us
-        rows.append({"policy": pol.to_dict(), "predicted_us": pred.latency_us, "flops_us": predictor.price_flops(pred.macs),
-                     "measured_us": (t1 + t2) / 2, "rerun_diff_pct": 100 * abs(t1 - t2) / ((t1 + t2) / 2),
-                     "macs": pred.macs})
+        t = res.timing(i)
+        odd, even = res.samples[i][0::2], res.samples[i][1::2] or res.samples[i]
+        a, b = timing_of(odd).median_us, timing_of(even).median_us
+        rows.append({"policy": pol.to_dict(), "predicted_us": pred.latency_us * factor,
+                     "flops_us": predictor.price_flops(pred.macs) * factor, "measured_us": t.median_us,
+                     "spread_pct": t.spread_pct, "rounds": t.repeats,
+                     "rerun_diff_pct": 100 * abs(a - b) / ((a + b) / 2), "macs": pred.macs})
         if log:
             r = rows[-1]
-            log(f"[{i + 1}/{samples}] measured {r['measured_us'] / 1e3:.3f} ms  predicted {r['predicted_us'] / 1e3:.3f} ms"
-                f"  FLOPs proxy {r['flops_us'] / 1e3:.3f} ms")
+            log(f"[{i + 1}/{len(pols)}] measured {r['measured_us'] / 1e3:.3f} ms (spread {r['spread_pct']:.1f}%)  "
+                f"predicted {r['predicted_us'] / 1e3:.3f} ms  FLOPs proxy {r['flops_us'] / 1e3:.3f} ms")
+    if not rows:
+        raise HwpruneError("no sampled policy could be measured as the table prices it (see the lines above)")
     meas = [r["measured_us"] for r in rows]
     t = _errors([r["predicted_us"] for r in rows], meas)
     f = _errors([r["flops_us"] for r in rows], meas)
-    return FidelityReport(samples, t["within_10pct"], t["kendall_tau"], t["mape"], t["worst"], t["bias"],
+    floor = float(np.median([2 * median_se_pct(r["spread_pct"], r["rounds"]) for r in rows]))
+    return FidelityReport(len(rows), t["within_10pct"], t["kendall_tau"], t["mape"], t["worst"], t["bias"],
                           f["within_10pct"], f["kendall_tau"], f["mape"], f["worst"],
-                          float(np.median([r["rerun_diff_pct"] for r in rows])), rows)
+                          float(np.median([r["rerun_diff_pct"] for r in rows])), rows, floor,
+                          max(r["rounds"] for r in rows), speed.to_dict() if speed else None, left_out)

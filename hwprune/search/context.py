@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +45,7 @@ class SearchContext:
     batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # for data-driven importance
     notes: list[str] = field(default_factory=list)
     margin: float = 0.0  # share of the budget kept free: candidates are priced at most budget / (1 + margin)
+    speed_factor: float = 1.0  # machine's speed now / at profiling (hwprune.latency.speed), for absolute budgets
 
     @property
     def task(self) -> Any:
@@ -53,8 +54,10 @@ class SearchContext:
 
     @property
     def limit_ms(self) -> float:
-        """The predicted latency a candidate may reach: the budget less the margin for prediction error."""
-        return self.budget_ms / (1.0 + self.margin)
+        """The predicted latency a candidate may reach: the budget less the margin for prediction error, at the
+        speed the table was measured at (an absolute budget on a machine that runs ``speed_factor`` times slower
+        now buys that much less table time; a share of the dense latency is the same share at any speed)."""
+        return self.budget_ms / (1.0 + self.margin) / self.speed_factor
 
     def policy(self, keep: dict[str, float], formats: dict[str, str]) -> Policy:
         """A policy of these keep ratios and formats; a format the table marks unsupported at the layer's
@@ -125,6 +128,34 @@ class SearchContext:
         return seeds
 
 
+def _floor_measured(predictor: Predictor, smallest: Policy) -> str:
+    """What profiling measured for the smallest policy, as a share of the dense model measured in the same
+    rounds ('' when that policy was not among the calibration runs)."""
+    from hwprune.latency.table import calibration_key
+
+    runs = {calibration_key(s["policy"]): s["measured_us"] for s in predictor.calibration}
+    small = runs.get(calibration_key(smallest.to_dict()))
+    dense = runs.get(calibration_key(Policy(channel_multiple=smallest.channel_multiple).to_dict()))
+    if small is None or dense is None:
+        return ""
+    return f"; measured at profiling: {small / 1e3:.4f} ms, {small / dense:.0%} of the dense {dense / 1e3:.4f} ms"
+
+
+def _speed_now(model: torch.nn.Module, setup: Setup, table: Any, key: str, target: Any, batch: int) -> Any:
+    """The speed check (:mod:`hwprune.latency.speed`): the dense model timed now against the table's reference."""
+    from hwprune.latency.profiler import REFERENCE, measure_rounds, model_sampler, round_plan, timing_batch
+    from hwprune.latency.speed import model_reference, speed_check
+
+    ref = model_reference(table, key)
+    if not ref:
+        return None
+    target.setup()
+    x = timing_batch(setup.example, batch, setup.timing_pool())
+    res = measure_rounds({}, target, round_plan(int(ref.get("rounds", 10))),
+                         model_sampler(copy.deepcopy(model), x, target))
+    return speed_check(ref, res.samples.get(REFERENCE, []))
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -182,12 +213,20 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     budget_ms = parse_budget(spec.budget, dense_ms)
     margin = predictor.margin(MARGIN_QUANTILE) if spec.budget_margin is None else spec.budget_margin
     ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms, float("nan"), margin=margin)
+    speed = _speed_now(structure, setup, table, key, target, batch) if target.is_local() else None
+    if speed is not None:
+        relative = str(spec.budget).strip().endswith("%")
+        ctx.notes.append(speed.line() + ("; the budget is a share of the dense latency, which scales alike, so the "
+                                         "search is unchanged" if relative and speed.significant else ""))
+        ctx.speed_factor = 1.0 if relative else speed.factor
     floor = ctx.price_ms(ctx.smallest())
     if floor > ctx.limit_ms:
         kept = "" if margin == 0 else (f" ({budget_ms:.4f} ms less the {margin:.1%} margin for prediction error; "
                                        f"--budget-margin 0 prices up to the budget itself)")
         raise HwpruneError(f"budget {ctx.limit_ms:.4f} ms{kept} cannot be met: the smallest policy the grid allows "
-                           f"is predicted at {floor:.4f} ms on {spec.target} (batch {batch})")
+                           f"is predicted at {floor:.4f} ms on {spec.target} (batch {batch}), "
+                           f"{floor / dense_ms:.0%} of the dense model's {dense_ms:.4f} ms"
+                           + _floor_measured(predictor, ctx.smallest()))
     if margin:
         how = "--budget-margin" if spec.budget_margin is not None else \
             f"the {MARGIN_QUANTILE:.0%} quantile of the calibration runs' leave-one-out |measured/predicted - 1|"

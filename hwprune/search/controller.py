@@ -379,10 +379,19 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     table = ctx.predictor.table
     resumed = claim_run_dir(out, spec.identity(), {
         "spec": spec.public(), "budget_ms": ctx.budget_ms, "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
+        "speed_factor": ctx.speed_factor,
         "dense_predicted_ms": ctx.dense_ms,
         f"dense_val_{ctx.task.metric}": ctx.dense_val_metric, "task": ctx.task.name, "metric": ctx.task.metric,
         "direction": ctx.task.direction, "table": str(table.path), "table_fingerprint": table.fingerprint,
         "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus})
+    from hwprune._io import read_json
+
+    if resumed:  # the run keeps the speed factor it started with: its trials are priced under one limit
+        first = float(read_json(out / "run.json", "run file").get("speed_factor", 1.0))
+        if first != ctx.speed_factor:
+            ctx.notes.append(f"resuming with the speed factor the run started with ({first:.3f}), not this "
+                             f"machine's now ({ctx.speed_factor:.3f}): one study, one price scale")
+            ctx.speed_factor = first
     for note in ctx.notes:
         log(f"hwprune: {note}")
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "

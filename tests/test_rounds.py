@@ -1,0 +1,207 @@
+"""Interleaved rounds, the speed reference, and the timing failures that must not poison a table (issue 20)."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hwprune.latency import LatencyTable, analyze_layers
+from hwprune.latency.layers import LayerConfig
+from hwprune.latency.profiler import Failure, calibrate, layer_configs, profile_layers, try_prepare
+from hwprune.latency.rounds import RoundPlan, measure_in_rounds
+from hwprune.latency.speed import SpeedCheck, median_se_pct, speed_check
+from hwprune.latency.targets import CpuTarget
+from hwprune.policy import Policy
+
+
+class _Clock:
+    """A machine whose speed drifts: every sample costs ``base * (1 + drift * calls so far)``."""
+
+    def __init__(self, drift: float) -> None:
+        self.calls, self.drift, self.log = 0, drift, []
+
+    def item(self, name: str, base: float):
+        def sample() -> float:
+            self.calls += 1
+            self.log.append(name)
+            return base * (1 + self.drift * self.calls)
+        return sample
+
+
+def test_every_item_once_per_round_in_a_fresh_shuffled_order():
+    clock = _Clock(0.0)
+    items = {k: clock.item(k, 10.0) for k in "abcdef"}
+    res = measure_in_rounds(items, RoundPlan(rounds=6, extra_rounds=0, seed=3))
+    assert len(res.orders) == 6
+    assert all(sorted(o) == list("abcdef") for o in res.orders)  # each round: every item exactly once
+    assert len({tuple(o) for o in res.orders}) > 1  # reshuffled between rounds
+    assert clock.log == list(itertools.chain.from_iterable(res.orders))  # samples taken in that order
+    assert all(len(v) == 6 for v in res.samples.values())
+    again = measure_in_rounds({k: _Clock(0.0).item(k, 1.0) for k in "abcdef"}, RoundPlan(rounds=6, extra_rounds=0,
+                                                                                       seed=3))
+    assert again.orders == res.orders  # seeded
+
+
+def test_statistic_is_the_median_over_rounds():
+    vals = iter([5.0, 1.0, 9.0, 3.0, 7.0])
+    res = measure_in_rounds({"x": lambda: next(vals)}, RoundPlan(rounds=5, extra_rounds=0))
+    t = res.timing("x")
+    assert t.median_us == 5.0 and t.repeats == 5
+    assert t.iqr_us == pytest.approx(8.0 - 2.0)  # statistics.quantiles (exclusive): q1 = 2, q3 = 8
+
+
+def test_drift_moves_interleaved_items_alike_but_lands_in_sequential_ones():
+    # three identical layers on a machine that slows by 0.5% per sample: one after the other, the medians sit at
+    # calls 8, 23 and 38 (100 * (1 + 0.005 * call)): the last one 14% slower than the first; interleaved, all
+    # three come out within 2% of each other
+    clock = _Clock(0.005)
+    seq = {}
+    for k in "abc":
+        seq[k] = measure_in_rounds({k: clock.item(k, 100.0)}, RoundPlan(rounds=15, extra_rounds=0)).timing(k).median_us
+    assert seq == {"a": 104.0, "b": 111.5, "c": 119.0}
+    clock = _Clock(0.005)
+    res = measure_in_rounds({k: clock.item(k, 100.0) for k in "abc"}, RoundPlan(rounds=15, extra_rounds=0))
+    med = [res.timing(k).median_us for k in "abc"]
+    assert max(med) / min(med) < 1.02
+
+
+def test_noisy_items_are_remeasured_with_the_reference_and_reported():
+    calls = {"quiet": 0, "noisy": 0, "ref": 0}
+    noisy_vals = itertools.cycle([50.0, 150.0, 100.0, 60.0, 140.0])
+
+    def make(k):
+        def sample():
+            calls[k] += 1
+            return next(noisy_vals) if k == "noisy" else 100.0 + (calls[k] % 2)
+        return sample
+
+    res = measure_in_rounds({k: make(k) for k in calls}, RoundPlan(rounds=5, extra_rounds=4, noisy_pct=10.0),
+                            always=["ref"])
+    assert res.remeasured == ["noisy"]  # quiet stays at its 5 rounds; the reference is never "re-measured"
+    assert calls == {"quiet": 5, "noisy": 9, "ref": 9}  # the reference takes part in the extra rounds too
+    assert res.noisy == ["noisy"]  # still above 10% after them: reported
+    assert [len(o) for o in res.orders] == [3] * 5 + [2] * 4
+
+
+def test_round_plan_refuses_nonsense():
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        RoundPlan(rounds=0)
+
+
+def test_speed_factor_applies_only_beyond_the_noise():
+    # median standard error: 1.2533 * (spread / 1.349) / sqrt(n); 8% spread over 16 rounds -> 1.858%
+    assert median_se_pct(8.0, 16) == pytest.approx(1.2533 * 8 / 1.349 / 4)
+    quiet = SpeedCheck(1000.0, 8.0, 16, 1030.0, 8.0, 16)
+    # noise: 2 * hypot(1.858, 1.858) = 5.26%; 3% slower is within it: prices are used as measured
+    assert quiet.noise_pct == pytest.approx(2 * (2 ** 0.5) * 1.2533 * 8 / 1.349 / 4)
+    assert not quiet.significant and quiet.factor == 1.0 and "within the noise" in quiet.line()
+    slow = SpeedCheck(1000.0, 2.0, 16, 1250.0, 2.0, 16)
+    assert slow.significant and slow.factor == pytest.approx(1.25)
+    assert "25.0% slower" in slow.line() and "scaled by 1.250" in slow.line()
+    fast = SpeedCheck(1000.0, 2.0, 16, 800.0, 2.0, 16)
+    assert fast.factor == pytest.approx(0.8) and "20.0% faster" in fast.line()
+    assert speed_check(None, [1.0]) is None and speed_check({"median_us": 1.0}, []) is None
+    got = speed_check({"median_us": 100.0, "spread_pct": 1.0, "rounds": 10}, [200.0, 202.0, 198.0, 200.0])
+    assert got.ratio == pytest.approx(2.0) and got.factor == pytest.approx(2.0)
+
+
+def test_dilation_and_same_padding_are_in_the_key_and_the_kernel():
+    plain = LayerConfig("conv1d", 8, 8, 4, kernel=(3,), stride=(1,), padding=(2,), extent=(32,))
+    dil = LayerConfig("conv1d", 8, 8, 4, kernel=(3,), stride=(1,), padding=(2,), extent=(32,), dilation=(2,))
+    same = LayerConfig("conv1d", 8, 8, 4, kernel=(4,), stride=(1,), padding="same", extent=(32,))
+    assert plain.key == "conv1d|i8|o8|k3|s1|p2|g1|x32|b4|bias|fp32"  # undilated keys as before
+    assert dil.key == "conv1d|i8|o8|k3|s1|p2|d2|g1|x32|b4|bias|fp32" and same.key.split("|")[5] == "psame"
+    for c in (plain, dil, same):
+        assert LayerConfig.from_key(c.key) == c
+    # output length by hand: (32 + 4 - 1*2 - 1) + 1 = 34 plain; (32 + 4 - 2*2 - 1) + 1 = 32 dilated; same: 32
+    assert plain.out_extent() == (34,) and dil.out_extent() == (32,) and same.out_extent() == (32,)
+    assert dil.macs() == 4 * 32 * 8 * 8 * 3 and plain.macs() == 4 * 34 * 8 * 8 * 3
+    m, x = dil.build()
+    assert m.dilation == (2,) and m(x).shape == (4, 8, 32)
+    m, x = same.build()
+    assert m.padding == "same" and m(x).shape == (4, 8, 32)
+
+    class Tcn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(2, 16, 3, padding=2, dilation=2)
+            self.b = nn.Conv1d(16, 16, 4, padding="same")
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.b(torch.relu(self.a(x))).mean(-1))
+
+    layers = analyze_layers(Tcn(), torch.randn(2, 2, 20))
+    keys = {f.name: f.base.key for f in layers.layers}
+    assert "|p2|d2|g1|x20|" in keys["a"] and "|k4|s1|psame|g1|x20|" in keys["b"]
+
+
+class _FlakyTarget(CpuTarget):
+    """A CPU target whose kernels fail: ``once`` configurations the first time only, ``oserror`` ones with an OS
+    error every time, ``refuse`` ones with the same kernel error every time."""
+
+    def __init__(self, fail):
+        super().__init__(threads=1)
+        self.fail, self.seen = fail, {}
+
+    def realize(self, module, fmt):
+        cout = getattr(module, "out_features", 0)
+        how = self.fail.get(cout)
+        self.seen[cout] = self.seen.get(cout, 0) + 1
+        if how == "once" and self.seen[cout] == 1:
+            raise RuntimeError("sporadic driver hiccup")
+        if how == "oserror":
+            raise OSError(24, "Too many open files")
+        if how == "refuse":
+            raise RuntimeError("shape [4, 24] is not supported by this kernel")
+        return super().realize(module, fmt)
+
+
+def test_a_transient_failure_is_retried_and_never_stored_as_unsupported(tmp_path):
+    cfg = lambda n: LayerConfig("linear", 8, n, 4)  # noqa: E731
+    target = _FlakyTarget({16: "once", 32: "oserror", 24: "refuse"})
+    assert not isinstance(try_prepare(cfg(16), target), Failure)  # failed once, passed on the retry
+    got = try_prepare(cfg(32), target)
+    assert isinstance(got, Failure) and not got.permanent and "Too many open files" in got.why
+    got = try_prepare(cfg(24), target)
+    assert isinstance(got, Failure) and got.permanent and "not supported" in got.why
+
+    table = LatencyTable(target.fingerprint(), 4, path=tmp_path / "t.json")
+    logs = []
+    out = profile_layers(table, [cfg(8), cfg(32), cfg(24)], target, 2, logs.append)
+    assert list(table.entries) == [cfg(8).key]
+    assert list(table.unsupported) == [cfg(24).key]  # the refusal is permanent, the OS error is not
+    assert cfg(32).key in out["failed"] and cfg(32).key not in table.unsupported
+    assert any("left unmeasured (not marked unsupported" in m for m in logs)
+    saved = LatencyTable.load(tmp_path / "t.json")
+    assert cfg(32).key not in saved.unsupported and cfg(32).key not in saved.entries  # tried again next time
+
+
+class _NoInt8(CpuTarget):
+    """No int8 kernel for the wide layer: deploying int8 there leaves it simulated."""
+
+    def realize(self, module, fmt):
+        if fmt == "int8" and getattr(module, "out_features", 0) == 16:
+            raise RuntimeError("no int8 kernel here")
+        return super().realize(module, fmt)
+
+
+def test_calibration_leaves_out_a_deploy_that_stays_simulated(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(2, 4)
+    layers = analyze_layers(model, x)
+    target = _NoInt8(threads=1)
+    table = LatencyTable(target.fingerprint(), 2, path=tmp_path / "t.json")
+    pols = [Policy({}, {}, 8), Policy({}, {"0": "int8"}, 8), Policy({}, {"2": "int8"}, 8)]
+    logs = []
+    n = calibrate(table, "k", model, x, pols, target, 2, [], logs.append, {})
+    runs = table.models["k"]["calibration"]
+    assert n == 2 and [r["policy"]["formats"] for r in runs] == [{}, {"2": "int8"}]
+    assert any("left out (not fitted)" in m and "0:int8" in m for m in logs)
+    ref = table.models["k"]["reference"]
+    assert ref["rounds"] >= 2 and all(r["reference_us"] == ref["median_us"] for r in runs)
+    assert json.loads((tmp_path / "t.json").read_text())["models"]["k"]["reference"] == ref  # saved with the table
