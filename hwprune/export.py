@@ -23,6 +23,7 @@ summary; a different export into the same directory is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -261,7 +262,6 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     run_fp = info["table_fingerprint"]
     here = None
     if target.is_local():
-        target.setup()  # threads and allocator as the table was measured; the fingerprint includes both
         here = target.fingerprint()
     differs = _fingerprint_diff(run_fp, here)
     if differs:
@@ -293,24 +293,28 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     save_pruned(dest / "pruned.pt", model, policy, spec.model, setup.model_args, setup.input_shape,
                 setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps})
     stats = model_stats(model, setup.example)
-    if target.is_local():
-        deployed, rep = deploy(copy.deepcopy(model).eval(), target, setup.example)
-        deployed = deployed.to(target.device)
-    else:
-        deployed, rep = model.eval(), None
-        log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
-    test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
-    x = setup.inputs(info["batch_size"]).to(target.device if rep is not None else "cpu")  # real inputs (token ids too)
-    artifacts, checks = _save_artifacts(deployed, x[: min(8, len(x))], dest)
-    if not artifacts:
-        log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
-    if spec.runtime == "compile" and rep is not None:
-        log(f"hwprune: compiling the AOTInductor package for batch {len(x)} (the compile runtime's artifact)")
-        _save_aoti(deployed, x, dest, artifacts, checks)
-    measured = None
-    if here is not None and (not differs or measure_here):
-        torch.manual_seed(0)
-        measured = _measure_export(deployed, artifacts, x, target, repeats, info, spec, setup, log)
+    # the table's threads, engine and allocator from deploying to measuring (the fingerprint includes them); the
+    # process's own come back after (the fine-tune above ran with them)
+    with target.settings() if target.is_local() else contextlib.nullcontext():
+        if target.is_local():
+            deployed, rep = deploy(copy.deepcopy(model).eval(), target, setup.example)
+            deployed = deployed.to(target.device)
+        else:
+            deployed, rep = model.eval(), None
+            log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
+        test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
+        x = setup.inputs(info["batch_size"]).to(target.device if rep is not None else "cpu")  # real inputs (token ids too)
+        artifacts, checks = _save_artifacts(deployed, x[: min(8, len(x))], dest)
+        if not artifacts:
+            log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
+        if spec.runtime == "compile" and rep is not None:
+            log(f"hwprune: compiling the AOTInductor package for batch {len(x)} (the compile runtime's artifact)")
+            _save_aoti(deployed, x, dest, artifacts, checks)
+        measured = None
+        if here is not None and (not differs or measure_here):
+            torch.manual_seed(0)
+            measured = _measure_export(deployed, artifacts, x, target, repeats, info, spec, setup, chosen.values[1],
+                                       log)
     pred_ms = chosen.values[1]
     over = measured is not None and measured["adjusted_ms"] > info["budget_ms"]
     if measured is not None:
@@ -357,13 +361,15 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
 
 
 def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Tensor, target: Any, repeats: int,
-                    info: dict[str, Any], spec: Any, setup: Any, log: Callable[[str], None]) -> dict[str, Any]:
-    """The deployed model, its reloaded artifacts and the dense model (the speed reference) in interleaved rounds;
-    the speed check against the table's reference gives the speed-adjusted latency (``adjusted_ms``: measured /
-    factor, the factor being 1 unless the machine's speed changed by more than the noise)."""
+                    info: dict[str, Any], spec: Any, setup: Any, predicted_ms: float,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """The deployed model, its reloaded artifacts, the dense model and the smallest policy (the speed curve's
+    anchors, :mod:`hwprune.latency.speed`) in interleaved rounds; the speed-adjusted latency (``adjusted_ms``) is
+    the measurement divided by the curve's factor at the predicted latency."""
+    from hwprune.apply.formats import deploy
     from hwprune.latency.predictor import model_key
     from hwprune.latency.profiler import REFERENCE, measure_rounds, model_sampler, round_plan
-    from hwprune.latency.speed import model_reference, speed_check
+    from hwprune.latency.speed import SMALLEST, smallest_reference, speed_curve
     from hwprune.latency.table import LatencyTable
 
     items = {"deployed": model_sampler(deployed, x, target)}
@@ -372,25 +378,30 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     if "aoti" in artifacts:
         items["aoti"] = model_sampler(torch._inductor.aoti_load_package(artifacts["aoti"]), x, target,
                                       as_runtime=False)
-    res = measure_rounds(items, target, round_plan(repeats), model_sampler(copy.deepcopy(setup.model), x, target))
-    t = res.timing("deployed")
-    out: dict[str, Any] = {"median_ms": t.median_us / 1e3, "spread_pct": t.spread_pct, "repeats": t.repeats,
-                           "rounds": t.repeats, "on_target": True, "interleaved": target.interleaved}
-    for name, key in (("torchscript", "torchscript_median_ms"), ("aoti", "aoti_median_ms")):
-        if name in items:
-            out[key] = res.timing(name).median_us / 1e3
     try:
         table = LatencyTable.load(info["table"])
     except (HwpruneError, KeyError, TypeError):
         table = None
     key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
-    speed = speed_check(model_reference(table, key) if table is not None else None, res.samples.get(REFERENCE, []))
-    dense_now = res.timing(REFERENCE).median_us / 1e3
-    out["dense_now_ms"] = dense_now
+    anchor = smallest_reference(table, key) if table is not None else None
+    if anchor is not None:
+        from hwprune.apply import apply_policy
+
+        small = apply_policy(setup.model, Policy.from_dict(anchor[0]), setup.example, exclude=spec.exclude)
+        items[SMALLEST] = model_sampler(deploy(small, target, setup.example)[0], x, target)
+    res = measure_rounds(items, target, round_plan(repeats), model_sampler(copy.deepcopy(setup.model), x, target))
+    t = res.timing("deployed")
+    out: dict[str, Any] = {"median_ms": t.median_us / 1e3, "spread_pct": t.spread_pct, "repeats": t.repeats,
+                           "rounds": t.repeats, "on_target": True, "interleaved": target.interleaved}
+    for name, k in (("torchscript", "torchscript_median_ms"), ("aoti", "aoti_median_ms")):
+        if name in items:
+            out[k] = res.timing(name).median_us / 1e3
+    speed = speed_curve(table, key, res.samples) if table is not None else None
+    out["dense_now_ms"] = res.timing(REFERENCE).median_us / 1e3
     if speed is not None:
         log(f"hwprune: {speed.line()}")
-        out.update(speed=speed.to_dict(), speed_factor=speed.factor, dense_at_profile_ms=speed.then_us / 1e3,
-                   machine_drift_pct=100 * (speed.ratio - 1))
+        out.update(speed=speed.to_dict(), speed_factor=speed.factor_at(predicted_ms * 1e3),
+                   dense_at_profile_ms=speed.dense.then_us / 1e3, machine_drift_pct=100 * (speed.dense.ratio - 1))
     else:
         out["speed_factor"] = 1.0
     out["adjusted_ms"] = out["median_ms"] / out["speed_factor"]
@@ -426,8 +437,9 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
             lines += ["", f"The dense model (the speed reference, timed in the same rounds) measures "
                           f"{m['dense_now_ms']:.4f} ms now and measured {m['dense_at_profile_ms']:.4f} ms when the "
                           f"table was profiled ({m['machine_drift_pct']:+.1f}%; noise +-{sp['noise_pct']:.1f}%: "
-                          + ("a real change, so the measurement is also given at the table's speed)." if
-                             sp["significant"] else "within the noise, so no adjustment).")]
+                          + ("a real change" if sp["significant"] else "within the noise")
+                          + f"; the measurement is also given at the table's speed, factor {m['speed_factor']:.3f} at "
+                            f"the predicted latency)."]
         if s.get("over_budget"):
             lines += ["", f"**Over budget:** {m['adjusted_ms']:.4f} ms at the table's speed > budget "
                           f"{s['budget_ms']:.4f} ms (by {m['adjusted_ms'] / s['budget_ms'] - 1:.1%}; measured "

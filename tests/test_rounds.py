@@ -97,7 +97,7 @@ def test_speed_factor_applies_only_beyond_the_noise():
     quiet = SpeedCheck(1000.0, 8.0, 16, 1030.0, 8.0, 16)
     # noise: 2 * hypot(1.858, 1.858) = 5.26%; 3% slower is within it: prices are used as measured
     assert quiet.noise_pct == pytest.approx(2 * (2 ** 0.5) * 1.2533 * 8 / 1.349 / 4)
-    assert not quiet.significant and quiet.factor == 1.0 and "within the noise" in quiet.line()
+    assert not quiet.significant and quiet.factor == pytest.approx(1.03) and "within the noise" in quiet.line()
     slow = SpeedCheck(1000.0, 2.0, 16, 1250.0, 2.0, 16)
     assert slow.significant and slow.factor == pytest.approx(1.25)
     assert "25.0% slower" in slow.line() and "scaled by 1.250" in slow.line()
@@ -205,3 +205,41 @@ def test_calibration_leaves_out_a_deploy_that_stays_simulated(tmp_path):
     ref = table.models["k"]["reference"]
     assert ref["rounds"] >= 2 and all(r["reference_us"] == ref["median_us"] for r in runs)
     assert json.loads((tmp_path / "t.json").read_text())["models"]["k"]["reference"] == ref  # saved with the table
+
+
+def test_target_settings_are_restored_after_timing():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with CpuTarget(threads=1).settings():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # the process's own thread count is back
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_speed_curve_interpolates_between_the_smallest_policy_and_the_dense_model():
+    from hwprune.latency.profiler import REFERENCE
+    from hwprune.latency.speed import SMALLEST, SpeedCurve, smallest_reference, speed_curve
+    from hwprune.latency.table import LatencyTable
+
+    dense = SpeedCheck(1000.0, 2.0, 10, 900.0, 2.0, 10)  # 0.9 at 1000 us
+    small = SpeedCheck(100.0, 2.0, 10, 60.0, 2.0, 10)  # 0.6 at 100 us
+    curve = SpeedCurve(dense, small)
+    assert curve.factor_at(1000.0) == pytest.approx(0.9) and curve.factor_at(100.0) == pytest.approx(0.6)
+    # halfway in log latency (316 us): the geometric mean of the two factors
+    assert curve.factor_at(1000 ** 0.5 * 100 ** 0.5) == pytest.approx((0.9 * 0.6) ** 0.5)
+    assert curve.factor_at(5000.0) == pytest.approx(0.9) and curve.factor_at(10.0) == pytest.approx(0.6)  # held
+    assert SpeedCurve(dense).factor_at(100.0) == pytest.approx(0.9)  # one anchor: one factor
+    assert "smallest policy measures 0.0600 ms now" in curve.line()
+
+    low = {"keep": {"g": 0.25}, "formats": {}, "channel_multiple": 8, "format_version": 1}
+    table = LatencyTable({"target": "cpu"}, 4, models={"k": {
+        "reference": {"median_us": 1000.0, "spread_pct": 2.0, "rounds": 10}, "smallest": low,
+        "calibration": [{"policy": {"keep": {}, "formats": {}, "channel_multiple": 8}, "measured_us": 990.0},
+                        {"policy": low, "measured_us": 100.0, "iqr_us": 4.0}]}})
+    pol, ref = smallest_reference(table, "k")
+    assert pol == low and ref["median_us"] == 100.0 and ref["spread_pct"] == pytest.approx(4.0)
+    got = speed_curve(table, "k", {REFERENCE: [900.0] * 5, SMALLEST: [60.0] * 5})
+    assert got.factor_at(100.0) == pytest.approx(0.6) and got.factor_at(1000.0) == pytest.approx(0.9)
+    assert speed_curve(table, "nope", {REFERENCE: [1.0]}) is None

@@ -68,9 +68,11 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
                          reference=model_sampler(copy.deepcopy(job.model), x, target))
     pred = Predictor(table, job.layers, job.key)
     menus = pred.menus(target)
-    pols = calibration_policies(job.layers, job.grid, menus, job.calibration, fix=pred.runnable,
-                                smallest=smallest_policy(pred, job.grid, menus))
+    smallest = pred.runnable(smallest_policy(pred, job.grid, menus))
+    pols = calibration_policies(job.layers, job.grid, menus, job.calibration, fix=pred.runnable, smallest=smallest)
     extra = {"grid": list(job.grid), "input_shape": list(job.input_shape), "blocks": "fused" if fused else "layers"}
+    if not table.models.get(job.key, {}).get("smallest"):  # the speed curve's second anchor (measured below)
+        extra["smallest"] = smallest.to_dict()
     if got["reference_us"]:
         extra["reference_layer_rounds"] = reference_stats(got["reference_us"])
         log(f"hwprune: speed reference (the dense model, {len(got['reference_us'])} rounds among the layers): "

@@ -110,6 +110,8 @@ def _check_model(key: str, raw: Any, where: str) -> None:
     if raw.get("blocks", "fused") not in ("fused", "layers"):
         raise HwpruneError(f"latency table {where}: model {key!r} has blocks {raw['blocks']!r}; expected 'fused' "
                            f"or 'layers'")
+    if raw.get("smallest") is not None:
+        Policy.from_dict(raw["smallest"], source=f"latency table {where}: the smallest policy of {key!r}")
     cal = raw.get("calibration", [])
     if not isinstance(cal, list):
         raise HwpruneError(f"latency table {where}: model {key!r} has calibration {cal!r}; expected a list")

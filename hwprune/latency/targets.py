@@ -4,10 +4,11 @@ One small base class; ``cpu``, ``cuda`` and ``arm`` are registered by name.
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -145,6 +146,18 @@ class Target(ABC):
             torch.set_num_threads(self.threads)
         if self.runtime == "compile":
             use_compile_cache()
+
+    @contextlib.contextmanager
+    def settings(self) -> Iterator[None]:
+        """:meth:`setup` for the duration of a ``with`` block; the thread count and quantized engine the process
+        had come back after it (the allocator setting stays: glibc has no way to ask for the old one)."""
+        threads, engine = torch.get_num_threads(), torch.backends.quantized.engine
+        try:
+            self.setup()
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            torch.backends.quantized.engine = engine
 
     def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
         """What this runtime runs for ``module``: the module itself, or (compile) ``torch.compile`` of it,

@@ -2,10 +2,17 @@
 
 CPU: wall clock (``perf_counter_ns``) at a fixed thread count. Each repeat runs
 the call enough times to last at least ``min_repeat_us`` (timer resolution and
-scheduler noise), and the per-call time is that repeat's mean. On both, the
-timing stops after 5 repeats when their spread is already within 2%. CUDA: CUDA
+scheduler noise), and the per-call time is that repeat's mean. CUDA: CUDA
 events around the same loop after warm-up, synchronized; the first call is
 never timed.
+
+Two ways to use it: ``time_cpu``/``time_cuda`` time one callable with its
+repeats back to back (stopping after 5 when their spread is already within
+2%); the *samplers* (``cpu_sampler``/``cuda_sampler``) warm a callable up once
+and return a function that takes one sample, so that
+:mod:`hwprune.latency.rounds` can time many items in interleaved rounds (what
+profiling, calibration, validation and export do: drift then moves every item
+alike).
 """
 from __future__ import annotations
 

@@ -76,12 +76,14 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
                        log: Callable[[str], None] | None = None, inputs: torch.Tensor | None = None) -> FidelityReport:
     """Draw ``samples`` random policies and measure them end to end in interleaved rounds (every policy and the
     dense model, the speed reference, once per round in a fresh order; ``repeats`` rounds, more for noisy ones);
-    compare with both predictors (scaled by the speed factor where the machine's speed changed significantly)."""
+    compare with both predictors, scaled by the speed factor (the dense model now over at profiling, timed in the
+    same rounds: the comparison is one of ratios to the dense model)."""
     import copy
 
     from hwprune.latency.profiler import (REFERENCE, deployed_for_timing, measure_rounds, model_sampler,
                                           round_plan, timing_batch)
-    from hwprune.latency.speed import median_se_pct, model_reference, speed_check
+    from hwprune.latency.speed import SMALLEST, median_se_pct, smallest_reference, speed_curve
+    from hwprune.policy import Policy
     from hwprune.latency.timing import timing_of
 
     rng = random.Random(seed)
@@ -98,20 +100,25 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
             continue
         prepared[len(pols)] = model_sampler(deployed, x, target)
         pols.append(pol)
+    anchor = smallest_reference(predictor.table, predictor.key)
+    if anchor is not None:  # the speed curve's second anchor, in the same rounds
+        small, problem = deployed_for_timing(model, Policy.from_dict(anchor[0]), example, target, exclude, regions)
+        if not problem:
+            prepared[SMALLEST] = model_sampler(small, x, target)
     if log:
         log(f"hwprune: measuring {len(pols)} policies and the dense model in {repeats} interleaved rounds")
     res = measure_rounds(prepared, target, round_plan(repeats, seed), model_sampler(copy.deepcopy(model), x, target))
-    speed = speed_check(model_reference(predictor.table, predictor.key), res.samples.get(REFERENCE, []))
-    factor = speed.factor if speed else 1.0
+    speed = speed_curve(predictor.table, predictor.key, res.samples)
     if log and speed:
         log(f"hwprune: {speed.line()}")
     rows = []
     for i, pol in enumerate(pols):
         pred = predictor.price(pol)
+        factor = speed.factor_at(pred.latency_us) if speed else 1.0
         t = res.timing(i)
         odd, even = res.samples[i][0::2], res.samples[i][1::2] or res.samples[i]
         a, b = timing_of(odd).median_us, timing_of(even).median_us
-        rows.append({"policy": pol.to_dict(), "predicted_us": pred.latency_us * factor,
+        rows.append({"policy": pol.to_dict(), "predicted_us": pred.latency_us * factor, "speed_factor": factor,
                      "flops_us": predictor.price_flops(pred.macs) * factor, "measured_us": t.median_us,
                      "spread_pct": t.spread_pct, "rounds": t.repeats,
                      "rerun_diff_pct": 100 * abs(a - b) / ((a + b) / 2), "macs": pred.macs})

@@ -141,19 +141,28 @@ def _floor_measured(predictor: Predictor, smallest: Policy) -> str:
     return f"; measured at profiling: {small / 1e3:.4f} ms, {small / dense:.0%} of the dense {dense / 1e3:.4f} ms"
 
 
-def _speed_now(model: torch.nn.Module, setup: Setup, table: Any, key: str, target: Any, batch: int) -> Any:
-    """The speed check (:mod:`hwprune.latency.speed`): the dense model timed now against the table's reference."""
-    from hwprune.latency.profiler import REFERENCE, measure_rounds, model_sampler, round_plan, timing_batch
-    from hwprune.latency.speed import model_reference, speed_check
+def _speed_now(model: torch.nn.Module, setup: Setup, table: Any, key: str, target: Any, batch: int,
+               exclude: list[str]) -> Any:
+    """The speed curve (:mod:`hwprune.latency.speed`): the dense model and the smallest policy timed now in the
+    same rounds, against the table's measurements of both (None without a stored reference)."""
+    from hwprune.apply import apply_policy
+    from hwprune.apply.formats import deploy
+    from hwprune.latency.profiler import measure_rounds, model_sampler, round_plan, timing_batch
+    from hwprune.latency.speed import SMALLEST, model_reference, smallest_reference, speed_curve
 
     ref = model_reference(table, key)
     if not ref:
         return None
-    target.setup()
     x = timing_batch(setup.example, batch, setup.timing_pool())
-    res = measure_rounds({}, target, round_plan(int(ref.get("rounds", 10))),
-                         model_sampler(copy.deepcopy(model), x, target))
-    return speed_check(ref, res.samples.get(REFERENCE, []))
+    with target.settings():  # the table's threads while timing; the search's own afterwards
+        items = {}
+        anchor = smallest_reference(table, key)
+        if anchor is not None:
+            small = apply_policy(model, Policy.from_dict(anchor[0]), setup.example, exclude=exclude)
+            items[SMALLEST] = model_sampler(deploy(small, target, setup.example)[0], x, target)
+        res = measure_rounds(items, target, round_plan(int(ref.get("rounds", 10))),
+                             model_sampler(copy.deepcopy(model), x, target))
+    return speed_curve(table, key, res.samples)
 
 
 def _log(msg: str) -> None:
@@ -213,12 +222,13 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     budget_ms = parse_budget(spec.budget, dense_ms)
     margin = predictor.margin(MARGIN_QUANTILE) if spec.budget_margin is None else spec.budget_margin
     ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms, float("nan"), margin=margin)
-    speed = _speed_now(structure, setup, table, key, target, batch) if target.is_local() else None
+    speed = _speed_now(structure, setup, table, key, target, batch, spec.exclude) if target.is_local() else None
     if speed is not None:
         relative = str(spec.budget).strip().endswith("%")
         ctx.notes.append(speed.line() + ("; the budget is a share of the dense latency, which scales alike, so the "
-                                         "search is unchanged" if relative and speed.significant else ""))
-        ctx.speed_factor = 1.0 if relative else speed.factor
+                                         "search is unchanged" if relative else ""))
+        # an absolute budget: the factor where the search's candidates are (at the limit), from the curve
+        ctx.speed_factor = 1.0 if relative else speed.factor_at(1e3 * budget_ms / (1.0 + margin))
     floor = ctx.price_ms(ctx.smallest())
     if floor > ctx.limit_ms:
         kept = "" if margin == 0 else (f" ({budget_ms:.4f} ms less the {margin:.1%} margin for prediction error; "
