@@ -29,9 +29,12 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# Benchmarks that measure (not tests): predictor fidelity, fused blocks vs bare layers, search throughput (local vs Ray) on this CPU.
+# Benchmarks that measure (not tests): predictor fidelity (quiet, then beside a noisy neighbour), where the entries'
+# error comes from, fused blocks vs bare layers, search throughput (local vs Ray) on this CPU.
 bench: $(STAMP)
 	$(BIN)/python bench/predictor_fidelity.py
+	$(BIN)/python bench/predictor_fidelity.py --neighbour
+	$(BIN)/python bench/entry_sum.py
 	$(BIN)/python bench/blocks.py --models cnn1d,resnet20,mobilenetv2
 	$(BIN)/python bench/search_throughput.py
 	$(BIN)/python bench/search_quality.py

@@ -78,6 +78,11 @@ def run_model(name: str, args: argparse.Namespace, tables: Path, pin: int | None
     return {"model": name, "profile": prof, "runs": runs}
 
 
+def _small(sp: dict) -> str:
+    s = sp.get("smallest")
+    return f" / {s['ratio']:.3f}{'*' if s['significant'] else ''}" if s else ""
+
+
 def _row(name: str, prof: dict, k: int, r: dict, goal: tuple[float, float]) -> str:
     ok = r["within_10pct"] >= goal[0] and r["kendall_tau"] >= goal[1]
     beats = r["kendall_tau"] > r["flops_kendall_tau"] and r["mape"] < r["flops_mape"]
@@ -87,7 +92,8 @@ def _row(name: str, prof: dict, k: int, r: dict, goal: tuple[float, float]) -> s
             f"{r['mape']:.1%} | {r['bias']:+.1%} | {r['flops_within_10pct']:.0%} | {r['flops_kendall_tau']:.3f} | "
             f"{r['flops_mape']:.1%} | {'yes' if beats else 'no'} | ±{r['noise_floor_pct']:.1f}% | "
             f"{r['noise_pct']:.1f}% | {'' if ref is None else f'{ref:.1f}%'} | "
-            f"{sp.get('ratio', float('nan')):.3f}{'*' if sp.get('significant') else ''} | "
+            f"{sp.get('ratio', float('nan')):.3f}{'*' if sp.get('significant') else ''}"
+            f"{_small(sp)} | "
             f"{'met' if ok else 'missed'} |")
 
 
@@ -143,7 +149,7 @@ def main() -> None:
            f"64 MB array and {args.off:g} s idle; hwprune pinned to core {pin}." if args.neighbour else ""), "",
         f"Fingerprint: `{json.dumps(fp)}`", "",
         "| model | batch | run | within ±10% | Kendall τ | MAPE | bias | FLOPs ±10% | FLOPs τ | FLOPs MAPE | table "
-        "beats FLOPs | noise floor | odd/even rounds | profile reference spread | speed now/then | goal |",
+        "beats FLOPs | noise floor | odd/even rounds | profile reference spread | speed now/then (dense / smallest) | goal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for k, r in enumerate(res["runs"], 1):
@@ -152,7 +158,8 @@ def main() -> None:
               "(a measured latency is itself this uncertain); `odd/even rounds`: median difference between the "
               "medians of a policy's odd and even rounds; `profile reference spread`: the dense model's IQR / "
               "median over the calibration rounds at profiling; `speed now/then`: the dense model at validation "
-              "over at profiling (* = beyond the noise, predictions scaled by it).", "",
+              "over at profiling, and the smallest policy's (* = beyond the noise); predictions are scaled by the "
+              "speed curve between them either way (hwprune/latency/speed.py).", "",
               "| model | profile s | configurations | re-measured | still noisy |", "|---|---|---|---|---|"]
     for res in results:
         p = res["profile"]
