@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -61,65 +61,46 @@ def _calibrate_inner(fn: Callable[[], object], min_repeat_us: float) -> int:
     return max(1, int(min_repeat_us / one + 0.999))
 
 
+def _repeat(sample: Callable[[], float], repeats: int, first: int, settled_pct: float) -> Timing:
+    """Samples back to back: ``first`` of them, and when their spread is over ``settled_pct``, up to ``repeats``."""
+    inner = int(getattr(sample, "inner", 1))
+    samples: list[float] = []
+    while len(samples) < repeats:
+        samples.append(sample())
+        if len(samples) == min(first, repeats) and _summarize(samples, inner).spread_pct <= settled_pct:
+            break
+    return _summarize(samples, inner)
+
+
 def time_cpu(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
              min_repeat_us: float = 2000.0, first: int = 5, settled_pct: float = 2.0) -> Timing:
-    """Median per-call wall time of ``fn`` (run under ``torch.inference_mode``).
+    """Median per-call wall time of ``fn`` (run under ``torch.inference_mode``), its repeats back to back.
 
     As on CUDA, ``first`` repeats are taken; when their spread (IQR / median) is already within
     ``settled_pct`` the timing stops there, else it goes on to ``repeats`` (the stored ``repeats`` says how
     many were taken).
     """
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        inner = _calibrate_inner(fn, min_repeat_us)
-        samples: list[float] = []
-        while len(samples) < repeats:
-            t0 = time.perf_counter_ns()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter_ns() - t0) / 1e3 / inner)
-            if len(samples) == min(first, repeats) and _summarize(samples, inner).spread_pct <= settled_pct:
-                break
-    return _summarize(samples, inner)
+    return _repeat(cpu_sampler(fn, warmup, min_repeat_us), repeats, first, settled_pct)
 
 
 def time_cuda(fn: Callable[[], object], repeats: int = 20, warmup: int = 5,
               min_repeat_us: float = 200.0, first: int = 5, settled_pct: float = 2.0) -> Timing:  # pragma: no cover
-    """Median per-call time of ``fn`` on the current CUDA device, from CUDA events.
+    """Median per-call time of ``fn`` on the current CUDA device, from CUDA events, its repeats back to back.
 
     Each repeat replays ``fn`` for at least ``min_repeat_us`` between two events (event resolution is
-    ~0.5 us, so 200 us suffices). ``first`` repeats are taken; when their spread (IQR / median) is already
-    within ``settled_pct`` the timing stops there, else it goes on to ``repeats``: the stored ``repeats``
-    says how many were taken.
+    ~0.5 us, so 200 us suffices); the early stop is :func:`time_cpu`'s.
     """
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        one = max(start.elapsed_time(end) * 1e3, 0.5)
-        inner = max(1, int(min_repeat_us / one + 0.999))
-        samples: list[float] = []
-        while len(samples) < repeats:
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3 / inner)
-            if len(samples) == min(first, repeats) and _summarize(samples, inner).spread_pct <= settled_pct:
-                break
-    return _summarize(samples, inner)
+    return _repeat(cuda_sampler(fn, warmup, min_repeat_us), repeats, first, settled_pct)
 
 
 def time_cuda_graph(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> Timing:  # pragma: no cover
     """:func:`time_cuda` of the replay of ``fn`` captured as one CUDA graph (warm-up on a side stream first,
     as capture requires); what a deployment that captures its forward pass runs."""
+    return time_cuda(_capture(fn, warmup).replay, repeats, warmup=2)
+
+
+def _capture(fn: Callable[[], object], warmup: int) -> Any:  # pragma: no cover - needs a GPU
+    """``fn`` captured as one CUDA graph, after ``warmup`` calls on a side stream (as capture requires)."""
     with torch.inference_mode():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -131,7 +112,7 @@ def time_cuda_graph(fn: Callable[[], object], repeats: int = 20, warmup: int = 3
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-    return time_cuda(graph.replay, repeats, warmup=2)
+    return graph
 
 
 # Samplers: the interleaved measurement (:mod:`hwprune.latency.rounds`) prepares every item once (warm-up, inner
@@ -186,17 +167,7 @@ def cuda_sampler(fn: Callable[[], object], warmup: int = 5,
 
 def cuda_graph_sampler(fn: Callable[[], object], warmup: int = 3) -> Callable[[], float]:  # pragma: no cover
     """:func:`cuda_sampler` of the replay of ``fn`` captured as one CUDA graph (see :func:`time_cuda_graph`)."""
-    with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+    graph = _capture(fn, warmup)
     sample = cuda_sampler(graph.replay, warmup=2)
     sample.graph = graph  # type: ignore[attr-defined]  # kept alive with the sampler
     return sample
