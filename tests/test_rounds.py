@@ -10,7 +10,7 @@ from torch import nn
 
 from hwprune.latency import LatencyTable, analyze_layers
 from hwprune.latency.layers import LayerConfig
-from hwprune.latency.profiler import Failure, calibrate, layer_configs, profile_layers, try_prepare
+from hwprune.latency.profiler import Failure, calibrate, profile_layers, try_prepare
 from hwprune.latency.rounds import RoundPlan, measure_in_rounds
 from hwprune.latency.speed import SpeedCheck, median_se_pct, speed_check
 from hwprune.latency.targets import CpuTarget
@@ -193,7 +193,6 @@ def test_calibration_leaves_out_a_deploy_that_stays_simulated(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(2, 4)
-    layers = analyze_layers(model, x)
     target = _NoInt8(threads=1)
     table = LatencyTable(target.fingerprint(), 2, path=tmp_path / "t.json")
     pols = [Policy({}, {}, 8), Policy({}, {"0": "int8"}, 8), Policy({}, {"2": "int8"}, 8)]

@@ -80,7 +80,7 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
     same rounds: the comparison is one of ratios to the dense model)."""
     import copy
 
-    from hwprune.latency.profiler import (REFERENCE, deployed_for_timing, measure_rounds, model_sampler,
+    from hwprune.latency.profiler import (deployed_for_timing, measure_rounds, model_sampler,
                                           round_plan, timing_batch)
     from hwprune.latency.speed import SMALLEST, median_se_pct, smallest_reference, speed_curve
     from hwprune.policy import Policy

@@ -130,15 +130,22 @@ class SearchContext:
 
 def _floor_measured(predictor: Predictor, smallest: Policy) -> str:
     """What profiling measured for the smallest policy, as a share of the dense model measured in the same
-    rounds ('' when that policy was not among the calibration runs)."""
+    rounds: this very policy when it was a calibration run, else the smallest policy profiling chose (every group
+    at the lowest ratio, formats by the raw layer sum); '' when neither was measured."""
+    from hwprune.latency.speed import smallest_reference
     from hwprune.latency.table import calibration_key
 
     runs = {calibration_key(s["policy"]): s["measured_us"] for s in predictor.calibration}
-    small = runs.get(calibration_key(smallest.to_dict()))
     dense = runs.get(calibration_key(Policy(channel_multiple=smallest.channel_multiple).to_dict()))
+    small, which = runs.get(calibration_key(smallest.to_dict())), ""
+    if small is None:
+        got = smallest_reference(predictor.table, predictor.key)
+        small = got[1]["median_us"] if got else None
+        which = " (its formats as profiling chose them from the raw layer sums)"
     if small is None or dense is None:
         return ""
-    return f"; measured at profiling: {small / 1e3:.4f} ms, {small / dense:.0%} of the dense {dense / 1e3:.4f} ms"
+    return (f"; measured at profiling{which}: {small / 1e3:.4f} ms, {small / dense:.0%} of the dense "
+            f"{dense / 1e3:.4f} ms")
 
 
 def _speed_now(model: torch.nn.Module, setup: Setup, table: Any, key: str, target: Any, batch: int,

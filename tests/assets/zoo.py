@@ -113,3 +113,28 @@ class _CRNN(nn.Module):
 
 def crnn():
     return _CRNN()
+
+
+def make_seq_data(n: int = 768):
+    """(40, 16) sequences for ``lstm3``: the class (of 10) is the feature channel that carries a pulse."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 40, 16, generator=g) * 0.5
+    x[torch.arange(n), 10:20, y] += 1.5
+    k = n * 3 // 4
+    return TensorDataset(x[:k], y[:k]), TensorDataset(x[k:], y[k:])
+
+
+def make_image_data(n: int = 768):
+    """(3, 32, 32) images for ``se_cnn``: the class (of 10) is which of 10 horizontal bands is bright."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(6)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5
+    for i, c in enumerate(y.tolist()):
+        x[i, :, 3 * c: 3 * c + 3] += 1.0
+    k = n * 3 // 4
+    return TensorDataset(x[:k], y[:k]), TensorDataset(x[k:], y[k:])
