@@ -242,3 +242,33 @@ def test_speed_curve_interpolates_between_the_smallest_policy_and_the_dense_mode
     got = speed_curve(table, "k", {REFERENCE: [900.0] * 5, SMALLEST: [60.0] * 5})
     assert got.factor_at(100.0) == pytest.approx(0.6) and got.factor_at(1000.0) == pytest.approx(0.9)
     assert speed_curve(table, "nope", {REFERENCE: [1.0]}) is None
+
+
+def test_calibration_runs_of_two_sessions_fit_on_one_speed_scale(tmp_path):
+    """A run measured in a later session (the dense model took 2000 us in its rounds, against the stored 1000 us)
+    is fitted at the reference's speed: halved. Runs of an older table without a reference are measured again."""
+    from hwprune.latency.predictor import Predictor
+    from hwprune.latency.table import Entry
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(2, 4)
+    layers = analyze_layers(model, x)
+    dense = {"format_version": 1, "keep": {}, "formats": {}, "channel_multiple": 8}
+    half = {"format_version": 1, "keep": {"0": 0.5}, "formats": {}, "channel_multiple": 8}
+    table = LatencyTable({"target": "cpu"}, 2, models={"k": {
+        "blocks": "fused", "reference": {"median_us": 1000.0, "spread_pct": 1.0, "rounds": 10},
+        "calibration": [{"policy": dense, "measured_us": 1000.0, "reference_us": 1000.0},
+                        {"policy": half, "measured_us": 1200.0, "reference_us": 2000.0}]}})
+    for c in layers.configs(Policy({}, {}, 8), 2) + layers.configs(Policy({"0": 0.5}, {}, 8), 2):
+        table.entries[c[1].key] = Entry(10.0, 0.1, 3)
+    assert list(Predictor(table, layers, "k")._y) == [1000.0, 600.0]
+
+    target = CpuTarget(threads=1)
+    old = LatencyTable(target.fingerprint(), 2, path=tmp_path / "t.json",
+                       models={"k": {"calibration": [{"policy": half, "measured_us": 5.0}]}})
+    logs = []
+    calibrate(old, "k", model, x, [Policy({}, {}, 8), Policy.from_dict(half)], target, 2, [], logs.append, {})
+    runs = old.models["k"]["calibration"]
+    assert len(runs) == 2 and all("reference_us" in r for r in runs)  # the old 5 us run is gone, re-measured
+    assert any("no speed reference (an older table): measuring them again" in m for m in logs)

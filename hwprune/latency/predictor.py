@@ -76,6 +76,17 @@ def fit_linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def _on_reference_scale(run: dict[str, Any], model: dict[str, Any]) -> float:
+    """A calibration run's time at the speed of the model's stored reference: runs measured in a later profile
+    session (their own ``reference_us``, the dense model in their rounds) are scaled by reference / theirs, so
+    that runs of sessions minutes or days apart fit one line. Runs without it are taken as measured."""
+    measured = float(run["measured_us"])
+    ref, theirs = (model.get("reference") or {}).get("median_us"), run.get("reference_us")
+    if ref and theirs:
+        return measured * float(ref) / float(theirs)
+    return measured
+
+
 @dataclass
 class Prediction:
     """A priced policy: calibrated total, the raw layer sum, and each layer's entry."""
@@ -113,7 +124,7 @@ class Predictor:
         if self.calibration:
             raw = [self.price(Policy.from_dict(s["policy"], source=f"calibration of {key}"))
                    for s in self.calibration]
-            self._y = np.array([float(s["measured_us"]) for s in self.calibration])
+            self._y = np.array([_on_reference_scale(s, table.models.get(key, {})) for s in self.calibration])
             self._feats = np.array([[r.layer_sum_us, float(r.out_elems), 1.0] for r in raw])
             a, c, b = fit_nonneg(self._feats, self._y)
             self.coef = (float(a), float(c), float(b))

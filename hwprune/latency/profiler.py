@@ -460,6 +460,12 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
     model's median, spread and rounds) is set by the first calibration; every run stores the reference measured in
     its own rounds (``reference_us``)."""
     entry = table.models.setdefault(key, {})
+    if entry.get("calibration") and not entry.get("reference"):
+        # runs of a table profiled before speed references (timed one after another, in another session): they
+        # cannot be put on this session's speed scale, so all of them are measured again here
+        log(f"hwprune: the table's {len(entry['calibration'])} calibration runs for this model have no speed "
+            f"reference (an older table): measuring them again, with it")
+        entry["calibration"] = []
     entry.update(extra)
     samples = entry.setdefault("calibration", [])
     done = {calibration_key(s["policy"]) for s in samples}
