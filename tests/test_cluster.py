@@ -102,8 +102,8 @@ def test_two_drivers_on_one_postgresql_study_keep_every_trial(postgres, tables, 
     env = {**os.environ, "HWPRUNE_CACHE": str(tmp_path / "c")}
     out = tmp_path / "run"
     t0 = time.time()
-    # trials long enough (~2 s each here) that the second driver, started after the first trial, joins in time
-    cmd = _search(tables, out, trials=8, steps=4000, storage=postgres, study="two-drivers")
+    # trials long enough (~1.5 s each here) that the second driver, started after the first trial, joins in time
+    cmd = _search(tables, out, trials=8, steps=2500, storage=postgres, study="two-drivers")
     a = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait(lambda: len(_rows(out / "trials.csv")) >= 1, a, "the first trial")
     b = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -187,8 +187,8 @@ def prepare_config(cfg: LayerConfig | CastConfig, target: Target) -> tuple[Calla
 
 def try_prepare(cfg: LayerConfig | CastConfig, target: Target) -> tuple[Callable[[], float], int] | Failure:
     """:func:`prepare_config`, or why the configuration cannot run. A failure is tried once more: it is permanent
-    (stored as unsupported) when the target's shape rule refuses it, or when the kernel raised the same error
-    twice and it is not one that may pass later (:func:`is_transient`)."""
+    (stored as unsupported) when the target's shape rule refuses it, or when the kernel raised the same kind of
+    error twice and it is not one that may pass later (:func:`is_transient`)."""
     from hwprune.errors import HwpruneError, is_oom, one_line
 
     why = target.unsupported(cfg)
@@ -207,9 +207,8 @@ def try_prepare(cfg: LayerConfig | CastConfig, target: Target) -> tuple[Callable
                                    f"context is unusable after that, so profiling stops here (the table keeps what "
                                    f"was measured)") from None
             errors.append(exc)
-    first, last = errors
-    same = type(first) is type(last) and one_line(first, 200) == one_line(last, 200)
-    return Failure(one_line(last, 200), same and not any(is_transient(e) for e in errors))
+    first, last = errors  # the same kind of error twice (messages may hold addresses): the kernel refuses it
+    return Failure(one_line(last, 200), type(first) is type(last) and not any(is_transient(e) for e in errors))
 
 
 def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
