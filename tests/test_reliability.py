@@ -155,9 +155,10 @@ def test_interrupted_profile_leaves_a_valid_partial_table(tmp_path):
     from hwprune.latency import LatencyTable
 
     tables = tmp_path / "tables"
-    env = {**os.environ, "HWPRUNE_CACHE": str(tmp_path / "c")}
+    # chunks of ~3 s of rounds (each saved when done): the kill lands after the first of several
+    env = {**os.environ, "HWPRUNE_CACHE": str(tmp_path / "c"), "HWPRUNE_ROUND_SECONDS": "3"}
     cmd = [sys.executable, "-m", "hwprune", "profile", "--target", "cpu", "--model", "cnn1d", "--input-shape",
-           "1,40", "--batch-size", "256", "--tables", str(tables), "--repeats", "30"]
+           "1,40", "--batch-size", "256", "--tables", str(tables), "--repeats", "10"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(lambda: list(tables.rglob("b256.json")), proc, "the first save")
     time.sleep(0.5)

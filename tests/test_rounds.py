@@ -272,3 +272,16 @@ def test_calibration_runs_of_two_sessions_fit_on_one_speed_scale(tmp_path):
     runs = old.models["k"]["calibration"]
     assert len(runs) == 2 and all("reference_us" in r for r in runs)  # the old 5 us run is gone, re-measured
     assert any("no speed reference (an older table): measuring them again" in m for m in logs)
+
+
+def test_round_seconds_override_is_checked(monkeypatch):
+    from hwprune import HwpruneError
+    from hwprune.latency.profiler import ROUND_SECONDS, _round_seconds
+
+    assert _round_seconds() == ROUND_SECONDS
+    monkeypatch.setenv("HWPRUNE_ROUND_SECONDS", "2.5")
+    assert _round_seconds() == 2.5
+    for bad in ("abc", "0", "-3"):
+        monkeypatch.setenv("HWPRUNE_ROUND_SECONDS", bad)
+        with pytest.raises(HwpruneError, match=f"HWPRUNE_ROUND_SECONDS='{bad}' is not a positive number"):
+            _round_seconds()

@@ -143,7 +143,9 @@ def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Modul
 SPENT = {"build": 0.0, "prepare": 0.0, "time": 0.0}  # seconds per phase of profiling, for profile's report
 REFERENCE = "__reference__"  # the speed reference's key in a round: the dense model at the table's batch
 ROUND_BYTES = 1 << 30  # prepared items held at once for interleaving (inputs, weights); more go in another chunk
-ROUND_SECONDS = 20.0  # a chunk's first rounds last about this long: it is saved when done (interrupt safety)
+# a chunk's first rounds last about this long (HWPRUNE_ROUND_SECONDS overrides): it is saved when done, so an
+# interrupted profile loses at most one chunk; longer chunks interleave more items
+ROUND_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,21 @@ def is_transient(exc: BaseException) -> bool:
 def _nbytes(mod: nn.Module, x: torch.Tensor) -> int:
     held = sum(t.numel() * t.element_size() for t in itertools.chain(mod.parameters(), mod.buffers()))
     return held + 2 * x.numel() * x.element_size()  # the input, and about as much for the output
+
+
+def _round_seconds() -> float:
+    import os
+
+    from hwprune.errors import HwpruneError
+
+    raw = os.environ.get("HWPRUNE_ROUND_SECONDS", "")
+    try:
+        value = float(raw) if raw else ROUND_SECONDS
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise HwpruneError(f"HWPRUNE_ROUND_SECONDS={raw!r} is not a positive number of seconds")
+    return value
 
 
 def prepare_config(cfg: LayerConfig | CastConfig, target: Target) -> tuple[Callable[[], float], int]:
@@ -420,7 +437,7 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
             t1 = time.perf_counter()
             sampler()
             held, chunk_s = held + nbytes, chunk_s + (time.perf_counter() - t1) * plan.rounds
-            if not target.interleaved or held > ROUND_BYTES or chunk_s > ROUND_SECONDS:
+            if not target.interleaved or held > ROUND_BYTES or chunk_s > _round_seconds():
                 flush()
         flush()
     finally:
