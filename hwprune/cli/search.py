@@ -163,7 +163,10 @@ def register(sub: Any) -> None:
                     help="oneshot: prune once, then fine-tune (default); gradual: prune toward the policy in 4 "
                          "stages over the first half of the steps")
     ex.add_argument("--out", default=None, help="export directory (default RUN_DIR/export-trial<N>-<schedule>)")
-    ex.add_argument("--repeats", type=positive, default=30, help="timed repeats of the end-to-end measurement (default 30)")
+    ex.add_argument("--repeats", type=positive, default=30,
+                    help="rounds of the end-to-end measurement (default 30): the exported model, its reloaded "
+                         "artifacts and the speed references (dense model, smallest policy) once per round in a "
+                         "fresh order; half as many again for any whose spread is over 10%%")
     ex.add_argument("--measure-here", action="store_true",
                     help="measure even when this machine differs from the run's latency table (labelled so)")
     ex.add_argument("--allow-foreign-table", action="store_true",
