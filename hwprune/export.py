@@ -366,10 +366,9 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     """The deployed model, its reloaded artifacts, the dense model and the smallest policy (the speed curve's
     anchors, :mod:`hwprune.latency.speed`) in interleaved rounds; the speed-adjusted latency (``adjusted_ms``) is
     the measurement divided by the curve's factor at the predicted latency."""
-    from hwprune.apply.formats import deploy
     from hwprune.latency.predictor import model_key
-    from hwprune.latency.profiler import REFERENCE, measure_rounds, model_sampler, round_plan
-    from hwprune.latency.speed import SMALLEST, smallest_reference, speed_curve
+    from hwprune.latency.profiler import REFERENCE, model_sampler
+    from hwprune.latency.speed import measure_with_anchors
     from hwprune.latency.table import LatencyTable
 
     items = {"deployed": model_sampler(deployed, x, target)}
@@ -383,20 +382,13 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     except (HwpruneError, KeyError, TypeError):
         table = None
     key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
-    anchor = smallest_reference(table, key) if table is not None else None
-    if anchor is not None:
-        from hwprune.apply import apply_policy
-
-        small = apply_policy(setup.model, Policy.from_dict(anchor[0]), setup.example, exclude=spec.exclude)
-        items[SMALLEST] = model_sampler(deploy(small, target, setup.example)[0], x, target)
-    res = measure_rounds(items, target, round_plan(repeats), model_sampler(copy.deepcopy(setup.model), x, target))
+    res, speed = measure_with_anchors(items, table, key, setup.model, setup.example, x, target, spec.exclude, repeats)
     t = res.timing("deployed")
     out: dict[str, Any] = {"median_ms": t.median_us / 1e3, "spread_pct": t.spread_pct, "repeats": t.repeats,
                            "rounds": t.repeats, "on_target": True, "interleaved": target.interleaved}
     for name, k in (("torchscript", "torchscript_median_ms"), ("aoti", "aoti_median_ms")):
         if name in items:
             out[k] = res.timing(name).median_us / 1e3
-    speed = speed_curve(table, key, res.samples) if table is not None else None
     out["dense_now_ms"] = res.timing(REFERENCE).median_us / 1e3
     if speed is not None:
         log(f"hwprune: {speed.line()}")

@@ -259,10 +259,11 @@ def test_calibration_runs_of_two_sessions_fit_on_one_speed_scale(tmp_path):
     table = LatencyTable({"target": "cpu"}, 2, models={"k": {
         "blocks": "fused", "reference": {"median_us": 1000.0, "spread_pct": 1.0, "rounds": 10},
         "calibration": [{"policy": dense, "measured_us": 1000.0, "reference_us": 1000.0},
-                        {"policy": half, "measured_us": 1200.0, "reference_us": 2000.0}]}})
+                        {"policy": half, "measured_us": 1200.0, "reference_us": 2000.0},
+                        {"policy": half, "measured_us": 7.0}]}})  # an older run merged back: not on the scale
     for c in layers.configs(Policy({}, {}, 8), 2) + layers.configs(Policy({"0": 0.5}, {}, 8), 2):
         table.entries[c[1].key] = Entry(10.0, 0.1, 3)
-    assert list(Predictor(table, layers, "k")._y) == [1000.0, 600.0]
+    assert list(Predictor(table, layers, "k")._y) == [1000.0, 600.0]  # the run without reference_us left out
 
     target = CpuTarget(threads=1)
     old = LatencyTable(target.fingerprint(), 2, path=tmp_path / "t.json",

@@ -279,6 +279,8 @@ def test_absolute_budget_is_priced_at_the_machine_speed_now(tables, tmp_path):
     t = json.loads(path.read_text())
     for m in t["models"].values():
         m["reference"] = {"kind": "dense model", "median_us": 0.01, "iqr_us": 0.0, "spread_pct": 1.0, "rounds": 10}
+        for run in m["calibration"]:  # measured in the reference's rounds (the fit keeps runs that say so)
+            run["reference_us"] = 0.01
     path.write_text(json.dumps(t))
     proc = _search(mine, tmp_path / "abs", tmp_path / "c", "--trials", "1", "--budget", "1s", "--budget-margin", "0")
     assert proc.returncode == 0, proc.stderr

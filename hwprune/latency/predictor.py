@@ -119,12 +119,16 @@ class Predictor:
         self._families: dict[str, list[tuple[LayerConfig, float]]] | None = None
         self.coef: tuple[float, float, float] = (1.0, 0.0, 0.0)  # layer sum, output elements, constant
         self.flops_coef: tuple[float, float] | None = None
-        self.calibration: list[dict[str, Any]] = list(table.models.get(key, {}).get("calibration", []))
+        model = table.models.get(key, {})
+        # with a stored speed reference, only runs that carry the reference of their own rounds can be put on its
+        # scale (:func:`_on_reference_scale`): an older run merged back from another copy of the table is left out
+        self.calibration: list[dict[str, Any]] = [s for s in model.get("calibration", [])
+                                                  if not model.get("reference") or "reference_us" in s]
         self._feats, self._y = np.zeros((0, 3)), np.zeros(0)
         if self.calibration:
             raw = [self.price(Policy.from_dict(s["policy"], source=f"calibration of {key}"))
                    for s in self.calibration]
-            self._y = np.array([_on_reference_scale(s, table.models.get(key, {})) for s in self.calibration])
+            self._y = np.array([_on_reference_scale(s, model) for s in self.calibration])
             self._feats = np.array([[r.layer_sum_us, float(r.out_elems), 1.0] for r in raw])
             a, c, b = fit_nonneg(self._feats, self._y)
             self.coef = (float(a), float(c), float(b))

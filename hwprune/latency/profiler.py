@@ -230,21 +230,19 @@ def try_prepare(cfg: LayerConfig | CastConfig, target: Target) -> tuple[Callable
 
 def measure_config(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry:
     """Time one table entry on its own (``repeats`` rounds back to back); profiling interleaves many instead."""
-    sample, _ = prepare_config(cfg, target)
-    t0 = time.perf_counter()
-    res = measure_in_rounds({cfg.key: sample}, RoundPlan(rounds=repeats, extra_rounds=0))
-    SPENT["time"] += time.perf_counter() - t0
-    t = res.timing(cfg.key)
-    return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
+    return _entry(prepare_config(cfg, target)[0], repeats)
 
 
 def try_measure(cfg: LayerConfig | CastConfig, target: Target, repeats: int) -> Entry | Failure:
     """:func:`measure_config`, or the :class:`Failure` of :func:`try_prepare`."""
     got = try_prepare(cfg, target)
-    if isinstance(got, Failure):
-        return got
-    res = measure_in_rounds({cfg.key: got[0]}, RoundPlan(rounds=repeats, extra_rounds=0))
-    t = res.timing(cfg.key)
+    return got if isinstance(got, Failure) else _entry(got[0], repeats)
+
+
+def _entry(sample: Callable[[], float], repeats: int) -> Entry:
+    t0 = time.perf_counter()
+    t = measure_in_rounds({0: sample}, RoundPlan(rounds=repeats, extra_rounds=0)).timing(0)
+    SPENT["time"] += time.perf_counter() - t0
     return Entry(t.median_us, t.iqr_us, t.repeats, t.inner)
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = ["SpeedCheck", "SpeedCurve", "median_se_pct", "speed_check", "model_reference", "smallest_reference",
-           "speed_curve", "SMALLEST"]
+           "speed_curve", "SMALLEST", "measure_with_anchors"]
 
 SMALLEST = "__smallest__"  # the smallest policy's key in a round, the second anchor of the speed curve
 
@@ -192,3 +192,25 @@ def speed_curve(table: Any, key: str, samples: dict[Any, list[float]]) -> SpeedC
     got = smallest_reference(table, key)
     small = speed_check(got[1], samples.get(SMALLEST, [])) if got else None
     return SpeedCurve(dense, small)
+
+
+def measure_with_anchors(items: dict[Any, Any], table: Any, key: str, model: Any, example: Any, x: Any, target: Any,
+                         exclude: list[str], repeats: int, seed: int = 0) -> tuple[Any, SpeedCurve | None]:
+    """``items`` (thunks returning samplers, :func:`~hwprune.latency.profiler.measure_rounds`) timed in interleaved
+    rounds together with the speed curve's anchors: the dense ``model`` (the reference) and, where the table holds
+    it, the smallest policy deployed as profiling measured it. Returns the rounds' result and the curve (None
+    when ``table`` is None or holds no reference for ``key``)."""
+    import copy
+
+    from hwprune.latency.profiler import deployed_for_timing, measure_rounds, model_sampler, round_plan
+    from hwprune.policy import Policy
+
+    items = dict(items)
+    anchor = smallest_reference(table, key) if table is not None else None
+    if anchor is not None:
+        small, problem = deployed_for_timing(model, Policy.from_dict(anchor[0]), example, target, exclude,
+                                             regions_priced=table.casts == "regions")
+        if not problem:
+            items[SMALLEST] = model_sampler(small, x, target)
+    res = measure_rounds(items, target, round_plan(repeats, seed), model_sampler(copy.deepcopy(model), x, target))
+    return res, (speed_curve(table, key, res.samples) if table is not None else None)

@@ -78,12 +78,8 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
     dense model, the speed reference, once per round in a fresh order; ``repeats`` rounds, more for noisy ones);
     compare with both predictors, scaled by the speed factor (the dense model now over at profiling, timed in the
     same rounds: the comparison is one of ratios to the dense model)."""
-    import copy
-
-    from hwprune.latency.profiler import (deployed_for_timing, measure_rounds, model_sampler,
-                                          round_plan, timing_batch)
-    from hwprune.latency.speed import SMALLEST, median_se_pct, smallest_reference, speed_curve
-    from hwprune.policy import Policy
+    from hwprune.latency.profiler import deployed_for_timing, model_sampler, timing_batch
+    from hwprune.latency.speed import measure_with_anchors, median_se_pct
     from hwprune.latency.timing import timing_of
 
     rng = random.Random(seed)
@@ -100,15 +96,10 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
             continue
         prepared[len(pols)] = model_sampler(deployed, x, target)
         pols.append(pol)
-    anchor = smallest_reference(predictor.table, predictor.key)
-    if anchor is not None:  # the speed curve's second anchor, in the same rounds
-        small, problem = deployed_for_timing(model, Policy.from_dict(anchor[0]), example, target, exclude, regions)
-        if not problem:
-            prepared[SMALLEST] = model_sampler(small, x, target)
     if log:
         log(f"hwprune: measuring {len(pols)} policies and the dense model in {repeats} interleaved rounds")
-    res = measure_rounds(prepared, target, round_plan(repeats, seed), model_sampler(copy.deepcopy(model), x, target))
-    speed = speed_curve(predictor.table, predictor.key, res.samples)
+    res, speed = measure_with_anchors(prepared, predictor.table, predictor.key, model, example, x, target, exclude,
+                                      repeats, seed)
     if log and speed:
         log(f"hwprune: {speed.line()}")
     rows = []

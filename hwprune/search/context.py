@@ -152,24 +152,16 @@ def _speed_now(model: torch.nn.Module, setup: Setup, table: Any, key: str, targe
                exclude: list[str]) -> Any:
     """The speed curve (:mod:`hwprune.latency.speed`): the dense model and the smallest policy timed now in the
     same rounds, against the table's measurements of both (None without a stored reference)."""
-    from hwprune.apply import apply_policy
-    from hwprune.apply.formats import deploy
-    from hwprune.latency.profiler import measure_rounds, model_sampler, round_plan, timing_batch
-    from hwprune.latency.speed import SMALLEST, model_reference, smallest_reference, speed_curve
+    from hwprune.latency.profiler import timing_batch
+    from hwprune.latency.speed import measure_with_anchors, model_reference
 
     ref = model_reference(table, key)
     if not ref:
         return None
     x = timing_batch(setup.example, batch, setup.timing_pool())
     with target.settings():  # the table's threads while timing; the search's own afterwards
-        items = {}
-        anchor = smallest_reference(table, key)
-        if anchor is not None:
-            small = apply_policy(model, Policy.from_dict(anchor[0]), setup.example, exclude=exclude)
-            items[SMALLEST] = model_sampler(deploy(small, target, setup.example)[0], x, target)
-        res = measure_rounds(items, target, round_plan(int(ref.get("rounds", 10))),
-                             model_sampler(copy.deepcopy(model), x, target))
-    return speed_curve(table, key, res.samples)
+        return measure_with_anchors({}, table, key, model, setup.example, x, target, exclude,
+                                    int(ref.get("rounds", 10)))[1]
 
 
 def _log(msg: str) -> None:
