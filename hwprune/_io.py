@@ -47,26 +47,12 @@ def mask_url(url: str | None) -> str | None:
     return f"{scheme}://{user}:***@{host}"
 
 
-class file_lock:  # noqa: N801 - used as a context manager, like open()
-    """An exclusive advisory lock on ``path`` (a ``.lock`` file beside what it guards; fcntl, POSIX only)."""
+def file_lock(path: str | os.PathLike[str]) -> Any:
+    """An exclusive lock on ``path`` (a ``.lock`` file beside what it guards), for ``with``: ``filelock``'s."""
+    from filelock import FileLock
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._fh: Any = None
-
-    def __enter__(self) -> "file_lock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+b")
-        try:
-            import fcntl
-
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - no fcntl (Windows): unlocked
-            pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._fh.close()  # closing releases the lock
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:

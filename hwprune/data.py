@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from typing import Any
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError
 from hwprune.factory import is_factory_ref, load_factory
 from hwprune.registry import Registry
@@ -36,7 +37,7 @@ class DataBundle:
     train: Dataset
     val: Dataset
     test: Dataset | None
-    input_shape: tuple[int, ...]
+    input_shape: tuple  # one item's shape; one shape per input for models taking several (hwprune.inputs)
     num_classes: int | None  # classes, or the vocabulary of a language model (None: the data does not say)
     task: Any = None  # hwprune.tasks.Task; None: classification
 
@@ -168,9 +169,13 @@ def _user_data(ref: str) -> DataBundle:
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__") or len(ds) == 0:
             raise HwpruneError(f"data factory {ref!r}: {split} split is not a non-empty dataset of (x, y)")
     x0 = train[0]
-    if not (isinstance(x0, (tuple, list)) and len(x0) == 2 and isinstance(x0[0], torch.Tensor)):
-        raise HwpruneError(f"data factory {ref!r}: items must be (x tensor, label) pairs, got {type(x0).__name__}")
-    return DataBundle(ref, train, val, test, tuple(x0[0].shape), _num_classes(train))
+    if not (isinstance(x0, (tuple, list)) and len(x0) == 2 and inputs.is_batch(x0[0])):
+        got = type(x0).__name__ if not isinstance(x0, (tuple, list)) else \
+            f"{type(x0).__name__} of {len(x0)}" if len(x0) != 2 else f"({type(x0[0]).__name__}, ...)"
+        raise HwpruneError(f"data factory {ref!r}: items must be (inputs, target) pairs, where inputs is a tensor, a "
+                           f"tuple/list of tensors or a dict of tensors; got {got}")
+    shape = inputs.shape_of(inputs.collate([x0[0]]))
+    return DataBundle(ref, train, val, test, shape, _num_classes(train))
 
 
 def load_data(ref: str, layout: str | None = None) -> DataBundle:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from hwprune._io import read_json, write_atomic
+from hwprune import inputs
 from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
 
@@ -63,6 +64,12 @@ def gradual_keeps(final: dict[str, float], stages: int) -> list[dict[str, float]
     return out
 
 
+def _loss_of(task: Any) -> Any:
+    from hwprune.tasks import get_task
+
+    return get_task(task).loss
+
+
 def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, train: Any, steps: int, *,
                     schedule: str = "oneshot", stages: int = 4, exclude: list[str] | None = None,
                     importance: str = "l1", lr: float = 1e-3, seed: int = 0, batches: Any = None,
@@ -84,7 +91,8 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
     if schedule not in SCHEDULES:
         raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if schedule == "oneshot":
-        model = apply_policy(dense, policy, example, exclude=exclude, importance=importance, batches=batches)
+        model = apply_policy(dense, policy, example, exclude=exclude, importance=importance, batches=batches,
+                             loss=_loss_of(task))
         return finetune(model, train, steps, lr=lr, batch_size=batch_size, seed=seed, device=device, task=task)
     space = build_space(dense, example, exclude)
     dense_units = {g.name: g.units for g in space.groups}
@@ -98,7 +106,8 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         current = {g.name: g.units for g in build_space(model, example, exclude).groups}
         rel = Policy({g: target[g] / current[g] for g in target if target[g] < current[g]}, {}, 1, policy.model)
         if rel.keep:
-            model = prune_model(model, rel, example, exclude=exclude, importance=importance, batches=batches)
+            model = prune_model(model, rel, example, exclude=exclude, importance=importance, batches=batches,
+                                loss=_loss_of(task))
         if log:
             log(f"hwprune: gradual stage {k}/{stages}: {sum(target.values())} of {sum(dense_units.values())} units")
         if k < stages:
@@ -148,20 +157,46 @@ def _fingerprint_diff(run_fp: dict[str, Any], here: dict[str, Any] | None) -> li
     return sorted(k for k in set(run_fp) | set(here) if run_fp.get(k) != here.get(k))
 
 
-def _save_artifacts(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """torch.export and TorchScript versions of ``model``, each kept only if plain torch reloads it identically."""
+def output_diff(got: Any, ref: Any) -> tuple[float, float]:
+    """Largest absolute difference between two outputs of any structure (tensors in tuples, lists, dicts) and
+    the reference's largest magnitude; a structure mismatch is an infinite difference."""
+    from torch.utils._pytree import tree_leaves
+
+    a = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
+    b = [t for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
+    if len(a) != len(b) or any(u.shape != v.shape for u, v in zip(a, b)) or not b:
+        return float("inf"), 1.0
+    diff = max(float((u.float() - v.float()).abs().max()) if u.numel() else 0.0 for u, v in zip(a, b))
+    scale = max(float(v.float().abs().max()) if v.numel() else 0.0 for v in b)
+    return diff, scale
+
+
+def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """torch.export and TorchScript versions of ``model`` made on ``x``, each kept only if plain torch reloads it
+    and it computes what the model computes on ``x`` and on ``x_other`` (another batch size: a trace that
+    baked in its example's batch, e.g. through a packed sequence's sort order, is not kept)."""
     model.eval()
+    args = inputs.positional(model, x)
+    others = [inputs.positional(model, x_other)] if x_other is not None else []
     with torch.no_grad():
-        ref = model(x)
+        refs = [model(*a) for a in [args] + others]
     kept: dict[str, str] = {}
     checks: dict[str, Any] = {}
 
     def check(name: str, path: Path, data: bytes, load: Callable[[io.BytesIO], Any]) -> None:
+        loaded = load(io.BytesIO(data))
+        diff, scale = 0.0, 1.0
         with torch.no_grad():
-            got = load(io.BytesIO(data))(x)
-        diff = float((got.float() - ref.float()).abs().max())
+            for a, ref in zip([args] + others, refs):
+                try:
+                    got = loaded(*a)
+                except Exception as exc:  # noqa: BLE001 - the artifact fails at another batch: not kept
+                    checks[name] = {"error": f"fails at batch {len(a[0])}: {one_line(exc, 160)}"}
+                    return
+                d, s = output_diff(got, ref)
+                diff, scale = max(diff, d), max(scale, s)
         checks[name] = {"max_abs_diff": diff}
-        if diff <= 1e-5 * max(1.0, float(ref.float().abs().max())):
+        if diff <= 1e-5 * max(1.0, scale):
             write_atomic(path, data)
             kept[name] = str(path)
         else:
@@ -169,12 +204,12 @@ def _save_artifacts(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[dict[
 
     def via_export() -> bytes:
         buf = io.BytesIO()
-        torch.export.save(torch.export.export(model, (x,)), buf)
+        torch.export.save(torch.export.export(model, args), buf)
         return buf.getvalue()
 
     def via_torchscript() -> bytes:
         buf = io.BytesIO()
-        torch.jit.save(torch.jit.trace(model, (x,), check_trace=False), buf)
+        torch.jit.save(torch.jit.trace(model, args, check_trace=False), buf)
         return buf.getvalue()
 
     with warnings.catch_warnings():
@@ -189,7 +224,7 @@ def _save_artifacts(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[dict[
     return kept, checks
 
 
-def _save_aoti(model: nn.Module, x: torch.Tensor, out: Path, kept: dict[str, str], checks: dict[str, Any]) -> None:
+def _save_aoti(model: nn.Module, x: Any, out: Path, kept: dict[str, str], checks: dict[str, Any]) -> None:
     """An AOTInductor package of ``model`` for inputs shaped like ``x`` (``model_aoti.pt2``; load with
     ``torch._inductor.aoti_load_package``), kept only if it reloads and computes what the model computes."""
     import tempfile
@@ -197,14 +232,15 @@ def _save_aoti(model: nn.Module, x: torch.Tensor, out: Path, kept: dict[str, str
     try:
         with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
             warnings.simplefilter("ignore")
+            args = inputs.positional(model, x)
             with torch.no_grad():
-                ref = model(x)
-                path = torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)),
+                ref = model(*args)
+                path = torch._inductor.aoti_compile_and_package(torch.export.export(model, args),
                                                                  package_path=str(Path(tmp) / "model_aoti.pt2"))
-                got = torch._inductor.aoti_load_package(path)(x)
-            diff = float((got.float() - ref.float()).abs().max())
-            checks["aoti"] = {"max_abs_diff": diff, "batch": len(x)}
-            if diff <= 1e-3 * max(1.0, float(ref.float().abs().max())):
+                got = torch._inductor.aoti_load_package(path)(*args)
+            diff, scale = output_diff(got, ref)
+            checks["aoti"] = {"max_abs_diff": diff, "batch": inputs.batch_len(x)}
+            if diff <= 1e-3 * max(1.0, scale):
                 write_atomic(out / "model_aoti.pt2", Path(path).read_bytes())
                 kept["aoti"] = str(out / "model_aoti.pt2")
             else:
@@ -291,7 +327,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     val_acc = evaluate(model, data.val, task=task)
     dest.mkdir(parents=True, exist_ok=True)
     save_pruned(dest / "pruned.pt", model, policy, spec.model, setup.model_args, setup.input_shape,
-                setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps})
+                setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps}, setup.example)
     stats = model_stats(model, setup.example)
     # the table's threads, engine and allocator from deploying to measuring (the fingerprint includes them); the
     # process's own come back after (the fine-tune above ran with them)
@@ -303,12 +339,12 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
             deployed, rep = model.eval(), None
             log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
         test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
-        x = setup.inputs(info["batch_size"]).to(target.device if rep is not None else "cpu")  # real inputs (token ids too)
-        artifacts, checks = _save_artifacts(deployed, x[: min(8, len(x))], dest)
+        x = inputs.to_device(setup.inputs(info["batch_size"]), target.device if rep is not None else "cpu")  # real inputs (token ids too)
+        artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x)
         if not artifacts:
             log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
         if spec.runtime == "compile" and rep is not None:
-            log(f"hwprune: compiling the AOTInductor package for batch {len(x)} (the compile runtime's artifact)")
+            log(f"hwprune: compiling the AOTInductor package for batch {inputs.batch_len(x)} (the compile runtime's artifact)")
             _save_aoti(deployed, x, dest, artifacts, checks)
         measured = None
         if here is not None and (not differs or measure_here):

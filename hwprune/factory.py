@@ -12,7 +12,29 @@ from typing import Any, Callable
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["is_factory_ref", "load_factory"]
+__all__ = ["is_factory_ref", "load_factory", "source_digest"]
+
+
+def source_digest(ref: str) -> str:
+    """A hash of the source file a factory reference names (``file.py:name``, or ``pkg.module:name`` through
+    its module's file), '' for a registry name or a source that cannot be found: what a cache of models
+    trained from user code must key on besides the reference, so an edited file is not served stale weights."""
+    import hashlib
+
+    if not is_factory_ref(ref):
+        return ""
+    target = ref.rpartition(":")[0]
+    path: Path | None = Path(target) if target.endswith(".py") or "/" in target else None
+    if path is None:
+        try:
+            found = importlib.util.find_spec(target)
+        except (ImportError, ValueError):
+            found = None
+        path = Path(found.origin) if found is not None and found.origin and found.origin.endswith(".py") else None
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path is not None else ""
+    except OSError:
+        return ""
 
 
 def is_factory_ref(ref: str) -> bool:

@@ -68,7 +68,16 @@ def promote(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return kinds.pop() if len(kinds) == 1 else torch.float32
 
 
+def on_data(x: Any, fn: Any) -> Any:
+    """``fn`` applied to a tensor, or to a ``PackedSequence``'s data (its lengths and order kept)."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        return x._replace(data=fn(x.data))
+    return fn(x)
+
+
 def _cast_tree(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        return on_data(x, lambda t: _cast_tree(t, dtype))
     if isinstance(x, torch.Tensor):
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
     if isinstance(x, tuple):
@@ -107,10 +116,10 @@ class CastModule(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.inner(x.to(self.dtype), *args, **kwargs)
-        if isinstance(out, tuple):
-            return (out[0].float(),) + tuple(out[1:])
-        return out.float()
+        out = self.inner(on_data(x, lambda t: t.to(self.dtype)), *args, **kwargs)
+        if isinstance(out, tuple) and not isinstance(out, nn.utils.rnn.PackedSequence):
+            return (on_data(out[0], lambda t: t.float()),) + tuple(out[1:])
+        return on_data(out, lambda t: t.float())
 
 
 def mask_2_4(w: torch.Tensor) -> torch.Tensor:
@@ -230,7 +239,7 @@ def _has_float_state(m: nn.Module) -> bool:
     return any(t.is_floating_point() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
 
 
-def dtype_sources(model: nn.Module, example: torch.Tensor, layers: Iterable[str]) -> Sources | None:
+def dtype_sources(model: nn.Module, example: Any, layers: Iterable[str]) -> Sources | None:
     """Run ``model`` once on ``example[:1]`` with autograd on and read which of ``layers`` feed each layer, each
     follower and the output (see :class:`Sources`). The model's parameters and mode are restored afterwards.
 
@@ -268,7 +277,9 @@ def dtype_sources(model: nn.Module, example: torch.Tensor, layers: Iterable[str]
             if p.is_floating_point():
                 p.requires_grad_(True)
         with torch.enable_grad():
-            out = model.eval()(example[:1])
+            from hwprune.inputs import call, rows
+
+            out = call(model.eval(), rows(example, slice(0, 1)))
     except Exception:  # noqa: BLE001 - the forward worked without autograd (checked before); regions are optional
         return None
     finally:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwprune import inputs as model_inputs
+
 __all__ = ["ModelStats", "count_flops", "count_params", "model_stats", "rnn_flop_handle"]
 
 
@@ -40,16 +42,34 @@ def rnn_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return steps * macs
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+def cell_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for one step of a cell (``aten::lstm_cell``, ``gru_cell``, ``rnn_tanh_cell``,
+    ``rnn_relu_cell``): batch x (weight_ih + weight_hh elements); a loop over time counts every step."""
+    x_shape = _shape(inputs[0])
+    if x_shape is None or len(x_shape) != 2:
+        return 0
+    macs = 0
+    for p in inputs[2:4]:
+        s = _shape(p)
+        if s is not None and len(s) == 2:
+            macs += s[0] * s[1]
+    return x_shape[0] * macs
+
+
+def count_flops(model: nn.Module, example: Any) -> int:
     """Multiply-adds of one forward pass on ``example`` (all of its batch); formats do not change it."""
     from fvcore.nn import FlopCountAnalysis
 
     from hwprune.apply.formats import strip_formats
 
     model = strip_formats(model).eval()
-    flops = FlopCountAnalysis(model, (example,))
+    flops = FlopCountAnalysis(model, model_inputs.positional(model, example))
     flops.set_op_handle("aten::lstm", rnn_flop_handle)
     flops.set_op_handle("aten::gru", rnn_flop_handle)
+    flops.set_op_handle("aten::rnn_tanh", rnn_flop_handle)
+    flops.set_op_handle("aten::rnn_relu", rnn_flop_handle)
+    for op in ("aten::lstm_cell", "aten::gru_cell", "aten::rnn_tanh_cell", "aten::rnn_relu_cell"):
+        flops.set_op_handle(op, cell_flop_handle)
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     with torch.no_grad():
@@ -69,8 +89,8 @@ class ModelStats:
     size_bytes: int
 
 
-def model_stats(model: nn.Module, example: torch.Tensor) -> ModelStats:
+def model_stats(model: nn.Module, example: Any) -> ModelStats:
     """Params, per-example FLOPs (fvcore, multiply-adds) and parameter bytes."""
-    one = example[:1]
+    one = model_inputs.rows(example, slice(0, 1))
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return ModelStats(count_params(model), count_flops(model, one), size)

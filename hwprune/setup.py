@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune.data import DataBundle, load_data
 from hwprune.errors import HwpruneError
 from hwprune.factory import is_factory_ref, load_factory
@@ -22,8 +23,8 @@ class Setup:
 
     model_ref: str
     model: nn.Module
-    example: torch.Tensor
-    input_shape: tuple[int, ...]
+    example: Any  # one batch of model inputs: a tensor, a tuple of tensors or a dict (hwprune.inputs)
+    input_shape: tuple  # one item's shape; one shape per input when the model takes several
     num_classes: int
     data: DataBundle | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -31,22 +32,23 @@ class Setup:
     seed: int = 0
     task: Any = None  # hwprune.tasks.Task: the data's (or --task's); classification without data
 
-    def inputs(self, n: int, seed: int = 0) -> torch.Tensor:
+    def inputs(self, n: int, seed: int = 0) -> Any:
         """``n`` model inputs for timing. Float inputs: standard normal (the latency of dense float kernels does
-        not depend on the values). Integer inputs (token ids): drawn with replacement (seeded) from at most 256
-        training examples, or from the example batch without data."""
+        not depend on the values). When any input is not floating point (token ids, lengths, masks): real items
+        drawn with replacement (seeded) from at most 256 training examples, or from the example batch without
+        data."""
         from hwprune.latency.profiler import timing_batch
 
         return timing_batch(self.example, n, self.timing_pool(seed), seed)
 
-    def timing_pool(self, seed: int = 0) -> torch.Tensor | None:
-        """Real inputs to draw timing batches from: up to 256 training examples (seeded) for integer inputs; None
-        for float inputs (drawn N(0, 1)) or without data (the example's rows are used)."""
-        if self.example.is_floating_point() or self.data is None:
+    def timing_pool(self, seed: int = 0) -> Any:
+        """Real inputs to draw timing batches from: up to 256 training examples (seeded) when any input is not
+        floating point; None for float inputs (drawn N(0, 1)) or without data (the example's rows are used)."""
+        if inputs.all_float(self.example) or self.data is None:
             return None
         g = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(self.data.train), (256,), generator=g).tolist()
-        return torch.stack([self.data.train[i][0] for i in idx])
+        return inputs.collate([self.data.train[i][0] for i in idx])
 
 
 def _token_example(model: nn.Module, example: torch.Tensor, seed: int) -> torch.Tensor:
@@ -131,10 +133,9 @@ def resolve(model_ref: str, data_ref: str | None = None, input_shape: str | None
             load_weights(model, hit[0])
             source = str(hit[0])
     assert shape is not None
-    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
     if data is not None:
-        example = torch.stack([data.train[i][0] for i in range(2)])
+        example: Any = inputs.collate([data.train[i][0] for i in range(min(2, len(data.train)))])
     else:
-        example = _token_example(model, example, seed)
+        example = _token_example(model, torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed)), seed)
     return Setup(model_ref, model, example, tuple(shape), num_classes, data, args, source, seed,
                  data.task if data is not None else (the_task or get_task(None)))

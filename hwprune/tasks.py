@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError
 
 __all__ = ["Task", "get_task", "TASK_NAMES", "CLASSIFICATION", "LANGUAGE_MODEL"]
@@ -65,8 +66,8 @@ class Task:
         """The metric of ``model`` over every batch of ``loader`` (on ``device``)."""
         total = count = 0.0
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            s, n = self.batch_fn(model(x), y)
+            x, y = inputs.to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
+            s, n = self.batch_fn(inputs.call(model, x), y)
             total, count = total + float(s), count + float(n)
         if count == 0:
             raise HwpruneError(f"task {self.name!r}: the split has nothing to score (0 counted items)")

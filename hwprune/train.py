@@ -89,14 +89,16 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, task: Any = N
         return get_task(task).evaluate(model, _loader(ds, batch_size, False, 0), _device_of(model))
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: torch.Tensor, y: torch.Tensor,
+def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Any, y: torch.Tensor,
           step: int, task: Any = None) -> float:
     """One optimizer step on the task's loss (gradients clipped at norm 5); returns the loss."""
     from hwprune.tasks import get_task
 
     dev = _device_of(model)
-    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-    loss = get_task(task).loss(model(x), y)
+    from hwprune import inputs
+
+    x, y = inputs.to_device(x, dev, non_blocking=True), y.to(dev, non_blocking=True)
+    loss = get_task(task).loss(inputs.call(model, x), y)
     if not torch.isfinite(loss):
         raise HwpruneError(f"training loss became {float(loss.detach())} at step {step}; lower the learning rate")
     opt.zero_grad(set_to_none=True)
@@ -202,12 +204,17 @@ def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any], task
 
     The task (a name, a :class:`hwprune.tasks.Task` or None) enters the hash unless it is classification, so
     the keys of classifiers cached before tasks existed are unchanged; a model trained for another task on
-    the same model and data is another entry.
+    the same model and data is another entry. User code (``file.py:factory`` models, data and tasks) enters
+    with its source file's content: an edited file is trained again, never served the old file's weights.
     """
     from hwprune.tasks import get_task
 
+    from hwprune.factory import source_digest
+
     name = get_task(task).name
-    blob = json.dumps([model, data, seed, model_args] + ([] if name == "classification" else [name]), sort_keys=True)
+    sources = [d for d in (source_digest(model), source_digest(data), source_digest(name)) if d]
+    blob = json.dumps([model, data, seed, model_args] + ([] if name == "classification" else [name]) +
+                      ([sources] if sources else []), sort_keys=True)
     short = lambda s: Path(s.split(":")[0]).stem if ":" in s else s  # noqa: E731
     return f"{short(model)}-{short(data)}-s{seed}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 

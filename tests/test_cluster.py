@@ -96,6 +96,7 @@ def _wait(cond, proc, what: str, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.e2e
 def test_two_drivers_on_one_postgresql_study_keep_every_trial(postgres, tables, tmp_path):  # noqa: F811
     """Two local-backend drivers, one PostgreSQL study: every trial kept once, numbers unique, both contributed;
     then a driver killed with SIGKILL mid-search and a new one resumed: the completed trials are unchanged."""
@@ -193,6 +194,7 @@ def ray_cluster(tmp_path):
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_ray_search_on_two_nodes_then_one_node_killed(ray_cluster, tables, tmp_path):  # noqa: F811
     """Trials run on both nodes (recorded per trial); killing the second node mid-search fails its running
     trial(s) with a reason, and the search still finishes the asked trials on the head node."""

@@ -199,7 +199,10 @@ def test_kernels_is_a_leaf_that_apply_and_latency_share():
 
     tree = ast.parse((ROOT / "hwprune" / "kernels.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert {m for m in imported if m.startswith("hwprune")} == {"hwprune.errors", "hwprune._compat.ao"}
+    assert {m for m in imported if m.startswith("hwprune")} == {"hwprune.errors", "hwprune._compat.ao", "hwprune.inputs"}
+    tree = ast.parse((ROOT / "hwprune" / "inputs.py").read_text())  # inputs: a leaf too (torch and errors only)
+    assert {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and
+            n.module.startswith("hwprune")} == {"hwprune.errors"}
     assert formats.mask_2_4 is kernels.mask_2_4 and targets.CastModule is kernels.CastModule
     lin = nn.Linear(8, 4)
     real, report = formats.deploy(formats.apply_formats(nn.Sequential(lin), {"0": "bf16"}), get_target("cpu"))

@@ -145,6 +145,24 @@ def test_calibration_recovers_layer_and_element_costs():
     assert (coef >= 0).all() and coef[1] == 0
 
 
+def test_few_noisy_calibration_runs_never_price_every_policy_alike():
+    """Three runs of a packed LSTM (layer sum, output elements, 1) whose noise made non-negative least squares
+    drop the layer sum: three terms from three runs priced only output elements and a constant. Below 6 runs
+    the fit is ``a * layer sum + b`` with ``a > 0``, so a smaller policy is priced lower."""
+    from hwprune.latency.predictor import fit_calibration, fit_nonneg
+
+    feats = np.array([[537.2, 49536.0, 1.0], [381.7, 12672.0, 1.0], [407.3, 24960.0, 1.0]])
+    y = np.array([717.5, 496.9, 650.0])  # dense, keep 0.25, keep 0.5
+    assert fit_nonneg(feats, y)[0] == 0.0  # the old fit: no weight on the layer sum
+    a, c, b = fit_calibration(feats, y)
+    assert a > 0 and c == 0.0 and a * 381.7 + b < a * 537.2 + b
+    # with 6+ runs of a real three-term relation all three terms are fitted
+    rng = np.random.default_rng(2)
+    s, e = rng.uniform(100, 1000, 8), rng.uniform(1e4, 1e5, 8)
+    assert fit_calibration(np.stack([s, e, np.ones(8)], 1), 1.1 * s + 0.002 * e + 15) == \
+        pytest.approx((1.1, 0.002, 15), rel=1e-4)
+
+
 def test_calibration_policies_are_distinct_and_on_the_grid():
     from hwprune.latency.profiler import calibration_policies
 

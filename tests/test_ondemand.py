@@ -60,14 +60,18 @@ def test_unseen_machine_profiles_then_searches_and_exports(random_cnn1d, tmp_pat
                      "--weights", str(random_cnn1d), "--out", str(out), "--json", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no cpu table for this machine" in proc.stderr and FAKE_CPU in proc.stderr
-    assert re.search(r"measuring \d+ layer configurations and up to 20 calibration runs, ~\d+ s", proc.stderr)
+    profiled = re.search(r"measuring (\d+) layer configurations and up to 20 calibration runs, ~\d+ s", proc.stderr)
+    assert profiled
     tables_made = list((cache / "tables").glob("cpu-*/b512.json"))
     assert len(tables_made) == 1  # the user's folder, not the repository's latency_tables/
     tbl = LatencyTable.load(tables_made[0])
     assert tbl.fingerprint["cpu"] == FAKE_CPU and tbl.fingerprint["flags"] == ["avx2", "fma"]
     layers = [k for k in tbl.entries if not k.startswith("cast|")]
     casts = {k.split("|")[1] for k in tbl.entries if k.startswith("cast|")}
-    assert len(layers) == 330 and casts == {"fp32>bf16", "bf16>fp32"}  # + the casts of bf16 regions
+    assert casts == {"fp32>bf16", "bf16>fp32"}  # + the casts of bf16 regions
+    # the profile's grid (330 layer entries + casts), then what keep ratios off the grid needed, measured on demand
+    on_demand = sum(int(n) for n in re.findall(r"measured (\d+) layer configuration\(s\)", proc.stderr))
+    assert len(tbl.entries) == int(profiled.group(1)) + on_demand and len(layers) >= 330
     assert len(next(iter(tbl.models.values()))["calibration"]) == 20
     s = json.loads(proc.stdout)
     assert s["trials"] == 3 and s["table_fingerprint"]["cpu"] == FAKE_CPU
@@ -82,7 +86,8 @@ def test_unseen_machine_profiles_then_searches_and_exports(random_cnn1d, tmp_pat
     assert exp.returncode == 0, exp.stderr[-2000:]
     e = json.loads(exp.stdout)
     assert e["fingerprint_matches"] and e["measured_latency_ms"] > 0
-    assert e["over_budget"] == (e["measured_latency_ms"] > e["budget_ms"])
+    # the verdict is on the measurement at the table's speed (issue 20), not the raw one on a drifting machine
+    assert e["over_budget"] == (e["measurement"]["adjusted_ms"] > e["budget_ms"])
     print(f"unseen machine: search+profile {time.time() - t0:.0f} s; export measured {e['measured_latency_ms']:.4f} "
           f"ms for a {e['budget_ms']:.4f} ms budget (margin {s['budget_margin']:.1%})")
 
@@ -236,7 +241,8 @@ def test_a_crashed_hosts_trial_is_failed_as_stale_and_a_live_one_waited_for(tabl
 def test_heartbeat_renews_this_processes_running_trials(tmp_path):
     import optuna
 
-    from hwprune.search.controller import OWNER, Heartbeat, stale_for
+    from hwprune.search.controller import Heartbeat, stale_for
+    from hwprune.search.trial import OWNER
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     mine, other = study.ask(), study.ask()
@@ -300,10 +306,12 @@ def test_write_atomic_leaves_the_umask_alone(tmp_path, monkeypatch):
 
 
 def test_export_warns_when_measured_over_budget(tables, tmp_path):  # noqa: F811
-    """The synthetic table prices microseconds; the real forward pass takes longer: over budget, said so with the
-    raw and the speed-adjusted figures. The table stores no reference, so its dense calibration run is the
-    reference: the machine looks slower than the table, and the verdict is judged at the table's speed (the
-    pruned tiny MLP is launch-bound: about the dense model's time, over the 80% budget at any speed)."""
+    """The synthetic table prices microseconds; the real forward pass takes longer: over budget as measured, said
+    so with the raw and the speed-adjusted figures. The table stores no reference, so its dense calibration run is
+    the reference, and the verdict is judged at the table's speed: over the budget when the adjusted figure is,
+    else "within it at the table's speed". Which of the two depends on how launch-bound this machine runs the
+    pruned tiny MLP (CI saw it at 76% of the dense model against an 80% budget), so both are checked, each against
+    its own numbers."""
     run, cache = tmp_path / "run", tmp_path / "cache"
     assert _search(tables, run, cache, "--trials", "2").returncode == 0
     proc = run_cli("export", str(run), "--finetune-steps", "2", "--repeats", "3", "--json",
@@ -311,12 +319,19 @@ def test_export_warns_when_measured_over_budget(tables, tmp_path):  # noqa: F811
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
     m = s["measurement"]
-    assert s["measured_latency_ms"] > s["budget_ms"] and m["adjusted_ms"] > s["budget_ms"] and s["over_budget"]
+    assert s["measured_latency_ms"] == m["median_ms"] > s["budget_ms"]
     assert m["machine_drift_pct"] == pytest.approx(100 * (m["dense_now_ms"] / m["dense_at_profile_ms"] - 1))
     assert m["adjusted_ms"] == pytest.approx(m["median_ms"] / m["speed_factor"])
-    assert re.search(r"hwprune: warning: measured [\d.]+ ms, [\d.]+ ms at the table's speed \(factor [\d.]+\); "
-                     r"budget [\d.]+ ms \(predicted [\d.]+ ms\): over the budget by [\d.]+% at the speed", proc.stderr)
-    assert "**Over budget:**" in (run / f"export-trial{s['trial']}-oneshot" / "report.md").read_text()
+    assert s["over_budget"] is (m["adjusted_ms"] > s["budget_ms"])
+    line = r"hwprune: warning: measured [\d.]+ ms, [\d.]+ ms at the table's speed \(factor [\d.]+\); budget [\d.]+ ms " \
+           r"\(predicted [\d.]+ ms\): "
+    report = (run / f"export-trial{s['trial']}-oneshot" / "report.md").read_text()
+    if s["over_budget"]:
+        assert re.search(line + r"over the budget by [\d.]+% at the speed", proc.stderr), proc.stderr[-2000:]
+        assert "**Over budget:**" in report
+    else:
+        assert re.search(line + r"over the budget as measured, within it at the table's speed", proc.stderr)
+        assert "**Over budget as measured, within it at the table's speed:**" in report
 
 
 def test_a_stacked_rnn_trained_by_the_search_exports(tmp_path):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 from test_search import DATA, MLP3, tables  # noqa: F401 - the fixture is used by name
 
@@ -124,6 +126,40 @@ def test_two_processes_share_one_study(tables, tmp_path):  # noqa: F811
     assert sorted(int(r["trial"]) for r in rows) == list(range(len(rows)))
 
 
+def test_results_are_written_from_the_study_as_it_is_when_the_lock_is_taken(tmp_path):
+    """The CI failure of stop 27: a process that read the study while another's proposal was still waiting wrote
+    trials.csv after the other had finished it, so the file showed a WAITING trial. trials.csv is now read and
+    written under one lock: a writer that waited for the lock writes what the study holds then."""
+    import threading
+    from types import SimpleNamespace
+
+    import optuna
+
+    from hwprune.search.rundir import results_lock
+    from hwprune.search.trial import Progress
+    from hwprune.tasks import get_task
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({"x": 1})
+    progress = Progress(tmp_path, SimpleNamespace(limit_ms=1.0, task=get_task(None)), 2, 0, lambda m: None)
+    t = study.ask()
+    t.suggest_int("x", 0, 3)
+    study.tell(t, [0.5, 0.5])
+    study.enqueue_trial({"x": 2})  # another process's proposal, waiting to be asked
+    with results_lock(tmp_path):  # that process writes its results now
+        writer = threading.Thread(target=progress.trial_ended, args=(study, 0))
+        writer.start()
+        time.sleep(0.5)  # the writer waits for the lock (a wrong one writes its earlier read meanwhile)
+        t2 = study.ask()  # the other process asks its proposal and finishes it
+        t2.suggest_int("x", 0, 3)
+        study.tell(t2, [0.6, 0.4])
+    writer.join(timeout=30)
+    progress.close()
+    assert [(r["trial"], r["state"]) for r in _rows(tmp_path / "trials.csv")] == [("0", "COMPLETE"), ("1", "COMPLETE")]
+
+
+@pytest.mark.e2e
 def test_kill_9_ray_search_then_resume(tables, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     env = {**os.environ, "HWPRUNE_CACHE": str(tmp_path / "c")}

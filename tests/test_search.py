@@ -61,8 +61,9 @@ def test_tiny_search_resumes_without_losing_or_repeating(tables, tmp_path):
     s = json.loads(first.stdout)
     assert s["trials"] == 3 and s["budget_ms"] == pytest.approx(0.8 * s["dense_predicted_ms"])
     assert s["pareto"] and all(p["predicted_latency_ms"] <= s["budget_ms"] for p in s["pareto"])
-    assert list(s["uniform_seeds"])[0].startswith("uniform-")  # the first trials are the uniform seeds
     rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert rows[0]["seed"].startswith("uniform-")  # the fp32 uniform seed first (the knapsack's: equal here, once)
+    assert set(s["uniform_seeds"]) == {r["seed"] for r in rows}
     assert len(rows) == 3 and all(r["feasible"] == "True" for r in rows if r["state"] == "COMPLETE")
     assert json.loads((out / "best_policy.json").read_text())["format_version"] == 1
     assert (out / "pareto.csv").exists() and json.loads((out / "run.json").read_text())["table_fingerprint"]
@@ -162,21 +163,25 @@ def test_search_uses_real_training_batches_for_importance(tables, tmp_path, monk
 
 
 def test_ray_backend_local_two_workers_matches_local(tables, tmp_path):
-    """A real local Ray with 2 CPUs: the same study files, and the seed trials score what the local backend scores."""
+    """A real local Ray with 2 CPUs: the same study files, and the seed trials score what the local backend scores,
+    under a user task (lower-is-better error rate): workers once rebuilt the setup without it and scored
+    classification accuracy instead."""
     pytest.importorskip("ray.tune")
     cache = tmp_path / "cache"
-    local = _search(tables, tmp_path / "local", cache, "--trials", "3")
+    task = ["--task", f"{ASSETS / 'user_model.py'}:mean_abs_error_task"]
+    local = _search(tables, tmp_path / "local", cache, "--trials", "3", *task)
     assert local.returncode == 0, local.stderr
-    ray = _search(tables, tmp_path / "ray", cache, "--trials", "4", "--backend", "ray", "--workers", "2")
+    ray = _search(tables, tmp_path / "ray", cache, "--trials", "4", "--backend", "ray", "--workers", "2", *task)
     assert ray.returncode == 0, ray.stderr
     s, r = json.loads(local.stdout), json.loads(ray.stdout)
+    assert s["metric"] == r["metric"] == "error_rate" and "accuracy" not in json.dumps(r["pareto"])
     assert r["backend"] == "ray" and r["trials"] == 4 and r["failed"] == 0
     rows = list(csv.DictReader(open(tmp_path / "ray" / "trials.csv")))
     assert [x["trial"] for x in rows] == ["0", "1", "2", "3"] and all(x["state"] == "COMPLETE" for x in rows)
     assert all(float(x["predicted_latency_ms"]) <= r["budget_ms"] + 1e-9 for x in rows)
     assert (tmp_path / "ray" / "study.journal").exists() and (tmp_path / "ray" / "ray").is_dir()
-    for name, seed in s["uniform_seeds"].items():  # same policy, data order and seed -> the same accuracy
-        assert r["uniform_seeds"][name]["accuracy"] == pytest.approx(seed["accuracy"], abs=1e-9)
+    for name, seed in s["uniform_seeds"].items():  # same policy, data order and seed -> the same score
+        assert r["uniform_seeds"][name]["error_rate"] == pytest.approx(seed["error_rate"], abs=1e-9)
     again = run_cli("pareto", str(tmp_path / "ray"), "--json")
     assert json.loads(again.stdout)["pareto"] == r["pareto"]
 
@@ -215,7 +220,7 @@ def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch):
         rule.add(-1, 0.0, {"10": 1.0, "20": 1.0}, 1.0)
         return rule
 
-    monkeypatch.setattr(controller, "_rule_from", rule_with_perfect_reference)
+    monkeypatch.setattr(controller, "rule_from", rule_with_perfect_reference)
     spec = SearchSpec(model=MLP3, data=DATA, budget="100%", batch_size=4, tables=str(tables), trials=7,
                       finetune_steps=30, sampler="random", out=str(tmp_path / "r"))
     s = controller.run_search(spec, log=lambda m: None)
@@ -292,3 +297,112 @@ def test_absolute_budget_is_priced_at_the_machine_speed_now(tables, tmp_path):
     r = json.loads(rel.stdout)
     assert r["limit_ms"] == pytest.approx(r["budget_ms"]) and "search is unchanged" in rel.stderr
     assert json.loads((tmp_path / "rel" / "run.json").read_text())["speed_factor"] == 1.0
+
+
+def test_a_resume_on_changed_prices_is_refused_and_never_mixes(tables, tmp_path):
+    """The run records what its prices are made of (the entries and calibration this model is priced from, the
+    margin); a resume after the table's entries changed is refused in one line, naming what changed; entries
+    another model adds do not count (that resume runs)."""
+    import shutil
+
+    mine = tmp_path / "tables"
+    shutil.copytree(tables, mine)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    first = _search(mine, out, cache, "--trials", "2")
+    assert first.returncode == 0, first.stderr
+    prices = json.loads((out / "run.json").read_text())["prices"]
+    assert prices["entries"] > 0 and prices["margin"] >= 0 and len(prices["digest"]) == 16
+    path = next(mine.rglob("b4.json"))
+    original = path.read_text()
+    blob = json.loads(original)
+    blob["entries"]["linear|i999|o999|x-|b4|bias|fp32"] = {"median_us": 5.0, "iqr_us": 0.1, "repeats": 3, "inner": 1}
+    path.write_text(json.dumps(blob))  # another model's entry: the same prices
+    again = _search(mine, out, cache, "--trials", "3")
+    assert again.returncode == 0, again.stderr
+    used = next(k for k in blob["entries"] if k.startswith("linear|i4|o16|"))
+    blob["entries"][used]["median_us"] *= 3
+    path.write_text(json.dumps(blob))
+    changed = _search(mine, out, cache, "--trials", "4")
+    assert changed.returncode != 0 and len(changed.stderr.strip().splitlines()) == 1, changed.stderr
+    assert f"cannot resume {str(out)!r}: the table's entries or calibration for this model changed" in changed.stderr
+    assert "its 3 trial(s) were priced on another scale" in changed.stderr and "new --out" in changed.stderr
+    assert json.loads((out / "run.json").read_text())["prices"] == prices  # the run is left as it was
+
+
+def test_seeds_include_the_latency_knapsack(tables, tmp_path):
+    """Every search is seeded with the knapsack's policy (most importance kept under the priced limit) next to
+    the uniform ones; it is within the limit and keeps more units where they matter than a uniform cut."""
+    proc = _search(tables, tmp_path / "run", tmp_path / "cache", "--trials", "3", model=MLP3)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert "knapsack" in s["uniform_seeds"], s["uniform_seeds"]
+    k = s["uniform_seeds"]["knapsack"]
+    assert k["predicted_latency_ms"] <= s["limit_ms"] + 1e-9
+    assert "from the latency knapsack" in proc.stderr
+    rows = {r["seed"]: r for r in csv.DictReader(open(tmp_path / "run" / "trials.csv"))}
+    assert rows["knapsack"]["state"] == "COMPLETE" and rows["knapsack"]["feasible"] == "True"
+
+
+def test_the_study_holds_the_repaired_policy_as_ordered_parameters(tables, tmp_path):
+    """Optuna is told what was trained: every finished trial's parameters are grid indices (ordered integers)
+    that decode to its trained policy; proposals keep the sample they were repaired from, at least one was
+    repaired, and each was screened (its proxy recorded); the summary reports the proxy's rank correlation."""
+    from optuna.distributions import IntDistribution
+
+    from hwprune.search.controller import open_study, run_spec
+
+    out = tmp_path / "run"
+    proc = _search(tables, out, tmp_path / "cache", "--trials", "9", "--budget", "70%", "--sampler", "random",
+                   "--screen", "3", model=MLP3)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    info = json.loads((out / "run.json").read_text())
+    grid = sorted(info["grid"])
+    study = open_study(out, run_spec(info), load_only=True)
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) == 9
+    for t in done:
+        keep, fmts = t.user_attrs["policy"]["keep"], t.user_attrs["policy"]["formats"]
+        assert {n for n in t.params if n.startswith("k:")} and all(n[:2] in ("k:", "fm") for n in t.params)
+        for name, dist in t.distributions.items():
+            if name.startswith("k:"):
+                assert isinstance(dist, IntDistribution) and grid[t.params[name]] == keep.get(name[2:], 1.0)
+            else:
+                assert t.params[name] == fmts.get(name[4:], "fp32"), (t.number, name)
+    proposals = [t for t in done if not t.user_attrs.get("seed")]
+    assert proposals and all(isinstance(t.user_attrs["screen"], float) and t.user_attrs["screened"] >= 1
+                             for t in proposals)
+    repaired = [t for t in proposals if t.user_attrs["repairs"] > 0]
+    assert repaired, [t.user_attrs for t in proposals]
+    t = repaired[0]
+    assert {g: r for g, r in t.user_attrs["sampled"]["keep"].items() if r != 1.0} != t.user_attrs["policy"]["keep"]
+    assert s["screen"] is None or set(s["screen"]) == {"spearman", "kendall", "pairs"}
+
+
+def test_a_study_of_an_older_version_goes_on_with_categorical_keep_ratios(tables, tmp_path):
+    """Studies started before keep ratios were ordered hold categorical ``keep:<group>`` parameters; a resume
+    proposes in that form (Optuna refuses one name with two distributions), still told the repaired values."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from hwprune.search.controller import open_study, run_spec
+
+    out = tmp_path / "run"
+    first = _search(tables, out, tmp_path / "cache", "--trials", "1")
+    assert first.returncode == 0, first.stderr
+    info = json.loads((out / "run.json").read_text())
+    study = open_study(out, run_spec(info))
+    old = study.trials[0]
+    grid = list(info["grid"])
+    groups = [n[2:] for n in old.params if n.startswith("k:")]
+    study.add_trial(optuna.trial.create_trial(  # what an older version wrote
+        params={f"keep:{g}": grid[0] for g in groups}, distributions={f"keep:{g}": CategoricalDistribution(grid)
+                                                                       for g in groups},
+        values=[0.1, 0.01], user_attrs={"policy": {**old.user_attrs["policy"], "keep": {g: grid[0] for g in groups}}}))
+    again = _search(tables, out, tmp_path / "cache", "--trials", "4")
+    assert again.returncode == 0, again.stderr
+    new = open_study(out, run_spec(info), load_only=True).trials[2:]
+    assert len(new) == 2
+    for t in new:
+        assert {n for n in t.params if not n.startswith("fmt:")} == {f"keep:{g}" for g in groups}, t.params
+        assert all(t.params[f"keep:{g}"] == t.user_attrs["policy"]["keep"].get(g, 1.0) for g in groups)

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune._io import write_atomic
 from hwprune.apply.formats import DeployReport, FormatSim, apply_formats, deploy_cpu
 from hwprune.apply.importance import IMPORTANCES
@@ -29,19 +30,25 @@ ARTIFACT_FORMAT = "hwprune-pruned-model/1"
 
 
 def apply_policy(model: nn.Module, policy: Policy, example: torch.Tensor, *, exclude: Iterable[str] = (),
-                 importance: str = "l1", batches: Any = None) -> nn.Module:
-    """Prune a copy of ``model`` under ``policy`` and set each layer's (simulated) format."""
-    pruned = prune_model(model, policy, example, exclude=exclude, importance=importance, batches=batches)
+                 importance: str = "l1", batches: Any = None, loss: Any = None) -> nn.Module:
+    """Prune a copy of ``model`` under ``policy`` and set each layer's (simulated) format (``loss``: the task's,
+    for Taylor importance)."""
+    pruned = prune_model(model, policy, example, exclude=exclude, importance=importance, batches=batches,
+                         loss=loss)
     return apply_formats(pruned, policy.formats)
 
 
 def save_pruned(path: str | Path, model: nn.Module, policy: Policy, model_ref: str, model_args: dict[str, Any],
                 input_shape: tuple[int, ...], num_classes: int, exclude: Iterable[str] = (),
-                extra: dict[str, Any] | None = None) -> None:
-    """Write a pruned model artifact atomically."""
+                extra: dict[str, Any] | None = None, example: Any = None) -> None:
+    """Write a pruned model artifact atomically, with two rows of the example input (the dense model's: what
+    :func:`load_pruned` rebuilds the pruned structure on; token ids and several inputs included)."""
     blob = {"format": ARTIFACT_FORMAT, "model": model_ref, "model_args": dict(model_args),
-            "input_shape": list(input_shape), "num_classes": num_classes, "exclude": sorted(exclude),
-            "policy": policy.to_dict(), "extra": dict(extra or {}), "state_dict": model.state_dict()}
+            "input_shape": [list(s) if isinstance(s, tuple) else s for s in input_shape], "num_classes": num_classes,
+            "exclude": sorted(exclude), "policy": policy.to_dict(), "extra": dict(extra or {}),
+            "state_dict": model.state_dict()}
+    if example is not None:
+        blob["example"] = inputs.rows(example, slice(0, 2))
     buf = io.BytesIO()
     torch.save(blob, buf)
     write_atomic(Path(path), buf.getvalue())
@@ -53,10 +60,12 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     blob = safe_load(p, "pruned model")
     if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
         raise HwpruneError(f"{str(p)!r} is not an hwprune pruned model ({ARTIFACT_FORMAT})")
-    shape = tuple(blob["input_shape"])
+    shape = tuple(tuple(s) if isinstance(s, list) else s for s in blob["input_shape"])
     dense = build_model(blob["model"], shape, blob["num_classes"], blob["model_args"])
     policy = Policy.from_dict(blob["policy"], source=str(p))
-    example = torch.zeros(2, *shape)
+    example = blob.get("example")
+    if example is None:  # an artifact written before examples were stored: float inputs of the stored shape
+        example = torch.zeros(2, *shape)
     model = apply_policy(dense, policy, example, exclude=blob["exclude"])
     try:
         model.load_state_dict(blob["state_dict"])

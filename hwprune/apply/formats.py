@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError, is_oom
-from hwprune.kernels import mask_2_4
+from hwprune.kernels import mask_2_4, on_data
 
 __all__ = ["FormatSim", "apply_formats", "strip_formats", "mask_2_4", "fake_quant_weight", "fake_quant_act", "deploy",
            "deploy_cpu", "DeployReport"]
@@ -74,18 +75,18 @@ class FormatSim(nn.Module):
                 out[name] = p
         return out
 
-    def _in(self, x: torch.Tensor) -> torch.Tensor:
+    def _in(self, x: Any) -> Any:
         if self.fmt in _DTYPES or self.fmt == "sp24":
-            return _cast(x, "fp16" if self.fmt == "sp24" else self.fmt)
-        return fake_quant_act(x) if self.fmt == "int8" else x
+            return on_data(x, lambda t: _cast(t, "fp16" if self.fmt == "sp24" else self.fmt))
+        return on_data(x, fake_quant_act) if self.fmt == "int8" else x
 
     def forward(self, x: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
         out = functional_call(self.inner, self._params(), (self._in(x),) + args, kwargs)
         if self.fmt in _DTYPES or self.fmt == "sp24":
             fmt = "fp16" if self.fmt == "sp24" else self.fmt
-            if isinstance(out, tuple):
-                return (_cast(out[0], fmt),) + out[1:]
-            return _cast(out, fmt)
+            if isinstance(out, tuple) and not isinstance(out, nn.utils.rnn.PackedSequence):
+                return (on_data(out[0], lambda t: _cast(t, fmt)),) + out[1:]
+            return on_data(out, lambda t: _cast(t, fmt))
         return out
 
     def extra_repr(self) -> str:
@@ -163,7 +164,7 @@ def deploy(model: nn.Module, target: Any = "cpu", example: torch.Tensor | None =
     src = None
     if example is not None and any(region_dtype(f) != torch.float32 for f in formats.values()):
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        src = dtype_sources(model, example.to(dev), names)
+        src = dtype_sources(model, inputs.to_device(example, dev), names)
     backup = copy.deepcopy(model) if src is not None else None
     model, report = _realize_all(model, target)
     compute = {n: region_dtype(f) for n, f in report.real.items()}
@@ -177,7 +178,7 @@ def deploy(model: nn.Module, target: Any = "cpu", example: torch.Tensor | None =
         try:
             model = model.to(target.device)
             with torch.no_grad():
-                model.eval()(example[:2].to(target.device))  # type: ignore[index]
+                inputs.call(model.eval(), inputs.to_device(inputs.rows(example, slice(0, 2)), target.device))
             report.regions, report.casts = "regions", plan.casts
             return model, report
         except Exception as exc:  # noqa: BLE001 - e.g. an op in the user's forward that needs matching dtypes

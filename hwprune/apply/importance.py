@@ -13,9 +13,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError
 from hwprune.space._rnn import RNNGroupPlan
-from hwprune.space._rnnstack import RNN_TYPES
+from hwprune.space._rnnstack import CELL_TYPES, RNN_TYPES
 
 __all__ = ["IMPORTANCES", "needs_data", "rnn_scores", "cnn_scores", "accumulate_grads", "mean_activation"]
 
@@ -29,12 +30,14 @@ def needs_data(criterion: str) -> bool:
     return criterion in ("taylor", "activation")
 
 
-def accumulate_grads(model: nn.Module, batches: Batches) -> None:
-    """Sum the cross-entropy gradient of ``batches`` into ``.grad`` (for Taylor importance)."""
+def accumulate_grads(model: nn.Module, batches: Batches, loss: Callable | None = None) -> None:
+    """Sum the gradient of the task's ``loss(output, target)`` (default: cross-entropy) over ``batches`` into
+    ``.grad`` (for Taylor importance)."""
+    fn = loss or nn.functional.cross_entropy
     model.zero_grad(set_to_none=True)
     model.eval()
     for x, y in batches:
-        nn.functional.cross_entropy(model(x), y).backward()
+        fn(inputs.call(model, x), y).backward()
 
 
 def mean_activation(model: nn.Module, modules: dict[str, nn.Module], batches: Batches) -> dict[str, torch.Tensor]:
@@ -57,7 +60,7 @@ def mean_activation(model: nn.Module, modules: dict[str, nn.Module], batches: Ba
         model.eval()
         with torch.no_grad():
             for x, _ in batches:
-                model(x)
+                inputs.call(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -78,25 +81,27 @@ def rnn_scores(mods: dict[str, nn.Module], plan: RNNGroupPlan, criterion: str,
                activations: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-unit scores of a recurrent (or Linear-feature) group."""
     H, D = plan.units, plan.dirs
-    prod = mods[plan.producer]
     if criterion == "activation":
         assert activations is not None
-        return activations[plan.producer].reshape(D, H).sum(0)
+        return sum(activations[n].reshape(D, H).sum(0) for n in (plan.producer,) + plan.coupled
+                   if n in activations)
     score = torch.zeros(H)
-    if isinstance(prod, RNN_TYPES):
-        for name, p in prod.named_parameters():
-            s = _saliency(p, criterion)
-            rows = s.reshape(-1, H, *s.shape[1:])  # (gates, H, ...)
-            score += rows.reshape(rows.shape[0], H, -1).sum((0, 2))
-            if name.startswith("weight_hh"):
-                score += s.sum(0)
-    elif isinstance(prod, nn.Embedding):  # unit = a column of the table
-        score += _saliency(prod.weight, criterion).sum(0)
-    else:
-        for p in prod.parameters():
-            s = _saliency(p, criterion)
-            score += s.reshape(H, -1).sum(1)
-    for cname, dirs in [(c, D) for c in plan.consumers] + [(c, 1) for c in plan.state_consumers]:
+    for prod in [mods[plan.producer]] + [mods[n] for n in plan.coupled]:  # a decoder coupled to its encoder
+        if isinstance(prod, RNN_TYPES + CELL_TYPES):
+            for name, p in prod.named_parameters():
+                s = _saliency(p, criterion)
+                rows = s.reshape(-1, H, *s.shape[1:])  # (gates, H, ...)
+                score += rows.reshape(rows.shape[0], H, -1).sum((0, 2))
+                if name.startswith("weight_hh"):
+                    score += s.sum(0)
+        elif isinstance(prod, nn.Embedding):  # unit = a column of the table
+            score += _saliency(prod.weight, criterion).sum(0)
+        else:
+            for p in prod.parameters():
+                s = _saliency(p, criterion)
+                score += s.reshape(H, -1).sum(1)
+    for cname, dirs in [(c, D * plan.copies(c)) for c in plan.consumers] + \
+            [(c, plan.copies(c)) for c in plan.state_consumers]:
         cons = mods[cname]
         for name, p in cons.named_parameters():
             if name == "weight" or name.startswith("weight_ih"):

@@ -9,12 +9,12 @@ from torch import nn
 
 from hwprune.apply.importance import (Batches, accumulate_grads, cnn_scores, mean_activation, needs_data,
                                       rnn_scores)
-from hwprune.errors import HwpruneError
+from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
 from hwprune.space import build_space, is_recurrent, prepare_model, rnn_plans
 from hwprune.space._cnn import CNNGroup, cnn_groups
 from hwprune.space._rnn import RNNGroupPlan
-from hwprune.space._rnnstack import RNN_TYPES, rebuild_rnn
+from hwprune.space._rnnstack import CELL_TYPES, RNN_TYPES, gates_of, rebuild_cell, rebuild_rnn
 
 __all__ = ["prune_model", "kept_indices", "unit_scores"]
 
@@ -25,11 +25,11 @@ def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.sort(order[:keep]).values
 
 
-def _rnn_slices(mod: nn.RNNBase, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.RNNBase:
+def _rnn_slices(mod: nn.Module, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.Module:
+    """An LSTM/GRU layer or a cell keeping the ``out_keep`` hidden units and ``in_keep`` inputs."""
     H = mod.hidden_size
     hk = out_keep if out_keep is not None else torch.arange(H)
-    gates = 4 if isinstance(mod, nn.LSTM) else 3
-    rows = torch.cat([g * H + hk for g in range(gates)])
+    rows = torch.cat([g * H + hk for g in range(gates_of(mod))])
     params = {}
     for name, p in mod.named_parameters():
         t = p.detach()[rows]
@@ -39,7 +39,7 @@ def _rnn_slices(mod: nn.RNNBase, out_keep: torch.Tensor | None, in_keep: torch.T
             t = t[:, hk]
         params[name] = t
     in_size = len(in_keep) if in_keep is not None else mod.input_size
-    new = rebuild_rnn(mod, in_size, len(hk), params)
+    new = (rebuild_cell if isinstance(mod, CELL_TYPES) else rebuild_rnn)(mod, in_size, len(hk), params)
     new.train(mod.training)
     return new
 
@@ -85,7 +85,7 @@ def _recurrent_scores(model: nn.Module, example: torch.Tensor, exclude: set[str]
                       batches: list | None) -> list[tuple[RNNGroupPlan, torch.Tensor]]:
     plans = rnn_plans(model, example, exclude)
     mods = dict(model.named_modules())
-    acts = mean_activation(model, {p.producer: mods[p.producer] for p in plans}, batches) \
+    acts = mean_activation(model, {n: mods[n] for p in plans for n in (p.producer,) + p.coupled}, batches) \
         if criterion == "activation" else None
     return [(plan, rnn_scores(mods, plan, criterion, acts)) for plan in plans]
 
@@ -104,15 +104,16 @@ def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, ex
         cols = torch.cat([d * plan.units + idx for d in range(plan.dirs)])
         if plan.stride > 1:  # a conv's channel flattened with its height: channel-major features
             cols = (idx[:, None] * plan.stride + torch.arange(plan.stride)).reshape(-1)
-        for m in plan.members:
+        block = plan.units * plan.dirs * plan.stride
+        for m in plan.members + plan.coupled:
             outs[m] = idx
-        for c in plan.consumers:
-            ins[c] = cols
-        for c in plan.state_consumers:  # h_n[i]: one direction of one layer, the kept units
-            ins[c] = idx
+        for c in plan.consumers:  # a reader of [dec | context] sees the units twice, block after block
+            ins[c] = torch.cat([j * block + cols for j in range(plan.copies(c))])
+        for c in plan.state_consumers:  # h_n[i]: one direction of one layer, the kept units (both: [h_n[-2] | h_n[-1]])
+            ins[c] = torch.cat([j * plan.units + idx for j in range(plan.copies(c))])
     for name in sorted(set(outs) | set(ins)):
         mod = mods[name]
-        if isinstance(mod, RNN_TYPES):
+        if isinstance(mod, RNN_TYPES + CELL_TYPES):
             new: nn.Module = _rnn_slices(mod, outs.get(name), ins.get(name))
         elif isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
             new = _weight_slices(mod, outs.get(name), ins.get(name))
@@ -129,6 +130,25 @@ def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, ex
         else:  # pragma: no cover - analysis only yields RNN/Linear members
             raise HwpruneError(f"cannot prune layer {name!r} of type {type(mod).__name__}")
         model.set_submodule(name, new)
+    _runs_pruned(model, example, [n for n in outs if isinstance(mods[n], CELL_TYPES)])
+
+
+def _runs_pruned(model: nn.Module, example: Any, cells: list[str]) -> None:
+    """A pruned cell loop must still run: its state is built by the model's own code, which must take the
+    width from the cell (``cell.hidden_size``), not from a number of its own."""
+    if not cells:
+        return
+    from hwprune import inputs
+
+    try:
+        with torch.no_grad():
+            was = model.training
+            inputs.call(model.eval(), inputs.rows(example, slice(0, 1)))
+            model.train(was)
+    except Exception as exc:
+        raise HwpruneError(f"the model does not run with cell {cells[0]!r} pruned ({one_line(exc, 160)}): its "
+                           f"initial state is likely built with a fixed width; build it from "
+                           f"self.{cells[0]}.hidden_size, or --exclude {cells[0]}") from exc
 
 
 def _conv_scores(model: nn.Module, example: torch.Tensor, exclude: set[str], criterion: str,
@@ -155,32 +175,32 @@ def _prune_conv(model: nn.Module, example: torch.Tensor, policy: Policy, exclude
 
 
 def _prepared(model: nn.Module, example: torch.Tensor, exclude: set[str], importance: str,
-              batches: Batches | None) -> tuple[nn.Module, list | None]:
+              batches: Batches | None, loss: Any = None) -> tuple[nn.Module, list | None]:
     data = list(batches) if batches is not None else None
     if needs_data(importance) and not data:
         raise HwpruneError(f"importance {importance!r} needs a few data batches (give --data)")
     model = prepare_model(copy.deepcopy(model))
     if importance == "taylor":
-        accumulate_grads(model, data or [])
+        accumulate_grads(model, data or [], loss)
     return model, data
 
 
 def unit_scores(model: nn.Module, example: torch.Tensor, *, exclude: Iterable[str] = (), importance: str = "l1",
-                batches: Batches | None = None) -> dict[str, torch.Tensor]:
+                batches: Batches | None = None, loss: Any = None) -> dict[str, torch.Tensor]:
     """The importance of every unit of every prunable group (group name -> one score per unit).
 
     The scores :func:`prune_model` ranks units by within a group; comparing them across groups
     (global pruning) needs a normalization, which is the caller's choice.
     """
     excl = set(exclude)
-    model, data = _prepared(model, example, excl, importance, batches)
+    model, data = _prepared(model, example, excl, importance, batches, loss)
     if is_recurrent(model):
         return {plan.producer: s for plan, s in _recurrent_scores(model, example, excl, importance, data)}
     return {g.name: s for g, s in _conv_scores(model, example, excl, importance, data)[1]}
 
 
 def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, exclude: Iterable[str] = (),
-                importance: str = "l1", batches: Batches | None = None) -> nn.Module:
+                importance: str = "l1", batches: Batches | None = None, loss: Any = None) -> nn.Module:
     """A pruned copy of ``model`` (the original is untouched); formats are not applied here.
 
     Args:
@@ -190,9 +210,10 @@ def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, excl
         exclude: layers never to prune.
         importance: ``l1``, ``l2``, ``taylor`` or ``activation``.
         batches: a few (x, y) batches; required by ``taylor`` and ``activation``.
+        loss: the task's ``loss(output, target)`` that ``taylor`` differentiates (default: cross-entropy).
     """
     excl = set(exclude)
-    model, data = _prepared(model, example, excl, importance, batches)
+    model, data = _prepared(model, example, excl, importance, batches, loss)
     policy.validate(build_space(model, example, excl))
     if is_recurrent(model):
         _prune_recurrent(model, example, policy, excl, importance, data)

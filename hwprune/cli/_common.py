@@ -22,7 +22,8 @@ def add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> N
                    help="arguments for the model factory, e.g. num_layers=2,bidirectional=true or width_mult=0.5")
     p.add_argument("--data", required=data_required,
                    help="built-in data (mnist1d, mnist5k, pydoc) or path/to/file.py:factory returning (train, val) "
-                        "datasets")
+                        "datasets of (inputs, target) items; inputs a tensor, a tuple of tensors (the model is "
+                        "called as model(*inputs)) or a dict (model(**inputs))")
     p.add_argument("--task", default=None,
                    help="how outputs are trained and scored: classification (accuracy, the default), "
                         "language-model (per-token cross-entropy, perplexity; targets -100 are padding), or "

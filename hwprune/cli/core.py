@@ -53,6 +53,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{len(space.groups)} prunable groups:")
         print("\n".join("  " + r for r in _group_rows(space)))
         print(f"{len(space.layers)} quantizable layers: " + ", ".join(f"{q.name} ({q.op})" for q in space.layers))
+        for name, why in space.kept.items():
+            print(f"kept whole, not searched: {name}: {why}")
     emit(args, {"model": args.model, "input_shape": list(s.input_shape), "params": st.params, "flops": st.flops,
                  "size_bytes": st.size_bytes, **space.to_dict()})
     return 0
@@ -78,7 +80,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if s.weights == "random init":
         log("hwprune: warning: no trained weights (give --weights or run 'hwprune train'); pruning a random init")
     batches = few_batches(s.data.train) if s.data is not None else None
-    pruned = apply_policy(s.model, policy, s.example, exclude=exclude, importance=args.importance, batches=batches)
+    pruned = apply_policy(s.model, policy, s.example, exclude=exclude, importance=args.importance, batches=batches,
+                          loss=s.task.loss)
     before, after = model_stats(s.model, s.example), model_stats(pruned, s.example)
     summary: dict[str, Any] = {"model": args.model, "weights": s.weights, "policy": policy.to_dict(),
                                "params_before": before.params, "params_after": after.params,
@@ -98,7 +101,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise HwpruneError("--finetune-steps needs --data")
     if args.out:
         save_pruned(args.out, pruned, policy, args.model, s.model_args, s.input_shape, s.num_classes, exclude,
-                    {k: v for k, v in summary.items() if k != "policy"})
+                    {k: v for k, v in summary.items() if k != "policy"}, s.example)
         summary["out"] = args.out
     if not args.json:
         print(f"params {before.params:,} -> {after.params:,} ({after.params / before.params:.1%})   "

@@ -10,7 +10,7 @@ _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
                  "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
-                 "train_batch_size", "val_subset", "num_classes")
+                 "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -102,6 +102,15 @@ def register(sub: Any) -> None:
                                                                "is --batch-size)")
     se.add_argument("--val-subset", type=positive, help="score trials on this many validation items (a fixed, "
                                                          "seeded subset; default all); the export uses the full split")
+    se.add_argument("--screen", type=int, metavar="N",
+                    help="per fine-tune, sample N candidates, repair each to the budget and fine-tune only the one a "
+                         "cheap proxy ranks best (BatchNorm re-estimation, or a few fine-tune steps without "
+                         "BatchNorm; seconds each); 0: no proxy, 1: proxy recorded but nothing screened (default 4)")
+    se.add_argument("--keep-levels", type=int, metavar="N",
+                    help="keep ratios searched in steps of 1/N (rounded to --channel-multiple), below the table's "
+                         "grid too; where this machine is the target (local backend, no --table) the layer "
+                         "configurations a trial needs and the table lacks are measured before it trains and added "
+                         "to the table; 0: the table's grid only (default 16)")
     se.add_argument("--num-classes", type=positive, help="a built-in model's outputs when the data does not expose "
                                                           "its class count")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")

@@ -254,7 +254,9 @@ def trace_epilogues(model: nn.Module, example: torch.Tensor, layers: dict[str, s
     was_training = model.training
     try:
         with torch.no_grad(), rec:
-            out = model.eval()(example[:1])
+            from hwprune import inputs
+
+            out = inputs.call(model.eval(), inputs.rows(example, slice(0, 1)))
     except Exception:  # noqa: BLE001 - the forward ran before; blocks are a refinement, bare layers still work
         return None
     finally:
@@ -269,7 +271,7 @@ def trace_epilogues(model: nn.Module, example: torch.Tensor, layers: dict[str, s
     result: dict[str, tuple[str, ...]] = {}
     for name, op in layers.items():
         calls = layer_ops.get(name, [])
-        if len(calls) != 1 or op in ("lstm", "gru"):
+        if len(calls) != 1 or op in ("lstm", "gru", "rnn", "rnnrelu", "lstmcell", "grucell", "rnncell", "rnncellrelu"):
             result[name] = ()
             continue
         cur, chain = calls[0], []

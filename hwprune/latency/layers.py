@@ -14,11 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError
 from hwprune.policy import Policy, keep_units
 from hwprune.space import Space, build_space, prepare_model
 
-__all__ = ["LayerConfig", "CastConfig", "LayerForm", "ModelLayers", "analyze_layers"]
+__all__ = ["LayerConfig", "CastConfig", "LayerForm", "ModelLayers", "analyze_layers", "FP32_ONLY_OPS", "CELL_OPS"]
+
+CELL_OPS = ("lstmcell", "grucell", "rnncell", "rnncellrelu")  # a cell called once per step: priced as its loop
+RNN_OPS = ("lstm", "gru", "rnn", "rnnrelu")  # whole-sequence recurrent layers (nn.RNN: tanh, or ReLU)
+# ops profiled (and searched) in fp32 only: their low-precision kernels (torch.ao's transposed convs, per-step
+# int8/bf16 cells with their casts in the loop) are not wired into deploy and the table
+FP32_ONLY_OPS = ("convt1d", "convt2d", "rnn", "rnnrelu") + CELL_OPS
+_GATES = {"lstm": 4, "gru": 3, "rnn": 1, "rnnrelu": 1, "lstmcell": 4, "grucell": 3, "rnncell": 1, "rnncellrelu": 1}
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class LayerConfig:
     bidirectional: bool = False
     post: tuple[str, ...] = ()  # the epilogue timed with the layer (hwprune.latency.epilogue): a fused block
     dilation: tuple[int, ...] = ()  # conv dilation; () when every factor is 1 (keys of undilated convs unchanged)
+    time_first: bool = False  # an LSTM/GRU in PyTorch's default layout (time, batch, features): key part 'tf'
+    output_padding: tuple[int, ...] = ()  # a transposed conv's; () when all 0
 
     @property
     def key(self) -> str:
@@ -47,9 +57,12 @@ class LayerConfig:
         if self.op.startswith("conv"):
             pad = self.padding if isinstance(self.padding, str) else j(self.padding)
             parts += [f"k{j(self.kernel)}", f"s{j(self.stride)}", f"p{pad}"]
-            parts += ([f"d{j(self.dilation)}"] if self.dilation else []) + [f"g{self.groups}"]
-        if self.op in ("lstm", "gru"):
+            parts += ([f"d{j(self.dilation)}"] if self.dilation else []) + \
+                ([f"q{j(self.output_padding)}"] if self.output_padding else []) + [f"g{self.groups}"]
+        if self.op in RNN_OPS:
             parts.append("bi" if self.bidirectional else "uni")
+            if self.time_first:
+                parts.append("tf")
         parts += [f"x{j(self.extent)}", f"b{self.batch}", "bias" if self.bias else "nobias", self.fmt]
         if self.post:
             parts.append("+" + "+".join(self.post))
@@ -70,11 +83,17 @@ class LayerConfig:
                 if rest[3].startswith("d"):
                     kw["dilation"] = t(rest[3][1:])
                     rest = rest[1:]
+                if rest[3].startswith("q"):
+                    kw["output_padding"] = t(rest[3][1:])
+                    rest = rest[1:]
                 kw["groups"] = int(rest[3][1:])
                 rest = rest[4:]
-            elif op in ("lstm", "gru"):
+            elif op in RNN_OPS:
                 kw["bidirectional"] = rest[0] == "bi"
                 rest = rest[1:]
+                if rest[0] == "tf":
+                    kw["time_first"] = True
+                    rest = rest[1:]
             kw.update(extent=t(rest[0][1:]), batch=int(rest[1][1:]), bias=rest[2] == "bias", fmt=rest[3])
             if len(rest) > 4:
                 kw["post"] = tuple(rest[4][1:].split("+"))
@@ -98,15 +117,18 @@ class LayerConfig:
             return self.batch * out_ext * self.cout * (self.cin // self.groups) * kvol
         if self.op == "linear":
             return self.batch * ext * self.cin * self.cout
-        gates = 4 if self.op == "lstm" else 3
         d = 2 if self.bidirectional else 1
-        return self.batch * ext * d * gates * self.cout * (self.cin + self.cout)
+        return self.batch * ext * d * _GATES[self.op] * self.cout * (self.cin + self.cout)
 
     def out_extent(self) -> tuple[int, ...]:
         """A conv's output spatial size (PyTorch's formula, with dilation; 'same' keeps the input's)."""
         if self.padding == "same":
             return tuple(self.extent)
         dil = self.dilation or (1,) * len(self.kernel)
+        if self.op.startswith("convt"):
+            opad = self.output_padding or (0,) * len(self.kernel)
+            return tuple((n - 1) * s - 2 * p + d * (k - 1) + q + 1
+                         for n, k, s, p, d, q in zip(self.extent, self.kernel, self.stride, self.padding, dil, opad))
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
                      for n, k, s, p, d in zip(self.extent, self.kernel, self.stride, self.padding, dil))
 
@@ -158,15 +180,46 @@ class LayerConfig:
             cls = nn.Conv1d if self.op == "conv1d" else nn.Conv2d
             return cls(self.cin, self.cout, self.kernel, self.stride, self.padding, dilation=self.dilation or 1,
                        groups=self.groups, bias=self.bias)
+        if self.op in ("convt1d", "convt2d"):
+            tcls = nn.ConvTranspose1d if self.op == "convt1d" else nn.ConvTranspose2d
+            return tcls(self.cin, self.cout, self.kernel, self.stride, self.padding, self.output_padding or 0,
+                        groups=self.groups, bias=self.bias, dilation=self.dilation or 1)
         if self.op == "linear":
             return nn.Linear(self.cin, self.cout, bias=self.bias)
+        if self.op in CELL_OPS:
+            if self.op.startswith("rnncell"):
+                return CellLoop(nn.RNNCell(self.cin, self.cout, bias=self.bias,
+                                           nonlinearity="relu" if self.op.endswith("relu") else "tanh"))
+            ccls = {"lstmcell": nn.LSTMCell, "grucell": nn.GRUCell}[self.op]
+            return CellLoop(ccls(self.cin, self.cout, bias=self.bias))
+        if self.op.startswith("rnn"):
+            return nn.RNN(self.cin, self.cout, batch_first=not self.time_first, bidirectional=self.bidirectional,
+                          bias=self.bias, nonlinearity="relu" if self.op == "rnnrelu" else "tanh")
         cls = nn.LSTM if self.op == "lstm" else nn.GRU
-        return cls(self.cin, self.cout, batch_first=True, bidirectional=self.bidirectional, bias=self.bias)
+        return cls(self.cin, self.cout, batch_first=not self.time_first, bidirectional=self.bidirectional,
+                   bias=self.bias)
 
     def _input(self, g: torch.Generator, device: str | torch.device) -> torch.Tensor:
-        if self.op in ("conv1d", "conv2d"):
+        if self.op.startswith("conv"):
             return torch.randn(self.batch, self.cin, *self.extent, generator=g, device=device)
+        if self.time_first:
+            return torch.randn(*self.extent, self.batch, self.cin, generator=g, device=device)
         return torch.randn(self.batch, *self.extent, self.cin, generator=g, device=device)
+
+
+class CellLoop(nn.Module):
+    """A cell run over every step of a ``(batch, steps, features)`` input from a zero state, as a user's Python
+    loop runs it: what a cell's table entry times (the loop's step count is the entry's extent)."""
+
+    def __init__(self, cell: nn.RNNCellBase) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return state[0] if isinstance(state, tuple) else state
 
 
 @dataclass(frozen=True)
@@ -270,13 +323,23 @@ def _dims(mod: nn.Module) -> dict[str, int]:
 
 def _base_configs(model: nn.Module, example: torch.Tensor, space: Space) -> dict[str, LayerConfig]:
     extents: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
+    packed: set[str] = set()
     mods = dict(model.named_modules())
 
     def hook(name: str):  # type: ignore[no-untyped-def]
         def fn(m: nn.Module, inp: tuple, _out: Any) -> None:
             x = inp[0]
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(m, nn.modules.conv._ConvNd):
                 extents[name] = tuple(x.shape[2:])
+            elif isinstance(m, nn.RNNCellBase):  # one step per call: the loop's length is the call count
+                extents[name] = (calls[name],)
+            elif isinstance(x, nn.utils.rnn.PackedSequence):  # priced at the padded length (see padded_lengths)
+                packed.add(name)
+                extents[name] = (len(x.batch_sizes),)
+            elif isinstance(m, nn.RNNBase) and not m.batch_first:  # (T, B, F)
+                extents[name] = tuple(x.shape[:1])
             else:  # linear: middle dims; batch-first rnn: (T,)
                 extents[name] = tuple(x.shape[1:-1])
         return fn
@@ -284,10 +347,11 @@ def _base_configs(model: nn.Module, example: torch.Tensor, space: Space) -> dict
     handles = [mods[q.name].register_forward_hook(hook(q.name)) for q in space.layers]
     try:
         with torch.no_grad():
-            model.eval()(example[:1])
+            inputs.call(model.eval(), inputs.rows(example, slice(0, 1)))
     finally:
         for h in handles:
             h.remove()
+    padded = padded_lengths(model, example) if packed else {}
     out = {}
     for q in space.layers:
         m, d = mods[q.name], _dims(mods[q.name])
@@ -299,17 +363,56 @@ def _base_configs(model: nn.Module, example: torch.Tensor, space: Space) -> dict
             dil = tuple(m.dilation) if any(d != 1 for d in m.dilation) else ()
             extra = dict(kernel=tuple(m.kernel_size), stride=tuple(m.stride), padding=pad, dilation=dil,
                          groups=m.groups, bias=m.bias is not None)
+            if m.transposed:
+                opad = tuple(m.output_padding)
+                extra["output_padding"] = opad if any(opad) else ()
         elif isinstance(m, nn.Linear):
             extra = dict(bias=m.bias is not None)
+        elif isinstance(m, nn.RNNCellBase):
+            extra = dict(bias=m.bias)
         else:
-            if not m.batch_first:
-                raise HwpruneError(f"layer {q.name!r}: only batch_first LSTM/GRU layers can be profiled")
-            extra = dict(bias=m.bias, bidirectional=m.bidirectional)
-        out[q.name] = LayerConfig(q.op, d["cin"], d["cout"], 1, extent=extents[q.name], **extra)
+            extra = dict(bias=m.bias, bidirectional=m.bidirectional, time_first=not m.batch_first)
+        ext = extents[q.name]
+        if q.name in packed:
+            ext = padded.get(q.name, ext)
+        out[q.name] = LayerConfig(q.op, d["cin"], d["cout"], 1, extent=ext, **extra)
     from hwprune.latency.epilogue import trace_epilogues
 
     post = trace_epilogues(model, example, {n: c.op for n, c in out.items()}, {n: c.cout for n, c in out.items()})
     return {n: replace(c, post=post.get(n, ())) if post else c for n, c in out.items()}
+
+
+def padded_lengths(model: nn.Module, example: Any) -> dict[str, tuple[int]]:
+    """The padded length of every LSTM/GRU layer that reads a ``PackedSequence``: the time dim of the tensor
+    ``pack_padded_sequence`` was given (the timing batch's padding), where a hook only sees the longest
+    sequence of one example. A packed layer is priced as if every sequence ran that long (an upper bound)."""
+    from torch import fx
+
+    from hwprune.space._rnn import LEAVES
+    from hwprune.space._rnnstack import RNNStack
+    from hwprune.space._trace import trace_concrete
+
+    try:
+        graph = trace_concrete(model, example, LEAVES)
+    except Exception:  # noqa: BLE001 - the analysis traced it before; without it, the hook's length stands
+        return {}
+    mods = dict(model.named_modules())
+    out: dict[str, tuple[int]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        src = node.args[0]
+        if not (src.op == "call_function" and src.target is nn.utils.rnn.pack_padded_sequence):
+            continue
+        padded = src.args[0].meta.get("value") if isinstance(src.args[0], fx.Node) else None
+        if not isinstance(padded, torch.Tensor):
+            continue
+        bf = src.kwargs.get("batch_first", src.args[2] if len(src.args) > 2 else False)
+        steps = (int(padded.shape[1 if bf else 0]),)
+        mod = mods[str(node.target)]
+        for k in range(len(mod.layers) if isinstance(mod, RNNStack) else 1):
+            out[f"{node.target}.layers.{k}" if isinstance(mod, RNNStack) else str(node.target)] = steps
+    return out
 
 
 def analyze_layers(model: nn.Module, example: torch.Tensor, exclude: list[str] | tuple[str, ...] = (),

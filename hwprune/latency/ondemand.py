@@ -19,12 +19,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError
 from hwprune.latency.layers import ModelLayers
 from hwprune.latency.table import (LatencyTable, fingerprint_diff, table_dirs, table_path, user_tables_dir)
 from hwprune.latency.targets import Target, fingerprint_line
 
-__all__ = ["ProfileJob", "profile_model", "resolve_table", "find_table", "missing_for", "estimate_seconds"]
+__all__ = ["ProfileJob", "profile_model", "resolve_table", "find_table", "missing_for", "estimate_seconds",
+           "ConfigMeter"]
 
 
 @dataclass
@@ -32,7 +34,7 @@ class ProfileJob:
     """What profiling a model needs: the model, an example batch, its layers and its key in the table."""
 
     model: nn.Module
-    example: torch.Tensor
+    example: Any  # a batch of model inputs (hwprune.inputs)
     layers: ModelLayers
     key: str
     input_shape: tuple[int, ...]
@@ -40,13 +42,83 @@ class ProfileJob:
     grid: tuple[float, ...] = ()
     calibration: int = 20
     repeats: int = 10  # rounds of interleaved timing (hwprune.latency.rounds)
-    inputs: torch.Tensor | None = None  # real inputs to time whole models on (default: from the example)
+    inputs: Any = None  # real inputs to time whole models on (default: from the example)
 
     def __post_init__(self) -> None:
         if not self.grid:
             from hwprune.latency.profiler import DEFAULT_GRID
 
             self.grid = DEFAULT_GRID
+
+
+@dataclass
+class ConfigMeter:
+    """Measures, on this machine, the layer configurations a policy needs and the table lacks (keep ratios off the
+    profiled grid), into the table, which is saved to ``dest`` (merged with the file there).
+
+    Each call measures what is missing in interleaved rounds with the dense model as the speed reference in every
+    round (:func:`~hwprune.latency.profiler.profile_layers`, the profile's own method) and puts the new entries on
+    the scale of the table's profile: times ``reference at profiling / reference now`` (the table's stored
+    reference of its layer rounds; :attr:`factors` keeps each call's).
+    """
+
+    table: LatencyTable
+    target: Target
+    key: str
+    model: nn.Module  # the dense model (the speed reference)
+    x: Any  # its timing batch
+    dest: Path
+    repeats: int = 10
+    measured: int = 0  # configurations measured so far
+    seconds: float = 0.0
+    factors: list[float] = field(default_factory=list)  # reference at profiling / now, per call
+
+    def missing(self, predictor: Any, policy: Any) -> list[Any]:
+        """The configurations pricing ``policy`` needs that the table has neither measured nor marked unsupported."""
+        out: dict[str, Any] = {}
+        for c in predictor.needed(policy):
+            if c.key not in self.table.entries and c.key not in self.table.unsupported:
+                out.setdefault(c.key, c)
+        return list(out.values())
+
+    def measure(self, predictor: Any, policy: Any) -> int:
+        """Measure what ``policy`` lacks into the table and save it; the number of configurations measured."""
+        import statistics
+        import tempfile
+
+        from hwprune.latency.profiler import model_sampler, profile_layers
+        from hwprune.latency.table import Entry
+
+        todo = self.missing(predictor, policy)
+        if not todo:
+            return 0
+        t0 = time.time()
+        threads = torch.get_num_threads()
+        with tempfile.TemporaryDirectory(prefix="hwprune-meter-") as tmp:
+            scratch = LatencyTable(self.table.fingerprint, self.table.batch_size, path=Path(tmp) / "t.json",
+                                   casts=self.table.casts)
+            self.target.setup()  # the table's threads; the command's own thread count comes back after
+            try:
+                got = profile_layers(scratch, todo, self.target, self.repeats, lambda m: None,
+                                     reference=model_sampler(self.model, self.x, self.target))
+            finally:
+                torch.set_num_threads(threads)
+        then = (self.table.models.get(self.key, {}).get("reference_layer_rounds") or {}).get("median_us")
+        now = statistics.median(got["reference_us"]) if got["reference_us"] else None
+        if not (then and now):  # the search makes a meter only for a table with the reference (a CPU profile)
+            raise HwpruneError(f"cannot put entries measured now on the scale of {str(self.table.path)!r}: "
+                               f"{'it stores no speed reference' if not then else 'no reference was measured'}")
+        factor = float(then) / now
+        self.factors.append(factor)
+        for k, e in scratch.entries.items():
+            self.table.entries.setdefault(k, Entry(e.median_us * factor, e.iqr_us * factor, e.repeats, e.inner))
+        for k, why in scratch.unsupported.items():
+            self.table.unsupported.setdefault(k, why)
+        self.table.save(self.dest)
+        predictor.entries_changed()  # the interpolation's neighbours now include the new entries
+        self.measured += len(scratch.entries)
+        self.seconds += time.time() - t0
+        return len(todo)
 
 
 def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Callable[[str], None]) -> dict[str, Any]:
@@ -129,11 +201,11 @@ def estimate_seconds(job: ProfileJob, target: Target, batch: int, configs: int, 
     model = copy.deepcopy(job.model).eval().to(target.device)  # the job's model stays where it is (the CPU)
     from hwprune.latency.profiler import timing_batch
 
-    x = timing_batch(job.example, batch, job.inputs).to(target.device)
+    x = inputs.to_device(timing_batch(job.example, batch, job.inputs), target.device)
     with torch.inference_mode():
-        model(x)
+        inputs.call(model, x)
         t0 = time.perf_counter()
-        model(x)
+        inputs.call(model, x)
         if target.device == "cuda":  # pragma: no cover - needs a GPU
             torch.cuda.synchronize()
         dense = time.perf_counter() - t0

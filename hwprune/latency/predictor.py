@@ -32,7 +32,7 @@ from hwprune.latency.layers import CastConfig, LayerConfig, ModelLayers
 from hwprune.latency.table import LatencyTable
 from hwprune.policy import Policy
 
-__all__ = ["Prediction", "Predictor", "fit_linear", "fit_nonneg", "model_key"]
+__all__ = ["Prediction", "Predictor", "fit_calibration", "fit_linear", "fit_nonneg", "model_key"]
 
 
 def model_key(model_ref: str, model_args: dict[str, Any], input_shape: Iterable[int], exclude: Iterable[str],
@@ -49,7 +49,9 @@ def model_key(model_ref: str, model_args: dict[str, Any], input_shape: Iterable[
         model_ref = f"{Path(target).resolve()}:{attr}"
     args = ",".join(f"{k}={v}" for k, v in sorted(model_args.items()))
     excl = ",".join(sorted(exclude))
-    shape = "x".join(map(str, input_shape))
+    shape = "+".join("x".join(map(str, s)) for s in input_shape) if any(isinstance(s, (tuple, list)) for s in input_shape) \
+        else "x".join(map(str, input_shape))  # several inputs: one shape each, joined by '+'
+
     return f"{model_ref}[{args}]@{shape}" + (f"-excl[{excl}]" if excl else "") + f"-m{channel_multiple}"
 
 
@@ -74,6 +76,23 @@ def fit_linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     if a <= 0 or b < 0:
         return (float(np.dot(x, y) / np.dot(x, x)), 0.0)
     return float(a), float(b)
+
+
+def fit_calibration(features: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """``(a, c, b)`` of ``measured ~ a * layer sum + c * output elements + b`` over calibration runs.
+
+    Three terms are fitted only from 6 runs or more (two per term), and only while the layer sum keeps a
+    positive weight; otherwise ``measured ~ a * layer sum + b`` (:func:`fit_linear`, ``a > 0``). Three noisy
+    runs fit three terms exactly, and non-negative least squares then may put all weight on the constant and
+    price every policy the same (a CI run refused a 99% budget that way: smallest = dense = 0.78 ms, measured
+    69% of dense at profiling).
+    """
+    if len(y) >= 6:
+        a, c, b = fit_nonneg(features, y)
+        if a > 0:
+            return float(a), float(c), float(b)
+    a, b = fit_linear(features[:, 0], y)
+    return a, 0.0, b
 
 
 def _on_reference_scale(run: dict[str, Any], model: dict[str, Any]) -> float:
@@ -117,6 +136,7 @@ class Predictor:
         self.table, self.layers, self.key, self.allow_missing = table, layers, key, allow_missing
         self.fused = table.fused(key)  # layer entries are blocks (layer + epilogue), or bare in older tables
         self._families: dict[str, list[tuple[LayerConfig, float]]] | None = None
+        self._guesses: dict[str, float] = {}  # interpolated entries (repair prices the same ones many times)
         self.coef: tuple[float, float, float] = (1.0, 0.0, 0.0)  # layer sum, output elements, constant
         self.flops_coef: tuple[float, float] | None = None
         model = table.models.get(key, {})
@@ -130,8 +150,7 @@ class Predictor:
                    for s in self.calibration]
             self._y = np.array([_on_reference_scale(s, model) for s in self.calibration])
             self._feats = np.array([[r.layer_sum_us, float(r.out_elems), 1.0] for r in raw])
-            a, c, b = fit_nonneg(self._feats, self._y)
-            self.coef = (float(a), float(c), float(b))
+            self.coef = fit_calibration(self._feats, self._y)
             self.flops_coef = fit_linear(np.array([float(r.macs) for r in raw]), self._y)
 
     def calibration_errors(self) -> list[float]:
@@ -148,7 +167,7 @@ class Predictor:
         out = []
         for i in range(n):
             keep = np.arange(n) != i
-            coef = fit_nonneg(self._feats[keep], self._y[keep])
+            coef = np.array(fit_calibration(self._feats[keep], self._y[keep]))
             out.append(abs(float(self._y[i] / max(float(self._feats[i] @ coef), 1e-9)) - 1))
         return out
 
@@ -198,8 +217,26 @@ class Predictor:
         """Configurations that differ only in channel counts."""
         return replace(cfg, cin=0, cout=0, groups=0 if cfg.groups > 1 else 1).key
 
+    def needed(self, policy: Policy) -> list[LayerConfig | CastConfig]:
+        """Every table entry pricing ``policy`` reads: its layers' configurations and its precision regions' casts."""
+        configs = self.layers.configs(policy, self.table.batch_size, self.fused)
+        casts, _ = self._casts(configs)
+        return [c for _, c in casts + configs]
+
+    def entries_changed(self) -> None:
+        """Forget what interpolation derived from the table's entries (after entries were added to it)."""
+        self._families, self._guesses = None, {}
+
     def _interpolate(self, cfg: LayerConfig) -> float:
-        """The nearest measured configuration in (log inputs, log outputs), scaled by multiply-adds."""
+        if cfg.key not in self._guesses:
+            self._guesses[cfg.key] = self._fit_neighbours(cfg)
+        return self._guesses[cfg.key]
+
+    def _fit_neighbours(self, cfg: LayerConfig) -> float:
+        """An estimate from the measured configurations of the same shape family nearest in (log inputs, log
+        outputs): a non-negative fit of ``fixed + per_mac * multiply-adds`` on up to six of them (a layer's fixed
+        cost does not shrink with its channels), or the nearest one scaled by multiply-adds when they all have
+        the same count."""
         if self._families is None:
             self._families = {}
             for k, e in self.table.entries.items():
@@ -211,7 +248,15 @@ class Predictor:
             raise HwpruneError(f"configuration {cfg.key!r} is not in the table and no measured neighbour "
                                f"shares its shape family; profile this model")
         dist = lambda c: abs(np.log(c.cin / cfg.cin)) + abs(np.log(c.cout / cfg.cout))  # noqa: E731
-        nb, lat = min(near, key=lambda t: dist(t[0]))
+        closest = sorted(near, key=lambda t: dist(t[0]))[:6]
+        macs = np.array([float(c.macs()) for c, _ in closest])
+        if len(set(macs.tolist())) >= 2:  # latency ~ fixed cost + per-multiply-add cost, fitted on the neighbours
+            from scipy.optimize import nnls
+
+            (per_mac, fixed), _ = nnls(np.stack([macs, np.ones_like(macs)], 1), np.array([u for _, u in closest]))
+            if per_mac > 0 or fixed > 0:
+                return float(per_mac * cfg.macs() + fixed)
+        nb, lat = closest[0]
         return lat * cfg.macs() / max(nb.macs(), 1)
 
     def _cast_entry(self, cfg: CastConfig) -> float | None:

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hwprune.latency.layers import CastConfig, LayerConfig, ModelLayers
+from hwprune import inputs
+from hwprune.latency.layers import FP32_ONLY_OPS, CastConfig, LayerConfig, ModelLayers
 from hwprune.latency.rounds import RoundPlan, RoundResult, measure_in_rounds
 from hwprune.latency.table import Entry, LatencyTable, calibration_key
 from hwprune.latency.targets import Target
@@ -48,7 +49,7 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
     low: set[str] = set()
     feeds_output = set(layers.sources.output) if layers.sources is not None else set()
     for form in layers.layers:
-        offered = target.offered_formats(form.base.op)
+        offered = target.offered_formats(form.base.op) if form.base.op not in FP32_ONLY_OPS else ("fp32",)
         low.update(f for f in offered if f in DTYPES)
         dims_list = reachable_dims(layers, form, grid)
         involved, options = _unit_options(layers, form, grid)
@@ -278,15 +279,10 @@ def measure_rounds(prepare: dict[Any, Callable[[], Callable[[], float]]], target
     return out
 
 
-def timing_batch(example: torch.Tensor, n: int, pool: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-    """``n`` inputs to time a model on: drawn (seeded, with replacement) from ``pool`` (real inputs from the
-    data) when given, else from ``example``'s rows when the inputs are integers (token ids: ``randn`` would not
-    be a valid input), else standard normal."""
-    g = torch.Generator().manual_seed(seed)
-    src = pool if pool is not None and len(pool) else (example if not example.is_floating_point() else None)
-    if src is None:
-        return torch.randn(n, *example.shape[1:], generator=g)
-    return src[torch.randint(len(src), (n,), generator=g)]
+def timing_batch(example: Any, n: int, pool: Any = None, seed: int = 0) -> Any:
+    """``n`` inputs to time a model on (see :func:`hwprune.inputs.draw`): real rows from ``pool`` when given,
+    else the example's rows when any input is not floating point, else standard normal."""
+    return inputs.draw(example, n, pool, seed)
 
 
 def measure_model(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Tensor, target: Target, repeats: int,
@@ -304,9 +300,9 @@ def model_sampler(model: nn.Module | Callable[[torch.Tensor], Any], x: torch.Ten
     :func:`measure_rounds`)."""
     def make() -> Callable[[], float]:
         m = model.eval().to(target.device) if isinstance(model, nn.Module) else model
-        xx = x.to(target.device)
+        xx = inputs.to_device(x, target.device)
         run = target.prepare(m, xx) if as_runtime else m
-        return target.sampler(lambda: run(xx))
+        return target.sampler(lambda: inputs.call(run, xx))
     return make
 
 

@@ -318,8 +318,10 @@ def compile_module(module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor
 
     torch._dynamo.reset()
     compiled = torch.compile(module)
+    from hwprune import inputs
+
     with torch.inference_mode():
-        compiled(x)
+        inputs.call(compiled, x)
     return compiled
 
 

@@ -1,14 +1,15 @@
 """Everything a trial needs, prepared once: the dense model and data, the predictor, the budget.
 
 Candidates are *repaired* before any fine-tuning: while the predicted latency
-exceeds the search limit (the budget less a margin for prediction error), the group whose next-lower keep ratio saves the most
-predicted time steps down one notch of the grid (then layers move to their
-fastest offered format). Repair is deterministic, so every fine-tuned
-candidate meets the budget and no fine-tune is spent on an infeasible one.
+exceeds the search limit (the budget less a margin for prediction error), the move that saves the most predicted
+time per unit of importance lost is made: a group one notch down the grid, or a layer to another format of its
+menu. Repair is deterministic, so every fine-tuned candidate meets the budget and no fine-tune is spent on an
+infeasible one.
 """
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -46,6 +47,34 @@ class SearchContext:
     notes: list[str] = field(default_factory=list)
     margin: float = 0.0  # share of the budget kept free: candidates are priced at most budget / (1 + margin)
     speed_factor: float = 1.0  # machine's speed now / at profiling (hwprune.latency.speed), for absolute budgets
+    screen: Any = None  # the cheap proxy (hwprune.search.screen.Screen); None with spec.screen 0
+    table_grid: tuple[float, ...] = ()  # the keep ratios the table was profiled at (grid: those searched)
+    meter: Any = None  # hwprune.latency.ondemand.ConfigMeter: measures entries off the table's grid; None: grid only
+    _importance: Any = None  # (unit scores, keep losses, format losses), computed when first asked
+
+    def importance(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[float, float]], dict[str, dict[str, float]]]:
+        """The dense model's unit scores (the spec's criterion), the importance each group loses at each keep
+        ratio of the grid (:func:`~hwprune.search.knapsack.level_losses`) and each layer loses in each format
+        of its menu (:func:`~hwprune.search.knapsack.format_losses`); computed once."""
+        if self._importance is None:
+            from hwprune.apply import unit_scores
+            from hwprune.policy import keep_units
+            from hwprune.search.knapsack import format_losses, level_losses
+
+            spec = self.spec
+            scores = unit_scores(self.setup.model, self.setup.example, exclude=spec.exclude,
+                                 importance=spec.importance, batches=self.batches or None, loss=self.task.loss)
+            keep: dict[str, dict[float, float]] = {}
+            for g in self.layers.space.groups:
+                units = [keep_units(r, g.units, spec.channel_multiple) for r in self.grid]
+                if g.name in scores:
+                    lost = level_losses(scores[g.name], units)
+                else:  # no scores for this group: every unit of average importance
+                    lost = [float(g.units - u) for u in units]
+                keep[g.name] = dict(zip(self.grid, lost))
+            batch = self.batches[0][0] if self.batches else self.setup.example
+            self._importance = (scores, keep, format_losses(self.setup.model, self.menus, batch))
+        return self._importance
 
     @property
     def task(self) -> Any:
@@ -58,6 +87,37 @@ class SearchContext:
         speed the table was measured at (an absolute budget on a machine that runs ``speed_factor`` times slower
         now buys that much less table time; a share of the dense latency is the same share at any speed)."""
         return self.budget_ms / (1.0 + self.margin) / self.speed_factor
+
+    def prices(self, all_casts: bool = False) -> dict[str, Any]:
+        """What this study's prices are made of, for a resume to compare: the table's device (fingerprint),
+        a digest of every entry the model's layers can use on the table's grid and menus and of the model's fit and
+        calibration runs, and the margin. Entries other models add to the table, and entries measured on demand
+        (:meth:`settle`), do not change it."""
+        import hashlib
+        import json
+
+        from hwprune.latency.layers import CastConfig
+        from hwprune.latency.profiler import reachable_dims
+
+        table, key = self.predictor.table, self.predictor.key
+        fused = table.fused(key)
+        keys: set[str] = set()
+        sizes: set[int] = set()  # the activation sizes a cast can have on the table's grid
+        for form in self.layers.layers:
+            for dims in reachable_dims(self.layers, form, self.table_grid or self.grid):
+                for fmt in self.menus.get(form.name, ["fp32"]):
+                    keys.add(form.at(dims, table.batch_size, fmt, fused).key)
+                dense = form.at(dims, 1, "fp32")
+                sizes |= {dense.in_elems(), dense.out_elems()}
+        keys |= {k for k in table.entries if k.startswith("cast|")  # all_casts: the digest of runs before 2026-12-02
+                 and (all_casts or getattr(CastConfig.from_key(k), "elems", None) in sizes)}
+        blob = {"entries": {k: table.entries[k].to_dict()["median_us"] for k in sorted(keys) if k in table.entries},
+                "unsupported": sorted(keys & set(table.unsupported)), "model": table.models.get(key, {})}
+        digest = hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        pricer = type(self.predictor).__name__  # a benchmark's FLOPs pricer is another price scale
+        return {"table_fingerprint": table.fingerprint, "digest": digest + ("" if pricer == "Predictor" else
+                                                                            f"/{pricer}"),
+                "entries": len(blob["entries"]), "margin": round(self.margin, 6), "batch_size": table.batch_size}
 
     def policy(self, keep: dict[str, float], formats: dict[str, str]) -> Policy:
         """A policy of these keep ratios and formats; a format the table marks unsupported at the layer's
@@ -75,44 +135,86 @@ class SearchContext:
         return min(self.menus[layer], key=cost)
 
     def repair(self, policy: Policy) -> tuple[Policy, int]:
-        """Lower keep ratios (greedy by predicted saving), then formats, until the budget is met."""
+        """Until the budget is met, make the move that saves the most predicted time per unit of importance
+        lost: one group one notch down the grid, or one layer to another format of its menu (losses from
+        :meth:`importance`; a move that loses nothing and saves comes first). Returns the policy and the number
+        of moves."""
         keep = {g.name: policy.keep.get(g.name, 1.0) for g in self.layers.space.groups}
         formats = dict(policy.formats)
         steps = 0
         current = self.price_ms(self.policy(keep, formats))
+        if current <= self.limit_ms:
+            return self.policy(keep, formats), 0
+        _, keep_loss, fmt_loss = self.importance()
         while current > self.limit_ms:
-            best: tuple[float, str, float] | None = None
+            best: tuple[float, float, Callable[[], None]] | None = None  # (saving per loss, saving, apply)
             for g, r in sorted(keep.items()):
                 lower = [v for v in self.grid if v < r]
                 if not lower:
                     continue
-                trial = {**keep, g: max(lower)}
-                saving = current - self.price_ms(self.policy(trial, formats))
-                if best is None or saving > best[0]:
-                    best = (saving, g, max(lower))
-            if best is not None and best[0] <= 0:  # rounding to the channel multiple: no saving yet
-                g = max(sorted(keep), key=lambda n: keep[n])
-                best = (0.0, g, max(v for v in self.grid if v < keep[g]))
-            if best is not None:
-                keep[best[1]] = best[2]
-            else:
-                changed = False
-                for layer in sorted(self.menus):
-                    fast = self._fastest(layer)
-                    if formats.get(layer, "fp32") != fast:
-                        formats[layer] = fast
-                        changed = True
-                        break
-                if not changed:
+                nr = max(lower)
+                saving = current - self.price_ms(self.policy({**keep, g: nr}, formats))
+                lost = _at(keep_loss[g], nr) - _at(keep_loss[g], r)
+                move = (saving / lost if lost > 0 else float("inf"), saving, lambda g=g, nr=nr: keep.update({g: nr}))
+                if saving > 0 and (best is None or move[:2] > best[:2]):
+                    best = move
+            for layer in sorted(self.menus):
+                now = formats.get(layer, "fp32")
+                for fmt in self.menus[layer]:
+                    if fmt == now:
+                        continue
+                    saving = current - self.price_ms(self.policy(keep, {**formats, layer: fmt}))
+                    lost = fmt_loss[layer].get(fmt, 0.0) - fmt_loss[layer].get(now, 0.0)
+                    move = (saving / lost if lost > 0 else float("inf"), saving,
+                            lambda layer=layer, fmt=fmt: formats.update({layer: fmt}))
+                    if saving > 0 and (best is None or move[:2] > best[:2]):
+                        best = move
+            if best is None:  # rounding to the channel multiple: a notch that saves nothing yet
+                movable = [g for g in sorted(keep) if any(v < keep[g] for v in self.grid)]
+                if not movable:  # every group at its lowest: the smallest policy met the limit when it was checked
+                    small = self.smallest()
+                    if self.price_ms(small) <= self.limit_ms:
+                        return small, steps + 1
                     raise HwpruneError(f"cannot repair a policy to {self.limit_ms:.4f} ms")  # guarded earlier
+                g = max(movable, key=lambda n: keep[n])
+                keep[g] = max(v for v in self.grid if v < keep[g])
+            else:
+                best[2]()
             steps += 1
             current = self.price_ms(self.policy(keep, formats))
         return self.policy(keep, formats), steps
 
+    def settle(self, policy: Policy, log: Callable[[str], None]) -> tuple[Policy, int]:
+        """With a meter (keep ratios off the table's grid): measure the entries ``policy`` lacks, then repair it
+        on the measured prices, until it is priced from measured entries only and meets the limit. Returns the
+        policy and the repair moves it took (0: ``policy`` as it was)."""
+        if self.meter is None:
+            return policy, 0
+        moves = 0
+        for _ in range(8):
+            n = self.meter.measure(self.predictor, policy)
+            if n:
+                log(f"hwprune: measured {n} layer configuration(s) the table lacked "
+                    f"({self.meter.measured} in {self.meter.seconds:.1f} s so far)")
+            if self.price_ms(policy) <= self.limit_ms and not n:
+                return policy, moves
+            policy, m = self.repair(policy)
+            moves += m
+            if not m and not self.meter.missing(self.predictor, policy):
+                return policy, moves
+        left = self.meter.missing(self.predictor, policy)
+        log(f"hwprune: {len(left)} configuration(s) of a policy are still priced by interpolation after 8 rounds "
+            f"of measuring and repair")
+        return policy, moves
+
     def smallest(self) -> Policy:
-        """Every group at the lowest keep ratio and every layer in its fastest format."""
-        low = {g.name: min(self.grid) for g in self.layers.space.groups}
-        return self.policy(low, {layer: self._fastest(layer) for layer in self.menus})
+        """Every group at the lowest keep ratio and every layer in its fastest format: the lowest of the searched
+        ratios, or of the table's grid where that prices lower (a launch-bound layer measured on demand at a
+        lower width need not run faster)."""
+        fastest = {layer: self._fastest(layer) for layer in self.menus}
+        grids = {self.grid, self.table_grid or self.grid}
+        pols = [self.policy({g.name: min(grid) for g in self.layers.space.groups}, fastest) for grid in grids]
+        return min(pols, key=self.price_ms)
 
     def uniform_seeds(self) -> list[tuple[str, Policy]]:
         """The uniform policies that just meet the budget: fp32, and each low-precision format offered to all."""
@@ -126,6 +228,47 @@ class SearchContext:
                     seeds.append((f"uniform-{r:g}" + ("" if fmt == "fp32" else f"-{fmt}"), pol))
                     break
         return seeds
+
+
+def _at(losses: dict[float, float], r: float) -> float:
+    """The loss at keep ratio ``r`` (a ratio off the grid: the nearest grid ratio's)."""
+    return losses[r] if r in losses else losses[min(losses, key=lambda v: abs(v - r))]
+
+
+def knapsack_seeds(ctx: SearchContext) -> list[tuple[str, Policy]]:
+    """Policies from the latency knapsack (:mod:`hwprune.search.knapsack`): the most importance (the spec's
+    criterion, scores of the dense model) kept under the priced limit, in fp32 and with each low-precision format
+    offered to all layers; each seed once (a format that changes nothing is not repeated)."""
+    from hwprune.policy import keep_units
+    from hwprune.search.knapsack import allocate, level_losses
+
+    spec = ctx.spec
+    scores = ctx.importance()[0]
+    levels: dict[str, list[float]] = {}
+    losses: dict[str, list[float]] = {}
+    for g in ctx.layers.space.groups:
+        if g.name not in scores:
+            continue
+        by_units: dict[int, float] = {}
+        for r in sorted(ctx.grid):  # one level per distinct kept-unit count (the lowest ratio giving it)
+            by_units.setdefault(keep_units(r, g.units, spec.channel_multiple), r)
+        units = sorted(by_units)
+        levels[g.name] = [by_units[u] for u in units]
+        losses[g.name] = level_losses(scores[g.name], units)
+    seeds: list[tuple[str, Policy]] = []
+    seen: set[str] = set()
+    fmts = sorted({f for menu in ctx.menus.values() for f in menu if f != "fp32"})
+    for fmt in ["fp32"] + fmts:
+        formats = {layer: fmt for layer, menu in ctx.menus.items() if fmt in menu}
+        keep = allocate(levels, losses, lambda k: ctx.price_ms(ctx.policy(k, formats)), ctx.limit_ms)
+        if keep is None:
+            continue
+        pol = ctx.policy(keep, formats)
+        key = json.dumps(pol.to_dict(), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            seeds.append(("knapsack" + ("" if fmt == "fp32" else f"-{fmt}"), pol))
+    return seeds
 
 
 def _floor_measured(predictor: Predictor, smallest: Policy) -> str:
@@ -184,6 +327,42 @@ def dense_setup(spec: SearchSpec, log: Callable[[str], None] = _log, setup: Setu
     return setup
 
 
+def _search_grid(spec: SearchSpec, target: Any, table: Any, table_grid: tuple[float, ...], model: torch.nn.Module,
+                 setup: Setup, key: str) -> tuple[tuple[float, ...], Any, str]:
+    """The keep ratios searched, the meter that measures their entries (None: the table's grid only), and a note
+    saying which."""
+    from hwprune.latency.ondemand import ConfigMeter
+    from hwprune.latency.profiler import timing_batch
+    from hwprune.latency.table import table_path, user_tables_dir
+
+    n = spec.keep_levels
+    if not n:
+        return table_grid, None, ""
+    fine = tuple(sorted(set(table_grid) | {round(k / n, 6) for k in range(1, n + 1)}))
+    if fine == table_grid:
+        return table_grid, None, ""
+    why = ("this machine is not the target" if not target.is_local() else
+           "--no-profile" if not spec.profile else
+           "the table was given as a file (--table)" if spec.table else
+           "the Ray backend (measuring beside running fine-tunes would be noisy)" if spec.backend == "ray" else
+           "the table stores no speed reference of its layer rounds to put new entries on its scale"
+           if not (table.models.get(key, {}).get("reference_layer_rounds") or {}).get("median_us") else "")
+    dest = table_path(spec.tables or user_tables_dir(), target.fingerprint(), table.batch_size)
+    if not why and dest.is_file() and dest != table.path:
+        from hwprune.latency.table import LatencyTable, fingerprint_diff
+
+        if fingerprint_diff(LatencyTable.load(dest).fingerprint, table.fingerprint):
+            why = f"{str(dest)!r} holds a table of another setup of this device"
+    if why:
+        return table_grid, None, (f"keep ratios on the table's grid only ({', '.join(f'{r:g}' for r in table_grid)}):"
+                                  f" finer ones are measured on demand, which needs this machine ({why})")
+    x = timing_batch(setup.example, table.batch_size, setup.timing_pool())
+    meter = ConfigMeter(table, target, key, copy.deepcopy(model), x, dest)
+    return fine, meter, (f"keep ratios in steps of 1/{n} down to {min(fine):g} beside the table's grid; the layer "
+                         f"configurations a trial needs that the table lacks are measured before it trains, into "
+                         f"{str(dest)!r}")
+
+
 def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> SearchContext:
     """Everything the search needs, cheapest checks first.
 
@@ -205,6 +384,8 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     structure = copy.deepcopy(setup.model)  # the analysis splits RNN stacks in place; training and the cache
     layers = analyze_layers(structure, setup.example, spec.exclude, spec.channel_multiple)  # keep the user's keys
     check_prunable(layers.space)
+    for name, why in layers.space.kept.items():  # said before anything is measured: the user may restructure
+        log(f"hwprune: kept whole, not searched: {name}: {why}")
     key = model_key(spec.model, setup.model_args, setup.input_shape, spec.exclude, spec.channel_multiple)
     job = ProfileJob(structure, setup.example, layers, key, tuple(setup.input_shape), list(spec.exclude),
                      inputs=setup.timing_pool())
@@ -212,15 +393,21 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                           allow_foreign=spec.allow_foreign_table, profile=job if spec.profile else None, log=log)
     predictor = Predictor(table, layers, key)
     if not predictor.calibrated:
+        how = f"--data {spec.data}" if spec.data else f"--input-shape {','.join(map(str, setup.input_shape))}"
         raise HwpruneError(f"table {str(table.path)!r} has no calibration for {key}; run 'hwprune profile "
-                           f"--target {spec.target} --model {spec.model} --input-shape "
-                           f"{','.join(map(str, setup.input_shape))} --batch-size {batch}' first")
-    grid = tuple(table.models[key]["grid"])
+                           f"--target {spec.target} --model {spec.model} {how} --batch-size {batch}' first")
+    table_grid = tuple(table.models[key]["grid"])
+    grid, meter, why = _search_grid(spec, target, table, table_grid, structure, setup, key)
+    if meter is not None:
+        predictor.allow_missing = True  # proposals are priced by interpolation first, then measured
     menus = predictor.menus(target)
     dense_ms = predictor.price(Policy(channel_multiple=spec.channel_multiple)).latency_ms
     budget_ms = parse_budget(spec.budget, dense_ms)
     margin = predictor.margin(MARGIN_QUANTILE) if spec.budget_margin is None else spec.budget_margin
-    ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms, float("nan"), margin=margin)
+    ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms, float("nan"), margin=margin,
+                        table_grid=table_grid, meter=meter)
+    if why:
+        ctx.notes.append(why)
     speed = _speed_now(structure, setup, table, key, target, batch, spec.exclude) if target.is_local() else None
     if speed is not None:
         relative = str(spec.budget).strip().endswith("%")
@@ -228,6 +415,13 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                                          "search is unchanged" if relative else ""))
         # an absolute budget: the factor where the search's candidates are (at the limit), from the curve
         ctx.speed_factor = 1.0 if relative else speed.factor_at(1e3 * budget_ms / (1.0 + margin))
+    if meter is not None:  # the floor is checked on measured entries: estimates below the profiled grid are rough
+        for _ in range(3):
+            n = meter.measure(predictor, ctx.smallest())
+            if not n:
+                break
+            log(f"hwprune: measured {n} layer configuration(s) the table lacked for the smallest policy (the floor "
+                f"a budget is checked against)")
     floor = ctx.price_ms(ctx.smallest())
     if floor > ctx.limit_ms:
         kept = "" if margin == 0 else (f" ({budget_ms:.4f} ms less the {margin:.1%} margin for prediction error; "
@@ -251,5 +445,11 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     prepare_model(setup.model)  # trials (and Ray workers) prune the split form the analysis saw
     ctx.dense_val_metric = evaluate(setup.model, setup.data.val, task=setup.task)
     ctx.batches = few_batches(setup.data.train)
+    if spec.screen:
+        from hwprune.search.screen import Screen
+
+        ctx.screen = Screen(setup, spec, ctx.batches)
+        ctx.notes.append(f"screen: {spec.screen} repaired samples per fine-tune, ranked by "
+                         f"{ctx.screen.method}")
     torch.manual_seed(spec.seed)
     return ctx

@@ -1,13 +1,14 @@
 """The search controller: Optuna multi-objective (accuracy up, predicted latency down) under a budget.
 
-Each trial samples a keep ratio per group (from the grid the table was
-profiled on) and a format per layer (from the layer's measured menu), repairs
-the policy to the budget (see :mod:`hwprune.search.context`), fine-tunes the
-pruned model from the dense weights (same data order and seed for every trial,
-so accuracy differences come from the policy) and reports validation accuracy
-and predicted latency. A policy already evaluated is not fine-tuned again. The first trials are the uniform policies that just meet
-the budget. The study lives in a journal file in the run directory, so the
-same command resumes it.
+Each trial is proposed in the driver (:mod:`hwprune.search.trial`): a keep ratio per group (an ordered
+index into the grid the table was profiled on) and a format per layer (from the layer's measured menu) are
+sampled several times, each sample repaired to the budget (:mod:`hwprune.search.context`) and ranked by a
+cheap proxy (:mod:`hwprune.search.screen`); the best is told to the study with its repaired values and
+fine-tuned from the dense weights (same data order and seed for every trial, so accuracy differences come
+from the policy); the study gets validation score and predicted latency. A policy already evaluated is not
+fine-tuned again. The first trials are the uniform and latency-knapsack seeds. The study lives in a journal
+file in the run directory (or an RDB), so the same command resumes it; this module runs the study (local
+ask-and-tell loop, leases of running trials, resume checks) and the summary.
 """
 from __future__ import annotations
 
@@ -21,23 +22,15 @@ from typing import Any, Callable
 
 from hwprune.errors import HwpruneError, is_oom, one_line
 from hwprune.search.context import SearchContext, prepare_context
-from hwprune.search.rundir import check_run_dir, claim_run_dir, front, plot_front, write_front, write_trials
+from hwprune.search.rundir import (check_run_dir, claim_run_dir, front, plot_front, results_lock, write_front,
+                                   write_trials)
 from hwprune.search.spec import SearchSpec
+from hwprune.search.trial import (OWNER, Progress, finished, free_memory, make_sampler, params_of,
+                                  propose, reuse, rule_from, screen_correlation, train_candidate)
 
-__all__ = ["run_search", "open_study", "load_front", "SearchResult", "propose", "train_candidate", "Progress",
-           "Heartbeat", "fail_interrupted", "stale_for"]
+__all__ = ["run_search", "open_study", "load_front", "SearchResult", "Heartbeat", "fail_interrupted", "stale_for"]
 
 SearchResult = dict[str, Any]
-
-
-def _sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: ignore[no-untyped-def]
@@ -54,148 +47,61 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
         if load_only:
             return optuna.load_study(study_name=spec.name, storage=storage)
         return optuna.create_study(study_name=spec.name, storage=storage, directions=["maximize", "minimize"],
-                                   sampler=_sampler(spec.sampler, spec.seed), load_if_exists=True)
+                                   sampler=make_sampler(spec.sampler, spec.seed), load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server: one line
         where = mask_url(spec.storage) or str(out)
         raise HwpruneError(f"cannot open study {spec.name!r} in {where!r}: {one_line(exc)}") from exc
 
 
-def _params(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str]) -> dict[str, Any]:
-    p: dict[str, Any] = {f"keep:{g.name}": keep.get(g.name, 1.0) for g in ctx.layers.space.groups}
-    p.update({f"fmt:{n}": formats.get(n, "fp32") for n, menu in ctx.menus.items() if len(menu) > 1})
-    return p
-
-
-def propose(ctx: SearchContext, trial: Any) -> tuple[Any, float, Any]:
-    """Sample a candidate on ``trial``, repair it to the budget and price it (in the driver, before any training).
-
-    Returns the policy, its predicted latency, and the completed trial that already evaluated the same policy
-    (or None). The trial's user attributes get the policy, repair count and FLOPs.
-    """
+def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], None]) -> Any:
+    """Propose, train and tell one trial (ask-and-tell: the study holds the repaired policy, see
+    :mod:`hwprune.search.trial`). A failing fine-tune fails its trial with the reason and the search goes
+    on; an interrupt fails it and stops."""
+    import optuna
     from optuna.trial import TrialState
 
-    trial.set_user_attr("owner", OWNER)  # which process runs it: a resumed search fails only dead owners' trials
-    trial.set_user_attr("heartbeat", time.time())  # its lease, renewed by Heartbeat while it runs
-    keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in ctx.layers.space.groups}
-    formats = {n: trial.suggest_categorical(f"fmt:{n}", menu) for n, menu in ctx.menus.items() if len(menu) > 1}
-    policy, repairs = ctx.repair(ctx.policy(keep, formats))
-    pred = ctx.predictor.price(policy)
-    trial.set_user_attr("policy", policy.to_dict())
-    trial.set_user_attr("repairs", repairs)
-    trial.set_user_attr("flops", pred.macs // ctx.predictor.table.batch_size)
-    trial.set_user_attr("predicted_latency_ms", pred.latency_ms)
-    key = json.dumps(policy.to_dict(), sort_keys=True)
-    for prev in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if json.dumps(prev.user_attrs.get("policy"), sort_keys=True) == key:  # same policy: same result
-            return policy, pred.latency_ms, prev
-    return policy, pred.latency_ms, None
-
-
-def reuse(trial: Any, dup: Any, t0: float) -> tuple[float, float]:
-    """A repeated policy: record which finished trial it repeats and return that trial's values."""
-    trial.set_user_attr("duplicate_of", dup.number)
-    trial.set_user_attr("params", dup.user_attrs.get("params"))
-    trial.set_user_attr("seconds", round(time.time() - t0, 2))
-    return dup.values[0], dup.values[1]
-
-
-def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
-                    at_checkpoint: Callable[[int, float], None] | None = None) -> tuple[float, int]:
-    """Prune the dense model to ``policy``, fine-tune it, return (validation score, parameters).
-
-    The score is the task's metric where higher is better, minus the metric where lower is (perplexity):
-    what the study maximizes (:meth:`hwprune.tasks.Task.score`). ``at_checkpoint(step, score)`` runs at :func:`~hwprune.search.early_stop.checkpoints`; it may raise to
-    stop the fine-tune.
-    """
-    from hwprune.apply import apply_policy
-    from hwprune.measure import count_params
-    from hwprune.search.early_stop import checkpoints
-    from hwprune.train import evaluate, finetune, subset
-
-    data, task = setup.data, setup.task
-    val = subset(data.val, spec.val_subset, spec.seed)  # the same items for every trial
-    model = apply_policy(setup.model, policy, setup.example, exclude=spec.exclude, importance=spec.importance,
-                         batches=batches)
-    params = count_params(model)
-    marks = set(checkpoints(spec.finetune_steps, at_checkpoint is not None and spec.early_stop_margin > 0))
-
-    def callback(step: int) -> None:
-        if step in marks and at_checkpoint is not None:
-            at_checkpoint(step, task.score(evaluate(model, val, task=task)))
-
-    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, batch_size=spec.train_batch_size, seed=spec.seed,
-             callback=callback, device=spec.device, task=task)
-    return task.score(evaluate(model, val, task=task)), params
-
-
-def _rule_from(study: Any, spec: SearchSpec) -> Any:
-    """The early-stopping rule, holding the finished trials of a (resumed) study."""
-    from hwprune.search.early_stop import DominanceRule
-
-    rule = DominanceRule(spec.early_stop_margin)
-    for t in study.get_trials(deepcopy=False):
-        if t.state.name == "COMPLETE" and t.user_attrs.get("curve"):
-            rule.add(t.number, t.values[1], t.user_attrs["curve"], t.values[0])
-    return rule
-
-
-def _evaluate(ctx: SearchContext, rule: Any, trial: Any) -> tuple[float, float]:
-    import optuna
-
     t0 = time.time()
+    trial, policy, latency, dup = propose(ctx, study, log)
+    if dup is not None:
+        study.tell(trial, list(reuse(trial, dup, t0)))
+        return trial
+    curve: dict[str, float] = {}
+    seed = bool(trial.user_attrs.get("seed"))
+
+    def at_checkpoint(step: int, acc: float) -> None:
+        curve[str(step)] = acc
+        trial.set_user_attr("curve", dict(curve))
+        why = None if seed else rule.check(latency, step, acc)
+        if why:
+            trial.set_user_attr("error", why)
+            raise optuna.TrialPruned(why)
+
+    t1 = time.time()
+    trial.set_user_attr("node", socket.gethostname())  # the local backend fine-tunes here
     try:
-        policy, latency, dup = propose(ctx, trial)
-        if dup is not None:
-            return reuse(trial, dup, t0)
-        curve: dict[str, float] = {}
-        seed = bool(trial.user_attrs.get("seed"))
-
-        def at_checkpoint(step: int, acc: float) -> None:
-            curve[str(step)] = acc
-            trial.set_user_attr("curve", dict(curve))
-            why = None if seed else rule.check(latency, step, acc)
-            if why:
-                trial.set_user_attr("error", why)
-                trial.set_user_attr("seconds", round(time.time() - t0, 2))
-                raise optuna.TrialPruned(why)
-
-        t1 = time.time()
-        trial.set_user_attr("node", socket.gethostname())  # the local backend fine-tunes here
         try:
             acc, params = train_candidate(ctx.setup, ctx.batches, ctx.spec, policy, at_checkpoint)
         finally:
             trial.set_user_attr("train_seconds", round(time.time() - t1, 3))
-        trial.set_user_attr("params", params)
+            trial.set_user_attr("seconds", round(time.time() - t0, 2))
     except optuna.TrialPruned:
-        raise
-    except Exception as exc:
-        trial.set_user_attr("error", ("out of memory: " if is_oom(exc) else "") + one_line(exc))
+        study.tell(trial, state=TrialState.PRUNED)
+        return trial
+    except Exception as exc:  # noqa: BLE001 - the candidate fails with its reason; Progress stops a search
+        trial.set_user_attr("error", ("out of memory: " if is_oom(exc) else "") + one_line(exc))  # where all fail
         if is_oom(exc):
-            _free_memory()
+            free_memory()
+        study.tell(trial, state=TrialState.FAIL)
+        return trial
+    except BaseException:
+        trial.set_user_attr("error", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
         raise
-    trial.set_user_attr("seconds", round(time.time() - t0, 2))
+    trial.set_user_attr("params", params)
     if curve:
         rule.add(trial.number, latency, curve, acc)
-    return acc, latency
-
-
-FINISHED = ("COMPLETE", "PRUNED")  # trials that count toward --trials; failed ones are retried
-OWNER = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def finished(trials: list[Any]) -> list[Any]:
-    return [t for t in trials if t.state.name in FINISHED]
-
-
-def _free_memory() -> None:
-    """After an out-of-memory trial: drop what it held, so the next trial starts clean."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    study.tell(trial, [acc, latency])
+    return trial
 
 
 def owner_alive(owner: str | None) -> bool | None:
@@ -300,64 +206,91 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-class Progress:
-    """The progress bar (trials, best feasible accuracy, ETA) and trials.csv, updated as each trial ends."""
-
-    def __init__(self, out: Path, ctx: SearchContext, total: int, done: int, log: Callable[[str], None]) -> None:
-        from tqdm import tqdm
-
-        self.out, self.ctx, self.log = out, ctx, log
-        self.bar = tqdm(total=total, initial=done, desc="search", unit="trial", file=sys.stderr, disable=None)
-        self.failed = 0
-
-    def trial_ended(self, trials: list[Any], trial: Any) -> None:
-        write_trials(self.out, trials, self.ctx.limit_ms, self.ctx.task)
-        pts = front(trials, self.ctx.limit_ms)
-        if trial.state.name in FINISHED:
-            self.bar.update(1)
-        if trial.state.name == "FAIL":
-            self.failed += 1
-            self.log(f"hwprune: trial {trial.number} failed: {trial.user_attrs.get('error', 'unknown')}")
-        if pts:
-            task = self.ctx.task
-            self.bar.set_postfix({f"best_{task.metric}": f"{task.show(max(p.values[0] for p in pts)):.4f}"})
-
-    def check_failures(self, trials: list[Any], wanted: int) -> None:
-        """Stop when nothing works: every trial failed, or this session failed more often than it asked for."""
-        failed = [t for t in trials if t.state.name == "FAIL"]
-        if failed and not finished(trials):
-            raise HwpruneError(f"every trial failed; the first: {failed[0].user_attrs.get('error', 'unknown')}")
-        if self.failed > max(5, wanted):
-            raise HwpruneError(f"{self.failed} trials failed in this run (see trials.csv); the last: "
-                               f"{failed[-1].user_attrs.get('error', 'unknown')}")
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], None]) -> None:
     spec = ctx.spec
     grace = spec.heartbeat_grace
     todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace)
     progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
-    rule = _rule_from(study, spec)
-    objective = lambda trial: _evaluate(ctx, rule, trial)  # noqa: E731
-
-    def ended(st: Any, tr: Any) -> None:
-        trials = st.get_trials(deepcopy=False)
-        progress.trial_ended(trials, tr)
-        if remaining(trials, spec.trials, grace) <= 0:  # another process on the same study may have filled it
-            st.stop()
-
+    rule = rule_from(study, spec)
     try:
         while todo > 0:
-            study.optimize(objective, n_trials=todo, catch=(Exception,), callbacks=[ended])
-            trials = study.get_trials(deepcopy=False)
-            progress.check_failures(trials, todo)
+            for _ in range(todo):
+                trial = _run_one(ctx, rule, study, log)
+                trials = progress.trial_ended(study, trial.number)
+                if remaining(trials, spec.trials, grace) <= 0:  # another process on the same study may have
+                    break  # filled it
+            progress.check_failures(study.get_trials(deepcopy=False), todo)
             fail_interrupted(study, log, grace)  # a host that died meanwhile: its trials are not waited for
             todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace)
     finally:
         progress.close()
+
+
+def study_grid(ctx: SearchContext, study: Any, log: Callable[[str], None]) -> None:
+    """The keep ratios a study searches are its own: recorded when it starts (its parameters are indices into
+    them), read back on a resume; a study of an older version searched the table's grid."""
+    have = study.user_attrs.get("grid")
+    if have is None and not study.trials:
+        study.set_user_attr("grid", list(ctx.grid))
+        return
+    grid = tuple(float(r) for r in have) if have is not None else ctx.table_grid or ctx.grid
+    if grid == ctx.grid:
+        return
+    off = sorted(set(grid) - set(ctx.table_grid or ctx.grid))
+    if off and ctx.meter is None:
+        raise HwpruneError(f"cannot resume: the study searched keep ratios off the table's grid "
+                           f"({', '.join(f'{r:g}' for r in off[:6])}{', ...' if len(off) > 6 else ''}), measured on "
+                           f"demand on the machine it ran on; resume it there with this machine as the target, the "
+                           f"local backend and the table found in --tables (not --table)")
+    log(f"hwprune: resuming with the study's own keep ratios ({len(grid)} levels: "
+        f"{', '.join(f'{r:g}' for r in grid)})")
+    ctx.grid = grid
+    if not off:
+        ctx.meter = None
+
+
+def check_prices(out: Path, ctx: SearchContext, log: Callable[[str], None]) -> None:
+    """A resumed study keeps one price scale: the table's device, the entries and calibration this model is
+    priced from, and the margin must be those the run started with; otherwise the resume is refused (its trials'
+    predicted latencies would mix with prices of another table). A run started before prices were recorded gets
+    them recorded now, said."""
+    from hwprune._io import read_json, write_atomic
+
+    info = read_json(out / "run.json", "run file")
+    now = ctx.prices()
+    then = info.get("prices")
+    if then is None:
+        log("hwprune: this run was started before hwprune recorded its prices; recording the table's now (later "
+            "resumes are checked against them)")
+        write_atomic(out / "run.json", json.dumps({**info, "prices": now}, indent=2, sort_keys=True, default=str)
+                     + "\n")
+        return
+    what = []
+    if then.get("table_fingerprint") != now["table_fingerprint"]:
+        what.append("the table is another device's or runtime's (its fingerprint differs)")
+    elif then.get("digest") not in (now["digest"], ctx.prices(all_casts=True)["digest"]):
+        what.append(f"the table's entries or calibration for this model changed ({then.get('entries')} -> "
+                    f"{now['entries']} entries priced from, digest {then.get('digest')} -> {now['digest']})")
+    if abs(float(then.get("margin", 0.0)) - now["margin"]) > 1e-3:  # the table on disk rounds what made it
+        what.append(f"the budget margin changed ({then.get('margin', 0):.2%} -> {now['margin']:.2%})")
+    if then.get("batch_size") != now["batch_size"]:
+        what.append(f"the latency batch changed ({then.get('batch_size')} -> {now['batch_size']})")
+    if what:
+        n = len(_trial_rows(out))
+        raise HwpruneError(f"cannot resume {str(out)!r}: {'; '.join(what)}, so its {n} trial(s) were priced on "
+                           f"another scale than new ones would be; search into a new --out (or give --table the "
+                           f"table it started with: {info.get('table')})")
+
+
+def _trial_rows(out: Path) -> list[Any]:
+    """The rows of a run's trials.csv (empty when it has none yet)."""
+    import csv
+
+    p = out / "trials.csv"
+    if not p.exists():
+        return []
+    with open(p, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
@@ -383,10 +316,11 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
         "dense_predicted_ms": ctx.dense_ms,
         f"dense_val_{ctx.task.metric}": ctx.dense_val_metric, "task": ctx.task.name, "metric": ctx.task.metric,
         "direction": ctx.task.direction, "table": str(table.path), "table_fingerprint": table.fingerprint,
-        "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus})
+        "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus, "prices": ctx.prices()})
     from hwprune._io import read_json
 
-    if resumed:  # the run keeps the speed factor it started with: its trials are priced under one limit
+    if resumed:
+        check_prices(out, ctx, log)  # the run keeps the speed factor it started with: its trials are priced under one limit
         first = float(read_json(out / "run.json", "run file").get("speed_factor", 1.0))
         if first != ctx.speed_factor:
             ctx.notes.append(f"resuming with the speed factor the run started with ({first:.3f}), not this "
@@ -397,10 +331,27 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "
         f"(dense {ctx.dense_ms:.4f} ms, val {ctx.task.metric} {ctx.dense_val_metric:.4f}); table {table.path}")
     study = open_study(out, spec)
+    study_grid(ctx, study, log)
     fail_interrupted(study, log, spec.heartbeat_grace)
     if not resumed and not study.trials and spec.uniform_seeds:
-        for name, pol in ctx.uniform_seeds():
-            study.enqueue_trial(_params(ctx, pol.keep, pol.formats), user_attrs={"seed": name})
+        from hwprune.search.context import knapsack_seeds
+
+        t_seed = time.time()
+        us, ks = ctx.uniform_seeds(), knapsack_seeds(ctx)
+        seeds, seen = [], set()
+        for name, pol in us[:1] + ks[:1] + us[1:] + ks[1:]:  # the fp32 ones first: a short search runs both
+            key = json.dumps(pol.to_dict(), sort_keys=True)
+            if key not in seen:  # a knapsack policy a uniform seed already is (e.g. dense at 100%) runs once
+                seen.add(key)
+                seeds.append((name, pol))
+        dropped = seeds[spec.trials:]
+        log(f"hwprune: seeds: {len(us)} uniform, {len(ks)} from the latency knapsack ({time.time() - t_seed:.1f} s)"
+            + (f"; {len(dropped)} left out for --trials {spec.trials}: {', '.join(n for n, _ in dropped)}"
+               if dropped else ""))
+        for name, pol in seeds[:spec.trials]:
+            pol, moves = ctx.settle(pol, log)  # its entries measured first (keep ratios off the table's grid)
+            study.enqueue_trial(params_of(ctx, pol.keep, pol.formats),
+                                user_attrs={"seed": name, **({"repairs": moves} if moves else {})})
     t0 = time.time()
     with Heartbeat(study, spec.heartbeat_interval):
         if spec.backend == "ray":
@@ -409,12 +360,13 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
             run_ray(ctx, study, out, log)
         else:
             _run_local(ctx, study, out, log)
-    trials = study.get_trials(deepcopy=False)
     task = ctx.task
-    write_trials(out, trials, ctx.limit_ms, task)
-    pts = front(trials, ctx.limit_ms)
-    best = write_front(out, pts, ctx.budget_ms, task)
-    plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
+    with results_lock(out):  # another process on this study may write its results now: read inside the lock
+        trials = study.get_trials(deepcopy=False)
+        write_trials(out, trials, ctx.limit_ms, task)
+        pts = front(trials, ctx.limit_ms)
+        best = write_front(out, pts, ctx.budget_ms, task)
+        plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
     seeds = {t.user_attrs["seed"]: {"trial": t.number, task.metric: task.show(t.values[0]),
                                     "predicted_latency_ms": t.values[1]}
              for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"}
@@ -427,6 +379,7 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
             "stopped_early": count("PRUNED"), "failed": count("FAIL"),
             "repaired": sum(1 for t in trials if t.user_attrs.get("repairs")),
             "duplicates": sum(1 for t in trials if t.user_attrs.get("duplicate_of") not in (None, "")),
+            "screen": screen_correlation(trials),
             "seconds": round(time.time() - t0, 1), "pareto": _points(pts, task), "best": best, "uniform_seeds": seeds,
             "table_fingerprint": table.fingerprint, "resumed": resumed}
 

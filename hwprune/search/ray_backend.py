@@ -3,7 +3,7 @@
 The driver keeps the Optuna study (the same journal file or RDB as the local
 backend) and does everything cheap and stateful: a custom Tune ``Searcher``
 asks the study for a candidate, repairs it to the budget and prices it
-(:func:`hwprune.search.controller.propose`), and tells the study the result.
+(:func:`hwprune.search.trial.propose`), and tells the study the result.
 Only the fine-tune runs on Ray workers, each with ``--cpus-per-trial`` /
 ``--gpus-per-trial``. Ray's ``OptunaSearch`` is not used: it keeps its own
 study and has no constraint or repair hook. Fine-tunes that are clearly
@@ -99,7 +99,8 @@ def worker_setup(spec: SearchSpec, dense_state: dict[str, Any]) -> tuple[Any, An
     from hwprune.space import prepare_model
     from hwprune.train import few_batches
 
-    setup = resolve(spec.model, spec.data, None, spec.model_args, None, spec.seed, use_cache=False)
+    setup = resolve(spec.model, spec.data, None, spec.model_args, None, spec.seed, use_cache=False, task=spec.task,
+                    num_classes=spec.num_classes)  # a user task stays the user's task on a worker
     prepare_model(setup.model)  # the driver's analysis split RNN stacks in place: the same keys here
     setup.model.load_state_dict(dense_state)
     return setup, few_batches(setup.data.train)
@@ -125,7 +126,7 @@ def _trainable(config: dict[str, Any], spec: dict[str, Any], dense_state: dict[s
     from ray import tune
 
     from hwprune.policy import Policy
-    from hwprune.search.controller import train_candidate
+    from hwprune.search.trial import train_candidate
 
     t0 = time.time()
     try:
@@ -185,10 +186,11 @@ def _make_classes() -> tuple[type, type]:
         def __init__(self, ctx: Any, study: Any, progress: Any, scheduler: Any, wanted: int) -> None:
             super().__init__(metric="accuracy", mode="max")
             self.ctx, self.study, self.progress, self.scheduler = ctx, study, progress, scheduler
+            self.log = progress.log
             self.wanted = wanted
             self.live: dict[str, tuple[Any, float, float]] = {}
             self.nodes: dict[str, str] = {}  # where each live trial reported from (a node that dies says no more)
-            from hwprune.search.controller import finished
+            from hwprune.search.trial import finished
 
             # counted here, not re-read: Tune polls suggest() in its event loop, and a storage read per poll
             # kept the driver at ~90% CPU, starving the workers
@@ -199,19 +201,13 @@ def _make_classes() -> tuple[type, type]:
                 self.nodes[trial_id] = str(result["node"])
 
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
-            from hwprune.search.controller import propose, reuse
+            from hwprune.search.trial import propose, reuse
 
             if self.progress.failed > max(5, self.wanted) or (self.progress.failed >= 3 and not self.done):
                 return Searcher.FINISHED if not self.live else None  # nothing works: stop, report after fit()
             while self.done + len(self.live) < self.wanted:
                 t0 = time.time()
-                trial = self.study.ask()
-                try:
-                    policy, latency, dup = propose(self.ctx, trial)
-                except Exception as exc:  # noqa: BLE001
-                    trial.set_user_attr("error", one_line(exc))
-                    self._tell(trial, "FAIL")
-                    continue
+                trial, policy, latency, dup = propose(self.ctx, self.study, self.log)
                 if dup is not None:  # same policy as a finished trial: same result, no fine-tune
                     self._tell(trial, "COMPLETE", list(reuse(trial, dup, t0)))
                     continue
@@ -227,8 +223,7 @@ def _make_classes() -> tuple[type, type]:
             else:
                 self.study.tell(trial, state=getattr(TrialState, state))
             self.done += state in ("COMPLETE", "PRUNED")
-            trials = self.study.get_trials(deepcopy=False)
-            self.progress.trial_ended(trials, trials[trial.number])
+            self.progress.trial_ended(self.study, trial.number)
 
         def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
             if trial_id not in self.live:
@@ -266,14 +261,14 @@ def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None
     import ray
     from ray import tune
 
-    from hwprune.search.controller import Progress, _rule_from, finished
+    from hwprune.search.trial import Progress, finished, rule_from
 
     spec = ctx.spec
     check_ray(spec)
     todo = max(0, spec.trials - len(finished(study.trials)))
     progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
     StudySearcher, DominanceScheduler = _make_classes()
-    scheduler = DominanceScheduler(_rule_from(study, spec))
+    scheduler = DominanceScheduler(rule_from(study, spec))
     searcher = StudySearcher(ctx, study, progress, scheduler, spec.trials)
     res = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(_trainable, spec=_portable_spec(spec),

@@ -11,7 +11,7 @@ from typing import Any
 from hwprune._io import read_json, write_atomic
 from hwprune.errors import HwpruneError
 
-__all__ = ["check_run_dir", "claim_run_dir", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
+__all__ = ["check_run_dir", "claim_run_dir", "results_lock", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "limit_ms", "feasible", "repairs",
                  "mean_keep", "formats", "flops", "params", "seconds", "train_seconds", "duplicate_of", "error", "owner",
@@ -72,6 +72,19 @@ def _row(t: Any, limit_ms: float, task: Any) -> dict[str, Any]:
             "train_seconds": a.get("train_seconds", ""),
             "duplicate_of": a.get("duplicate_of", ""), "error": a.get("error", ""), "owner": a.get("owner", ""),
             "node": a.get("node", "")}
+
+
+def results_lock(out: Path) -> Any:
+    """The lock every writer of a run's result files holds while it reads the study and writes them.
+
+    Several processes may search one study; each rewrites trials.csv (and at its end pareto.csv,
+    best_policy.json, the plot) from its own read of the study. Reading *inside* the lock makes the files follow
+    the order of the writes: a process that read the study earlier cannot overwrite a later process's files
+    with its older view (a proposal still waiting, a trial still running).
+    """
+    from hwprune._io import file_lock
+
+    return file_lock(Path(out) / ".results.lock")
 
 
 def write_trials(out: Path, trials: list[Any], limit_ms: float, task: Any = None) -> None:

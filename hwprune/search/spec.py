@@ -61,6 +61,8 @@ class SearchSpec:
     train_batch_size: int = 128  # the fine-tunes' batch (the latency batch is batch_size)
     val_subset: int | None = None  # trials score on this many validation items (fixed, seeded); export uses all
     num_classes: int | None = None  # a built-in model's outputs when the data does not expose its class count
+    screen: int = 4  # repaired samples ranked by the cheap proxy per fine-tune (hwprune.search.screen); 0: none
+    keep_levels: int = 16  # keep ratios searched: multiples of 1/N beside the table's grid, measured on demand; 0: grid
 
     def validate(self) -> None:
         from hwprune.search.budget import parse_budget
@@ -69,6 +71,12 @@ class SearchSpec:
             if not getattr(self, name):
                 raise HwpruneError(f"search needs --{name} (or '{name}:' in the spec)")
         parse_budget(self.budget, dense_ms=1.0)  # syntax first: nothing is trained or read for a typo
+        if self.screen < 0:
+            raise HwpruneError(f"screen must be 0 (no proxy) or a number of candidates per fine-tune, got "
+                               f"{self.screen}")
+        if self.keep_levels != 0 and not 2 <= self.keep_levels <= 128:
+            raise HwpruneError(f"keep_levels must be 0 (the table's grid only) or 2 to 128 (keep ratios in steps of "
+                               f"1/N), got {self.keep_levels}")
         if self.trials < 1:
             raise HwpruneError(f"trials must be at least 1, got {self.trials}")
         if self.train_batch_size < 1 or (self.val_subset is not None and self.val_subset < 1) or \
@@ -122,7 +130,8 @@ class SearchSpec:
             ident["runtime"] = self.runtime
         if self.task is not None:
             ident["task"] = self.task
-        for k, default in (("train_batch_size", 128), ("val_subset", None), ("num_classes", None)):
+        for k, default in (("train_batch_size", 128), ("val_subset", None), ("num_classes", None),
+                           ("early_stop_margin", 0.05), ("uniform_seeds", True), ("device", "auto")):
             if getattr(self, k) != default:  # the defaults keep run directories of older versions
                 ident[k] = getattr(self, k)
         return ident

@@ -11,16 +11,19 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError
 from hwprune.space._cnn import cnn_groups
 from hwprune.space._rnn import RNNGroupPlan, analyze_rnn_model
-from hwprune.space._rnnstack import RNN_TYPES, RNNStack, split_rnn_stacks
+from hwprune.space._rnnstack import CELL_TYPES, RNN_TYPES, RNNStack, split_rnn_stacks
 from hwprune.space._types import PrunableGroup, QuantLayer, Space
 
 __all__ = ["PrunableGroup", "QuantLayer", "Space", "RNNStack", "build_space", "prepare_model",
            "is_recurrent", "quant_layers", "rnn_plans", "check_input", "check_prunable"]
 
-_OPS = ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.LSTM, "lstm"), (nn.GRU, "gru"))
+_OPS = ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.LSTM, "lstm"), (nn.GRU, "gru"),
+        (nn.ConvTranspose1d, "convt1d"), (nn.ConvTranspose2d, "convt2d"), (nn.LSTMCell, "lstmcell"),
+        (nn.GRUCell, "grucell"), (nn.RNNCell, "rnncell"), (nn.RNN, "rnn"))
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
@@ -29,7 +32,8 @@ def prepare_model(model: nn.Module) -> nn.Module:
 
 
 def is_recurrent(model: nn.Module) -> bool:
-    return any(isinstance(m, RNN_TYPES) for m in model.modules())
+    """Holds an LSTM/GRU layer or cell: analysed by hwprune's own tracing (Torch-Pruning's graph otherwise)."""
+    return any(isinstance(m, RNN_TYPES + CELL_TYPES) for m in model.modules())
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
@@ -37,19 +41,19 @@ def quant_layers(model: nn.Module) -> list[QuantLayer]:
     out = []
     for name, mod in model.named_modules():
         for cls, op in _OPS:
-            if type(mod) is cls:
-                out.append(QuantLayer(name, op))
+            if type(mod) is cls:  # a ReLU RNN is another kernel than a tanh one: its own op
+                out.append(QuantLayer(name, op + ("relu" if getattr(mod, "nonlinearity", "") == "relu" else "")))
     return out
 
 
-def check_input(model: nn.Module, example: torch.Tensor) -> None:
-    """Run one forward pass; a shape that does not fit becomes a one-line error."""
+def check_input(model: nn.Module, example: Any) -> None:
+    """Run one forward pass; inputs that do not fit become a one-line error."""
     try:
         with torch.no_grad():
-            model.eval()(example)
+            inputs.call(model.eval(), example)
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise HwpruneError(f"input of shape {tuple(example.shape[1:])} does not fit the model: {msg}") from exc
+        raise HwpruneError(f"{inputs.describe(example)} does not fit the model: {msg}") from exc
 
 
 def check_prunable(space: Space, policy: Any = None) -> None:
@@ -57,6 +61,9 @@ def check_prunable(space: Space, policy: Any = None) -> None:
     keeps every unit of every group and sets no format."""
     if not space.groups and not (policy is not None and policy.formats):
         why = f" (excluded: {', '.join(space.excluded)})" if space.excluded else ""
+        if space.kept:
+            first = next(iter(space.kept.items()))
+            why += f" (kept whole: {', '.join(space.kept)}; {first[0]}: {first[1]})"
         raise HwpruneError(f"nothing to prune: the model has no prunable group{why}; remove layers from --exclude, "
                            f"or check 'hwprune inspect'")
     if policy is not None and not policy.formats and \
@@ -64,11 +71,11 @@ def check_prunable(space: Space, policy: Any = None) -> None:
         raise HwpruneError("nothing to prune: the policy keeps every unit of every group and sets no format")
 
 
-def rnn_plans(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] = ()) -> list[RNNGroupPlan]:
-    return analyze_rnn_model(model, example, set(exclude))
+def rnn_plans(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> list[RNNGroupPlan]:
+    return analyze_rnn_model(model, example, set(exclude), {})  # layers kept whole: see build_space's Space.kept
 
 
-def build_space(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] = ()) -> Space:
+def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> Space:
     """Find the prunable groups and quantizable layers of ``model``.
 
     Args:
@@ -83,11 +90,12 @@ def build_space(model: nn.Module, example: torch.Tensor, exclude: Iterable[str] 
     if unknown:
         raise HwpruneError(f"excluded layer {unknown[0]!r} is not in the model")
     check_input(model, example)
+    kept: dict[str, str] = {}
     if is_recurrent(model):
-        groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.members + p.consumers + p.state_consumers, p.kind)
-                  for p in rnn_plans(model, example, excl)]
+        groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.coupled + p.members + p.consumers +
+                                p.state_consumers, p.kind) for p in analyze_rnn_model(model, example, excl, kept)]
     else:
         _, cg = cnn_groups(model, example, excl)
         groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)
                                 else "features") for g in cg]
-    return Space(groups, quant_layers(model), sorted(excl))
+    return Space(groups, quant_layers(model), sorted(excl), kept)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwprune import inputs
 from hwprune.errors import HwpruneError
 
 __all__ = ["CNNGroup", "cnn_groups", "output_layers"]
@@ -41,7 +42,7 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
              for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     try:
         with torch.no_grad():
-            model(example)
+            inputs.call(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -58,7 +59,8 @@ def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str]) -> tu
     was_training = model.training
     model.eval()
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs.positional(model, example),
+                                                  verbose=False)
         raw = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES))
     except Exception as exc:
         raise HwpruneError(f"dependency analysis failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from hwprune.errors import HwpruneError
-from hwprune.space._rnnstack import RNN_TYPES, RNNStack
+from hwprune.space._rnnstack import CELL_TYPES, RNN_TYPES, RNNStack
+from hwprune.space._trace import PACKING, trace_concrete, where
 
 __all__ = ["RNNGroupPlan", "analyze_rnn_model"]
 
@@ -24,7 +24,10 @@ _PASS_MODULES = (nn.Dropout, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity,
                  nn.ELU, nn.SiLU)
 _PASS_FUNCS = {torch.relu, torch.tanh, torch.sigmoid, nn.functional.relu, nn.functional.gelu,
                nn.functional.dropout, torch.mean, torch.sum, torch.amax, nn.functional.silu,
-               torch.squeeze, torch.flatten}
+               torch.squeeze, torch.flatten, *PACKING}
+_PAD_PACKED = nn.utils.rnn.pad_packed_sequence  # returns (padded, lengths): only [0] carries the features
+_JOIN = {torch.stack, torch.cat}  # a list of step outputs joined along a dim other than the features'
+_STATE_TAKING = RNN_TYPES + (RNNStack,) + CELL_TYPES
 _PASS_METHODS = {"relu", "tanh", "sigmoid", "contiguous", "mean", "sum", "amax", "squeeze", "clone",
                  "flatten", "float"}
 
@@ -45,15 +48,24 @@ class RNNGroupPlan:
     state_consumers: tuple[str, ...] = ()  # layers reading the producer's final state h_n / c_n (one direction)
     members: tuple[str, ...] = ()  # per-channel layers between a conv and its readers (BatchNorm), sliced with it
     stride: int = 1  # features per unit at the readers (a conv's channel flattened with its height: C*H inputs)
+    coupled: tuple[str, ...] = ()  # RNN layers whose hidden units are the producer's (a decoder started from its
+    # final state): their output units are kept alike, in the same order
+    reader_copies: tuple[tuple[str, int], ...] = ()  # readers that see the units several times side by side
+    # ([dec | context] after attention): (reader, copies of the dirs-wide block)
+
+    def copies(self, reader: str) -> int:
+        return dict(self.reader_copies).get(reader, 1)
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (RNNStack,) + RNN_TYPES) or super().is_leaf_module(m, qualname)
+LEAVES = (RNNStack,) + RNN_TYPES + CELL_TYPES
 
 
 def describe(node: fx.Node, mods: dict[str, nn.Module] | None = None) -> str:
-    """A node of the traced forward pass in words (never an fx node dump)."""
+    """A node of the traced forward pass in words, with the user's source line (never an fx node dump)."""
+    return _what(node, mods) + where(node)
+
+
+def _what(node: fx.Node, mods: dict[str, nn.Module] | None = None) -> str:
     if node.op == "output":
         return "the model output"
     if node.op == "call_module":
@@ -68,55 +80,199 @@ def describe(node: fx.Node, mods: dict[str, nn.Module] | None = None) -> str:
     return f"the input {node.target!s}" if node.op == "placeholder" else str(node.op)
 
 
+def _hx_nodes(call: fx.Node) -> list[fx.Node]:
+    """The nodes an RNN / cell call takes as its initial state (``hx``: its second argument)."""
+    hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+    out: list[fx.Node] = []
+    fx.node.map_arg(hx, out.append)
+    return out
+
+
+_ARITH = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add, torch.sub}
+_ARITH_METHODS = {"mul", "div", "add", "sub", "__mul__", "__truediv__"}
+
+
+def _scaled(user: fx.Node, node: fx.Node, width: int) -> bool:
+    """``x / n``, ``x * mask``: arithmetic with a scalar or with a tensor that is constant along the features
+    (last dim 1, e.g. ``lengths[:, None]``), which keeps every feature where it was."""
+    if not ((user.op == "call_function" and user.target in _ARITH) or
+            (user.op == "call_method" and user.target in _ARITH_METHODS)):
+        return False
+    args = list(user.args)
+    if sum(a is node for a in args) != 1 or _last_dim(user) != width:
+        return False
+    other = [a for a in args if a is not node]
+    for o in other:
+        if isinstance(o, fx.Node):
+            if _last_dim(o) not in (1, None) or _rank(o) is None:
+                return False
+        elif not isinstance(o, (int, float)):
+            return False
+    return True
+
+
+def _join_ok(user: fx.Node, node: fx.Node, width: int) -> bool:
+    """``torch.stack(steps, dim)`` / ``torch.cat(steps, dim)`` of step outputs along a dim other than the
+    features' (the result keeps ``width`` features in its last dim)."""
+    if user.op != "call_function" or user.target not in _JOIN or not user.args:
+        return False
+    seq = user.args[0]
+    if not isinstance(seq, (list, tuple)) or node not in seq:
+        return False
+    rank = _rank(user)
+    dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+    return rank is not None and isinstance(dim, int) and dim % rank != rank - 1 and _last_dim(user) == width
+
+
 def _last_dim(node: fx.Node) -> int | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return int(shape[-1]) if shape is not None and len(shape) else None
 
 
-def _follow(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[str, nn.Module]) -> tuple[str, ...] | None:
-    """Consumers reading ``start``'s last dim (of size ``width``); None if it reaches the model output."""
+_MATMUL = {torch.bmm, torch.matmul, operator.matmul}
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MATMUL) or \
+        (node.op == "call_method" and node.target in ("bmm", "matmul"))
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    """``x.transpose(1, 2)`` / ``x.transpose(-1, -2)`` / ``x.mT`` of a rank-3 tensor: the features move to
+    dim -2, where a matmul contracts them."""
+    if node.op not in ("call_method", "call_function") or not node.args:
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    r = _rank(node)
+    if name != "transpose" or r is None:
+        return False
+    dims = sorted(d % r for d in _dims_arg(node)[:2])
+    return dims == [r - 2, r - 1]
+
+
+def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Module],
+            skip: set[fx.Node] = frozenset(), copies: dict[str, int] | None = None  # type: ignore[assignment]
+            ) -> tuple[str, ...] | None:
+    """Consumers reading the last dim (of size ``width``) of ``start`` (one node or several: a cell loop's steps,
+    an encoder's and its decoder's outputs); None if it reaches the model output. Calls in ``skip`` (a cell
+    loop's next steps) are not readers.
+
+    Besides ops that keep the feature dim: ``torch.stack``/``torch.cat`` of step outputs along another dim;
+    ``torch.cat([a, b], -1)`` of two tensors of these features (a reader then sees the units twice: ``copies``
+    gets the reader's count); dot-product attention, ``bmm(q, k.transpose(1, 2))`` (the features contracted
+    between two tensors of these units: nothing to read on) and ``bmm(weights, v)`` (the features stay last).
+    Every other operand of a join or a contraction must itself be reached from ``start``."""
     consumers: list[str] = []
-    frontier, seen = [start], set()
+    starts = start if isinstance(start, list) else [start]
+    frontier = [(n, 1) for n in starts]
+    seen: set[fx.Node] = set(starts)
+    joins: list[fx.Node] = []
+    need: list[tuple[fx.Node, fx.Node]] = []  # (an operand that must be reached, the op needing it)
     while frontier:
-        node = frontier.pop()
+        node, k = frontier.pop()
+        w = width * k
         for user in node.users:
-            if user in seen:
+            if user in seen or user in skip:
                 continue
+            if node.op == "call_function" and node.target is _PAD_PACKED:
+                if _is_getitem(user, 0):
+                    seen.add(user)
+                    frontier.append((user, k))
+                continue  # [1]: the lengths
             seen.add(user)
             if user.op == "output":
                 return None
+            if _join_ok(user, node, w):
+                joins.append(user)
+                frontier.append((user, k))
+                continue
+            if _cat_features(user, node, w):  # [a | b] along the features: the units twice
+                joins.append(user)
+                frontier.append((user, k * len(user.args[0])))
+                continue
+            if _swaps_last_two(user) and user.users and all(_is_matmul(u) and u.args[1] is user for u in user.users):
+                for u in user.users:  # q @ k^T: the features are contracted with q's, which must be ours
+                    seen.add(u)
+                    need.append((u.args[0], u))
+                continue
+            if _is_matmul(user) and user.args[0] is node and isinstance(user.args[1], fx.Node) and \
+                    _swaps_last_two(user.args[1]):
+                need.append((user.args[1].args[0], user))
+                continue
+            if _is_matmul(user) and user.args[1] is node and _last_dim(user) == w and user.args[0] is not node:
+                frontier.append((user, k))  # attention weights @ values: the features stay last
+                continue
             if user.op == "call_module":
                 mod = mods[str(user.target)]
-                if isinstance(mod, nn.Linear) and mod.in_features == width:
-                    consumers.append(str(user.target))
-                    continue
-                if isinstance(mod, RNNStack) and mod.layers[0].input_size == width:
-                    consumers.append(f"{user.target}.layers.0")
-                    continue
-                if isinstance(mod, RNN_TYPES) and mod.input_size == width:
-                    consumers.append(str(user.target))
+                read = None
+                if isinstance(mod, nn.Linear) and mod.in_features == w:
+                    read = str(user.target)
+                elif isinstance(mod, RNNStack) and mod.layers[0].input_size == w:
+                    read = f"{user.target}.layers.0"
+                elif isinstance(mod, RNN_TYPES) and mod.input_size == w:
+                    read = str(user.target)
+                if read is not None:
+                    consumers.append(read)
+                    if k > 1 and copies is not None:
+                        copies[read] = k
                     continue
                 if isinstance(mod, _PASS_MODULES):
-                    frontier.append(user)
+                    frontier.append((user, k))
                     continue
             ok = (user.op == "call_function" and (user.target in _PASS_FUNCS or user.target is operator.getitem)) \
                 or (user.op == "call_method" and user.target in _PASS_METHODS)
-            if ok and _last_dim(user) == width and sum(a is node for a in user.args) == 1:
-                frontier.append(user)
+            if user.op == "call_function" and user.target is _PAD_PACKED and user.args and user.args[0] is node:
+                frontier.append((user, k))
                 continue
-            raise HwpruneError(f"cannot tell how the {width} features of {_name(start)} reach {describe(user, mods)} "
-                               f"(only ops that keep the feature dimension are followed); exclude that layer "
-                               f"(--exclude) or restructure the model")
+            if ok and _last_dim(user) == w and sum(a is node for a in user.args) == 1:
+                frontier.append((user, k))
+                continue
+            if _scaled(user, node, w):
+                frontier.append((user, k))
+                continue
+            raise HwpruneError(f"cannot tell how the {w} features of {_name(starts[0])} reach "
+                               f"{describe(user, mods)} (only ops that keep the feature dimension are followed); "
+                               f"exclude that layer (--exclude {_layer(starts[0])}) and the rest of the model is "
+                               f"searched, or restructure the model")
+    for j in joins:
+        others = [a for a in j.args[0] if isinstance(a, fx.Node) and a not in seen]
+        if others:
+            raise HwpruneError(f"the features of {_name(starts[0])} are joined with {_name(others[0])}'s by "
+                               f"{describe(j, mods)}; exclude one of them (--exclude {_layer(starts[0])})")
+    for operand, op in need:
+        if operand not in seen:
+            raise HwpruneError(f"the features of {_name(starts[0])} are multiplied with {_name(operand)}'s by "
+                               f"{describe(op, mods)}, which hwprune cannot prune alike (attention is followed "
+                               f"between an encoder and the decoder started from its state); exclude that layer "
+                               f"(--exclude {_layer(starts[0])}) and the rest of the model is searched")
     return tuple(consumers)
 
 
-def _name(node: fx.Node) -> str:
-    """The layer a traced value comes from (for messages)."""
+def _cat_features(user: fx.Node, node: fx.Node, width: int) -> bool:
+    """``torch.cat([a, b, ...], -1)`` where ``node`` is one of equally wide parts (the others checked later)."""
+    if user.op != "call_function" or user.target is not torch.cat or not user.args:
+        return False
+    seq = user.args[0]
+    if not isinstance(seq, (list, tuple)) or node not in seq or seq.count(node) != 1:
+        return False
+    rank = _rank(user)
+    dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+    return rank is not None and isinstance(dim, int) and dim % rank == rank - 1 and \
+        all(isinstance(a, fx.Node) and _last_dim(a) == width for a in seq) and _last_dim(user) == width * len(seq)
+
+
+def _layer(node: fx.Node) -> str:
+    """The layer a traced value comes from: its module name (through indexing of its outputs), or the node's."""
     seen = node
     while seen.op == "call_function" and seen.target is operator.getitem and isinstance(seen.args[0], fx.Node):
         seen = seen.args[0]
-    return repr(str(seen.target)) if seen.op == "call_module" else repr(seen.name)
+    return str(seen.target) if seen.op == "call_module" else seen.name
+
+
+def _name(node: fx.Node) -> str:
+    """The layer a traced value comes from, quoted (for messages)."""
+    return repr(_layer(node))
 
 
 def _is_getitem(node: fx.Node, index: object = None) -> bool:
@@ -138,15 +294,18 @@ def _rnn_output(node: fx.Node) -> fx.Node | None:
     return out
 
 
-def _state_uses(node: fx.Node, layers: int, dirs: int) -> list[tuple[int, fx.Node]]:
-    """Every read of an RNN call's final state, as (layer index, node holding that layer's h_n or c_n).
+def _state_uses(node: fx.Node, layers: int, dirs: int, mods: dict[str, nn.Module]
+                ) -> tuple[list[tuple[int, fx.Node]], list[fx.Node]]:
+    """Every read of an RNN call's final state, as (layer index, node holding that layer's h_n or c_n), and the
+    RNN calls that start from it (``decoder(y, h_n)``: an encoder-decoder, whose hidden units are coupled).
 
-    Followed: ``h_n[i]`` (one layer and direction of the stacked state; ``c_n[i]`` for an LSTM) and, for a
-    single-layer one-direction RNN, ``h_n.squeeze(0)``. Anything else that reads the whole stacked state is
-    refused with the layer and the operation named.
+    Followed: ``h_n[i]`` (one layer and direction of the stacked state; ``c_n[i]`` for an LSTM), for a
+    single-layer one-direction RNN ``h_n.squeeze(0)``, and the state passed whole as another RNN's initial
+    state. Anything else that reads the whole stacked state is refused with the layer and the operation named.
     """
     name = str(node.target)
     states = []
+    starts: list[fx.Node] = []
     for user in node.users:
         if not _is_getitem(user, 1):
             continue
@@ -158,16 +317,20 @@ def _state_uses(node: fx.Node, layers: int, dirs: int) -> list[tuple[int, fx.Nod
     uses = []
     for st in states:
         for u in st.users:
-            if _is_getitem(u) and isinstance(u.args[1], int):
+            if u.op == "call_module" and isinstance(mods.get(str(u.target)), RNN_TYPES + (RNNStack,)) \
+                    and st in _hx_nodes(u):
+                starts.append(u)
+            elif _is_getitem(u) and isinstance(u.args[1], int):
                 uses.append(((u.args[1] % (layers * dirs)) // dirs, u))
             elif layers * dirs == 1 and ((u.op == "call_method" and u.target == "squeeze") or
                                          (u.op == "call_function" and u.target is torch.squeeze)):
                 uses.append((0, u))
             else:
-                raise HwpruneError(f"layer {name!r}: its final state h_n is used by {describe(u)}; hwprune follows "
-                                   f"one layer's state, h_n[i] (or h_n.squeeze(0) for one layer), into the "
-                                   f"layers that read it. Index the state that way, or --exclude {name}")
-    return uses
+                raise HwpruneError(f"layer {name!r}: its final state h_n is used by {describe(u, mods)}; hwprune "
+                                   f"follows one layer's state, h_n[i] (or h_n.squeeze(0) for one layer), into the "
+                                   f"layers that read it, and the whole state into another RNN's initial state. "
+                                   f"Index the state that way, or --exclude {name} (the rest is searched)")
+    return uses, list(dict.fromkeys(starts))
 
 
 _CHANNEL_PASS = _PASS_MODULES + (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Dropout2d, nn.Dropout1d,
@@ -197,7 +360,7 @@ def _dims_arg(node: fx.Node) -> list[int]:
     return [int(a) for a in args]
 
 
-def _follow_channels(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[str, nn.Module]
+def _follow_channels(start: fx.Node, width: int, mods: dict[str, nn.Module]
                      ) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
     """Where a conv's output channels go: (readers, per-channel members such as BatchNorm, features per channel
     at the readers), or None when they reach the model output.
@@ -289,11 +452,43 @@ def _follow_channels(gm: fx.GraphModule, start: fx.Node, width: int, mods: dict[
     return tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(members)), (strides.pop() if strides else 1)
 
 
-def analyze_rnn_model(model: nn.Module, example: torch.Tensor, exclude: set[str]) -> list[RNNGroupPlan]:
-    """Groups of a model holding LSTM/GRU layers (stacks already split)."""
+def _cell_loop(name: str, calls: list[fx.Node], mods: dict[str, nn.Module]) -> tuple[list[fx.Node], set[fx.Node]]:
+    """A cell called once per step: each call after the first starts from the previous call's state. Returns the
+    step outputs to follow (h, and c for an LSTMCell) and the calls (not readers of the units). A cell whose
+    calls do not chain (two sequences, two places) is refused in words."""
+    lstm = isinstance(mods[name], nn.LSTMCell)
+    for prev, call in zip(calls, calls[1:]):
+        hx = _hx_nodes(call)
+        allowed = {prev} | {u for u in prev.users if _is_getitem(u, 0) or _is_getitem(u, 1)}
+        if not hx or not set(hx) <= allowed or (lstm and len(hx) == 1 and hx[0] is not prev):
+            raise HwpruneError(f"cell {name!r} ({type(mods[name]).__name__}) is called {len(calls)} times, but not "
+                               f"as one loop over time (step by step from its own state): {describe(calls[0], mods)}"
+                               f" and {describe(call, mods)}; a cell called from two places cannot be pruned on "
+                               f"its own. --exclude {name} (the rest of the model is searched)")
+    outs: list[fx.Node] = []
+    for call in calls:
+        if lstm:
+            outs += [u for u in call.users if _is_getitem(u, 0) or _is_getitem(u, 1)]
+            others = [u for u in call.users if not (_is_getitem(u, 0) or _is_getitem(u, 1)) and u not in calls]
+            if others:
+                raise HwpruneError(f"cell {name!r}: its (h, c) pair is used whole by {describe(others[0], mods)}; "
+                                   f"read h = state[0] (or --exclude {name})")
+        else:
+            outs.append(call)
+    return outs, set(calls)
+
+
+def analyze_rnn_model(model: nn.Module, example: object, exclude: set[str],
+                      unsearched: dict[str, str] | None = None) -> list[RNNGroupPlan]:
+    """Groups of a model holding LSTM/GRU layers or cells (stacks already split).
+
+    A layer whose units cannot be followed (an op that mixes features, a cell called from two places) is not
+    a group: it is kept whole and the reason, naming the construct and its source line, goes to
+    ``unsearched`` (layer -> reason), so the rest of the model is still searched. Without ``unsearched`` the
+    first such reason is raised."""
+    kept: dict[str, str] = {} if unsearched is None else unsearched
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
-        ShapeProp(gm).propagate(example)
+        graph = trace_concrete(model, example, LEAVES)
     except HwpruneError:
         raise
     except Exception as exc:
@@ -301,56 +496,139 @@ def analyze_rnn_model(model: nn.Module, example: torch.Tensor, exclude: set[str]
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     mods = dict(model.named_modules())
     plans: list[RNNGroupPlan] = []
-    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
-    counts: dict[str, int] = {}
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    by_name: dict[str, list[fx.Node]] = {}
     for n in calls:
-        counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+        by_name.setdefault(str(n.target), []).append(n)
+    couples = _couplings(calls, mods)
     for node in calls:
         name, mod = str(node.target), mods[str(node.target)]
-        if counts[name] > 1 or name in exclude:
-            continue  # excluded, or called twice: not pruned on its own
-        if isinstance(mod, (RNNStack,) + RNN_TYPES):
-            stack = list(mod.layers) if isinstance(mod, RNNStack) else [mod]
-            names = [f"{name}.layers.{k}" for k in range(len(stack))] if isinstance(mod, RNNStack) else [name]
-            d = 2 if stack[0].bidirectional else 1
-            out = _rnn_output(node)
-            readers: dict[int, list[str]] = {}
-            reaches_output = set()
-            for k, use in _state_uses(node, len(stack), d):
-                got = _follow(gm, use, stack[k].hidden_size, mods)
-                if got is None:
-                    reaches_output.add(k)
-                else:
-                    readers.setdefault(k, []).extend(got)
-            for k, layer in enumerate(stack):
-                if k < len(stack) - 1:
-                    cons: tuple[str, ...] | None = (names[k + 1],)
-                else:
-                    cons = _follow(gm, out, layer.hidden_size * d, mods) if out is not None else ()
-                if cons is None or k in reaches_output:
-                    continue  # a model output: its units are not ours to remove
-                state = tuple(dict.fromkeys(readers.get(k, [])))
-                if set(state) & set(cons):
-                    raise HwpruneError(f"layer {names[k]!r}: {sorted(set(state) & set(cons))[0]!r} reads both its "
-                                       f"output sequence and its final state; exclude one of them")
-                plans.append(RNNGroupPlan(names[k], layer.hidden_size, d, cons, "hidden", state))
-        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == 1:  # a conv front end (CRNN)
-            got = _follow_channels(gm, node, mod.out_channels, mods)
-            if got is not None and got[0]:
-                plans.append(RNNGroupPlan(name, mod.out_channels, 1, got[0], "channels", members=got[1],
-                                          stride=got[2]))
-        elif isinstance(mod, nn.Embedding):  # the embedding width: its columns and the readers' inputs
-            try:
-                cons = _follow(gm, node, mod.embedding_dim, mods)
-            except HwpruneError:
-                continue
-            if cons:
-                plans.append(RNNGroupPlan(name, mod.embedding_dim, 1, cons, "embedding"))
-        elif isinstance(mod, nn.Linear):
-            try:
-                cons = _follow(gm, node, mod.out_features, mods)
-            except HwpruneError:
-                continue  # a Linear whose features meet others (e.g. two heads added): kept whole, never guessed
-            if cons is not None:
-                plans.append(RNNGroupPlan(name, mod.out_features, 1, cons, "features"))
+        if name in exclude:
+            continue
+        try:
+            _plan_one(node, name, mod, by_name, mods, plans, couples)
+        except HwpruneError as exc:
+            if unsearched is None:
+                raise
+            for member in couples.get(node, [node]):  # an encoder-decoder pair is kept whole together
+                kept[str(member.target)] = str(exc)
+    plans = [p for p in plans if not ({p.producer, *p.coupled} & exclude)]
     return [p for p in plans if p.producer not in exclude and not ((set(p.consumers) | set(p.state_consumers)) & exclude)]
+
+
+def _couplings(calls: list[fx.Node], mods: dict[str, nn.Module]) -> dict[fx.Node, list[fx.Node]]:
+    """RNN calls whose hidden units are one: a call started from another's final state (``decoder(y, h_n)``,
+    ``(h_n, c_n)``), transitively; each call of such a set -> the set in graph order."""
+    rnn = [n for n in calls if isinstance(mods.get(str(n.target)), RNN_TYPES + (RNNStack,))]
+    root: dict[fx.Node, fx.Node] = {}
+
+    def find(a: fx.Node) -> fx.Node:
+        while root.get(a, a) is not a:
+            a = root[a]
+        return a
+
+    for x in rnn:
+        states = [u for u in x.users if _is_getitem(u, 1)]
+        states += [k for s in list(states) for k in s.users if _is_getitem(k, 0) or _is_getitem(k, 1)]
+        for st in states:
+            for u in st.users:
+                if u in rnn and st in _hx_nodes(u):
+                    root[find(u)] = find(x)
+    sets: dict[fx.Node, list[fx.Node]] = {}
+    for x in rnn:
+        sets.setdefault(find(x), []).append(x)
+    return {x: members for members in sets.values() if len(members) > 1 for x in members}
+
+
+def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[fx.Node]],
+              mods: dict[str, nn.Module], plans: list[RNNGroupPlan], couples: dict[fx.Node, list[fx.Node]]
+              ) -> None:
+    """The group(s) one called module produces, appended to ``plans`` (see :func:`analyze_rnn_model`)."""
+    if isinstance(mod, CELL_TYPES):
+        if node is not by_name[name][0]:
+            return
+        outs, steps = _cell_loop(name, by_name[name], mods)
+        cons = _follow(outs, mod.hidden_size, mods, skip=steps)
+        if cons is None:
+            return
+        plans.append(RNNGroupPlan(name, mod.hidden_size, 1, cons, "hidden"))
+        return
+    if len(by_name[name]) > 1:
+        return  # called twice (shared weights): not pruned on its own
+    if isinstance(mod, (RNNStack,) + RNN_TYPES):
+        members = couples.get(node, [node])  # an encoder and the decoders started from its state: one set
+        if node is not members[0]:
+            return  # planned with the first of its set
+
+        def layers_of(call: fx.Node) -> tuple[list[nn.RNNBase], list[str]]:
+            m = mods[str(call.target)]
+            if isinstance(m, RNNStack):
+                return list(m.layers), [f"{call.target}.layers.{k}" for k in range(len(m.layers))]
+            return [m], [str(call.target)]
+
+        stack, names = layers_of(node)
+        d = 2 if stack[0].bidirectional else 1
+        all_names = [names]
+        for other in members[1:]:
+            ostack, onames = layers_of(other)
+            if len(ostack) != len(stack) or (2 if ostack[0].bidirectional else 1) != d or \
+                    any(a.hidden_size != b.hidden_size for a, b in zip(stack, ostack)):
+                raise HwpruneError(f"layer {name!r}: its final state starts {describe(other, mods)}, which has "
+                                   f"other layers, directions or widths; hwprune couples an encoder and a "
+                                   f"decoder of the same shape. --exclude {name}")
+            all_names.append(onames)
+        readers: dict[int, list[str]] = {}
+        reaches_output: set[int] = set()
+        outs = []
+        by_layer: dict[int, list[fx.Node]] = {}
+        for call in members:
+            out = _rnn_output(call)
+            if out is not None:
+                outs.append(out)
+            uses, _ = _state_uses(call, len(stack), d, mods)
+            for k, use in uses:
+                by_layer.setdefault(k, []).append(use)
+        copies: dict[str, int] = {}
+        for k, nodes in by_layer.items():  # every read of layer k's state at once: [h_n[-2] | h_n[-1]] is followed
+            got = _follow(nodes, stack[k].hidden_size, mods, copies=copies)
+            if got is None:
+                reaches_output.add(k)
+            else:
+                readers.setdefault(k, []).extend(got)
+        for k, layer in enumerate(stack):
+            if k < len(stack) - 1:
+                cons: tuple[str, ...] | None = tuple(n[k + 1] for n in all_names)
+            else:  # the last layer's output sequences, all at once: attention between them is followed
+                cons = _follow(outs, layer.hidden_size * d, mods, copies=copies) if outs else ()
+            if cons is None or k in reaches_output:
+                continue  # a model output: its units are not ours to remove
+            cons = tuple(dict.fromkeys(cons))
+            state = tuple(dict.fromkeys(readers.get(k, [])))
+            if set(state) & set(cons):
+                raise HwpruneError(f"layer {names[k]!r}: {sorted(set(state) & set(cons))[0]!r} reads both its "
+                                   f"output sequence and its final state; exclude one of them")
+            mine = set(state) | (set(cons) if k == len(stack) - 1 else set())
+            plans.append(RNNGroupPlan(names[k], layer.hidden_size, d, cons, "hidden", state,
+                                      coupled=tuple(n[k] for n in all_names[1:]),
+                                      reader_copies=tuple(sorted((c, n) for c, n in copies.items() if c in mine))))
+    elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == 1 and not mod.transposed:  # a conv front end
+        got = _follow_channels(node, mod.out_channels, mods)
+        if got is not None and got[0]:
+            plans.append(RNNGroupPlan(name, mod.out_channels, 1, got[0], "channels", members=got[1],
+                                      stride=got[2]))
+    elif isinstance(mod, nn.Embedding):  # the embedding width: its columns and the readers' inputs
+        try:
+            cons = _follow(node, mod.embedding_dim, mods)
+        except HwpruneError:
+            return
+        if cons:
+            plans.append(RNNGroupPlan(name, mod.embedding_dim, 1, cons, "embedding"))
+    elif isinstance(mod, nn.Linear):
+        try:
+            cons = _follow(node, mod.out_features, mods)
+        except HwpruneError:
+            return  # a Linear whose features meet others (e.g. two heads added): kept whole, never guessed
+        if cons is not None:
+            plans.append(RNNGroupPlan(name, mod.out_features, 1, cons, "features"))
+
+

@@ -9,16 +9,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["RNNStack", "split_rnn_stacks", "RNN_TYPES", "rebuild_rnn"]
+__all__ = ["RNNStack", "split_rnn_stacks", "RNN_TYPES", "CELL_TYPES", "rebuild_rnn", "rebuild_cell", "gates_of"]
 
-RNN_TYPES = (nn.LSTM, nn.GRU)
+RNN_TYPES = (nn.LSTM, nn.GRU, nn.RNN)
+CELL_TYPES = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)  # called once per step in a Python loop
+
+
+def gates_of(mod: nn.Module) -> int:
+    """Gate blocks stacked in the rows of a recurrent layer's weights (LSTM 4, GRU 3, plain RNN cell 1)."""
+    return 4 if isinstance(mod, (nn.LSTM, nn.LSTMCell)) else 3 if isinstance(mod, (nn.GRU, nn.GRUCell)) else 1
+
+
+def rebuild_cell(old: nn.RNNCellBase, input_size: int, hidden_size: int,
+                 params: dict[str, torch.Tensor]) -> nn.RNNCellBase:
+    """A fresh cell like ``old`` with new sizes and the given params."""
+    extra = {"nonlinearity": old.nonlinearity} if isinstance(old, nn.RNNCell) else {}
+    new = type(old)(input_size, hidden_size, bias=old.bias, **extra)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            p.copy_(params[name])
+    return new.to(old.weight_ih.device)
 
 
 def rebuild_rnn(old: nn.RNNBase, input_size: int, hidden_size: int,
                 params: dict[str, torch.Tensor]) -> nn.RNNBase:
     """A fresh single-layer LSTM/GRU like ``old`` with new sizes and the given ``*_l0*`` params."""
+    extra = {"nonlinearity": old.nonlinearity} if isinstance(old, nn.RNN) else {}
     new = type(old)(input_size, hidden_size, num_layers=1, bias=old.bias, batch_first=old.batch_first,
-                    bidirectional=old.bidirectional)
+                    bidirectional=old.bidirectional, **extra)
     with torch.no_grad():
         for name, p in new.named_parameters():
             p.copy_(params[name])
@@ -47,10 +65,14 @@ class RNNStack(nn.Module):
         if hx is None:
             return [None] * len(self.layers)
         d = self.dirs
+
+        def part(t, i):  # type: ignore[no-untyped-def] - one stacked tensor, or one tensor per layer and direction
+            return t[i * d:(i + 1) * d] if isinstance(t, torch.Tensor) else torch.stack(t[i * d:(i + 1) * d], 0)
+
         if self.is_lstm:
             h, c = hx
-            return [(h[i * d:(i + 1) * d], c[i * d:(i + 1) * d]) for i in range(len(self.layers))]
-        return [hx[i * d:(i + 1) * d] for i in range(len(self.layers))]
+            return [(part(h, i), part(c, i)) for i in range(len(self.layers))]
+        return [part(hx, i) for i in range(len(self.layers))]
 
     def forward(self, x: torch.Tensor, hx=None):  # type: ignore[no-untyped-def]
         hs, cs = [], []
@@ -63,7 +85,10 @@ class RNNStack(nn.Module):
             else:
                 hs.append(h)
             if self.training and self.dropout > 0 and i < len(self.layers) - 1:
-                out = nn.functional.dropout(out, self.dropout, training=True)
+                if isinstance(out, nn.utils.rnn.PackedSequence):
+                    out = out._replace(data=nn.functional.dropout(out.data, self.dropout, training=True))
+                else:
+                    out = nn.functional.dropout(out, self.dropout, training=True)
         same = len({t.shape[-1] for t in hs}) == 1
 
         def join(ts: list[torch.Tensor]):  # type: ignore[no-untyped-def]

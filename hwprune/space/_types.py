@@ -39,6 +39,7 @@ class Space:
     groups: list[PrunableGroup]
     layers: list[QuantLayer]
     excluded: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # layers kept whole (not searched) -> why, in words
 
     def group(self, name: str) -> PrunableGroup:
         for g in self.groups:
@@ -48,4 +49,4 @@ class Space:
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": [asdict(g) for g in self.groups], "layers": [asdict(q) for q in self.layers],
-                "excluded": list(self.excluded)}
+                "excluded": list(self.excluded), "kept_whole": dict(self.kept)}

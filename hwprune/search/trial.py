@@ -1,0 +1,311 @@
+"""One trial of the search, the same for both backends: propose, repair, screen, train, reuse, early stop.
+
+A **proposal** is made before the study's trial exists. ``screen`` candidates are sampled from a shadow
+copy of the study (an in-memory study holding the same finished trials and a sampler of the same kind, so
+TPE or NSGA-II sample from the same history), each repaired to the budget
+(:meth:`~hwprune.search.context.SearchContext.repair`) and scored by the cheap proxy
+(:mod:`hwprune.search.screen`); the best-screened one is enqueued into the real study with its *repaired*
+parameters and asked back. So the study only ever holds the policies that were trained, and the sampler
+learns from those (the sample each came from is kept in the trial's ``sampled`` attribute). Keep ratios are
+ordered integer parameters (an index into the table's grid: the sampler learns that 0.5 lies between 0.375
+and 0.625); studies started by older versions, with categorical keep ratios, go on with those.
+
+The local backend (:mod:`hwprune.search.controller`) and the Ray backend (:mod:`hwprune.search.ray_backend`)
+both call :func:`propose` in the driver and :func:`train_candidate` where the fine-tune runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from hwprune.errors import HwpruneError, one_line
+from hwprune.policy import Policy
+from hwprune.search.context import SearchContext
+from hwprune.search.rundir import front, results_lock, write_trials
+from hwprune.search.spec import SearchSpec
+
+__all__ = ["OWNER", "FINISHED", "finished", "make_sampler", "params_of", "propose", "reuse", "train_candidate", "rule_from",
+           "free_memory", "Progress", "screen_correlation"]
+
+FINISHED = ("COMPLETE", "PRUNED")  # trials that count toward --trials; failed ones are retried
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def finished(trials: list[Any]) -> list[Any]:
+    return [t for t in trials if t.state.name in FINISHED]
+
+
+def make_sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
+    """The Optuna sampler of ``--sampler``."""
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _legacy(study: Any) -> bool:
+    """A study of an older version: keep ratios were categorical parameters ``keep:<group>``."""
+    return any(k.startswith("keep:") for t in study.get_trials(deepcopy=False) for k in t.params)
+
+
+def params_of(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str], legacy: bool = False
+              ) -> dict[str, Any]:
+    """The study parameters of a policy: per group the index of its keep ratio in the grid (``k:<group>``;
+    ``keep:<group>`` with the ratio itself in a legacy study), per layer with a menu its format."""
+    grid = sorted(ctx.grid)
+    nearest = lambda r: min(range(len(grid)), key=lambda i: abs(grid[i] - r))  # noqa: E731
+    p: dict[str, Any] = {(f"keep:{g.name}" if legacy else f"k:{g.name}"):
+                         (keep.get(g.name, 1.0) if legacy else nearest(keep.get(g.name, 1.0)))
+                         for g in ctx.layers.space.groups}
+    p.update({f"fmt:{n}": formats.get(n, "fp32") for n, menu in ctx.menus.items() if len(menu) > 1})
+    return p
+
+
+def _suggest(ctx: SearchContext, trial: Any, legacy: bool) -> tuple[dict[str, float], dict[str, str]]:
+    grid = sorted(ctx.grid)
+    if legacy:
+        keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in ctx.layers.space.groups}
+    else:
+        keep = {g.name: grid[trial.suggest_int(f"k:{g.name}", 0, len(grid) - 1)] for g in ctx.layers.space.groups}
+    formats = {n: trial.suggest_categorical(f"fmt:{n}", menu) for n, menu in ctx.menus.items() if len(menu) > 1}
+    return keep, formats
+
+
+def _shadow(ctx: SearchContext, study: Any, salt: int) -> Any:
+    """An in-memory study holding the real study's finished trials, with a sampler of the spec's kind."""
+    import optuna
+    from optuna.trial import TrialState
+
+    sh = optuna.create_study(directions=study.directions, sampler=make_sampler(ctx.spec.sampler, ctx.spec.seed + salt))
+    sh.add_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return sh
+
+
+def _key(policy: Policy) -> str:
+    return json.dumps(policy.to_dict(), sort_keys=True)
+
+
+def _done_policies(study: Any) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    return {json.dumps(t.user_attrs.get("policy"), sort_keys=True): t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+
+def _candidates(ctx: SearchContext, study: Any, legacy: bool, log: Callable[[str], None],
+                done: dict[str, Any]) -> dict[str, Any]:
+    """Sample ``screen`` candidates (at least one), repair and screen them; the user attributes the chosen
+    one's trial gets (its parameters under ``params``)."""
+    n = max(1, ctx.spec.screen)
+    sh = _shadow(ctx, study, len(study.trials))
+    cands: dict[str, dict[str, Any]] = {}
+    for _ in range(n):
+        t = sh.ask()
+        keep, formats = _suggest(ctx, t, legacy)
+        policy, repairs = ctx.repair(ctx.policy(keep, formats))
+        k = _key(policy)
+        if k in cands:
+            continue
+        cands[k] = {"policy": policy, "repairs": repairs, "sampled": {"keep": keep, "formats": formats}}
+    fresh = {k: c for k, c in cands.items() if k not in done} or cands  # all seen already: reused, no proxy needed
+    if ctx.screen is not None and len(fresh) > 1:
+        for c in fresh.values():
+            c["screen"] = _proxy(ctx, c["policy"], log)
+        best = max(fresh.values(), key=lambda c: c["screen"])
+    else:
+        best = next(iter(fresh.values()))
+        if ctx.screen is not None and _key(best["policy"]) not in done:
+            best["screen"] = _proxy(ctx, best["policy"], log)
+    pol, more = ctx.settle(best["policy"], log)  # its entries measured (keep ratios off the table's grid)
+    attrs = {"repairs": best["repairs"] + more, "sampled": best["sampled"], "screened": len(fresh)}
+    if "screen" in best:
+        attrs["screen"] = best["screen"]
+    attrs["_params"] = params_of(ctx, pol.keep, pol.formats, legacy)
+    return attrs
+
+
+def _proxy(ctx: SearchContext, policy: Policy, log: Callable[[str], None]) -> float:
+    """The screen's proxy of ``policy``; a candidate the proxy cannot evaluate (its pruned model fails to run)
+    ranks last, said once per candidate (its fine-tune will fail with the same reason if it is chosen)."""
+    from hwprune.errors import is_oom
+
+    assert ctx.screen is not None
+    try:
+        return ctx.screen.score(policy)
+    except Exception as exc:  # noqa: BLE001 - the user's model on a pruned shape: the trial, not the search, fails
+        if is_oom(exc):
+            free_memory()
+        log(f"hwprune: screening a candidate failed: {one_line(exc)}")
+        return float("-inf")
+
+
+def propose(ctx: SearchContext, study: Any, log: Callable[[str], None] | None = None
+            ) -> tuple[Any, Policy, float, Any]:
+    """The next trial of ``study``, asked in the driver before any training: a waiting one (a seed), else the
+    best-screened of ``spec.screen`` repaired samples (see the module doc).
+
+    Returns the trial, its policy, the policy's predicted latency, and the completed trial that already
+    evaluated the same policy (or None). The trial's user attributes get the policy, its repair count, the
+    sample it was repaired from, its proxy and FLOPs.
+    """
+    from optuna.trial import TrialState
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    legacy = _legacy(study)
+    done = _done_policies(study)  # finished trials' policies: a proposal already evaluated is reused
+    token = None
+    if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        attrs = _candidates(ctx, study, legacy, log, done)
+        token = uuid.uuid4().hex
+        study.enqueue_trial(attrs.pop("_params"), user_attrs={**attrs, "proposal": token})
+    trial = study.ask()
+    try:
+        trial.set_user_attr("owner", OWNER)  # which process runs it: a resumed search fails only dead owners' trials
+        trial.set_user_attr("heartbeat", time.time())  # its lease, renewed by Heartbeat while it runs
+        keep, formats = _suggest(ctx, trial, legacy)  # an enqueued trial: its fixed (repaired) parameters
+        policy, repairs = ctx.repair(ctx.policy(keep, formats))
+        policy, more = ctx.settle(policy, log)  # a proposal or seed was settled before it was enqueued: no-op
+        attrs = trial.user_attrs
+        if more:  # measuring moved it off its parameters (e.g. a policy another process sampled)
+            trial.set_user_attr("params_are", f"{more} repair move(s) from the trained policy: entries measured "
+                                              f"on demand priced it over the limit")
+        if "proposal" not in attrs and "seed" not in attrs:
+            # another process on the same study asked our proposal first: this trial was sampled by the study
+            # itself, so its parameters are the sample and the trained policy is the repaired one
+            trial.set_user_attr("sampled", {"keep": keep, "formats": formats})
+            trial.set_user_attr("repairs", repairs)
+            trial.set_user_attr("params_are", "sampled (a concurrent process took the repaired proposal)")
+        elif "seed" in attrs:
+            trial.set_user_attr("repairs", repairs)
+        pred = ctx.predictor.price(policy)
+        trial.set_user_attr("policy", policy.to_dict())
+        trial.set_user_attr("flops", pred.macs // ctx.predictor.table.batch_size)
+        trial.set_user_attr("predicted_latency_ms", pred.latency_ms)
+        if getattr(pred, "estimated", None):  # an entry that could not be measured: priced by interpolation, and said
+            trial.set_user_attr("estimated_entries", len(pred.estimated))
+        dup = done.get(_key(policy))
+        if dup is None and ctx.screen is not None and "screen" not in attrs:  # seeds: their proxy, for the
+            trial.set_user_attr("screen", _proxy(ctx, policy, log))  # rank correlation the search reports
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    return trial, policy, pred.latency_ms, dup
+
+
+def reuse(trial: Any, dup: Any, t0: float) -> tuple[float, float]:
+    """A repeated policy: record which finished trial it repeats and return that trial's values."""
+    trial.set_user_attr("duplicate_of", dup.number)
+    trial.set_user_attr("params", dup.user_attrs.get("params"))
+    trial.set_user_attr("seconds", round(time.time() - t0, 2))
+    return dup.values[0], dup.values[1]
+
+
+def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
+                    at_checkpoint: Callable[[int, float], None] | None = None) -> tuple[float, int]:
+    """Prune the dense model to ``policy``, fine-tune it, return (validation score, parameters).
+
+    The score is the task's metric where higher is better, minus the metric where lower is (perplexity):
+    what the study maximizes (:meth:`hwprune.tasks.Task.score`). ``at_checkpoint(step, score)`` runs at
+    :func:`~hwprune.search.early_stop.checkpoints`; it may raise to stop the fine-tune.
+    """
+    from hwprune.apply import apply_policy
+    from hwprune.measure import count_params
+    from hwprune.search.early_stop import checkpoints
+    from hwprune.train import evaluate, finetune, subset
+
+    data, task = setup.data, setup.task
+    val = subset(data.val, spec.val_subset, spec.seed)  # the same items for every trial
+    model = apply_policy(setup.model, policy, setup.example, exclude=spec.exclude, importance=spec.importance,
+                         batches=batches, loss=task.loss)
+    params = count_params(model)
+    marks = set(checkpoints(spec.finetune_steps, at_checkpoint is not None and spec.early_stop_margin > 0))
+
+    def callback(step: int) -> None:
+        if step in marks and at_checkpoint is not None:
+            at_checkpoint(step, task.score(evaluate(model, val, task=task)))
+
+    finetune(model, data.train, spec.finetune_steps, lr=spec.lr, batch_size=spec.train_batch_size, seed=spec.seed,
+             callback=callback, device=spec.device, task=task)
+    return task.score(evaluate(model, val, task=task)), params
+
+
+def rule_from(study: Any, spec: SearchSpec) -> Any:
+    """The early-stopping rule, holding the finished trials of a (resumed) study."""
+    from hwprune.search.early_stop import DominanceRule
+
+    rule = DominanceRule(spec.early_stop_margin)
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "COMPLETE" and t.user_attrs.get("curve"):
+            rule.add(t.number, t.values[1], t.user_attrs["curve"], t.values[0])
+    return rule
+
+
+def free_memory() -> None:
+    """After an out-of-memory trial: drop what it held, so the next trial starts clean."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def screen_correlation(trials: list[Any]) -> dict[str, Any] | None:
+    """How the screen's proxy ranked the trials it scored against their fine-tuned scores (finished trials
+    with a proxy, each policy once): Spearman and Kendall (:func:`hwprune.search.screen.rank_correlation`)."""
+    from hwprune.search.screen import rank_correlation
+
+    pairs = [(t.user_attrs["screen"], t.values[0]) for t in trials if t.state.name == "COMPLETE"
+             and isinstance(t.user_attrs.get("screen"), (int, float)) and t.user_attrs["screen"] > float("-inf")
+             and t.user_attrs.get("duplicate_of") in (None, "")]
+    return rank_correlation([p for p, _ in pairs], [v for _, v in pairs])
+
+
+class Progress:
+    """The progress bar (trials, best feasible accuracy, ETA) and trials.csv, updated as each trial ends."""
+
+    def __init__(self, out: Path, ctx: SearchContext, total: int, done: int, log: Callable[[str], None]) -> None:
+        from tqdm import tqdm
+
+        self.out, self.ctx, self.log = out, ctx, log
+        self.bar = tqdm(total=total, initial=done, desc="search", unit="trial", file=sys.stderr, disable=None)
+        self.failed = 0
+
+    def trial_ended(self, study: Any, number: int) -> list[Any]:
+        """Rewrite trials.csv from the study as it is now (see :func:`results_lock`); returns that snapshot."""
+        with results_lock(self.out):
+            trials = study.get_trials(deepcopy=False)
+            write_trials(self.out, trials, self.ctx.limit_ms, self.ctx.task)
+        trial = trials[number]
+        pts = front(trials, self.ctx.limit_ms)
+        if trial.state.name in FINISHED:
+            self.bar.update(1)
+        if trial.state.name == "FAIL":
+            self.failed += 1
+            self.log(f"hwprune: trial {trial.number} failed: {trial.user_attrs.get('error', 'unknown')}")
+        if pts:
+            task = self.ctx.task
+            self.bar.set_postfix({f"best_{task.metric}": f"{task.show(max(p.values[0] for p in pts)):.4f}"})
+        return trials
+
+    def check_failures(self, trials: list[Any], wanted: int) -> None:
+        """Stop when nothing works: every trial failed, or this session failed more often than it asked for."""
+        failed = [t for t in trials if t.state.name == "FAIL"]
+        if failed and not finished(trials):
+            raise HwpruneError(f"every trial failed; the first: {failed[0].user_attrs.get('error', 'unknown')}")
+        if self.failed > max(5, wanted):
+            raise HwpruneError(f"{self.failed} trials failed in this run (see trials.csv); the last: "
+                               f"{failed[-1].user_attrs.get('error', 'unknown')}")
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,382 @@
+"""User models written the way people write them (issue 21): several inputs, encoder-decoder RNNs, packed
+sequences, sequence-first layers, cell loops, transposed convs, SE gating, a dilated TCN. Small widths: the
+tests run them end to end. Each ``*_data`` factory returns (train, val, test) datasets of (inputs, target)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.data import Dataset, TensorDataset
+
+# ---------------------------------------------------------------- data
+
+
+class _Pairs(Dataset):
+    """Items ``(inputs, target)`` where inputs is a tuple (or dict) of tensors."""
+
+    def __init__(self, xs, y, keys=None):
+        self.xs, self.y, self.keys = xs, y, keys
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        if self.keys:
+            return {k: x[i] for k, x in zip(self.keys, self.xs)}, self.y[i]
+        return tuple(x[i] for x in self.xs), self.y[i]
+
+
+def _splits(make, n=(768, 192, 192)):
+    return tuple(make(k, seed) for k, seed in zip(n, (0, 1, 2)))
+
+
+VOCAB, BOS, SRC_LEN = 12, 11, 8  # digits 0-9, pad 10, BOS 11
+
+
+def _reverse(n, seed):
+    """Translate a digit string into its reverse: src (L,), tgt_in = BOS + reversed[:-1], tgt = reversed."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(10, (n, SRC_LEN), generator=g)
+    tgt = src.flip(1)
+    tgt_in = torch.cat([torch.full((n, 1), BOS), tgt[:, :-1]], 1)
+    return _Pairs((src, tgt_in), tgt)
+
+
+def seq2seq_data():
+    return _splits(_reverse)
+
+
+def _seq2seq_dict(n, seed):
+    d = _reverse(n, seed)
+    return _Pairs(d.xs, d.y, keys=("src", "tgt_in"))
+
+
+def seq2seq_dict_data():
+    return _splits(_seq2seq_dict)
+
+
+def _lengths(n, seed, T=12, F=6):
+    """Variable-length sequences (3..T steps, zero padded); the class is which feature has the largest sum."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, T + 1, (n,), generator=g)
+    x = torch.randn(n, T, F, generator=g) * 0.5
+    y = torch.randint(F, (n,), generator=g)
+    x[torch.arange(n), :, y] += 0.6
+    x[torch.arange(T)[None, :] >= lengths[:, None]] = 0.0
+    return _Pairs((x, lengths), y)
+
+
+def packed_data():
+    return _splits(_lengths)
+
+
+def _float_seq(n, seed, T=10, F=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, T, F, generator=g) * 0.5
+    y = torch.randint(F, (n,), generator=g)
+    x[torch.arange(n), :, y] += 0.5
+    return TensorDataset(x, y)
+
+
+def seq_data():
+    return _splits(_float_seq)
+
+
+def _tcn_seq(n, seed, C=4, L=32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, C, L, generator=g) * 0.5
+    y = torch.randint(C, (n,), generator=g)
+    x[torch.arange(n), y] += 0.5
+    return TensorDataset(x, y)
+
+
+def tcn_data():
+    return _splits(_tcn_seq)
+
+
+def _images(n, seed, classes=4, size=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g) * 0.5
+    y = torch.randint(classes, (n,), generator=g)
+    x[torch.arange(n), y % 3] += 0.5 * (1 + y // 3)[:, None, None]
+    return TensorDataset(x, y)
+
+
+def image_data():
+    return _splits(_images)
+
+
+def _masks(n, seed, size=16):
+    """Segmentation: pixel class 1 where a bright square is, 0 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size, size, generator=g) * 0.3
+    y = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        r, c = torch.randint(0, size - 6, (2,), generator=g).tolist()
+        x[i, 0, r:r + 6, c:c + 6] += 1.0
+        y[i, r:r + 6, c:c + 6] = 1
+    return TensorDataset(x, y)
+
+
+def seg_data():
+    return _splits(_masks)
+
+
+def pixel_task():
+    """Per-pixel cross-entropy; metric: pixel accuracy."""
+    def loss(out, y):
+        return nn.functional.cross_entropy(out, y)
+
+    def metric(out, y):
+        return float((out.argmax(1) == y).float().sum()), float(y.numel())
+
+    return {"name": "pixel accuracy", "loss": loss, "metric": metric, "direction": "max"}
+
+# ---------------------------------------------------------------- models
+
+
+class Seq2Seq(nn.Module):
+    """Attention-free GRU encoder-decoder: the decoder starts from the encoder's final state."""
+
+    def __init__(self, emb=16, hidden=32, layers=1):
+        super().__init__()
+        self.src_emb = nn.Embedding(VOCAB, emb)
+        self.tgt_emb = nn.Embedding(VOCAB, emb)
+        self.encoder = nn.GRU(emb, hidden, num_layers=layers, batch_first=True)
+        self.decoder = nn.GRU(emb, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, VOCAB)
+
+    def forward(self, src, tgt_in):
+        _, h = self.encoder(self.src_emb(src))
+        dec, _ = self.decoder(self.tgt_emb(tgt_in), h)
+        return self.out(dec)
+
+
+def seq2seq(**kw):
+    return Seq2Seq(**kw)
+
+
+def seq2seq2(**kw):
+    return Seq2Seq(layers=2, **kw)
+
+
+class Seq2SeqAttn(nn.Module):
+    """LSTM encoder-decoder with Luong dot attention over the encoder outputs."""
+
+    def __init__(self, emb=16, hidden=32):
+        super().__init__()
+        self.src_emb = nn.Embedding(VOCAB, emb)
+        self.tgt_emb = nn.Embedding(VOCAB, emb)
+        self.encoder = nn.LSTM(emb, hidden, batch_first=True)
+        self.decoder = nn.LSTM(emb, hidden, batch_first=True)
+        self.out = nn.Linear(2 * hidden, VOCAB)
+
+    def forward(self, src, tgt_in):
+        enc, state = self.encoder(self.src_emb(src))
+        dec, _ = self.decoder(self.tgt_emb(tgt_in), state)
+        weights = torch.softmax(torch.bmm(dec, enc.transpose(1, 2)), dim=-1)
+        context = torch.bmm(weights, enc)
+        return self.out(torch.cat([dec, context], -1))
+
+
+def seq2seq_attn(**kw):
+    return Seq2SeqAttn(**kw)
+
+
+class PackedLSTM(nn.Module):
+    """A 2-layer LSTM over variable-length sequences: pack, run, classify from the last layer's h_n."""
+
+    def __init__(self, features=6, hidden=32, classes=6):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.fc(h[-1])
+
+
+def packed_lstm(**kw):
+    return PackedLSTM(**kw)
+
+
+class PackedGRUSeq(nn.Module):
+    """A GRU over packed sequences read back padded (pad_packed_sequence), mean over the valid steps."""
+
+    def __init__(self, features=6, hidden=32, classes=6):
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.fc(out.sum(1) / lengths[:, None].to(out.dtype))
+
+
+def packed_gru(**kw):
+    return PackedGRUSeq(**kw)
+
+
+class SeqFirstLSTM(nn.Module):
+    """PyTorch's default layout: the LSTM takes (time, batch, features)."""
+
+    def __init__(self, features=6, hidden=32, classes=6):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, num_layers=2)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.transpose(0, 1))
+        return self.fc(out[-1])
+
+
+def seqfirst_lstm(**kw):
+    return SeqFirstLSTM(**kw)
+
+
+class VanillaRNN(nn.Module):
+    """A 2-layer plain (Elman) RNN with ReLU, classifying from the last layer's final state."""
+
+    def __init__(self, features=6, hidden=32, classes=6):
+        super().__init__()
+        self.rnn = nn.RNN(features, hidden, num_layers=2, batch_first=True, nonlinearity="relu")
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        _, h = self.rnn(x)
+        return self.fc(h[-1])
+
+
+def vanilla_rnn(**kw):
+    return VanillaRNN(**kw)
+
+
+class GRUCellLoop(nn.Module):
+    """An RNN written as a GRUCell loop over time; the state starts at zeros of the cell's width."""
+
+    def __init__(self, features=6, hidden=32, classes=6):
+        super().__init__()
+        self.cell = nn.GRUCell(features, hidden)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = x.new_zeros(x.size(0), self.cell.hidden_size)
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+        return self.fc(h)
+
+
+def grucell(**kw):
+    return GRUCellLoop(**kw)
+
+
+class LSTMCellLoop(nn.Module):
+    """An LSTMCell loop collecting every step's output, then a per-step head averaged over time."""
+
+    def __init__(self, features=6, hidden=32, classes=6):
+        super().__init__()
+        self.cell = nn.LSTMCell(features, hidden)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        state = None
+        outs = []
+        for t in range(x.size(1)):
+            state = self.cell(x[:, t], state)
+            outs.append(state[0])
+        return self.fc(torch.stack(outs, 1)).mean(1)
+
+
+def lstmcell(**kw):
+    return LSTMCellLoop(**kw)
+
+
+class TwoPlaces(nn.Module):
+    """One GRUCell called over two different sequences: its units cannot be followed as one loop."""
+
+    def __init__(self, features=6, hidden=16, classes=6):
+        super().__init__()
+        self.cell = nn.GRUCell(features, hidden)
+        self.fc = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x):
+        a = b = None
+        for t in range(x.size(1)):
+            a = self.cell(x[:, t], a)
+            b = self.cell(x[:, -1 - t], b)
+        return self.fc(torch.cat([a, b], 1))
+
+
+def two_places(**kw):
+    return TwoPlaces(**kw)
+
+
+class UNet(nn.Module):
+    """A small U-Net: conv encoder, ConvTranspose2d decoder, a skip concatenation, per-pixel logits."""
+
+    def __init__(self, c=16, classes=2):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.up = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.head = nn.Conv2d(c, classes, 1)
+
+    def forward(self, x):
+        a = self.enc1(x)
+        b = self.enc2(a)
+        u = torch.relu(self.up(b))
+        return self.head(self.dec(torch.cat([u, a], 1)))
+
+
+def unet(**kw):
+    return UNet(**kw)
+
+
+class SE(nn.Module):
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, c // r), nn.Linear(c // r, c)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        return x * s[:, :, None, None]
+
+
+class SECnn(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.se = SE(16)
+        self.c2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.se(self.c1(x))).mean((2, 3)))
+
+
+def se_cnn(**kw):
+    return SECnn(**kw)
+
+
+class TCN(nn.Module):
+    """Dilated temporal convs (padding='same'), a linear head."""
+
+    def __init__(self, c_in=4, c=16, classes=4):
+        super().__init__()
+        layers, ch = [], c_in
+        for d in (1, 2, 4):
+            layers += [nn.Conv1d(ch, c, 3, padding="same", dilation=d), nn.ReLU()]
+            ch = c
+        self.net = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.net(x).mean(-1))
+
+
+def tcn(**kw):
+    return TCN(**kw)

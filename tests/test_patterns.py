@@ -1,0 +1,375 @@
+"""Models as people write them (issue 21): several inputs, encoder-decoder RNNs, packed sequences,
+sequence-first layers, cell loops, transposed convs, SE gating, a dilated TCN (models in assets/patterns.py).
+
+For each: the groups derived by hand, dead units pruned with the outputs unchanged, the artifact reloaded equal
+to the in-memory model; the layer prices keyed by layout; refusals in words with the source line."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hwprune import inputs
+from hwprune.apply import load_pruned, prune_model, save_pruned
+from hwprune.errors import HwpruneError
+from hwprune.policy import Policy
+from hwprune.space import build_space, prepare_model, rnn_plans
+
+from conftest import run_cli
+
+ASSETS = Path(__file__).parent / "assets"
+sys.path.insert(0, str(ASSETS))
+import patterns as P  # noqa: E402
+
+PAT = str(ASSETS / "patterns.py")
+
+# model -> (data factory, {group: (units, layers)}) as derived by hand from the code in assets/patterns.py
+HAND = {
+    "seq2seq": ("seq2seq_data", {
+        "src_emb": (16, ("src_emb", "encoder")),
+        "encoder": (32, ("encoder", "decoder", "out")),  # the decoder starts from the encoder's h_n: one group
+        "tgt_emb": (16, ("tgt_emb", "decoder"))}),
+    "seq2seq_attn": ("seq2seq_data", {  # Luong attention: enc and dec outputs multiplied, [dec | context] -> out
+        "src_emb": (16, ("src_emb", "encoder")),
+        "encoder": (32, ("encoder", "decoder", "out")),
+        "tgt_emb": (16, ("tgt_emb", "decoder"))}),
+    "seq2seq2": ("seq2seq_data", {
+        "src_emb": (16, ("src_emb", "encoder.layers.0")),
+        "encoder.layers.0": (32, ("encoder.layers.0", "decoder.layers.0", "encoder.layers.1", "decoder.layers.1")),
+        "encoder.layers.1": (32, ("encoder.layers.1", "decoder.layers.1", "out")),
+        "tgt_emb": (16, ("tgt_emb", "decoder.layers.0"))}),
+    "packed_lstm": ("packed_data", {
+        "lstm.layers.0": (32, ("lstm.layers.0", "lstm.layers.1")),
+        "lstm.layers.1": (32, ("lstm.layers.1", "fc"))}),  # read from h_n[-1]
+    "packed_gru": ("packed_data", {"gru": (32, ("gru", "fc"))}),  # pad_packed_sequence, / lengths[:, None]
+    "seqfirst_lstm": ("seq_data", {
+        "lstm.layers.0": (32, ("lstm.layers.0", "lstm.layers.1")),
+        "lstm.layers.1": (32, ("lstm.layers.1", "fc"))}),
+    "grucell": ("seq_data", {"cell": (32, ("cell", "fc"))}),
+    "vanilla_rnn": ("seq_data", {"rnn.layers.0": (32, ("rnn.layers.0", "rnn.layers.1")),
+                                 "rnn.layers.1": (32, ("rnn.layers.1", "fc"))}),
+    "lstmcell": ("seq_data", {"cell": (32, ("cell", "fc"))}),  # torch.stack over steps, then fc
+    "unet": ("seg_data", {
+        "enc1.0": (16, ("enc1.0", "enc1.1", "enc2.0", "dec.0")),  # the skip concat: dec.0 reads it
+        "enc2.0": (32, ("enc2.0", "enc2.1", "up")),  # ConvTranspose2d reads it (weight (in, out, k, k))
+        "up": (16, ("up", "dec.0")),
+        "dec.0": (16, ("dec.0", "dec.1", "head"))}),  # head: per-pixel logits, the output
+    "se_cnn": ("image_data", {
+        "c1.0": (16, ("c1.0", "c1.1", "se.fc1", "se.fc2", "c2.0")),  # SE: fc2's outputs gate the same channels
+        "se.fc1": (4, ("se.fc1", "se.fc2")),
+        "c2.0": (32, ("c2.0", "c2.1", "fc"))}),
+    "tcn": ("tcn_data", {"net.0": (16, ("net.0", "net.2")), "net.2": (16, ("net.2", "net.4")),
+                         "net.4": (16, ("net.4", "fc"))}),
+}
+
+
+def _example(data: str, n: int = 4):
+    train = getattr(P, data)()[0]
+    return inputs.collate([train[i][0] for i in range(n)])
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_groups_are_the_ones_derived_by_hand(name):
+    data, want = HAND[name]
+    space = build_space(getattr(P, name)(), _example(data))
+    got = {g.name: (g.units, g.layers) for g in space.groups}
+    assert got == want
+
+
+def test_dict_inputs_give_the_same_groups_as_a_tuple():
+    space = build_space(P.seq2seq(), _example("seq2seq_dict_data"))
+    assert {g.name: (g.units, g.layers) for g in space.groups} == HAND["seq2seq"][1]
+
+
+def _kill_rnn_units(model: nn.Module, example, group: str, dead: torch.Tensor) -> None:
+    """Make ``dead`` units of a recurrent group (and its coupled layers) irrelevant: zero their gate rows and
+    biases, the recurrent columns that read them, and every reader's input columns."""
+    plan = next(p for p in rnn_plans(model, example) if p.producer == group)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name in (plan.producer,) + plan.coupled:
+            m = mods[name]
+            H = m.hidden_size
+            for pname, p in m.named_parameters():
+                g = p.shape[0] // H
+                for k in range(g):
+                    p[k * H + dead] = 0
+                if pname.startswith("weight_hh"):
+                    p[:, dead] = 0
+        for name in plan.consumers:
+            m = mods[name]
+            w = m.weight if hasattr(m, "weight") else m.weight_ih_l0
+            for d in range(plan.dirs * plan.copies(name)):
+                w[:, d * plan.units + dead] = 0
+            if isinstance(m, nn.GRU) or isinstance(m, nn.LSTM):
+                for pname, p in m.named_parameters():
+                    if pname.startswith("weight_ih"):
+                        p[:, dead] = 0
+        for name in plan.state_consumers:
+            mods[name].weight[:, dead] = 0
+
+
+@pytest.mark.parametrize("name,group", [("seq2seq", "encoder"), ("seq2seq2", "encoder.layers.0"),
+                                        ("seq2seq_attn", "encoder"),
+                                        ("packed_lstm", "lstm.layers.0"), ("packed_gru", "gru"),
+                                        ("seqfirst_lstm", "lstm.layers.1"), ("grucell", "cell"),
+                                        ("vanilla_rnn", "rnn.layers.0"), ("vanilla_rnn", "rnn.layers.1"),
+                                        ("lstmcell", "cell")])
+def test_dead_recurrent_units_are_pruned_without_changing_outputs(name, group):
+    """Half the units made dead by hand; l1 importance ranks them last, pruning removes exactly them, and the
+    pruned model computes what the dense one did (several inputs, coupled decoder, packed, cells)."""
+    torch.manual_seed(0)
+    data = HAND[name][0]
+    model = prepare_model(getattr(P, name)())
+    example = _example(data, 6)
+    units = HAND[name][1][group][0]
+    dead = torch.arange(0, units, 2)
+    _kill_rnn_units(model, example, group, dead)
+    coupled = next(p for p in rnn_plans(model, example) if p.producer == group).coupled
+    pruned = prune_model(model, Policy({group: 0.5}, channel_multiple=1), example)
+    sizes = {n: m.hidden_size for n, m in pruned.named_modules() if hasattr(m, "hidden_size")}
+    assert sizes[group] == units // 2
+    assert all(sizes[c] == units // 2 for c in coupled)  # a decoder started from the encoder keeps its units
+    assert bool(coupled) == name.startswith("seq2seq")
+    model.eval(), pruned.eval()
+    with torch.no_grad():
+        ref, got = inputs.call(model, example), inputs.call(pruned, example)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def _kill_conv_channels(model: nn.Module, conv: str, bn: str | None, dead: torch.Tensor) -> None:
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        c = mods[conv]
+        if c.transposed:
+            c.weight[:, dead] = 0
+        else:
+            c.weight[dead] = 0
+        if c.bias is not None:
+            c.bias[dead] = 0
+        if bn:
+            mods[bn].weight[dead] = 0
+            mods[bn].bias[dead] = 0
+
+
+@pytest.mark.parametrize("name,conv,bn", [("unet", "enc1.0", "enc1.1"), ("unet", "up", None),
+                                          ("se_cnn", "c1.0", "c1.1"), ("tcn", "net.2", None)])
+def test_dead_channels_are_pruned_without_changing_outputs(name, conv, bn):
+    """Skip concat and ConvTranspose2d (U-Net), SE gating on both paths, dilated 'same' convs (TCN)."""
+    torch.manual_seed(0)
+    model = getattr(P, name)().eval()
+    example = _example(HAND[name][0], 3)
+    units = HAND[name][1][conv][0]
+    _kill_conv_channels(model, conv, bn, torch.arange(1, units, 2))
+    pruned = prune_model(model, Policy({conv: 0.5}, channel_multiple=1), example).eval()
+    assert dict(pruned.named_modules())[conv].out_channels == units // 2
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(example), model(example), atol=1e-5, rtol=0)
+    if name == "tcn":  # dilation and padding='same' survive pruning
+        m = dict(pruned.named_modules())["net.2"]
+        assert m.dilation == (2,) and m.padding == "same"
+
+
+@pytest.mark.parametrize("name", ["seq2seq", "packed_lstm", "lstmcell", "unet"])
+def test_artifact_reloads_equal_to_the_in_memory_model(name, tmp_path):
+    """pruned.pt keeps two example rows, so token ids and several inputs rebuild the pruned structure."""
+    data, groups = HAND[name]
+    model = getattr(P, name)()
+    example = _example(data, 4)
+    policy = Policy({g: 0.5 for g in groups}, channel_multiple=4)
+    pruned = prune_model(model, policy, example).eval()
+    ref = f"{PAT}:{name}"
+    save_pruned(tmp_path / "p.pt", pruned, policy, ref, {}, inputs.shape_of(example), 0, (), {}, example)
+    back, meta = load_pruned(tmp_path / "p.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(inputs.call(back, example), inputs.call(pruned, example), atol=0, rtol=0)
+    assert meta["policy"]["keep"] == policy.to_dict()["keep"]
+
+
+def test_a_cell_called_from_two_places_is_kept_whole_with_the_reason_in_words():
+    space = build_space(P.two_places(), _example("seq_data"))
+    msg = space.kept["cell"]
+    assert "cell 'cell' (GRUCell) is called 20 times, but not as one loop over time" in msg
+    assert "patterns.py:" in msg and "--exclude cell" in msg
+    assert space.groups == []
+    with pytest.raises(HwpruneError, match=r"nothing to prune: .*kept whole: cell; cell: cell 'cell' \(GRUCell\)"):
+        from hwprune.space import check_prunable
+
+        check_prunable(space)
+
+
+def test_attention_reads_the_units_twice_and_a_foreign_query_is_kept_whole():
+    """Luong attention: the head reads [dec | context], the units twice (columns j and H + j kept); a query
+    from another producer multiplied with the encoder's outputs cannot be pruned alike: kept whole, line named."""
+    example = _example("seq2seq_data")
+    plan = next(p for p in rnn_plans(P.seq2seq_attn(), example) if p.producer == "encoder")
+    assert plan.coupled == ("decoder",) and plan.copies("out") == 2
+    pruned = prune_model(P.seq2seq_attn(), Policy({"encoder": 0.25}, channel_multiple=1), example)
+    assert (pruned.encoder.hidden_size, pruned.decoder.hidden_size, pruned.out.in_features) == (8, 8, 16)
+
+    class ForeignQuery(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(P.VOCAB, 8)
+            self.encoder = nn.GRU(8, 16, batch_first=True)
+            self.query = nn.Linear(8, 16)
+            self.out = nn.Linear(8, P.VOCAB)
+
+        def forward(self, src, tgt_in):
+            enc, _ = self.encoder(self.emb(src))
+            scores = torch.bmm(self.query(self.emb(tgt_in)), enc.transpose(1, 2))
+            return self.out(torch.bmm(torch.softmax(scores, -1), self.emb(src)))
+
+    space = build_space(ForeignQuery(), example)
+    assert "encoder" not in {g.name for g in space.groups}
+    assert "multiplied with" in space.kept["encoder"] and "test_patterns.py:" in space.kept["encoder"]
+
+
+def test_layer_prices_follow_the_layout():
+    """Sequence-first LSTMs are keyed 'tf' and timed (T, B, F); a packed layer at the padded length; a cell
+    loop as one entry over the steps the trace saw; a ConvTranspose2d with its own output size."""
+    from hwprune.latency import analyze_layers
+    from hwprune.latency.layers import LayerConfig
+
+    def configs(name, data):
+        layers = analyze_layers(getattr(P, name)(), _example(data, 2))
+        return {f.name: f.base for f in layers.layers}
+
+    sf = configs("seqfirst_lstm", "seq_data")["lstm.layers.0"]
+    assert sf.time_first and sf.extent == (10,) and "|uni|tf|" in sf.key
+    mod, x = sf.build()
+    assert mod.batch_first is False and tuple(x.shape) == (10, 1, 6)
+    assert LayerConfig.from_key(sf.key) == sf
+    packed = configs("packed_lstm", "packed_data")
+    assert packed["lstm.layers.0"].extent == (12,)  # the padded length, not the example's longest
+    plain = configs("vanilla_rnn", "seq_data")["rnn.layers.1"]
+    assert plain.op == "rnnrelu" and plain.macs() == 10 * 32 * (32 + 32) and LayerConfig.from_key(plain.key) == plain
+    assert plain.build()[0].nonlinearity == "relu"
+    cell = configs("grucell", "seq_data")["cell"]
+    assert cell.op == "grucell" and cell.extent == (10,) and cell.macs() == 3 * 32 * (6 + 32) * 10
+    up = configs("unet", "seg_data")["up"]
+    assert up.op == "convt2d" and up.out_extent() == (16, 16) and LayerConfig.from_key(up.key) == up
+    m, x = up.build()
+    assert tuple(m(x).shape[2:]) == up.out_extent()
+
+
+def test_flops_count_every_step_of_a_cell_loop():
+    from hwprune.measure import count_flops
+
+    ex = _example("seq_data", 1)
+    assert count_flops(P.grucell(), ex) == 10 * 3 * 32 * (6 + 32) + 32 * 6
+
+
+def test_items_must_be_inputs_target_pairs_in_words(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\ndef data():\n    d = [(torch.zeros(3), torch.zeros(3), 1)] * 4\n    return d, d\n")
+    proc = run_cli("inspect", "--model", f"{PAT}:grucell", "--data", f"{bad}:data")
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert "items must be (inputs, target) pairs, where inputs is a tensor, a tuple/list of tensors or a dict" \
+        in proc.stderr and "got tuple of 3" in proc.stderr
+
+
+def test_cache_key_follows_the_user_files_content(tmp_path):
+    from hwprune.train import cache_key
+
+    f = tmp_path / "m.py"
+    f.write_text("def m():\n    pass\n")
+    a = cache_key(f"{f}:m", "mnist1d", 0, {})
+    f.write_text("def m():\n    return 1\n")
+    assert cache_key(f"{f}:m", "mnist1d", 0, {}) != a
+    assert cache_key("cnn1d", "mnist1d", 0, {}) == cache_key("cnn1d", "mnist1d", 0, {})
+
+
+def test_ray_worker_keeps_the_users_task():
+    """A worker rebuilds the setup from the spec: the user's task and class count come along (they once fell
+    back to classification on a Ray cluster)."""
+    from hwprune.search.ray_backend import worker_setup
+    from hwprune.search.spec import SearchSpec
+    from hwprune.setup import resolve
+
+    task = f"{PAT}:pixel_task"
+    driver = resolve(f"{PAT}:unet", f"{PAT}:seg_data", None, {}, None, 0, use_cache=False, task=task)
+    spec = SearchSpec(model=f"{PAT}:unet", data=f"{PAT}:seg_data", task=task, budget="90%")
+    setup, _ = worker_setup(spec, driver.model.state_dict())
+    assert setup.task.metric == "pixel accuracy" and setup.task.direction == "max"
+
+
+E2E = [pytest.param(n, t, marks=[pytest.mark.slow, pytest.mark.e2e])
+       for n, t in [("seq2seq", "language-model"), ("seq2seq2", "language-model"),
+                    ("seq2seq_attn", "language-model"), ("packed_lstm", None),
+                    ("packed_gru", None), ("seqfirst_lstm", None), ("grucell", None), ("lstmcell", None),
+                    ("vanilla_rnn", None), ("unet", f"{PAT}:pixel_task"), ("se_cnn", None), ("tcn", None)]]
+
+
+@pytest.mark.parametrize("name,task", E2E)
+def test_inspect_profile_search_export_end_to_end(name, task, tmp_path):
+    """Each pattern through the CLI, tiny counts ('make test-e2e', CI); the exported pruned.pt reloads with the
+    policy's units. 'make test' covers the same code in process (groups, pruning, artifacts, formats)."""
+    data = HAND[name][0]
+    env = {"HWPRUNE_CACHE": str(tmp_path / "cache")}
+    common = ["--model", f"{PAT}:{name}", "--data", f"{PAT}:{data}"] + (["--task", task] if task else [])
+    ins = run_cli("inspect", *common, "--json", env=env)
+    assert ins.returncode == 0, ins.stderr
+    assert {g["name"] for g in json.loads(ins.stdout)["groups"]} == set(HAND[name][1])
+    tables = ["--tables", str(tmp_path / "tables"), "--target", "cpu"]
+    prof = run_cli("profile", *common, *tables, "--batch-size", "64", "--repeats", "3", "--calibration", "3",
+                   "--grid", "0.25,0.5,1", env=env)
+    assert prof.returncode == 0, prof.stderr
+    out = tmp_path / "run"
+    srch = run_cli("search", *common, *tables, "--batch-size", "64", "--budget", "99%", "--budget-margin", "0",
+                   "--trials", "2",
+                   "--finetune-steps", "5", "--out", str(out), "--json", env=env)
+    assert srch.returncode == 0, srch.stderr
+    exp = run_cli("export", str(out), "--trial", "best", "--finetune-steps", "5", "--repeats", "3", env=env)
+    assert exp.returncode == 0, exp.stderr
+    dest = next(out.glob("export-*"))
+    report = json.loads((dest / "export.json").read_text())
+    assert report["measured_latency_ms"] > 0 and report["predicted_latency_ms"] > 0
+    model, meta = load_pruned(dest / "pruned.pt")  # token ids and two inputs: rebuilt from the stored rows
+    assert meta["policy"] == report["policy"]
+    width = lambda m: next((getattr(getattr(m, "inner", m), a) for a in  # noqa: E731 - a FormatSim wraps a layer
+                            ("hidden_size", "out_channels", "out_features", "embedding_dim")
+                            if hasattr(getattr(m, "inner", m), a)), None)
+    mods = dict(model.named_modules())
+    assert report["units"] and all(width(mods[g]) == n for g, n in report["units"].items())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_formats_run_on_packed_sequences(fmt):
+    """Simulated and deployed int8/bf16 layers take a PackedSequence (cast or quantize its data): every search
+    trial of a packed model once failed on it."""
+    from hwprune.apply import apply_policy
+    from hwprune.apply.formats import deploy
+
+    model = P.packed_lstm().eval()
+    example = _example("packed_data", 8)
+    with torch.no_grad():
+        ref = inputs.call(model, example)
+        sim = apply_policy(model, Policy({}, formats={"lstm.layers.0": fmt, "lstm.layers.1": fmt}), example).eval()
+        got = inputs.call(sim, example)
+        deployed, rep = deploy(sim, "cpu", example)
+        real = inputs.call(deployed, example)
+    assert not rep.simulated
+    assert float((got - ref).abs().max()) < 5e-2 and float((real - ref).abs().max()) < 5e-2
+    assert not torch.equal(real, ref)  # the format did something
+
+
+def test_taylor_importance_differentiates_the_tasks_loss():
+    """Taylor scores of a seq2seq (per-token logits (B, T, V)) come from the task's loss; cross-entropy on the
+    raw output cannot even be computed there."""
+    from hwprune.tasks import get_task
+    from hwprune.train import few_batches
+
+    train = P.seq2seq_data()[0]
+    example = _example("seq2seq_data")
+    batches = few_batches(train, n=2, batch_size=16)
+    policy = Policy({"encoder": 0.5}, channel_multiple=1)
+    with pytest.raises(Exception):
+        prune_model(P.seq2seq(), policy, example, importance="taylor", batches=batches)
+    pruned = prune_model(P.seq2seq(), policy, example, importance="taylor", batches=batches,
+                         loss=get_task("language-model").loss)
+    assert pruned.encoder.hidden_size == pruned.decoder.hidden_size == 16
