@@ -172,9 +172,12 @@ def output_diff(got: Any, ref: Any) -> tuple[float, float]:
 
 
 def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) -> tuple[dict[str, str], dict[str, Any]]:
-    """torch.export and TorchScript versions of ``model`` made on ``x``, each kept only if plain torch reloads it
-    and it computes what the model computes on ``x`` and on ``x_other`` (another batch size: a trace that
-    baked in its example's batch, e.g. through a packed sequence's sort order, is not kept)."""
+    """torch.export (``model.pt2``), TorchScript (``model.ts``) and ONNX (``model.onnx``) versions of ``model``
+    made on ``x``, each kept only if it reloads (plain torch; ONNX Runtime, else OpenVINO, for the ONNX file) and
+    computes what the model computes on ``x`` and on ``x_other`` (another batch size: the batch dimension of the
+    torch.export and ONNX graphs is dynamic; a trace that baked in its example's batch, e.g. through a packed
+    sequence's sort order, is not kept). ``checks`` holds each one's largest output difference or why it was not
+    kept."""
     model.eval()
     args = inputs.positional(model, x)
     others = [inputs.positional(model, x_other)] if x_other is not None else []
@@ -202,9 +205,11 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) ->
         else:
             checks[name]["error"] = "reloaded outputs differ"
 
+    batch_dims = tuple({0: torch.export.Dim.AUTO} if a.dim() > 0 else None for a in args)
+
     def via_export() -> bytes:
         buf = io.BytesIO()
-        torch.export.save(torch.export.export(model, args), buf)
+        torch.export.save(torch.export.export(model, args, dynamic_shapes=batch_dims), buf)
         return buf.getvalue()
 
     def via_torchscript() -> bytes:
@@ -212,15 +217,25 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) ->
         torch.jit.save(torch.jit.trace(model, args, check_trace=False), buf)
         return buf.getvalue()
 
+    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, Session, missing, to_onnx
+
+    onnx_rt = next((rt for rt in ONNX_RUNTIMES if missing(rt) is None), None)
+    savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module()),
+              ("torchscript", out / "model.ts", via_torchscript, torch.jit.load)]
+    if onnx_rt is not None:
+        savers.append(("onnx", out / "model.onnx", lambda: to_onnx(model, args, dynamic_batch=True),
+                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads())))
+    else:
+        checks["onnx"] = {"error": missing("onnxruntime")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, path, save, load in (
-                ("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module()),
-                ("torchscript", out / "model.ts", via_torchscript, torch.jit.load)):
+        for name, path, save, load in savers:
             try:
                 check(name, path, save(), load)
             except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
                 checks[name] = {"error": one_line(exc, 200)}
+        if "onnx" in checks:
+            checks["onnx"]["checked_in"] = onnx_rt
     return kept, checks
 
 
@@ -407,7 +422,13 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     from hwprune.latency.speed import measure_with_anchors
     from hwprune.latency.table import LatencyTable
 
-    items = {"deployed": model_sampler(deployed, x, target)}
+    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, load
+
+    if spec.runtime in ONNX_RUNTIMES and "onnx" in artifacts:  # what that runtime loads: the exported file
+        items = {"deployed": model_sampler(load(spec.runtime, artifacts["onnx"], target.threads or torch.get_num_threads()),
+                                           x, target, as_runtime=False)}
+    else:
+        items = {"deployed": model_sampler(deployed, x, target)}
     if "torchscript" in artifacts:
         items["torchscript"] = model_sampler(torch.jit.load(artifacts["torchscript"]), x, target, as_runtime=False)
     if "aoti" in artifacts:
@@ -421,7 +442,9 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     res, speed = measure_with_anchors(items, table, key, setup.model, setup.example, x, target, spec.exclude, repeats)
     t = res.timing("deployed")
     out: dict[str, Any] = {"median_ms": t.median_us / 1e3, "spread_pct": t.spread_pct, "repeats": t.repeats,
-                           "rounds": t.repeats, "on_target": True, "interleaved": target.interleaved}
+                           "rounds": t.repeats, "on_target": True, "interleaved": target.interleaved,
+                           "measured": ("model.onnx in " + spec.runtime if spec.runtime in ONNX_RUNTIMES
+                                        and "onnx" in artifacts else f"the deployed model ({spec.runtime})")}
     for name, k in (("torchscript", "torchscript_median_ms"), ("aoti", "aoti_median_ms")):
         if name in items:
             out[k] = res.timing(name).median_us / 1e3
@@ -502,9 +525,13 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
         lines.append(f"- {name}: `{Path(path).name}`")
     for name, c in s["artifact_checks"].items():
         lines.append(f"- {name} check: " + (f"not written ({c['error']})" if "error" in c else
-                                            f"reloaded with plain torch, max |diff| {c['max_abs_diff']:.2e}"))
-    loads = {"torchscript": "`torch.jit.load('model.ts')`", "torch.export": "`torch.export.load('model.pt2').module()`",
-             "aoti": "`torch._inductor.aoti_load_package('model_aoti.pt2')` (compiled ahead of time, this batch size)"}
+                                            f"reloaded with {c.get('checked_in', 'plain torch')}, max |diff| "
+                                            f"{c['max_abs_diff']:.2e}"))
+    loads = {"torchscript": "`torch.jit.load('model.ts')`",
+             "torch.export": "`torch.export.load('model.pt2').module()` (any batch size)",
+             "aoti": "`torch._inductor.aoti_load_package('model_aoti.pt2')` (compiled ahead of time, this batch size)",
+             "onnx": "`onnxruntime.InferenceSession('model.onnx')` or `openvino.Core().read_model('model.onnx')` "
+                     "(any batch size)"}
     how = [loads[k] for k in s["artifacts"] if k in loads]
     lines += ["", "Load without hwprune: " + (" or ".join(how) if how else "no plain-torch artifact could be written")
               + "."]

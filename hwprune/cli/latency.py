@@ -20,8 +20,11 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--runtime", default=None,
                    help="how the model runs on the target, part of the table's fingerprint: eager (default); "
                         "compile (torch.compile: every layer and model compiled before it is timed; compiled "
-                        "kernels are cached under ~/.cache/hwprune/inductor); on cuda also cudagraph (every layer "
-                        "and model timed as the replay of a captured CUDA graph)")
+                        "kernels are cached under ~/.cache/hwprune/inductor); on cpu also onnxruntime and openvino "
+                        "(every layer and model exported to ONNX and run there, fp32; the onnx / openvino extras); "
+                        "on cuda also cudagraph (every layer and model timed as the replay of a captured CUDA graph)"
+                        + ("; all: measure the dense model in every runtime that runs here, side by side, and stop "
+                           "(no table is written)" if p.prog.split()[-1] == "profile" else ""))
     p.add_argument("--tables", default=None, metavar="DIR",
                    help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or ~/.cache/hwprune/tables "
                         "for this machine's tables, then the reference tables in the repository's latency_tables/)")
@@ -79,11 +82,33 @@ def _warn_headroom(pred: Any, batch: int, summary: dict[str, Any]) -> None:
         log(f"hwprune: warning: {note}")
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``profile --runtime all``: the dense model in every runtime of the target, in the same rounds."""
+    from hwprune.latency.compare import compare_runtimes, format_comparison
+
+    t0 = time.time()
+    args.runtime = None
+    target, s, _, _, _ = _latency_setup(args, measure=True)
+    x = s.inputs(args.batch_size)
+    log(f"hwprune: the dense {args.model} at batch {args.batch_size} in every {args.target} runtime, "
+        f"{args.threads} thread(s), {args.repeats} interleaved rounds")
+    with target.settings():
+        rows = compare_runtimes(s.model, x, args.target, args.threads, args.repeats, log)
+    summary = {"model": args.model, "target": args.target, "batch_size": args.batch_size, "threads": args.threads,
+               "runtimes": rows, "seconds": round(time.time() - t0, 1)}
+    if not args.json:
+        print(format_comparison(rows))
+    emit(args, summary)
+    return 0 if any("median_ms" in r for r in rows) else 1
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from hwprune.latency import LatencyTable, Predictor, table_path, user_tables_dir
     from hwprune.latency.ondemand import profile_model
     from hwprune.latency.profiler import NOISY_MACHINE_PCT
 
+    if args.runtime == "all":
+        return cmd_compare(args)
     t0 = time.time()
     target, s, exclude, layers, key = _latency_setup(args, measure=True)
     fp = target.fingerprint()
@@ -93,6 +118,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise HwpruneError(f"table {str(path)!r} holds another fingerprint than this device; move it away first")
     table.command = "hwprune " + " ".join(sys.argv[1:]) if sys.argv[1:] else table.command
     log(f"hwprune: profiling {args.model} for {fingerprint_line(fp)} at batch {args.batch_size} -> {path}")
+    if target.format_note():
+        log(f"hwprune: {target.format_note()}")
     counts = profile_model(table, target, _job(args, s, exclude, layers, key), log)
     measured, cal = counts["measured_now"], counts["calibration_measured_now"]
     pred = Predictor(table, layers, key)

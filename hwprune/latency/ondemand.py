@@ -211,7 +211,8 @@ def estimate_seconds(job: ProfileJob, target: Target, batch: int, configs: int, 
         dense = time.perf_counter() - t0
     layer = dense / max(1, len(job.layers.layers))
     per_run = lambda one: job.repeats * max(0.002, one) + 5 * one  # noqa: E731 - repeats last >= 2 ms each
-    return configs * (per_run(layer) + 0.004) + calibration * (per_run(dense) + 0.05)
+    prep = target.prepare_seconds()  # an ONNX export or a compile per item
+    return configs * (per_run(layer) + 0.004 + prep) + calibration * (per_run(dense) + 0.05 + 2 * prep)
 
 
 def _load_all(dirs: list[Path], target: Target, batch: int) -> list[LatencyTable]:
@@ -268,7 +269,8 @@ def resolve_table(target: Target, batch: int, layers: ModelLayers | None = None,
                            f"--no-profile), or pass --allow-foreign-table")
     raise HwpruneError(f"no {target.name} latency table for this machine ({fingerprint_line(fp)}) at batch {batch} "
                        f"under {_where(dirs)}; leave out --no-profile to measure one now, or run 'hwprune profile "
-                       f"--target {target.name} --batch-size {batch}'")
+                       f"--target {target.name} --batch-size {batch}"
+                       + (f" --runtime {target.runtime}" if target.runtime != "eager" else "") + "'")
 
 
 def find_table(tables_dir: str | Path, target: Target, batch: int, table: str | Path | None = None,

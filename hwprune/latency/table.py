@@ -56,7 +56,8 @@ TABLE_FORMAT = "hwprune-latency-table/1"
 REGION_FORMATS = tuple(DTYPES)  # formats whose layers run as precision regions
 # what must match between a table and the local device when the local device is the target
 FINGERPRINT_KEYS = ("target", "arch", "cpu", "gpu", "flags", "threads", "torch", "engine", "compute_capability",
-                    "cuda", "malloc", "emulated", "cudnn_benchmark", "runtime")
+                    "cuda", "malloc", "emulated", "cudnn_benchmark", "runtime", "runtime_version", "provider",
+                    "precision")
 
 
 @dataclass(frozen=True)

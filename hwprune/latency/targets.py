@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES
 from hwprune.errors import HwpruneError
 from hwprune.kernels import CastModule, cuda_shape_rule, realize_cpu, realize_cuda
 from hwprune.latency.timing import (Timing, cpu_sampler, cuda_graph_sampler, cuda_sampler, time_cpu, time_cuda,
@@ -68,7 +69,9 @@ def fingerprint_slug(fp: dict[str, Any]) -> str:
     if fp.get("emulated"):
         parts.append("emulated")
     if fp.get("runtime") not in (None, "eager"):
-        parts.append(str(fp["runtime"]))
+        parts.append(str(fp["runtime"]) + str(fp.get("runtime_version", "")))
+        if fp.get("precision"):
+            parts.append(str(fp["precision"]))
     slug = "-".join(str(p) for p in parts if p)
     return re.sub(r"[^a-z0-9.]+", "-", slug.lower()).strip("-")
 
@@ -109,8 +112,22 @@ class Target(ABC):
             raise HwpruneError(f"target {self.name!r} has no runtime {self.runtime!r}; known: {', '.join(self.runtimes)}")
 
     def _runtime_key(self) -> dict[str, Any]:
-        """The runtime in a fingerprint; eager (the default) is left out, so eager tables keep their names."""
+        """The runtime in a fingerprint; eager (the default) is left out, so eager tables keep their names. ONNX
+        Runtime and OpenVINO add their version and execution provider / precision hint."""
+        if self.runtime in ONNX_RUNTIMES:
+            from hwprune.device.onnxrt import runtime_fingerprint
+
+            return runtime_fingerprint(self.runtime)
         return {} if self.runtime == "eager" else {"runtime": self.runtime}
+
+    def format_note(self) -> str:
+        """Why this runtime offers fewer formats than the target's kernels ('' when it does not)."""
+        return ""
+
+    def prepare_seconds(self) -> float:
+        """About how long :meth:`prepare` takes per item beyond eager (for the profile-time estimate only): an
+        ONNX export and session about 0.6 s for a layer here, a torch.compile several seconds."""
+        return {"onnxruntime": 0.6, "openvino": 0.6, "compile": 5.0}.get(self.runtime, 0.0)
 
     @abstractmethod
     def is_local(self) -> bool:
@@ -162,6 +179,10 @@ class Target(ABC):
     def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
         """What this runtime runs for ``module``: the module itself, or (compile) ``torch.compile`` of it,
         compiled here on ``x`` so that the compilation is not inside a timing."""
+        if self.runtime in ONNX_RUNTIMES:
+            from hwprune.device.onnxrt import Session, to_onnx
+
+            return Session(self.runtime, to_onnx(module, x), self.threads or torch.get_num_threads())
         if self.runtime != "compile":
             return module
         return compile_module(module, x)
@@ -188,9 +209,24 @@ class CpuTarget(Target):
 
     name = "cpu"
     engine = "x86"
+    # onnxruntime / openvino: the model exported to ONNX (hwprune.device.onnxrt) and run there, fp32
+    runtimes = ("eager", "compile") + ONNX_RUNTIMES
 
     def is_local(self) -> bool:
         return True
+
+    def check_can_measure(self) -> None:
+        super().check_can_measure()
+        if self.runtime in ONNX_RUNTIMES:
+            from hwprune.device.onnxrt import require
+
+            require(self.runtime)
+
+    def format_note(self) -> str:
+        if self.runtime in ONNX_RUNTIMES:
+            return (f"the {self.runtime} runtime is priced in fp32 only: hwprune does not measure its int8 "
+                    f"(ONNX Runtime QDQ / dynamic LSTM, OpenVINO via NNCF) or bf16 kernels yet")
+        return ""
 
     def setup(self) -> None:
         super().setup()
@@ -206,6 +242,8 @@ class CpuTarget(Target):
                 **self._runtime_key()}
 
     def offered_formats(self, op: str) -> tuple[str, ...]:
+        if self.runtime in ONNX_RUNTIMES:
+            return ("fp32",)
         return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:
@@ -218,6 +256,7 @@ class ArmTarget(CpuTarget):
 
     name = "arm"
     engine = "qnnpack"
+    runtimes = ("eager", "compile")  # ONNX Runtime / OpenVINO on ARM: not measured by hwprune yet
 
     def is_local(self) -> bool:
         return platform.machine().lower() in ("aarch64", "arm64") or self.emulate
@@ -332,6 +371,8 @@ def fingerprint_line(fp: dict[str, Any]) -> str:
     if fp.get("threads"):
         bits.append(f"{fp['threads']} thread(s)")
     bits += [f"torch {fp.get('torch')}", str(fp.get("engine") or fp.get("compute_capability") or "")]
+    if fp.get("runtime") not in (None, "eager"):
+        bits.append(" ".join(str(fp[k]) for k in ("runtime", "runtime_version", "provider", "precision") if fp.get(k)))
     return ", ".join(b for b in bits if b) + (" [EMULATED]" if fp.get("emulated") else "")
 
 

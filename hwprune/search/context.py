@@ -408,6 +408,8 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                         table_grid=table_grid, meter=meter)
     if why:
         ctx.notes.append(why)
+    if target.format_note():
+        ctx.notes.append(target.format_note())
     speed = _speed_now(structure, setup, table, key, target, batch, spec.exclude) if target.is_local() else None
     if speed is not None:
         relative = str(spec.budget).strip().endswith("%")
