@@ -152,9 +152,13 @@ def _ranges(nums: list[int]) -> str:
 
 
 def _fingerprint_diff(run_fp: dict[str, Any], here: dict[str, Any] | None) -> list[str]:
+    """The fingerprint keys in which this machine is not the run's device (:func:`fingerprint_diff`, the one
+    definition of the same device)."""
+    from hwprune.latency.table import fingerprint_diff
+
     if here is None:
         return ["device (the target is not this machine)"]
-    return sorted(k for k in set(run_fp) | set(here) if run_fp.get(k) != here.get(k))
+    return sorted(d.split(":")[0] for d in fingerprint_diff(run_fp, here))
 
 
 def output_diff(got: Any, ref: Any) -> tuple[float, float]:

@@ -161,3 +161,35 @@ def test_export_writes_an_onnx_file_and_a_torch_export_program_with_a_dynamic_ba
         ref = model(x).detach()
         assert float((torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]) - ref).abs().max()) < 1e-5
         assert float((pt2(x) - ref).abs().max()) < 1e-5
+
+
+def test_the_target_session_restores_every_process_wide_setting_it_changes(monkeypatch):
+    """Threads, quantized engine, inductor's cache folder (cpu, compile runtime) and TF32 / cuDNN flags (cuda):
+    changed inside the session as the target needs them, as they were after it."""
+    import os
+
+    from hwprune.latency import get_target
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    threads, engine = torch.get_num_threads(), torch.backends.quantized.engine
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    other = "qnnpack" if engine != "qnnpack" and "qnnpack" in torch.backends.quantized.supported_engines else engine
+    try:
+        torch.set_num_threads(2)
+        torch.backends.quantized.engine = other
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+        with get_target("cpu", threads=1, runtime="compile").settings():
+            assert torch.get_num_threads() == 1 and os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            if "x86" in torch.backends.quantized.supported_engines:
+                assert torch.backends.quantized.engine == "x86"
+        assert torch.get_num_threads() == 2 and torch.backends.quantized.engine == other
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+        with get_target("cuda").session():
+            assert torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.quantized.engine = engine
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = flags

@@ -105,6 +105,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from hwprune.latency import LatencyTable, Predictor, table_path, user_tables_dir
     from hwprune.latency.ondemand import profile_model
+    from hwprune.latency.table import fingerprint_diff
     from hwprune.latency.profiler import NOISY_MACHINE_PCT
 
     if args.runtime == "all":
@@ -114,8 +115,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     fp = target.fingerprint()
     path = table_path(args.tables or user_tables_dir(), fp, args.batch_size)
     table = LatencyTable.load(path) if path.exists() else LatencyTable(fp, args.batch_size, path=path)
-    if table.fingerprint != fp:
-        raise HwpruneError(f"table {str(path)!r} holds another fingerprint than this device; move it away first")
+    if fingerprint_diff(table.fingerprint, fp):
+        raise HwpruneError(f"table {str(path)!r} was measured on another device "
+                           f"({'; '.join(fingerprint_diff(table.fingerprint, fp))}); move it away first")
     table.command = "hwprune " + " ".join(sys.argv[1:]) if sys.argv[1:] else table.command
     log(f"hwprune: profiling {args.model} for {fingerprint_line(fp)} at batch {args.batch_size} -> {path}")
     if target.format_note():

@@ -93,16 +93,12 @@ class ConfigMeter:
         if not todo:
             return 0
         t0 = time.time()
-        threads = torch.get_num_threads()
         with tempfile.TemporaryDirectory(prefix="hwprune-meter-") as tmp:
             scratch = LatencyTable(self.table.fingerprint, self.table.batch_size, path=Path(tmp) / "t.json",
                                    casts=self.table.casts)
-            self.target.setup()  # the table's threads; the command's own thread count comes back after
-            try:
+            with self.target.settings():  # the table's threads; the command's own settings come back after
                 got = profile_layers(scratch, todo, self.target, self.repeats, lambda m: None,
                                      reference=model_sampler(self.model, self.x, self.target))
-            finally:
-                torch.set_num_threads(threads)
         then = (self.table.models.get(self.key, {}).get("reference_layer_rounds") or {}).get("median_us")
         now = statistics.median(got["reference_us"]) if got["reference_us"] else None
         if not (then and now):  # the search makes a meter only for a table with the reference (a CPU profile)
@@ -331,16 +327,12 @@ def _profile_here(target: Target, batch: int, fp: dict[str, Any], mine: list[Lat
     configs = layer_configs(job.layers, job.grid, target, batch, fused=tbl.fused(job.key))
     todo = sum(1 for c in configs if c.key not in tbl.entries and c.key not in tbl.unsupported)
     cal = job.calibration - len(tbl.models.get(job.key, {}).get("calibration", []))
-    threads = torch.get_num_threads()
-    target.setup()  # the table's threads and allocator; the command's own thread count comes back after
-    est = estimate_seconds(job, target, batch, todo, max(0, cal))
-    log(f"hwprune: {why}; measuring {todo} layer configurations and up to {max(0, cal)} calibration runs, "
-        f"~{est:.0f} s (estimated), into {str(dest)!r} (--no-profile refuses instead)")
-    t0 = time.time()
-    try:
+    with target.settings():  # the table's threads and allocator; the command's own settings come back after
+        est = estimate_seconds(job, target, batch, todo, max(0, cal))
+        log(f"hwprune: {why}; measuring {todo} layer configurations and up to {max(0, cal)} calibration runs, "
+            f"~{est:.0f} s (estimated), into {str(dest)!r} (--no-profile refuses instead)")
+        t0 = time.time()
         profile_model(tbl, target, job, log)
         tbl.save()
-    finally:
-        torch.set_num_threads(threads)
     log(f"hwprune: profiled in {time.time() - t0:.1f} s -> {dest}")
     return tbl

@@ -54,10 +54,11 @@ __all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "FINGERPRINT_K
 
 TABLE_FORMAT = "hwprune-latency-table/1"
 REGION_FORMATS = tuple(DTYPES)  # formats whose layers run as precision regions
-# what must match between a table and the local device when the local device is the target
+# what must match between a table and the local device when the local device is the target: the one definition
+# of "the same device" (search, predict, validate, profile and export all ask fingerprint_diff)
 FINGERPRINT_KEYS = ("target", "arch", "cpu", "gpu", "flags", "threads", "torch", "engine", "compute_capability",
-                    "cuda", "malloc", "emulated", "cudnn_benchmark", "runtime", "runtime_version", "provider",
-                    "precision")
+                    "cuda", "cudnn", "tf32", "malloc", "emulated", "cudnn_benchmark", "runtime", "runtime_version",
+                    "provider", "precision")
 
 
 @dataclass(frozen=True)

@@ -166,15 +166,28 @@ class Target(ABC):
 
     @contextlib.contextmanager
     def settings(self) -> Iterator[None]:
-        """:meth:`setup` for the duration of a ``with`` block; the thread count and quantized engine the process
-        had come back after it (the allocator setting stays: glibc has no way to ask for the old one)."""
-        threads, engine = torch.get_num_threads(), torch.backends.quantized.engine
+        """The target session: :meth:`setup` for the duration of a ``with`` block, and every process-wide setting
+        it changes as it was after it — the thread count, the quantized engine, TF32 and cuDNN flags, inductor's
+        cache folder. The allocator setting stays: glibc has no way to ask for the old one."""
+        import os
+
+        saved = (torch.get_num_threads(), torch.backends.quantized.engine, torch.backends.cuda.matmul.allow_tf32,
+                 torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         try:
             self.setup()
             yield
         finally:
-            torch.set_num_threads(threads)
-            torch.backends.quantized.engine = engine
+            torch.set_num_threads(saved[0])
+            torch.backends.quantized.engine = saved[1]
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[2], saved[3]
+            torch.backends.cudnn.benchmark = saved[4]
+            if cache is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+
+    session = settings
 
     def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
         """What this runtime runs for ``module``: the module itself, or (compile) ``torch.compile`` of it,
