@@ -11,6 +11,7 @@ and a .json with every measured policy.
 pinned to core 0: a noisy neighbour anyone can reproduce.
 
     python bench/predictor_fidelity.py [--samples 20] [--models cnn1d,gru,zoo:lstm3,...] [--neighbour]
+        [--runtime eager|compile|onnxruntime|openvino]
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def hw(args: list[str], pin: int | None) -> dict:
 
 
 def run_model(name: str, args: argparse.Namespace, tables: Path, pin: int | None) -> dict:
-    common = ["--target", "cpu", *model_args(name), "--tables", str(tables / name.replace(":", "-"))]
+    common = ["--target", "cpu", "--runtime", args.runtime, *model_args(name),
+              "--tables", str(tables / name.replace(":", "-"))]
     prof = hw(["profile", *common], pin)
     runs = [hw(["validate", *common, "--samples", str(args.samples), "--seed", str(args.seed), "--no-profile"], pin)
             for _ in range(args.runs)]
@@ -107,6 +109,8 @@ def main() -> None:
     ap.add_argument("--on", type=float, default=3.0, help="neighbour: seconds of memory-bound work (default 3)")
     ap.add_argument("--off", type=float, default=3.0, help="neighbour: seconds of idle (default 3)")
     ap.add_argument("--tables", default=None, help="table folder (default: a fresh temporary one)")
+    ap.add_argument("--runtime", default="eager", choices=("eager", "compile", "onnxruntime", "openvino"),
+                    help="the cpu runtime the tables are profiled and the policies validated in (default eager)")
     args = ap.parse_args()
     import torch
 
@@ -134,11 +138,13 @@ def main() -> None:
         if neighbour is not None:
             neighbour.kill()
     goal = (0.90, 0.85) if args.neighbour else (0.95, 0.90)
-    name = "predictor_fidelity" + ("-neighbour" if args.neighbour else "")
+    name = ("predictor_fidelity" + ("-neighbour" if args.neighbour else "")
+            + ("" if args.runtime == "eager" else f"-{args.runtime}"))
     lines = [
         f"# Predictor fidelity{' beside a noisy neighbour' if args.neighbour else ''} — {fp['cpu']} "
-        f"({platform.machine()}), 1 thread, torch {torch.__version__}", "",
+        f"({platform.machine()}), 1 thread, torch {torch.__version__}, runtime {args.runtime}", "",
         f"Made by `python bench/predictor_fidelity.py --samples {args.samples} --seed {args.seed} --runs {args.runs}"
+        f"{'' if args.runtime == 'eager' else ' --runtime ' + args.runtime}"
         f"{f' --neighbour --on {args.on:g} --off {args.off:g}' if args.neighbour else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M')} ({(time.time() - t0) / 60:.0f} min). Each model: `hwprune profile` into a "
         f"fresh table folder, then `hwprune validate --samples {args.samples}` {args.runs} times back to back: random "

@@ -175,12 +175,14 @@ def output_diff(got: Any, ref: Any) -> tuple[float, float]:
     return diff, scale
 
 
-def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) -> tuple[dict[str, str], dict[str, Any]]:
+def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None,
+                    runtime: str = "eager") -> tuple[dict[str, str], dict[str, Any]]:
     """torch.export (``model.pt2``), TorchScript (``model.ts``) and ONNX (``model.onnx``) versions of ``model``
     made on ``x``, each kept only if it reloads (plain torch; ONNX Runtime, else OpenVINO, for the ONNX file) and
     computes what the model computes on ``x`` and on ``x_other`` (another batch size: the batch dimension of the
     torch.export and ONNX graphs is dynamic; a trace that baked in its example's batch, e.g. through a packed
-    sequence's sort order, is not kept). ``checks`` holds each one's largest output difference or why it was not
+    sequence's sort order, is not kept). In an ONNX ``runtime`` the ONNX file holds the formats that runtime runs
+    (its int8 nodes) and is checked there. ``checks`` holds each one's largest output difference or why it was not
     kept."""
     model.eval()
     args = inputs.positional(model, x)
@@ -190,7 +192,7 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) ->
     kept: dict[str, str] = {}
     checks: dict[str, Any] = {}
 
-    def check(name: str, path: Path, data: bytes, load: Callable[[io.BytesIO], Any]) -> None:
+    def check(name: str, path: Path, data: bytes, load: Callable[[io.BytesIO], Any], tol: float = 1e-5) -> None:
         loaded = load(io.BytesIO(data))
         diff, scale = 0.0, 1.0
         with torch.no_grad():
@@ -203,7 +205,7 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) ->
                 d, s = output_diff(got, ref)
                 diff, scale = max(diff, d), max(scale, s)
         checks[name] = {"max_abs_diff": diff}
-        if diff <= 1e-5 * max(1.0, scale):
+        if diff <= tol * max(1.0, scale):
             write_atomic(path, data)
             kept[name] = str(path)
         else:
@@ -221,25 +223,34 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None) ->
         torch.jit.save(torch.jit.trace(model, args, check_trace=False), buf)
         return buf.getvalue()
 
-    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, Session, missing, to_onnx
+    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, Session, missing, runtime_onnx
 
-    onnx_rt = next((rt for rt in ONNX_RUNTIMES if missing(rt) is None), None)
-    savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module()),
-              ("torchscript", out / "model.ts", via_torchscript, torch.jit.load)]
+    from hwprune.device.onnxrt import RuntimeFormat
+
+    onnx_rt = runtime if runtime in ONNX_RUNTIMES else next((rt for rt in ONNX_RUNTIMES if missing(rt) is None), None)
+    # layers the runtime runs in int8: the ONNX file computes them in int8, the in-memory model (and the torch
+    # artifacts) in fp32; the file is kept within 10% of the output's scale (a wrong graph is off by far more)
+    quantized = sorted(n for n, m in model.named_modules() if isinstance(m, RuntimeFormat))
+    savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module(), 1e-5),
+              ("torchscript", out / "model.ts", via_torchscript, torch.jit.load, 1e-5)]
     if onnx_rt is not None:
-        savers.append(("onnx", out / "model.onnx", lambda: to_onnx(model, args, dynamic_batch=True),
-                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads())))
+        savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True),
+                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), 0.1 if quantized else 1e-5))
     else:
         checks["onnx"] = {"error": missing("onnxruntime")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, path, save, load in savers:
+        for name, path, save, load, tol in savers:
             try:
-                check(name, path, save(), load)
+                check(name, path, save(), load, tol)
             except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
                 checks[name] = {"error": one_line(exc, 200)}
         if "onnx" in checks:
             checks["onnx"]["checked_in"] = onnx_rt
+        if quantized:
+            for name in ("torch.export", "torchscript"):
+                checks.get(name, {})["note"] = f"computes {', '.join(quantized)} in fp32 (int8 in model.onnx only)"
+            checks.get("onnx", {})["int8_layers"] = quantized
     return kept, checks
 
 
@@ -280,6 +291,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     """Export one trial of a search run; returns the summary ``hwprune export --json`` prints."""
     from hwprune.apply import save_pruned
     from hwprune.apply.formats import deploy
+    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, SessionModule, load as load_onnx
     from hwprune.latency.targets import fingerprint_line, get_target
     from hwprune.measure import model_stats
     from hwprune.search.context import dense_setup
@@ -359,9 +371,16 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
             log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
         test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
         x = inputs.to_device(setup.inputs(info["batch_size"]), target.device if rep is not None else "cpu")  # real inputs (token ids too)
-        artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x)
+        artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x, spec.runtime)
         if not artifacts:
             log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
+        if spec.runtime in ONNX_RUNTIMES and rep is not None:
+            if "onnx" in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
+                test_acc = evaluate(SessionModule(load_onnx(spec.runtime, artifacts["onnx"],
+                                                            target.threads or torch.get_num_threads())), test, task=task)
+            else:
+                log(f"hwprune: warning: no model.onnx for the {spec.runtime} runtime "
+                    f"({checks.get('onnx', {}).get('error')}); the test {metric} is the in-memory model's")
         if spec.runtime == "compile" and rep is not None:
             log(f"hwprune: compiling the AOTInductor package for batch {inputs.batch_len(x)} (the compile runtime's artifact)")
             _save_aoti(deployed, x, dest, artifacts, checks)

@@ -21,7 +21,8 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["RUNTIMES", "missing", "runtime_fingerprint", "to_onnx", "Session"]
+__all__ = ["RUNTIMES", "missing", "runtime_fingerprint", "to_onnx", "Session", "RuntimeFormat", "runtime_onnx",
+           "SessionModule", "INT8_LAYERS"]
 
 RUNTIMES = ("onnxruntime", "openvino")
 _NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino")}
@@ -61,6 +62,7 @@ def runtime_fingerprint(runtime: str) -> dict[str, Any]:
 def _quiet() -> Any:
     """The exporter's progress lines and warnings kept off stdout (``--json`` prints there)."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    loggers.append(logging.getLogger())  # onnxruntime.quantization warns on the root logger
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
@@ -101,7 +103,99 @@ def to_onnx(module: nn.Module, x: Any, dynamic_batch: bool = False) -> bytes:
     with _quiet(), torch.no_grad():
         prog = torch.onnx.export(module, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=dyn,
                                  verbose=False, report=False)
+        # fold every constant subgraph whatever its size: the exporter leaves an LSTM's gate reordering of large
+        # weights as Slice/Concat nodes, and a quantizer only sees weights that are initializers
+        import onnxscript.optimizer
+
+        onnxscript.optimizer.optimize(prog.model, input_size_limit=2**40, output_size_limit=2**40)
     return prog.model_proto.SerializeToString()
+
+
+# ONNX Runtime's dynamic int8 (``quantize_dynamic``: MatMulInteger / DynamicQuantizeLSTM, activations quantized
+# per call): Linear (a Gemm is rewritten to MatMul + Add first) and LSTM. Not GRU: ONNX Runtime has no quantized
+# GRU. Conv would need static QDQ with calibration data: not measured by hwprune yet.
+INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM)}
+
+
+class RuntimeFormat(nn.Module):
+    """A layer an ONNX runtime runs in ``fmt`` (what ``realize`` returns there): in torch it computes as the
+    layer itself; :func:`runtime_onnx` quantizes the ONNX nodes exported from it."""
+
+    def __init__(self, layer: nn.Module, fmt: str) -> None:
+        super().__init__()
+        self.layer, self.fmt = layer, fmt
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(*args, **kwargs)
+
+
+def _scope(node: Any) -> str:
+    """The module path a node of the dynamo exporter came from ('' for the top level)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            import ast
+
+            parts = ast.literal_eval(p.value)
+            return ".".join(parts[1:-1])
+    return ""
+
+
+def _gemm_to_matmul(model: Any, names: set[str]) -> None:
+    """Rewrite the Gemm nodes in ``names`` whose weight is an initializer (``transB=1``, alpha = beta = 1, as the
+    exporter writes nn.Linear) as MatMul by the transposed weight + Add of the bias: ONNX Runtime's dynamic int8
+    quantizes MatMul, not Gemm."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for n in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type != "Gemm" or n.name not in names or n.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            model.graph.node.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        wt = numpy_helper.from_array((w.T if attrs.get("transB", 0) else w).copy(), n.input[1] + "_matmul")
+        model.graph.initializer.append(wt)
+        mm_out = n.output[0] + ("_matmul" if len(n.input) > 2 else "")
+        model.graph.node.append(helper.make_node("MatMul", [n.input[0], wt.name], [mm_out], name=n.name + "_matmul"))
+        if len(n.input) > 2:
+            model.graph.node.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=n.name + "_add"))
+    onnx.checker.check_model(model)
+
+
+def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = False) -> bytes:
+    """:func:`to_onnx`, then the nodes of every :class:`RuntimeFormat` layer in its format: ONNX Runtime's dynamic
+    int8 (signed int8 weights; ``reduce_range`` on CPUs without VNNI, where u8 x s8 products can saturate)."""
+    data = to_onnx(module, x, dynamic_batch)
+    marked = {name: m.fmt for name, m in module.named_modules() if isinstance(m, RuntimeFormat)}
+    if not marked:
+        return data
+    bad = sorted({f for f in marked.values() if f != "int8"} | ({"int8"} if runtime not in INT8_LAYERS else set()))
+    if bad:
+        raise HwpruneError(f"the {runtime} runtime has no {bad[0]} kernels in hwprune")
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load_from_string(data)
+    inside = lambda scope: any(not m or scope == m or scope.startswith(m + ".") for m in marked)  # noqa: E731
+    gemms = {n.name for n in model.graph.node if inside(_scope(n)) and n.op_type == "Gemm"}
+    _gemm_to_matmul(model, gemms)
+    names = {n.name for n in model.graph.node if n.op_type in ("MatMul", "LSTM")
+             and (inside(_scope(n)) or n.name in {g + "_matmul" for g in gemms})}
+    from hwprune.latency.targets import _cpu_model_and_flags
+
+    vnni = any("vnni" in f for f in _cpu_model_and_flags()[1])
+    with tempfile.TemporaryDirectory(prefix="hwprune-ort-") as tmp, _quiet():
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(model, out, op_types_to_quantize=["MatMul", "LSTM"], nodes_to_quantize=sorted(names),
+                         weight_type=QuantType.QInt8, reduce_range=not vnni)
+        return out.read_bytes()
 
 
 class Session:
@@ -157,3 +251,15 @@ def load(runtime: str, path: str, threads: int) -> Session:
     """A saved ``model.onnx`` in ``runtime``."""
     with open(path, "rb") as f:
         return Session(runtime, f.read(), threads)
+
+
+class SessionModule(nn.Module):
+    """A :class:`Session` as an ``nn.Module`` (no parameters: it runs on the CPU), for code that evaluates
+    modules (the test metric of an export measured on the file the runtime loads)."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.session(*args, **kwargs)

@@ -193,9 +193,9 @@ class Target(ABC):
         """What this runtime runs for ``module``: the module itself, or (compile) ``torch.compile`` of it,
         compiled here on ``x`` so that the compilation is not inside a timing."""
         if self.runtime in ONNX_RUNTIMES:
-            from hwprune.device.onnxrt import Session, to_onnx
+            from hwprune.device.onnxrt import Session, runtime_onnx
 
-            return Session(self.runtime, to_onnx(module, x), self.threads or torch.get_num_threads())
+            return Session(self.runtime, runtime_onnx(module, x, self.runtime), self.threads or torch.get_num_threads())
         if self.runtime != "compile":
             return module
         return compile_module(module, x)
@@ -236,9 +236,13 @@ class CpuTarget(Target):
             require(self.runtime)
 
     def format_note(self) -> str:
-        if self.runtime in ONNX_RUNTIMES:
-            return (f"the {self.runtime} runtime is priced in fp32 only: hwprune does not measure its int8 "
-                    f"(ONNX Runtime QDQ / dynamic LSTM, OpenVINO via NNCF) or bf16 kernels yet")
+        if self.runtime == "onnxruntime":
+            return ("the onnxruntime runtime offers int8 for Linear and LSTM layers (its dynamic quantization); GRU "
+                    "layers stay fp32 (ONNX Runtime has no quantized GRU), convolutions too (static QDQ int8 with "
+                    "calibration data is not measured by hwprune yet)")
+        if self.runtime == "openvino":
+            return ("the openvino runtime is priced in fp32 only: its int8 (NNCF post-training quantization) and "
+                    "bf16 are not measured by hwprune yet")
         return ""
 
     def setup(self) -> None:
@@ -255,11 +259,22 @@ class CpuTarget(Target):
                 **self._runtime_key()}
 
     def offered_formats(self, op: str) -> tuple[str, ...]:
+        if self.runtime == "onnxruntime":
+            return ("fp32", "int8") if op in ("linear", "lstm") else ("fp32",)
         if self.runtime in ONNX_RUNTIMES:
             return ("fp32",)
         return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:
+        if self.runtime in ONNX_RUNTIMES:
+            from hwprune.device.onnxrt import INT8_LAYERS, RuntimeFormat
+
+            if fmt == "fp32":
+                return module
+            if fmt == "int8" and isinstance(module, INT8_LAYERS.get(self.runtime, ())):
+                return RuntimeFormat(module, fmt)
+            raise HwpruneError(f"the {self.runtime} runtime has no {fmt!r} kernel for {type(module).__name__} in "
+                               f"hwprune")
         return realize_cpu(module, fmt, self.name)
 
 
