@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_fingerprint() -> dict[str, Any]:
-    from hwprune.latency.targets import get_target
+    from hwprune.device.targets import get_target
 
     return get_target("cpu", threads=1).fingerprint()
 
@@ -18,7 +18,7 @@ def write_results(name: str, fp: dict[str, Any], payload: dict[str, Any], lines:
                   folder: Path | None = None) -> Path:
     """The JSON (fingerprint + payload) and the markdown report side by side (in ``folder``, default
     bench/results); returns the .md path."""
-    from hwprune.latency.targets import fingerprint_slug
+    from hwprune.device.targets import fingerprint_slug
 
     out_md = (folder or ROOT / "bench" / "results") / f"{name}_{fingerprint_slug(fp)}.md"
     out_md.with_name(out_md.stem + ".json").write_text(json.dumps({"fingerprint": fp, **payload}, indent=1) + "\n")

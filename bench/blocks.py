@@ -36,7 +36,7 @@ def run_model(name: str, args: argparse.Namespace, target, tmp: Path) -> dict:  
     from hwprune.models import default_latency_batch
     from hwprune.setup import resolve
     from hwprune.apply import apply_policy
-    from hwprune.apply.formats import deploy
+    from hwprune.device.deploy import deploy
 
     from hwprune.models import parse_model_args
 

@@ -39,7 +39,7 @@ def hooked_sampler(model, x, names, times):  # type: ignore[no-untyped-def]
     """A sampler of ``model(x)`` that also records each named layer's own time per call into ``times``."""
     import torch
 
-    from hwprune.latency.timing import cpu_sampler
+    from hwprune.device.timing import cpu_sampler
 
     mods = dict(model.named_modules())
     start: dict[str, int] = {}

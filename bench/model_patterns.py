@@ -112,7 +112,7 @@ def main() -> None:
             rows.append(run_one(name, data, task, margs, Path(tmp), a, budget[0] if budget else a.budget))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if only:  # the other models' rows from the last full run, in the patterns' order
-        from hwprune.latency.targets import fingerprint_slug
+        from hwprune.device.targets import fingerprint_slug
 
         old = ROOT / "bench" / "results" / f"model_patterns_{fingerprint_slug(fp)}.json"
         done = {(r["model"], r["data"]): r for r in rows}

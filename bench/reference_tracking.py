@@ -32,8 +32,8 @@ def main() -> None:
     from torch import nn
 
     from _results import cpu_fingerprint, write_results
-    from hwprune.latency.targets import get_target
-    from hwprune.latency.timing import cpu_sampler
+    from hwprune.device.targets import get_target
+    from hwprune.device.timing import cpu_sampler
     from hwprune.models.cnn import CNN1d
 
     target = get_target("cpu", threads=1)

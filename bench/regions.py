@@ -38,7 +38,8 @@ def _log(msg: str) -> None:
 
 def variants(name, shape, margs):  # type: ignore[no-untyped-def]
     from hwprune import build_model
-    from hwprune.apply.formats import apply_formats, deploy
+    from hwprune.apply.formats import apply_formats
+    from hwprune.device.deploy import deploy
     from hwprune.space import prepare_model, quant_layers
 
     torch.manual_seed(0)

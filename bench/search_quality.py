@@ -193,9 +193,9 @@ class Bench:
     def __init__(self, row: Row, args: argparse.Namespace) -> None:
         import torch
 
-        from hwprune.apply.formats import deploy
+        from hwprune.device.deploy import deploy
         from hwprune.latency.profiler import timing_batch
-        from hwprune.latency.targets import get_target
+        from hwprune.device.targets import get_target
         from hwprune.models import default_latency_batch
         from hwprune.search.context import dense_setup
         from hwprune.search.spec import SearchSpec
@@ -240,7 +240,7 @@ class Bench:
 
     def deployed(self, policy: Any) -> Any:
         from hwprune.apply import apply_policy
-        from hwprune.apply.formats import deploy
+        from hwprune.device.deploy import deploy
 
         model = apply_policy(self.setup.model, policy, self.setup.example, batches=self.batches,
                              loss=self.task.loss)
@@ -453,7 +453,7 @@ class Bench:
 
     def finals(self, r: dict[str, Any], seeds: list[int], cache: dict[str, Any]) -> dict[str, Any]:
         """Fine-tune the chosen model with each seed, deploy, test metric; latency against dense once."""
-        from hwprune.apply.formats import deploy
+        from hwprune.device.deploy import deploy
         from hwprune.export import finetune_policy
         from hwprune.policy import Policy
         from hwprune.train import evaluate, finetune
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.work_dir = str(work)
     t0 = time.time()
-    from hwprune.latency.targets import get_target
+    from hwprune.device.targets import get_target
 
     fp = get_target("cpu", threads=1).fingerprint()
     versions = {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,

@@ -6,7 +6,8 @@ smaller model), :mod:`hwprune.measure` (FLOPs/params), :mod:`hwprune.train`.
 """
 from __future__ import annotations
 
-from hwprune.apply import apply_policy, deploy_cpu, load_pruned, prune_model, save_pruned
+from hwprune.apply import apply_policy, load_pruned, prune_model, save_pruned
+from hwprune.device.deploy import deploy_cpu
 from hwprune.data import DataBundle, load_data
 from hwprune.errors import HwpruneError
 from hwprune.measure import count_flops, model_stats

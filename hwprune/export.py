@@ -290,9 +290,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
                storage: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Export one trial of a search run; returns the summary ``hwprune export --json`` prints."""
     from hwprune.apply import save_pruned
-    from hwprune.apply.formats import deploy
+    from hwprune.device.deploy import deploy
     from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, SessionModule, load as load_onnx
-    from hwprune.latency.targets import fingerprint_line, get_target
+    from hwprune.device.targets import fingerprint_line, get_target
     from hwprune.measure import model_stats
     from hwprune.search.context import dense_setup
     from hwprune.search.controller import open_study, run_limit, run_spec
@@ -484,7 +484,7 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
 
 def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], run_fp: dict[str, Any],
             here: dict[str, Any] | None) -> str:
-    from hwprune.latency.targets import fingerprint_line
+    from hwprune.device.targets import fingerprint_line
 
     m = s["measurement"]
     mt = s["metric"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwprune.kernels import RegionLayer
+from hwprune.device.kernels import RegionLayer
 from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target
 from hwprune.latency.epilogue import build_epilogue, trace_epilogues
 from hwprune.latency.layers import LayerConfig

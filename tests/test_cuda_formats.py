@@ -12,7 +12,7 @@ from hwprune import HwpruneError, build_model
 from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.profiler import layer_configs, profile_layers
 from hwprune.latency.table import Entry, key_format
-from hwprune.latency.targets import CpuTarget, cuda_shape_rule
+from hwprune.device.targets import CpuTarget, cuda_shape_rule
 from hwprune.policy import Policy
 from hwprune.train import resolve_device
 
@@ -189,30 +189,40 @@ def test_finetune_on_the_gpu_moves_batches_and_returns_to_cpu():
     assert seen == ["cuda"] * 3 and next(model.parameters()).device.type == "cpu"
 
 
-def test_kernels_is_a_leaf_that_apply_and_latency_share():
-    """One module realizes formats for deployment and profiling; it imports no other stage (no cycle)."""
+def test_the_device_layer_sits_under_apply_latency_and_export():
+    """Kernels are a leaf (errors, the deprecated-API module and inputs only); the device package imports nothing
+    of latency, search or export; apply (pruning and simulation) imports nothing of latency or of the device
+    layer but the kernels it simulates with. One module realizes formats for deployment and profiling."""
     import ast
 
     import hwprune.apply.formats as formats
-    import hwprune.kernels as kernels
-    import hwprune.latency.targets as targets
+    import hwprune.device.kernels as kernels
+    import hwprune.device.targets as targets
+    from hwprune.device.deploy import deploy
 
-    tree = ast.parse((ROOT / "hwprune" / "kernels.py").read_text())
-    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert {m for m in imported if m.startswith("hwprune")} == {"hwprune.errors", "hwprune._compat.ao", "hwprune.inputs"}
-    tree = ast.parse((ROOT / "hwprune" / "inputs.py").read_text())  # inputs: a leaf too (torch and errors only)
-    assert {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and
-            n.module.startswith("hwprune")} == {"hwprune.errors"}
+    def imports(path):
+        tree = ast.parse(path.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                and n.module.startswith("hwprune")}
+
+    assert imports(ROOT / "hwprune" / "device" / "kernels.py") == {"hwprune.errors", "hwprune._compat.ao", "hwprune.inputs"}
+    assert imports(ROOT / "hwprune" / "inputs.py") == {"hwprune.errors"}  # inputs: a leaf too
+    for f in sorted((ROOT / "hwprune" / "device").glob("*.py")):
+        assert not {m for m in imports(f) if m.startswith(("hwprune.latency", "hwprune.search", "hwprune.export",
+                                                           "hwprune.cli"))}, f
+    for f in sorted((ROOT / "hwprune" / "apply").glob("*.py")):
+        assert {m for m in imports(f) if m.startswith(("hwprune.latency", "hwprune.device"))} <= \
+            {"hwprune.device.kernels"}, f
     assert formats.mask_2_4 is kernels.mask_2_4 and targets.CastModule is kernels.CastModule
     lin = nn.Linear(8, 4)
-    real, report = formats.deploy(formats.apply_formats(nn.Sequential(lin), {"0": "bf16"}), get_target("cpu"))
+    real, report = deploy(formats.apply_formats(nn.Sequential(lin), {"0": "bf16"}), get_target("cpu"))
     # without an example there is no graph to plan regions on: the layer is an island (cast in, cast back)
     assert isinstance(real[0], kernels.RegionLayer) and report.real == {"0": "bf16"}
     assert real[0].dtype == torch.bfloat16 and real[0].out_dtype == torch.float32 and report.regions.startswith("islands")
 
 
 def test_runtime_is_part_of_the_fingerprint_and_folder_but_eager_keeps_old_names():
-    from hwprune.latency.targets import fingerprint_slug
+    from hwprune.device.targets import fingerprint_slug
 
     with pytest.raises(HwpruneError, match="target 'cpu' has no runtime 'cudagraph'; known: eager"):
         get_target("cpu", runtime="cudagraph")
@@ -258,7 +268,8 @@ def test_fp16_regions_on_the_gpu_cast_twice_and_beat_islands():
     than the same model as islands (44 casts); the compile runtime compiles it."""
     import copy
 
-    from hwprune.apply.formats import apply_formats, deploy
+    from hwprune.apply.formats import apply_formats
+    from hwprune.device.deploy import deploy
     from hwprune.latency.profiler import measure_model
     from hwprune.space import quant_layers
 

@@ -79,7 +79,7 @@ def test_export_reloads_in_plain_torch_and_measures(run_dir, tmp_path):
 
     # the in-memory pruned model (rebuilt by hwprune, deployed) against the TorchScript file loaded by plain torch
     from hwprune.apply import load_pruned
-    from hwprune.apply.formats import deploy
+    from hwprune.device.deploy import deploy
 
     model, meta = load_pruned(tmp_path / "e" / "pruned.pt")
     assert meta["policy"] == best

@@ -19,7 +19,7 @@ def test_a_meter_puts_new_entries_on_the_profiles_scale_and_keeps_the_old_ones(t
     fast now, so an entry measured at 30 us is stored at 60 us; entries already in the table stay as they were."""
     import hwprune.latency.profiler as profiler
     from hwprune.latency.ondemand import ConfigMeter
-    from hwprune.latency.targets import get_target
+    from hwprune.device.targets import get_target
 
     def fake_profile(scratch, todo, target, repeats, log, reference=None):
         for c in todo:

@@ -24,7 +24,7 @@ from hwprune.latency.table import Entry
 
 FAKE_CPU = "Test CPU 9000 (not a real machine)"
 # python -c prelude: this process's CPU is FAKE_CPU with AVX2/FMA only, then the CLI runs as usual
-FAKE = ("import sys, hwprune.latency.targets as t; "
+FAKE = ("import sys, hwprune.device.targets as t; "
         f"t._cpu_model_and_flags = lambda: ({FAKE_CPU!r}, ['avx2', 'fma']); "
         "from hwprune.cli import main; sys.exit(main(sys.argv[1:]))")
 

@@ -343,7 +343,7 @@ def test_formats_run_on_packed_sequences(fmt):
     """Simulated and deployed int8/bf16 layers take a PackedSequence (cast or quantize its data): every search
     trial of a packed model once failed on it."""
     from hwprune.apply import apply_policy
-    from hwprune.apply.formats import deploy
+    from hwprune.device.deploy import deploy
 
     model = P.packed_lstm().eval()
     example = _example("packed_data", 8)

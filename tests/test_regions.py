@@ -7,8 +7,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hwprune import Policy, build_model
-from hwprune.apply.formats import apply_formats, deploy
-from hwprune.kernels import RegionLayer, dtype_sources, plan_regions
+from hwprune.apply.formats import apply_formats
+from hwprune.device.deploy import deploy
+from hwprune.device.kernels import RegionLayer, dtype_sources, plan_regions
 from hwprune.latency import Entry, LatencyTable, Predictor, analyze_layers, get_target
 from hwprune.latency.table import key_format
 from hwprune.space import prepare_model, quant_layers

@@ -13,7 +13,7 @@ from hwprune.latency.layers import LayerConfig
 from hwprune.latency.profiler import Failure, calibrate, profile_layers, try_prepare
 from hwprune.latency.rounds import RoundPlan, measure_in_rounds
 from hwprune.latency.speed import SpeedCheck, median_se_pct, speed_check
-from hwprune.latency.targets import CpuTarget
+from hwprune.device.targets import CpuTarget
 from hwprune.policy import Policy
 
 

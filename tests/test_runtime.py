@@ -10,7 +10,7 @@ from test_search import DATA, MLP
 
 from hwprune import HwpruneError
 from hwprune.latency import get_target
-from hwprune.latency.targets import compile_module, fingerprint_slug
+from hwprune.device.targets import compile_module, fingerprint_slug
 
 
 def test_every_layer_configuration_is_compiled_not_run_eagerly_past_dynamos_limit():

@@ -143,7 +143,7 @@ def test_the_runtime_is_in_the_fingerprint_and_a_table_of_another_runtime_is_ref
     _need(runtime)
     from hwprune.latency import get_target
     from hwprune.latency.table import fingerprint_diff
-    from hwprune.latency.targets import fingerprint_slug
+    from hwprune.device.targets import fingerprint_slug
 
     eager = get_target("cpu", threads=1).fingerprint()
     fp = get_target("cpu", threads=1, runtime=runtime).fingerprint()

@@ -24,7 +24,7 @@ def tables(tmp_path_factory):
     from hwprune.latency.table import Entry
     from hwprune.setup import resolve
 
-    from hwprune.latency.targets import tune_allocator
+    from hwprune.device.targets import tune_allocator
 
     d = tmp_path_factory.mktemp("tables")
     target = get_target("cpu", threads=1)

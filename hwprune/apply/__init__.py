@@ -16,14 +16,14 @@ from torch import nn
 
 from hwprune import inputs
 from hwprune._io import write_atomic
-from hwprune.apply.formats import DeployReport, FormatSim, apply_formats, deploy_cpu
+from hwprune.apply.formats import FormatSim, apply_formats
 from hwprune.apply.importance import IMPORTANCES
 from hwprune.apply.prune import kept_indices, prune_model, unit_scores
 from hwprune.errors import HwpruneError
 from hwprune.models import build_model, safe_load
 from hwprune.policy import Policy
 
-__all__ = ["apply_policy", "prune_model", "apply_formats", "deploy_cpu", "DeployReport", "FormatSim",
+__all__ = ["apply_policy", "prune_model", "apply_formats", "FormatSim",
            "IMPORTANCES", "kept_indices", "unit_scores", "save_pruned", "load_pruned", "ARTIFACT_FORMAT"]
 
 ARTIFACT_FORMAT = "hwprune-pruned-model/1"

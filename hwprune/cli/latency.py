@@ -9,7 +9,7 @@ from typing import Any
 from hwprune.cli._common import (add_model_args, add_shape_args, emit, grid, log, parse_exclude, positive,
                                  setup_from_args)
 from hwprune.errors import HwpruneError
-from hwprune.latency.targets import fingerprint_line
+from hwprune.device.targets import fingerprint_line
 
 def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--target", required=True, help="device kind: cpu, cuda or arm")

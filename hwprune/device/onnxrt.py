@@ -188,7 +188,7 @@ def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = 
     _gemm_to_matmul(model, gemms)
     names = {n.name for n in model.graph.node if n.op_type in ("MatMul", "LSTM")
              and (inside(_scope(n)) or n.name in {g + "_matmul" for g in gemms})}
-    from hwprune.latency.targets import _cpu_model_and_flags
+    from hwprune.device.targets import _cpu_model_and_flags
 
     vnni = any("vnni" in f for f in _cpu_model_and_flags()[1])
     with tempfile.TemporaryDirectory(prefix="hwprune-ort-") as tmp, _quiet():

@@ -5,7 +5,7 @@ from hwprune.latency.layers import LayerConfig, ModelLayers, analyze_layers
 from hwprune.latency.predictor import Prediction, Predictor, fit_linear, model_key
 from hwprune.latency.ondemand import ProfileJob, find_table, resolve_table
 from hwprune.latency.table import Entry, LatencyTable, table_path, table_dirs, user_tables_dir
-from hwprune.latency.targets import TARGETS, Target, get_target
+from hwprune.device.targets import TARGETS, Target, get_target
 
 __all__ = ["LayerConfig", "ModelLayers", "analyze_layers", "Prediction", "Predictor", "fit_linear", "model_key",
            "Entry", "LatencyTable", "find_table", "resolve_table", "ProfileJob", "table_path", "table_dirs",

@@ -27,7 +27,7 @@ def compare_runtimes(model: nn.Module, x: Any, target_name: str, threads: int | 
     from hwprune.export import output_diff
     from hwprune.latency.profiler import round_plan
     from hwprune.latency.rounds import measure_in_rounds
-    from hwprune.latency.targets import TARGETS, get_target
+    from hwprune.device.targets import TARGETS, get_target
 
     from torch.utils._pytree import tree_map
 

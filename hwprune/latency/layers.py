@@ -261,7 +261,7 @@ class CastConfig:
     out_elems = in_elems
 
     def build(self, device: str | torch.device = "cpu") -> tuple[nn.Module, torch.Tensor]:
-        from hwprune.kernels import Cast, DTYPE_BY_NAME
+        from hwprune.device.kernels import Cast, DTYPE_BY_NAME
 
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(self.batch, self.elems, generator=g, device=device).to(DTYPE_BY_NAME[self.src])
@@ -299,7 +299,7 @@ class ModelLayers:
     space: Space
     layers: list[LayerForm]
     channel_multiple: int
-    sources: Any = None  # hwprune.kernels.Sources: which layer feeds which (None: unknown, priced as islands)
+    sources: Any = None  # hwprune.device.kernels.Sources: which layer feeds which (None: unknown, priced as islands)
 
     def configs(self, policy: Policy, batch: int, fused: bool = True) -> list[tuple[str, LayerConfig]]:
         units = policy.units(self.space)
@@ -439,7 +439,7 @@ def analyze_layers(model: nn.Module, example: torch.Tensor, exclude: list[str] |
     for n, cfg in base.items():
         consts = {d: dense[n][d] - sum(f * full[g] for g, f in terms[n][d].items()) for d in _DIMS}
         forms.append(LayerForm(n, cfg, terms[n], consts))
-    from hwprune.kernels import dtype_sources
+    from hwprune.device.kernels import dtype_sources
 
     layers = ModelLayers(space, forms, channel_multiple, dtype_sources(model, example, [f.name for f in forms]))
     _check_forms(model, example, exclude, layers)

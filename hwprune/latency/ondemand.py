@@ -23,7 +23,7 @@ from hwprune import inputs
 from hwprune.errors import HwpruneError
 from hwprune.latency.layers import ModelLayers
 from hwprune.latency.table import (LatencyTable, fingerprint_diff, table_dirs, table_path, user_tables_dir)
-from hwprune.latency.targets import Target, fingerprint_line
+from hwprune.device.targets import Target, fingerprint_line
 
 __all__ = ["ProfileJob", "profile_model", "resolve_table", "find_table", "missing_for", "estimate_seconds",
            "ConfigMeter"]

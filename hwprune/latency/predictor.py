@@ -8,7 +8,7 @@ older tables.
 ``latency = a * sum(layer and cast entries) + c * sum(layer output elements) + b``,
 fitted by non-negative least squares on the end-to-end measurements that
 ``hwprune profile`` took for this model. Casts: where a policy's bf16/fp16
-layers form precision regions (:func:`hwprune.kernels.plan_regions`), each
+layers form precision regions (:func:`hwprune.device.kernels.plan_regions`), each
 dtype change is a measured ``cast|...`` entry (by dtype pair and tensor size);
 output elements in a 16-bit region count half (half the bytes). ``a`` absorbs
 what isolated timing misses per unit of layer work (cold caches between
@@ -270,7 +270,7 @@ class Predictor:
 
     def _casts(self, configs: list[tuple[str, LayerConfig]]) -> tuple[list[tuple[str, CastConfig]], dict[str, float]]:
         """The casts of a policy's precision regions, and each layer's output width in fp32 terms (0.5 for 16-bit)."""
-        from hwprune.kernels import DTYPE_NAMES, plan_regions, region_dtype
+        from hwprune.device.kernels import DTYPE_NAMES, plan_regions, region_dtype
 
         src = self.layers.sources
         if self.table.casts != "regions" or src is None or all(region_dtype(c.fmt) == torch.float32 for _, c in configs):

@@ -22,8 +22,8 @@ from hwprune import inputs
 from hwprune.latency.layers import FP32_ONLY_OPS, CastConfig, LayerConfig, ModelLayers
 from hwprune.latency.rounds import RoundPlan, RoundResult, measure_in_rounds
 from hwprune.latency.table import Entry, LatencyTable, calibration_key
-from hwprune.latency.targets import Target
-from hwprune.latency.timing import Timing
+from hwprune.device.targets import Target
+from hwprune.device.timing import Timing
 from hwprune.policy import Policy
 
 __all__ = ["DEFAULT_GRID", "layer_configs", "measure_config", "measure_model", "random_policy", "timing_batch",
@@ -40,7 +40,7 @@ def layer_configs(layers: ModelLayers, grid: tuple[float, ...], target: Target,
     then the dtype casts precision regions can need: at any layer's input, and at the output of the layers
     that feed the model output, between fp32 and every region dtype offered (and between those dtypes).
     ``fused``: each layer with its epilogue (see :meth:`LatencyTable.fused`)."""
-    from hwprune.kernels import DTYPES
+    from hwprune.device.kernels import DTYPES
 
     full = {g.name: g.units for g in layers.space.groups}
     out: dict[str, LayerConfig | CastConfig] = {}
@@ -124,7 +124,7 @@ def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Modul
     kernel (a precision-region layer takes its input already in its dtype and leaves its output in it: the
     casts are entries of their own), followed by its epilogue when it has one (a fused block: BatchNorm,
     activation, pooling, a residual sum, run in the dtype the layer leaves its output in)."""
-    from hwprune.kernels import RegionLayer
+    from hwprune.device.kernels import RegionLayer
 
     mod, x = cfg.build(target.device)
     mod = target.realize(mod, cfg.fmt)
@@ -313,7 +313,7 @@ def deployed_for_timing(model: nn.Module, policy: Policy, example: torch.Tensor,
     fell back to islands where the table prices regions (``regions_priced``). Such a run is never fitted and
     never counted as a validation of the predictor."""
     from hwprune.apply import apply_policy
-    from hwprune.apply.formats import deploy
+    from hwprune.device.deploy import deploy
 
     deployed, rep = deploy(apply_policy(model, policy, example, exclude=exclude), target, example)
     if rep.simulated:
@@ -453,7 +453,7 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
 
 def reference_stats(samples: list[float]) -> dict[str, Any]:
     """A speed reference's median, IQR, spread and round count, as stored in a table."""
-    from hwprune.latency.timing import timing_of
+    from hwprune.device.timing import timing_of
 
     t = timing_of(samples)
     return {"kind": "dense model", "median_us": round(t.median_us, 3), "iqr_us": round(t.iqr_us, 3),

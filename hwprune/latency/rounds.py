@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Mapping
 
-from hwprune.latency.timing import Timing, timing_of
+from hwprune.device.timing import Timing, timing_of
 
 __all__ = ["RoundPlan", "RoundResult", "measure_in_rounds"]
 

@@ -104,7 +104,7 @@ class SpeedCheck:
 def speed_check(reference: dict[str, Any] | None, now_samples: list[float]) -> SpeedCheck | None:
     """Compare the stored ``reference`` (a model's ``reference`` in a table) with samples of the dense model now
     (None without a stored reference or samples)."""
-    from hwprune.latency.timing import timing_of
+    from hwprune.device.timing import timing_of
 
     if not reference or not now_samples:
         return None

@@ -46,8 +46,8 @@ from typing import Any
 
 from hwprune._io import cache_root, file_lock, read_json, write_atomic
 from hwprune.errors import HwpruneError
-from hwprune.kernels import DTYPES
-from hwprune.latency.targets import fingerprint_slug
+from hwprune.device.kernels import DTYPES
+from hwprune.device.targets import fingerprint_slug
 
 __all__ = ["TABLE_FORMAT", "Entry", "LatencyTable", "table_path", "FINGERPRINT_KEYS", "user_tables_dir",
            "reference_tables_dir", "table_dirs", "fingerprint_diff", "calibration_key"]

@@ -13,7 +13,7 @@ from hwprune.errors import HwpruneError
 from hwprune.latency.layers import ModelLayers
 from hwprune.latency.predictor import Predictor
 from hwprune.latency.profiler import random_policy
-from hwprune.latency.targets import Target
+from hwprune.device.targets import Target
 
 __all__ = ["kendall_tau", "FidelityReport", "validate_predictor"]
 
@@ -80,7 +80,7 @@ def validate_predictor(model: nn.Module, example: torch.Tensor, layers: ModelLay
     same rounds: the comparison is one of ratios to the dense model)."""
     from hwprune.latency.profiler import deployed_for_timing, model_sampler, timing_batch
     from hwprune.latency.speed import measure_with_anchors, median_se_pct
-    from hwprune.latency.timing import timing_of
+    from hwprune.device.timing import timing_of
 
     rng = random.Random(seed)
     x = timing_batch(example, predictor.table.batch_size, inputs)

@@ -15,8 +15,8 @@ from torch import nn
 
 from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES
 from hwprune.errors import HwpruneError
-from hwprune.kernels import CastModule, cuda_shape_rule, realize_cpu, realize_cuda
-from hwprune.latency.timing import (Timing, cpu_sampler, cuda_graph_sampler, cuda_sampler, time_cpu, time_cuda,
+from hwprune.device.kernels import CastModule, cuda_shape_rule, realize_cpu, realize_cuda
+from hwprune.device.timing import (Timing, cpu_sampler, cuda_graph_sampler, cuda_sampler, time_cpu, time_cuda,
                                     time_cuda_graph)
 from hwprune.registry import Registry
 
