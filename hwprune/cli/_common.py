@@ -7,7 +7,11 @@ import sys
 from typing import Any
 
 __all__ = ["log", "add_model_args", "add_shape_args", "setup_from_args", "parse_exclude", "emit", "positive",
-           "keep_ratio", "grid", "Parser"]
+           "keep_ratio", "grid", "Parser", "RUNTIME_CHOICES"]
+
+# every runtime of any target (a target refuses the ones it has not in one line: cudagraph is cuda's,
+# onnxruntime / openvino the cpu's)
+RUNTIME_CHOICES = ("eager", "compile", "cudagraph", "onnxruntime", "openvino")
 
 
 def log(msg: str) -> None:

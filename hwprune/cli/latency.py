@@ -6,8 +6,8 @@ import sys
 import time
 from typing import Any
 
-from hwprune.cli._common import (add_model_args, add_shape_args, emit, grid, log, parse_exclude, positive,
-                                 setup_from_args)
+from hwprune.cli._common import (RUNTIME_CHOICES, add_model_args, add_shape_args, emit, grid, log, parse_exclude,
+                                 positive, setup_from_args)
 from hwprune.errors import HwpruneError
 from hwprune.device.targets import fingerprint_line
 
@@ -18,6 +18,7 @@ def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
     p.add_argument("--threads", type=positive, default=1,
                    help="CPU threads (part of the table's fingerprint; default 1)")
     p.add_argument("--runtime", default=None,
+                   choices=RUNTIME_CHOICES + (("all",) if p.prog.split()[-1] == "profile" else ()),
                    help="how the model runs on the target, part of the table's fingerprint: eager (default); "
                         "compile (torch.compile: every layer and model compiled before it is timed; compiled "
                         "kernels are cached under ~/.cache/hwprune/inductor); on cpu also onnxruntime and openvino "

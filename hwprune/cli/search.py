@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hwprune.cli._common import (emit, log, parse_exclude, positive)
+from hwprune.cli._common import (RUNTIME_CHOICES, emit, log, parse_exclude, positive)
 
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
@@ -130,10 +130,12 @@ def register(sub: Any) -> None:
     se.add_argument("--cpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--gpus-per-trial", type=float, help="with --backend ray")
     se.add_argument("--batch-size", type=positive, help="latency batch (default: the model's)")
-    se.add_argument("--runtime", help="how the deployed model runs: eager (default); compile (torch.compile: the "
-                                      "table, calibration and the export's measurement are of compiled models, and "
-                                      "export writes an AOTInductor package); on cuda also cudagraph (CUDA graph "
-                                      "replays)")
+    se.add_argument("--runtime", choices=RUNTIME_CHOICES,
+                    help="how the deployed model runs: eager (default); compile (torch.compile: the table, "
+                         "calibration and the export's measurement are of compiled models, and export writes an "
+                         "AOTInductor package); on cpu also onnxruntime and openvino (the model exported to ONNX and "
+                         "run there: tables, calibration and export's measurement of model.onnx; int8 for Linear/LSTM "
+                         "in onnxruntime); on cuda also cudagraph (CUDA graph replays)")
     se.add_argument("--device", choices=DEVICES,
                     help="where base training and fine-tunes run: auto (the GPU when torch sees one, default), cpu "
                          "or cuda; Ray trials use the GPU --gpus-per-trial gives them")
