@@ -175,14 +175,14 @@ def output_diff(got: Any, ref: Any) -> tuple[float, float]:
     return diff, scale
 
 
-def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None,
-                    runtime: str = "eager") -> tuple[dict[str, str], dict[str, Any]]:
+def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, runtime: str = "eager",
+                    calibration: list[Any] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """torch.export (``model.pt2``), TorchScript (``model.ts``) and ONNX (``model.onnx``) versions of ``model``
     made on ``x``, each kept only if it reloads (plain torch; ONNX Runtime, else OpenVINO, for the ONNX file) and
     computes what the model computes on ``x`` and on ``x_other`` (another batch size: the batch dimension of the
     torch.export and ONNX graphs is dynamic; a trace that baked in its example's batch, e.g. through a packed
     sequence's sort order, is not kept). In an ONNX ``runtime`` the ONNX file holds the formats that runtime runs
-    (its int8 nodes) and is checked there. ``checks`` holds each one's largest output difference or why it was not
+    (its int8 nodes, convolutions' activation scales from ``calibration`` inputs) and is checked there. ``checks`` holds each one's largest output difference or why it was not
     kept."""
     model.eval()
     args = inputs.positional(model, x)
@@ -234,7 +234,8 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None,
     savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module(), 1e-5),
               ("torchscript", out / "model.ts", via_torchscript, torch.jit.load, 1e-5)]
     if onnx_rt is not None:
-        savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True),
+        savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
+                                                                      calibration=calibration),
                        lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), 0.1 if quantized else 1e-5))
     else:
         checks["onnx"] = {"error": missing("onnxruntime")}
@@ -371,7 +372,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
             log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
         test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
         x = inputs.to_device(setup.inputs(info["batch_size"]), target.device if rep is not None else "cpu")  # real inputs (token ids too)
-        artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x, spec.runtime)
+        calib = [inputs.positional(deployed, inputs.to_device(xb, target.device if rep is not None else "cpu"))
+                 for xb, _ in few_batches(data.train)]  # real inputs: the ONNX file's static int8 scales
+        artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x, spec.runtime, calib)
         if not artifacts:
             log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
         if spec.runtime in ONNX_RUNTIMES and rep is not None:

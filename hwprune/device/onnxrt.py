@@ -111,10 +111,11 @@ def to_onnx(module: nn.Module, x: Any, dynamic_batch: bool = False) -> bytes:
     return prog.model_proto.SerializeToString()
 
 
-# ONNX Runtime's dynamic int8 (``quantize_dynamic``: MatMulInteger / DynamicQuantizeLSTM, activations quantized
-# per call): Linear (a Gemm is rewritten to MatMul + Add first) and LSTM. Not GRU: ONNX Runtime has no quantized
-# GRU. Conv would need static QDQ with calibration data: not measured by hwprune yet.
-INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM)}
+# ONNX Runtime's int8: Linear (a Gemm is rewritten to MatMul + Add first) and LSTM by its dynamic quantization
+# (MatMulInteger / DynamicQuantizeLSTM, activations quantized per call); convolutions by static QDQ (per-channel
+# int8 weights, uint8 activations whose scales come from calibration inputs; ONNX Runtime fuses the
+# DequantizeLinear -> Conv -> QuantizeLinear pattern into QLinearConv). Not GRU: ONNX Runtime has no quantized GRU.
+INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM, nn.Conv1d, nn.Conv2d)}
 
 
 class RuntimeFormat(nn.Module):
@@ -166,9 +167,15 @@ def _gemm_to_matmul(model: Any, names: set[str]) -> None:
     onnx.checker.check_model(model)
 
 
-def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = False) -> bytes:
-    """:func:`to_onnx`, then the nodes of every :class:`RuntimeFormat` layer in its format: ONNX Runtime's dynamic
-    int8 (signed int8 weights; ``reduce_range`` on CPUs without VNNI, where u8 x s8 products can saturate)."""
+def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = False,
+                 calibration: list[Any] | None = None) -> bytes:
+    """:func:`to_onnx`, then the nodes of every :class:`RuntimeFormat` layer in its format (ONNX Runtime's int8, see
+    :data:`INT8_LAYERS`; ``reduce_range`` on CPUs without VNNI, where u8 x s8 products can saturate). A node is the
+    layer's when the exporter's module scope is inside it or its weight is the layer's parameter (a convolution the
+    exporter fused with the BatchNorm after it carries the BatchNorm's scope and the convolution's weight).
+    ``calibration``: inputs (structured like ``x``) whose activation ranges set the convolutions' static scales
+    (default: ``x`` itself, enough for timing; an export passes training batches). Raises when a marked layer's
+    nodes were not all quantized: a float kernel is never timed as int8."""
     data = to_onnx(module, x, dynamic_batch)
     marked = {name: m.fmt for name, m in module.named_modules() if isinstance(m, RuntimeFormat)}
     if not marked:
@@ -180,22 +187,64 @@ def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = 
     from pathlib import Path
 
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from torch.utils._pytree import tree_leaves
 
-    model = onnx.load_from_string(data)
-    inside = lambda scope: any(not m or scope == m or scope.startswith(m + ".") for m in marked)  # noqa: E731
-    gemms = {n.name for n in model.graph.node if inside(_scope(n)) and n.op_type == "Gemm"}
-    _gemm_to_matmul(model, gemms)
-    names = {n.name for n in model.graph.node if n.op_type in ("MatMul", "LSTM")
-             and (inside(_scope(n)) or n.name in {g + "_matmul" for g in gemms})}
     from hwprune.device.targets import _cpu_model_and_flags
 
-    vnni = any("vnni" in f for f in _cpu_model_and_flags()[1])
+    model = onnx.load_from_string(data)
+    inits = {i.name for i in model.graph.initializer}
+    inside = lambda path: any(not m or path == m or path.startswith(m + ".") for m in marked)  # noqa: E731
+
+    def mine(n: Any) -> bool:
+        return inside(_scope(n)) or any(i in inits and inside(i.rsplit(".", 1)[0]) for i in n.input)
+
+    gemms = {n.name for n in model.graph.node if n.op_type == "Gemm" and mine(n)}
+    _gemm_to_matmul(model, gemms)
+    convs = sorted(n.name for n in model.graph.node if n.op_type == "Conv" and mine(n))
+    dyn = sorted(n.name for n in model.graph.node if n.op_type in ("MatMul", "LSTM")
+                 and (mine(n) or n.name in {g + "_matmul" for g in gemms}))
+    reduce = not any("vnni" in f for f in _cpu_model_and_flags()[1])
+    names = [i.name for i in model.graph.input]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration or [x])
+
+        def get_next(self) -> dict[str, Any] | None:
+            b = next(self.batches, None)
+            if b is None:
+                return None
+            leaves = [t.detach().cpu().numpy() for t in tree_leaves(_call_args(b)) if isinstance(t, torch.Tensor)]
+            return dict(zip(names, leaves))
+
     with tempfile.TemporaryDirectory(prefix="hwprune-ort-") as tmp, _quiet():
-        out = Path(tmp) / "q.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=["MatMul", "LSTM"], nodes_to_quantize=sorted(names),
-                         weight_type=QuantType.QInt8, reduce_range=not vnni)
-        return out.read_bytes()
+        cur: Any = model
+        if convs:
+            quantize_static(cur, Path(tmp) / "s.onnx", Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv"], nodes_to_quantize=convs, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce)
+            cur = Path(tmp) / "s.onnx"
+        if dyn:
+            quantize_dynamic(cur, Path(tmp) / "d.onnx", op_types_to_quantize=["MatMul", "LSTM"],
+                             nodes_to_quantize=dyn, weight_type=QuantType.QInt8, reduce_range=reduce)
+            cur = Path(tmp) / "d.onnx"
+        out = cur if isinstance(cur, onnx.ModelProto) else onnx.load(cur)
+    _check_quantized(out, len(convs), len(dyn), sorted(marked))
+    return out.SerializeToString()
+
+
+def _check_quantized(model: Any, convs: int, dyn: int, layers: list[str]) -> None:
+    """Every marked node quantized: as many Conv nodes fed by a DequantizeLinear weight as marked convolutions, and
+    as many MatMulInteger / DynamicQuantizeLSTM nodes as marked MatMul / LSTM nodes."""
+    made = {n.output[0]: n.op_type for n in model.graph.node}
+    qconv = sum(1 for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1
+                and made.get(n.input[1]) == "DequantizeLinear")
+    qdyn = sum(1 for n in model.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeLSTM"))
+    if qconv < convs or qdyn < dyn or convs + dyn == 0:
+        raise HwpruneError(f"ONNX Runtime's quantizer left some of {', '.join(layers) or 'the model'} in float "
+                           f"({qconv} of {convs} convolutions, {qdyn} of {dyn} MatMul/LSTM nodes quantized)")
 
 
 class Session:

@@ -237,9 +237,9 @@ class CpuTarget(Target):
 
     def format_note(self) -> str:
         if self.runtime == "onnxruntime":
-            return ("the onnxruntime runtime offers int8 for Linear and LSTM layers (its dynamic quantization); GRU "
-                    "layers stay fp32 (ONNX Runtime has no quantized GRU), convolutions too (static QDQ int8 with "
-                    "calibration data is not measured by hwprune yet)")
+            return ("the onnxruntime runtime offers int8 for Linear and LSTM layers (its dynamic quantization) and "
+                    "convolutions (static QDQ, activation scales from calibration inputs); GRU layers stay fp32 (ONNX "
+                    "Runtime has no quantized GRU)")
         if self.runtime == "openvino":
             return ("the openvino runtime is priced in fp32 only: its int8 (NNCF post-training quantization) and "
                     "bf16 are not measured by hwprune yet")
@@ -260,7 +260,7 @@ class CpuTarget(Target):
 
     def offered_formats(self, op: str) -> tuple[str, ...]:
         if self.runtime == "onnxruntime":
-            return ("fp32", "int8") if op in ("linear", "lstm") else ("fp32",)
+            return ("fp32", "int8") if op in ("linear", "lstm", "conv1d", "conv2d") else ("fp32",)
         if self.runtime in ONNX_RUNTIMES:
             return ("fp32",)
         return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
