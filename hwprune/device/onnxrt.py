@@ -164,6 +164,9 @@ def _gemm_to_matmul(model: Any, names: set[str]) -> None:
         model.graph.node.append(helper.make_node("MatMul", [n.input[0], wt.name], [mm_out], name=n.name + "_matmul"))
         if len(n.input) > 2:
             model.graph.node.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=n.name + "_add"))
+    used = {i for n in model.graph.node for i in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in used]:  # the Gemm weights rewritten
+        model.graph.initializer.remove(init)
     onnx.checker.check_model(model)
 
 
