@@ -223,7 +223,7 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
         torch.jit.save(torch.jit.trace(model, args, check_trace=False), buf)
         return buf.getvalue()
 
-    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, Session, missing, runtime_onnx
+    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, Session, missing, runtime_onnx, to_onnx
 
     from hwprune.device.onnxrt import RuntimeFormat
 
@@ -233,10 +233,14 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, RuntimeFormat))
     savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module(), 1e-5),
               ("torchscript", out / "model.ts", via_torchscript, torch.jit.load, 1e-5)]
-    if onnx_rt is not None:
+    tol_q = 0.1 if quantized else 1e-5
+    if onnx_rt == "onnxruntime":
         savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
                                                                       calibration=calibration),
-                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), 0.1 if quantized else 1e-5))
+                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), tol_q))
+    elif onnx_rt == "openvino":  # the int8 of OpenVINO lives in its IR (model.xml): the ONNX file is the float graph
+        savers.append(("onnx", out / "model.onnx", lambda: to_onnx(model, args, dynamic_batch=True),
+                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), tol_q))
     else:
         checks["onnx"] = {"error": missing("onnxruntime")}
     with warnings.catch_warnings():
@@ -248,11 +252,40 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
                 checks[name] = {"error": one_line(exc, 200)}
         if "onnx" in checks:
             checks["onnx"]["checked_in"] = onnx_rt
-        if quantized:
-            for name in ("torch.export", "torchscript"):
-                checks.get(name, {})["note"] = f"computes {', '.join(quantized)} in fp32 (int8 in model.onnx only)"
-            checks.get("onnx", {})["int8_layers"] = quantized
+        if runtime == "openvino":
+            _save_openvino(model, args, others, refs, out, calibration, tol_q, kept, checks)
+    if quantized:
+        where = "model.xml" if runtime == "openvino" else "model.onnx"
+        for name in ("torch.export", "torchscript") + (("onnx",) if runtime == "openvino" else ()):
+            checks.get(name, {})["note"] = f"computes {', '.join(quantized)} in fp32 (int8 in {where} only)"
+        checks.get("openvino" if runtime == "openvino" else "onnx", {})["int8_layers"] = quantized
     return kept, checks
+
+
+def _save_openvino(model: nn.Module, args: tuple, others: list[tuple], refs: list[Any], out: Path,
+                   calibration: list[Any] | None, tol: float, kept: dict[str, str], checks: dict[str, Any]) -> None:
+    """The OpenVINO runtime's artifact: an IR (``model.xml`` + ``model.bin``, dynamic batch) with its int8 layers
+    quantized by NNCF on ``calibration`` inputs, kept only if OpenVINO reloads it and it computes the model's outputs
+    (within ``tol`` of their scale) at both batch sizes."""
+    from hwprune.device.onnxrt import load, openvino_model, save_openvino_ir
+
+    path = out / "model.xml"
+    try:
+        save_openvino_ir(openvino_model(model, args, dynamic_batch=True, calibration=calibration), str(path))
+        loaded = load("openvino", str(path), torch.get_num_threads())
+        diff, scale = 0.0, 1.0
+        for a, ref in zip([args] + others, refs):
+            d, s = output_diff(loaded(*a), ref)
+            diff, scale = max(diff, d), max(scale, s)
+        checks["openvino"] = {"max_abs_diff": diff, "checked_in": "openvino"}
+        if diff <= tol * max(1.0, scale):
+            kept["openvino"] = str(path)
+            return
+        checks["openvino"]["error"] = "reloaded outputs differ"
+    except Exception as exc:  # noqa: BLE001 - e.g. an op NNCF or the ONNX frontend does not take
+        checks["openvino"] = {"error": one_line(exc, 200)}
+    for p in (path, path.with_suffix(".bin")):
+        p.unlink(missing_ok=True)
 
 
 def _save_aoti(model: nn.Module, x: Any, out: Path, kept: dict[str, str], checks: dict[str, Any]) -> None:
@@ -377,13 +410,15 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x, spec.runtime, calib)
         if not artifacts:
             log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
+        own = "openvino" if spec.runtime == "openvino" else "onnx"  # the file the runtime loads
         if spec.runtime in ONNX_RUNTIMES and rep is not None:
-            if "onnx" in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
-                test_acc = evaluate(SessionModule(load_onnx(spec.runtime, artifacts["onnx"],
+            if own in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
+                test_acc = evaluate(SessionModule(load_onnx(spec.runtime, artifacts[own],
                                                             target.threads or torch.get_num_threads())), test, task=task)
             else:
-                log(f"hwprune: warning: no model.onnx for the {spec.runtime} runtime "
-                    f"({checks.get('onnx', {}).get('error')}); the test {metric} is the in-memory model's")
+                fname = "model.xml" if own == "openvino" else "model.onnx"
+                log(f"hwprune: warning: no {fname} for the {spec.runtime} runtime "
+                    f"({checks.get(own, {}).get('error')}); the test {metric} is the in-memory model's")
         if spec.runtime == "compile" and rep is not None:
             log(f"hwprune: compiling the AOTInductor package for batch {inputs.batch_len(x)} (the compile runtime's artifact)")
             _save_aoti(deployed, x, dest, artifacts, checks)
@@ -450,8 +485,9 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
 
     from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, load
 
-    if spec.runtime in ONNX_RUNTIMES and "onnx" in artifacts:  # what that runtime loads: the exported file
-        items = {"deployed": model_sampler(load(spec.runtime, artifacts["onnx"], target.threads or torch.get_num_threads()),
+    own = "openvino" if spec.runtime == "openvino" else "onnx"
+    if spec.runtime in ONNX_RUNTIMES and own in artifacts:  # what that runtime loads: the exported file
+        items = {"deployed": model_sampler(load(spec.runtime, artifacts[own], target.threads or torch.get_num_threads()),
                                            x, target, as_runtime=False)}
     else:
         items = {"deployed": model_sampler(deployed, x, target)}
@@ -469,8 +505,8 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     t = res.timing("deployed")
     out: dict[str, Any] = {"median_ms": t.median_us / 1e3, "spread_pct": t.spread_pct, "repeats": t.repeats,
                            "rounds": t.repeats, "on_target": True, "interleaved": target.interleaved,
-                           "measured": ("model.onnx in " + spec.runtime if spec.runtime in ONNX_RUNTIMES
-                                        and "onnx" in artifacts else f"the deployed model ({spec.runtime})")}
+                           "measured": (f"{Path(artifacts[own]).name} in {spec.runtime}" if spec.runtime in
+                                        ONNX_RUNTIMES and own in artifacts else f"the deployed model ({spec.runtime})")}
     for name, k in (("torchscript", "torchscript_median_ms"), ("aoti", "aoti_median_ms")):
         if name in items:
             out[k] = res.timing(name).median_us / 1e3
@@ -557,7 +593,8 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
              "torch.export": "`torch.export.load('model.pt2').module()` (any batch size)",
              "aoti": "`torch._inductor.aoti_load_package('model_aoti.pt2')` (compiled ahead of time, this batch size)",
              "onnx": "`onnxruntime.InferenceSession('model.onnx')` or `openvino.Core().read_model('model.onnx')` "
-                     "(any batch size)"}
+                     "(any batch size)",
+             "openvino": "`openvino.Core().read_model('model.xml')` (OpenVINO IR with its int8 layers, any batch size)"}
     how = [loads[k] for k in s["artifacts"] if k in loads]
     lines += ["", "Load without hwprune: " + (" or ".join(how) if how else "no plain-torch artifact could be written")
               + "."]

@@ -22,7 +22,7 @@ from torch import nn
 from hwprune.errors import HwpruneError
 
 __all__ = ["RUNTIMES", "missing", "runtime_fingerprint", "to_onnx", "Session", "RuntimeFormat", "runtime_onnx",
-           "SessionModule", "INT8_LAYERS"]
+           "openvino_model", "SessionModule", "INT8_LAYERS", "load"]
 
 RUNTIMES = ("onnxruntime", "openvino")
 _NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino")}
@@ -115,7 +115,10 @@ def to_onnx(module: nn.Module, x: Any, dynamic_batch: bool = False) -> bytes:
 # (MatMulInteger / DynamicQuantizeLSTM, activations quantized per call); convolutions by static QDQ (per-channel
 # int8 weights, uint8 activations whose scales come from calibration inputs; ONNX Runtime fuses the
 # DequantizeLinear -> Conv -> QuantizeLinear pattern into QLinearConv). Not GRU: ONNX Runtime has no quantized GRU.
-INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM, nn.Conv1d, nn.Conv2d)}
+# OpenVINO's int8: NNCF post-training quantization (FakeQuantize on the inputs and weights of the marked
+# Convolution / MatMul ops, scales from calibration inputs, fast bias correction). Its recurrent layers stay fp32
+# in hwprune (NNCF's LSTMSequence / GRUSequence quantization is not measured here).
+INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM, nn.Conv1d, nn.Conv2d), "openvino": (nn.Linear, nn.Conv1d, nn.Conv2d)}
 
 
 class RuntimeFormat(nn.Module):
@@ -170,6 +173,66 @@ def _gemm_to_matmul(model: Any, names: set[str]) -> None:
     onnx.checker.check_model(model)
 
 
+def _marked_nodes(model: Any, module: nn.Module, ops: tuple[str, ...]) -> list[str]:
+    """The ONNX nodes of type ``ops`` that belong to a :class:`RuntimeFormat` layer of ``module``: the exporter's
+    module scope is inside it, or its weight is the layer's parameter (a convolution the exporter fused with the
+    BatchNorm after it carries the BatchNorm's scope and the convolution's weight)."""
+    marked = [name for name, m in module.named_modules() if isinstance(m, RuntimeFormat)]
+    inits = {i.name for i in model.graph.initializer}
+    inside = lambda path: any(not m or path == m or path.startswith(m + ".") for m in marked)  # noqa: E731
+    return sorted(n.name for n in model.graph.node if n.op_type in ops
+                  and (inside(_scope(n)) or any(i in inits and inside(i.rsplit(".", 1)[0]) for i in n.input)))
+
+
+def _batches(x: Any, calibration: list[Any] | None, names: list[str]) -> list[dict[str, Any]]:
+    """Calibration inputs as feeds of the graph's inputs (``names``, the flattened tensors in order)."""
+    from torch.utils._pytree import tree_leaves
+
+    return [dict(zip(names, [t.detach().cpu().numpy() for t in tree_leaves(_call_args(b))
+                             if isinstance(t, torch.Tensor)])) for b in (calibration or [x])]
+
+
+def openvino_model(module: nn.Module, x: Any, dynamic_batch: bool = False,
+                   calibration: list[Any] | None = None) -> Any:
+    """``module`` as an ``openvino.Model`` read from its ONNX export; the Convolution / MatMul ops of its
+    :class:`RuntimeFormat` layers quantized to int8 by NNCF (``nncf.quantize``, every other op in its ignored
+    scope; scales from ``calibration`` inputs, default ``x``). Raises when NNCF quantized fewer ops than marked."""
+    require("openvino")
+    import openvino as ov
+
+    data = to_onnx(module, x, dynamic_batch)
+    with _quiet():
+        model = ov.convert_model(io.BytesIO(data))
+    marked = {m.fmt for m in module.modules() if isinstance(m, RuntimeFormat)}
+    if not marked:
+        return model
+    if marked != {"int8"}:
+        raise HwpruneError(f"the openvino runtime has no {sorted(marked - {'int8'})[0]} kernels in hwprune")
+    if importlib.util.find_spec("nncf") is None:
+        raise HwpruneError("int8 in the openvino runtime needs NNCF: pip install 'hwprune[openvino]'")
+    import onnx
+
+    import nncf
+
+    g = onnx.load_from_string(data)
+    nodes = _marked_nodes(g, module, ("Conv", "MatMul", "Gemm"))
+    mine = lambda name: any(name == n or name.startswith(n + "/") for n in nodes)  # noqa: E731
+    weighted = ("Convolution", "GroupConvolution", "MatMul")
+    ops = [op for op in model.get_ops() if op.get_type_name() in weighted]
+    keep = [op.get_friendly_name() for op in ops if mine(op.get_friendly_name())]
+    ignore = [op.get_friendly_name() for op in ops if not mine(op.get_friendly_name())]
+    feeds = _batches(x, calibration, [i.get_any_name() for i in model.inputs])
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # NNCF's bars
+        nncf.set_log_level(logging.ERROR)
+        q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), target_device=nncf.TargetDevice.CPU,
+                          ignored_scope=nncf.IgnoredScope(names=ignore, validate=False))
+    fq = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
+    if not keep or fq < len(keep):
+        raise HwpruneError(f"NNCF left some int8 layers in float ({fq} FakeQuantize ops for {len(keep)} marked "
+                           f"Convolution/MatMul ops)")
+    return q
+
+
 def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = False,
                  calibration: list[Any] | None = None) -> bytes:
     """:func:`to_onnx`, then the nodes of every :class:`RuntimeFormat` layer in its format (ONNX Runtime's int8, see
@@ -183,7 +246,7 @@ def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = 
     marked = {name: m.fmt for name, m in module.named_modules() if isinstance(m, RuntimeFormat)}
     if not marked:
         return data
-    bad = sorted({f for f in marked.values() if f != "int8"} | ({"int8"} if runtime not in INT8_LAYERS else set()))
+    bad = sorted({f for f in marked.values() if f != "int8"} | ({"int8"} if runtime != "onnxruntime" else set()))
     if bad:
         raise HwpruneError(f"the {runtime} runtime has no {bad[0]} kernels in hwprune")
     import tempfile
@@ -192,35 +255,23 @@ def runtime_onnx(module: nn.Module, x: Any, runtime: str, dynamic_batch: bool = 
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
-    from torch.utils._pytree import tree_leaves
 
     from hwprune.device.targets import _cpu_model_and_flags
 
     model = onnx.load_from_string(data)
-    inits = {i.name for i in model.graph.initializer}
-    inside = lambda path: any(not m or path == m or path.startswith(m + ".") for m in marked)  # noqa: E731
-
-    def mine(n: Any) -> bool:
-        return inside(_scope(n)) or any(i in inits and inside(i.rsplit(".", 1)[0]) for i in n.input)
-
-    gemms = {n.name for n in model.graph.node if n.op_type == "Gemm" and mine(n)}
+    gemms = set(_marked_nodes(model, module, ("Gemm",)))
     _gemm_to_matmul(model, gemms)
-    convs = sorted(n.name for n in model.graph.node if n.op_type == "Conv" and mine(n))
-    dyn = sorted(n.name for n in model.graph.node if n.op_type in ("MatMul", "LSTM")
-                 and (mine(n) or n.name in {g + "_matmul" for g in gemms}))
+    convs = _marked_nodes(model, module, ("Conv",))
+    dyn = sorted(set(_marked_nodes(model, module, ("MatMul", "LSTM"))) | {g + "_matmul" for g in gemms})
     reduce = not any("vnni" in f for f in _cpu_model_and_flags()[1])
-    names = [i.name for i in model.graph.input]
+    feeds = _batches(x, calibration, [i.name for i in model.graph.input])
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calibration or [x])
+            self.feeds = iter(feeds)
 
         def get_next(self) -> dict[str, Any] | None:
-            b = next(self.batches, None)
-            if b is None:
-                return None
-            leaves = [t.detach().cpu().numpy() for t in tree_leaves(_call_args(b)) if isinstance(t, torch.Tensor)]
-            return dict(zip(names, leaves))
+            return next(self.feeds, None)
 
     with tempfile.TemporaryDirectory(prefix="hwprune-ort-") as tmp, _quiet():
         cur: Any = model
@@ -255,7 +306,9 @@ class Session:
     as the module was (positional or keyword, any nesting: the leaves in order are the graph's inputs) and
     returning torch tensors (one, or a tuple when the graph has several outputs)."""
 
-    def __init__(self, runtime: str, onnx_bytes: bytes, threads: int) -> None:
+    def __init__(self, runtime: str, onnx_bytes: Any, threads: int) -> None:
+        """``onnx_bytes``: the ONNX model, or (OpenVINO) an ``openvino.Model`` already read (e.g. quantized by
+        NNCF, :func:`openvino_model`)."""
         require(runtime)
         self.runtime = runtime
         if runtime == "onnxruntime":
@@ -271,8 +324,11 @@ class Session:
         elif runtime == "openvino":
             import openvino as ov
 
-            with _quiet():
-                model = ov.convert_model(io.BytesIO(onnx_bytes))
+            if isinstance(onnx_bytes, (bytes, bytearray)):
+                with _quiet():
+                    model = ov.convert_model(io.BytesIO(onnx_bytes))
+            else:
+                model = onnx_bytes
             self._compiled = ov.Core().compile_model(model, "CPU", {
                 "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OV_PRECISION,
                 "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
@@ -300,9 +356,21 @@ class Session:
 
 
 def load(runtime: str, path: str, threads: int) -> Session:
-    """A saved ``model.onnx`` in ``runtime``."""
+    """A saved ``model.onnx`` in ``runtime``, or an OpenVINO IR (``model.xml`` beside its ``.bin``) in OpenVINO."""
+    if str(path).endswith(".xml"):
+        require("openvino")
+        import openvino as ov
+
+        return Session("openvino", ov.Core().read_model(str(path)), threads)
     with open(path, "rb") as f:
         return Session(runtime, f.read(), threads)
+
+
+def save_openvino_ir(model: Any, path: str) -> None:
+    """An ``openvino.Model`` as IR (``path`` = ``.xml``, weights in the ``.bin`` beside it), weights kept fp32."""
+    import openvino as ov
+
+    ov.save_model(model, str(path), compress_to_fp16=False)
 
 
 class SessionModule(nn.Module):

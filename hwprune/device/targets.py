@@ -193,9 +193,10 @@ class Target(ABC):
         """What this runtime runs for ``module``: the module itself, or (compile) ``torch.compile`` of it,
         compiled here on ``x`` so that the compilation is not inside a timing."""
         if self.runtime in ONNX_RUNTIMES:
-            from hwprune.device.onnxrt import Session, runtime_onnx
+            from hwprune.device.onnxrt import Session, openvino_model, runtime_onnx
 
-            return Session(self.runtime, runtime_onnx(module, x, self.runtime), self.threads or torch.get_num_threads())
+            graph = openvino_model(module, x) if self.runtime == "openvino" else runtime_onnx(module, x, self.runtime)
+            return Session(self.runtime, graph, self.threads or torch.get_num_threads())
         if self.runtime != "compile":
             return module
         return compile_module(module, x)
@@ -241,8 +242,9 @@ class CpuTarget(Target):
                     "convolutions (static QDQ, activation scales from calibration inputs); GRU layers stay fp32 (ONNX "
                     "Runtime has no quantized GRU)")
         if self.runtime == "openvino":
-            return ("the openvino runtime is priced in fp32 only: its int8 (NNCF post-training quantization) and "
-                    "bf16 are not measured by hwprune yet")
+            return ("the openvino runtime offers int8 for convolutions and Linear layers (NNCF post-training "
+                    "quantization, scales from calibration inputs); LSTM/GRU layers stay fp32, and its bf16 is not "
+                    "measured by hwprune yet")
         return ""
 
     def setup(self) -> None:
@@ -261,8 +263,8 @@ class CpuTarget(Target):
     def offered_formats(self, op: str) -> tuple[str, ...]:
         if self.runtime == "onnxruntime":
             return ("fp32", "int8") if op in ("linear", "lstm", "conv1d", "conv2d") else ("fp32",)
-        if self.runtime in ONNX_RUNTIMES:
-            return ("fp32",)
+        if self.runtime == "openvino":
+            return ("fp32", "int8") if op in ("linear", "conv1d", "conv2d") else ("fp32",)
         return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
 
     def realize(self, module: nn.Module, fmt: str) -> nn.Module:
