@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-e2e bench bench-quality install clean
+.PHONY: demo test test-e2e bench bench-quality bench-runtimes install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,3 +53,11 @@ bench-quality: $(STAMP)
 	$(BIN)/python bench/search_quality.py --seeds 2 --rows mobilenetv2 --name search_quality_mobilenetv2
 	$(BIN)/python bench/search_quality.py --seeds 2 --rows rnn --name search_quality_rnn
 	$(BIN)/python bench/search_quality.py --seeds 2 --rows lm --name search_quality_lm
+
+# The cpu runtimes (eager, torch.compile, ONNX Runtime, OpenVINO): the dense models side by side (2 min here),
+# predictor fidelity in the ONNX runtimes (cnn1d + GRU, ~13 min), one cnn1d search per runtime (~12 min)
+bench-runtimes: $(STAMP)
+	$(BIN)/python bench/runtimes.py --models cnn1d,resnet20,mobilenetv2,lstm,gru,lstm-lm,zoo:crnn
+	$(BIN)/python bench/predictor_fidelity.py --runtime onnxruntime --models cnn1d,gru --runs 1
+	$(BIN)/python bench/predictor_fidelity.py --runtime openvino --models cnn1d,gru --runs 1
+	$(BIN)/python bench/runtime_search.py --trials 8
