@@ -333,3 +333,20 @@ def test_search_and_export_in_an_onnx_runtime_measure_the_file_that_runtime_load
     sess = load(runtime, s["artifacts"][key], 1)
     assert sess(torch.randn(5, 4)).shape == (5, 3)
     assert 0 <= s["test_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_dict_inputs_reach_the_graph_by_name_in_any_order(runtime):
+    """A model called as model(**inputs): exported from one dict order, called with another, the session feeds
+    each tensor to the graph input of its name."""
+    _need(runtime)
+
+    class TwoInputs(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a * 2 + b[:, :1]
+
+    m = TwoInputs().eval()
+    x = {"b": torch.randn(4, 3), "a": torch.randn(4, 1)}
+    sess = Session(runtime, to_onnx(m, x), threads=1)
+    y = {"a": x["a"], "b": x["b"]}
+    assert float((sess(**y) - m(**y)).abs().max()) < 1e-6

@@ -341,8 +341,11 @@ class Session:
         import numpy as np
         from torch.utils._pytree import tree_leaves
 
-        arrays = [t.detach().cpu().contiguous().numpy() for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)]
+        if not args and kwargs and set(kwargs) == set(self.input_names):  # by name: any dict order
+            leaves = [kwargs[n] for n in self.input_names]
+        else:
+            leaves = tree_leaves((args, kwargs))
+        arrays = [t.detach().cpu().contiguous().numpy() for t in leaves if isinstance(t, torch.Tensor)]
         if len(arrays) != len(self.input_names):
             raise HwpruneError(f"the {self.runtime} graph takes {len(self.input_names)} input(s) "
                                f"({', '.join(self.input_names)}), called with {len(arrays)} tensor(s)")
