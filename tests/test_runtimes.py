@@ -274,7 +274,8 @@ def test_the_target_session_restores_every_process_wide_setting_it_changes(monke
 def test_int8_in_openvino_is_nncf_quantization_of_the_marked_layers():
     """The first convolution and the first Linear of a small net realized in int8 for OpenVINO: NNCF puts
     FakeQuantize ops in front of them, not of the rest (at least one per marked op, fewer than for all four); the
-    compiled model stays within 5% of the float outputs at batch 4 and 9, and is not exact. LSTMs are not offered."""
+    compiled model stays within 5% of the float outputs at batch 4 and 9, and is not exact. LSTMs are not offered.
+    NNCF's logger level, set for the call, is back where it was."""
     _need("openvino")
     pytest.importorskip("nncf", reason="int8 in the openvino runtime needs NNCF (the openvino extra)")
     from hwprune.device.onnxrt import openvino_model
@@ -297,7 +298,12 @@ def test_int8_in_openvino_is_nncf_quantization_of_the_marked_layers():
     marked = Net().eval()
     marked.load_state_dict(model.state_dict())
     marked.c1, marked.f1 = target.realize(marked.c1, "int8"), target.realize(marked.f1, "int8")
+    import logging
+
+    nlog = logging.getLogger("nncf")
+    before = nlog.level
     ovm = openvino_model(marked, torch.randn(4, 4, 20), dynamic_batch=True, calibration=[torch.randn(32, 4, 20)])
+    assert nlog.level == before  # NNCF's log level is process-wide: quieted for the call, then restored
     fq = [op for op in ovm.get_ops() if op.get_type_name() == "FakeQuantize"]
     everything = openvino_model(nn.Sequential(*[target.realize(m, "int8") for m in (nn.Linear(8, 8), nn.Linear(8, 8))]),
                                 torch.randn(4, 8))

@@ -222,10 +222,18 @@ def openvino_model(module: nn.Module, x: Any, dynamic_batch: bool = False,
     keep = [op.get_friendly_name() for op in ops if mine(op.get_friendly_name())]
     ignore = [op.get_friendly_name() for op in ops if not mine(op.get_friendly_name())]
     feeds = _batches(x, calibration, [i.get_any_name() for i in model.inputs])
-    with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # NNCF's bars
-        nncf.set_log_level(logging.ERROR)
-        q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds), target_device=nncf.TargetDevice.CPU,
-                          ignored_scope=nncf.IgnoredScope(names=ignore, validate=False))
+    nlog = logging.getLogger("nncf")  # what nncf.set_log_level sets: the logger and its handlers, restored after
+    levels = [nlog.level] + [h.level for h in nlog.handlers]
+    try:
+        with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # bars
+            nncf.set_log_level(logging.ERROR)
+            q = nncf.quantize(model, nncf.Dataset(feeds), subset_size=len(feeds),
+                              target_device=nncf.TargetDevice.CPU,
+                              ignored_scope=nncf.IgnoredScope(names=ignore, validate=False))
+    finally:
+        nlog.setLevel(levels[0])
+        for h, lv in zip(nlog.handlers, levels[1:]):
+            h.setLevel(lv)
     fq = sum(1 for op in q.get_ops() if op.get_type_name() == "FakeQuantize")
     if not keep or fq < len(keep):
         raise HwpruneError(f"NNCF left some int8 layers in float ({fq} FakeQuantize ops for {len(keep)} marked "
