@@ -69,7 +69,7 @@ def test_apply_uniform_builtin_json_keys():
     (["inspect", "--model", "cnn1d", "--input-shape", "1,x"], ["'1,x'"]),
     (["apply", "--model", "cnn1d", "--uniform", "1.5"], ["1.5"]),
     (["apply", "--model", "cnn1d", "--uniform", "0.5", "--channel-multiple", "0"], ["positive integer", "'0'"]),
-    (["train", "--model", "cnn1d", "--data", "mnist1d", "--batch-size", "0"], ["positive integer", "'0'"]),
+    (["train", "--model", "cnn1d", "--data", "mnist1d", "--train-batch-size", "0"], ["positive integer", "'0'"]),
     (["inspect", "--model", "lstm", "--model-args", "layers=2"], ["layers"]),
 ])
 def test_bad_input_is_one_line(args, needles):
@@ -107,3 +107,39 @@ def test_train_caches_and_reports_test_accuracy(tmp_path):
     ap = run_cli("apply", "--model", "cnn1d", "--data", "mnist1d", "--uniform", "0.75", "--json", env=env)
     assert ap.returncode == 0, ap.stderr
     assert json.loads(ap.stdout)["val_accuracy_before"] > 0.5
+
+
+def _actions(cmd: str) -> dict:
+    from hwprune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    return {flag: a for a in sub.choices[cmd]._actions for flag in a.option_strings}, sub.choices[cmd]
+
+
+def test_cli_conventions_hold_for_every_command():
+    """Closed sets have choices; one meaning per flag name (the training batch is --train-batch-size, the latency
+    batch --batch-size; only the pricing commands have --allow-foreign-table); --device takes cuda:N; the model
+    help lists every built-in model; every command's --help ends with an example of itself."""
+    import argparse
+
+    from hwprune.models import MODELS
+
+    cmds = ("train", "inspect", "apply", "profile", "predict", "validate", "search", "pareto", "export")
+    for cmd in cmds:
+        acts, parser = _actions(cmd)
+        assert parser.epilog and f"hwprune {cmd} " in parser.epilog, cmd
+        for flag in ("--target", "--runtime", "--sampler", "--backend", "--format", "--importance", "--schedule"):
+            if flag in acts:
+                assert acts[flag].choices, (cmd, flag)
+        if "--device" in acts:
+            assert acts["--device"].type("cuda:1") == "cuda:1"
+            with pytest.raises(argparse.ArgumentTypeError):
+                acts["--device"].type("gpu0")
+        if "--model" in acts:
+            assert all(name in acts["--model"].help for name in MODELS.names()), cmd
+        if "--batch-size" in acts:
+            assert "latency" in acts["--batch-size"].help or "the latency is for" in acts["--batch-size"].help, cmd
+        assert ("--allow-foreign-table" in acts) == (cmd in ("predict", "validate", "search")), cmd
+        assert ("--table" in acts) == (cmd in ("predict", "validate", "search")), cmd
+    assert "--train-batch-size" in _actions("train")[0] and "--batch-size" not in _actions("train")[0]
+    assert "all" in _actions("profile")[0]["--runtime"].choices and "all" not in _actions("search")[0]["--runtime"].choices

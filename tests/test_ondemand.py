@@ -167,7 +167,8 @@ def test_flags_suggested_by_table_refusals_exist(tmp_path):
     for cmd in ("search", "predict", "validate"):
         for flag in flags - {"--target", "--batch-size"}:
             assert flag in _help(cmd), f"{cmd} has no {flag}"
-    assert "--allow-foreign-table" in _help("export")
+    # export measures on this machine or not: its own flag, not the table flag of the commands that price
+    assert "--measure-here" in _help("export") and "--allow-foreign-table" not in _help("export")
 
 
 # --- concurrent use ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The search end to end through the CLI, resume, and bad input."""
 import csv
 import json
+import re
 
 import pytest
 
@@ -69,8 +70,13 @@ def test_tiny_search_resumes_without_losing_or_repeating(tables, tmp_path):
     assert (out / "pareto.csv").exists() and json.loads((out / "run.json").read_text())["table_fingerprint"]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # stderr is a pipe here, not a terminal: no bar is drawn, one progress line per finished trial instead
+    lines = [ln for ln in first.stderr.splitlines() if re.match(r"hwprune: trial \d+ done \(\d/3, ", ln)]
+    assert [ln.split("(")[1].split(",")[0] for ln in lines] == ["1/3", "2/3", "3/3"], first.stderr
+    assert all("val accuracy 0." in ln or "stopped early" in ln for ln in lines)
     second = _search(tables, out, cache, "--trials", "5")
     assert second.returncode == 0, second.stderr
+    assert "done (4/5, " in second.stderr and "done (5/5, " in second.stderr and "(1/5" not in second.stderr
     s2 = json.loads(second.stdout)
     assert s2["resumed"] and s2["trials"] == 5
     rows2 = list(csv.DictReader(open(out / "trials.csv")))
@@ -207,6 +213,11 @@ def test_dominance_rule_stops_only_clear_losers():
     assert rule.check(0.9, 50, 0.50) is None  # faster than every finished trial: it may still be on the front
     assert rule.check(1.2, 75, 0.10) is None  # no reference at this step
     assert DominanceRule(margin=0).check(5.0, 50, 0.0) is None
+    # a perplexity is searched as its negative: the message names the metric and shows it as it is
+    lm = DominanceRule(margin=0.05, metric="perplexity", sign=-1.0)
+    lm.add(3, latency_ms=1.0, curve={"50": -4.2}, final=-4.1)
+    msg = lm.check(1.2, 50, -11.9895)
+    assert "val perplexity 11.9895" in msg and "had 4.2000" in msg and "acc" not in msg
 
 
 def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch):
@@ -215,7 +226,7 @@ def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch):
     from hwprune.search import controller
     from hwprune.search.early_stop import DominanceRule
 
-    def rule_with_perfect_reference(study, spec):
+    def rule_with_perfect_reference(study, spec, task):
         rule = DominanceRule(spec.early_stop_margin)
         rule.add(-1, 0.0, {"10": 1.0, "20": 1.0}, 1.0)
         return rule

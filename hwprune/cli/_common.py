@@ -7,11 +7,32 @@ import sys
 from typing import Any
 
 __all__ = ["log", "add_model_args", "add_shape_args", "setup_from_args", "parse_exclude", "emit", "positive",
-           "keep_ratio", "grid", "Parser", "RUNTIME_CHOICES"]
+           "keep_ratio", "grid", "Parser", "RUNTIME_CHOICES", "TARGET_CHOICES", "device", "model_help", "example"]
 
 # every runtime of any target (a target refuses the ones it has not in one line: cudagraph is cuda's,
 # onnxruntime / openvino the cpu's)
 RUNTIME_CHOICES = ("eager", "compile", "cudagraph", "onnxruntime", "openvino")
+TARGET_CHOICES = ("cpu", "cuda", "arm")
+
+
+def model_help() -> str:
+    from hwprune.models import MODELS
+
+    return (f"built-in model ({', '.join(MODELS.names())}) or path/to/file.py:factory or package.module:factory "
+            f"returning an nn.Module")
+
+
+def example(*lines: str) -> dict[str, Any]:
+    """A subcommand's epilog: its example command lines, printed as written."""
+    return {"epilog": "example:\n" + "\n".join("  " + ln for ln in lines) + "\n",
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def device(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N (checked against this machine when it is used)."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
 
 
 def log(msg: str) -> None:
@@ -19,9 +40,7 @@ def log(msg: str) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser, data_required: bool = False) -> None:
-    p.add_argument("--model", required=True,
-                   help="built-in model (cnn1d, resnet20, mobilenetv2, lstm, gru) or path/to/file.py:factory "
-                        "or package.module:factory returning an nn.Module")
+    p.add_argument("--model", required=True, help=model_help())
     p.add_argument("--model-args", default=None, metavar="K=V,...",
                    help="arguments for the model factory, e.g. num_layers=2,bidirectional=true or width_mult=0.5")
     p.add_argument("--data", required=data_required,
@@ -78,11 +97,6 @@ def keep_ratio(text: str) -> float:
     return v
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"hwprune: error: {message} (see --help)\n")
-
-
 def positive(text: str) -> int:
     try:
         v = int(text)
@@ -101,7 +115,6 @@ def grid(text: str) -> tuple[float, ...]:
     if not vals or any(not 0 < v <= 1 for v in vals) or 1.0 not in vals:
         raise argparse.ArgumentTypeError(f"grid ratios must be in (0, 1] and include 1.0, got {text!r}")
     return vals
-
 
 
 class Parser(argparse.ArgumentParser):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hwprune.cli._common import (add_model_args, add_shape_args, emit, keep_ratio, log, parse_exclude, positive,
-                                 setup_from_args)
+from hwprune.cli._common import (add_model_args, add_shape_args, device, emit, example, keep_ratio, log,
+                                 parse_exclude, positive, setup_from_args)
 from hwprune.errors import HwpruneError
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = hit[1]
     else:
         epochs = args.epochs or DEFAULT_EPOCHS.get(args.model, 20)
-        cfg = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        cfg = TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.train_batch_size, seed=args.seed, device=args.device,
                           task=s.task)
         log(f"hwprune: training {args.model} on {args.data} for {epochs} epochs "
              f"({len(s.data.train)} train / {len(s.data.val)} val examples)")
@@ -122,25 +122,28 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     from hwprune.apply.importance import IMPORTANCES
     from hwprune.policy import FORMATS
-    from hwprune.train import DEVICES
 
-    t = sub.add_parser("train", help="train the dense base model and cache it (keyed by model, data, seed)")
+    t = sub.add_parser("train", help="train the dense base model and cache it (keyed by model, data, seed)",
+                       **example("hwprune train --model gru --data mnist1d --epochs 5"))
     add_model_args(t, data_required=True)
     t.add_argument("--epochs", type=positive, default=None, help="epochs (default: per model, tuned to reach the README's accuracies)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, one-cycle; default 3e-3)")
-    t.add_argument("--batch-size", type=positive, default=128, help="training batch size (default 128)")
+    t.add_argument("--train-batch-size", type=positive, default=128, help="training batch size (default 128)")
     t.add_argument("--retrain", action="store_true", help="train again even if a cached model exists (replaces it)")
     t.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
-    t.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where to train: auto (the GPU when torch sees one, default), cpu or cuda")
+    t.add_argument("--device", type=device, default="auto",
+                   help="where to train: auto (the GPU when torch sees one, default), cpu, cuda or cuda:N")
     t.set_defaults(fn=cmd_train)
 
-    i = sub.add_parser("inspect", help="list prunable groups, quantizable layers, params and FLOPs")
+    i = sub.add_parser("inspect", help="list prunable groups, quantizable layers, params and FLOPs",
+                       **example("hwprune inspect --model path/to/my_model.py:build --input-shape 3,32,32"))
     add_model_args(i)
     add_shape_args(i)
     i.set_defaults(fn=cmd_inspect)
 
-    a = sub.add_parser("apply", help="apply a policy (or a uniform keep ratio) and write the pruned model")
+    a = sub.add_parser("apply", help="apply a policy (or a uniform keep ratio) and write the pruned model",
+                       **example("hwprune apply --model cnn1d --data mnist1d --uniform 0.5 --finetune-steps 200 "
+                                 "--out cnn1d-half.pt"))
     add_model_args(a)
     add_shape_args(a)
     src = a.add_mutually_exclusive_group(required=True)
@@ -151,6 +154,6 @@ def register(sub: Any) -> None:
     a.add_argument("--importance", default="l1", choices=IMPORTANCES, help="which units to keep (default l1)")
     a.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after pruning (needs --data)")
     a.add_argument("--out", default=None, help="write the pruned model artifact here (.pt)")
-    a.add_argument("--device", choices=DEVICES, default="auto",
-                   help="where to fine-tune: auto (the GPU when torch sees one, default), cpu or cuda")
+    a.add_argument("--device", type=device, default="auto",
+                   help="where to fine-tune: auto (the GPU when torch sees one, default), cpu, cuda or cuda:N")
     a.set_defaults(fn=cmd_apply)

@@ -6,43 +6,45 @@ import sys
 import time
 from typing import Any
 
-from hwprune.cli._common import (RUNTIME_CHOICES, add_model_args, add_shape_args, emit, grid, log, parse_exclude,
-                                 positive, setup_from_args)
+from hwprune.cli._common import (RUNTIME_CHOICES, TARGET_CHOICES, add_model_args, add_shape_args, emit, example, grid,
+                                 log, parse_exclude, positive, setup_from_args)
 from hwprune.errors import HwpruneError
 from hwprune.device.targets import fingerprint_line
 
-def _add_latency_args(p: argparse.ArgumentParser, measure: bool) -> None:
-    p.add_argument("--target", required=True, help="device kind: cpu, cuda or arm")
+def _add_latency_args(p: argparse.ArgumentParser, cmd: str) -> None:
+    """The latency flags of ``cmd`` (profile, predict or validate): profile and validate measure on this machine,
+    predict and validate read a table."""
+    measure, reads = cmd in ("profile", "validate"), cmd in ("predict", "validate")
+    p.add_argument("--target", required=True, choices=TARGET_CHOICES, help="device kind: cpu, cuda or arm")
     p.add_argument("--batch-size", type=positive, default=None,
                    help="batch size the latency is for (default: the model's, 512 for cnn1d, 16 otherwise)")
     p.add_argument("--threads", type=positive, default=1,
                    help="CPU threads (part of the table's fingerprint; default 1)")
     p.add_argument("--runtime", default=None,
-                   choices=RUNTIME_CHOICES + (("all",) if p.prog.split()[-1] == "profile" else ()),
+                   choices=RUNTIME_CHOICES + (("all",) if cmd == "profile" else ()),
                    help="how the model runs on the target, part of the table's fingerprint: eager (default); "
                         "compile (torch.compile: every layer and model compiled before it is timed; compiled "
                         "kernels are cached under ~/.cache/hwprune/inductor); on cpu also onnxruntime and openvino "
                         "(every layer and model exported to ONNX and run there, fp32; the onnx / openvino extras); "
                         "on cuda also cudagraph (every layer and model timed as the replay of a captured CUDA graph)"
                         + ("; all: measure the dense model in every runtime that runs here, side by side, and stop "
-                           "(no table is written)" if p.prog.split()[-1] == "profile" else ""))
+                           "(no table is written)" if cmd == "profile" else ""))
     p.add_argument("--tables", default=None, metavar="DIR",
                    help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or ~/.cache/hwprune/tables "
-                        "for this machine's tables, then the reference tables in the repository's latency_tables/)")
+                        "for this machine's tables, then the reference tables shipped with hwprune)")
     p.add_argument("--channel-multiple", type=positive, default=8, help="kept units are multiples of this (default 8)")
     if measure:
         p.add_argument("--repeats", type=positive, default=10,
                        help="rounds of interleaved timing (default 10): every item (layer configuration or whole "
                             "model, and the dense model as the speed reference) is timed once per round in a fresh "
-                            "random order, its median over rounds kept; items whose spread is over 10%% after them get half as "
-                            "many rounds again")
+                            "random order, its median over rounds kept; items whose spread is over 10%% after them "
+                            "get half as many rounds again")
         p.add_argument("--emulate", action="store_true",
                        help="--target arm on a non-ARM machine: use the qnnpack engine here; the table is marked emulated")
-    else:
+    if reads:
         p.add_argument("--table", default=None, help="the table file to use when several match")
         p.add_argument("--allow-missing", action="store_true",
                        help="price configurations missing from the table by interpolation, flagged as estimated")
-    if p.prog.split()[-1] != "profile":
         p.add_argument("--allow-foreign-table", action="store_true",
                        help="use a table measured on another device/torch version though this machine is the target")
         p.add_argument("--no-profile", dest="profile", action="store_false",
@@ -218,10 +220,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    pr = sub.add_parser("profile", help="measure every reachable layer configuration of a model on this device")
+    pr = sub.add_parser("profile", help="measure every reachable layer configuration of a model on this device",
+                        **example("hwprune profile --target cpu --model resnet20",
+                                  "hwprune profile --target cpu --model cnn1d --runtime all   # which runtime is fastest here?"))
     add_model_args(pr)
     add_shape_args(pr)
-    _add_latency_args(pr, measure=True)
+    _add_latency_args(pr, "profile")
     from hwprune.latency.profiler import DEFAULT_GRID
 
     pr.add_argument("--grid", type=grid, default=DEFAULT_GRID, metavar="R,R,...",
@@ -231,17 +235,19 @@ def register(sub: Any) -> None:
     pr.set_defaults(fn=cmd_profile)
 
     pd = sub.add_parser("predict", help="price a policy from a latency table (this machine is profiled first if it "
-                                        "is the target and has no table for the model)")
+                                        "is the target and has no table for the model)",
+                        **example("hwprune predict --target cpu --model cnn1d --policy runs/demo-cnn1d/best_policy.json --by-layer"))
     add_model_args(pd)
     add_shape_args(pd)
-    _add_latency_args(pd, measure=False)
+    _add_latency_args(pd, "predict")
     pd.add_argument("--policy", required=True, help="policy JSON file")
     pd.add_argument("--by-layer", action="store_true", help="list each layer's table entry")
     pd.set_defaults(fn=cmd_predict)
 
-    v = sub.add_parser("validate", help="measure random policies end to end and compare with the predictor")
+    v = sub.add_parser("validate", help="measure random policies end to end and compare with the predictor",
+                       **example("hwprune validate --target cpu --model gru --samples 20"))
     add_model_args(v)
     add_shape_args(v)
-    _add_latency_args(v, measure=True)
+    _add_latency_args(v, "validate")
     v.add_argument("--samples", type=positive, default=20, help="random policies to measure (default 20)")
     v.set_defaults(fn=cmd_validate)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from hwprune.cli._common import (RUNTIME_CHOICES, emit, log, parse_exclude, positive)
+from hwprune.cli._common import (RUNTIME_CHOICES, TARGET_CHOICES, device, emit, example, log, model_help,
+                                 parse_exclude, positive)
 
 _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed", "finetune_steps", "storage",
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
@@ -65,7 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hwprune.export import export_run
 
     s = export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
-                   args.measure_here or args.allow_foreign_table, log=log, storage=args.storage, device=args.device)
+                   args.measure_here, log=log, storage=args.storage, device=args.device)
     if not args.json:
         m = s["measured_latency_ms"]
         mt, split = s.get("metric", "accuracy"), s["test_split"].split(" ")[0]
@@ -80,21 +81,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     from hwprune.apply.importance import IMPORTANCES
-    from hwprune.train import DEVICES
+    from hwprune.search.spec import SAMPLERS
 
-    se = sub.add_parser("search", help="search per-layer keep ratios and formats under a latency budget")
+    se = sub.add_parser("search", help="search per-layer keep ratios and formats under a latency budget",
+                        **example("hwprune search --spec search/cnn1d-mnist1d-cpu.yaml --out runs/demo-cnn1d",
+                                  "hwprune search --model my_model.py:build --data my_data.py:load --target cpu "
+                                  "--budget 50% --trials 30"))
     se.add_argument("--spec", help="a search spec (YAML, e.g. search/gru-mnist1d-cpu.yaml); flags override it")
-    se.add_argument("--model", help="built-in model or path/to/file.py:factory")
+    se.add_argument("--model", help=model_help())
     se.add_argument("--model-args", default=None, metavar="K=V,...", help="arguments for the model factory")
     se.add_argument("--data", help="built-in data (mnist1d, mnist5k, pydoc) or path/to/file.py:factory")
     se.add_argument("--task", help="classification (accuracy; default), language-model (perplexity) or "
                                    "path/to/file.py:factory; default: the data's own task")
-    se.add_argument("--target", help="cpu, cuda or arm (default cpu)")
+    se.add_argument("--target", choices=TARGET_CHOICES, help="cpu, cuda or arm (default cpu)")
     se.add_argument("--budget", help="latency per forward pass at the spec's batch size: 10ms, 2.5 ms, 800us, "
                                      "0.01s, or 50%% of the dense model's predicted latency")
     se.add_argument("--trials", type=positive, help="completed trials wanted (default 20; a resumed study counts "
                                                      "the ones it has)")
-    se.add_argument("--sampler", help="tpe (default), nsga2 or random")
+    se.add_argument("--sampler", choices=SAMPLERS, help="tpe (default), nsga2 or random")
     se.add_argument("--seed", type=int, help="seed for the sampler and the fine-tunes (default 0)")
     se.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial (default 100)")
     se.add_argument("--lr", type=float, help="fine-tune learning rate (default 1e-3)")
@@ -124,7 +128,7 @@ def register(sub: Any) -> None:
                                       "default: a journal file in the run directory")
     se.add_argument("--study", help="study name (default: model-data-target-budget)")
     se.add_argument("--out", help="run directory (default runs/<study>)")
-    se.add_argument("--backend", help="local (default) or ray")
+    se.add_argument("--backend", choices=("local", "ray"), help="local (default) or ray")
     se.add_argument("--ray-address", help="with --backend ray: auto or host:port")
     se.add_argument("--workers", type=positive, help="with --backend ray: concurrent trials")
     se.add_argument("--cpus-per-trial", type=float, help="with --backend ray")
@@ -136,9 +140,9 @@ def register(sub: Any) -> None:
                          "AOTInductor package); on cpu also onnxruntime and openvino (the model exported to ONNX and "
                          "run there: tables, calibration and export's measurement of model.onnx; int8 for Linear/LSTM "
                          "in onnxruntime); on cuda also cudagraph (CUDA graph replays)")
-    se.add_argument("--device", choices=DEVICES,
-                    help="where base training and fine-tunes run: auto (the GPU when torch sees one, default), cpu "
-                         "or cuda; Ray trials use the GPU --gpus-per-trial gives them")
+    se.add_argument("--device", type=device,
+                    help="where base training and fine-tunes run: auto (the GPU when torch sees one, default), cpu, "
+                         "cuda or cuda:N; Ray trials use the GPU --gpus-per-trial gives them")
     se.add_argument("--threads", type=positive, help="CPU threads of the table (default 1)")
     se.add_argument("--tables", help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or "
                                      "~/.cache/hwprune/tables, then the repository's latency_tables/)")
@@ -159,14 +163,16 @@ def register(sub: Any) -> None:
     se.add_argument("--json", action="store_true", help="print a JSON summary (pareto, budget_ms, ...) at the end")
     se.set_defaults(fn=cmd_search)
 
-    pa = sub.add_parser("pareto", help="print the Pareto front of a search run again")
+    pa = sub.add_parser("pareto", help="print the Pareto front of a search run again",
+                        **example("hwprune pareto runs/demo-cnn1d"))
     pa.add_argument("run_dir", help="the run directory (runs/<study>)")
     pa.add_argument("--storage", help="the study's storage URL, when it has a password (run.json keeps it masked)")
     pa.add_argument("--json", action="store_true", help="print JSON")
     pa.set_defaults(fn=cmd_pareto)
 
     ex = sub.add_parser("export", help="fine-tune a searched policy longer, deploy it on the target's kernels, "
-                                       "measure it and save a model plain torch loads")
+                                       "measure it and save a model plain torch loads",
+                        **example("hwprune export runs/demo-cnn1d --trial best"))
     ex.add_argument("run_dir", help="the run directory of 'hwprune search' (runs/<study>)")
     ex.add_argument("--trial", default="best", help="'best' (most accurate feasible point, default) or a trial number")
     ex.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps (default 1000)")
@@ -180,11 +186,8 @@ def register(sub: Any) -> None:
                          "fresh order; half as many again for any whose spread is over 10%%")
     ex.add_argument("--measure-here", action="store_true",
                     help="measure even when this machine differs from the run's latency table (labelled so)")
-    ex.add_argument("--allow-foreign-table", action="store_true",
-                    help="the same as --measure-here: export on this machine though the run's table was "
-                         "measured on another device (the measurement is labelled so)")
     ex.add_argument("--storage", help="the study's storage URL, when it has a password (run.json keeps it masked)")
-    ex.add_argument("--device", choices=DEVICES, default=None,
-                    help="where the fine-tune runs: auto, cpu or cuda (default: the run's --device)")
+    ex.add_argument("--device", type=device, default=None,
+                    help="where the fine-tune runs: auto, cpu, cuda or cuda:N (default: the run's --device)")
     ex.add_argument("--json", action="store_true", help="print the summary as JSON")
     ex.set_defaults(fn=cmd_export)

@@ -211,7 +211,7 @@ def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], N
     grace = spec.heartbeat_grace
     todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace)
     progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
-    rule = rule_from(study, spec)
+    rule = rule_from(study, spec, ctx.task)
     try:
         while todo > 0:
             for _ in range(todo):

@@ -38,8 +38,13 @@ class Reference:
 
 @dataclass
 class DominanceRule:
+    """``margin`` on the score (higher is better: a perplexity's score is its negative); ``metric`` and ``sign``
+    name and recover the metric in messages (``sign * score``)."""
+
     margin: float = 0.05
     refs: list[Reference] = field(default_factory=list)
+    metric: str = "accuracy"
+    sign: float = 1.0
 
     def add(self, trial: int, latency_ms: float, curve: dict[int, float] | dict[str, float], final: float) -> None:
         self.refs.append(Reference(trial, latency_ms, {int(k): float(v) for k, v in curve.items()}, final))
@@ -58,5 +63,6 @@ class DominanceRule:
                     best = r
         if best is None:
             return None
-        return (f"stopped at step {step}: val acc {accuracy:.4f}, while trial {best.trial} (predicted "
-                f"{best.latency_ms:.4f} ms <= {latency_ms:.4f} ms) had {best.curve[step]:.4f} there")
+        return (f"stopped at step {step}: val {self.metric} {self.sign * accuracy:.4f}, while trial {best.trial} "
+                f"(predicted {best.latency_ms:.4f} ms <= {latency_ms:.4f} ms) had {self.sign * best.curve[step]:.4f} "
+                f"there")

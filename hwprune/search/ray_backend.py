@@ -268,7 +268,7 @@ def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None
     todo = max(0, spec.trials - len(finished(study.trials)))
     progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
     StudySearcher, DominanceScheduler = _make_classes()
-    scheduler = DominanceScheduler(rule_from(study, spec))
+    scheduler = DominanceScheduler(rule_from(study, spec, ctx.task))
     searcher = StudySearcher(ctx, study, progress, scheduler, spec.trials)
     res = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(_trainable, spec=_portable_spec(spec),

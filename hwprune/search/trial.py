@@ -238,11 +238,12 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
     return task.score(evaluate(model, val, task=task)), params
 
 
-def rule_from(study: Any, spec: SearchSpec) -> Any:
-    """The early-stopping rule, holding the finished trials of a (resumed) study."""
+def rule_from(study: Any, spec: SearchSpec, task: Any) -> Any:
+    """The early-stopping rule, holding the finished trials of a (resumed) study; its messages in ``task``'s
+    metric."""
     from hwprune.search.early_stop import DominanceRule
 
-    rule = DominanceRule(spec.early_stop_margin)
+    rule = DominanceRule(spec.early_stop_margin, metric=task.metric, sign=task.sign)
     for t in study.get_trials(deepcopy=False):
         if t.state.name == "COMPLETE" and t.user_attrs.get("curve"):
             rule.add(t.number, t.values[1], t.user_attrs["curve"], t.values[0])
@@ -280,6 +281,9 @@ class Progress:
         self.out, self.ctx, self.log = out, ctx, log
         self.bar = tqdm(total=total, initial=done, desc="search", unit="trial", file=sys.stderr, disable=None)
         self.failed = 0
+        # not a terminal (a log file, CI): no bar is drawn, so one line per finished trial instead
+        self.lines = bool(self.bar.disable)
+        self.done, self.total, self.t0 = done, total, time.monotonic()
 
     def trial_ended(self, study: Any, number: int) -> list[Any]:
         """Rewrite trials.csv from the study as it is now (see :func:`results_lock`); returns that snapshot."""
@@ -293,9 +297,17 @@ class Progress:
         if trial.state.name == "FAIL":
             self.failed += 1
             self.log(f"hwprune: trial {trial.number} failed: {trial.user_attrs.get('error', 'unknown')}")
-        if pts:
-            task = self.ctx.task
-            self.bar.set_postfix({f"best_{task.metric}": f"{task.show(max(p.values[0] for p in pts)):.4f}"})
+        task = self.ctx.task
+        best = task.show(max(p.values[0] for p in pts)) if pts else None
+        if best is not None:
+            self.bar.set_postfix({f"best_{task.metric}": f"{best:.4f}"})
+        if self.lines and trial.state.name in FINISHED:
+            self.done += 1
+            got = (f"val {task.metric} {task.show(trial.values[0]):.4f}, predicted {trial.values[1]:.4f} ms"
+                   if trial.state.name == "COMPLETE" and trial.values else "stopped early")
+            self.log(f"hwprune: trial {trial.number} done ({self.done}/{self.total}, "
+                     f"{(time.monotonic() - self.t0) / 60:.1f} min): {got}; best feasible "
+                     + (f"{task.metric} {best:.4f}" if best is not None else "none yet"))
         return trials
 
     def check_failures(self, trials: list[Any], wanted: int) -> None:
