@@ -34,7 +34,7 @@ def run_model(name: str, args: argparse.Namespace, target, tmp: Path) -> dict:  
     from hwprune.latency.table import Entry
     from hwprune.latency.validate import _errors
     from hwprune.models import default_latency_batch
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
     from hwprune.apply import apply_policy
     from hwprune.device.deploy import deploy
 

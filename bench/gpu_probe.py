@@ -21,7 +21,7 @@ def main() -> None:
     args = ap.parse_args()
     from hwprune.apply import apply_policy
     from hwprune.policy import Policy
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
     from hwprune.train import finetune
 
     if args.threads:

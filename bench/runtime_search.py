@@ -43,7 +43,7 @@ def cross_measure(exports: dict[str, dict], spec: dict, repeats: int) -> dict[st
     from hwprune.latency.profiler import round_plan
     from hwprune.latency.rounds import measure_in_rounds
     from hwprune.policy import Policy
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     from hwprune.models import default_latency_batch
 

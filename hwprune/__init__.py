@@ -1,5 +1,7 @@
 """hwprune: hardware-aware pruning and quantization search for PyTorch.
 
+The flow of the command line as functions: ``from hwprune import api``; ``api.profile``, ``api.search``,
+``api.export`` (:mod:`hwprune.api`; not re-exported here: ``hwprune.search`` and ``hwprune.export`` are modules).
 Stages: :mod:`hwprune.space` (what can be pruned/quantized), :mod:`hwprune.policy`
 (what to do, as versioned JSON), :mod:`hwprune.apply` (do it: a physically
 smaller model), :mod:`hwprune.measure` (FLOPs/params), :mod:`hwprune.train`.

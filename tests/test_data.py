@@ -41,7 +41,7 @@ def test_a_search_set_up_reads_a_bounded_number_of_items_of_a_large_lazy_dataset
     from conftest import ASSETS
     from hwprune.search import SearchSpec
     from hwprune.search.context import prepare_context
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     reads = lambda ds: type(ds).__getitem__.__globals__["READS"]["train"]  # noqa: E731 - the module it was made in
     mlp, data = f"{ASSETS / 'user_model.py'}:mlp", f"{ASSETS / 'user_model.py'}:make_lazy_data"

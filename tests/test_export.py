@@ -141,7 +141,7 @@ def test_gradual_schedule_is_cubic_and_ends_at_the_policy():
 def test_gradual_and_oneshot_reach_the_same_architecture():
     from hwprune.export import finetune_policy
     from hwprune.policy import Policy
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     s = resolve("cnn1d", "mnist1d", use_cache=False)
     pol = Policy({"features.0": 0.5, "features.3": 0.25, "fc1": 0.75}, {"fc": "int8"})

@@ -28,7 +28,7 @@ json_like = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.diction
 
 
 def _space():
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
     from hwprune.space import build_space
 
     from test_search import DATA, MLP3

@@ -60,7 +60,7 @@ def test_keep_ratios_off_the_grid_are_measured_before_their_trial_trains(tmp_pat
 
     from hwprune.latency import Predictor, analyze_layers, model_key
     from hwprune.policy import Policy
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     tables, out = tmp_path / "tables", tmp_path / "run"
     proc = run_cli("search", "--model", MLP3, "--data", DATA, "--target", "cpu", "--budget", "88%", "--budget-margin", "0", "--batch-size",

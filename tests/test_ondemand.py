@@ -356,7 +356,7 @@ def test_a_stacked_rnn_trained_by_the_search_exports(tmp_path):
 def test_a_table_at_this_machines_path_with_another_setup_is_not_used(tmp_path):
     """Same folder name, different fingerprint (e.g. another allocator): never priced with, never overwritten."""
     from hwprune.latency import ProfileJob, analyze_layers
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     here = get_target("cpu", threads=1)
     fp = here.fingerprint()

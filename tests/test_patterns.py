@@ -289,7 +289,7 @@ def test_ray_worker_keeps_the_users_task():
     back to classification on a Ray cluster)."""
     from hwprune.search.ray_backend import worker_setup
     from hwprune.search.spec import SearchSpec
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     task = f"{PAT}:pixel_task"
     driver = resolve(f"{PAT}:unet", f"{PAT}:seg_data", None, {}, None, 0, use_cache=False, task=task)

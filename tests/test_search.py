@@ -23,7 +23,7 @@ def tables(tmp_path_factory):
     from hwprune.latency import LatencyTable, Predictor, analyze_layers, get_target, model_key, table_path
     from hwprune.latency.profiler import calibration_policies, layer_configs
     from hwprune.latency.table import Entry
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     from hwprune.device.targets import tune_allocator
 
@@ -267,7 +267,7 @@ def test_ray_worker_rebuilds_the_drivers_dense_model():
 
     from hwprune.latency import analyze_layers
     from hwprune.search.ray_backend import worker_setup
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     driver = resolve("gru", "mnist1d", None, {"num_layers": 2}, None, 0, use_cache=False)
     analyze_layers(driver.model, driver.example)  # what prepare_context does to the driver's model

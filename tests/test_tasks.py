@@ -146,7 +146,7 @@ def test_a_token_model_given_only_an_input_shape_gets_token_ids():
     vocabulary; float models, and Embedding models that take floats (positions made inside), keep floats."""
     from torch import nn
 
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     s = resolve(f"{ASSETS / 'user_model.py'}:tiny_lm", input_shape="10")
     assert s.example.dtype == torch.int64 and s.example.shape == (2, 10) and int(s.example.max()) < 12
@@ -161,7 +161,7 @@ def test_a_token_model_given_only_an_input_shape_gets_token_ids():
         def forward(self, x):  # type: ignore[no-untyped-def]
             return self.fc(x + self.pos(torch.arange(x.shape[1])))
 
-    from hwprune.setup import _token_example
+    from hwprune.resolve import _token_example
 
     ex = torch.randn(2, 10, 4)
     assert _token_example(Positions(), ex, 0) is ex

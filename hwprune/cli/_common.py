@@ -70,7 +70,7 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
 
 def setup_from_args(args: argparse.Namespace, use_cache: bool = True):  # type: ignore[no-untyped-def]
     from hwprune.models import parse_model_args
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
 
     return resolve(args.model, args.data, getattr(args, "input_shape", None), parse_model_args(args.model_args),
                    getattr(args, "weights", None), args.seed, use_cache, getattr(args, "task", None),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from hwprune.cli._common import (RUNTIME_CHOICES, TARGET_CHOICES, add_model_args, add_shape_args, emit, example, grid,
                                  log, parse_exclude, positive, setup_from_args)
@@ -85,8 +85,9 @@ def _warn_headroom(pred: Any, batch: int, summary: dict[str, Any]) -> None:
         log(f"hwprune: warning: {note}")
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    """``profile --runtime all``: the dense model in every runtime of the target, in the same rounds."""
+def run_compare(args: argparse.Namespace, log: Callable[[str], None] = log) -> tuple[dict[str, Any], list[str]]:
+    """``profile --runtime all``: the dense model in every runtime of the target, in the same rounds; the summary
+    and its printed form."""
     from hwprune.latency.compare import compare_runtimes, format_comparison
 
     t0 = time.time()
@@ -99,20 +100,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         rows = compare_runtimes(s.model, x, args.target, args.threads, args.repeats, log)
     summary = {"model": args.model, "target": args.target, "batch_size": args.batch_size, "threads": args.threads,
                "runtimes": rows, "seconds": round(time.time() - t0, 1)}
-    if not args.json:
-        print(format_comparison(rows))
-    emit(args, summary)
-    return 0 if any("median_ms" in r for r in rows) else 1
+    return summary, [format_comparison(rows)]
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
+def run_profile(args: argparse.Namespace, log: Callable[[str], None] = log) -> tuple[dict[str, Any], list[str]]:
+    """``hwprune profile`` (parsed arguments): measure the model's table; the summary and its printed form."""
     from hwprune.latency import LatencyTable, Predictor, table_path, user_tables_dir
     from hwprune.latency.ondemand import profile_model
     from hwprune.latency.table import fingerprint_diff
     from hwprune.latency.profiler import NOISY_MACHINE_PCT
 
     if args.runtime == "all":
-        return cmd_compare(args)
+        return run_compare(args, log)
     t0 = time.time()
     target, s, exclude, layers, key = _latency_setup(args, measure=True)
     fp = target.fingerprint()
@@ -133,18 +132,25 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                    "overhead_us": pred.coef[2]},
                "seconds": round(time.time() - t0, 1)}
     _warn_headroom(pred, table.batch_size, summary)
+    lines = [f"{counts['configurations']} configurations ({measured} measured now), {len(pred.calibration)} calibration "
+             f"runs ({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "
+             f"elements + {pred.coef[2]:.1f} us; {summary['seconds']} s -> {path}"]
+    ref = table.models.get(key, {}).get("reference")
+    if ref:
+        summary["reference_ms"] = ref["median_us"] / 1e3
+        lines.append(f"speed reference: the dense model, {ref['median_us'] / 1e3:.4f} ms, spread "
+                     f"{ref['spread_pct']:.1f}% over {ref['rounds']} rounds"
+                     + (" (a noisy machine: see the warning above)" if ref["spread_pct"] > NOISY_MACHINE_PCT else ""))
+    return summary, lines
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    compare = args.runtime == "all"
+    summary, lines = run_profile(args)
     if not args.json:
-        print(f"{counts['configurations']} configurations ({measured} measured now), {len(pred.calibration)} calibration runs "
-              f"({cal} now); fit: latency = {pred.coef[0]:.3f} x layer sum + {pred.coef[1] * 1e3:.3f} ns x output "
-              f"elements + {pred.coef[2]:.1f} us; "
-              f"{summary['seconds']} s -> {path}")
-        ref = table.models.get(key, {}).get("reference")
-        if ref:
-            print(f"speed reference: the dense model, {ref['median_us'] / 1e3:.4f} ms, spread {ref['spread_pct']:.1f}% "
-                  f"over {ref['rounds']} rounds" + (" (a noisy machine: see the warning above)"
-                                                    if ref["spread_pct"] > NOISY_MACHINE_PCT else ""))
+        print("\n".join(lines))
     emit(args, summary)
-    return 0
+    return 0 if not compare or any("median_ms" in r for r in summary["runtimes"]) else 1
 
 
 def _predictor(args: argparse.Namespace, measure: bool):  # type: ignore[no-untyped-def]

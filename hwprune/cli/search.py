@@ -24,9 +24,10 @@ def _print_front(summary: dict[str, Any]) -> None:
         print(f"{p['trial']:>6} {p[metric]:>10.4f} {p['predicted_latency_ms']:>13.4f}  {p.get('seed', '')}")
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def build_spec(args: argparse.Namespace) -> Any:
+    """The search spec of parsed ``hwprune search`` arguments: ``--spec`` read first, flags override it."""
     from hwprune.models import parse_model_args
-    from hwprune.search import SearchSpec, load_spec, run_search
+    from hwprune.search import SearchSpec, load_spec
 
     spec = load_spec(args.spec) if args.spec else SearchSpec()
     for name in _SEARCH_FLAGS:
@@ -37,7 +38,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         spec.model_args = parse_model_args(args.model_args)
     if args.exclude is not None:
         spec.exclude = parse_exclude(args.exclude)
-    summary = run_search(spec, log)
+    return spec
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from hwprune.search import run_search
+
+    summary = run_search(build_spec(args), log)
     if not args.json:
         _print_front(summary)
         metric = summary.get("metric", "accuracy")
@@ -145,7 +152,7 @@ def register(sub: Any) -> None:
                          "cuda or cuda:N; Ray trials use the GPU --gpus-per-trial gives them")
     se.add_argument("--threads", type=positive, help="CPU threads of the table (default 1)")
     se.add_argument("--tables", help="folder of latency tables, used alone (default: $HWPRUNE_TABLES or "
-                                     "~/.cache/hwprune/tables, then the repository's latency_tables/)")
+                                     "~/.cache/hwprune/tables, then the reference tables shipped with hwprune)")
     se.add_argument("--table", help="the table file to use when several match")
     se.add_argument("--allow-foreign-table", action="store_true", default=None,
                     help="price with a table measured on another device or torch version though this machine is "

@@ -32,7 +32,7 @@ different models into one table both keep their entries.
 Where tables are looked up (:func:`table_dirs`): ``--tables DIR`` alone when
 given; otherwise the user's folder (``$HWPRUNE_TABLES``, default
 ``<user cache>/tables``), then the reference tables shipped in the
-repository's ``latency_tables/`` (read-only: new measurements go to the
+package's ``hwprune/latency_tables/`` (read-only: new measurements go to the
 user's folder).
 """
 from __future__ import annotations
@@ -264,8 +264,10 @@ def user_tables_dir() -> Path:
 
 
 def reference_tables_dir() -> Path | None:
-    """The measured tables shipped beside the package (a checkout's ``latency_tables/``), if present."""
-    d = Path(__file__).resolve().parents[2] / "latency_tables"
+    """The measured tables shipped with hwprune (package data ``hwprune/latency_tables/``), if installed."""
+    from importlib.resources import files
+
+    d = Path(str(files("hwprune").joinpath("latency_tables")))
     return d if d.is_dir() else None
 
 

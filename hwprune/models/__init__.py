@@ -63,8 +63,11 @@ def default_latency_batch(ref: str) -> int:
     return 16 if is_factory_ref(ref) else MODELS.get(ref).latency_batch
 
 
-def parse_model_args(text: str | None) -> dict[str, Any]:
-    """Parse ``"num_layers=2,bidirectional=true,width_mult=0.5"`` into typed kwargs."""
+def parse_model_args(text: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Parse ``"num_layers=2,bidirectional=true,width_mult=0.5"`` into typed kwargs (a dict, from the Python API,
+    is taken as it is)."""
+    if isinstance(text, dict):
+        return dict(text)
     out: dict[str, Any] = {}
     if not text:
         return out

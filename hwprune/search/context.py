@@ -22,7 +22,7 @@ from hwprune.latency.layers import ModelLayers
 from hwprune.policy import Policy
 from hwprune.search.budget import parse_budget
 from hwprune.search.spec import SearchSpec
-from hwprune.setup import Setup, resolve
+from hwprune.resolve import Setup, resolve
 from hwprune.space import prepare_model
 
 __all__ = ["SearchContext", "prepare_context", "dense_setup", "MARGIN_QUANTILE"]

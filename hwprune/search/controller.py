@@ -12,6 +12,7 @@ ask-and-tell loop, leases of running trials, resume checks) and the summary.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -366,7 +367,11 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
         write_trials(out, trials, ctx.limit_ms, task)
         pts = front(trials, ctx.limit_ms)
         best = write_front(out, pts, ctx.budget_ms, task)
-        plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
+        if importlib.util.find_spec("matplotlib") is not None:
+            plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
+        else:
+            log("hwprune: no pareto.png (matplotlib is not installed: pip install 'hwprune[plot]'); the front is in "
+                "pareto.csv")
     seeds = {t.user_attrs["seed"]: {"trial": t.number, task.metric: task.show(t.values[0]),
                                     "predicted_latency_ms": t.values[1]}
              for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"}

@@ -95,7 +95,7 @@ _WORKER_CACHE: dict[str, Any] = {}
 
 def worker_setup(spec: SearchSpec, dense_state: dict[str, Any]) -> tuple[Any, Any]:
     """The dense model (weights from the driver) and importance batches, rebuilt on a worker."""
-    from hwprune.setup import resolve
+    from hwprune.resolve import resolve
     from hwprune.space import prepare_model
     from hwprune.train import few_batches
 

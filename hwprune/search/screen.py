@@ -76,7 +76,7 @@ class Screen:
     """Scores policies of one dense model by the proxy (see the module doc).
 
     Args:
-        setup: the search's :class:`~hwprune.setup.Setup` (dense model, data, task).
+        setup: the search's :class:`~hwprune.resolve.Setup` (dense model, data, task).
         spec: the search spec (exclude, importance, seed, lr, train batch size, fine-tune steps, device).
         importance_batches: the batches data-driven importance uses (also the BatchNorm batches).
         steps: fine-tune steps for models without BatchNorm (None: ``max(1, finetune_steps // 20)``).
