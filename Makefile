@@ -17,7 +17,7 @@ install: $(STAMP)
 # A real search on the built-in cnn1d/MNIST-1D, priced on this machine's latency table (profiled first
 # when no table matches this CPU; ~15 s), trained first if the base model is not cached, under half the
 # dense latency; prints the Pareto front, then exports
-# the best point (longer fine-tune, real CPU kernels, measured latency, TorchScript artifact).
+# the best point (longer fine-tune, real CPU kernels, measured latency, torch.export / ONNX / TorchScript artifacts).
 # Running it again resumes the study and prints the stored export.
 demo: $(STAMP)
 	$(BIN)/hwprune search --spec search/cnn1d-mnist1d-cpu.yaml --out runs/demo-cnn1d
@@ -26,8 +26,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-# The slow end-to-end tier (~6 min): every user-model pattern of tests/assets/patterns.py through
-# inspect/profile/search/export, the two-node Ray / PostgreSQL cluster tests, kill -9 of a Ray search; CI runs it
+# The slow end-to-end tier (~12 min here): every user-model pattern of tests/assets/patterns.py through
+# inspect/profile/search/export, the two-node Ray / PostgreSQL cluster tests, kill -9 of a Ray search, two processes
+# on one study, Ray against local, search and export in torch.compile; CI runs it after `make test`
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -q -m e2e
 

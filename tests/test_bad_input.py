@@ -1,4 +1,5 @@
-"""Every row of the README's bad-input table: the command prints exactly that message and exits with that code."""
+"""Every row of the bad-input table (docs/bad-input.md): the command prints exactly that message and exits with
+that code."""
 import os
 import platform
 import re
@@ -13,8 +14,8 @@ from conftest import ROOT
 
 
 def _rows():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Bad input: what you see", 1)[1].split("\n#", 1)[0]
+    text = (ROOT / "docs" / "bad-input.md").read_text()
+    section = text.split("# Bad input: what you see", 1)[1].split("\n#", 1)[0]
     rows = []
     for line in section.splitlines():
         if not line.startswith("| ") or line.startswith("| case") or line.startswith("|---"):

@@ -35,6 +35,7 @@ def test_compile_is_a_runtime_of_every_target_and_part_of_the_table_folder():
         get_target("cpu", runtime="cudagraph")
 
 
+@pytest.mark.e2e  # over 15 s here: the slow tier (make test-e2e; CI runs it)
 def test_search_and_export_in_the_compile_runtime(tmp_path, monkeypatch):
     cache, tables = tmp_path / "cache", tmp_path / "tables"
     env = {"HWPRUNE_CACHE": str(cache), "HWPRUNE_TABLES": str(tables)}

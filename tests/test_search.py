@@ -127,8 +127,8 @@ def test_bad_specs(tmp_path, body, needle):
 
 @pytest.mark.parametrize("args,needle", [
     (["--trials", "0"], "positive integer"),
-    (["--sampler", "bogus"], "unknown sampler 'bogus'; known: tpe, nsga2, random"),
-    (["--backend", "slurm"], "unknown backend 'slurm'; known: local, ray"),
+    (["--sampler", "bogus"], "--sampler: invalid choice: 'bogus' (choose from 'tpe', 'nsga2', 'random')"),
+    (["--backend", "slurm"], "--backend: invalid choice: 'slurm' (choose from 'local', 'ray')"),
     (["--budget", "fast"], "budget 'fast'"),
 ])
 def test_bad_search_flags_are_one_line(tmp_path, args, needle):
@@ -168,6 +168,7 @@ def test_search_uses_real_training_batches_for_importance(tables, tmp_path, monk
     assert hit is not None and "test_accuracy" in hit[1] and hit[1]["weights"] == str(hit[0])
 
 
+@pytest.mark.e2e  # over 15 s here: the slow tier (make test-e2e; CI runs it)
 def test_ray_backend_local_two_workers_matches_local(tables, tmp_path):
     """A real local Ray with 2 CPUs: the same study files, and the seed trials score what the local backend scores,
     under a user task (lower-is-better error rate): workers once rebuilt the setup without it and scored
