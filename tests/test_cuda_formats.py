@@ -308,3 +308,23 @@ def test_deprecated_torch_apis_are_used_only_in_their_compat_modules():
                 seen.setdefault(name.split(".")[1], set()).add(f.relative_to(ROOT).as_posix())
     assert seen.get("jit") == {"hwprune/_compat/torchscript.py"}
     assert seen.get("ao") == {"hwprune/_compat/ao.py"}
+
+
+def test_a_profile_without_a_terminal_says_how_far_it_is(tmp_path, monkeypatch):
+    """stderr is not a terminal under pytest: no bar, progress lines instead (here after every chunk), counting up
+    to every configuration."""
+    import re
+
+    from hwprune.latency import profiler
+
+    monkeypatch.setattr(profiler, "PROGRESS_LINE_S", 0.0)
+    monkeypatch.setenv("HWPRUNE_ROUND_SECONDS", "0.05")  # small chunks: several lines
+    target = CpuTarget(threads=1)
+    model, x = _mlp(), torch.randn(2, 8)
+    layers = analyze_layers(model, x)
+    configs = layer_configs(layers, (0.5, 1.0), target, 4)
+    logs = []
+    profile_layers(LatencyTable(target.fingerprint(), 4, path=tmp_path / "t.json"), configs, target, 3, logs.append)
+    done = [int(m.group(1)) for m in (re.match(r"hwprune: profiling: (\d+) of (\d+) configurations done", ln)
+                                      for ln in logs) if m]
+    assert len(done) >= 2 and done == sorted(done) and done[-1] == len(configs)

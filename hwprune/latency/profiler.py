@@ -144,6 +144,8 @@ def build_block(cfg: LayerConfig | CastConfig, target: Target) -> tuple[nn.Modul
 SPENT = {"build": 0.0, "prepare": 0.0, "time": 0.0}  # seconds per phase of profiling, for profile's report
 REFERENCE = "__reference__"  # the speed reference's key in a round: the dense model at the table's batch
 ROUND_BYTES = 1 << 30  # prepared items held at once for interleaving (inputs, weights); more go in another chunk
+# without a terminal, a profile says how far it is at most this often (seconds)
+PROGRESS_LINE_S = 30.0
 # a chunk's first rounds last about this long (HWPRUNE_ROUND_SECONDS overrides): it is saved when done, so an
 # interrupted profile loses at most one chunk; longer chunks interleave more items
 ROUND_SECONDS = 20.0
@@ -399,9 +401,11 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
                            "reference_us": []}
     chunk: dict[str, Callable[[], Callable[[], float]]] = {}
     held, chunk_s = 0, 0.0
+    bar = tqdm(todo, desc="profiling layers", unit="cfg", file=sys.stderr, disable=None)
+    said = time.time()  # not a terminal (a log file, CI): no bar, a progress line every PROGRESS_LINE_S instead
 
     def flush() -> None:
-        nonlocal held, chunk_s
+        nonlocal held, chunk_s, said
         if not chunk:
             return
         res = measure_rounds(chunk, target, plan, reference if target.interleaved else None)
@@ -415,9 +419,13 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
         chunk.clear()
         held, chunk_s = 0, 0.0
         saver.maybe(force=True)
+        if bar.disable and time.time() - said >= PROGRESS_LINE_S:
+            said = time.time()
+            log(f"hwprune: profiling: {out['measured'] + out['unsupported']} of {len(todo)} configurations done, "
+                f"{said - t0:.0f} s")
 
     try:
-        for cfg in tqdm(todo, desc="profiling layers", unit="cfg", file=sys.stderr, disable=None):
+        for cfg in bar:
             got = try_prepare(cfg, target)
             if isinstance(got, Failure):
                 if got.permanent:
