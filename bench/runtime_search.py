@@ -47,7 +47,7 @@ def cross_measure(exports: dict[str, dict], spec: dict, repeats: int) -> dict[st
 
     from hwprune.models import default_latency_batch
 
-    s = resolve(spec["model"], spec["data"])
+    s = resolve(spec["model"], spec["data"], None, spec.get("model_args") or {})
     x = s.inputs(int(spec.get("batch_size") or default_latency_batch(spec["model"])))
     samplers, out = {}, {}
     for rt in RUNTIMES:
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20, help="interleaved rounds of the cross measurement")
     ap.add_argument("--name", default="runtime_search", help="results file stem (default runtime_search)")
+    ap.add_argument("--work", default=None, help="run folder (default: a new temporary one); a runtime whose "
+                                                 "search and export are already there is reused, not searched again")
     args = ap.parse_args()
     import torch
     import yaml
@@ -92,12 +94,21 @@ def main() -> None:
 
     fp = cpu_fingerprint()
     spec = yaml.safe_load((ROOT / args.spec).read_text())
-    work = Path(tempfile.mkdtemp(prefix="hwprune-rtsearch-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hwprune-rtsearch-"))
+    print(f"runs in {work}", file=sys.stderr, flush=True)
     exports, t0, times = {}, time.time(), {}
     for rt in RUNTIMES:
-        print(f"{rt}: search and export ...", file=sys.stderr, flush=True)
         t = time.time()
         run = work / rt
+        done = sorted(run.glob("export-*/export.json"))
+        if done:  # a finished search + export of an earlier invocation (--work): its summary as it was written
+            print(f"{rt}: reusing {done[0]}", file=sys.stderr, flush=True)
+            e = json.loads(done[0].read_text())
+            info = json.loads((run / "run.json").read_text())
+            e["search"] = {"budget_ms": info.get("budget_ms"), "reused": str(done[0])}
+            exports[rt], times[rt] = e, float("nan")
+            continue
+        print(f"{rt}: search and export ...", file=sys.stderr, flush=True)
         s = hw(["search", "--spec", args.spec, "--runtime", rt, "--budget", args.budget, "--trials",
                 str(args.trials), "--out", str(run)])
         e = hw(["export", str(run), "--trial", "best"])
