@@ -222,7 +222,8 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
     def via_torchscript() -> bytes:
         return torchscript.traced_bytes(model, args)
 
-    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, Session, missing, runtime_onnx, to_onnx
+    from hwprune.device.onnxrt import (RUNTIMES as ONNX_RUNTIMES, Session, is_openvino, missing, ov_precision,
+                                       runtime_onnx, to_onnx)
 
     from hwprune.device.onnxrt import RuntimeFormat
 
@@ -237,9 +238,10 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
         savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
                                                                       calibration=calibration),
                        lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), tol_q))
-    elif onnx_rt == "openvino":  # the int8 of OpenVINO lives in its IR (model.xml): the ONNX file is the float graph
+    elif is_openvino(onnx_rt):  # the int8 of OpenVINO lives in its IR (model.xml): the ONNX file is the float graph,
+        onnx_rt = "openvino"    # checked in f32
         savers.append(("onnx", out / "model.onnx", lambda: to_onnx(model, args, dynamic_batch=True),
-                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), tol_q))
+                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), 1e-5))
     else:
         checks["onnx"] = {"error": missing("onnxruntime")}
     with warnings.catch_warnings():
@@ -251,32 +253,35 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
                 checks[name] = {"error": one_line(exc, 200)}
         if "onnx" in checks:
             checks["onnx"]["checked_in"] = onnx_rt
-        if runtime == "openvino":
-            _save_openvino(model, args, others, refs, out, calibration, tol_q, kept, checks)
+        if is_openvino(runtime):  # bf16 keeps about 3 significant digits: 5% of the output's scale
+            tol_ov = max(tol_q, 0.05) if ov_precision(runtime) == "bf16" else tol_q
+            _save_openvino(model, args, others, refs, out, calibration, tol_ov, kept, checks, runtime)
     if quantized:
-        where = "model.xml" if runtime == "openvino" else "model.onnx"
-        for name in ("torch.export", "torchscript") + (("onnx",) if runtime == "openvino" else ()):
+        where = "model.xml" if is_openvino(runtime) else "model.onnx"
+        for name in ("torch.export", "torchscript") + (("onnx",) if is_openvino(runtime) else ()):
             checks.get(name, {})["note"] = f"computes {', '.join(quantized)} in fp32 (int8 in {where} only)"
-        checks.get("openvino" if runtime == "openvino" else "onnx", {})["int8_layers"] = quantized
+        checks.get("openvino" if is_openvino(runtime) else "onnx", {})["int8_layers"] = quantized
     return kept, checks
 
 
 def _save_openvino(model: nn.Module, args: tuple, others: list[tuple], refs: list[Any], out: Path,
-                   calibration: list[Any] | None, tol: float, kept: dict[str, str], checks: dict[str, Any]) -> None:
-    """The OpenVINO runtime's artifact: an IR (``model.xml`` + ``model.bin``, dynamic batch) with its int8 layers
-    quantized by NNCF on ``calibration`` inputs, kept only if OpenVINO reloads it and it computes the model's outputs
-    (within ``tol`` of their scale) at both batch sizes."""
+                   calibration: list[Any] | None, tol: float, kept: dict[str, str], checks: dict[str, Any],
+                   runtime: str = "openvino") -> None:
+    """The OpenVINO runtime's artifact: an IR (``model.xml`` + ``model.bin``, dynamic batch, fp32 weights) with its
+    int8 layers quantized by NNCF on ``calibration`` inputs, kept only if OpenVINO reloads it and it computes the
+    model's outputs (within ``tol`` of their scale) at both batch sizes, at ``runtime``'s precision (the IR itself
+    holds no precision: a deployment asks for bf16 with OpenVINO's INFERENCE_PRECISION_HINT)."""
     from hwprune.device.onnxrt import load, openvino_model, save_openvino_ir
 
     path = out / "model.xml"
     try:
         save_openvino_ir(openvino_model(model, args, dynamic_batch=True, calibration=calibration), str(path))
-        loaded = load("openvino", str(path), torch.get_num_threads())
+        loaded = load(runtime, str(path), torch.get_num_threads())
         diff, scale = 0.0, 1.0
         for a, ref in zip([args] + others, refs):
             d, s = output_diff(loaded(*a), ref)
             diff, scale = max(diff, d), max(scale, s)
-        checks["openvino"] = {"max_abs_diff": diff, "checked_in": "openvino"}
+        checks["openvino"] = {"max_abs_diff": diff, "checked_in": runtime}
         if diff <= tol * max(1.0, scale):
             kept["openvino"] = str(path)
             return
@@ -324,7 +329,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     """Export one trial of a search run; returns the summary ``hwprune export --json`` prints."""
     from hwprune.apply import save_pruned
     from hwprune.device.deploy import deploy
-    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, SessionModule, load as load_onnx
+    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, SessionModule, is_openvino, load as load_onnx
     from hwprune.device.targets import fingerprint_line, get_target
     from hwprune.measure import model_stats
     from hwprune.search.context import dense_setup
@@ -409,7 +414,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x, spec.runtime, calib)
         if not artifacts:
             log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
-        own = "openvino" if spec.runtime == "openvino" else "onnx"  # the file the runtime loads
+        own = "openvino" if is_openvino(spec.runtime) else "onnx"  # the file the runtime loads
         if spec.runtime in ONNX_RUNTIMES and rep is not None:
             if own in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
                 test_acc = evaluate(SessionModule(load_onnx(spec.runtime, artifacts[own],
@@ -482,9 +487,9 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     from hwprune.latency.speed import measure_with_anchors
     from hwprune.latency.table import LatencyTable
 
-    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, load
+    from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, is_openvino, load
 
-    own = "openvino" if spec.runtime == "openvino" else "onnx"
+    own = "openvino" if is_openvino(spec.runtime) else "onnx"
     if spec.runtime in ONNX_RUNTIMES and own in artifacts:  # what that runtime loads: the exported file
         items = {"deployed": model_sampler(load(spec.runtime, artifacts[own], target.threads or torch.get_num_threads()),
                                            x, target, as_runtime=False)}
@@ -593,7 +598,8 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
              "aoti": "`torch._inductor.aoti_load_package('model_aoti.pt2')` (compiled ahead of time, this batch size)",
              "onnx": "`onnxruntime.InferenceSession('model.onnx')` or `openvino.Core().read_model('model.onnx')` "
                      "(any batch size)",
-             "openvino": "`openvino.Core().read_model('model.xml')` (OpenVINO IR with its int8 layers, any batch size)"}
+             "openvino": "`openvino.Core().read_model('model.xml')` (OpenVINO IR with its int8 layers, any batch size; "
+                         "compile it with the precision hint it was measured in: f32, bf16 for openvino-bf16)"}
     how = [loads[k] for k in s["artifacts"] if k in loads]
     lines += ["", "Load without hwprune: " + (" or ".join(how) if how else "no plain-torch artifact could be written")
               + "."]

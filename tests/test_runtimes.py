@@ -21,6 +21,16 @@ def _need(runtime: str) -> None:
         pytest.skip(why)
 
 
+def _agrees(runtime: str, got: torch.Tensor, ref: torch.Tensor) -> None:
+    """f32 runtimes compute the module's outputs to 1e-5; openvino-bf16 within 2% of their scale and not exactly
+    (its precision hint took effect: a silent f32 would be exact)."""
+    diff, scale = float((got - ref.detach()).abs().max()), float(ref.detach().abs().max())
+    if runtime == "openvino-bf16":
+        assert 1e-6 < diff < 0.02 * max(scale, 1e-3), (diff, scale)
+    else:
+        assert diff < 1e-5, diff
+
+
 class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -65,7 +75,7 @@ def test_onnx_round_trip_at_two_batch_sizes(runtime, make, shape):
         x = torch.randn(b, *shape)
         got = sess(x)
         assert got.shape == (b, 3)
-        assert float((got - model(x).detach()).abs().max()) < 1e-5
+        _agrees(runtime, got, model(x))
 
 
 class LSTMHead(nn.Module):
@@ -161,7 +171,7 @@ def test_a_layer_entry_is_timed_as_a_single_block_graph_in_the_runtime(runtime):
     mod, x = build_block(cfg, target)
     run = target.prepare(mod, x)
     assert isinstance(run, Session) and run.runtime == runtime
-    assert float((run(x) - mod(x).detach()).abs().max()) < 1e-5
+    _agrees(runtime, run(x), mod(x))
     sample, _ = prepare_config(cfg, target)
     assert sample() > 0
     assert target.offered_formats("gru") == ("fp32",)
@@ -201,17 +211,24 @@ def test_the_runtime_is_in_the_fingerprint_and_a_table_of_another_runtime_is_ref
 
 
 def test_profile_runtime_all_measures_the_dense_model_in_every_runtime_side_by_side():
-    """eager, compile and both ONNX runtimes in the same rounds: each a measured median with its spread, the
-    speedup over eager (eager's own: 1), outputs equal to eager's."""
-    for rt in RUNTIMES:
+    """eager, compile and the ONNX runtimes in the same rounds: each a measured median with its spread, the
+    speedup over eager (eager's own: 1), outputs equal to eager's (openvino-bf16: to bf16's precision, or skipped
+    with the reason on a CPU without bf16)."""
+    for rt in ("onnxruntime", "openvino"):
         _need(rt)
     proc = run_cli("profile", "--target", "cpu", "--runtime", "all", "--model", MLP3, "--data", DATA,
                    "--batch-size", "64", "--repeats", "3", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["runtime"]: r for r in json.loads(proc.stdout)["runtimes"]}
-    assert set(rows) == {"eager", "compile", "onnxruntime", "openvino"}
+    assert set(rows) == {"eager", "compile", "onnxruntime", "openvino", "openvino-bf16"}
+    bf16 = rows.pop("openvino-bf16")
+    if missing("openvino-bf16"):
+        assert bf16["skipped"] == missing("openvino-bf16") and "bf16 instructions" in bf16["skipped"]
+    else:
+        assert bf16["median_ms"] > 0 and 1e-6 < bf16["max_abs_diff"] < 0.05, bf16
+        rows["openvino-bf16"] = bf16
     for r in rows.values():
-        assert r["median_ms"] > 0 and r["rounds"] >= 3 and r["max_abs_diff"] < 1e-4, r
+        assert r["median_ms"] > 0 and r["rounds"] >= 3 and (r["max_abs_diff"] < 1e-4 or r is bf16), r
     assert rows["eager"]["speedup_vs_eager"] == 1.0
     for r in rows.values():
         assert r["speedup_vs_eager"] == pytest.approx(rows["eager"]["median_ms"] / r["median_ms"])
@@ -316,23 +333,26 @@ def test_int8_in_openvino_is_nncf_quantization_of_the_marked_layers():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("runtime,artifact", [("onnxruntime", "model.onnx"), ("openvino", "model.xml")])
+@pytest.mark.parametrize("runtime,artifact", [("onnxruntime", "model.onnx"), ("openvino", "model.xml"),
+                                              ("openvino-bf16", "model.xml")])
 def test_search_and_export_in_an_onnx_runtime_measure_the_file_that_runtime_loads(runtime, artifact, tmp_path):
     """profile (on demand) + search + export of a 3-layer MLP in the runtime: the export measures the runtime's own
-    file, reports the test metric of that file, and the file reloads and runs at another batch size."""
+    file, reports the test metric of that file, and the file reloads and runs at another batch size. The budget is
+    absolute and far above the MLP (~0.1 ms): whether a share of it can be met depends on the machine's noise, and
+    the flow is what is tested."""
     _need(runtime)
     run, tables = tmp_path / "run", tmp_path / "tables"
     proc = run_cli("search", "--model", MLP3, "--data", DATA, "--target", "cpu", "--runtime", runtime, "--budget",
-                   "95%", "--budget-margin", "0", "--batch-size", "1024", "--trials", "3", "--finetune-steps", "3", "--keep-levels", "0",
+                   "10ms", "--budget-margin", "0", "--batch-size", "1024", "--trials", "3", "--finetune-steps", "3", "--keep-levels", "0",
                    "--tables", str(tables), "--out", str(run), "--json", env={"HWPRUNE_CACHE": str(tmp_path / "c")})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"the {runtime} runtime offers int8" in proc.stderr
+    assert f"the {runtime} runtime offers int8" in proc.stderr or f"the {runtime} runtime runs every op" in proc.stderr
     proc = run_cli("export", str(run), "--finetune-steps", "3", "--repeats", "3", "--json",
                    env={"HWPRUNE_CACHE": str(tmp_path / "c")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(proc.stdout)
     assert s["measurement"]["measured"] == f"{artifact} in {runtime}" and s["measured_latency_ms"] > 0
-    key = "openvino" if runtime == "openvino" else "onnx"
+    key = "openvino" if runtime.startswith("openvino") else "onnx"
     assert Path(s["artifacts"][key]).name == artifact and s["artifact_checks"][key]["checked_in"] == runtime
     from hwprune.device.onnxrt import load
 

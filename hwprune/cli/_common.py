@@ -11,7 +11,7 @@ __all__ = ["log", "add_model_args", "add_shape_args", "setup_from_args", "parse_
 
 # every runtime of any target (a target refuses the ones it has not in one line: cudagraph is cuda's,
 # onnxruntime / openvino the cpu's)
-RUNTIME_CHOICES = ("eager", "compile", "cudagraph", "onnxruntime", "openvino")
+RUNTIME_CHOICES = ("eager", "compile", "cudagraph", "onnxruntime", "openvino", "openvino-bf16")
 TARGET_CHOICES = ("cpu", "cuda", "arm")
 
 

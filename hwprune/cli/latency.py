@@ -24,7 +24,7 @@ def _add_latency_args(p: argparse.ArgumentParser, cmd: str) -> None:
                    choices=RUNTIME_CHOICES + (("all",) if cmd == "profile" else ()),
                    help="how the model runs on the target, part of the table's fingerprint: eager (default); "
                         "compile (torch.compile: every layer and model compiled before it is timed; compiled "
-                        "kernels are cached under ~/.cache/hwprune/inductor); on cpu also onnxruntime and openvino "
+                        "kernels are cached under ~/.cache/hwprune/inductor); on cpu also onnxruntime, openvino and openvino-bf16 (OpenVINO's bf16 precision hint) "
                         "(every layer and model exported to ONNX and run there, fp32; the onnx / openvino extras); "
                         "on cuda also cudagraph (every layer and model timed as the replay of a captured CUDA graph)"
                         + ("; all: measure the dense model in every runtime that runs here, side by side, and stop "

@@ -144,7 +144,7 @@ def register(sub: Any) -> None:
     se.add_argument("--runtime", choices=RUNTIME_CHOICES,
                     help="how the deployed model runs: eager (default); compile (torch.compile: the table, "
                          "calibration and the export's measurement are of compiled models, and export writes an "
-                         "AOTInductor package); on cpu also onnxruntime and openvino (the model exported to ONNX and "
+                         "AOTInductor package); on cpu also onnxruntime, openvino and openvino-bf16 (OpenVINO's bf16 precision hint) (the model exported to ONNX and "
                          "run there: tables, calibration and export's measurement of model.onnx; int8 for Linear/LSTM "
                          "in onnxruntime); on cuda also cudagraph (CUDA graph replays)")
     se.add_argument("--device", type=device,

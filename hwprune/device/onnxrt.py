@@ -4,7 +4,7 @@ One export path: ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based
 with a dynamic batch dimension when asked. ONNX Runtime runs the ONNX bytes on its CPU execution provider;
 OpenVINO reads the same bytes (``openvino.convert_model``) and compiles them for its CPU plugin with the f32
 precision hint — on CPUs with AVX512-BF16 or AMX, OpenVINO otherwise runs bf16 silently, so the precision is part of
-what is measured and of the table's fingerprint. Both use a fixed thread count (intra-op threads; one stream).
+what is measured and of the table's fingerprint; runtime ``openvino-bf16`` asks for bf16 instead. Both use a fixed thread count (intra-op threads; one stream).
 """
 from __future__ import annotations
 
@@ -21,14 +21,27 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["RUNTIMES", "missing", "runtime_fingerprint", "to_onnx", "Session", "RuntimeFormat", "runtime_onnx",
+__all__ = ["RUNTIMES", "is_openvino", "ov_precision", "missing", "runtime_fingerprint", "to_onnx", "Session", "RuntimeFormat", "runtime_onnx",
            "openvino_model", "SessionModule", "INT8_LAYERS", "load"]
 
-RUNTIMES = ("onnxruntime", "openvino")
-_NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino")}
-_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
-OV_PRECISION = "f32"
+# openvino-bf16: OpenVINO with the bf16 precision hint (every op it can run in bf16 does, on CPUs with AVX512-BF16
+# or AMX); a runtime of its own because the hint is the whole graph's, not a layer's
+RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
+_NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino"),
+          "openvino-bf16": ("onnx", "onnxscript", "openvino")}
+_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino", "openvino-bf16": "openvino"}
 ORT_PROVIDER = "CPUExecutionProvider"
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags that run OpenVINO's bf16 natively
+
+
+def is_openvino(runtime: str | None) -> bool:
+    return bool(runtime) and runtime.split("-")[0] == "openvino"
+
+
+def ov_precision(runtime: str) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for ``runtime``: bf16 for openvino-bf16, else f32 (asked for, since on
+    AVX512-BF16 / AMX CPUs OpenVINO runs bf16 silently otherwise)."""
+    return "bf16" if runtime == "openvino-bf16" else "f32"
 
 
 def missing(runtime: str) -> str | None:
@@ -36,6 +49,13 @@ def missing(runtime: str) -> str | None:
     for mod in _NEEDS[runtime]:
         if importlib.util.find_spec(mod) is None:
             return (f"the {runtime} runtime needs the Python package {mod!r}: pip install 'hwprune[{_EXTRA[runtime]}]'")
+    if ov_precision(runtime) == "bf16":
+        from hwprune.device.targets import _cpu_model_and_flags
+
+        cpu, flags = _cpu_model_and_flags()
+        if not any(f in flags for f in BF16_FLAGS):
+            return (f"the {runtime} runtime needs a CPU with bf16 instructions ({' or '.join(BF16_FLAGS)}); this "
+                    f"{cpu} has none (OpenVINO would run f32: use --runtime openvino)")
     return None
 
 
@@ -55,7 +75,8 @@ def runtime_fingerprint(runtime: str) -> dict[str, Any]:
         return {"runtime": runtime, "runtime_version": onnxruntime.__version__, "provider": ORT_PROVIDER}
     import openvino
 
-    return {"runtime": runtime, "runtime_version": openvino.__version__.split("-")[0], "precision": OV_PRECISION}
+    return {"runtime": runtime, "runtime_version": openvino.__version__.split("-")[0],
+            "precision": ov_precision(runtime)}
 
 
 @contextlib.contextmanager
@@ -118,7 +139,8 @@ def to_onnx(module: nn.Module, x: Any, dynamic_batch: bool = False) -> bytes:
 # OpenVINO's int8: NNCF post-training quantization (FakeQuantize on the inputs and weights of the marked
 # Convolution / MatMul ops, scales from calibration inputs, fast bias correction). Its recurrent layers stay fp32
 # in hwprune (NNCF's LSTMSequence / GRUSequence quantization is not measured here).
-INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM, nn.Conv1d, nn.Conv2d), "openvino": (nn.Linear, nn.Conv1d, nn.Conv2d)}
+INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM, nn.Conv1d, nn.Conv2d), "openvino": (nn.Linear, nn.Conv1d, nn.Conv2d),
+               "openvino-bf16": (nn.Linear, nn.Conv1d, nn.Conv2d)}
 
 
 class RuntimeFormat(nn.Module):
@@ -329,7 +351,7 @@ class Session:
             so.log_severity_level = 3
             self._sess = ort.InferenceSession(onnx_bytes, so, providers=[ORT_PROVIDER])
             self.input_names = [i.name for i in self._sess.get_inputs()]
-        elif runtime == "openvino":
+        elif is_openvino(runtime):
             import openvino as ov
 
             if isinstance(onnx_bytes, (bytes, bytearray)):
@@ -338,7 +360,7 @@ class Session:
             else:
                 model = onnx_bytes
             self._compiled = ov.Core().compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": OV_PRECISION,
+                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": ov_precision(runtime),
                 "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
             self._request = self._compiled.create_infer_request()
             self.input_names = [i.get_any_name() for i in self._compiled.inputs]
@@ -367,12 +389,13 @@ class Session:
 
 
 def load(runtime: str, path: str, threads: int) -> Session:
-    """A saved ``model.onnx`` in ``runtime``, or an OpenVINO IR (``model.xml`` beside its ``.bin``) in OpenVINO."""
+    """A saved ``model.onnx`` in ``runtime``, or an OpenVINO IR (``model.xml`` beside its ``.bin``) in OpenVINO (at
+    ``runtime``'s precision when it is an OpenVINO runtime)."""
     if str(path).endswith(".xml"):
         require("openvino")
         import openvino as ov
 
-        return Session("openvino", ov.Core().read_model(str(path)), threads)
+        return Session(runtime if is_openvino(runtime) else "openvino", ov.Core().read_model(str(path)), threads)
     with open(path, "rb") as f:
         return Session(runtime, f.read(), threads)
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES
+from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, is_openvino
 from hwprune.errors import HwpruneError
 from hwprune.device.kernels import CastModule, cuda_shape_rule, realize_cpu, realize_cuda
 from hwprune.device.timing import (Timing, cpu_sampler, cuda_graph_sampler, cuda_sampler, time_cpu, time_cuda,
@@ -195,7 +195,7 @@ class Target(ABC):
         if self.runtime in ONNX_RUNTIMES:
             from hwprune.device.onnxrt import Session, openvino_model, runtime_onnx
 
-            graph = openvino_model(module, x) if self.runtime == "openvino" else runtime_onnx(module, x, self.runtime)
+            graph = openvino_model(module, x) if is_openvino(self.runtime) else runtime_onnx(module, x, self.runtime)
             return Session(self.runtime, graph, self.threads or torch.get_num_threads())
         if self.runtime != "compile":
             return module
@@ -243,8 +243,13 @@ class CpuTarget(Target):
                     "Runtime has no quantized GRU)")
         if self.runtime == "openvino":
             return ("the openvino runtime offers int8 for convolutions and Linear layers (NNCF post-training "
-                    "quantization, scales from calibration inputs); LSTM/GRU layers stay fp32, and its bf16 is not "
-                    "measured by hwprune yet")
+                    "quantization, scales from calibration inputs); LSTM/GRU layers stay fp32; every other op runs "
+                    "f32 (bf16 for the whole graph: --runtime openvino-bf16)")
+        if self.runtime == "openvino-bf16":
+            return ("the openvino-bf16 runtime runs every op OpenVINO can in bf16 (its precision hint, for the whole "
+                    "graph: the table's entries and the export are all bf16); int8 for convolutions and Linear "
+                    "layers as in openvino (NNCF), LSTM/GRU layers no int8; the search's fine-tunes score in fp32, "
+                    "the export's test metric is the bf16 artifact's")
         return ""
 
     def setup(self) -> None:
@@ -263,7 +268,7 @@ class CpuTarget(Target):
     def offered_formats(self, op: str) -> tuple[str, ...]:
         if self.runtime == "onnxruntime":
             return ("fp32", "int8") if op in ("linear", "lstm", "conv1d", "conv2d") else ("fp32",)
-        if self.runtime == "openvino":
+        if is_openvino(self.runtime):  # "fp32" there: the runtime's precision (bf16 in openvino-bf16)
             return ("fp32", "int8") if op in ("linear", "conv1d", "conv2d") else ("fp32",)
         return ("fp32", "bf16", "int8") if op in ("linear", "lstm", "gru") else ("fp32", "bf16")
 

@@ -70,12 +70,12 @@ def compare_runtimes(model: nn.Module, x: Any, target_name: str, threads: int | 
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     """The rows as a fixed-width table, fastest first, then the runtimes that did not run."""
     ran = sorted((r for r in rows if "median_ms" in r), key=lambda r: r["median_ms"])
-    lines = [f"{'runtime':<12} {'median ms':>10} {'spread':>7} {'vs eager':>9} {'max |diff| to eager':>20}"]
+    lines = [f"{'runtime':<14} {'median ms':>10} {'spread':>7} {'vs eager':>9} {'max |diff| to eager':>20}"]
     for r in ran:
         sp = r.get("speedup_vs_eager")
-        lines.append(f"{r['runtime']:<12} {r['median_ms']:>10.4f} {r['spread_pct']:>6.1f}% "
+        lines.append(f"{r['runtime']:<14} {r['median_ms']:>10.4f} {r['spread_pct']:>6.1f}% "
                      f"{(f'{sp:.2f}x' if sp else '-'):>9} {r['max_abs_diff']:>20.2e}")
     for r in rows:
         if "median_ms" not in r:
-            lines.append(f"{r['runtime']:<12} not measured: {r.get('skipped') or r.get('error')}")
+            lines.append(f"{r['runtime']:<14} not measured: {r.get('skipped') or r.get('error')}")
     return "\n".join(lines)
