@@ -11,7 +11,7 @@ and a .json with every measured policy.
 pinned to core 0: a noisy neighbour anyone can reproduce.
 
     python bench/predictor_fidelity.py [--samples 20] [--models cnn1d,gru,zoo:lstm3,...] [--neighbour]
-        [--runtime eager|compile|onnxruntime|openvino]
+        [--runtime eager|compile|onnxruntime|openvino|openvino-bf16]
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--on", type=float, default=3.0, help="neighbour: seconds of memory-bound work (default 3)")
     ap.add_argument("--off", type=float, default=3.0, help="neighbour: seconds of idle (default 3)")
     ap.add_argument("--tables", default=None, help="table folder (default: a fresh temporary one)")
-    ap.add_argument("--runtime", default="eager", choices=("eager", "compile", "onnxruntime", "openvino"),
+    ap.add_argument("--runtime", default="eager", choices=("eager", "compile", "onnxruntime", "openvino", "openvino-bf16"),
                     help="the cpu runtime the tables are profiled and the policies validated in (default eager)")
     args = ap.parse_args()
     import torch

@@ -13,7 +13,7 @@ import time
 
 from predictor_fidelity import BUILTIN, ZOO, hw, model_args
 
-RUNTIMES = ("eager", "compile", "onnxruntime", "openvino")
+RUNTIMES = ("eager", "compile", "onnxruntime", "openvino", "openvino-bf16")
 
 
 def main() -> None:
@@ -38,11 +38,11 @@ def main() -> None:
              f"({(time.time() - t0) / 60:.0f} min): `hwprune profile --runtime all` per model at its default latency "
              "batch, every runtime timed in the same interleaved rounds (medians in ms, spread = IQR / median, "
              "speedup = eager's median / the runtime's). ONNX Runtime (CPU execution provider) and OpenVINO (f32 "
-             "precision hint) run the model exported by torch's dynamo-based ONNX exporter; compile is "
-             "torch.compile (inductor, default mode).", "",
+             "precision hint; openvino-bf16: the bf16 hint) run the model exported by torch's dynamo-based ONNX "
+             "exporter; compile is torch.compile (inductor, default mode).", "",
              f"Fingerprint: `{fp}`", "",
-             "| model | batch | " + " | ".join(RUNTIMES) + " | fastest | max abs diff to eager |",
-             "|---|---|" + "---|" * len(RUNTIMES) + "---|---|"]
+             "| model | batch | " + " | ".join(RUNTIMES) + " | fastest | max abs diff to eager (f32 runtimes) | "
+             "bf16's |", "|---|---|" + "---|" * len(RUNTIMES) + "---|---|---|"]
     for r in results:
         rows = {x["runtime"]: x for x in r["runtimes"]}
         cells = []
@@ -52,8 +52,10 @@ def main() -> None:
                          if "median_ms" in x else f"— ({(x.get('error') or x.get('skipped') or 'absent')[:60]})")
         ran = [x for x in r["runtimes"] if "median_ms" in x]
         fastest = min(ran, key=lambda x: x["median_ms"])["runtime"] if ran else "—"
-        diff = max((x["max_abs_diff"] for x in ran), default=float("nan"))
-        lines.append(f"| {r['model']} | {r['batch_size']} | " + " | ".join(cells) + f" | {fastest} | {diff:.1e} |")
+        diff = max((x["max_abs_diff"] for x in ran if x["runtime"] != "openvino-bf16"), default=float("nan"))
+        bf16 = next((x["max_abs_diff"] for x in ran if x["runtime"] == "openvino-bf16"), float("nan"))
+        lines.append(f"| {r['model']} | {r['batch_size']} | " + " | ".join(cells) + f" | {fastest} | {diff:.1e} | "
+                     f"{bf16:.1e} |")
     out = write_results("runtimes", fp, {"results": results, "args": vars(args)}, lines)
     print("\n".join(lines))
     print(f"wrote {out}", file=sys.stderr)
