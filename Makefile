@@ -55,10 +55,14 @@ bench-quality: $(STAMP)
 	$(BIN)/python bench/search_quality.py --seeds 2 --rows rnn --name search_quality_rnn
 	$(BIN)/python bench/search_quality.py --seeds 2 --rows lm --name search_quality_lm
 
-# The cpu runtimes (eager, torch.compile, ONNX Runtime, OpenVINO): the dense models side by side (2 min here),
-# predictor fidelity in the ONNX runtimes (cnn1d + GRU, ~13 min), one cnn1d search per runtime (~12 min)
+# The cpu runtimes (eager, torch.compile, ONNX Runtime, OpenVINO f32 and bf16): the dense models side by side
+# (~3 min here), predictor fidelity in the ONNX runtimes (cnn1d + GRU, two validations each, ~10 min per runtime),
+# one search per runtime for the cnn1d, GRU and LSTM-LM specs (~15 min each)
 bench-runtimes: $(STAMP)
 	$(BIN)/python bench/runtimes.py --models cnn1d,resnet20,mobilenetv2,lstm,gru,lstm-lm,zoo:crnn
-	$(BIN)/python bench/predictor_fidelity.py --runtime onnxruntime --models cnn1d,gru --runs 1
-	$(BIN)/python bench/predictor_fidelity.py --runtime openvino --models cnn1d,gru --runs 1
+	$(BIN)/python bench/predictor_fidelity.py --runtime onnxruntime --models cnn1d,gru --runs 2
+	$(BIN)/python bench/predictor_fidelity.py --runtime openvino --models cnn1d,gru --runs 2
+	$(BIN)/python bench/predictor_fidelity.py --runtime openvino-bf16 --models cnn1d,gru --runs 2
 	$(BIN)/python bench/runtime_search.py --trials 8
+	$(BIN)/python bench/runtime_search.py --trials 8 --spec search/gru-mnist1d-cpu.yaml --name runtime_search_gru
+	$(BIN)/python bench/runtime_search.py --trials 8 --spec search/lstm-lm-pydoc-cpu.yaml --name runtime_search_lstm_lm
