@@ -194,6 +194,24 @@ def ray_cluster(tmp_path):
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
+def _running_nodes(run: Path) -> set[str]:
+    """The nodes the study's running trials run on (read from the run's journal, as another process writes it)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    if not (run / "study.journal").exists():
+        return set()
+    storage = JournalStorage(JournalFileBackend(str(run / "study.journal")))
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if not names:
+        return set()
+    study = optuna.load_study(study_name=names[0], storage=storage)
+    return {t.user_attrs["node"] for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("node")}
+
+
 @pytest.mark.e2e
 def test_ray_search_on_two_nodes_then_one_node_killed(ray_cluster, tables, tmp_path):  # noqa: F811
     """Trials run on both nodes (recorded per trial); killing the second node mid-search fails its running
@@ -215,13 +233,13 @@ def test_ray_search_on_two_nodes_then_one_node_killed(ray_cluster, tables, tmp_p
     # the same search, longer fine-tunes, and the second node killed while it holds a trial
     out2 = tmp_path / "run2"
     t1 = time.time()
-    # ~8 s per fine-tune: trials.csv gets its first row when a trial ends; both nodes then start new trials, and
-    # 2 s later each node is mid-trial
+    # ~8 s per fine-tune: once a trial has finished, the second node is killed as soon as the study shows running
+    # trials on both nodes (each trial's node is in the study from its start), whatever the machine's speed
     proc = subprocess.Popen(_search(tables, out2, "--backend", "ray", "--ray-address", addr, "--workers", "2",
                                     trials=5, steps=8000),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait(lambda: len(_rows(out2 / "trials.csv")) >= 1, proc, "a finished trial", timeout=300)
-    time.sleep(2)
+    _wait(lambda: len(_running_nodes(out2)) == 2, proc, "running trials on both nodes", timeout=300)
     second.kill()
     killed_at = time.time() - t1
     _, err = proc.communicate(timeout=900)

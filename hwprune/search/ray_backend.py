@@ -198,7 +198,10 @@ def _make_classes() -> tuple[type, type]:
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             if result.get("node"):
-                self.nodes[trial_id] = str(result["node"])
+                node = str(result["node"])
+                if trial_id in self.live and self.nodes.get(trial_id) != node:  # where a running trial runs, in
+                    self.live[trial_id][0].set_user_attr("node", node)      # the study (once, at its start)
+                self.nodes[trial_id] = node
 
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
             from hwprune.search.trial import propose, reuse
