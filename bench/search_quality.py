@@ -636,7 +636,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cmd: str, fp: d
 
 def summary_table(rows: list[dict[str, Any]], methods: tuple[str, ...]) -> list[str]:
     """One line per row and budget: each method's mean test metric @ measured latency / dense (a miss struck
-    through, the best point in budget in bold); the table the README quotes."""
+    through, the best point in budget in bold); the table docs/results.md quotes."""
     out = ["| model | budget | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for row in rows:
         pct = row["metric"] != "perplexity"

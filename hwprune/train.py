@@ -20,7 +20,7 @@ __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate
            "cache_dir", "cache_key",
            "load_cached", "save_cached", "train_and_cache", "few_batches", "subset"]
 
-# epochs that reach the README's accuracies for each built-in model
+# epochs that reach the accuracies of docs/cli.md for each built-in model
 DEFAULT_EPOCHS = {"cnn1d": 40, "resnet20": 12, "mobilenetv2": 12, "lstm": 30, "gru": 30, "lstm-lm": 10}
 
 

@@ -126,7 +126,7 @@ def register(sub: Any) -> None:
     t = sub.add_parser("train", help="train the dense base model and cache it (keyed by model, data, seed)",
                        **example("hwprune train --model gru --data mnist1d --epochs 5"))
     add_model_args(t, data_required=True)
-    t.add_argument("--epochs", type=positive, default=None, help="epochs (default: per model, tuned to reach the README's accuracies)")
+    t.add_argument("--epochs", type=positive, default=None, help="epochs (default: per model, tuned to reach the accuracies in docs/cli.md)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW, one-cycle; default 3e-3)")
     t.add_argument("--train-batch-size", type=positive, default=128, help="training batch size (default 128)")
     t.add_argument("--retrain", action="store_true", help="train again even if a cached model exists (replaces it)")
