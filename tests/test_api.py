@@ -44,3 +44,12 @@ def test_options_are_checked_as_the_command_line_checks_them(tmp_path):
         api.profile(MLP, batch_size="0")
     with pytest.raises(HwpruneError, match="no run"):
         api.export(tmp_path / "nothing-here")
+
+
+def test_the_building_blocks_example_runs(capsys):
+    """docs/models.md's example: ResNet-20 with half of every group keeps about a quarter of its FLOPs (a conv
+    between two halved groups keeps 1/4, the stem and the head more)."""
+    block = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "models.md").read_text(), re.S).group(1)
+    exec(compile(block, "docs/models.md", "exec"), {})
+    before, after = (int(v) for v in capsys.readouterr().out.split("->"))
+    assert 0.2 < after / before < 0.4, (before, after)
