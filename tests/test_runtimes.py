@@ -121,6 +121,35 @@ def test_int8_in_onnx_runtime_quantizes_the_marked_layers_only_and_keeps_a_dynam
         assert 1e-5 < diff < 0.05 * float(ref.abs().max())
 
 
+def test_int8_reaches_an_lstm_nested_in_the_split_stack_the_search_builds():
+    """A 2-layer LSTM is split into per-layer modules (rnn.layers.0/1) before it is priced; its second layer marked
+    int8 is found by its module scope (the exporter names scopes by qualified name, outermost first) and quantized,
+    the first stays float: the LSTM LM's calibration in ONNX Runtime once stopped here ("0 of 0 quantized")."""
+    _need("onnxruntime")
+    import onnx
+
+    from hwprune.device.onnxrt import runtime_onnx
+    from hwprune.latency import get_target
+    from hwprune.space import prepare_model
+
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(6, 16, num_layers=2, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = prepare_model(Stack().eval())
+    assert [n for n, _ in model.named_modules()][:5] == ["", "rnn", "rnn.layers", "rnn.layers.0", "rnn.layers.1"]
+    model.rnn.layers[1] = get_target("cpu", threads=1, runtime="onnxruntime").realize(model.rnn.layers[1], "int8")
+    data = runtime_onnx(model, torch.randn(4, 12, 6), "onnxruntime", dynamic_batch=True)
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    assert ops.count("DynamicQuantizeLSTM") == 1 and ops.count("LSTM") == 1
+
+
 def test_int8_convolutions_in_onnx_runtime_are_static_qdq_calibrated_on_the_inputs_given():
     """The first convolution of a conv + BatchNorm + ReLU net realized in int8: its weight comes through a
     DequantizeLinear (the exporter folded the BatchNorm into it: found by its weight, not its scope), the second

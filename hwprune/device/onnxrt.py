@@ -156,13 +156,17 @@ class RuntimeFormat(nn.Module):
 
 
 def _scope(node: Any) -> str:
-    """The module path a node of the dynamo exporter came from ('' for the top level)."""
+    """The module path a node of the dynamo exporter came from ('' for the top level). Its name scopes are the
+    qualified names of the enclosing modules, outermost first (``['', 'body', 'body.1', 'body.1.0', 'linear']``):
+    the innermost is the path; scopes of short names (each a child's own name) are joined instead."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
             import ast
 
-            parts = ast.literal_eval(p.value)
-            return ".".join(parts[1:-1])
+            mods = ast.literal_eval(p.value)[1:-1]
+            if all(b.startswith(a + ".") for a, b in zip(mods, mods[1:])):
+                return mods[-1] if mods else ""
+            return ".".join(mods)
     return ""
 
 
