@@ -120,7 +120,10 @@ def main() -> None:
     lines = [f"# One search in every cpu runtime — {fp['cpu']} ({platform.machine()}), 1 thread, torch "
              f"{torch.__version__}", "",
              f"Made by `python bench/runtime_search.py --spec {args.spec} --budget {args.budget} --trials "
-             f"{args.trials}` on {time.strftime('%Y-%m-%d %H:%M')} ({(time.time() - t0) / 60:.0f} min). Each runtime "
+             f"{args.trials}" + (f" --work {args.work}" if args.work else "") + f"` on {time.strftime('%Y-%m-%d %H:%M')} "
+             f"({(time.time() - t0) / 60:.0f} min" + ("; searches and exports found in --work were reused, not run "
+                                                     "again" if any(t != t for t in times.values()) else "")
+             + "). Each runtime "
              "profiles its own table, searches, and exports its best point; the export is measured in its runtime "
              "(ONNX runtimes: the model.onnx file) against the dense model in the same rounds.", "",
              f"Fingerprint: `{json.dumps(fp)}`", "",
@@ -132,7 +135,7 @@ def main() -> None:
         fmts = sorted(set(e["policy"].get("formats", {}).values())) or ["fp32"]
         lines.append(f"| {rt} | {m['dense_now_ms']:.3f} | {m['median_ms']:.3f} | {m['dense_now_ms'] / m['median_ms']:.2f}x"
                      f" | {eager_dense / m['median_ms']:.2f}x | {e[f'test_{metric}']:.4f} ({e[f'dense_test_{metric}']:.4f}) | "
-                     f"{', '.join(fmts)} | {times[rt]:.0f} |")
+                     f"{', '.join(fmts)} | {'reused' if times[rt] != times[rt] else f'{times[rt]:.0f}'} |")
     lines += ["", f"Every runtime's best policy measured in every runtime ({args.repeats} interleaved rounds, ms and "
               "share of that runtime's dense model; a policy whose formats a runtime does not run is measured there "
               "with its keep ratios in fp32, marked):", "",

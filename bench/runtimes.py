@@ -7,6 +7,7 @@ timed in the same interleaved rounds, 1 thread), written to bench/results/runtim
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -40,7 +41,7 @@ def main() -> None:
              "speedup = eager's median / the runtime's). ONNX Runtime (CPU execution provider) and OpenVINO (f32 "
              "precision hint; openvino-bf16: the bf16 hint) run the model exported by torch's dynamo-based ONNX "
              "exporter; compile is torch.compile (inductor, default mode).", "",
-             f"Fingerprint: `{fp}`", "",
+             f"Fingerprint: `{json.dumps(fp)}`", "",
              "| model | batch | " + " | ".join(RUNTIMES) + " | fastest | max abs diff to eager (f32 runtimes) | "
              "bf16's |", "|---|---|" + "---|" * len(RUNTIMES) + "---|---|---|"]
     for r in results:
