@@ -201,6 +201,7 @@ def test_a_layer_entry_is_timed_as_a_single_block_graph_in_the_runtime(runtime):
     run = target.prepare(mod, x)
     assert isinstance(run, Session) and run.runtime == runtime
     _agrees(runtime, run(x), mod(x))
+    _agrees(runtime, run(torch.cat([x, x])), mod(torch.cat([x, x])))  # a free batch, as export ships it
     sample, _ = prepare_config(cfg, target)
     assert sample() > 0
     assert target.offered_formats("gru") == ("fp32",)
@@ -225,6 +226,9 @@ def test_the_runtime_is_in_the_fingerprint_and_a_table_of_another_runtime_is_ref
     assert any(d.startswith("runtime:") for d in fingerprint_diff(eager, fp))
     older = {**fp, "runtime_version": "0.1"}
     assert fingerprint_diff(older, fp) == [f"runtime_version: table '0.1' vs here {fp['runtime_version']!r}"]
+    static = {k: v for k, v in fp.items() if k != "graph_batch"}  # a table of static-batch graphs (older hwprune)
+    assert fp["graph_batch"] == "dynamic" and fingerprint_diff(static, fp) and "dynbatch" in fingerprint_slug(fp)
+    assert "dynbatch" not in fingerprint_slug(static)
     # an eager table in the folder: a predict in this runtime does not take it
     tables = tmp_path / "tables"
     proc = run_cli("profile", "--target", "cpu", "--model", MLP3, "--data", DATA, "--batch-size", "8",

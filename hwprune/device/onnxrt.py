@@ -66,17 +66,19 @@ def require(runtime: str) -> None:
 
 
 def runtime_fingerprint(runtime: str) -> dict[str, Any]:
-    """What of ``runtime`` changes the numbers: its version, and the execution provider (ONNX Runtime) or the
-    precision hint (OpenVINO)."""
+    """What of ``runtime`` changes the numbers: its version, the execution provider (ONNX Runtime) or the
+    precision hint (OpenVINO), and that graphs are timed with a free batch dimension (``graph_batch``: tables of
+    static-batch graphs, whose GRUs OpenVINO runs up to 2.5x slower, are another device's)."""
     require(runtime)
     if runtime == "onnxruntime":
         import onnxruntime
 
-        return {"runtime": runtime, "runtime_version": onnxruntime.__version__, "provider": ORT_PROVIDER}
+        return {"runtime": runtime, "runtime_version": onnxruntime.__version__, "provider": ORT_PROVIDER,
+                "graph_batch": "dynamic"}
     import openvino
 
     return {"runtime": runtime, "runtime_version": openvino.__version__.split("-")[0],
-            "precision": ov_precision(runtime)}
+            "precision": ov_precision(runtime), "graph_batch": "dynamic"}
 
 
 @contextlib.contextmanager

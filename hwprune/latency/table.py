@@ -58,7 +58,7 @@ REGION_FORMATS = tuple(DTYPES)  # formats whose layers run as precision regions
 # of "the same device" (search, predict, validate, profile and export all ask fingerprint_diff)
 FINGERPRINT_KEYS = ("target", "arch", "cpu", "gpu", "flags", "threads", "torch", "engine", "compute_capability",
                     "cuda", "cudnn", "tf32", "malloc", "emulated", "cudnn_benchmark", "runtime", "runtime_version",
-                    "provider", "precision")
+                    "provider", "precision", "graph_batch")
 
 
 @dataclass(frozen=True)
