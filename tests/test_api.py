@@ -44,6 +44,9 @@ def test_options_are_checked_as_the_command_line_checks_them(tmp_path):
         api.profile(MLP, batch_size="0")
     with pytest.raises(HwpruneError, match="no run"):
         api.export(tmp_path / "nothing-here")
+    from hwprune.cli._common import parse_exclude
+
+    assert parse_exclude(["fc", "conv1"]) == parse_exclude("fc,conv1") == ["fc", "conv1"]  # a list from Python
 
 
 def test_the_building_blocks_example_runs(capsys):

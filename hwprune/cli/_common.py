@@ -77,8 +77,10 @@ def setup_from_args(args: argparse.Namespace, use_cache: bool = True):  # type: 
                    getattr(args, "num_classes", None))
 
 
-def parse_exclude(text: str) -> list[str]:
-    """``--exclude a,b`` -> ["a", "b"]."""
+def parse_exclude(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``--exclude a,b`` -> ["a", "b"] (a list, from the Python API, is taken as it is)."""
+    if isinstance(text, (list, tuple)):
+        return [str(e) for e in text if e]
     return [e for e in text.split(",") if e]
 
 
