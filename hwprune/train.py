@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from hwprune._io import write_atomic
 from hwprune.errors import HwpruneError
 
-__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "resolve_device", "DEVICES",
+__all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "resolve_device", "is_device_name",
            "cache_dir", "cache_key",
            "load_cached", "save_cached", "train_and_cache", "few_batches", "subset"]
 
@@ -37,7 +37,9 @@ class TrainConfig:
     task: Any = None  # hwprune.tasks.Task (None: classification)
 
 
-DEVICES = ("auto", "cpu", "cuda")
+def is_device_name(name: str) -> bool:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has it is :func:`resolve_device`'s check)."""
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -45,7 +47,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     name = name or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+    if not is_device_name(name):
         raise HwpruneError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise HwpruneError(f"device {name!r} asked, and torch sees no CUDA device here (torch {torch.__version__}); "

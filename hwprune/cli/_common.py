@@ -30,7 +30,9 @@ def example(*lines: str) -> dict[str, Any]:
 
 def device(text: str) -> str:
     """``--device``: auto, cpu, cuda or cuda:N (checked against this machine when it is used)."""
-    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+    from hwprune.train import is_device_name
+
+    if is_device_name(text):
         return text
     raise argparse.ArgumentTypeError(f"device must be auto, cpu, cuda or cuda:N, got {text!r}")
 

@@ -4,7 +4,8 @@ One export path: ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based
 with a dynamic batch dimension when asked. ONNX Runtime runs the ONNX bytes on its CPU execution provider;
 OpenVINO reads the same bytes (``openvino.convert_model``) and compiles them for its CPU plugin with the f32
 precision hint — on CPUs with AVX512-BF16 or AMX, OpenVINO otherwise runs bf16 silently, so the precision is part of
-what is measured and of the table's fingerprint; runtime ``openvino-bf16`` asks for bf16 instead. Both use a fixed thread count (intra-op threads; one stream).
+what is measured and of the table's fingerprint; runtime ``openvino-bf16`` asks for bf16 instead. Both use a
+fixed thread count (intra-op threads; one stream).
 """
 from __future__ import annotations
 
@@ -21,15 +22,16 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["RUNTIMES", "is_openvino", "ov_precision", "missing", "runtime_fingerprint", "to_onnx", "Session", "RuntimeFormat", "runtime_onnx",
+__all__ = ["RUNTIMES", "is_openvino", "ov_precision", "missing", "runtime_fingerprint", "to_onnx", "Session",
+           "RuntimeFormat", "runtime_onnx",
            "openvino_model", "SessionModule", "INT8_LAYERS", "load"]
 
 # openvino-bf16: OpenVINO with the bf16 precision hint (every op it can run in bf16 does, on CPUs with AVX512-BF16
 # or AMX); a runtime of its own because the hint is the whole graph's, not a layer's
 RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
-_NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino"),
-          "openvino-bf16": ("onnx", "onnxscript", "openvino")}
-_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino", "openvino-bf16": "openvino"}
+_NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino")}
+_EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
+_NEEDS["openvino-bf16"], _EXTRA["openvino-bf16"] = _NEEDS["openvino"], _EXTRA["openvino"]
 ORT_PROVIDER = "CPUExecutionProvider"
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags that run OpenVINO's bf16 natively
 
@@ -141,8 +143,8 @@ def to_onnx(module: nn.Module, x: Any, dynamic_batch: bool = False) -> bytes:
 # OpenVINO's int8: NNCF post-training quantization (FakeQuantize on the inputs and weights of the marked
 # Convolution / MatMul ops, scales from calibration inputs, fast bias correction). Its recurrent layers stay fp32
 # in hwprune (NNCF's LSTMSequence / GRUSequence quantization is not measured here).
-INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM, nn.Conv1d, nn.Conv2d), "openvino": (nn.Linear, nn.Conv1d, nn.Conv2d),
-               "openvino-bf16": (nn.Linear, nn.Conv1d, nn.Conv2d)}
+INT8_LAYERS = {"onnxruntime": (nn.Linear, nn.LSTM, nn.Conv1d, nn.Conv2d), "openvino": (nn.Linear, nn.Conv1d, nn.Conv2d)}
+INT8_LAYERS["openvino-bf16"] = INT8_LAYERS["openvino"]  # the same NNCF quantization; only the float ops' precision differs
 
 
 class RuntimeFormat(nn.Module):
