@@ -118,15 +118,16 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
                     device=device, task=task)
 
 
-def pick_trial(trials: list[Any], which: str, budget_ms: float) -> Any:
-    """``best`` (the most accurate feasible point of the front) or a trial number that completed."""
+def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = ()) -> Any:
+    """``best`` (the most accurate feasible point, passing over the trials the measured finish timed ``over`` the
+    budget) or a trial number that completed."""
     from hwprune.search.rundir import best_point, front
 
     if which == "best":
         pts = front(trials, budget_ms)
         if not pts:
             raise HwpruneError("the run has no feasible completed trial to export yet")
-        return best_point(pts)
+        return best_point(pts, over, trials, budget_ms)
     try:
         n = int(which)
     except ValueError:
@@ -349,7 +350,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     spec = run_spec(info, storage)
     study = open_study(run, spec, load_only=True)
     trials = study.get_trials(deepcopy=False)
-    chosen = pick_trial(trials, trial, run_limit(info))
+    chosen = pick_trial(trials, trial, run_limit(info), (study.user_attrs.get("finish") or {}).get("dropped", []))
     steps = DEFAULT_STEPS if finetune_steps is None else finetune_steps
     dest = Path(out) if out else run / f"export-trial{chosen.number}-{schedule}"
     ident = _identity(run, chosen.number, steps, schedule, stages)

@@ -85,14 +85,47 @@ def _repair_ctx(int8_loss: float):
 
     grid = (0.25, 0.5, 0.75, 1.0)
     groups = [SimpleNamespace(name="a", units=8), SimpleNamespace(name="b", units=8)]
-    ctx = SimpleNamespace(grid=grid, menus={"L": ["fp32", "int8"]}, limit_ms=0.0,
+    ctx = SimpleNamespace(grid=grid, menus={"L": ["fp32", "int8"]}, limit_ms=0.0, spec=SimpleNamespace(channel_multiple=1),
                           layers=SimpleNamespace(space=SimpleNamespace(groups=groups)))
+    ctx.canonical = lambda keep: dict(keep)
     ctx.policy = lambda keep, formats: Policy(dict(keep), {k: v for k, v in formats.items() if v != "fp32"})
     ctx.price_ms = lambda p: (sum(10 * p.keep.get(g, 1.0) for g in "ab")
                               + (2.0 if p.formats.get("L") == "int8" else 5.0))
     keep_loss = {"a": {r: 1.0 * (4 - 4 * r) for r in grid}, "b": {r: 4.0 * (4 - 4 * r) for r in grid}}
-    ctx.importance = lambda: ({}, keep_loss, {"L": {"fp32": 0.0, "int8": int8_loss}})
-    return ctx, (lambda policy: SearchContext.repair(ctx, policy))
+    ctx.costs = lambda: (keep_loss, {"L": {"fp32": 0.0, "int8": int8_loss}})
+    ctx.repair = lambda policy: SearchContext.repair(ctx, policy)
+    return ctx, ctx.repair
+
+
+def test_fill_raises_into_the_headroom_and_never_over_the_limit():
+    """Fill takes the move that recovers the most cost per ms added while the price stays within the limit: here b
+    (4 per notch for 2.5 ms) before a (1 per notch) and L back to fp32 (int8 costs 2, +3 ms); it stops at the
+    limit, never past it, and a policy already over the limit is left as it is."""
+    from hwprune.policy import Policy
+    from hwprune.search.portfolio import fill, project
+
+    ctx, _ = _repair_ctx(int8_loss=2.0)
+    small = Policy({"a": 0.25, "b": 0.25}, {"L": "int8"})  # 5 + 2 = 7 ms
+    for limit in (7.0, 9.5, 12.0, 14.5, 17.0, 19.9, 30.0):
+        ctx.limit_ms = limit
+        got, moves = fill(ctx, small)
+        assert ctx.price_ms(got) <= limit + 1e-9
+        # nothing left that fits: every single raise from here would pass the limit
+        ups = [Policy({**got.keep, g: got.keep[g] + 0.25}, got.formats) for g in "ab" if got.keep[g] < 1.0]
+        ups += [Policy(got.keep, {})] if got.formats else []
+        assert all(ctx.price_ms(u) > limit + 1e-9 for u in ups), (limit, got)
+    ctx.limit_ms = 9.5
+    assert fill(ctx, small)[0].keep == {"a": 0.25, "b": 0.5}  # b first: it recovers 4 per notch, a 1
+    ctx.limit_ms = 30.0
+    assert fill(ctx, small)[0] == Policy({"a": 1.0, "b": 1.0}, {})  # everything fits: the dense model
+    ctx.limit_ms = 6.0
+    assert fill(ctx, small) == (small, 0)  # over the limit already: untouched (repair's job)
+    # projection: a sample far over the limit comes back within it and with no single raise left that fits
+    ctx.limit_ms = 16.0
+    got, moves = project(ctx, Policy({}, {}))
+    assert ctx.price_ms(got) <= 16.0 and moves > 0
+    assert all(ctx.price_ms(Policy({**got.keep, g: got.keep.get(g, 1.0) + 0.25}, got.formats)) > 16.0
+               for g in "ab" if got.keep.get(g, 1.0) < 1.0)
 
 
 def test_repair_trades_formats_and_keep_ratios_by_saving_per_importance_lost():

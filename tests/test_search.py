@@ -64,7 +64,8 @@ def test_tiny_search_resumes_without_losing_or_repeating(tables, tmp_path):
     assert s["pareto"] and all(p["predicted_latency_ms"] <= s["budget_ms"] for p in s["pareto"])
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert rows[0]["seed"].startswith("uniform-")  # the fp32 uniform seed first (the knapsack's: equal here, once)
-    assert set(s["uniform_seeds"]) == {r["seed"] for r in rows}
+    assert set(s["uniform_seeds"]) == {r["seed"] for r in rows if r["seed"]}
+    assert {p["seed"] for p in s["portfolio"] if p["fine_tuned"]} == set(s["uniform_seeds"])
     assert len(rows) == 3 and all(r["feasible"] == "True" for r in rows if r["state"] == "COMPLETE")
     assert json.loads((out / "best_policy.json").read_text())["format_version"] == 1
     assert (out / "pareto.csv").exists() and json.loads((out / "run.json").read_text())["table_fingerprint"]
@@ -341,18 +342,27 @@ def test_a_resume_on_changed_prices_is_refused_and_never_mixes(tables, tmp_path)
     assert json.loads((out / "run.json").read_text())["prices"] == prices  # the run is left as it was
 
 
-def test_seeds_include_the_latency_knapsack(tables, tmp_path):
-    """Every search is seeded with the knapsack's policy (most importance kept under the priced limit) next to
-    the uniform ones; it is within the limit and keeps more units where they matter than a uniform cut."""
+def test_seeds_are_a_screened_portfolio_filled_to_the_limit(tables, tmp_path):
+    """Every search starts from a portfolio (uniform, the knapsack and the threshold over the measured costs of
+    cutting, fp32 and per format), each filled to the priced limit and screened; the fp32 uniform seed and the
+    best-screened others are fine-tuned first; the costs of cutting are reported."""
     proc = _search(tables, tmp_path / "run", tmp_path / "cache", "--trials", "3", model=MLP3)
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
-    assert "knapsack" in s["uniform_seeds"], s["uniform_seeds"]
-    k = s["uniform_seeds"]["knapsack"]
-    assert k["predicted_latency_ms"] <= s["limit_ms"] + 1e-9
-    assert "from the latency knapsack" in proc.stderr
+    names = [p["seed"] for p in s["portfolio"]]
+    also = {a for p in s["portfolio"] for a in p["same_as"]}  # a seed another one already is is listed with it
+    assert names[0].startswith("uniform-") and {"knapsack", "threshold"} <= set(names) | also, s["portfolio"]
+    assert all(p["predicted_ms"] <= s["limit_ms"] + 1e-9 for p in s["portfolio"])
+    tuned = [p for p in s["portfolio"] if p["fine_tuned"]]
+    assert tuned[0]["seed"] == names[0] and 1 <= len(tuned) <= 3
+    others = [p for p in s["portfolio"] if not p["fine_tuned"]]
+    if others:  # the fine-tuned ones (past the uniform seed) screened at least as well as every one left out
+        assert min(p["screen"] for p in tuned[1:] or tuned) >= max(p["screen"] for p in others) or len(tuned) == 1
+    assert "seeds: a portfolio of" in proc.stderr and "costs of cutting measured" in proc.stderr
+    assert s["costs"]["evaluations"] > 1 and set(s["costs"]["keep"]) == {g for p in s["portfolio"]
+                                                                         for g in p["policy"]["keep"]}
     rows = {r["seed"]: r for r in csv.DictReader(open(tmp_path / "run" / "trials.csv"))}
-    assert rows["knapsack"]["state"] == "COMPLETE" and rows["knapsack"]["feasible"] == "True"
+    assert all(rows[p["seed"]]["state"] == "COMPLETE" and rows[p["seed"]]["feasible"] == "True" for p in tuned)
 
 
 def test_the_study_holds_the_repaired_policy_as_ordered_parameters(tables, tmp_path):
@@ -373,12 +383,21 @@ def test_the_study_holds_the_repaired_policy_as_ordered_parameters(tables, tmp_p
     study = open_study(out, run_spec(info), load_only=True)
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(done) == 9
+    from hwprune.policy import keep_units
+    from hwprune.search.sensitivity import group_levels
+
     for t in done:
         keep, fmts = t.user_attrs["policy"]["keep"], t.user_attrs["policy"]["formats"]
-        assert {n for n in t.params if n.startswith("k:")} and all(n[:2] in ("k:", "fm") for n in t.params)
+        assert {n for n in t.params if n.startswith("u:")} and all(n[:2] in ("u:", "fm") for n in t.params)
+        assert t.user_attrs["objective"] == "metric" and t.constraints == {"latency": pytest.approx(
+            t.user_attrs["predicted_latency_ms"] - info["limit_ms"])} and t.constraints["latency"] <= 1e-9
         for name, dist in t.distributions.items():
-            if name.startswith("k:"):
-                assert isinstance(dist, IntDistribution) and grid[t.params[name]] == keep.get(name[2:], 1.0)
+            if name.startswith("u:"):
+                # an index into the group's distinct widths: the ratio there keeps the units the policy keeps
+                n = 32  # both of mlp3's groups
+                levels = group_levels(grid, n, 8)
+                assert isinstance(dist, IntDistribution) and dist.high == len(levels) - 1
+                assert keep_units(levels[t.params[name]][1], n, 8) == keep_units(keep.get(name[2:], 1.0), n, 8)
             else:
                 assert t.params[name] == fmts.get(name[4:], "fp32"), (t.number, name)
     proposals = [t for t in done if not t.user_attrs.get("seed")]
@@ -406,7 +425,7 @@ def test_a_study_of_an_older_version_goes_on_with_categorical_keep_ratios(tables
     study = open_study(out, run_spec(info))
     old = study.trials[0]
     grid = list(info["grid"])
-    groups = [n[2:] for n in old.params if n.startswith("k:")]
+    groups = [n[2:] for n in old.params if n.startswith("u:")]
     study.add_trial(optuna.trial.create_trial(  # what an older version wrote
         params={f"keep:{g}": grid[0] for g in groups}, distributions={f"keep:{g}": CategoricalDistribution(grid)
                                                                        for g in groups},

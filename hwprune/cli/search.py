@@ -11,7 +11,8 @@ _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed
                  "study", "out", "backend", "ray_address", "workers", "cpus_per_trial", "gpus_per_trial", "batch_size",
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
                  "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
-                 "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels")
+                 "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels",
+                 "costs", "objective", "seed_trials", "finish")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -122,6 +123,20 @@ def register(sub: Any) -> None:
                          "grid too; where this machine is the target (local backend, no --table) the layer "
                          "configurations a trial needs and the table lacks are measured before it trains and added "
                          "to the table; 0: the table's grid only (default 16)")
+    se.add_argument("--costs", choices=("sensitivity", "importance"),
+                    help="the cost of cutting a group to a width or running a layer in a format: 'sensitivity' "
+                         "measures it once per search with the proxy, that group or layer alone changed (default); "
+                         "'importance' counts the importance of the units dropped, each group mean-normalized")
+    se.add_argument("--objective", choices=("metric", "front"),
+                    help="what the sampler learns: 'metric' maximizes the task's metric with the price as a "
+                         "constraint (default); 'front' the two-objective front (metric up, latency down). The "
+                         "front is written either way")
+    se.add_argument("--seed-trials", type=int, metavar="N",
+                    help="fine-tune the N best-screened seeds of the portfolio (uniform, knapsack, threshold; fp32 and "
+                         "per format; each filled to the budget); the fp32 uniform seed is always one (default 3)")
+    se.add_argument("--finish", type=int, metavar="N",
+                    help="time the N best trials against the dense model in interleaved rounds at the end and drop "
+                         "any that measure over the budget (this machine the target); 0: none (default 3)")
     se.add_argument("--num-classes", type=positive, help="a built-in model's outputs when the data does not expose "
                                                           "its class count")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")

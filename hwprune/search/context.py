@@ -51,6 +51,7 @@ class SearchContext:
     table_grid: tuple[float, ...] = ()  # the keep ratios the table was profiled at (grid: those searched)
     meter: Any = None  # hwprune.latency.ondemand.ConfigMeter: measures entries off the table's grid; None: grid only
     _importance: Any = None  # (unit scores, keep losses, format losses), computed when first asked
+    sensitivity: Any = None  # hwprune.search.sensitivity.SensitivityMap, once measured (spec.costs 'sensitivity')
 
     def importance(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[float, float]], dict[str, dict[str, float]]]:
         """The dense model's unit scores (the spec's criterion), the importance each group loses at each keep
@@ -75,6 +76,45 @@ class SearchContext:
             batch = self.batches[0][0] if self.batches else self.setup.example
             self._importance = (scores, keep, format_losses(self.setup.model, self.menus, batch))
         return self._importance
+
+    def costs(self) -> tuple[dict[str, dict[float, float]], dict[str, dict[str, float]]]:
+        """The cost of each group at each keep ratio of the grid and of each layer in each format of its menu:
+        measured by the proxy (:mod:`hwprune.search.sensitivity`, ``spec.costs`` 'sensitivity', the default) or
+        counted as importance lost (:meth:`importance`, 'importance'); computed once."""
+        if self.spec.costs == "importance":
+            _, keep, fmt = self.importance()
+            return keep, fmt
+        if self.sensitivity is None:
+            from hwprune.search.screen import Screen
+            from hwprune.search.sensitivity import measure_sensitivity
+
+            proxy = Screen(self.setup, self.spec, self.batches, steps=0)
+
+            def score(keep: dict[str, float], formats: dict[str, str]) -> float:
+                try:
+                    return proxy.score(self.policy(keep, formats))
+                except Exception:  # noqa: BLE001 - a width the user's model cannot run at: priced as failed
+                    return float("-inf")
+
+            groups = [(g.name, g.units) for g in self.layers.space.groups]
+            self.sensitivity = measure_sensitivity(score, groups, self.grid, self.menus, self.spec.channel_multiple)
+            self.sensitivity.method = proxy.method
+        return self.sensitivity.keep, self.sensitivity.formats
+
+    def canonical(self, keep: dict[str, float]) -> dict[str, float]:
+        """Keep ratios as the lowest ratio of the grid that keeps the same units: one policy per pruned shape."""
+        from hwprune.search.sensitivity import group_levels
+
+        if getattr(self, "_levels_of", (None,))[0] != self.grid:
+            self._levels_of = (self.grid, {g.name: {u: r for u, r in group_levels(self.grid, g.units,
+                                                                                  self.spec.channel_multiple)}
+                                           for g in self.layers.space.groups}, {g.name: g.units for g in
+                                                                                self.layers.space.groups})
+        _, levels, units = self._levels_of
+        from hwprune.policy import keep_units
+
+        return {g: (levels[g].get(keep_units(r, units[g], self.spec.channel_multiple), r) if g in levels else r)
+                for g, r in keep.items()}
 
     @property
     def task(self) -> Any:
@@ -122,8 +162,8 @@ class SearchContext:
     def policy(self, keep: dict[str, float], formats: dict[str, str]) -> Policy:
         """A policy of these keep ratios and formats; a format the table marks unsupported at the layer's
         pruned shape falls back to fp32 (:meth:`Predictor.runnable`)."""
-        pol = Policy(dict(keep), {k: v for k, v in formats.items() if v != "fp32"}, self.spec.channel_multiple,
-                     self.spec.model)
+        pol = Policy(self.canonical(dict(keep)), {k: v for k, v in formats.items() if v != "fp32"},
+                     self.spec.channel_multiple, self.spec.model)
         return self.predictor.runnable(pol)
 
     def price_ms(self, policy: Policy) -> float:
@@ -135,21 +175,24 @@ class SearchContext:
         return min(self.menus[layer], key=cost)
 
     def repair(self, policy: Policy) -> tuple[Policy, int]:
-        """Until the budget is met, make the move that saves the most predicted time per unit of importance
-        lost: one group one notch down the grid, or one layer to another format of its menu (losses from
-        :meth:`importance`; a move that loses nothing and saves comes first). Returns the policy and the number
-        of moves."""
-        keep = {g.name: policy.keep.get(g.name, 1.0) for g in self.layers.space.groups}
+        """Until the budget is met, make the move that saves the most predicted time per unit of cost of cutting:
+        one group one width down (its next lower kept-unit count), or one layer to another format of its menu
+        (costs from :meth:`costs`; a move that costs nothing and saves comes first). Returns the policy and the
+        number of moves."""
+        from hwprune.search.portfolio import level_ratios
+
+        keep = self.canonical({g.name: policy.keep.get(g.name, 1.0) for g in self.layers.space.groups})
         formats = dict(policy.formats)
         steps = 0
         current = self.price_ms(self.policy(keep, formats))
         if current <= self.limit_ms:
             return self.policy(keep, formats), 0
-        _, keep_loss, fmt_loss = self.importance()
+        keep_loss, fmt_loss = self.costs()
+        levels = {g: level_ratios(self, g) for g in keep}
         while current > self.limit_ms:
             best: tuple[float, float, Callable[[], None]] | None = None  # (saving per loss, saving, apply)
             for g, r in sorted(keep.items()):
-                lower = [v for v in self.grid if v < r]
+                lower = [v for v in levels[g] if v < r - 1e-12]
                 if not lower:
                     continue
                 nr = max(lower)
@@ -170,41 +213,49 @@ class SearchContext:
                     if saving > 0 and (best is None or move[:2] > best[:2]):
                         best = move
             if best is None:  # rounding to the channel multiple: a notch that saves nothing yet
-                movable = [g for g in sorted(keep) if any(v < keep[g] for v in self.grid)]
+                movable = [g for g in sorted(keep) if any(v < keep[g] - 1e-12 for v in levels[g])]
                 if not movable:  # every group at its lowest: the smallest policy met the limit when it was checked
                     small = self.smallest()
                     if self.price_ms(small) <= self.limit_ms:
                         return small, steps + 1
                     raise HwpruneError(f"cannot repair a policy to {self.limit_ms:.4f} ms")  # guarded earlier
                 g = max(movable, key=lambda n: keep[n])
-                keep[g] = max(v for v in self.grid if v < keep[g])
+                keep[g] = max(v for v in levels[g] if v < keep[g] - 1e-12)
             else:
                 best[2]()
             steps += 1
             current = self.price_ms(self.policy(keep, formats))
         return self.policy(keep, formats), steps
 
-    def settle(self, policy: Policy, log: Callable[[str], None]) -> tuple[Policy, int]:
+    def settle(self, policy: Policy, log: Callable[[str], None], grow: bool = True) -> tuple[Policy, int]:
         """With a meter (keep ratios off the table's grid): measure the entries ``policy`` lacks, then repair it
-        on the measured prices, until it is priced from measured entries only and meets the limit. Returns the
-        policy and the repair moves it took (0: ``policy`` as it was)."""
+        on the measured prices (and, with ``grow``, fill it into headroom they leave, at most twice), until it is
+        priced from measured entries only and meets the limit. Returns the policy and the moves it took (0:
+        ``policy`` as it was)."""
+        from hwprune.search.portfolio import fill
+
         if self.meter is None:
             return policy, 0
-        moves = 0
+        moves, fills = 0, 0
         for _ in range(8):
             n = self.meter.measure(self.predictor, policy)
             if n:
                 log(f"hwprune: measured {n} layer configuration(s) the table lacked "
                     f"({self.meter.measured} in {self.meter.seconds:.1f} s so far)")
             if self.price_ms(policy) <= self.limit_ms and not n:
-                return policy, moves
+                grown, g = fill(self, policy) if grow and fills < 2 else (policy, 0)
+                if not g:
+                    return policy, moves
+                policy, moves, fills = grown, moves + g, fills + 1
+                continue
             policy, m = self.repair(policy)
             moves += m
-            if not m and not self.meter.missing(self.predictor, policy):
+            if not m and not self.meter.missing(self.predictor, policy) and not (grow and fills < 2):
                 return policy, moves
         left = self.meter.missing(self.predictor, policy)
-        log(f"hwprune: {len(left)} configuration(s) of a policy are still priced by interpolation after 8 rounds "
-            f"of measuring and repair")
+        if left:
+            log(f"hwprune: {len(left)} configuration(s) of a policy are still priced by interpolation after 8 "
+                f"rounds of measuring and repair")
         return policy, moves
 
     def smallest(self) -> Policy:
@@ -236,34 +287,16 @@ def _at(losses: dict[float, float], r: float) -> float:
 
 
 def knapsack_seeds(ctx: SearchContext) -> list[tuple[str, Policy]]:
-    """Policies from the latency knapsack (:mod:`hwprune.search.knapsack`): the most importance (the spec's
-    criterion, scores of the dense model) kept under the priced limit, in fp32 and with each low-precision format
-    offered to all layers; each seed once (a format that changes nothing is not repeated)."""
-    from hwprune.policy import keep_units
-    from hwprune.search.knapsack import allocate, level_losses
+    """Policies from the latency knapsack over the costs of cutting (:func:`hwprune.search.portfolio.knapsack_seed`),
+    in fp32 and with each low-precision format offered to all layers; each seed once."""
+    from hwprune.search.portfolio import knapsack_seed
 
-    spec = ctx.spec
-    scores = ctx.importance()[0]
-    levels: dict[str, list[float]] = {}
-    losses: dict[str, list[float]] = {}
-    for g in ctx.layers.space.groups:
-        if g.name not in scores:
-            continue
-        by_units: dict[int, float] = {}
-        for r in sorted(ctx.grid):  # one level per distinct kept-unit count (the lowest ratio giving it)
-            by_units.setdefault(keep_units(r, g.units, spec.channel_multiple), r)
-        units = sorted(by_units)
-        levels[g.name] = [by_units[u] for u in units]
-        losses[g.name] = level_losses(scores[g.name], units)
     seeds: list[tuple[str, Policy]] = []
     seen: set[str] = set()
-    fmts = sorted({f for menu in ctx.menus.values() for f in menu if f != "fp32"})
-    for fmt in ["fp32"] + fmts:
-        formats = {layer: fmt for layer, menu in ctx.menus.items() if fmt in menu}
-        keep = allocate(levels, losses, lambda k: ctx.price_ms(ctx.policy(k, formats)), ctx.limit_ms)
-        if keep is None:
+    for fmt in ["fp32"] + sorted({f for menu in ctx.menus.values() for f in menu if f != "fp32"}):
+        pol = knapsack_seed(ctx, fmt)
+        if pol is None:
             continue
-        pol = ctx.policy(keep, formats)
         key = json.dumps(pol.to_dict(), sort_keys=True)
         if key not in seen:
             seen.add(key)

@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 from hwprune.errors import HwpruneError, is_oom, one_line
 from hwprune.search.context import SearchContext, prepare_context
-from hwprune.search.rundir import (check_run_dir, claim_run_dir, front, plot_front, results_lock, write_front,
+from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, plot_front, results_lock, write_front,
                                    write_trials)
 from hwprune.search.spec import SearchSpec
-from hwprune.search.trial import (OWNER, Progress, finished, free_memory, make_sampler, params_of,
+from hwprune.search.trial import (OWNER, Progress, _proxy, finished, free_memory, make_sampler, params_of,
                                   propose, reuse, rule_from, screen_correlation, train_candidate)
 
 __all__ = ["run_search", "open_study", "load_front", "SearchResult", "Heartbeat", "fail_interrupted", "stale_for"]
@@ -334,25 +334,12 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     study = open_study(out, spec)
     study_grid(ctx, study, log)
     fail_interrupted(study, log, spec.heartbeat_grace)
+    if spec.costs == "sensitivity":  # on the study's own keep ratios (a resume may have changed them)
+        ctx.costs()
+        log(f"hwprune: {ctx.sensitivity.line()}")
+    portfolio = None
     if not resumed and not study.trials and spec.uniform_seeds:
-        from hwprune.search.context import knapsack_seeds
-
-        t_seed = time.time()
-        us, ks = ctx.uniform_seeds(), knapsack_seeds(ctx)
-        seeds, seen = [], set()
-        for name, pol in us[:1] + ks[:1] + us[1:] + ks[1:]:  # the fp32 ones first: a short search runs both
-            key = json.dumps(pol.to_dict(), sort_keys=True)
-            if key not in seen:  # a knapsack policy a uniform seed already is (e.g. dense at 100%) runs once
-                seen.add(key)
-                seeds.append((name, pol))
-        dropped = seeds[spec.trials:]
-        log(f"hwprune: seeds: {len(us)} uniform, {len(ks)} from the latency knapsack ({time.time() - t_seed:.1f} s)"
-            + (f"; {len(dropped)} left out for --trials {spec.trials}: {', '.join(n for n, _ in dropped)}"
-               if dropped else ""))
-        for name, pol in seeds[:spec.trials]:
-            pol, moves = ctx.settle(pol, log)  # its entries measured first (keep ratios off the table's grid)
-            study.enqueue_trial(params_of(ctx, pol.keep, pol.formats),
-                                user_attrs={"seed": name, **({"repairs": moves} if moves else {})})
+        portfolio = enqueue_seeds(ctx, study, log)
     t0 = time.time()
     with Heartbeat(study, spec.heartbeat_interval):
         if spec.backend == "ray":
@@ -361,12 +348,17 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
             run_ray(ctx, study, out, log)
         else:
             _run_local(ctx, study, out, log)
+    from hwprune.search.finish import finish
+
+    finished_ = finish(ctx, study, log)
     task = ctx.task
     with results_lock(out):  # another process on this study may write its results now: read inside the lock
         trials = study.get_trials(deepcopy=False)
         write_trials(out, trials, ctx.limit_ms, task)
         pts = front(trials, ctx.limit_ms)
-        best = write_front(out, pts, ctx.budget_ms, task)
+        dropped = (finished_ or {}).get("dropped", [])
+        best = write_front(out, pts, ctx.budget_ms, task,
+                           best_point(pts, dropped, trials, ctx.limit_ms) if pts else None)
         if importlib.util.find_spec("matplotlib") is not None:
             plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
         else:
@@ -384,9 +376,48 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
             "stopped_early": count("PRUNED"), "failed": count("FAIL"),
             "repaired": sum(1 for t in trials if t.user_attrs.get("repairs")),
             "duplicates": sum(1 for t in trials if t.user_attrs.get("duplicate_of") not in (None, "")),
-            "screen": screen_correlation(trials),
+            "screen": screen_correlation(trials), "portfolio": portfolio, "finish": finished_,
+            "costs": ctx.sensitivity.to_dict() if ctx.sensitivity is not None else ctx.spec.costs,
             "seconds": round(time.time() - t0, 1), "pareto": _points(pts, task), "best": best, "uniform_seeds": seeds,
             "table_fingerprint": table.fingerprint, "resumed": resumed}
+
+
+def enqueue_seeds(ctx: SearchContext, study: Any, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The portfolio of seeds (:func:`hwprune.search.portfolio.portfolio`: uniform, knapsack and threshold, fp32 and
+    per format, each filled to the limit), screened by the proxy; the fp32 uniform seed and the best-screened
+    others, ``spec.seed_trials`` in all (at most ``spec.trials``), are enqueued to be fine-tuned first. Returns
+    every seed with its proxy, price and whether it was enqueued."""
+    from hwprune.search.portfolio import portfolio
+
+    t0 = time.time()
+    rows = []
+    for name, pol, same in portfolio(ctx):
+        pol, moves = ctx.settle(pol, log)  # its entries measured first (keep ratios off the table's grid)
+        proxy = _proxy(ctx, pol, log) if ctx.screen is not None else None
+        rows.append({"seed": name, "policy": pol, "moves": moves, "screen": proxy, "predicted_ms": ctx.price_ms(pol),
+                     "same_as": same})
+    ranked = sorted(rows, key=lambda r: -r["screen"] if r["screen"] is not None else 0.0)  # stable: the portfolio's
+    first = next((r for r in rows if r["seed"].startswith("uniform-") and r["seed"].count("-") == 1), None)  # order
+    chosen, seen = ([first] if first else []), set()
+    for r in ranked:
+        if len(chosen) >= max(1, ctx.spec.seed_trials):
+            break
+        if r is not first:
+            chosen.append(r)
+    chosen = chosen[:max(1, min(ctx.spec.seed_trials, ctx.spec.trials))]
+    for r in chosen:
+        key = json.dumps(r["policy"].to_dict(), sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        study.enqueue_trial(params_of(ctx, r["policy"].keep, r["policy"].formats),
+                            user_attrs={"seed": r["seed"], **({"repairs": r["moves"]} if r["moves"] else {}),
+                                        **({"screen": r["screen"]} if r["screen"] is not None else {})})
+    log(f"hwprune: seeds: a portfolio of {len(rows)} filled to the limit, screened in {time.time() - t0:.1f} s ("
+        + ", ".join(f"{r['seed']} {r['screen']:.4f}" if r["screen"] is not None else r["seed"] for r in ranked)
+        + f"); fine-tuned first: {', '.join(r['seed'] for r in chosen)}")
+    return [{"seed": r["seed"], "screen": r["screen"], "predicted_ms": round(r["predicted_ms"], 5),
+             "policy": r["policy"].to_dict(), "fine_tuned": r in chosen, "same_as": r["same_as"]} for r in rows]
 
 
 def load_front(run_dir: str | Path, storage: str | None = None) -> SearchResult:

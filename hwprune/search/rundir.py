@@ -116,13 +116,23 @@ def front(trials: list[Any], limit_ms: float) -> list[Any]:
     return sorted(pts, key=lambda t: (t.values[1], -t.values[0], t.number))
 
 
-def best_point(pts: list[Any]) -> Any:
-    """The best-scoring point of a front (highest accuracy, lowest perplexity); ties: the faster."""
+def best_point(pts: list[Any], over: Any = (), trials: list[Any] | None = None, limit_ms: float | None = None
+               ) -> Any:
+    """The best-scoring point of a front (highest accuracy, lowest perplexity); ties: the faster. Trials the
+    measured finish timed over the budget (``over``, :mod:`hwprune.search.finish`) are passed over: the best of
+    the other feasible ``trials`` (within ``limit_ms``) is taken, dominated or not, while one is left."""
+    over = set(over)
+    if over and trials is not None and limit_ms is not None:
+        ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= limit_ms + 1e-12
+              and t.number not in over]
+        if ok:
+            return max(ok, key=lambda t: (t.values[0], -t.values[1], -t.number))
     return max(pts, key=lambda t: (t.values[0], -t.values[1]))
 
 
-def write_front(out: Path, pts: list[Any], budget_ms: float, task: Any = None) -> dict[str, Any] | None:
-    """pareto.csv and best_policy.json (the best-scoring feasible point; ties: the faster)."""
+def write_front(out: Path, pts: list[Any], budget_ms: float, task: Any = None, best: Any = None
+                ) -> dict[str, Any] | None:
+    """pareto.csv and best_policy.json (``best``, default the best-scoring feasible point; ties: the faster)."""
     from hwprune.tasks import get_task
 
     task = get_task(task)
@@ -135,7 +145,7 @@ def write_front(out: Path, pts: list[Any], budget_ms: float, task: Any = None) -
     write_atomic(out / "pareto.csv", buf.getvalue())
     if not pts:
         return None
-    best = best_point(pts)
+    best = best or best_point(pts)
     write_atomic(out / "best_policy.json", json.dumps(best.user_attrs["policy"], indent=2, sort_keys=True) + "\n")
     return {"trial": best.number, task.metric: task.show(best.values[0]), "predicted_latency_ms": best.values[1],
             "budget_ms": budget_ms}

@@ -12,10 +12,12 @@ from typing import Any
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["SearchSpec", "load_spec", "SAMPLERS", "BACKENDS"]
+__all__ = ["SearchSpec", "load_spec", "SAMPLERS", "BACKENDS", "COSTS", "OBJECTIVES"]
 
 SAMPLERS = ("tpe", "nsga2", "random")
 BACKENDS = ("local", "ray")
+COSTS = ("sensitivity", "importance")
+OBJECTIVES = ("metric", "front")
 
 
 @dataclass
@@ -63,6 +65,10 @@ class SearchSpec:
     num_classes: int | None = None  # a built-in model's outputs when the data does not expose its class count
     screen: int = 4  # repaired samples ranked by the cheap proxy per fine-tune (hwprune.search.screen); 0: none
     keep_levels: int = 16  # keep ratios searched: multiples of 1/N beside the table's grid, measured on demand; 0: grid
+    costs: str = "sensitivity"  # cost of a cut: measured by the proxy ('sensitivity') or counted ('importance')
+    objective: str = "metric"  # what the sampler maximizes: the metric under the budget, or the 'front' (2 objectives)
+    seed_trials: int = 3  # the best-screened seeds of the portfolio that are fine-tuned (the fp32 uniform one always)
+    finish: int = 3  # the best trials timed against the dense model at the end (this machine the target); 0: none
 
     def validate(self) -> None:
         from hwprune.search.budget import parse_budget
@@ -77,6 +83,11 @@ class SearchSpec:
         if self.keep_levels != 0 and not 2 <= self.keep_levels <= 128:
             raise HwpruneError(f"keep_levels must be 0 (the table's grid only) or 2 to 128 (keep ratios in steps of "
                                f"1/N), got {self.keep_levels}")
+        for key, allowed in (("costs", COSTS), ("objective", OBJECTIVES)):
+            if getattr(self, key) not in allowed:
+                raise HwpruneError(f"unknown {key} {getattr(self, key)!r}; known: {', '.join(allowed)}")
+        if self.seed_trials < 0 or self.finish < 0:
+            raise HwpruneError(f"seed_trials and finish must be >= 0, got {self.seed_trials} and {self.finish}")
         if self.trials < 1:
             raise HwpruneError(f"trials must be at least 1, got {self.trials}")
         if self.train_batch_size < 1 or (self.val_subset is not None and self.val_subset < 1) or \
@@ -131,7 +142,8 @@ class SearchSpec:
         if self.task is not None:
             ident["task"] = self.task
         for k, default in (("train_batch_size", 128), ("val_subset", None), ("num_classes", None),
-                           ("early_stop_margin", 0.05), ("uniform_seeds", True), ("device", "auto")):
+                           ("early_stop_margin", 0.05), ("uniform_seeds", True), ("device", "auto"),
+                           ("costs", "sensitivity"), ("objective", "metric"), ("seed_trials", 3)):
             if getattr(self, k) != default:  # the defaults keep run directories of older versions
                 ident[k] = getattr(self, k)
         return ident

@@ -16,7 +16,9 @@ both call :func:`propose` in the driver and :func:`train_candidate` where the fi
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import socket
 import sys
 import time
@@ -52,42 +54,130 @@ def make_sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _legacy(study: Any) -> bool:
-    """A study of an older version: keep ratios were categorical parameters ``keep:<group>``."""
-    return any(k.startswith("keep:") for t in study.get_trials(deepcopy=False) for k in t.params)
+def _legacy(study: Any) -> str:
+    """How a study's keep ratios are parameters: ``u`` (an index into the group's distinct widths, this
+    version), ``k`` (an index into the grid, studies before 2026-12-06) or ``keep`` (categorical ratios, older)."""
+    names = {k for t in study.get_trials(deepcopy=False) for k in t.params}
+    return "keep" if any(k.startswith("keep:") for k in names) else "k" if any(k.startswith("k:") for k in names) \
+        else "u"
 
 
-def params_of(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str], legacy: bool = False
+def params_of(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str], legacy: str | bool = "u"
               ) -> dict[str, Any]:
-    """The study parameters of a policy: per group the index of its keep ratio in the grid (``k:<group>``;
-    ``keep:<group>`` with the ratio itself in a legacy study), per layer with a menu its format."""
+    """The study parameters of a policy: per group the index of its width among the group's distinct widths
+    (``u:<group>``; in older studies ``k:<group>``, the index of its keep ratio in the grid, or ``keep:<group>``,
+    the ratio itself), per layer with a menu its format."""
+    from hwprune.search.portfolio import level_ratios
+
+    mode = {True: "keep", False: "k"}.get(legacy, legacy) if isinstance(legacy, bool) else legacy
     grid = sorted(ctx.grid)
-    nearest = lambda r: min(range(len(grid)), key=lambda i: abs(grid[i] - r))  # noqa: E731
-    p: dict[str, Any] = {(f"keep:{g.name}" if legacy else f"k:{g.name}"):
-                         (keep.get(g.name, 1.0) if legacy else nearest(keep.get(g.name, 1.0)))
-                         for g in ctx.layers.space.groups}
+    nearest = lambda rs, r: min(range(len(rs)), key=lambda i: abs(rs[i] - r))  # noqa: E731
+    canon = ctx.canonical({g.name: keep.get(g.name, 1.0) for g in ctx.layers.space.groups})
+    p: dict[str, Any] = {}
+    for g in ctx.layers.space.groups:
+        r = keep.get(g.name, 1.0)
+        if mode == "keep":
+            p[f"keep:{g.name}"] = r
+        elif mode == "k":
+            p[f"k:{g.name}"] = nearest(grid, r)
+        else:
+            p[f"u:{g.name}"] = nearest(level_ratios(ctx, g.name), canon[g.name])
     p.update({f"fmt:{n}": formats.get(n, "fp32") for n, menu in ctx.menus.items() if len(menu) > 1})
     return p
 
 
-def _suggest(ctx: SearchContext, trial: Any, legacy: bool) -> tuple[dict[str, float], dict[str, str]]:
+def _suggest(ctx: SearchContext, trial: Any, legacy: str) -> tuple[dict[str, float], dict[str, str]]:
+    from hwprune.search.portfolio import level_ratios
+
     grid = sorted(ctx.grid)
-    if legacy:
-        keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in ctx.layers.space.groups}
+    groups = ctx.layers.space.groups
+    if legacy == "keep":
+        keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in groups}
+    elif legacy == "k":
+        keep = {g.name: grid[trial.suggest_int(f"k:{g.name}", 0, len(grid) - 1)] for g in groups}
     else:
-        keep = {g.name: grid[trial.suggest_int(f"k:{g.name}", 0, len(grid) - 1)] for g in ctx.layers.space.groups}
+        keep = {}
+        for g in groups:
+            rs = level_ratios(ctx, g.name)
+            keep[g.name] = rs[trial.suggest_int(f"u:{g.name}", 0, len(rs) - 1)]
     formats = {n: trial.suggest_categorical(f"fmt:{n}", menu) for n, menu in ctx.menus.items() if len(menu) > 1}
     return keep, formats
 
 
+def _gamma(n: int) -> int:
+    """TPE's "good" trials out of ``n``: a quarter (at least one; Optuna's default, a tenth, is one trial up to 10)."""
+    return max(1, min(math.ceil(0.25 * n), 25))
+
+
 def _shadow(ctx: SearchContext, study: Any, salt: int) -> Any:
-    """An in-memory study holding the real study's finished trials, with a sampler of the spec's kind."""
+    """An in-memory study holding the real study's finished trials, with a sampler of the spec's kind. With the
+    ``metric`` objective (a budgeted search) it has one objective, the score, the price a constraint every trial
+    meets (candidates are projected into the budget): the sampler learns which policies score best, not a front."""
     import optuna
     from optuna.trial import TrialState
 
-    sh = optuna.create_study(directions=study.directions, sampler=make_sampler(ctx.spec.sampler, ctx.spec.seed + salt))
-    sh.add_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    seed = ctx.spec.seed + salt
+    if ctx.spec.objective != "metric":
+        sh = optuna.create_study(directions=study.directions, sampler=make_sampler(ctx.spec.sampler, seed))
+        sh.add_trials(done)
+        return sh
+    if ctx.spec.sampler == "tpe":
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # multivariate TPE is marked experimental
+            sampler: Any = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True,
+                                                      gamma=_gamma)
+    else:
+        sampler = make_sampler(ctx.spec.sampler, seed)
+    sh = optuna.create_study(direction="maximize", sampler=sampler)
+    for t in done:
+        curve = {int(k): float(v) for k, v in (t.user_attrs.get("curve") or {}).items()}
+        if t.state == TrialState.COMPLETE and t.values:
+            sh.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.values[0],
+                                                   constraints={"latency": t.values[1] - ctx.limit_ms}))
+        elif curve:  # stopped early: what it reached, as Optuna's pruned trials carry it
+            sh.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=t.params,
+                                                   distributions=t.distributions, intermediate_values=curve))
     return sh
+
+
+def _neighbours(ctx: SearchContext, study: Any, n: int, rng: Any) -> list[tuple[str, Policy]]:
+    """``n`` local moves around the best finished trial (highest score): one group a width down and another a
+    width up, or one layer to another format of its menu; the projection then puts each at the limit."""
+    from optuna.trial import TrialState
+
+    from hwprune.search.portfolio import level_ratios
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and t.values[1] <= ctx.limit_ms + 1e-12 and t.user_attrs.get("policy")]
+    if not done or n <= 0:
+        return []
+    best = max(done, key=lambda t: (t.values[0], -t.number))
+    pol = Policy.from_dict(best.user_attrs["policy"])
+    groups = [g.name for g in ctx.layers.space.groups]
+    out = []
+    for _ in range(n * 3):
+        keep = ctx.canonical({g: pol.keep.get(g, 1.0) for g in groups})
+        formats = dict(pol.formats)
+        flip = [layer for layer, menu in ctx.menus.items() if len(menu) > 1]
+        if flip and (len(groups) < 2 or rng.random() < 0.25):
+            layer = rng.choice(sorted(flip))
+            formats[layer] = rng.choice([f for f in ctx.menus[layer] if f != formats.get(layer, "fp32")])
+        elif len(groups) >= 2:
+            a, b = rng.sample(groups, 2)
+            ra, rb = level_ratios(ctx, a), level_ratios(ctx, b)
+            ia, ib = ra.index(keep[a]) if keep[a] in ra else len(ra) - 1, rb.index(keep[b]) if keep[b] in rb else 0
+            if ia == 0 or ib == len(rb) - 1:
+                continue
+            keep[a], keep[b] = ra[ia - rng.randint(1, min(2, ia))], rb[ib + 1]
+        else:
+            continue
+        out.append((f"neighbour of trial {best.number}", ctx.policy(keep, formats)))
+        if len(out) >= n:
+            break
+    return out
 
 
 def _key(policy: Policy) -> str:
@@ -101,21 +191,36 @@ def _done_policies(study: Any) -> dict[str, Any]:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
 
-def _candidates(ctx: SearchContext, study: Any, legacy: bool, log: Callable[[str], None],
+def _candidates(ctx: SearchContext, study: Any, legacy: str, log: Callable[[str], None],
                 done: dict[str, Any]) -> dict[str, Any]:
-    """Sample ``screen`` candidates (at least one), repair and screen them; the user attributes the chosen
-    one's trial gets (its parameters under ``params``)."""
+    """Sample ``screen`` candidates (at least one) and, with the ``metric`` objective, as many local moves around
+    the best trial so far; project each into the budget (:func:`~hwprune.search.portfolio.project`: repaired to
+    the limit, then filled up to it) and screen them; the user attributes the chosen one's trial gets (its
+    parameters under ``params``)."""
+    from hwprune.search.portfolio import project
+
     n = max(1, ctx.spec.screen)
-    sh = _shadow(ctx, study, len(study.trials))
     cands: dict[str, dict[str, Any]] = {}
-    for _ in range(n):
-        t = sh.ask()
-        keep, formats = _suggest(ctx, t, legacy)
-        policy, repairs = ctx.repair(ctx.policy(keep, formats))
-        k = _key(policy)
-        if k in cands:
-            continue
-        cands[k] = {"policy": policy, "repairs": repairs, "sampled": {"keep": keep, "formats": formats}}
+    for attempt in range(3):  # projection maps many samples onto a policy already trained: draw again
+        sh = _shadow(ctx, study, len(study.trials) + 1000 * attempt)
+        samples: list[tuple[str, dict[str, float], dict[str, str]]] = []
+        for _ in range(n):
+            t = sh.ask()
+            keep, formats = _suggest(ctx, t, legacy)
+            samples.append(("sampler", keep, formats))
+        if ctx.spec.objective == "metric" and ctx.spec.screen > 1:
+            rng = random.Random(ctx.spec.seed * 1000 + len(study.trials) + 100 * attempt)
+            for src, pol in _neighbours(ctx, study, n, rng):
+                samples.append((src, dict(pol.keep), dict(pol.formats)))
+        for src, keep, formats in samples:
+            policy, repairs = project(ctx, ctx.policy(keep, formats))
+            k = _key(policy)
+            if k in cands:
+                continue
+            cands[k] = {"policy": policy, "repairs": repairs, "sampled": {"keep": keep, "formats": formats},
+                        "from": src}
+        if any(k not in done for k in cands):
+            break
     fresh = {k: c for k, c in cands.items() if k not in done} or cands  # all seen already: reused, no proxy needed
     if ctx.screen is not None and len(fresh) > 1:
         for c in fresh.values():
@@ -126,7 +231,8 @@ def _candidates(ctx: SearchContext, study: Any, legacy: bool, log: Callable[[str
         if ctx.screen is not None and _key(best["policy"]) not in done:
             best["screen"] = _proxy(ctx, best["policy"], log)
     pol, more = ctx.settle(best["policy"], log)  # its entries measured (keep ratios off the table's grid)
-    attrs = {"repairs": best["repairs"] + more, "sampled": best["sampled"], "screened": len(fresh)}
+    attrs = {"repairs": best["repairs"] + more, "sampled": best["sampled"], "screened": len(fresh),
+             "proposed_by": best["from"]}
     if "screen" in best:
         attrs["screen"] = best["screen"]
     attrs["_params"] = params_of(ctx, pol.keep, pol.formats, legacy)
@@ -187,6 +293,8 @@ def propose(ctx: SearchContext, study: Any, log: Callable[[str], None] | None = 
         elif "seed" in attrs:
             trial.set_user_attr("repairs", repairs)
         pred = ctx.predictor.price(policy)
+        trial.set_user_attr("objective", ctx.spec.objective)
+        trial.set_constraint("latency", pred.latency_ms - ctx.limit_ms)  # <= 0: within the priced limit
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("flops", pred.macs // ctx.predictor.table.batch_size)
         trial.set_user_attr("predicted_latency_ms", pred.latency_ms)

@@ -1,0 +1,163 @@
+"""Using the whole budget, and seeds that cost no fine-tune.
+
+**Fill** raises a policy into the headroom its price leaves under the limit: the move that recovers the most
+cost of cutting (:mod:`hwprune.search.sensitivity`) per millisecond added — a group one width up, or a layer
+to a format that costs less — until no move fits. **Project** maps any sample into the budget: repair (cut)
+until it fits, then fill, so no candidate leaves budget unused.
+
+**The portfolio** of seeds, each in fp32 and with each low-precision format offered to all layers, each filled
+to the limit, all screened by the proxy before any fine-tune:
+
+- ``uniform``: one keep ratio for every group (the largest that fits);
+- ``knapsack``: the latency knapsack over the costs of cutting (HALP-like, :func:`hwprune.search.knapsack.allocate`);
+- ``threshold``: every group at its narrowest width whose cost stays under one threshold, the threshold
+  bisected on the price (FastNAS's sensitivity threshold, bisected against the table instead of FLOPs).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from hwprune.policy import Policy
+
+__all__ = ["fill", "project", "threshold_seed", "knapsack_seed", "portfolio", "level_ratios"]
+
+
+def level_ratios(ctx: Any, group: str) -> list[float]:
+    """The keep ratios of a group's distinct widths on the searched grid, ascending (one per kept-unit count)."""
+    from hwprune.search.sensitivity import group_levels
+
+    units = {g.name: g.units for g in ctx.layers.space.groups}[group]
+    return [r for _, r in group_levels(ctx.grid, units, ctx.spec.channel_multiple)]
+
+
+def _up(ratios: list[float], r: float) -> float | None:
+    higher = [v for v in ratios if v > r + 1e-12]
+    return min(higher) if higher else None
+
+
+def fill(ctx: Any, policy: Policy, limit: float | None = None) -> tuple[Policy, int]:
+    """Raise ``policy`` while its price stays at most ``limit`` (default the search's limit): each step makes
+    the move that recovers the most cost of cutting per millisecond added (a move that adds nothing first), a
+    group one width up or a layer to a format of its menu that costs less. Returns the policy and the moves.
+    A policy already over the limit is returned as it is."""
+    limit = ctx.limit_ms if limit is None else limit
+    keep_cost, fmt_cost = ctx.costs()
+    keep = ctx.canonical({g.name: policy.keep.get(g.name, 1.0) for g in ctx.layers.space.groups})
+    formats = dict(policy.formats)
+    current = ctx.price_ms(ctx.policy(keep, formats))
+    moves = 0
+    if current > limit:
+        return policy, 0
+    levels = {g: level_ratios(ctx, g) for g in keep}
+    while True:
+        best: tuple[float, float, Callable[[], None]] | None = None  # (gain per ms, gain, apply)
+        for g, r in sorted(keep.items()):
+            nr = _up(levels[g], r)
+            if nr is None:
+                continue
+            now = ctx.price_ms(ctx.policy({**keep, g: nr}, formats))
+            gain = keep_cost[g][_on(keep_cost[g], r)] - keep_cost[g][_on(keep_cost[g], nr)]
+            if now <= limit and gain > 0:
+                move = (gain / max(now - current, 1e-9), gain, lambda g=g, nr=nr: keep.update({g: nr}))
+                best = move if best is None or move[:2] > best[:2] else best
+        for layer, menu in sorted(ctx.menus.items()):
+            have = formats.get(layer, "fp32")
+            for fmt in menu:
+                gain = fmt_cost[layer].get(have, 0.0) - fmt_cost[layer].get(fmt, 0.0)
+                if fmt == have or gain <= 0:
+                    continue
+                now = ctx.price_ms(ctx.policy(keep, {**formats, layer: fmt}))
+                if now <= limit:
+                    move = (gain / max(now - current, 1e-9), gain,
+                            lambda layer=layer, fmt=fmt: formats.update({layer: fmt}))
+                    best = move if best is None or move[:2] > best[:2] else best
+        if best is None:
+            return ctx.policy(keep, formats), moves
+        best[2]()
+        moves += 1
+        current = ctx.price_ms(ctx.policy(keep, formats))
+
+
+def _on(costs: dict[float, float], r: float) -> float:
+    """The ratio of ``costs`` nearest ``r`` (a ratio off the grid: its nearest)."""
+    return r if r in costs else min(costs, key=lambda v: abs(v - r))
+
+
+def project(ctx: Any, policy: Policy) -> tuple[Policy, int]:
+    """``policy`` mapped into the budget: repaired until its price fits the limit, then filled up to it."""
+    cut, m = ctx.repair(policy)
+    grown, n = fill(ctx, cut)
+    return grown, m + n
+
+
+def _fastest_formats(ctx: Any, fmt: str) -> dict[str, str]:
+    return {layer: fmt for layer, menu in ctx.menus.items() if fmt in menu}
+
+
+def threshold_seed(ctx: Any, fmt: str = "fp32", steps: int = 30) -> Policy | None:
+    """Every group at its narrowest width whose cost of cutting is at most a threshold, layers in ``fmt`` where
+    their menu has it; the threshold bisected on price so the policy just fits the limit (None when even the
+    narrowest widths do not)."""
+    keep_cost, _ = ctx.costs()
+    formats = _fastest_formats(ctx, fmt)
+    levels = {g.name: level_ratios(ctx, g.name) for g in ctx.layers.space.groups}
+
+    def at(t: float) -> Policy:
+        keep = {}
+        for g, rs in levels.items():
+            ok = [r for r in rs if keep_cost[g][_on(keep_cost[g], r)] <= t]
+            keep[g] = min(ok) if ok else rs[-1]
+        return ctx.policy(keep, formats)
+
+    hi = max(max(c.values()) for c in keep_cost.values()) if keep_cost else 0.0
+    if ctx.price_ms(at(hi)) > ctx.limit_ms:
+        return None
+    lo = 0.0
+    if ctx.price_ms(at(lo)) <= ctx.limit_ms:
+        return at(lo)
+    for _ in range(steps):  # price(at(t)) falls as t grows: the smallest t that fits keeps the most
+        mid = (lo + hi) / 2
+        if ctx.price_ms(at(mid)) <= ctx.limit_ms:
+            hi = mid
+        else:
+            lo = mid
+    return at(hi)
+
+
+def knapsack_seed(ctx: Any, fmt: str = "fp32") -> Policy | None:
+    """The latency knapsack over the costs of cutting (:func:`hwprune.search.knapsack.allocate`), layers in
+    ``fmt`` where their menu has it (None when the narrowest widths do not fit)."""
+    from hwprune.search.knapsack import allocate
+
+    keep_cost, _ = ctx.costs()
+    formats = _fastest_formats(ctx, fmt)
+    levels = {g.name: level_ratios(ctx, g.name) for g in ctx.layers.space.groups}
+    losses = {g: [keep_cost[g][_on(keep_cost[g], r)] for r in rs] for g, rs in levels.items()}
+    keep = allocate(levels, losses, lambda k: ctx.price_ms(ctx.policy(k, formats)), ctx.limit_ms)
+    return None if keep is None else ctx.policy(keep, formats)
+
+
+def portfolio(ctx: Any) -> list[tuple[str, Policy, list[str]]]:
+    """The seeds (see the module doc), each filled to the limit, each policy once: (name, policy, the names of
+    the later seeds that came out the same); uniform, knapsack and threshold in fp32, then each with every
+    low-precision format."""
+    fmts = sorted({f for menu in ctx.menus.values() for f in menu if f != "fp32"})
+    uniform = dict(ctx.uniform_seeds())
+    out: list[tuple[str, Policy, list[str]]] = []
+    seen: dict[str, list[str]] = {}
+    for fmt in ["fp32"] + fmts:
+        suffix = "" if fmt == "fp32" else f"-{fmt}"
+        cands = [(n, p) for n, p in uniform.items() if n.endswith(suffix) and (fmt != "fp32" or n.count("-") == 1)]
+        cands += [("knapsack" + suffix, knapsack_seed(ctx, fmt)), ("threshold" + suffix, threshold_seed(ctx, fmt))]
+        for name, pol in cands:
+            if pol is None:
+                continue
+            pol, _ = fill(ctx, pol)
+            key = json.dumps(pol.to_dict(), sort_keys=True)
+            if key in seen:
+                seen[key].append(name)
+            else:
+                seen[key] = []
+                out.append((name, pol, seen[key]))
+    return out
