@@ -3,7 +3,9 @@
 For each model row and each budget (a share of the dense model's latency, *measured* here in interleaved
 rounds with the dense model, batch of the row's table, 1 thread), each method chooses a pruned model:
 
-  hwprune    the search: TPE, uniform and knapsack seeds, screened proposals, priced by the latency table
+  hwprune    the search: a screened portfolio of seeds, a single-objective sampler with local moves, candidates
+             projected to the priced limit, costs of cutting measured by the proxy, a measured finish
+  hwprune-fp32  the same search with every layer in fp32 (formats kept out: what the search finds by widths alone)
   knapsack   hwprune's latency knapsack alone (fp32): the most importance kept under the priced limit, no
              fine-tune spent choosing
   uniform    one keep ratio for every group, fp32: the largest ratio, in steps of 1/32, whose measured
@@ -50,7 +52,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import ROOT, write_results  # noqa: E402
 
-METHODS = ("hwprune", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops")
+METHODS = ("hwprune", "hwprune-fp32", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops")
+SEARCHES = ("hwprune", "hwprune-fp32", "random", "flops")  # methods run once per search seed
 # model | data | model_args | search fine-tune steps  (the built-in specs' steps)
 ROW_SETS = {
     "cnn": "cnn1d|mnist1d||150;resnet20|mnist5k||100",
@@ -133,6 +136,15 @@ def flops_prepare(dense_ms: float | None):  # type: ignore[no-untyped-def]
                                f"{floor:.4f} ms-equivalent")
         return ctx
     return prepare
+
+
+def fp32_prepare(spec: Any, logf: Any) -> Any:
+    """A ``prepare`` for run_search that searches widths only: every layer's menu is fp32."""
+    from hwprune.search.context import prepare_context
+
+    ctx = prepare_context(spec, logf)
+    ctx.menus = {}
+    return ctx
 
 
 def _last_layer(model: Any, example: Any) -> Any:
@@ -418,16 +430,19 @@ class Bench:
         pol, _ = ctx.settle(seeds["knapsack"], lambda m: None)  # keep ratios off the grid: measured, then repaired
         return {"policy": pol.to_dict(), "priced": ctx.price_ms(pol), "seconds": round(time.time() - t0, 1)}
 
-    def search(self, method: str, frac: float, out: Path) -> dict[str, Any]:
+    def search(self, method: str, frac: float, out: Path, seed: int = 0) -> dict[str, Any]:
         from hwprune.errors import HwpruneError
         from hwprune.search import run_search
         from hwprune.search.context import prepare_context
 
+        ours = method.startswith("hwprune")
         spec = dataclasses.replace(self.spec, budget=f"{frac * 100:g}%", trials=self.args.trials,
                                    sampler="random" if method == "random" else "tpe",
                                    uniform_seeds=method != "random", out=str(out), study=out.name,
-                                   screen=self.args.screen if method == "hwprune" else 0)
-        prepare = flops_prepare(None) if method == "flops" else prepare_context
+                                   screen=self.args.screen if ours else 0, seed=seed,
+                                   weights=self.setup.weights)  # one dense model: the seed varies the search only
+        prepare = flops_prepare(None) if method == "flops" else fp32_prepare if method == "hwprune-fp32" else \
+            prepare_context
         t0 = time.time()
         try:
             s = run_search(spec, lambda m: None, prepare=prepare)
@@ -441,12 +456,16 @@ class Bench:
         res.update(policy=pol, search_val=s["best"][self.task.metric], priced=s["best"]["predicted_latency_ms"],
                    trial=s["best"]["trial"], best_seed=next((p["seed"] for p in s["pareto"]
                                                              if p["trial"] == s["best"]["trial"]), ""))
-        if method == "hwprune":
-            import csv
+        import csv
 
-            rows = [r for r in csv.DictReader(open(out / "trials.csv")) if r["state"] == "COMPLETE"]
-            res["int8_trials"] = sum(1 for r in rows if "int8" in r["formats"])
-            res["complete_trials"] = len(rows)
+        rows = list(csv.DictReader(open(out / "trials.csv")))
+        done = [r for r in rows if r["state"] == "COMPLETE" and not r.get("duplicate_of")]
+        stopped = [r for r in rows if r["state"] == "PRUNED"]
+        res["finetunes"] = {"complete": len(done), "stopped_early": len(stopped), "steps_each": self.row.steps,
+                            "steps_at_most": (len(done) + len(stopped)) * self.row.steps}
+        res["int8_trials"] = sum(1 for r in done if "int8" in r["formats"])
+        res["complete_trials"] = len(done)
+        res["finish"] = s.get("finish")
         return res
 
     # ---- the same final fine-tune for every chosen model -------------------------------------------------
@@ -478,8 +497,20 @@ class Bench:
         lat = self.versus_dense(self.deployed(pol) if pol is not None else self.build(r["model"]),
                                 self.args.repeats, f"final:{key}")
         cache[key] = {"test": scores, "mean": statistics.mean(scores),
-                      "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, **lat}
+                      "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, **lat, "widths": self.widths(pol, r)}
         return cache[key]
+
+    def widths(self, pol: Any, r: dict[str, Any]) -> dict[str, int]:
+        """The chosen model's widths: units kept per group (a policy), or every Conv/Linear layer's outputs (a
+        peer's model)."""
+        from torch import nn
+
+        from hwprune.space import build_space
+
+        if pol is not None:
+            return pol.units(build_space(self.setup.model, self.setup.example, []))
+        return {n: getattr(m, "out_channels", getattr(m, "out_features", 0)) for n, m in self.build(r["model"]).named_modules()
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
 
     def build(self, what: tuple[str, float] | list[Any]) -> Any:
         """A copy of the model a peer built at ``knob`` (kept from its bisection: FastNAS's search is not
@@ -502,6 +533,7 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"row": row.label, "model": row.model, "data": row.data, "model_args": row.model_args,
                            "batch": b.batch, "search_finetune_steps": row.steps, "metric": task.metric,
                            "direction": task.direction, "dense_ms": dense_final["dense_ms"], "dense": dense_final,
+                           "test_items": len(b.setup.data.test if b.setup.data.test is not None else b.setup.data.val),
                            "budgets": {}}
     stem = Path(row.model.split(":")[0]).stem
     for frac in args.budgets:
@@ -517,7 +549,15 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             elif method == "knapsack":
                 r = b.knapsack(frac)
             else:
-                r = b.search(method, frac, work / f"{stem}-{int(frac * 100)}-{method}")
+                runs = [b.search(method, frac, work / f"{stem}-{int(frac * 100)}-{method}-s{i}", seed=i)
+                        for i in range(args.search_seeds)]
+                r = combine(runs, [b.finals(x, seeds, cache) if "policy" in x else None for x in runs], frac)
+                res[method] = r
+                f = r.get("final")
+                log(f"  {method:9s} " + (f"test {task.metric} {f['mean']:.4f} ± {f['std']:.4f} over {len(f['test'])} "
+                                         f"(search x final seeds), ratios {[x['final']['ratio'] for x in runs if 'final' in x]}"
+                                         f", misses {r['misses']}" if f else f"no point: {r.get('infeasible')}"))
+                continue
             if "policy" in r or "model" in r:
                 r["final"] = b.finals(r, seeds, cache)
                 r["met_budget"] = r["final"]["ratio"] <= frac
@@ -534,39 +574,98 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
+def combine(runs: list[dict[str, Any]], finals: list[Any], frac: float) -> dict[str, Any]:
+    """A search method over several search seeds: each run's chosen model with its finals; the method's sample is
+    every final score of every run that met the budget (search seed x final seed); a run over the budget is a
+    miss (its scores are not in the sample)."""
+    scores, misses = [], 0
+    for r, f in zip(runs, finals):
+        if f is None:
+            continue
+        r["final"] = f
+        r["met_budget"] = f["ratio"] <= frac
+        misses += int(not r["met_budget"])
+        if r["met_budget"]:
+            scores += f["test"]
+    out: dict[str, Any] = {"runs": runs, "misses": misses, "seconds": round(sum(r.get("seconds", 0) for r in runs), 1)}
+    if not any("final" in r for r in runs):
+        out["infeasible"] = next((r.get("infeasible") for r in runs if r.get("infeasible")), "no point")
+        return out
+    met = [r for r in runs if r.get("met_budget")]
+    if not met:  # every run missed: the method's point is a miss
+        worst = max((r for r in runs if "final" in r), key=lambda r: r["final"]["ratio"])
+        out.update(final=worst["final"], met_budget=False, policy=worst.get("policy"))
+        return out
+    ratios = [r["final"]["ratio"] for r in met]
+    out.update(final={"test": scores, "mean": statistics.mean(scores),
+                      "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                      "ratio": max(ratios), "ratio_iqr": max(r["final"]["ratio_iqr"] for r in met),
+                      "ms": max(r["final"]["ms"] for r in met), "ratios": ratios},
+               met_budget=misses == 0, policy=met[0].get("policy"))
+    return out
+
+
+def welch(a: list[float], b: list[float]) -> float:
+    """Welch's t of mean(a) - mean(b) (unequal variances); +-inf when both are constant and differ, 0 when equal."""
+    from scipy.stats import ttest_ind
+
+    ma, mb = statistics.mean(a), statistics.mean(b)
+    if len(a) < 2 or len(b) < 2 or (statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0):
+        return 0.0 if ma == mb else math.copysign(math.inf, ma - mb)
+    return float(ttest_ind(a, b, equal_var=False).statistic)
+
+
+def verdict(row: dict[str, Any], mine: dict[str, Any], other: dict[str, Any]) -> tuple[str, float, float]:
+    """win, tie or loss of ``mine`` against ``other`` in one cell, by Welch's t on the final test scores (higher
+    is better; a tie when |t| < 2 or the means differ by less than two test items); a method without a point in
+    budget loses to one with a point. Returns (verdict, difference of means, t)."""
+    a, b = _score(row, mine), _score(row, other)
+    if a is None and b is None:
+        return "both without a point", 0.0, 0.0
+    if a is None:
+        return "loss", -math.inf, -math.inf
+    if b is None:
+        return "win", math.inf, math.inf
+    sign = 1 if row["direction"] == "max" else -1
+    xa, xb = [sign * v for v in mine["final"]["test"]], [sign * v for v in other["final"]["test"]]
+    t, d = welch(xa, xb), a - b
+    item = 2.0 / row.get("test_items", 1e9) if row["metric"] != "perplexity" else 0.0
+    if abs(t) < 2 or abs(d) < item:
+        return "tie", d, t
+    return ("win" if d > 0 else "loss"), d, t
+
+
 def _score(row: dict[str, Any], r: dict[str, Any]) -> float | None:
     """A method's mean test metric as a score (higher is better), None without a point in the budget."""
-    if not r.get("met_budget"):
-        return None
+    if not r.get("met_budget") and not (r.get("runs") and "ratios" in r.get("final", {})):
+        return None  # a search with some runs in budget keeps their scores (its misses are counted apart)
     return r["final"]["mean"] if row["direction"] == "max" else -r["final"]["mean"]
 
 
 def verdicts(row: dict[str, Any], methods: tuple[str, ...]) -> tuple[list[str], dict[str, int]]:
-    """Per budget: hwprune against each other method on the mean test metric (a miss or no point loses);
-    counts of cells where hwprune is best (or tied), where it loses, and its misses."""
-    lines, count = [], {"best": 0, "cells": 0, "misses": 0}
+    """Per budget: hwprune against each other method (:func:`verdict`: Welch's t on the final test scores);
+    counts of cells where hwprune has no loss, the cells any method has a point in, hwprune's wins and losses, and
+    its misses (search runs whose chosen model measured over the budget)."""
+    lines, count = [], {"best": 0, "cells": 0, "misses": 0, "wins": 0, "losses": 0}
     for frac, res in row["budgets"].items():
-        hv = _score(row, res["hwprune"])
-        count["misses"] += int("final" in res["hwprune"] and not res["hwprune"]["met_budget"])
-        others = {m: _score(row, res[m]) for m in methods if m != "hwprune" and m in res}
-        if hv is not None or any(v is not None for v in others.values()):
+        mine = res["hwprune"]
+        count["misses"] += mine.get("misses", int("final" in mine and not mine.get("met_budget")))
+        others = {m: res[m] for m in methods if m != "hwprune" and m in res}
+        if _score(row, mine) is not None or any(_score(row, r) is not None for r in others.values()):
             count["cells"] += 1
-            count["best"] += int(hv is not None and all(v is None or hv >= v for v in others.values()))
-        parts = []
-        for m, v in others.items():
-            r = res[m]
-            if hv is None and v is None:
-                parts.append(f"{m}: both without a point")
-            elif hv is None:
-                parts.append(f"{m}: **loses** (hwprune has no point in budget)")
-            elif v is None:
-                why = "missed" if "final" in r else "unsupported" if "unsupported" in r else "infeasible"
-                parts.append(f"{m}: wins ({m} {why})")
-            else:
-                d = hv - v
-                unit = 100 if row["metric"] != "perplexity" else 1
-                parts.append(f"{m}: {'wins' if d > 0 else 'ties' if d == 0 else '**loses**'} ({d * unit:+.2f}"
-                             f"{' pts' if unit == 100 else ''})")
+        parts, lost = [], False
+        for m, r in others.items():
+            v, d, t = verdict(row, mine, r)
+            lost |= v == "loss"
+            count["wins"] += v == "win"
+            count["losses"] += v == "loss"
+            unit = 100 if row["metric"] != "perplexity" else 1
+            num = "" if not math.isfinite(d) else f" ({d * unit:+.2f}{' pts' if unit == 100 else ''}, t {t:+.1f})"
+            why = "" if math.isfinite(d) or v.startswith("both") else (
+                " (hwprune has no point in budget)" if v == "loss" else
+                f" ({m} {'missed' if 'final' in r else 'unsupported' if 'unsupported' in r else 'infeasible'})")
+            parts.append(f"{m}: {'**loss**' if v == 'loss' else v}{num}{why}")
+        count["best"] += int(not lost and _score(row, mine) is not None)
         lines.append(f"- {row['row']} at {float(frac):.0%}: " + "; ".join(parts))
     return lines, count
 
@@ -582,6 +681,26 @@ def _fmt(r: dict[str, Any]) -> tuple[str, str, str, str]:
 
 
 def _describe(r: dict[str, Any]) -> str:
+    if r.get("runs"):
+        parts = []
+        for i, x in enumerate(r["runs"]):
+            f = x.get("final")
+            if not f:
+                parts.append(f"s{i}: no point")
+                continue
+            w = ",".join(str(v) for v in f.get("widths", {}).values())
+            fm = ";".join(f"{k}:{v}" for k, v in sorted((x.get("policy") or {}).get("formats", {}).items()))
+            ft = x.get("finetunes", {})
+            parts.append(f"s{i}: [{w}]{' ' + fm if fm else ''} {f['ratio']:.3f}× {f['mean']:.4f}"
+                         f" ({ft.get('complete', '?')}+{ft.get('stopped_early', '?')} fine-tunes, seed "
+                         f"{x.get('best_seed') or 'no'})")
+        return " / ".join(parts)
+    f = r.get("final") or {}
+    if f.get("widths"):
+        return "[" + ",".join(str(v) for v in f["widths"].values()) + "]" + (
+            f" (knob {r['knob']})" if "knob" in r else "") + (
+            "; " + ", ".join(f"{k}:{v}" for k, v in sorted((r.get("policy") or {}).get("formats", {}).items()))
+            if (r.get("policy") or {}).get("formats") else "")
     pol = r.get("policy")
     if pol:
         return (", ".join(f"{k}={v:g}" for k, v in sorted(pol["keep"].items())) +
@@ -604,7 +723,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cmd: str, fp: d
              f"is met when the ratio is at most the budget's share. 1 thread. Wall time of the whole run: "
              f"{wall / 60:.1f} min.", ""]
     lines += summary_table(rows, methods) + [""]
-    totals = {"best": 0, "cells": 0, "misses": 0}
+    totals = {"best": 0, "cells": 0, "misses": 0, "wins": 0, "losses": 0}
     all_verdicts: list[str] = []
     for row in rows:
         d = row["dense"]
@@ -628,9 +747,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cmd: str, fp: d
         all_verdicts += v
         for k in totals:
             totals[k] += c[k]
-    lines += [f"## Verdicts (hwprune's best point against each method, mean test metric; a miss or no point "
-              f"loses)", "", f"hwprune best or tied in **{totals['best']} of {totals['cells']}** cells where any "
-              f"method has a point; hwprune misses: **{totals['misses']}**.", ""] + all_verdicts
+    lines += ["## Verdicts (hwprune's search against each method: Welch's t on the final test scores, search x final "
+              "seeds; |t| < 2 or a difference under two test items is a tie; a method without a point in budget "
+              "loses to one with a point)", "",
+              f"hwprune without a loss in **{totals['best']} of {totals['cells']}** cells where any method has a "
+              f"point; {totals['wins']} wins, {totals['losses']} losses over all pairings; hwprune's misses (search "
+              f"runs over the budget as measured): **{totals['misses']}**.", ""] + all_verdicts
     return lines
 
 
@@ -666,7 +788,7 @@ def plot(rows: list[dict[str, Any]], path: Path, methods: tuple[str, ...]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    marks = {"hwprune": "*", "knapsack": "P", "uniform": "o", "tp-global": "s", "fastnas": "X", "random": "^",
+    marks = {"hwprune": "*", "hwprune-fp32": "*", "knapsack": "P", "uniform": "o", "tp-global": "s", "fastnas": "X", "random": "^",
              "flops": "D"}
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
     for ax, row in zip(axes[0], rows):
@@ -697,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screen", type=int, default=4, help="hwprune's proposals screened per fine-tune")
     ap.add_argument("--final-steps", type=int, default=200, help="fine-tune steps of every final model")
     ap.add_argument("--seeds", type=int, default=3, help="final fine-tunes per chosen model")
+    ap.add_argument("--search-seeds", type=int, default=3, help="searches per search method (seeds 0..N-1), each "
+                    "chosen model fine-tuned with every final seed")
     ap.add_argument("--repeats", type=int, default=30, help="interleaved rounds of a final latency")
     ap.add_argument("--scan-repeats", type=int, default=11, help="rounds per step of a scan or bisection")
     ap.add_argument("--bisect-steps", type=int, default=6, help="bisection steps of a peer's knob")
@@ -714,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.trials, args.final_steps, args.seeds, args.repeats, args.scan_repeats, args.bisect_steps = \
             3, 20, 2, 5, 3, 3
+        args.search_seeds = 1
         args.fastnas_timeout = min(args.fastnas_timeout, 60.0)
         args.budgets = "0.7" if args.budgets == ap.get_default("budgets") else args.budgets
     args.budgets = [float(b) for b in args.budgets.split(",")]

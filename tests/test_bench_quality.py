@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 from test_search import DATA, MLP3, tables  # noqa: F401 - the fixture is used by name
 
-METHODS = {"hwprune", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops"}
+METHODS = {"hwprune", "hwprune-fp32", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops"}
 
 
 def test_search_quality_quick(tables, tmp_path):  # noqa: F811
@@ -27,6 +27,12 @@ def test_search_quality_quick(tables, tmp_path):  # noqa: F811
         if "final" not in r:
             assert r.get("infeasible") or r.get("unsupported"), (method, r)
             continue
+        if "runs" in r:  # a search: one run per search seed (--quick: 1), its sample the finals of runs in budget
+            met = [x for x in r["runs"] if x.get("met_budget")]
+            assert r["misses"] == sum(1 for x in r["runs"] if "final" in x and not x["met_budget"])
+            assert r["final"]["test"] == [v for x in met for v in x["final"]["test"]] or not met
+            assert "finetunes" in r["runs"][0] and r["runs"][0]["finetunes"]["steps_each"] == 20
+            r = r["runs"][0]
         f = r["final"]
         assert len(f["test"]) == 2 and f["mean"] == statistics.mean(f["test"])
         assert abs(f["std"] - statistics.stdev(f["test"])) < 1e-12
@@ -36,9 +42,30 @@ def test_search_quality_quick(tables, tmp_path):  # noqa: F811
     if "model" in cell["tp-global"]:  # Torch-Pruning's own pruner, its ratio bisected on measured latency
         trace = dict(cell["tp-global"]["bisection"])
         assert trace[cell["tp-global"]["model"][1]] <= 0.9
-    if "trials" in cell["random"]:
-        [csv_path] = work.glob("*-90-random/trials.csv")
-        assert cell["random"]["trials"] == 3
+    if "trials" in cell["random"]["runs"][0]:
+        [csv_path] = work.glob("*-90-random-s0/trials.csv")
+        assert cell["random"]["runs"][0]["trials"] == 3
         assert "uniform-" not in csv_path.read_text()  # random search: no uniform seeds
     md = js.with_suffix(".md").read_text()
-    assert "## Verdicts" in md and "mlp3" in md and "hwprune best or tied in" in md
+    assert "## Verdicts" in md and "mlp3" in md and "hwprune without a loss in" in md
+
+
+def test_verdicts_by_welchs_t():
+    """A win needs |t| >= 2 and a difference of at least two test items; no point loses to a point."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from search_quality import verdict, welch
+
+    row = {"direction": "max", "metric": "accuracy", "test_items": 1000}
+    pt = lambda xs: {"final": {"test": xs, "mean": statistics.mean(xs)}, "met_budget": True}  # noqa: E731
+    assert verdict(row, pt([0.90, 0.91, 0.92]), pt([0.80, 0.81, 0.82]))[0] == "win"
+    assert verdict(row, pt([0.80, 0.81, 0.82]), pt([0.90, 0.91, 0.92]))[0] == "loss"
+    assert verdict(row, pt([0.80, 0.90, 0.85]), pt([0.82, 0.88, 0.84]))[0] == "tie"  # |t| < 2
+    assert verdict(row, pt([0.9001] * 3), pt([0.9] * 3))[0] == "tie"  # constant, but under two items
+    assert verdict(row, pt([0.9]), {"infeasible": "x"})[0] == "win"
+    assert verdict(row, {"infeasible": "x"}, pt([0.9]))[0] == "loss"
+    from scipy.stats import ttest_ind
+
+    a, b = [0.9, 0.91, 0.93, 0.9], [0.88, 0.9, 0.87]
+    assert abs(welch(a, b) - ttest_ind(a, b, equal_var=False).statistic) < 1e-12
+    low = {"direction": "min", "metric": "perplexity"}  # lower is better
+    assert verdict(low, pt([4.0, 4.1, 4.05]), pt([5.0, 5.1, 5.05]))[0] == "win"
