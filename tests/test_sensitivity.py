@@ -1,0 +1,117 @@
+"""Costs of cutting measured by the proxy (hwprune.search.sensitivity) and the measured finish (search.finish)."""
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from hwprune.policy import Policy, keep_units
+from hwprune.search.sensitivity import TIE, group_levels, measure_sensitivity, monotone
+
+
+class TwoBranch(nn.Module):
+    """Two hidden groups of 16 units side by side; branch a's output weights are zero: its units carry nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(4, 16), nn.Linear(16, 3)
+        self.b1, self.b2 = nn.Linear(4, 16), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.a2.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
+
+
+def test_a_group_whose_units_carry_no_signal_costs_nothing():
+    from hwprune.apply import apply_policy
+    from hwprune.space import build_space
+
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    x = torch.randn(256, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the dense model's own answers: any real change of its outputs costs loss
+    groups = [(g.name, g.units) for g in build_space(model, x[:2], []).groups]
+    assert sorted(n for n, _ in groups) == ["a1", "b1"]
+    calls = []
+
+    def score(keep, formats):
+        calls.append(dict(keep))
+        pruned = apply_policy(model, Policy(dict(keep), dict(formats), 1), x[:2])
+        with torch.no_grad():
+            return -float(nn.functional.cross_entropy(pruned(x), y))
+
+    grid = (0.125, 0.25, 0.5, 0.75, 1.0)
+    sens = measure_sensitivity(score, groups, grid, {"b2": ["fp32", "int8"]}, multiple=1)
+    for r in grid:  # a: nothing but the tie-breaker (a share of units dropped times TIE)
+        assert sens.keep["a1"][r] == pytest.approx(TIE * (16 - keep_units(r, 16, 1)) / 16, abs=1e-9)
+    costs_b = [sens.keep["b1"][r] for r in grid]
+    assert costs_b[0] > 0.05 and costs_b[-1] == 0.0  # cutting b to 2 of 16 units changes the answers
+    assert costs_b == sorted(costs_b, reverse=True)  # never cheaper for keeping fewer units
+    assert sens.formats["b2"]["fp32"] == 0.0 and sens.formats["b2"]["int8"] >= 0.0
+    assert sens.evaluations == len(calls) == 1 + 2 * (len(grid) - 1) + 1  # dense, each width but the whole, int8
+
+
+def test_levels_interpolation_and_monotone():
+    assert group_levels((0.0625, 0.125, 0.25, 0.5, 1.0), 32, 8) == [(8, 0.0625), (16, 0.5), (32, 1.0)]
+    assert monotone([0.5, 0.7, -0.1, 0.2, 0.0]) == [0.7, 0.7, 0.2, 0.2, 0.0]
+    seen = []
+
+    def score(keep, formats):
+        seen.append(keep)
+        return -(1.0 - keep.get("g", 1.0))  # the cost is the share cut
+
+    grid = tuple(k / 64 for k in range(1, 65))
+    sens = measure_sensitivity(score, [("g", 64)], grid, {}, multiple=1, max_levels=5)
+    assert len(seen) == 1 + 4 and len(sens.measured["g"]) == 5  # 4 widths evaluated + the dense one
+    for r in grid:  # linear in between: interpolation is exact here
+        assert sens.keep["g"][r] == pytest.approx(1 - r + TIE * (1 - r), abs=1e-6)
+
+
+def _finish_ctx(n_finish=3):
+    spec = SimpleNamespace(finish=n_finish, target="cpu", threads=1, runtime="eager")
+    return SimpleNamespace(spec=spec, limit_ms=1.0, budget_ms=1.05, speed_factor=1.0, dense_ms=2.0)
+
+
+def _study(points):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, lat in points:
+        study.add_trial(optuna.trial.create_trial(values=[acc, lat], user_attrs={
+            "policy": Policy({"g": lat / 2}, {}).to_dict()}))
+    return study
+
+
+def test_the_measured_finish_drops_a_trial_a_timer_puts_over_budget():
+    from hwprune.search.finish import finish
+    from hwprune.search.rundir import best_point, front
+
+    ctx = _finish_ctx()
+    study = _study([(0.95, 0.9), (0.93, 0.8), (0.90, 0.7), (0.99, 1.2)])  # the last is over the priced limit
+    timer_saw = []
+
+    def timer(c, cands):
+        timer_saw.extend(n for n, _ in cands)
+        return {0: 0.60, 1: 0.50, 2: 0.40}  # trial 0: 0.60 x 2 ms = 1.2 ms, over the 1.05 ms budget
+
+    lines = []
+    got = finish(ctx, study, lines.append, timer)
+    assert timer_saw == [0, 1, 2]  # the best three within the limit, best first
+    assert got["dropped"] == [0] and [r["verdict"] for r in got["timed"]] == ["over", "met", "met"]
+    assert got["timed"][1]["measured_ms"] == pytest.approx(1.0)
+    assert study.user_attrs["finish"]["dropped"] == [0] and "over the budget as measured" in lines[-1]
+    trials = study.get_trials()
+    pts = front(trials, ctx.limit_ms)
+    assert best_point(pts).number == 0  # without the finish: the best-scoring point
+    assert best_point(pts, got["dropped"], trials, ctx.limit_ms).number == 1  # with it: the best one that met
+    from hwprune.export import pick_trial
+
+    assert pick_trial(trials, "best", ctx.limit_ms, study.user_attrs["finish"]["dropped"]).number == 1
+
+    def broken(c, cands):
+        raise RuntimeError("no timer here")
+
+    lines.clear()
+    assert finish(ctx, _study([(0.9, 0.9)]), lines.append, broken) is None and "could not time" in lines[0]
+    assert finish(_finish_ctx(0), _study([(0.9, 0.9)]), lines.append, timer) is None  # --finish 0: nothing
