@@ -118,7 +118,7 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
                     device=device, task=task)
 
 
-def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = ()) -> Any:
+def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = (), met: Any = ()) -> Any:
     """``best`` (the most accurate feasible point, passing over the trials the measured finish timed ``over`` the
     budget) or a trial number that completed."""
     from hwprune.search.rundir import best_point, front
@@ -127,7 +127,7 @@ def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = ()) 
         pts = front(trials, budget_ms)
         if not pts:
             raise HwpruneError("the run has no feasible completed trial to export yet")
-        return best_point(pts, over, trials, budget_ms)
+        return best_point(pts, over, trials, budget_ms, met)
     try:
         n = int(which)
     except ValueError:
@@ -350,7 +350,8 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     spec = run_spec(info, storage)
     study = open_study(run, spec, load_only=True)
     trials = study.get_trials(deepcopy=False)
-    chosen = pick_trial(trials, trial, run_limit(info), (study.user_attrs.get("finish") or {}).get("dropped", []))
+    fin = study.user_attrs.get("finish") or {}
+    chosen = pick_trial(trials, trial, run_limit(info), fin.get("dropped", []), fin.get("met", []))
     steps = DEFAULT_STEPS if finetune_steps is None else finetune_steps
     dest = Path(out) if out else run / f"export-trial{chosen.number}-{schedule}"
     ident = _identity(run, chosen.number, steps, schedule, stages)
@@ -587,6 +588,9 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
     lines += ["", "## Front of the search", "", f"| trial | val {mt} | predicted ms | |", "|---|---|---|---|"]
     lines += [f"| {t.number} | {(t.values[0] if s['direction'] == 'max' else -t.values[0]):.4f} | {t.values[1]:.4f} | "
               f"{'**chosen**' if t.number == s['trial'] else ''} |" for t in pts]
+    if all(t.number != s["trial"] for t in pts):  # priced over the limit, measured within the budget (grown)
+        lines.append(f"| {s['trial']} | {s[f'search_val_{mt}']:.4f} | {s['predicted_latency_ms']:.4f} | **chosen** "
+                     f"(grown into measured headroom by the search's finish) |")
     lines += ["", "## Artifacts", ""]
     for name, path in s["artifacts"].items():
         lines.append(f"- {name}: `{Path(path).name}`")

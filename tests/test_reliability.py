@@ -93,7 +93,10 @@ def test_failing_trials_are_contained_and_counted(tables, tmp_path):  # noqa: F8
     from test_search import FLAKY
 
     out = tmp_path / "run"
-    proc = subprocess.run(_search_cmd(tables, out, model=FLAKY, trials=6, steps=30), cwd=ROOT, capture_output=True,
+    # plain random samples (no screen, one seed, the dense model within the limit: nothing filled or repaired):
+    # the failing widths must come up among them
+    proc = subprocess.run(_search_cmd(tables, out, "--screen", "0", "--seed-trials", "1", "--budget-margin", "0", model=FLAKY, trials=6,
+                                      steps=30), cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HWPRUNE_CACHE": str(tmp_path / "c")})
     assert proc.returncode == 0, proc.stderr[-800:]
     s = json.loads(proc.stdout)

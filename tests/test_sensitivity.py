@@ -71,7 +71,7 @@ def test_levels_interpolation_and_monotone():
 
 
 def _finish_ctx(n_finish=3):
-    spec = SimpleNamespace(finish=n_finish, target="cpu", threads=1, runtime="eager")
+    spec = SimpleNamespace(finish=n_finish, target="cpu", threads=1, runtime="eager", grow=False)
     return SimpleNamespace(spec=spec, limit_ms=1.0, budget_ms=1.05, speed_factor=1.0, dense_ms=2.0)
 
 
@@ -115,3 +115,71 @@ def test_the_measured_finish_drops_a_trial_a_timer_puts_over_budget():
     lines.clear()
     assert finish(ctx, _study([(0.9, 0.9)]), lines.append, broken) is None and "could not time" in lines[0]
     assert finish(_finish_ctx(0), _study([(0.9, 0.9)]), lines.append, timer) is None  # --finish 0: nothing
+
+
+def _grow_ctx():
+    """test_knapsack's repair toy (price = 10 * keep per group + 5 ms for L) with what the finish reads."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_knapsack import _repair_ctx
+
+    ctx, _ = _repair_ctx(int8_loss=2.0)
+    ctx.spec = SimpleNamespace(channel_multiple=1, finish=2, grow=True, target="cpu", threads=1, runtime="eager")
+    ctx.limit_ms, ctx.budget_ms, ctx.speed_factor, ctx.dense_ms = 15.0, 20.0, 1.0, 25.0
+    ctx.predictor = SimpleNamespace(price=lambda p: SimpleNamespace(latency_ms=ctx.price_ms(p), macs=100),
+                                    table=SimpleNamespace(batch_size=1))
+    ctx.task = SimpleNamespace(metric="accuracy", show=lambda v: v)
+    return ctx
+
+
+def _u_study(ctx, points):
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for acc, keep in points:
+        pol = Policy(keep, {})
+        study.add_trial(optuna.trial.create_trial(
+            values=[acc, ctx.price_ms(pol)], user_attrs={"policy": pol.to_dict()},
+            params={"u:a": [0.25, 0.5, 0.75, 1.0].index(keep["a"]), "u:b": [0.25, 0.5, 0.75, 1.0].index(keep["b"]),
+                    "fmt:L": "fp32"},
+            distributions={"u:a": IntDistribution(0, 3), "u:b": IntDistribution(0, 3),
+                           "fmt:L": CategoricalDistribution(["fp32", "int8"])}))
+    return study
+
+
+def test_the_finish_grows_the_best_into_measured_headroom_and_keeps_it_only_within_the_budget():
+    """The best trial (15 ms priced) measures half the dense model (12.5 of a 20 ms budget): it is filled up to the
+    price that maps onto the budget less 3% (b first: it recovers 4 per notch), timed again, fine-tuned once more
+    and added as 'finish-grown', feasible by measurement though priced over the limit; where the grown policy
+    measures too close to the budget, nothing is added."""
+    from hwprune.search.finish import finish
+    from hwprune.search.rundir import best_point, front
+
+    ctx = _grow_ctx()
+    for grown_ratio, kept in ((0.72, True), (0.79, False)):
+        study = _u_study(ctx, [(0.90, {"a": 0.5, "b": 0.5}), (0.85, {"a": 0.25, "b": 0.5})])
+        trained = []
+
+        def timer(c, cands):
+            return {n: ((grown_ratio, 0.01) if n == -1 else (0.5, 0.01)) for n, _ in cands}
+
+        def trainer(c, pol):
+            trained.append(pol)
+            return 0.97
+
+        lines = []
+        got = finish(ctx, study, lines.append, timer, trainer)
+        g = got["grown"]
+        assert g["from_trial"] == 0 and g["policy"]["keep"] == {"a": 0.75, "b": 1.0}  # priced 22.5 <= 23.28
+        assert g["price_limit_ms"] == pytest.approx(15.0 * 20.0 * 0.97 / 12.5)
+        trials = study.get_trials()
+        if kept:
+            assert g["trial"] == 2 and trials[2].user_attrs["seed"] == "finish-grown" and len(trained) == 1
+            assert trials[2].values == [0.97, 22.5] and 2 in got["met"]
+            pick = best_point(front(trials, ctx.limit_ms), got["dropped"], trials, ctx.limit_ms, got["met"])
+            assert pick.number == 2  # priced over the limit, measured within the budget: the best point
+            assert best_point(front(trials, ctx.limit_ms)).number == 0  # by price alone it would not count
+        else:
+            assert g["trial"] is None and len(trials) == 2 and not trained and "too close" in lines[-1]

@@ -12,7 +12,7 @@ _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
                  "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
                  "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels",
-                 "costs", "objective", "seed_trials", "finish")
+                 "costs", "objective", "seed_trials", "finish", "grow")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -137,6 +137,10 @@ def register(sub: Any) -> None:
     se.add_argument("--finish", type=int, metavar="N",
                     help="time the N best trials against the dense model in interleaved rounds at the end and drop "
                          "any that measure over the budget (this machine the target); 0: none (default 3)")
+    se.add_argument("--no-grow", dest="grow", action="store_false", default=None,
+                    help="with the finish, do not grow the best trial into the headroom its measurement shows (by "
+                         "default it is filled up to the budget less 3 standard errors of the measurement, timed "
+                         "again and, within the budget, fine-tuned once more and added as trial 'finish-grown')")
     se.add_argument("--num-classes", type=positive, help="a built-in model's outputs when the data does not expose "
                                                           "its class count")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")

@@ -101,6 +101,12 @@ class SearchContext:
             self.sensitivity.method = proxy.method
         return self.sensitivity.keep, self.sensitivity.formats
 
+    @property
+    def fills(self) -> bool:
+        """Whether candidates are filled up to the limit: not when the dense model meets it (the front is
+        searched then, and every filled sample would be the dense model)."""
+        return self.dense_ms > self.limit_ms
+
     def canonical(self, keep: dict[str, float]) -> dict[str, float]:
         """Keep ratios as the lowest ratio of the grid that keeps the same units: one policy per pruned shape."""
         from hwprune.search.sensitivity import group_levels

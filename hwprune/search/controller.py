@@ -356,9 +356,10 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
         trials = study.get_trials(deepcopy=False)
         write_trials(out, trials, ctx.limit_ms, task)
         pts = front(trials, ctx.limit_ms)
-        dropped = (finished_ or {}).get("dropped", [])
+        fin = finished_ or {}
         best = write_front(out, pts, ctx.budget_ms, task,
-                           best_point(pts, dropped, trials, ctx.limit_ms) if pts else None)
+                           best_point(pts, fin.get("dropped", []), trials, ctx.limit_ms, fin.get("met", []))
+                           if pts else None)
         if importlib.util.find_spec("matplotlib") is not None:
             plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
         else:
@@ -366,7 +367,8 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
                 "pareto.csv")
     seeds = {t.user_attrs["seed"]: {"trial": t.number, task.metric: task.show(t.values[0]),
                                     "predicted_latency_ms": t.values[1]}
-             for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"}
+             for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"
+             and t.user_attrs.get("grown_from") is None}
     count = lambda s: len([t for t in trials if t.state.name == s])  # noqa: E731
     return {"study": spec.name, "out": str(out), "backend": spec.backend, "budget_ms": ctx.budget_ms,
             "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,

@@ -18,7 +18,8 @@ from hwprune.policy import Policy
 
 __all__ = ["finish", "time_versus_dense"]
 
-Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, float]]
+Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
+Trainer = Callable[[Any, Policy], float]  # a policy's validation score after the search's fine-tune
 
 
 def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 15) -> dict[int, float]:
@@ -46,10 +47,18 @@ def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 1
         res = measure_rounds(items, target, RoundPlan(rounds=rounds, extra_rounds=0, seed=len(cands)),
                              reference=model_sampler(dense, x, target))
     ref = res.samples[REFERENCE]
-    return {n: statistics.median(a / b for a, b in zip(res.samples[n], ref)) for n in items}
+    out = {}
+    for n in items:
+        ratios = sorted(a / b for a, b in zip(res.samples[n], ref))
+        med = statistics.median(ratios)
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [med, med, med]
+        # the median's relative standard error: 1.25 sigma / sqrt(n), sigma from the IQR (1.35 sigma)
+        out[n] = (med, 1.25 * (q[2] - q[0]) / 1.35 / len(ratios) ** 0.5 / med)
+    return out
 
 
-def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None = None) -> dict[str, Any] | None:
+def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None = None,
+           trainer: Trainer | None = None) -> dict[str, Any] | None:
     """Time the ``spec.finish`` best trials within the priced limit against the dense model (see the module doc);
     the study's user attribute ``finish`` gets each one's ratio, measured ms (on the table's scale) and verdict
     ('met' or 'over') and the list of ``dropped`` trials. Returns it, None when nothing was timed (why is
@@ -71,25 +80,93 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
     if not top:
         return None
     cands = [(t.number, Policy.from_dict(t.user_attrs["policy"])) for t in top]
+    timer = timer or time_versus_dense
     try:
-        ratios = (timer or time_versus_dense)(ctx, cands)
+        got = {n: _pair(v) for n, v in timer(ctx, cands).items()}
     except Exception as exc:  # noqa: BLE001 - timing is a check on top of a finished search: said, not fatal
         log(f"hwprune: the measured finish could not time the candidates: {one_line(exc)}")
         return None
     allowed = ctx.budget_ms / ctx.speed_factor  # the budget on the table's scale
     rows = []
     for t in top:
-        if t.number not in ratios:
+        if t.number not in got:
             continue
-        ms = ratios[t.number] * ctx.dense_ms
+        ms = got[t.number][0] * ctx.dense_ms
         verdict = "met" if ms <= allowed else "over"
-        rows.append({"trial": t.number, "ratio": round(ratios[t.number], 4), "measured_ms": round(ms, 4),
-                     "predicted_ms": round(t.values[1], 4), "verdict": verdict})
+        rows.append({"trial": t.number, "ratio": round(got[t.number][0], 4), "measured_ms": round(ms, 4),
+                     "noise": round(got[t.number][1], 4), "predicted_ms": round(t.values[1], 4), "verdict": verdict})
     over = [r["trial"] for r in rows if r["verdict"] == "over"]
     log(f"hwprune: measured finish: {len(rows)} best trial(s) timed against the dense model ("
         + ", ".join(f"trial {r['trial']} {r['ratio']:.3f}x = {r['measured_ms']:.4f} ms" for r in rows)
         + f"; budget {allowed:.4f} ms)" + (f"; over the budget as measured, never the best point: "
                                            f"{', '.join(map(str, over))}" if over else ""))
-    result = {"timed": rows, "dropped": over, "budget_ms_table_scale": round(allowed, 5)}
+    result: dict[str, Any] = {"timed": rows, "dropped": over, "met": [r["trial"] for r in rows if r["verdict"] == "met"],
+                              "budget_ms_table_scale": round(allowed, 5)}
+    best = next((t for t in top if t.number in result["met"]), None)
+    if spec.grow and best is not None:
+        result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer)
+        if (result["grown"] or {}).get("trial") is not None:
+            result["met"].append(result["grown"]["trial"])
     study.set_user_attr("finish", result)  # finished trials cannot take attributes: the study keeps it
     return result
+
+
+def _pair(v: Any) -> tuple[float, float]:
+    """A timer's value as (median ratio, its relative noise); a bare ratio gets 1% noise."""
+    return (float(v[0]), float(v[1])) if isinstance(v, (tuple, list)) else (float(v), 0.01)
+
+
+def _train(ctx: Any, policy: Policy) -> float:
+    from hwprune.search.trial import train_candidate
+
+    return train_candidate(ctx.setup, ctx.batches, ctx.spec, policy)[0]
+
+
+def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: float, log: Callable[[str], None],
+         timer: Timer, trainer: Trainer | None = None) -> dict[str, Any] | None:
+    """Grow the best trial into the headroom its measurement shows: fill it (:func:`~hwprune.search.portfolio.fill`)
+    up to the price that maps to the budget less a safety (3 standard errors of the measured ratio, at least 2%),
+    time the grown policy against the dense model, and only where it measures within the budget less its own
+    noise, fine-tune it (the search's fine-tune) and add it to the study as trial ``finish-grown``: one more
+    fine-tune, said. Returns what happened (None: no headroom worth growing into)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    from hwprune.search.portfolio import fill, level_ratios
+    from hwprune.search.trial import _legacy, params_of
+
+    ratio, noise = timed
+    safety = max(0.02, 3 * noise)
+    target = allowed * (1 - safety)
+    measured = ratio * ctx.dense_ms
+    if measured >= target * 0.99 or _legacy(study) != "u":
+        return None
+    pol = Policy.from_dict(best.user_attrs["policy"])
+    limit = ctx.price_ms(pol) * target / measured  # the price that maps onto the target as this trial measured
+    grown, moves = fill(ctx, pol, limit=limit)
+    if not moves:
+        return None
+    g_ratio, g_noise = _pair(timer(ctx, [(-1, grown)])[-1])
+    g_ms = g_ratio * ctx.dense_ms
+    out: dict[str, Any] = {"from_trial": best.number, "policy": grown.to_dict(), "price_limit_ms": round(limit, 5),
+                           "ratio": round(g_ratio, 4), "measured_ms": round(g_ms, 4), "trial": None}
+    if g_ms > allowed * (1 - max(0.01, 2 * g_noise)):
+        log(f"hwprune: growing trial {best.number} into the measured headroom ({measured:.4f} of {allowed:.4f} ms): "
+            f"the grown policy measured {g_ms:.4f} ms, too close to the budget; kept as it was")
+        return out
+    score = (trainer or _train)(ctx, grown)
+    params = params_of(ctx, grown.keep, grown.formats)
+    dists = {k: (IntDistribution(0, len(level_ratios(ctx, k[2:])) - 1) if k.startswith("u:")
+                 else CategoricalDistribution(ctx.menus[k[4:]])) for k in params}
+    price = ctx.predictor.price(grown)
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions=dists, values=[score, price.latency_ms],
+        user_attrs={"policy": grown.to_dict(), "seed": "finish-grown", "grown_from": best.number,
+                    "measured_ratio": round(g_ratio, 5), "predicted_latency_ms": price.latency_ms,
+                    "flops": price.macs // ctx.predictor.table.batch_size}))
+    out["trial"] = study.get_trials(deepcopy=False)[-1].number
+    out["score"] = score
+    log(f"hwprune: grew trial {best.number} ({measured:.4f} ms measured) into the headroom: trial {out['trial']} "
+        f"measures {g_ms:.4f} ms of the {allowed:.4f} ms budget (priced {price.latency_ms:.4f} ms, over the priced "
+        f"limit: chosen by measurement), val {ctx.task.metric} {ctx.task.show(score):.4f} after one more fine-tune")
+    return out

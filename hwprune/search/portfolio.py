@@ -1,6 +1,7 @@
 """Using the whole budget, and seeds that cost no fine-tune.
 
-**Fill** raises a policy into the headroom its price leaves under the limit: the move that recovers the most
+**Fill** raises a policy into the headroom its price leaves under the limit (not when the dense model itself
+meets the limit: then the search maps the front, and filling would turn every sample into the dense model): the move that recovers the most
 cost of cutting (:mod:`hwprune.search.sensitivity`) per millisecond added — a group one width up, or a layer
 to a format that costs less — until no move fits. **Project** maps any sample into the budget: repair (cut)
 until it fits, then fill, so no candidate leaves budget unused.
@@ -41,6 +42,8 @@ def fill(ctx: Any, policy: Policy, limit: float | None = None) -> tuple[Policy, 
     the move that recovers the most cost of cutting per millisecond added (a move that adds nothing first), a
     group one width up or a layer to a format of its menu that costs less. Returns the policy and the moves.
     A policy already over the limit is returned as it is."""
+    if limit is None and not getattr(ctx, "fills", True):
+        return policy, 0
     limit = ctx.limit_ms if limit is None else limit
     keep_cost, fmt_cost = ctx.costs()
     keep = ctx.canonical({g.name: policy.keep.get(g.name, 1.0) for g in ctx.layers.space.groups})

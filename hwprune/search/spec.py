@@ -69,6 +69,7 @@ class SearchSpec:
     objective: str = "metric"  # what the sampler maximizes: the metric under the budget, or the 'front' (2 objectives)
     seed_trials: int = 3  # the best-screened seeds of the portfolio that are fine-tuned (the fp32 uniform one always)
     finish: int = 3  # the best trials timed against the dense model at the end (this machine the target); 0: none
+    grow: bool = True  # with the finish: grow the best into the headroom it measures (one more fine-tune)
 
     def validate(self) -> None:
         from hwprune.search.budget import parse_budget
