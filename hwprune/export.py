@@ -118,7 +118,8 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
                     device=device, task=task)
 
 
-def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = (), met: Any = ()) -> Any:
+def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = (), met: Any = (),
+               prefer: int | None = None) -> Any:
     """``best`` (the most accurate feasible point, passing over the trials the measured finish timed ``over`` the
     budget) or a trial number that completed."""
     from hwprune.search.rundir import best_point, front
@@ -127,7 +128,7 @@ def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = (), 
         pts = front(trials, budget_ms)
         if not pts:
             raise HwpruneError("the run has no feasible completed trial to export yet")
-        return best_point(pts, over, trials, budget_ms, met)
+        return best_point(pts, over, trials, budget_ms, met, prefer)
     try:
         n = int(which)
     except ValueError:
@@ -351,7 +352,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     study = open_study(run, spec, load_only=True)
     trials = study.get_trials(deepcopy=False)
     fin = study.user_attrs.get("finish") or {}
-    chosen = pick_trial(trials, trial, run_limit(info), fin.get("dropped", []), fin.get("met", []))
+    chosen = pick_trial(trials, trial, run_limit(info), fin.get("dropped", []), fin.get("met", []), fin.get("best"))
     steps = DEFAULT_STEPS if finetune_steps is None else finetune_steps
     dest = Path(out) if out else run / f"export-trial{chosen.number}-{schedule}"
     ident = _identity(run, chosen.number, steps, schedule, stages)

@@ -165,7 +165,7 @@ def test_the_finish_grows_the_best_into_measured_headroom_and_keeps_it_only_with
         def timer(c, cands):
             return {n: ((grown_ratio, 0.01) if n == -1 else (0.5, 0.01)) for n, _ in cands}
 
-        def trainer(c, pol):
+        def trainer(c, pol, seed):
             trained.append(pol)
             return 0.97
 
@@ -183,3 +183,31 @@ def test_the_finish_grows_the_best_into_measured_headroom_and_keeps_it_only_with
             assert best_point(front(trials, ctx.limit_ms)).number == 0  # by price alone it would not count
         else:
             assert g["trial"] is None and len(trials) == 2 and not trained and "too close" in lines[-1]
+
+
+def test_near_ties_are_rescored_with_another_data_order_not_broken_toward_the_faster():
+    """Two trials within two validation items of each other: both are fine-tuned once more (seed + 1) and the
+    better mean wins, here the one that scored a little lower first; a clear winner is not re-scored."""
+    from hwprune.search.finish import finish
+    from hwprune.search.rundir import best_point, front
+
+    ctx = _grow_ctx()
+    ctx.spec.grow, ctx.val_items = False, 200  # two items: 0.01
+    study = _u_study(ctx, [(0.900, {"a": 0.5, "b": 0.5}), (0.895, {"a": 0.25, "b": 0.5}),
+                           (0.80, {"a": 0.25, "b": 0.25})])
+    again = {0.5: 0.88, 0.25: 0.91}  # the second fine-tune, by a's keep ratio
+
+    def trainer(c, pol, seed):
+        assert seed == 1
+        return again[pol.keep["a"]]
+
+    lines = []
+    got = finish(ctx, study, lines.append, lambda c, cands: {n: 0.5 for n, _ in cands}, trainer)
+    assert [r["trial"] for r in got["rescored"]] == [0, 1] and got["best"] == 1
+    assert got["rescored"][1]["mean"] == pytest.approx((0.895 + 0.91) / 2) and "near-tie" in lines[-1]
+    trials = study.get_trials()
+    assert best_point(front(trials, ctx.limit_ms), got["dropped"], trials, ctx.limit_ms, got["met"],
+                      got["best"]).number == 1
+    clear = _u_study(ctx, [(0.95, {"a": 0.5, "b": 0.5}), (0.90, {"a": 0.25, "b": 0.5})])
+    got = finish(ctx, clear, lines.append, lambda c, cands: {n: 0.5 for n, _ in cands}, trainer)
+    assert "rescored" not in got and got["best"] == 0

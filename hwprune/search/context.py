@@ -51,6 +51,7 @@ class SearchContext:
     table_grid: tuple[float, ...] = ()  # the keep ratios the table was profiled at (grid: those searched)
     meter: Any = None  # hwprune.latency.ondemand.ConfigMeter: measures entries off the table's grid; None: grid only
     _importance: Any = None  # (unit scores, keep losses, format losses), computed when first asked
+    val_items: int = 0  # validation items a trial is scored on (near-ties: hwprune.search.finish.tie_margin)
     sensitivity: Any = None  # hwprune.search.sensitivity.SensitivityMap, once measured (spec.costs 'sensitivity')
 
     def importance(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[float, float]], dict[str, dict[str, float]]]:
@@ -485,6 +486,7 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     ctx.setup = dense_setup(spec, log, setup)  # the expensive part last: every cheap check has passed
     prepare_model(setup.model)  # trials (and Ray workers) prune the split form the analysis saw
     ctx.dense_val_metric = evaluate(setup.model, setup.data.val, task=setup.task)
+    ctx.val_items = min(len(setup.data.val), spec.val_subset or len(setup.data.val))
     ctx.batches = few_batches(setup.data.train)
     if spec.screen:
         from hwprune.search.screen import Screen

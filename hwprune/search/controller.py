@@ -358,7 +358,8 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
         pts = front(trials, ctx.limit_ms)
         fin = finished_ or {}
         best = write_front(out, pts, ctx.budget_ms, task,
-                           best_point(pts, fin.get("dropped", []), trials, ctx.limit_ms, fin.get("met", []))
+                           best_point(pts, fin.get("dropped", []), trials, ctx.limit_ms, fin.get("met", []),
+                                      fin.get("best"))
                            if pts else None)
         if importlib.util.find_spec("matplotlib") is not None:
             plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
@@ -369,7 +370,8 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
                                     "predicted_latency_ms": t.values[1]}
              for t in trials if t.user_attrs.get("seed") and t.state.name == "COMPLETE"
              and t.user_attrs.get("grown_from") is None}
-    count = lambda s: len([t for t in trials if t.state.name == s])  # noqa: E731
+    count = lambda s: len([t for t in trials if t.state.name == s  # noqa: E731
+                           and t.user_attrs.get("grown_from") is None])  # the finish's are reported under finish
     return {"study": spec.name, "out": str(out), "backend": spec.backend, "budget_ms": ctx.budget_ms,
             "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
             "dense_predicted_ms": ctx.dense_ms, f"dense_val_{task.metric}": ctx.dense_val_metric,

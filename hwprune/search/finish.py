@@ -19,7 +19,7 @@ from hwprune.policy import Policy
 __all__ = ["finish", "time_versus_dense"]
 
 Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
-Trainer = Callable[[Any, Policy], float]  # a policy's validation score after the search's fine-tune
+Trainer = Callable[[Any, Policy, int], float]  # a policy's validation score after the search's fine-tune (seed +)
 
 
 def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 15) -> dict[int, float]:
@@ -102,11 +102,18 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
                                            f"{', '.join(map(str, over))}" if over else ""))
     result: dict[str, Any] = {"timed": rows, "dropped": over, "met": [r["trial"] for r in rows if r["verdict"] == "met"],
                               "budget_ms_table_scale": round(allowed, 5)}
-    best = next((t for t in top if t.number in result["met"]), None)
+    met = [t for t in top if t.number in result["met"]]
+    best, score = rescore_ties(ctx, met, result, log, trainer)
     if spec.grow and best is not None:
         result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer)
-        if (result["grown"] or {}).get("trial") is not None:
-            result["met"].append(result["grown"]["trial"])
+        g = result["grown"] or {}
+        if g.get("trial") is not None:
+            result["met"].append(g["trial"])
+            if g["score"] >= score:
+                best, score = None, g["score"]
+                result["best"] = g["trial"]
+    if best is not None:
+        result["best"] = best.number
     study.set_user_attr("finish", result)  # finished trials cannot take attributes: the study keeps it
     return result
 
@@ -116,10 +123,48 @@ def _pair(v: Any) -> tuple[float, float]:
     return (float(v[0]), float(v[1])) if isinstance(v, (tuple, list)) else (float(v), 0.01)
 
 
-def _train(ctx: Any, policy: Policy) -> float:
+def _train(ctx: Any, policy: Policy, seed: int = 0) -> float:
+    """``policy``'s validation score after the search's fine-tune, with the spec's seed plus ``seed`` (another
+    data order)."""
+    import dataclasses
+
     from hwprune.search.trial import train_candidate
 
-    return train_candidate(ctx.setup, ctx.batches, ctx.spec, policy)[0]
+    spec = dataclasses.replace(ctx.spec, seed=ctx.spec.seed + seed) if seed else ctx.spec
+    return train_candidate(ctx.setup, ctx.batches, spec, policy)[0]
+
+
+def tie_margin(ctx: Any, score: float) -> float:
+    """Scores closer than this are a near-tie: two validation items for a metric in [0, 1] (accuracy), else half a
+    percent of the score (perplexity)."""
+    n = getattr(ctx, "val_items", 0) or 0
+    return 2.0 / n if n and 0.0 <= abs(score) <= 1.0 else 0.005 * abs(score)
+
+
+def rescore_ties(ctx: Any, met: list[Any], result: dict[str, Any], log: Callable[[str], None],
+                 trainer: Trainer | None = None) -> tuple[Any, float]:
+    """The best of the trials timed within the budget; where others are within :func:`tie_margin` of it, each of
+    them is fine-tuned once more with another data order (seed + 1) and ranked by the mean of its two scores, not
+    by its speed. Returns the best trial and its (mean) score; the re-scores go to ``result['rescored']``."""
+    if not met:
+        return None, float("-inf")
+    top = max(met, key=lambda t: (t.values[0], -t.values[1], -t.number))
+    margin = tie_margin(ctx, top.values[0])
+    near = [t for t in met if top.values[0] - t.values[0] <= margin]
+    if len(near) < 2:
+        return top, top.values[0]
+    train = trainer or _train
+    rows = []
+    for t in near[:3]:
+        again = train(ctx, Policy.from_dict(t.user_attrs["policy"]), 1)
+        rows.append({"trial": t.number, "scores": [t.values[0], again], "mean": (t.values[0] + again) / 2})
+    best = max(rows, key=lambda r: (r["mean"], -r["trial"]))
+    result["rescored"] = rows
+    log(f"hwprune: near-tie on validation (within {margin:.4g}): re-scored with another data order, "
+        + ", ".join(f"trial {r['trial']} {ctx.task.show(r['mean']):.4f}" for r in rows)
+        + f" (means of two fine-tunes, {len(rows)} more fine-tunes); best: trial {best['trial']}")
+    chosen = next(t for t in near if t.number == best["trial"])
+    return chosen, best["mean"]
 
 
 def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: float, log: Callable[[str], None],
@@ -154,7 +199,7 @@ def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: f
         log(f"hwprune: growing trial {best.number} into the measured headroom ({measured:.4f} of {allowed:.4f} ms): "
             f"the grown policy measured {g_ms:.4f} ms, too close to the budget; kept as it was")
         return out
-    score = (trainer or _train)(ctx, grown)
+    score = (trainer or _train)(ctx, grown, 0)
     params = params_of(ctx, grown.keep, grown.formats)
     dists = {k: (IntDistribution(0, len(level_ratios(ctx, k[2:])) - 1) if k.startswith("u:")
                  else CategoricalDistribution(ctx.menus[k[4:]])) for k in params}

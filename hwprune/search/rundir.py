@@ -117,15 +117,18 @@ def front(trials: list[Any], limit_ms: float) -> list[Any]:
 
 
 def best_point(pts: list[Any], over: Any = (), trials: list[Any] | None = None, limit_ms: float | None = None,
-               met: Any = ()) -> Any:
+               met: Any = (), prefer: int | None = None) -> Any:
     """The best-scoring point of a front (highest accuracy, lowest perplexity); ties: the faster. With the
     measured finish (:mod:`hwprune.search.finish`): trials it timed ``over`` the budget are passed over, and
     trials it timed within it (``met``: a trial grown into measured headroom is priced over the limit) count as
-    feasible; the best of the feasible ``trials`` (within ``limit_ms``) is taken, dominated or not."""
+    feasible; the best of the feasible ``trials`` (within ``limit_ms``) is taken, dominated or not, unless the
+    finish picked one (``prefer``: near-ties re-scored with another data order)."""
     over, met = set(over), set(met)
     if (over or met) and trials is not None and limit_ms is not None:
         ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.number not in over
               and (t.values[1] <= limit_ms + 1e-12 or t.number in met)]
+        if prefer is not None and any(t.number == prefer for t in ok):  # the finish's pick (near-ties re-scored)
+            return next(t for t in ok if t.number == prefer)
         if ok:
             return max(ok, key=lambda t: (t.values[0], -t.values[1], -t.number))
     return max(pts, key=lambda t: (t.values[0], -t.values[1]))

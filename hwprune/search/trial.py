@@ -40,7 +40,8 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def finished(trials: list[Any]) -> list[Any]:
-    return [t for t in trials if t.state.name in FINISHED]
+    """Trials that count toward ``--trials``: finished ones, not the one the measured finish grew (one more)."""
+    return [t for t in trials if t.state.name in FINISHED and t.user_attrs.get("grown_from") is None]
 
 
 def make_sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
