@@ -691,9 +691,13 @@ def _describe(r: dict[str, Any]) -> str:
             w = ",".join(str(v) for v in f.get("widths", {}).values())
             fm = ";".join(f"{k}:{v}" for k, v in sorted((x.get("policy") or {}).get("formats", {}).items()))
             ft = x.get("finetunes", {})
+            fin = x.get("finish") or {}
+            extra = len(fin.get("rescored", []))  # the finish's re-scores (its grown trial is in trials.csv)
+            grown = (fin.get("grown") or {}).get("trial") is not None
             parts.append(f"s{i}: [{w}]{' ' + fm if fm else ''} {f['ratio']:.3f}× {f['mean']:.4f}"
-                         f" ({ft.get('complete', '?')}+{ft.get('stopped_early', '?')} fine-tunes, seed "
-                         f"{x.get('best_seed') or 'no'})")
+                         f" ({ft.get('complete', '?')}+{ft.get('stopped_early', '?')} fine-tunes"
+                         f"{' incl. 1 grown' if grown else ''}{f' + {extra} re-scores' if extra else ''}, "
+                         f"dropped {len(fin.get('dropped', []))}, seed {x.get('best_seed') or 'no'})")
         return " / ".join(parts)
     f = r.get("final") or {}
     if f.get("widths"):
@@ -773,10 +777,13 @@ def summary_table(rows: list[dict[str, Any]], methods: tuple[str, ...]) -> list[
                     cells.append("unsupported" if "unsupported" in r else "no point")
                     continue
                 v = f"{f['mean'] * (100 if pct else 1):.2f} ± {f['std'] * (100 if pct else 1):.2f} @ {f['ratio']:.3f}×"
-                if not r["met_budget"]:
+                if scores[m] is None:
                     v = f"~~{v}~~ missed"
-                elif top is not None and scores[m] == top:
-                    v = f"**{v}**"
+                else:
+                    if top is not None and scores[m] == top:
+                        v = f"**{v}**"
+                    if r.get("misses"):  # a search: the runs in budget make its point, the others are misses
+                        v += f" ({r['misses']} of {len(r['runs'])} runs missed)"
                 cells.append(v)
             out.append(f"| {row['row']} | {float(frac):.0%} | " + " | ".join(cells) + " |")
     return out
