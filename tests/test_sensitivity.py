@@ -211,3 +211,28 @@ def test_near_ties_are_rescored_with_another_data_order_not_broken_toward_the_fa
     clear = _u_study(ctx, [(0.95, {"a": 0.5, "b": 0.5}), (0.90, {"a": 0.25, "b": 0.5})])
     got = finish(ctx, clear, lines.append, lambda c, cands: {n: 0.5 for n, _ in cands}, trainer)
     assert "rescored" not in got and got["best"] == 0
+
+
+def test_the_finish_is_not_repeated_by_a_resume_that_ran_nothing_and_only_times_a_shared_study():
+    from hwprune.search.finish import finish
+
+    ctx = _grow_ctx()
+    study = _u_study(ctx, [(0.90, {"a": 0.5, "b": 0.5}), (0.85, {"a": 0.25, "b": 0.5})])
+    calls = []
+
+    def timer(c, cands):
+        calls.append([n for n, _ in cands])
+        return {n: ((0.72, 0.01) if n == -1 else (0.5, 0.01)) for n, _ in cands}
+
+    first = finish(ctx, study, lambda m: None, timer, lambda c, p, s: 0.97)
+    assert first["grown"]["trial"] == 2 and first["after_trials"] == 2 and len(calls) == 2
+    lines = []
+    again = finish(ctx, study, lines.append, timer, lambda c, p, s: 0.97)  # nothing new: the same finish
+    assert again == first and len(calls) == 2 and len(study.trials) == 3 and "as before" in lines[0]
+
+    shared = _u_study(ctx, [(0.90, {"a": 0.5, "b": 0.5})])
+    shared.add_trial(optuna.trial.create_trial(values=[0.8, 12.5], user_attrs={"owner": "otherhost:1", "policy": Policy(
+        {"a": 0.25, "b": 0.25}, {}).to_dict()}))
+    lines.clear()
+    got = finish(ctx, shared, lines.append, timer, lambda c, p, s: 0.97)
+    assert "grown" not in got and len(shared.trials) == 2 and got["best"] == 0 and "times and drops only" in lines[-1]

@@ -72,7 +72,17 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
         log(f"hwprune: no measured finish: this machine is not a {spec.target} device (export on the target "
             f"measures the chosen point)")
         return None
-    ok = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values
+    from hwprune.search.trial import OWNER, finished
+
+    trials = study.get_trials(deepcopy=False)
+    done = len(finished(trials))
+    before = study.user_attrs.get("finish")
+    if isinstance(before, dict) and before.get("after_trials") == done:  # a resume that ran nothing new
+        log("hwprune: measured finish: as before (no trial finished since)")
+        return before
+    # a study other processes add to: time and drop only (one process growing or re-scoring is enough)
+    shared = any(t.user_attrs.get("owner") not in (None, OWNER) for t in trials)
+    ok = [t for t in trials if t.state.name == "COMPLETE" and t.values
           and t.values[1] <= ctx.limit_ms + 1e-12 and t.user_attrs.get("policy")
           and t.user_attrs.get("duplicate_of") in (None, "")]
     ok.sort(key=lambda t: (-t.values[0], t.values[1], t.number))
@@ -103,8 +113,15 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
     result: dict[str, Any] = {"timed": rows, "dropped": over, "met": [r["trial"] for r in rows if r["verdict"] == "met"],
                               "budget_ms_table_scale": round(allowed, 5)}
     met = [t for t in top if t.number in result["met"]]
-    best, score = rescore_ties(ctx, met, result, log, trainer)
-    if spec.grow and best is not None:
+    result["after_trials"] = done
+    if shared:
+        log("hwprune: other processes added trials to this study: the finish times and drops only (no re-scoring, "
+            "no growing)")
+        best = max(met, key=lambda t: (t.values[0], -t.values[1], -t.number)) if met else None
+        score = best.values[0] if best is not None else float("-inf")
+    else:
+        best, score = rescore_ties(ctx, met, result, log, trainer)
+    if spec.grow and best is not None and not shared:
         result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer)
         g = result["grown"] or {}
         if g.get("trial") is not None:
