@@ -188,8 +188,8 @@ def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: f
          timer: Timer, trainer: Trainer | None = None) -> dict[str, Any] | None:
     """Grow the best trial into the headroom its measurement shows: fill it (:func:`~hwprune.search.portfolio.fill`)
     up to the price that maps to the budget less a safety (3 standard errors of the measured ratio, at least 2%),
-    time the grown policy against the dense model, and only where it measures within the budget less its own
-    noise, fine-tune it (the search's fine-tune) and add it to the study as trial ``finish-grown``: one more
+    time the grown policy against the dense model, and only where it measures within the budget less the same
+    safety on its own noise, fine-tune it (the search's fine-tune) and add it to the study as trial ``finish-grown``: one more
     fine-tune, said. Returns what happened (None: no headroom worth growing into)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, IntDistribution
@@ -212,7 +212,7 @@ def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: f
     g_ms = g_ratio * ctx.dense_ms
     out: dict[str, Any] = {"from_trial": best.number, "policy": grown.to_dict(), "price_limit_ms": round(limit, 5),
                            "ratio": round(g_ratio, 4), "measured_ms": round(g_ms, 4), "trial": None}
-    if g_ms > allowed * (1 - max(0.01, 2 * g_noise)):
+    if g_ms > allowed * (1 - max(0.02, 3 * g_noise)):  # the same safety as the target, on its own noise
         log(f"hwprune: growing trial {best.number} into the measured headroom ({measured:.4f} of {allowed:.4f} ms): "
             f"the grown policy measured {g_ms:.4f} ms, too close to the budget; kept as it was")
         return out
