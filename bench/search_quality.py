@@ -6,8 +6,9 @@ rounds with the dense model, batch of the row's table, 1 thread), each method ch
   hwprune    the search: a screened portfolio of seeds, a single-objective sampler with local moves, candidates
              projected to the priced limit, costs of cutting measured by the proxy, a measured finish
   hwprune-fp32  the same search with every layer in fp32 (formats kept out: what the search finds by widths alone)
-  knapsack   hwprune's latency knapsack alone (fp32): the most importance kept under the priced limit, no
-             fine-tune spent choosing
+  knapsack   hwprune's latency knapsack alone (fp32) over the measured costs of cutting: the least cost under the
+             priced limit, its entries measured and the headroom filled as the search's seeds are; no fine-tune
+             spent choosing
   uniform    one keep ratio for every group, fp32: the largest ratio, in steps of 1/32, whose measured
              latency meets the budget
   tp-global  Torch-Pruning's own pruner (``tp.pruner.BasePruner``, global pruning, isomorphic, round_to 8,
@@ -416,7 +417,8 @@ class Bench:
 
     def knapsack(self, frac: float) -> dict[str, Any]:
         from hwprune.errors import HwpruneError
-        from hwprune.search.context import knapsack_seeds, prepare_context
+        from hwprune.search.context import prepare_context
+        from hwprune.search.portfolio import knapsack_seed
 
         t0 = time.time()
         spec = dataclasses.replace(self.spec, budget=f"{frac * 100:g}%", screen=0)
@@ -424,10 +426,10 @@ class Bench:
             ctx = prepare_context(spec, lambda m: None)
         except HwpruneError as exc:
             return {"infeasible": str(exc), "seconds": round(time.time() - t0, 1)}
-        seeds = dict(knapsack_seeds(ctx))
-        if "knapsack" not in seeds:
+        pol = knapsack_seed(ctx, "fp32")
+        if pol is None:
             return {"infeasible": "no fp32 allocation under the priced limit", "seconds": round(time.time() - t0, 1)}
-        pol, _ = ctx.settle(seeds["knapsack"], lambda m: None)  # keep ratios off the grid: measured, then repaired
+        pol, _ = ctx.settle(pol, lambda m: None)  # keep ratios off the grid: measured, then repaired and filled
         return {"policy": pol.to_dict(), "priced": ctx.price_ms(pol), "seconds": round(time.time() - t0, 1)}
 
     def search(self, method: str, frac: float, out: Path, seed: int = 0) -> dict[str, Any]:
@@ -509,8 +511,8 @@ class Bench:
 
         if pol is not None:
             return pol.units(build_space(self.setup.model, self.setup.example, []))
-        return {n: getattr(m, "out_channels", getattr(m, "out_features", 0)) for n, m in self.build(r["model"]).named_modules()
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
+        return {n: getattr(m, "out_channels", getattr(m, "out_features", 0))
+                for n, m in self.build(r["model"]).named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
 
     def build(self, what: tuple[str, float] | list[Any]) -> Any:
         """A copy of the model a peer built at ``knob`` (kept from its bisection: FastNAS's search is not
@@ -555,7 +557,8 @@ def run_row(row: Row, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 res[method] = r
                 f = r.get("final")
                 log(f"  {method:9s} " + (f"test {task.metric} {f['mean']:.4f} ± {f['std']:.4f} over {len(f['test'])} "
-                                         f"(search x final seeds), ratios {[x['final']['ratio'] for x in runs if 'final' in x]}"
+                                         f"(search x final seeds), ratios "
+                                         f"{[x['final']['ratio'] for x in runs if 'final' in x]}"
                                          f", misses {r['misses']}" if f else f"no point: {r.get('infeasible')}"))
                 continue
             if "policy" in r or "model" in r:
@@ -795,8 +798,8 @@ def plot(rows: list[dict[str, Any]], path: Path, methods: tuple[str, ...]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    marks = {"hwprune": "*", "hwprune-fp32": "*", "knapsack": "P", "uniform": "o", "tp-global": "s", "fastnas": "X", "random": "^",
-             "flops": "D"}
+    marks = {"hwprune": "*", "hwprune-fp32": "*", "knapsack": "P", "uniform": "o", "tp-global": "s", "fastnas": "X",
+             "random": "^", "flops": "D"}
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
     for ax, row in zip(axes[0], rows):
         for m in methods:

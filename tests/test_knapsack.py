@@ -85,9 +85,11 @@ def _repair_ctx(int8_loss: float):
 
     grid = (0.25, 0.5, 0.75, 1.0)
     groups = [SimpleNamespace(name="a", units=8), SimpleNamespace(name="b", units=8)]
-    ctx = SimpleNamespace(grid=grid, menus={"L": ["fp32", "int8"]}, limit_ms=0.0, spec=SimpleNamespace(channel_multiple=1),
+    ctx = SimpleNamespace(grid=grid, menus={"L": ["fp32", "int8"]}, limit_ms=0.0,
+                          spec=SimpleNamespace(channel_multiple=1),
                           layers=SimpleNamespace(space=SimpleNamespace(groups=groups)))
     ctx.canonical = lambda keep: dict(keep)
+    ctx.fills = True  # the dense model (25 ms) is over every limit these tests set
     ctx.policy = lambda keep, formats: Policy(dict(keep), {k: v for k, v in formats.items() if v != "fp32"})
     ctx.price_ms = lambda p: (sum(10 * p.keep.get(g, 1.0) for g in "ab")
                               + (2.0 if p.formats.get("L") == "int8" else 5.0))

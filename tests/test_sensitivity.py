@@ -236,3 +236,15 @@ def test_the_finish_is_not_repeated_by_a_resume_that_ran_nothing_and_only_times_
     lines.clear()
     got = finish(ctx, shared, lines.append, timer, lambda c, p, s: 0.97)
     assert "grown" not in got and len(shared.trials) == 2 and got["best"] == 0 and "times and drops only" in lines[-1]
+
+
+def test_bad_seed_trials_finish_costs_and_objective_are_one_line_errors():
+    from hwprune.errors import HwpruneError
+    from hwprune.search.spec import SearchSpec
+
+    base = dict(model="cnn1d", data="mnist1d", budget="50%")
+    for bad, want in (({"seed_trials": 0}, "seed_trials must be >= 1"), ({"finish": -1}, "finish >= 0"),
+                      ({"costs": "flops"}, "unknown costs 'flops'; known: sensitivity, importance"),
+                      ({"objective": "both"}, "unknown objective 'both'; known: metric, front")):
+        with pytest.raises(HwpruneError, match=want):
+            SearchSpec(**base, **bad).validate()

@@ -89,7 +89,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     from hwprune.apply.importance import IMPORTANCES
-    from hwprune.search.spec import SAMPLERS
+    from hwprune.search.spec import COSTS, OBJECTIVES, SAMPLERS
 
     se = sub.add_parser("search", help="search per-layer keep ratios and formats under a latency budget",
                         **example("hwprune search --spec search/cnn1d-mnist1d-cpu.yaml --out runs/demo-cnn1d",
@@ -123,11 +123,11 @@ def register(sub: Any) -> None:
                          "grid too; where this machine is the target (local backend, no --table) the layer "
                          "configurations a trial needs and the table lacks are measured before it trains and added "
                          "to the table; 0: the table's grid only (default 16)")
-    se.add_argument("--costs", choices=("sensitivity", "importance"),
+    se.add_argument("--costs", choices=COSTS,
                     help="the cost of cutting a group to a width or running a layer in a format: 'sensitivity' "
                          "measures it once per search with the proxy, that group or layer alone changed (default); "
                          "'importance' counts the importance of the units dropped, each group mean-normalized")
-    se.add_argument("--objective", choices=("metric", "front"),
+    se.add_argument("--objective", choices=OBJECTIVES,
                     help="what the sampler learns: 'metric' maximizes the task's metric with the price as a "
                          "constraint (default); 'front' the two-objective front (metric up, latency down). The "
                          "front is written either way")

@@ -110,17 +110,12 @@ class SearchContext:
 
     def canonical(self, keep: dict[str, float]) -> dict[str, float]:
         """Keep ratios as the lowest ratio of the grid that keeps the same units: one policy per pruned shape."""
+        from hwprune.policy import keep_units
         from hwprune.search.sensitivity import group_levels
 
-        if getattr(self, "_levels_of", (None,))[0] != self.grid:
-            self._levels_of = (self.grid, {g.name: {u: r for u, r in group_levels(self.grid, g.units,
-                                                                                  self.spec.channel_multiple)}
-                                           for g in self.layers.space.groups}, {g.name: g.units for g in
-                                                                                self.layers.space.groups})
-        _, levels, units = self._levels_of
-        from hwprune.policy import keep_units
-
-        return {g: (levels[g].get(keep_units(r, units[g], self.spec.channel_multiple), r) if g in levels else r)
+        m = self.spec.channel_multiple
+        units = {g.name: g.units for g in self.layers.space.groups}
+        return {g: dict(group_levels(self.grid, units[g], m)).get(keep_units(r, units[g], m), r) if g in units else r
                 for g, r in keep.items()}
 
     @property
@@ -274,41 +269,10 @@ class SearchContext:
         pols = [self.policy({g.name: min(grid) for g in self.layers.space.groups}, fastest) for grid in grids]
         return min(pols, key=self.price_ms)
 
-    def uniform_seeds(self) -> list[tuple[str, Policy]]:
-        """The uniform policies that just meet the budget: fp32, and each low-precision format offered to all."""
-        seeds = []
-        fmts = sorted({f for menu in self.menus.values() for f in menu if f != "fp32"})
-        for fmt in ["fp32"] + fmts:
-            formats = {layer: fmt for layer, menu in self.menus.items() if fmt in menu}
-            for r in sorted(self.grid, reverse=True):
-                pol = self.policy({g.name: r for g in self.layers.space.groups}, formats)
-                if self.price_ms(pol) <= self.limit_ms:
-                    seeds.append((f"uniform-{r:g}" + ("" if fmt == "fp32" else f"-{fmt}"), pol))
-                    break
-        return seeds
-
 
 def _at(losses: dict[float, float], r: float) -> float:
     """The loss at keep ratio ``r`` (a ratio off the grid: the nearest grid ratio's)."""
     return losses[r] if r in losses else losses[min(losses, key=lambda v: abs(v - r))]
-
-
-def knapsack_seeds(ctx: SearchContext) -> list[tuple[str, Policy]]:
-    """Policies from the latency knapsack over the costs of cutting (:func:`hwprune.search.portfolio.knapsack_seed`),
-    in fp32 and with each low-precision format offered to all layers; each seed once."""
-    from hwprune.search.portfolio import knapsack_seed
-
-    seeds: list[tuple[str, Policy]] = []
-    seen: set[str] = set()
-    for fmt in ["fp32"] + sorted({f for menu in ctx.menus.values() for f in menu if f != "fp32"}):
-        pol = knapsack_seed(ctx, fmt)
-        if pol is None:
-            continue
-        key = json.dumps(pol.to_dict(), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            seeds.append(("knapsack" + ("" if fmt == "fp32" else f"-{fmt}"), pol))
-    return seeds
 
 
 def _floor_measured(predictor: Predictor, smallest: Policy) -> str:

@@ -23,11 +23,11 @@ from typing import Any, Callable
 
 from hwprune.errors import HwpruneError, is_oom, one_line
 from hwprune.search.context import SearchContext, prepare_context
-from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, plot_front, results_lock, write_front,
-                                   write_trials)
+from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, plot_front, results_lock,
+                                   write_front, write_trials)
 from hwprune.search.spec import SearchSpec
-from hwprune.search.trial import (OWNER, Progress, _proxy, finished, free_memory, make_sampler, params_of,
-                                  propose, reuse, rule_from, screen_correlation, train_candidate)
+from hwprune.search.trial import (OWNER, Progress, finished, free_memory, make_sampler, params_of, propose,
+                                  proxy_of, reuse, rule_from, screen_correlation, train_candidate)
 
 __all__ = ["run_search", "open_study", "load_front", "SearchResult", "Heartbeat", "fail_interrupted", "stale_for"]
 
@@ -395,33 +395,27 @@ def enqueue_seeds(ctx: SearchContext, study: Any, log: Callable[[str], None]) ->
 
     t0 = time.time()
     rows = []
-    for name, pol, same in portfolio(ctx):
-        pol, moves = ctx.settle(pol, log)  # its entries measured first (keep ratios off the table's grid)
-        proxy = _proxy(ctx, pol, log) if ctx.screen is not None else None
-        rows.append({"seed": name, "policy": pol, "moves": moves, "screen": proxy, "predicted_ms": ctx.price_ms(pol),
-                     "same_as": same})
-    ranked = sorted(rows, key=lambda r: -r["screen"] if r["screen"] is not None else 0.0)  # stable: the portfolio's
-    first = next((r for r in rows if r["seed"].startswith("uniform-") and r["seed"].count("-") == 1), None)  # order
-    chosen, seen = ([first] if first else []), set()
-    for r in ranked:
-        if len(chosen) >= max(1, ctx.spec.seed_trials):
-            break
-        if r is not first:
-            chosen.append(r)
-    chosen = chosen[:max(1, min(ctx.spec.seed_trials, ctx.spec.trials))]
-    for r in chosen:
+    for seed in portfolio(ctx):
+        pol, moves = ctx.settle(seed.policy, log)  # its entries measured first (keep ratios off the table's grid)
+        rows.append({"seed": seed, "policy": pol, "moves": moves, "predicted_ms": ctx.price_ms(pol),
+                     "screen": proxy_of(ctx, pol, log) if ctx.screen is not None else None})
+    ranked = sorted(rows, key=lambda r: -r["screen"] if r["screen"] is not None else 0.0)  # stable: portfolio order
+    first = [r for r in rows if r["seed"].kind == "uniform" and r["seed"].fmt == "fp32"]
+    chosen, seen = [], set()
+    for r in first + [r for r in ranked if r not in first]:  # the fp32 uniform seed, then by proxy, each policy once
         key = json.dumps(r["policy"].to_dict(), sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
+        if key not in seen and len(chosen) < min(ctx.spec.seed_trials, ctx.spec.trials):
+            seen.add(key)
+            chosen.append(r)
+    for r in chosen:
         study.enqueue_trial(params_of(ctx, r["policy"].keep, r["policy"].formats),
-                            user_attrs={"seed": r["seed"], **({"repairs": r["moves"]} if r["moves"] else {}),
+                            user_attrs={"seed": r["seed"].name, **({"repairs": r["moves"]} if r["moves"] else {}),
                                         **({"screen": r["screen"]} if r["screen"] is not None else {})})
     log(f"hwprune: seeds: a portfolio of {len(rows)} filled to the limit, screened in {time.time() - t0:.1f} s ("
-        + ", ".join(f"{r['seed']} {r['screen']:.4f}" if r["screen"] is not None else r["seed"] for r in ranked)
-        + f"); fine-tuned first: {', '.join(r['seed'] for r in chosen)}")
-    return [{"seed": r["seed"], "screen": r["screen"], "predicted_ms": round(r["predicted_ms"], 5),
-             "policy": r["policy"].to_dict(), "fine_tuned": r in chosen, "same_as": r["same_as"]} for r in rows]
+        + ", ".join(r["seed"].name + (f" {r['screen']:.4f}" if r["screen"] is not None else "") for r in ranked)
+        + f"); fine-tuned first: {', '.join(r['seed'].name for r in chosen)}")
+    return [{"seed": r["seed"].name, "screen": r["screen"], "predicted_ms": round(r["predicted_ms"], 5),
+             "policy": r["policy"].to_dict(), "fine_tuned": r in chosen, "same_as": r["seed"].same_as} for r in rows]
 
 
 def load_front(run_dir: str | Path, storage: str | None = None) -> SearchResult:

@@ -22,9 +22,11 @@ Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> me
 Trainer = Callable[[Any, Policy, int], float]  # a policy's validation score after the search's fine-tune (seed +)
 
 
-def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 15) -> dict[int, float]:
+def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 15
+                      ) -> dict[int, tuple[float, float]]:
     """Each candidate's median ratio to the dense model over ``rounds`` interleaved rounds on this machine, as
-    the target's runtime runs them (deployed on its kernels). A candidate that cannot be deployed is left out."""
+    the target's runtime runs them (deployed on its kernels), and that median's relative standard error. A
+    candidate that cannot be deployed is left out."""
     import copy
 
     from hwprune.device.targets import get_target
@@ -110,8 +112,8 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
         + ", ".join(f"trial {r['trial']} {r['ratio']:.3f}x = {r['measured_ms']:.4f} ms" for r in rows)
         + f"; budget {allowed:.4f} ms)" + (f"; over the budget as measured, never the best point: "
                                            f"{', '.join(map(str, over))}" if over else ""))
-    result: dict[str, Any] = {"timed": rows, "dropped": over, "met": [r["trial"] for r in rows if r["verdict"] == "met"],
-                              "budget_ms_table_scale": round(allowed, 5)}
+    result: dict[str, Any] = {"timed": rows, "dropped": over, "budget_ms_table_scale": round(allowed, 5),
+                              "met": [r["trial"] for r in rows if r["verdict"] == "met"]}
     met = [t for t in top if t.number in result["met"]]
     result["after_trials"] = done
     if shared:
@@ -121,14 +123,13 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
         score = best.values[0] if best is not None else float("-inf")
     else:
         best, score = rescore_ties(ctx, met, result, log, trainer)
-    if spec.grow and best is not None and not shared:
+    if spec.grow and ctx.fills and best is not None and not shared:  # dense within the limit: the front, no growing
         result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer)
         g = result["grown"] or {}
         if g.get("trial") is not None:
             result["met"].append(g["trial"])
-            if g["score"] >= score:
-                best, score = None, g["score"]
-                result["best"] = g["trial"]
+            if g["score"] >= score:  # the grown trial scored at least as well: it is the best point
+                best = next(t for t in study.get_trials(deepcopy=False) if t.number == g["trial"])
     if best is not None:
         result["best"] = best.number
     study.set_user_attr("finish", result)  # finished trials cannot take attributes: the study keeps it
@@ -189,19 +190,19 @@ def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: f
     """Grow the best trial into the headroom its measurement shows: fill it (:func:`~hwprune.search.portfolio.fill`)
     up to the price that maps to the budget less a safety (3 standard errors of the measured ratio, at least 2%),
     time the grown policy against the dense model, and only where it measures within the budget less the same
-    safety on its own noise, fine-tune it (the search's fine-tune) and add it to the study as trial ``finish-grown``: one more
-    fine-tune, said. Returns what happened (None: no headroom worth growing into)."""
+    safety on its own noise, fine-tune it (the search's fine-tune) and add it to the study as trial
+    ``finish-grown``: one more fine-tune, said. Returns what happened (None: no headroom worth growing into)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     from hwprune.search.portfolio import fill, level_ratios
-    from hwprune.search.trial import _legacy, params_of
+    from hwprune.search.trial import param_mode, params_of
 
     ratio, noise = timed
     safety = max(0.02, 3 * noise)
     target = allowed * (1 - safety)
     measured = ratio * ctx.dense_ms
-    if measured >= target * 0.99 or _legacy(study) != "u":
+    if measured >= target * 0.99 or param_mode(study) != "u":
         return None
     pol = Policy.from_dict(best.user_attrs["policy"])
     limit = ctx.price_ms(pol) * target / measured  # the price that maps onto the target as this trial measured

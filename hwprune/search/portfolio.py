@@ -1,9 +1,9 @@
 """Using the whole budget, and seeds that cost no fine-tune.
 
 **Fill** raises a policy into the headroom its price leaves under the limit (not when the dense model itself
-meets the limit: then the search maps the front, and filling would turn every sample into the dense model): the move that recovers the most
-cost of cutting (:mod:`hwprune.search.sensitivity`) per millisecond added — a group one width up, or a layer
-to a format that costs less — until no move fits. **Project** maps any sample into the budget: repair (cut)
+meets the limit: then the search maps the front, and filling would turn every sample into the dense model): the
+move that recovers the most cost of cutting (:mod:`hwprune.search.sensitivity`) per millisecond added — a group
+one width up, or a layer to a format that costs less — until no move fits. **Project** maps any sample into the budget: repair (cut)
 until it fits, then fill, so no candidate leaves budget unused.
 
 **The portfolio** of seeds, each in fp32 and with each low-precision format offered to all layers, each filled
@@ -17,11 +17,12 @@ to the limit, all screened by the proxy before any fine-tune:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from hwprune.policy import Policy
 
-__all__ = ["fill", "project", "threshold_seed", "knapsack_seed", "portfolio", "level_ratios"]
+__all__ = ["Seed", "fill", "project", "uniform_seed", "threshold_seed", "knapsack_seed", "portfolio", "level_ratios"]
 
 
 def level_ratios(ctx: Any, group: str) -> list[float]:
@@ -42,7 +43,7 @@ def fill(ctx: Any, policy: Policy, limit: float | None = None) -> tuple[Policy, 
     the move that recovers the most cost of cutting per millisecond added (a move that adds nothing first), a
     group one width up or a layer to a format of its menu that costs less. Returns the policy and the moves.
     A policy already over the limit is returned as it is."""
-    if limit is None and not getattr(ctx, "fills", True):
+    if limit is None and not ctx.fills:
         return policy, 0
     limit = ctx.limit_ms if limit is None else limit
     keep_cost, fmt_cost = ctx.costs()
@@ -98,6 +99,17 @@ def _fastest_formats(ctx: Any, fmt: str) -> dict[str, str]:
     return {layer: fmt for layer, menu in ctx.menus.items() if fmt in menu}
 
 
+def uniform_seed(ctx: Any, fmt: str = "fp32") -> tuple[float, Policy] | None:
+    """The largest keep ratio of the grid that fits the limit with every group at it, layers in ``fmt`` where their
+    menu has it, and its policy (None when none fits)."""
+    formats = _fastest_formats(ctx, fmt)
+    for r in sorted(ctx.grid, reverse=True):
+        pol = ctx.policy({g.name: r for g in ctx.layers.space.groups}, formats)
+        if ctx.price_ms(pol) <= ctx.limit_ms:
+            return r, pol
+    return None
+
+
 def threshold_seed(ctx: Any, fmt: str = "fp32", steps: int = 30) -> Policy | None:
     """Every group at its narrowest width whose cost of cutting is at most a threshold, layers in ``fmt`` where
     their menu has it; the threshold bisected on price so the policy just fits the limit (None when even the
@@ -141,26 +153,38 @@ def knapsack_seed(ctx: Any, fmt: str = "fp32") -> Policy | None:
     return None if keep is None else ctx.policy(keep, formats)
 
 
-def portfolio(ctx: Any) -> list[tuple[str, Policy, list[str]]]:
-    """The seeds (see the module doc), each filled to the limit, each policy once: (name, policy, the names of
-    the later seeds that came out the same); uniform, knapsack and threshold in fp32, then each with every
-    low-precision format."""
+@dataclass
+class Seed:
+    """One seed of the portfolio: its name, policy, kind (uniform, knapsack, threshold), the format offered to
+    all layers, and the names of later seeds that came out the same policy."""
+
+    name: str
+    policy: Policy
+    kind: str
+    fmt: str
+    same_as: list[str] = field(default_factory=list)
+
+
+def portfolio(ctx: Any) -> list[Seed]:
+    """The seeds (see the module doc), each filled to the limit, each policy once (the first name kept): uniform,
+    knapsack and threshold in fp32, then each with every low-precision format."""
     fmts = sorted({f for menu in ctx.menus.values() for f in menu if f != "fp32"})
-    uniform = dict(ctx.uniform_seeds())
-    out: list[tuple[str, Policy, list[str]]] = []
-    seen: dict[str, list[str]] = {}
+    out: list[Seed] = []
+    seen: dict[str, Seed] = {}
     for fmt in ["fp32"] + fmts:
         suffix = "" if fmt == "fp32" else f"-{fmt}"
-        cands = [(n, p) for n, p in uniform.items() if n.endswith(suffix) and (fmt != "fp32" or n.count("-") == 1)]
-        cands += [("knapsack" + suffix, knapsack_seed(ctx, fmt)), ("threshold" + suffix, threshold_seed(ctx, fmt))]
-        for name, pol in cands:
+        u = uniform_seed(ctx, fmt)
+        cands = [("uniform", f"uniform-{u[0]:g}{suffix}", u[1])] if u else []
+        cands += [("knapsack", "knapsack" + suffix, knapsack_seed(ctx, fmt)),
+                  ("threshold", "threshold" + suffix, threshold_seed(ctx, fmt))]
+        for kind, name, pol in cands:
             if pol is None:
                 continue
             pol, _ = fill(ctx, pol)
             key = json.dumps(pol.to_dict(), sort_keys=True)
             if key in seen:
-                seen[key].append(name)
+                seen[key].same_as.append(name)
             else:
-                seen[key] = []
-                out.append((name, pol, seen[key]))
+                seen[key] = Seed(name, pol, kind, fmt)
+                out.append(seen[key])
     return out

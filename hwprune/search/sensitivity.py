@@ -14,6 +14,7 @@ linearly interpolated in between; a proxy that fails on a pruned shape prices th
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,11 +29,16 @@ TIE = 1e-6  # a tiny cost per share of units dropped: equal measured losses stil
 
 def group_levels(grid: tuple[float, ...] | list[float], units: int, multiple: int) -> list[tuple[int, float]]:
     """The distinct widths a group of ``units`` can take on ``grid``: (kept units, the lowest ratio giving
-    them), ascending; the last is the whole group."""
+    them), ascending; the last is the whole group. Computed once per grid (the search asks for them per move)."""
+    return list(_levels(tuple(sorted(grid)), units, multiple))
+
+
+@functools.lru_cache(maxsize=1024)
+def _levels(grid: tuple[float, ...], units: int, multiple: int) -> tuple[tuple[int, float], ...]:
     by_units: dict[int, float] = {}
-    for r in sorted(grid):
+    for r in grid:
         by_units.setdefault(keep_units(r, units, multiple), r)
-    return sorted(by_units.items())
+    return tuple(sorted(by_units.items()))
 
 
 @dataclass

@@ -87,8 +87,9 @@ class SearchSpec:
         for key, allowed in (("costs", COSTS), ("objective", OBJECTIVES)):
             if getattr(self, key) not in allowed:
                 raise HwpruneError(f"unknown {key} {getattr(self, key)!r}; known: {', '.join(allowed)}")
-        if self.seed_trials < 0 or self.finish < 0:
-            raise HwpruneError(f"seed_trials and finish must be >= 0, got {self.seed_trials} and {self.finish}")
+        if self.seed_trials < 1 or self.finish < 0:
+            raise HwpruneError(f"seed_trials must be >= 1 (no seeds: --no-uniform-seeds) and finish >= 0 (0: no "
+                               f"measured finish), got {self.seed_trials} and {self.finish}")
         if self.trials < 1:
             raise HwpruneError(f"trials must be at least 1, got {self.trials}")
         if self.train_batch_size < 1 or (self.val_subset is not None and self.val_subset < 1) or \

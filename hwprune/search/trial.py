@@ -32,8 +32,8 @@ from hwprune.search.context import SearchContext
 from hwprune.search.rundir import front, results_lock, write_trials
 from hwprune.search.spec import SearchSpec
 
-__all__ = ["OWNER", "FINISHED", "finished", "make_sampler", "params_of", "propose", "reuse", "train_candidate", "rule_from",
-           "free_memory", "Progress", "screen_correlation"]
+__all__ = ["OWNER", "FINISHED", "finished", "make_sampler", "params_of", "param_mode", "propose", "proxy_of", "reuse",
+           "train_candidate", "rule_from", "free_memory", "Progress", "screen_correlation"]
 
 FINISHED = ("COMPLETE", "PRUNED")  # trials that count toward --trials; failed ones are retried
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
@@ -55,7 +55,7 @@ def make_sampler(name: str, seed: int):  # type: ignore[no-untyped-def]
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _legacy(study: Any) -> str:
+def param_mode(study: Any) -> str:
     """How a study's keep ratios are parameters: ``u`` (an index into the group's distinct widths, this
     version), ``k`` (an index into the grid, studies before 2026-12-06) or ``keep`` (categorical ratios, older)."""
     names = {k for t in study.get_trials(deepcopy=False) for k in t.params}
@@ -63,14 +63,13 @@ def _legacy(study: Any) -> str:
         else "u"
 
 
-def params_of(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str], legacy: str | bool = "u"
+def params_of(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str], mode: str = "u"
               ) -> dict[str, Any]:
     """The study parameters of a policy: per group the index of its width among the group's distinct widths
     (``u:<group>``; in older studies ``k:<group>``, the index of its keep ratio in the grid, or ``keep:<group>``,
     the ratio itself), per layer with a menu its format."""
     from hwprune.search.portfolio import level_ratios
 
-    mode = {True: "keep", False: "k"}.get(legacy, legacy) if isinstance(legacy, bool) else legacy
     grid = sorted(ctx.grid)
     nearest = lambda rs, r: min(range(len(rs)), key=lambda i: abs(rs[i] - r))  # noqa: E731
     canon = ctx.canonical({g.name: keep.get(g.name, 1.0) for g in ctx.layers.space.groups})
@@ -87,14 +86,14 @@ def params_of(ctx: SearchContext, keep: dict[str, float], formats: dict[str, str
     return p
 
 
-def _suggest(ctx: SearchContext, trial: Any, legacy: str) -> tuple[dict[str, float], dict[str, str]]:
+def _suggest(ctx: SearchContext, trial: Any, mode: str) -> tuple[dict[str, float], dict[str, str]]:
     from hwprune.search.portfolio import level_ratios
 
     grid = sorted(ctx.grid)
     groups = ctx.layers.space.groups
-    if legacy == "keep":
+    if mode == "keep":
         keep = {g.name: trial.suggest_categorical(f"keep:{g.name}", list(ctx.grid)) for g in groups}
-    elif legacy == "k":
+    elif mode == "k":
         keep = {g.name: grid[trial.suggest_int(f"k:{g.name}", 0, len(grid) - 1)] for g in groups}
     else:
         keep = {}
@@ -192,7 +191,7 @@ def _done_policies(study: Any) -> dict[str, Any]:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
 
-def _candidates(ctx: SearchContext, study: Any, legacy: str, log: Callable[[str], None],
+def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], None],
                 done: dict[str, Any]) -> dict[str, Any]:
     """Sample ``screen`` candidates (at least one) and, with the ``metric`` objective, as many local moves around
     the best trial so far; project each into the budget (:func:`~hwprune.search.portfolio.project`: repaired to
@@ -207,7 +206,7 @@ def _candidates(ctx: SearchContext, study: Any, legacy: str, log: Callable[[str]
         samples: list[tuple[str, dict[str, float], dict[str, str]]] = []
         for _ in range(n):
             t = sh.ask()
-            keep, formats = _suggest(ctx, t, legacy)
+            keep, formats = _suggest(ctx, t, mode)
             samples.append(("sampler", keep, formats))
         if ctx.spec.objective == "metric" and ctx.spec.screen > 1:
             rng = random.Random(ctx.spec.seed * 1000 + len(study.trials) + 100 * attempt)
@@ -225,22 +224,22 @@ def _candidates(ctx: SearchContext, study: Any, legacy: str, log: Callable[[str]
     fresh = {k: c for k, c in cands.items() if k not in done} or cands  # all seen already: reused, no proxy needed
     if ctx.screen is not None and len(fresh) > 1:
         for c in fresh.values():
-            c["screen"] = _proxy(ctx, c["policy"], log)
+            c["screen"] = proxy_of(ctx, c["policy"], log)
         best = max(fresh.values(), key=lambda c: c["screen"])
     else:
         best = next(iter(fresh.values()))
         if ctx.screen is not None and _key(best["policy"]) not in done:
-            best["screen"] = _proxy(ctx, best["policy"], log)
+            best["screen"] = proxy_of(ctx, best["policy"], log)
     pol, more = ctx.settle(best["policy"], log)  # its entries measured (keep ratios off the table's grid)
     attrs = {"repairs": best["repairs"] + more, "sampled": best["sampled"], "screened": len(fresh),
              "proposed_by": best["from"]}
     if "screen" in best:
         attrs["screen"] = best["screen"]
-    attrs["_params"] = params_of(ctx, pol.keep, pol.formats, legacy)
+    attrs["_params"] = params_of(ctx, pol.keep, pol.formats, mode)
     return attrs
 
 
-def _proxy(ctx: SearchContext, policy: Policy, log: Callable[[str], None]) -> float:
+def proxy_of(ctx: SearchContext, policy: Policy, log: Callable[[str], None]) -> float:
     """The screen's proxy of ``policy``; a candidate the proxy cannot evaluate (its pruned model fails to run)
     ranks last, said once per candidate (its fine-tune will fail with the same reason if it is chosen)."""
     from hwprune.errors import is_oom
@@ -267,18 +266,18 @@ def propose(ctx: SearchContext, study: Any, log: Callable[[str], None] | None = 
     from optuna.trial import TrialState
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    legacy = _legacy(study)
+    mode = param_mode(study)
     done = _done_policies(study)  # finished trials' policies: a proposal already evaluated is reused
     token = None
     if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        attrs = _candidates(ctx, study, legacy, log, done)
+        attrs = _candidates(ctx, study, mode, log, done)
         token = uuid.uuid4().hex
         study.enqueue_trial(attrs.pop("_params"), user_attrs={**attrs, "proposal": token})
     trial = study.ask()
     try:
         trial.set_user_attr("owner", OWNER)  # which process runs it: a resumed search fails only dead owners' trials
         trial.set_user_attr("heartbeat", time.time())  # its lease, renewed by Heartbeat while it runs
-        keep, formats = _suggest(ctx, trial, legacy)  # an enqueued trial: its fixed (repaired) parameters
+        keep, formats = _suggest(ctx, trial, mode)  # an enqueued trial: its fixed (repaired) parameters
         policy, repairs = ctx.repair(ctx.policy(keep, formats))
         policy, more = ctx.settle(policy, log)  # a proposal or seed was settled before it was enqueued: no-op
         attrs = trial.user_attrs
@@ -303,7 +302,7 @@ def propose(ctx: SearchContext, study: Any, log: Callable[[str], None] | None = 
             trial.set_user_attr("estimated_entries", len(pred.estimated))
         dup = done.get(_key(policy))
         if dup is None and ctx.screen is not None and "screen" not in attrs:  # seeds: their proxy, for the
-            trial.set_user_attr("screen", _proxy(ctx, policy, log))  # rank correlation the search reports
+            trial.set_user_attr("screen", proxy_of(ctx, policy, log))  # rank correlation the search reports
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
