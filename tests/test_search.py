@@ -222,31 +222,113 @@ def test_dominance_rule_stops_only_clear_losers():
     assert "val perplexity 11.9895" in msg and "had 4.2000" in msg and "acc" not in msg
 
 
-def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch):
-    """Wiring: a candidate dominated at its first checkpoint stops there (PRUNED, reason in trials.csv), counts
-    toward --trials, and the uniform seeds always finish. The reference is a perfect, zero-latency trial."""
-    from hwprune.search import controller
-    from hwprune.search.early_stop import DominanceRule
+def test_racing_rule_promotes_by_score():
+    """Successive halving: at a checkpoint the best 1/eta of the scores there go on, once eta others are there;
+    a trial over the limit competes with nobody; a trial is not compared with its own earlier report."""
+    from hwprune.search.early_stop import RacingRule
 
-    def rule_with_perfect_reference(study, spec, task):
-        rule = DominanceRule(spec.early_stop_margin)
-        rule.add(-1, 0.0, {"10": 1.0, "20": 1.0}, 1.0)
+    rule = RacingRule(eta=3, limit_ms=1.0)
+    rule.add(0, 0.9, {"10": 0.90, "20": 0.95}, 0.96)
+    rule.add(1, 0.8, {"10": 0.80}, float("-inf"))  # stopped at step 10: a reference there, not at 20
+    assert rule.check(0.5, 10, 0.10, key=7) is None  # 2 others there: too few to race
+    assert rule.rungs[10][7] == 0.10  # recorded: now 3 are there
+    why = rule.check(0.5, 10, 0.85, key=8)  # 4 scores, the best 4 // 3 = 1 goes on: 0.85 < 0.90
+    assert why and "racing" in why and "best 1 of 4" in why and "0.9000" in why
+    assert rule.check(0.5, 10, 0.91, key=9) is None  # the best so far goes on
+    # 6 there now (0.91, 0.90, 0.85, 0.80, 0.10 and this one): the best 2 go on
+    assert rule.check(0.5, 10, 0.905, key=10) is None
+    assert "best 2 of 7" in rule.check(0.5, 10, 0.899, key=11)
+    assert "best 2 of 8" in rule.check(0.5, 10, 0.899, key=12)  # 11 stays there: a stopped trial's score counts
+    assert rule.check(0.5, 10, 0.92, key=9) is None  # key 9 again: replaces its own score, never beats itself
+    assert rule.check(0.5, 20, 0.0, key=13) is None  # one other at step 20: no race there yet
+    over = RacingRule(eta=3, limit_ms=1.0)
+    for k in range(5):
+        over.add(k, 2.0, {"10": 0.99}, 0.99)  # priced over the limit: no reference
+    assert over.check(0.5, 10, 0.1, key=99) is None and list(over.rungs[10]) == [99]  # itself only
+    off = RacingRule(eta=3, enabled=False)
+    for k in range(5):
+        off.add(k, 0.1, {"10": 0.99}, 0.99)
+    assert off.check(0.5, 10, 0.0, key=99) is None  # --early-stop-margin 0: never stops
+    lm = RacingRule(eta=2, metric="perplexity", sign=-1.0)
+    for k, v in enumerate((-4.0, -5.0)):
+        lm.add(k, 0.1, {"10": v}, v)
+    assert "val perplexity 9.0000" in lm.check(0.1, 10, -9.0, key=5)  # shown as the metric, not its negative
+
+
+def test_spent_counts_a_stopped_trial_by_its_steps():
+    from types import SimpleNamespace as T
+
+    from hwprune.search.controller import remaining
+    from hwprune.search.early_stop import spent
+
+    done = lambda: T(name="COMPLETE")  # noqa: E731
+    pruned = lambda: T(name="PRUNED")  # noqa: E731
+    trials = [T(state=done(), user_attrs={}), T(state=pruned(), user_attrs={"steps_run": 10}),
+              T(state=pruned(), user_attrs={"steps_run": 20}), T(state=pruned(), user_attrs={})]
+    assert spent(trials, 30) == pytest.approx(1 + 1 / 3 + 2 / 3 + 1)  # one that did not say counts whole
+    assert spent(trials, 0) == 4  # no steps: each counts 1
+    assert remaining(trials, 5, steps=30) == 2 and remaining(trials, 4, steps=30) == 1
+    assert remaining(trials[:2], 2, steps=30) == 0  # 2 - 4/3: no whole fine-tune fits, none is started
+
+
+def test_resumed_race_holds_the_stopped_trials_scores():
+    """On a resume, racing's rungs hold every trial that reached them, the stopped ones included (successive
+    halving ranks among all that got there); dominance keeps finished trials only."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from hwprune.search.trial import rule_from
+    from hwprune.tasks import get_task
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for i, (state, curve) in enumerate([(TrialState.COMPLETE, {"10": 0.9, "20": 0.92}),
+                                        (TrialState.PRUNED, {"10": 0.5}), (TrialState.COMPLETE, {"10": 0.8})]):
+        t = study.ask()
+        t.set_user_attr("curve", curve)
+        t.set_user_attr("predicted_latency_ms", 0.5 + i)  # the last is over the 2 ms limit
+        study.tell(t, [0.9, 0.5 + i]) if state == TrialState.COMPLETE else study.tell(t, state=state)
+    race = rule_from(study, SearchSpec(objective="metric"), get_task(None), limit_ms=2.0)
+    assert race.rungs == {10: {0: 0.9, 1: 0.5}, 20: {0: 0.92}}
+    dom = rule_from(study, SearchSpec(objective="front"), get_task(None), limit_ms=2.0)
+    assert [r.trial for r in dom.refs] == [0, 2]
+
+
+@pytest.mark.parametrize("objective", ["front", "metric"])
+def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch, objective):
+    """Wiring, for both rules: a candidate losing at its first checkpoint stops there (PRUNED, reason in
+    trials.csv), counts its share of the steps toward --trials (so more trials run, never more steps), and the
+    seeds always finish. The reference is a perfect, zero-latency trial (three for racing)."""
+    from hwprune.search import controller
+    from hwprune.search.early_stop import DominanceRule, RacingRule
+
+    def rule_with_perfect_reference(study, spec, task, limit_ms=float("inf")):
+        rule = DominanceRule(spec.early_stop_margin) if objective == "front" else RacingRule(3, limit_ms)
+        for k in range(1 if objective == "front" else 3):
+            rule.add(-1 - k, 0.0, {"10": 1.0, "20": 1.0}, 1.0)
         return rule
 
     monkeypatch.setattr(controller, "rule_from", rule_with_perfect_reference)
-    spec = SearchSpec(model=MLP3, data=DATA, budget="100%", batch_size=4, tables=str(tables), trials=7,
-                      finetune_steps=30, sampler="random", out=str(tmp_path / "r"))
+    spec = SearchSpec(model=MLP3, data=DATA, budget="100%", batch_size=4, tables=str(tables), trials=5,
+                      finetune_steps=30, sampler="random", out=str(tmp_path / "r"), objective=objective)
     s = controller.run_search(spec, log=lambda m: None)
     rows = list(csv.DictReader(open(tmp_path / "r" / "trials.csv")))
+    rows = [r for r in rows if r["seed"] != "finish-grown"]
     seeds = [r for r in rows if r["seed"]]
-    assert s["trials"] == 7 and len(rows) == 7 and s["stopped_early"] == 7 - len(seeds) >= 1
+    stopped = len(rows) - len(seeds)
+    assert s["trials"] == len(rows) and s["stopped_early"] == stopped >= 3
+    # at most 5 fine-tunes' worth, each stopped one costing a third; a new trial starts while a whole one fits
+    assert 4 < len(seeds) + stopped / 3 <= 5 + 1e-9
     assert all(r["state"] == "COMPLETE" for r in seeds)
     for r in rows:
         if not r["seed"]:
             assert r["state"] == "PRUNED" and r["accuracy"] == ""
-            assert r["error"].startswith("stopped at step 10: val acc") and "trial -1" in r["error"]
+            assert r["error"].startswith("stopped at step 10")
+            assert ("(racing)" in r["error"]) == (objective == "metric")
     spec.early_stop_margin, spec.out = 0.0, str(tmp_path / "r0")  # 0: never stop
-    assert controller.run_search(spec, log=lambda m: None)["stopped_early"] == 0
+    monkeypatch.undo()
+    s0 = controller.run_search(spec, log=lambda m: None)
+    assert s0["stopped_early"] == 0 and s0["trials"] == 5
 
 
 def test_rdb_storage_resumes(tables, tmp_path):

@@ -12,7 +12,7 @@ _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
                  "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
                  "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels",
-                 "costs", "objective", "seed_trials", "finish", "grow")
+                 "costs", "objective", "seed_trials", "finish", "grow", "race")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -104,8 +104,9 @@ def register(sub: Any) -> None:
     se.add_argument("--target", choices=TARGET_CHOICES, help="cpu, cuda or arm (default cpu)")
     se.add_argument("--budget", help="latency per forward pass at the spec's batch size: 10ms, 2.5 ms, 800us, "
                                      "0.01s, or 50%% of the dense model's predicted latency")
-    se.add_argument("--trials", type=positive, help="completed trials wanted (default 20; a resumed study counts "
-                                                     "the ones it has)")
+    se.add_argument("--trials", type=positive, help="fine-tunes wanted (default 20): finished trials, one stopped "
+                                                     "early counting its share of the steps; a resumed study counts "
+                                                     "the ones it has")
     se.add_argument("--sampler", choices=SAMPLERS, help="tpe (default), nsga2 or random")
     se.add_argument("--seed", type=int, help="seed for the sampler and the fine-tunes (default 0)")
     se.add_argument("--finetune-steps", type=int, help="fine-tune steps per trial (default 100)")
@@ -144,10 +145,16 @@ def register(sub: Any) -> None:
     se.add_argument("--num-classes", type=positive, help="a built-in model's outputs when the data does not expose "
                                                           "its class count")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")
+    se.add_argument("--race", type=int, metavar="ETA",
+                    help="with --objective metric: successive halving at the checkpoints (1/3, 2/3 of the steps): a "
+                         "fine-tune goes on only if its validation score is among the best 1/ETA of the trials that "
+                         "reached that checkpoint (once ETA others did); the steps it saves buy more trials. 0: no "
+                         "racing (default 3)")
     se.add_argument("--early-stop-margin", type=float,
-                    help="stop a fine-tune at a checkpoint (1/3, 2/3 of the steps) when a finished, no-slower trial "
-                         "was ahead there by this much validation score (accuracy; for a lower-is-better metric "
-                         "such as perplexity, that metric) (default 0.05; 0 never stops)")
+                    help="with --objective front: stop a fine-tune at a checkpoint (1/3, 2/3 of the steps) when a "
+                         "finished, no-slower trial was ahead there by this much validation score (accuracy; for a "
+                         "lower-is-better metric such as perplexity, that metric) (default 0.05); 0 never stops a "
+                         "fine-tune early, racing included")
     se.add_argument("--no-uniform-seeds", dest="uniform_seeds", action="store_false", default=None,
                     help="do not start with the uniform policies that just meet the budget (a plain sampler run)")
     se.add_argument("--storage", help="Optuna storage URL for many machines (e.g. postgresql://...); "

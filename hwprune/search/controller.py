@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import sys
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 from hwprune.errors import HwpruneError, is_oom, one_line
 from hwprune.search.context import SearchContext, prepare_context
+from hwprune.search.early_stop import spent
 from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, plot_front, results_lock,
                                    write_front, write_trials)
 from hwprune.search.spec import SearchSpec
@@ -72,9 +74,10 @@ def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], Non
     def at_checkpoint(step: int, acc: float) -> None:
         curve[str(step)] = acc
         trial.set_user_attr("curve", dict(curve))
-        why = None if seed else rule.check(latency, step, acc)
+        why = None if seed else rule.check(latency, step, acc, key=trial.number)
         if why:
             trial.set_user_attr("error", why)
+            trial.set_user_attr("steps_run", step)  # what it cost: --trials counts fine-tunes' worth of steps
             raise optuna.TrialPruned(why)
 
     t1 = time.time()
@@ -164,11 +167,13 @@ def fail_interrupted(study: Any, log: Callable[[str], None], grace_s: float = 12
     return n
 
 
-def remaining(trials: list[Any], wanted: int, grace_s: float = 120.0) -> int:
-    """Trials still to start: wanted minus finished minus those other live processes are running now."""
+def remaining(trials: list[Any], wanted: int, grace_s: float = 120.0, steps: int = 0) -> int:
+    """Trials still to start: ``wanted`` fine-tunes' worth of ``steps`` less what the finished trials spent (one
+    stopped early counts its share, :func:`~hwprune.search.early_stop.spent`; ``steps`` 0: each counts 1) and
+    less the trials other live processes are running now; only whole fine-tunes that still fit."""
     others = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("owner") != OWNER
               and owner_alive(t.user_attrs.get("owner")) is not False and stale_for(t, grace_s) is None]
-    return max(0, wanted - len(finished(trials)) - len(others))
+    return max(0, math.floor(wanted - spent(finished(trials), steps) - len(others) + 1e-9))
 
 
 class Heartbeat:
@@ -210,19 +215,21 @@ class Heartbeat:
 def _run_local(ctx: SearchContext, study: Any, out: Path, log: Callable[[str], None]) -> None:
     spec = ctx.spec
     grace = spec.heartbeat_grace
-    todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace)
-    progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
-    rule = rule_from(study, spec, ctx.task)
+    steps = spec.finetune_steps
+    todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace, steps)
+    progress = Progress(out, ctx, spec.trials, spent(finished(study.get_trials(deepcopy=False)), steps), log,
+                        steps)
+    rule = rule_from(study, spec, ctx.task, ctx.limit_ms)
     try:
         while todo > 0:
             for _ in range(todo):
                 trial = _run_one(ctx, rule, study, log)
                 trials = progress.trial_ended(study, trial.number)
-                if remaining(trials, spec.trials, grace) <= 0:  # another process on the same study may have
+                if remaining(trials, spec.trials, grace, steps) <= 0:  # another process on the same study may have
                     break  # filled it
             progress.check_failures(study.get_trials(deepcopy=False), todo)
             fail_interrupted(study, log, grace)  # a host that died meanwhile: its trials are not waited for
-            todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace)
+            todo = remaining(study.get_trials(deepcopy=False), spec.trials, grace, steps)
     finally:
         progress.close()
 

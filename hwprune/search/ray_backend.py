@@ -6,9 +6,10 @@ asks the study for a candidate, repairs it to the budget and prices it
 (:func:`hwprune.search.trial.propose`), and tells the study the result.
 Only the fine-tune runs on Ray workers, each with ``--cpus-per-trial`` /
 ``--gpus-per-trial``. Ray's ``OptunaSearch`` is not used: it keeps its own
-study and has no constraint or repair hook. Fine-tunes that are clearly
-losing are stopped by :class:`DominanceScheduler`, a Tune scheduler applying
-:class:`hwprune.search.early_stop.DominanceRule`.
+study and has no constraint or repair hook. Fine-tunes that are losing are
+stopped by :class:`StoppingScheduler`, a Tune scheduler applying the local
+backend's rule (:mod:`hwprune.search.early_stop`: racing under a budget,
+dominance on the front).
 
 Multi-node clusters: ``--ray-address host:port`` (or ``auto``) joins one; the
 run directory (Tune's ``storage_path`` is ``RUN_DIR/ray``) must be on storage
@@ -19,6 +20,7 @@ with the trials (``tune.with_parameters``), so workers need no model cache.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -159,8 +161,9 @@ def _make_classes() -> tuple[type, type]:
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
     from ray.tune.search import Searcher
 
-    class DominanceScheduler(FIFOScheduler):
-        """Stops a trial whose checkpoint accuracy a finished, no-slower trial beat by the margin."""
+    class StoppingScheduler(FIFOScheduler):
+        """Applies the early-stopping rule at each checkpoint a trial reports (:func:`~hwprune.search.trial.rule_from`:
+        racing under a budget, dominance on the front)."""
 
         def __init__(self, rule: Any) -> None:
             super().__init__()
@@ -174,7 +177,8 @@ def _make_classes() -> tuple[type, type]:
             self.curves.setdefault(trial.trial_id, {})[str(result["step"])] = float(result["accuracy"])
             if trial.config["seed"]:  # the uniform seeds always finish; their curves are references
                 return TrialScheduler.CONTINUE
-            why = self.rule.check(trial.config["latency"], int(result["step"]), float(result["accuracy"]))
+            why = self.rule.check(trial.config["latency"], int(result["step"]), float(result["accuracy"]),
+                                  key=trial.config.get("number", trial.trial_id))
             if why:
                 self.reasons[trial.trial_id] = why
                 return TrialScheduler.STOP
@@ -190,11 +194,12 @@ def _make_classes() -> tuple[type, type]:
             self.wanted = wanted
             self.live: dict[str, tuple[Any, float, float]] = {}
             self.nodes: dict[str, str] = {}  # where each live trial reported from (a node that dies says no more)
-            from hwprune.search.trial import finished
+            from hwprune.search.trial import finished, spent
 
             # counted here, not re-read: Tune polls suggest() in its event loop, and a storage read per poll
-            # kept the driver at ~90% CPU, starving the workers
-            self.done = len(finished(study.get_trials(deepcopy=False)))
+            # kept the driver at ~90% CPU, starving the workers. Fine-tunes' worth: one stopped early, its share
+            self.steps = ctx.spec.finetune_steps
+            self.done = spent(finished(study.get_trials(deepcopy=False)), self.steps)
 
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             if result.get("node"):
@@ -208,14 +213,15 @@ def _make_classes() -> tuple[type, type]:
 
             if self.progress.failed > max(5, self.wanted) or (self.progress.failed >= 3 and not self.done):
                 return Searcher.FINISHED if not self.live else None  # nothing works: stop, report after fit()
-            while self.done + len(self.live) < self.wanted:
+            while self.done + len(self.live) + 1 <= self.wanted + 1e-9:  # a whole fine-tune still fits
                 t0 = time.time()
                 trial, policy, latency, dup = propose(self.ctx, self.study, self.log)
                 if dup is not None:  # same policy as a finished trial: same result, no fine-tune
                     self._tell(trial, "COMPLETE", list(reuse(trial, dup, t0)))
                     continue
                 self.live[trial_id] = (trial, latency, t0)
-                return {"policy": policy.to_dict(), "latency": latency, "seed": bool(trial.user_attrs.get("seed"))}
+                return {"policy": policy.to_dict(), "latency": latency, "seed": bool(trial.user_attrs.get("seed")),
+                        "number": trial.number}
             return Searcher.FINISHED if not self.live else None
 
         def _tell(self, trial: Any, state: str, values: list[float] | None = None) -> None:
@@ -225,7 +231,10 @@ def _make_classes() -> tuple[type, type]:
                 self.study.tell(trial, values)
             else:
                 self.study.tell(trial, state=getattr(TrialState, state))
-            self.done += state in ("COMPLETE", "PRUNED")
+            if state in ("COMPLETE", "PRUNED"):  # an asked trial has no state: the one told, frozen, has
+                from hwprune.search.trial import spent
+
+                self.done += spent([self.study.get_trials(deepcopy=False)[trial.number]], self.steps)
             self.progress.trial_ended(self.study, trial.number)
 
         def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
@@ -247,6 +256,8 @@ def _make_classes() -> tuple[type, type]:
                 self._tell(trial, "FAIL")
             elif not result.get("final"):
                 trial.set_user_attr("error", self.scheduler.reasons.get(trial_id, "stopped by the Tune scheduler"))
+                if curve:  # what it cost: --trials counts fine-tunes' worth of steps
+                    trial.set_user_attr("steps_run", max(int(k) for k in curve))
                 self._tell(trial, "PRUNED")
             else:
                 trial.set_user_attr("params", result.get("params"))
@@ -255,7 +266,7 @@ def _make_classes() -> tuple[type, type]:
                     self.scheduler.rule.add(trial.number, latency, curve, float(result["accuracy"]))
                 self._tell(trial, "COMPLETE", [float(result["accuracy"]), latency])
 
-    return StudySearcher, DominanceScheduler
+    return StudySearcher, StoppingScheduler
 
 
 def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None:
@@ -264,14 +275,15 @@ def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None
     import ray
     from ray import tune
 
-    from hwprune.search.trial import Progress, finished, rule_from
+    from hwprune.search.trial import Progress, finished, rule_from, spent
 
     spec = ctx.spec
     check_ray(spec)
-    todo = max(0, spec.trials - len(finished(study.trials)))
-    progress = Progress(out, ctx, spec.trials, spec.trials - todo, log)
-    StudySearcher, DominanceScheduler = _make_classes()
-    scheduler = DominanceScheduler(rule_from(study, spec, ctx.task))
+    steps = spec.finetune_steps
+    todo = math.floor(spec.trials - spent(finished(study.trials), steps) + 1e-9)
+    progress = Progress(out, ctx, spec.trials, spent(finished(study.trials), steps), log, steps)
+    StudySearcher, StoppingScheduler = _make_classes()
+    scheduler = StoppingScheduler(rule_from(study, spec, ctx.task, ctx.limit_ms))
     searcher = StudySearcher(ctx, study, progress, scheduler, spec.trials)
     res = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(_trainable, spec=_portable_spec(spec),
@@ -289,7 +301,7 @@ def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None
                 tuner.fit()
             trials = study.get_trials(deepcopy=False)
             progress.check_failures(trials, todo)
-            todo = max(0, spec.trials - len(finished(trials)))
+            todo = math.floor(spec.trials - spent(finished(trials), steps) + 1e-9)
     finally:
         progress.close()
         if _STARTED_HERE:

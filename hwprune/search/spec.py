@@ -70,6 +70,7 @@ class SearchSpec:
     seed_trials: int = 3  # the best-screened seeds of the portfolio that are fine-tuned (the fp32 uniform one always)
     finish: int = 3  # the best trials timed against the dense model at the end (this machine the target); 0: none
     grow: bool = True  # with the finish: grow the best into the headroom it measures (one more fine-tune)
+    race: int = 3  # under a budget: successive halving at the checkpoints, the best 1/race go on; 0: no racing
 
     def validate(self) -> None:
         from hwprune.search.budget import parse_budget
@@ -90,6 +91,9 @@ class SearchSpec:
         if self.seed_trials < 1 or self.finish < 0:
             raise HwpruneError(f"seed_trials must be >= 1 (no seeds: --no-uniform-seeds) and finish >= 0 (0: no "
                                f"measured finish), got {self.seed_trials} and {self.finish}")
+        if self.race < 0 or self.race == 1:
+            raise HwpruneError(f"race must be 0 (no racing) or >= 2 (the best 1/race of a checkpoint go on), got "
+                               f"{self.race}")
         if self.trials < 1:
             raise HwpruneError(f"trials must be at least 1, got {self.trials}")
         if self.train_batch_size < 1 or (self.val_subset is not None and self.val_subset < 1) or \

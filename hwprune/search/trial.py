@@ -29,11 +29,12 @@ from typing import Any, Callable
 from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy
 from hwprune.search.context import SearchContext
+from hwprune.search.early_stop import spent
 from hwprune.search.rundir import front, results_lock, write_trials
 from hwprune.search.spec import SearchSpec
 
 __all__ = ["OWNER", "FINISHED", "finished", "make_sampler", "params_of", "param_mode", "propose", "proxy_of", "reuse",
-           "train_candidate", "rule_from", "free_memory", "Progress", "screen_correlation"]
+           "train_candidate", "rule_from", "free_memory", "Progress", "screen_correlation", "spent"]
 
 FINISHED = ("COMPLETE", "PRUNED")  # trials that count toward --trials; failed ones are retried
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
@@ -346,15 +347,23 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
     return task.score(evaluate(model, val, task=task)), params
 
 
-def rule_from(study: Any, spec: SearchSpec, task: Any) -> Any:
-    """The early-stopping rule, holding the finished trials of a (resumed) study; its messages in ``task``'s
-    metric."""
-    from hwprune.search.early_stop import DominanceRule
+def rule_from(study: Any, spec: SearchSpec, task: Any, limit_ms: float = float("inf")) -> Any:
+    """The early-stopping rule, holding the finished and stopped trials of a (resumed) study: racing
+    (:class:`~hwprune.search.early_stop.RacingRule`) when the search maximizes the metric under the budget
+    (``limit_ms``), dominance on the front otherwise; its messages in ``task``'s metric."""
+    from hwprune.search.early_stop import DominanceRule, RacingRule
 
-    rule = DominanceRule(spec.early_stop_margin, metric=task.metric, sign=task.sign)
+    racing = spec.objective == "metric" and spec.race >= 2
+    rule: Any = (RacingRule(spec.race, limit_ms, enabled=spec.early_stop_margin > 0, metric=task.metric,
+                            sign=task.sign) if racing
+                 else DominanceRule(spec.early_stop_margin, metric=task.metric, sign=task.sign))
     for t in study.get_trials(deepcopy=False):
-        if t.state.name == "COMPLETE" and t.user_attrs.get("curve"):
-            rule.add(t.number, t.values[1], t.user_attrs["curve"], t.values[0])
+        curve = t.user_attrs.get("curve")
+        if not curve or t.state.name not in ("COMPLETE", "PRUNED") or (t.state.name == "PRUNED" and not racing):
+            continue
+        final = t.values[0] if t.state.name == "COMPLETE" else float("-inf")
+        latency = t.values[1] if t.state.name == "COMPLETE" else t.user_attrs.get("predicted_latency_ms", float("inf"))
+        rule.add(t.number, latency, curve, final)
     return rule
 
 
@@ -383,10 +392,12 @@ def screen_correlation(trials: list[Any]) -> dict[str, Any] | None:
 class Progress:
     """The progress bar (trials, best feasible accuracy, ETA) and trials.csv, updated as each trial ends."""
 
-    def __init__(self, out: Path, ctx: SearchContext, total: int, done: int, log: Callable[[str], None]) -> None:
+    def __init__(self, out: Path, ctx: SearchContext, total: int, done: float, log: Callable[[str], None],
+                 steps: int = 0) -> None:
         from tqdm import tqdm
 
         self.out, self.ctx, self.log = out, ctx, log
+        self.steps = steps  # a fine-tune's steps: a trial stopped early advances the bar by its share (0: by 1)
         self.bar = tqdm(total=total, initial=done, desc="search", unit="trial", file=sys.stderr, disable=None)
         self.failed = 0
         # not a terminal (a log file, CI): no bar is drawn, so one line per finished trial instead
@@ -400,8 +411,8 @@ class Progress:
             write_trials(self.out, trials, self.ctx.limit_ms, self.ctx.task)
         trial = trials[number]
         pts = front(trials, self.ctx.limit_ms)
-        if trial.state.name in FINISHED:
-            self.bar.update(1)
+        if trial.state.name in FINISHED:  # a fine-tune's worth: a trial stopped early counts its share of steps
+            self.bar.update(spent([trial], self.steps) if trial.user_attrs.get("grown_from") is None else 0)
         if trial.state.name == "FAIL":
             self.failed += 1
             self.log(f"hwprune: trial {trial.number} failed: {trial.user_attrs.get('error', 'unknown')}")
@@ -410,10 +421,10 @@ class Progress:
         if best is not None:
             self.bar.set_postfix({f"best_{task.metric}": f"{best:.4f}"})
         if self.lines and trial.state.name in FINISHED:
-            self.done += 1
+            self.done += spent([trial], self.steps) if trial.user_attrs.get("grown_from") is None else 0
             got = (f"val {task.metric} {task.show(trial.values[0]):.4f}, predicted {trial.values[1]:.4f} ms"
                    if trial.state.name == "COMPLETE" and trial.values else "stopped early")
-            self.log(f"hwprune: trial {trial.number} done ({self.done}/{self.total}, "
+            self.log(f"hwprune: trial {trial.number} done ({round(self.done, 2):g}/{self.total}, "
                      f"{(time.monotonic() - self.t0) / 60:.1f} min): {got}; best feasible "
                      + (f"{task.metric} {best:.4f}" if best is not None else "none yet"))
         return trials
