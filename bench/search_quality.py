@@ -442,6 +442,7 @@ class Bench:
                                    sampler="random" if method == "random" else "tpe",
                                    uniform_seeds=method != "random", out=str(out), study=out.name,
                                    screen=self.args.screen if ours else 0, seed=seed,
+                                   race=self.args.race if ours else 0,  # random search as a user runs it: no racing
                                    weights=self.setup.weights)  # one dense model: the seed varies the search only
         prepare = flops_prepare(None) if method == "flops" else fp32_prepare if method == "hwprune-fp32" else \
             prepare_context
@@ -464,7 +465,7 @@ class Bench:
         done = [r for r in rows if r["state"] == "COMPLETE" and not r.get("duplicate_of")]
         stopped = [r for r in rows if r["state"] == "PRUNED"]
         res["finetunes"] = {"complete": len(done), "stopped_early": len(stopped), "steps_each": self.row.steps,
-                            "steps_at_most": (len(done) + len(stopped)) * self.row.steps}
+                            "steps": round(s.get("finetunes", len(done) + len(stopped)) * self.row.steps)}
         res["int8_trials"] = sum(1 for r in done if "int8" in r["formats"])
         res["complete_trials"] = len(done)
         res["finish"] = s.get("finish")
@@ -694,11 +695,13 @@ def _describe(r: dict[str, Any]) -> str:
             w = ",".join(str(v) for v in f.get("widths", {}).values())
             fm = ";".join(f"{k}:{v}" for k, v in sorted((x.get("policy") or {}).get("formats", {}).items()))
             ft = x.get("finetunes", {})
+            steps = f", {ft['steps']} steps" if "steps" in ft else ""
             fin = x.get("finish") or {}
             extra = len(fin.get("rescored", []))  # the finish's re-scores (its grown trial is in trials.csv)
             grown = (fin.get("grown") or {}).get("trial") is not None
             parts.append(f"s{i}: [{w}]{' ' + fm if fm else ''} {f['ratio']:.3f}× {f['mean']:.4f}"
                          f" ({ft.get('complete', '?')}+{ft.get('stopped_early', '?')} fine-tunes"
+                         f"{steps}"
                          f"{' incl. 1 grown' if grown else ''}{f' + {extra} re-scores' if extra else ''}, "
                          f"dropped {len(fin.get('dropped', []))}, seed {x.get('best_seed') or 'no'})")
         return " / ".join(parts)
@@ -827,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="0.3,0.5,0.7", help="shares of the dense measured latency")
     ap.add_argument("--trials", type=int, default=10, help="trials per search (hwprune, random, flops)")
     ap.add_argument("--screen", type=int, default=4, help="hwprune's proposals screened per fine-tune")
+    ap.add_argument("--race", type=int, default=3, help="hwprune's racing (successive halving, the best 1/ETA go on at "
+                                                        "a checkpoint; 0: none); random search never races")
     ap.add_argument("--final-steps", type=int, default=200, help="fine-tune steps of every final model")
     ap.add_argument("--seeds", type=int, default=3, help="final fine-tunes per chosen model")
     ap.add_argument("--search-seeds", type=int, default=3, help="searches per search method (seeds 0..N-1), each "

@@ -385,6 +385,7 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
             "task": task.name, "metric": task.metric, "direction": task.direction,
             "trials": count("COMPLETE") + count("PRUNED"), "complete": count("COMPLETE"),
             "stopped_early": count("PRUNED"), "failed": count("FAIL"),
+            "finetunes": round(spent(finished(trials), spec.finetune_steps), 3),  # fine-tunes' worth of steps
             "repaired": sum(1 for t in trials if t.user_attrs.get("repairs")),
             "duplicates": sum(1 for t in trials if t.user_attrs.get("duplicate_of") not in (None, "")),
             "screen": screen_correlation(trials), "portfolio": portfolio, "finish": finished_,
