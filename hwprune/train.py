@@ -13,12 +13,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from hwprune import inputs
 from hwprune._io import write_atomic
 from hwprune.errors import HwpruneError
 
 __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "resolve_device", "is_device_name",
            "cache_dir", "cache_key",
-           "load_cached", "save_cached", "train_and_cache", "few_batches", "subset"]
+           "load_cached", "save_cached", "train_and_cache", "few_batches", "subset", "has_batchnorm",
+           "recalibrate_batchnorm", "refresh_batchnorm", "BN_BATCHES"]
+
+BN_BATCHES = 8  # training batches a fine-tune's BatchNorm statistics are re-estimated on before any evaluation
 
 # epochs that reach the accuracies of docs/cli.md for each built-in model
 DEFAULT_EPOCHS = {"cnn1d": 40, "resnet20": 12, "mobilenetv2": 12, "lstm": 30, "gru": 30, "lstm-lm": 10}
@@ -97,8 +101,6 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Any, y: t
     from hwprune.tasks import get_task
 
     dev = _device_of(model)
-    from hwprune import inputs
-
     x, y = inputs.to_device(x, dev, non_blocking=True), y.to(dev, non_blocking=True)
     loss = get_task(task).loss(inputs.call(model, x), y)
     if not torch.isfinite(loss):
@@ -140,6 +142,7 @@ def _train(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
         for x, y in loader:
             total += _step(model, opt, sched, x, y, step, cfg.task) * len(y)
             step += 1
+        refresh_batchnorm(model, train, cfg.batch_size, cfg.seed)  # the statistics of this epoch's weights
         acc = evaluate(model, val, task=cfg.task)
         history.append(acc)
         if log:
@@ -158,9 +161,12 @@ def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, bat
 
     Runs on ``device`` (``auto``/``cpu``/``cuda``; None: where the model is), batches moved per step; the
     model comes back on the device it was on. ``callback(step)`` runs after every step (1-based), with the
-    model on the training device; it may raise to stop the fine-tune early.
+    model on the training device; it may raise to stop the fine-tune early (and re-estimates BatchNorm
+    statistics itself before it evaluates: :func:`refresh_batchnorm`). At the end, the BatchNorm statistics
+    are re-estimated on :data:`BN_BATCHES` seeded training batches.
     """
-    if steps <= 0:
+    if steps <= 0:  # pruned, not trained: its BatchNorm statistics still describe the dense model's activations
+        refresh_batchnorm(model, train, batch_size, seed)
         return model
     home = _device_of(model)
     if device is not None:
@@ -191,7 +197,52 @@ def _finetune(model: nn.Module, train: Dataset, steps: int, lr: float, batch_siz
         if callback is not None:
             callback(step)
             model.train()
+    refresh_batchnorm(model, train, batch_size, seed)  # before anyone evaluates it
     return model
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # and subclasses (timm's BatchNormAct2d)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BN) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: list[Any]) -> int:
+    """Recompute every BatchNorm layer's running mean and variance as the plain average over ``batches``
+    (inputs of ``(inputs, target)`` items); every other layer stays in eval mode. Returns the layers reset."""
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns or not batches:
+        return 0
+    was = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in bns}
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch weighs the same
+            m.train()
+        for x, _ in batches:
+            inputs.call(model, inputs.to_device(x, dev))
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
+        for m, t in was.items():
+            m.train(t)
+    return len(bns)
+
+
+def refresh_batchnorm(model: nn.Module, train: Dataset, batch_size: int = 128, seed: int = 0,
+                      n: int = BN_BATCHES) -> int:
+    """After training, before any evaluation: the BatchNorm statistics re-estimated as the plain average over
+    ``n`` seeded training batches (:func:`recalibrate_batchnorm`). A layer built with a small momentum
+    (torchvision's MobileNetV3: 0.01) otherwise keeps statistics from before the model was pruned or trained,
+    and evaluates near chance while its training loss is low. Returns the layers re-estimated."""
+    if not has_batchnorm(model):
+        return 0
+    return recalibrate_batchnorm(model, few_batches(train, n=n, batch_size=batch_size, seed=seed))
 
 
 def cache_dir() -> Path:
@@ -228,7 +279,10 @@ def few_batches(ds: Dataset, n: int = 4, batch_size: int = 64, seed: int = 0) ->
     idx = torch.randperm(len(ds), generator=g)[: n * batch_size].tolist()
     from torch.utils.data import Subset
 
-    return [b for b in DataLoader(Subset(ds, idx), batch_size=batch_size, shuffle=False)]
+    # its own generator: a DataLoader without one draws its base seed from the global RNG, which would move a
+    # fine-tune's later dropout masks when BatchNorm statistics are re-estimated at a checkpoint
+    return [b for b in DataLoader(Subset(ds, idx), batch_size=batch_size, shuffle=False,
+                                  generator=torch.Generator().manual_seed(seed))]
 
 
 def subset(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:

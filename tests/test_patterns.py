@@ -375,3 +375,99 @@ def test_taylor_importance_differentiates_the_tasks_loss():
     pruned = prune_model(P.seq2seq(), policy, example, importance="taylor", batches=batches,
                          loss=get_task("language-model").loss)
     assert pruned.encoder.hidden_size == pruned.decoder.hidden_size == 16
+
+
+def test_wrapped_rnn_keeps_the_lstm_api_after_splitting_and_pruning():
+    """SpeechBrain's CRDNN calls flatten_parameters() on its LSTM in every forward: hwprune's per-layer stack
+    keeps that API, so the model is analysed, pruned (each layer's hidden units by hand: 16 -> 8, the head's
+    input 2 directions x 8) and runs; at keep 1.0 it computes what the dense model did."""
+    torch.manual_seed(0)
+    model = P.wrapped_lstm()
+    x = torch.randn(4, 7, 6)
+    space = build_space(model, x)
+    assert {g.name: g.units for g in space.groups} == {"rnn.layers.0": 16, "rnn.layers.1": 16}
+    pruned = prune_model(model, Policy({"rnn.layers.0": 0.5, "rnn.layers.1": 0.5}, channel_multiple=1), x).eval()
+    assert [m.hidden_size for m in pruned.rnn.layers] == [8, 8] and pruned.head.in_features == 16
+    assert pruned.rnn.layers[1].input_size == 16 and pruned.rnn.num_layers == 2 and pruned.rnn.bidirectional
+    assert pruned(x).shape == (4, 3)
+    same = prune_model(model, Policy({}, channel_multiple=1), x).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_an_rnn_api_gap_names_the_split_not_the_input():
+    """A model reading an nn.LSTM attribute the per-layer stack lacks: the dense model runs on the input, so the
+    error names the split layer and says it is hwprune's gap, not that the input does not fit."""
+    with pytest.raises(HwpruneError) as err:
+        build_space(P.needs_stack_attr(), torch.randn(2, 5, 6))
+    msg = str(err.value)
+    assert "runs, but not with its multi-layer RNN(s) 'rnn' split" in msg and "weight_hh_l1" in msg
+    assert "does not fit" not in msg and "\n" not in msg
+    with pytest.raises(HwpruneError, match="does not fit the model"):  # a wrong input is still the input's fault
+        build_space(P.needs_stack_attr(), torch.randn(2, 5, 4))
+
+
+# groups by hand: a grouped 3x3 ties s1.N.a's outputs and s1.N.b's outputs per group of 8 (kept whole, said);
+# the stem's channels feed s1.0.a and s1.0.proj (1x1s, free); the residual stream runs through c and proj
+CNN_HAND = {
+    "regnetx": ({"stem.0": 16, "s1.0.c.0": 32},
+                {"s1.0.a.0": "grouped convolution 's1.0.b.0' at patterns.py:", "s1.0.b.0": "groups=4",
+                 "s1.1.a.0": "grouped convolution 's1.1.b.0'", "s1.1.b.0": "tied per group"}),
+    # the branches' insides (1x1 -> depthwise -> 1x1) are groups; the shuffled stream of stage2.1 is not
+    "shufflenet": ({"conv1.0": 8, "stage2.0.branch2.0": 8, "stage2.1.branch2.0": 8, "conv5.0": 32},
+                   {"stage2.1.branch2.5": "channel shuffle"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CNN_HAND))
+def test_grouped_convs_and_channel_shuffles_are_kept_whole_and_the_rest_prunes(name):
+    """RegNet's grouped convolutions crashed apply (Torch-Pruning indexed the grouped weight as dense) and
+    ShuffleNetV2's channel shuffle made its indices run out of range: each such group is kept whole with the
+    reason (and the source line where the grouped conv is built), every other group is listed by hand, and
+    apply cuts each listed group alone, the model running with the dense model's output shape."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    groups, kept = CNN_HAND[name]
+    space = build_space(getattr(P, name)(), x)
+    assert {g.name: g.units for g in space.groups} == groups
+    for layer, words in kept.items():
+        assert words in space.kept[layer], space.kept
+    model = getattr(P, name)().eval()
+    for g in space.groups:
+        pruned = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), x).eval()
+        assert dict(pruned.named_modules())[g.name].out_channels == g.units // 2
+        with torch.no_grad():
+            assert pruned(x).shape == model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("name,group,bn", [("regnetx", "stem.0", "stem.1"),
+                                           ("shufflenet", "stage2.0.branch2.0", "stage2.0.branch2.1")])
+def test_dead_channels_beside_grouped_convs_and_shuffles_prune_exactly(name, group, bn):
+    """Half a group's channels made dead by hand (BatchNorm scale and shift 0, then ReLU: exact zeros):
+    pruning removes exactly them and the model computes what it did."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = getattr(P, name)().eval()
+    units = CNN_HAND[name][0][group]
+    _kill_conv_channels(model, group, bn, torch.arange(0, units, 2))
+    pruned = prune_model(model, Policy({group: 0.5}, channel_multiple=1), x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(HAND) + ["wrapped_lstm"])
+def test_every_listed_group_can_be_cut(name):
+    """inspect lists only groups apply can cut: each group of each pattern pruned alone to half, the model runs
+    and gives the dense model's output shape."""
+    torch.manual_seed(0)
+    example = _example(HAND[name][0], 3) if name in HAND else torch.randn(3, 7, 6)
+    model = prepare_model(getattr(P, name)()).eval()
+    space = build_space(model, example)
+    assert space.groups
+    with torch.no_grad():
+        want = inputs.call(model, example).shape
+    for g in space.groups:
+        pruned = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), example).eval()
+        with torch.no_grad():
+            assert inputs.call(pruned, example).shape == want, g.name

@@ -117,6 +117,28 @@ def test_the_measured_finish_drops_a_trial_a_timer_puts_over_budget():
     assert finish(_finish_ctx(0), _study([(0.9, 0.9)]), lines.append, timer) is None  # --finish 0: nothing
 
 
+def test_the_finish_takes_only_clear_margins_and_times_further_trials_until_one_meets():
+    """A trial under the budget by less than 2 standard errors of its ratio (or 1%) is 'marginal': a later
+    measurement may well miss, so it is never the best point; while none of the best three clearly meets the
+    budget, the next three are timed."""
+    from hwprune.search.finish import finish
+
+    ctx = _finish_ctx()  # budget 1.05 ms on the table's scale, dense 2 ms
+    study = _study([(0.97, 0.9), (0.96, 0.9), (0.95, 0.9), (0.94, 0.8), (0.93, 0.7), (0.92, 0.6), (0.91, 0.5)])
+    batches = []
+
+    def timer(c, cands):
+        batches.append([n for n, _ in cands])
+        return {0: (0.52, 0.001), 1: (0.515, 0.02), 2: (0.53, 0.01), 3: (0.52, 0.002), 4: (0.45, 0.01),
+                5: (0.40, 0.01), 6: (0.3, 0.01)}
+
+    got = finish(ctx, study, lambda m: None, timer)
+    # 0: 1.04 ms, 1% under (the floor): marginal; 1: 1.03 ms, under by 1.9% < 2 x 2%: marginal; 2: over
+    assert batches == [[0, 1, 2], [3, 4, 5]]  # none met in the first batch: the next one; 6 never timed
+    assert [r["verdict"] for r in got["timed"]] == ["marginal", "marginal", "over", "marginal", "met", "met"]
+    assert got["dropped"] == [0, 1, 2, 3] and got["best"] == 4
+
+
 def _grow_ctx():
     """test_knapsack's repair toy (price = 10 * keep per group + 5 ms for L) with what the finish reads."""
     import sys

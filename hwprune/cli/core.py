@@ -66,7 +66,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from hwprune.measure import model_stats
     from hwprune.policy import load_policy, uniform_policy
     from hwprune.space import build_space
-    from hwprune.train import evaluate, few_batches, finetune
+    from hwprune.train import evaluate, few_batches, finetune, refresh_batchnorm
 
     s = setup_from_args(args)
     exclude = parse_exclude(args.exclude)
@@ -91,6 +91,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if s.data is not None:
         summary["metric"] = metric
         summary[f"val_{metric}_before"] = evaluate(s.model, s.data.val, task=s.task)
+        refresh_batchnorm(pruned, s.data.train, seed=args.seed)  # pruned: statistics of what it computes now
         summary[f"val_{metric}_pruned"] = evaluate(pruned, s.data.val, task=s.task)
         if args.finetune_steps:
             log(f"hwprune: fine-tuning {args.finetune_steps} steps")

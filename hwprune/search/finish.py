@@ -16,7 +16,12 @@ from typing import Any, Callable
 from hwprune.errors import one_line
 from hwprune.policy import Policy
 
-__all__ = ["finish", "time_versus_dense"]
+__all__ = ["finish", "time_versus_dense", "SURE", "MORE"]
+
+SURE = 2.0  # a timed trial meets the budget when its ratio is under it by this many standard errors,
+FLOOR = 0.01  # and by at least this share: measurements minutes apart differ by more than their rounds' errors
+# (cnn1d at 30%: trials the finish timed under 0.300x measured 0.303x in the benchmark's final rounds)
+MORE = 2  # batches of further trials timed when none of the best clearly met the budget
 
 Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
 Trainer = Callable[[Any, Policy, int], float]  # a policy's validation score after the search's fine-tune (seed +)
@@ -88,30 +93,37 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
           and t.values[1] <= ctx.limit_ms + 1e-12 and t.user_attrs.get("policy")
           and t.user_attrs.get("duplicate_of") in (None, "")]
     ok.sort(key=lambda t: (-t.values[0], t.values[1], t.number))
-    top = ok[:spec.finish]
-    if not top:
+    if not ok:
         return None
-    cands = [(t.number, Policy.from_dict(t.user_attrs["policy"])) for t in top]
     timer = timer or time_versus_dense
-    try:
-        got = {n: _pair(v) for n, v in timer(ctx, cands).items()}
-    except Exception as exc:  # noqa: BLE001 - timing is a check on top of a finished search: said, not fatal
-        log(f"hwprune: the measured finish could not time the candidates: {one_line(exc)}")
-        return None
     allowed = ctx.budget_ms / ctx.speed_factor  # the budget on the table's scale
-    rows = []
-    for t in top:
-        if t.number not in got:
-            continue
-        ms = got[t.number][0] * ctx.dense_ms
-        verdict = "met" if ms <= allowed else "over"
-        rows.append({"trial": t.number, "ratio": round(got[t.number][0], 4), "measured_ms": round(ms, 4),
-                     "noise": round(got[t.number][1], 4), "predicted_ms": round(t.values[1], 4), "verdict": verdict})
-    over = [r["trial"] for r in rows if r["verdict"] == "over"]
+    got: dict[int, tuple[float, float]] = {}
+    rows: list[dict[str, Any]] = []
+    top: list[Any] = []
+    # the best spec.finish first; while none of those timed clearly meets the budget, the next ones (at most
+    # MORE batches): an exported point must meet it on a later measurement too, not by the luck of this one
+    for k in range(MORE + 1):
+        batch = ok[k * spec.finish:(k + 1) * spec.finish]
+        if not batch or any(r["verdict"] == "met" for r in rows):
+            break
+        cands = [(t.number, Policy.from_dict(t.user_attrs["policy"])) for t in batch]
+        try:
+            new = {n: _pair(v) for n, v in timer(ctx, cands).items()}
+        except Exception as exc:  # noqa: BLE001 - timing is a check on top of a finished search: said, not fatal
+            log(f"hwprune: the measured finish could not time the candidates: {one_line(exc)}")
+            if not rows:
+                return None
+            break
+        got.update(new)
+        top += batch
+        for t in batch:
+            if t.number in new:
+                rows.append(_row(t, new[t.number], ctx.dense_ms, allowed))
+    over = [r["trial"] for r in rows if r["verdict"] != "met"]
     log(f"hwprune: measured finish: {len(rows)} best trial(s) timed against the dense model ("
         + ", ".join(f"trial {r['trial']} {r['ratio']:.3f}x = {r['measured_ms']:.4f} ms" for r in rows)
-        + f"; budget {allowed:.4f} ms)" + (f"; over the budget as measured, never the best point: "
-                                           f"{', '.join(map(str, over))}" if over else ""))
+        + f"; budget {allowed:.4f} ms)" + (f"; over the budget as measured, or within {SURE:g} standard errors of "
+                                           f"it, never the best point: {', '.join(map(str, over))}" if over else ""))
     result: dict[str, Any] = {"timed": rows, "dropped": over, "budget_ms_table_scale": round(allowed, 5),
                               "met": [r["trial"] for r in rows if r["verdict"] == "met"]}
     met = [t for t in top if t.number in result["met"]]
@@ -134,6 +146,17 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
         result["best"] = best.number
     study.set_user_attr("finish", result)  # finished trials cannot take attributes: the study keeps it
     return result
+
+
+def _row(t: Any, timed: tuple[float, float], dense_ms: float, allowed: float) -> dict[str, Any]:
+    """A timed trial: its ratio, measured ms (table scale) and verdict: ``over`` the budget, ``marginal`` (under
+    it by less than :data:`SURE` standard errors of its own ratio or :data:`FLOOR`: a later measurement may well
+    miss) or ``met``."""
+    ratio, noise = timed
+    ms = ratio * dense_ms
+    verdict = "over" if ms > allowed else "marginal" if ms * (1 + max(FLOOR, SURE * noise)) > allowed else "met"
+    return {"trial": t.number, "ratio": round(ratio, 4), "measured_ms": round(ms, 4), "noise": round(noise, 4),
+            "predicted_ms": round(t.values[1], 4), "verdict": verdict}
 
 
 def _pair(v: Any) -> tuple[float, float]:

@@ -24,40 +24,9 @@ from torch import nn
 
 from hwprune import inputs
 
+from hwprune.train import has_batchnorm, recalibrate_batchnorm  # noqa: F401 - re-exported (older imports)
+
 __all__ = ["Screen", "has_batchnorm", "recalibrate_batchnorm", "rank_correlation"]
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BN) for m in model.modules())
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: list[Any]) -> int:
-    """Recompute every BatchNorm layer's running mean and variance as the plain average over ``batches``
-    (inputs of ``(inputs, target)`` items); every other layer stays in eval mode. Returns the layers reset."""
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
-    if not bns or not batches:
-        return 0
-    was = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for m in bns}
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch weighs the same
-            m.train()
-        for x, _ in batches:
-            inputs.call(model, inputs.to_device(x, dev))
-    finally:
-        for m, mom in momenta.items():
-            m.momentum = mom
-        for m, t in was.items():
-            m.train(t)
-    return len(bns)
-
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: list[Any], task: Any) -> float:

@@ -329,7 +329,7 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
     from hwprune.apply import apply_policy
     from hwprune.measure import count_params
     from hwprune.search.early_stop import checkpoints
-    from hwprune.train import evaluate, finetune, subset
+    from hwprune.train import evaluate, finetune, refresh_batchnorm, subset
 
     data, task = setup.data, setup.task
     val = subset(data.val, spec.val_subset, spec.seed)  # the same items for every trial
@@ -340,6 +340,7 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
 
     def callback(step: int) -> None:
         if step in marks and at_checkpoint is not None:
+            refresh_batchnorm(model, data.train, spec.train_batch_size, spec.seed)  # as finetune does at its end
             at_checkpoint(step, task.score(evaluate(model, val, task=task)))
 
     finetune(model, data.train, spec.finetune_steps, lr=spec.lr, batch_size=spec.train_batch_size, seed=spec.seed,

@@ -84,18 +84,32 @@ def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> 
         exclude: module names never to prune.
     """
     excl = set(exclude)
+    stacks = [n for n, m in model.named_modules() if isinstance(m, RNN_TYPES) and m.num_layers > 1]
+    if stacks:  # the input is blamed only when the model as the user gave it fails on it
+        check_input(model, example)
     prepare_model(model)
     known = {n for n, _ in model.named_modules()}
     unknown = sorted(excl - known)
     if unknown:
         raise HwpruneError(f"excluded layer {unknown[0]!r} is not in the model")
-    check_input(model, example)
+    if not stacks:
+        check_input(model, example)
+    else:
+        try:
+            with torch.no_grad():
+                inputs.call(model.eval(), example)
+        except Exception as exc:  # noqa: BLE001 - the model ran before the split: hwprune's RNNStack lacks what
+            raise HwpruneError(  # the model asks of it (an attribute of nn.LSTM/nn.GRU it does not mirror)
+                f"the model runs, but not with its multi-layer RNN(s) {', '.join(map(repr, stacks))} split into "
+                f"one module per layer (hwprune's RNNStack, so each layer is pruned alone): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (a gap in hwprune: please "
+                f"report it with the model)") from exc
     kept: dict[str, str] = {}
     if is_recurrent(model):
         groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.coupled + p.members + p.consumers +
                                 p.state_consumers, p.kind) for p in analyze_rnn_model(model, example, excl, kept)]
     else:
-        _, cg = cnn_groups(model, example, excl)
+        _, cg = cnn_groups(model, example, excl, kept)
         groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)
                                 else "features") for g in cg]
     return Space(groups, quant_layers(model), sorted(excl), kept)

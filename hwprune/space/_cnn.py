@@ -15,7 +15,7 @@ from torch import nn
 from hwprune import inputs
 from hwprune.errors import HwpruneError
 
-__all__ = ["CNNGroup", "cnn_groups", "output_layers"]
+__all__ = ["CNNGroup", "cnn_groups", "grouped_conv", "output_layers"]
 
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -49,8 +49,73 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     return order[-1:]
 
 
-def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str]) -> tuple[Any, list[CNNGroup]]:
-    """Build the dependency graph of ``model`` and its prunable groups, in module order."""
+def grouped_conv(mod: nn.Module) -> bool:
+    """A convolution whose channels are tied per group (``groups`` > 1) other than a plain depthwise one
+    (``groups == in_channels == out_channels``, which Torch-Pruning follows channel by channel)."""
+    if not isinstance(mod, nn.modules.conv._ConvNd) or mod.groups == 1:
+        return False
+    return not (mod.groups == mod.in_channels == mod.out_channels)
+
+
+def _width(mod: nn.Module, handler: str) -> int | None:
+    """The size of the dimension ``handler`` cuts in ``mod`` (None: a module without one hwprune knows)."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return mod.out_channels if "out" in handler else mod.in_channels
+    if isinstance(mod, nn.Linear):
+        return mod.out_features if "out" in handler else mod.in_features
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return mod.num_features
+    return None
+
+
+def _out_of_range(group: Any, names: dict[nn.Module, str]) -> str | None:
+    """The first member a group's indices do not fit (Torch-Pruning's index mapping lost its way), or None."""
+    for dep, idxs in group:
+        width = _width(dep.target.module, getattr(dep.handler, "__name__", ""))
+        if width is not None and idxs and max(int(i) for i in idxs) >= width:
+            return f"{names.get(dep.target.module, '?')!r} ({max(int(i) for i in idxs)} >= {width})"
+    return None
+
+
+def _one_by_one(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str],
+                kept: dict[str, str] | None) -> list[Any]:
+    """Torch-Pruning's ``get_all_groups``, a root at a time: a root whose group it cannot build (its index
+    mapping fails on some reshape) is kept whole with the reason, and the other groups are still found."""
+    out, visited = [], set()
+    skip = set(ignored) | set(getattr(dg, "IGNORED_LAYERS_IN_TRACING", []))
+    for m in list(dg.module2node):
+        if m in skip or m in visited or not isinstance(m, PRUNABLE_TYPES):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own failure, in words
+            visited.add(m)
+            if kept is not None:
+                kept[names.get(m, "?")] = (f"Torch-Pruning cannot follow its channels ({type(exc).__name__}: "
+                                           f"{str(exc).splitlines()[0] if str(exc) else ''}; a reshape it cannot "
+                                           f"map, e.g. a channel shuffle); kept whole")
+            continue
+        ok = True
+        for dep, _ in group:
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+                ok = ok and dep.target.module not in skip
+        if ok:
+            out.append(group)
+    return out
+
+
+def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
+               kept: dict[str, str] | None = None) -> tuple[Any, list[CNNGroup]]:
+    """Build the dependency graph of ``model`` and its prunable groups, in module order.
+
+    A group that cuts into a grouped convolution (ResNeXt, RegNet: ``groups`` > 1, not depthwise) is not
+    searched: removing arbitrary channels there would leave the groups uneven or mix them (Torch-Pruning
+    indexes the grouped weight as if it were dense). It is kept whole, with the reason, in ``kept``
+    (layer -> why); the rest of the model is still searched."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
@@ -61,7 +126,10 @@ def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str]) -> tu
     try:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs.positional(model, example),
                                                   verbose=False)
-        raw = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES))
+        try:
+            raw = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES))
+        except Exception:  # noqa: BLE001 - one group Torch-Pruning cannot map: the others, one by one
+            raw = _one_by_one(dg, ignored, names, kept)
     except Exception as exc:
         raise HwpruneError(f"dependency analysis failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     finally:
@@ -75,6 +143,22 @@ def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str]) -> tu
             continue
         if any(names.get(d.target.module) in classifier and "out_channels" in getattr(d.handler, "__name__", "")
                for d, _ in g):
+            continue
+        lost = _out_of_range(g, names)
+        if lost is not None:
+            if kept is not None:
+                kept[names[root]] = (f"Torch-Pruning's channel indices for it do not fit layer {lost} (channels "
+                                     f"rearranged by a reshape it cannot follow, e.g. a channel shuffle); kept whole")
+            continue
+        tied = next((d.target.module for d, _ in g if grouped_conv(d.target.module)), None)
+        if tied is not None:
+            if kept is not None:
+                from hwprune.space._trace import defined_at
+
+                kept[names[root]] = (f"its channels run through grouped convolution {names[tied]!r}"
+                                     f"{defined_at(model, names[tied])} ({type(tied).__name__}, groups={tied.groups}, "
+                                     f"{tied.in_channels} -> {tied.out_channels} channels), whose channels are tied "
+                                     f"per group; kept whole")
             continue
         producers = [names[d.target.module] for d, _ in g if d.target.module in names
                      and isinstance(d.target.module, PRUNABLE_TYPES)

@@ -61,6 +61,50 @@ class RNNStack(nn.Module):
         self.batch_first = layers[0].batch_first
         self.dirs = 2 if layers[0].bidirectional else 1
 
+    # nn.RNNBase's API, for models that call it on the module they built (SpeechBrain's RNN wrappers call
+    # flatten_parameters() in every forward; others read sizes off the module)
+    def flatten_parameters(self) -> None:
+        """Each layer's weights made one contiguous block (cuDNN), as ``nn.RNNBase.flatten_parameters``."""
+        for layer in self.layers:
+            layer.flatten_parameters()
+
+    @property
+    def mode(self) -> str:
+        return self.layers[0].mode
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def input_size(self) -> int:
+        return self.layers[0].input_size
+
+    @property
+    def hidden_size(self) -> int:
+        """The last layer's (what each direction of the output holds); layers may differ once pruned."""
+        return self.layers[-1].hidden_size
+
+    @property
+    def bidirectional(self) -> bool:
+        return self.dirs == 2
+
+    @property
+    def proj_size(self) -> int:
+        return 0
+
+    @property
+    def bias(self) -> bool:
+        return self.layers[0].bias
+
+    @property
+    def _flat_weights(self) -> list[torch.Tensor]:
+        return [w for layer in self.layers for w in layer._flat_weights]
+
+    @property
+    def all_weights(self) -> list[list[torch.Tensor]]:
+        return [ws for layer in self.layers for ws in layer.all_weights]
+
     def _split_hx(self, hx):  # type: ignore[no-untyped-def]
         if hx is None:
             return [None] * len(self.layers)

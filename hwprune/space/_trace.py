@@ -169,3 +169,30 @@ def where(node: fx.Node) -> str:
         return ""
     path, line, _fn, code = frames[-1].groups()
     return f" at {path.rsplit('/', 1)[-1]}:{line} ({code.strip()})"
+
+
+def defined_at(model: nn.Module, name: str) -> str:
+    """Where the user's code builds submodule ``name`` (``' at file.py:12 (self.b = nn.Sequential(...))'``):
+    the nearest enclosing module of a class outside torch whose ``__init__`` assigns the attribute on the way to
+    it; '' when the source cannot be read (a module built elsewhere, a REPL)."""
+    import inspect
+
+    mods = dict(model.named_modules())
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        owner = mods.get(".".join(parts[:cut]))
+        cls = type(owner)
+        if owner is None or cls.__module__.startswith("torch"):
+            continue
+        attr = parts[cut]
+        try:
+            lines, first = inspect.getsourcelines(cls.__init__)
+            path = inspect.getsourcefile(cls.__init__) or ""
+        except (OSError, TypeError):
+            return ""
+        for k, text in enumerate(lines):
+            if re.search(rf"\bself\.{re.escape(attr)}\s*(:[^=]*)?=", text):
+                code = text.strip()
+                return f" at {path.rsplit('/', 1)[-1]}:{first + k} ({code[:60] + '...' if len(code) > 60 else code})"
+        return ""
+    return ""

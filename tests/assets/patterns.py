@@ -380,3 +380,119 @@ class TCN(nn.Module):
 
 def tcn(**kw):
     return TCN(**kw)
+
+
+class WrappedLSTM(nn.Module):
+    """SpeechBrain's RNN wrapper as its CRDNN uses it: the module calls ``flatten_parameters()`` on the
+    multi-layer, bidirectional LSTM it built, in every forward, then a linear head on the last step."""
+
+    def __init__(self, features: int = 6, hidden: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(features, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x):
+        self.rnn.flatten_parameters()
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1])
+
+
+def wrapped_lstm(**kw):
+    return WrappedLSTM(**kw)
+
+
+class NeedsNumLayersOfAList(nn.Module):
+    """Reads an attribute nn.LSTM has and hwprune's per-layer stack does not (its weight list by name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1]) + 0 * self.rnn.weight_hh_l1.sum()
+
+
+def needs_stack_attr(**kw):
+    return NeedsNumLayersOfAList(**kw)
+
+
+def _shuffle(x, groups: int):
+    """torchvision's ShuffleNetV2 channel shuffle: split the channels into groups, transpose, flatten back."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: two branches (or half the channels passed through), concatenated and shuffled."""
+
+    def __init__(self, inp: int, oup: int, stride: int) -> None:
+        super().__init__()
+        self.stride, half = stride, oup // 2
+        self.branch1 = nn.Sequential(
+            nn.Conv2d(inp, inp, 3, stride, 1, bias=False, groups=inp), nn.BatchNorm2d(inp),
+            nn.Conv2d(inp, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU()) if stride > 1 else nn.Sequential()
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inp if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, stride, 1, bias=False, groups=half), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return _shuffle(out, 2)
+
+
+class ShuffleNet(nn.Module):
+    """A small ShuffleNetV2: the stream through the shuffles cannot be followed; the branches' insides can."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2), ShuffleUnit(16, 16, 1))
+        self.conv5 = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.conv5(self.stage2(self.conv1(x))).mean((2, 3)))
+
+
+def shufflenet(**kw):
+    return ShuffleNet(**kw)
+
+
+class XBlock(nn.Module):
+    """RegNetX's block: 1x1, a 3x3 grouped convolution (groups of ``gw`` channels), 1x1, residual."""
+
+    def __init__(self, cin: int, w: int, gw: int) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(cin, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w // gw, bias=False), nn.BatchNorm2d(w),
+                               nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w))
+        self.proj = nn.Sequential(nn.Conv2d(cin, w, 1, bias=False), nn.BatchNorm2d(w)) if cin != w else None
+
+    def forward(self, x):
+        s = x if self.proj is None else self.proj(x)
+        return torch.relu(s + self.c(self.b(self.a(x))))
+
+
+class RegNetX(nn.Module):
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.s1 = nn.Sequential(XBlock(16, 32, 8), XBlock(32, 32, 8))
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.s1(self.stem(x)).mean((2, 3)))
+
+
+def regnetx(**kw):
+    return RegNetX(**kw)
