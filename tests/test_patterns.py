@@ -471,3 +471,104 @@ def test_every_listed_group_can_be_cut(name):
         pruned = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), example).eval()
         with torch.no_grad():
             assert inputs.call(pruned, example).shape == want, g.name
+
+
+VIEW_HAND = {  # model -> (input, {group: units}, {kept layer: words its reason must hold})
+    # the encoder's channels cross the mask's .view (sources x feats): kept; the separator's insides prune
+    "convtasnet": ((2, 1, 64), {"bottleneck": 8, "blocks.0.net.0": 16, "blocks.1.net.0": 16},
+                   {"encoder": "patterns.py:533 (e = self.encoder(x))"}),
+    # the residual stream is the input's width and the GLU's halves are not followed: kept; the feed-forward
+    # modules' inner widths prune
+    "conformer": ((2, 10, 16), {"blocks.0.ff1.1": 32, "blocks.0.ff2.1": 32, "blocks.1.ff1.1": 32,
+                                "blocks.1.ff2.1": 32},
+                  {"blocks.0.ff1.3": "x = x + 0.5 * self.ff1(x)", "blocks.0.pw1": "patterns.py:563",
+                   "blocks.1.pw1": "expected input"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_HAND))
+def test_groups_the_graph_gets_wrong_are_kept_whole_with_the_failing_line(name):
+    """ConvTasNet's mask .view and Conformer's input-fed residual and GLU made apply crash on groups inspect
+    had listed: each group is now cut alone while the space is built, one that breaks the model is kept whole
+    with the user's line that failed, the others are listed (by hand), each cuts alone to the dense output
+    shape, and building the space leaves the model as it was (weights and outputs)."""
+    torch.manual_seed(0)
+    shape, groups, kept = VIEW_HAND[name]
+    x = torch.randn(*shape)
+    model = getattr(P, name)().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        y = model(x)
+    space = build_space(model, x)
+    assert {g.name: g.units for g in space.groups} == groups
+    assert set(kept) <= set(space.kept), space.kept
+    for layer, words in kept.items():
+        assert words in space.kept[layer], space.kept[layer]
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, atol=0, rtol=0)
+    for g in space.groups:
+        pruned = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), x).eval()
+        with torch.no_grad():
+            assert pruned(x).shape == y.shape, g.name
+
+
+def test_dead_feed_forward_units_of_a_conformer_prune_exactly():
+    """Half the inner units of a Conformer feed-forward made dead (their Linear rows and biases 0: SiLU(0) = 0):
+    pruning that group removes exactly them, to hand-worked widths, and the model computes what it did."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16)
+    model = P.conformer().eval()
+    lin = model.blocks[0].ff1[1]
+    with torch.no_grad():
+        lin.weight[0::2] = 0
+        lin.bias[0::2] = 0
+    pruned = prune_model(model, Policy({"blocks.0.ff1.1": 0.5}, channel_multiple=1), x).eval()
+    assert pruned.blocks[0].ff1[1].weight.shape == (16, 16) and pruned.blocks[0].ff1[3].weight.shape == (16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+def test_deepspeech_directions_added_by_slicing_prune_alike():
+    """DeepSpeech adds its bidirectional RNN's halves (x[:, :, :n] + x[:, :, n:]): with n taken from the output,
+    the RNN's hidden units are one group whose reader (fc4) sees one n-wide block; the Linear layers around it
+    (through ReLU, hardtanh, dropout, squeeze, transpose) are groups. Hand-worked: every group 16 wide; the RNN at
+    8 units keeps input 16 -> hidden 8 per direction and fc4 reads 8. Units made dead in both directions (their
+    input rows, recurrent rows and biases 0: ReLU RNN outputs exactly 0) prune with the outputs unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 7, 12)
+    model = P.deepspeech_sized().eval()
+    space = build_space(model, x)
+    assert {g.name: (g.units, g.layers) for g in space.groups} == {
+        "fc1.fc": (16, ("fc1.fc", "fc2.fc")), "fc2.fc": (16, ("fc2.fc", "fc3.fc")),
+        "fc3.fc": (16, ("fc3.fc", "bi_rnn")), "bi_rnn": (16, ("bi_rnn", "fc4.fc")),
+        "fc4.fc": (16, ("fc4.fc", "out"))}
+    rnn = model.bi_rnn
+    dead = torch.arange(1, 16, 2)
+    with torch.no_grad():
+        for sfx in ("", "_reverse"):
+            for p in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0"):
+                getattr(rnn, p + sfx)[dead] = 0
+            getattr(rnn, "weight_hh_l0" + sfx)[dead] = 0
+            getattr(rnn, "weight_hh_l0" + sfx)[:, dead] = 0
+    pruned = prune_model(model, Policy({"bi_rnn": 0.5}, channel_multiple=1), x).eval()
+    assert (pruned.bi_rnn.input_size, pruned.bi_rnn.hidden_size) == (16, 8)
+    assert pruned.fc4.fc.weight.shape == (16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_deepspeech_with_its_width_fixed_keeps_the_rnn_whole_and_prunes_the_rest():
+    """torchaudio's DeepSpeech slices with self.n_hidden, a number the pruned RNN no longer matches: the RNN is
+    kept whole with the line that fails, and the Linear layers around it still prune (before: nothing did)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 7, 12)
+    model = P.deepspeech().eval()
+    space = build_space(model, x)
+    assert [g.name for g in space.groups] == ["fc1.fc", "fc2.fc", "fc3.fc", "fc4.fc"]
+    assert "patterns.py:616 (x = x[:, :, :n] + x[:, :, n:])" in space.kept["bi_rnn"], space.kept
+    pruned = prune_model(model, Policy({"fc1.fc": 0.5, "fc4.fc": 0.25}, channel_multiple=1), x).eval()
+    assert pruned.fc1.fc.out_features == 8 and pruned.fc4.fc.out_features == 4
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape == (2, 7, 5)

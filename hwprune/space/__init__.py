@@ -6,16 +6,19 @@ modules first, so each layer is its own group).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from hwprune import inputs
-from hwprune.errors import HwpruneError
-from hwprune.space._cnn import cnn_groups
+from hwprune.errors import HwpruneError, one_line
+from hwprune.space._cnn import cnn_groups, shapes as _shapes
+from hwprune.space._cut import cut_plans
 from hwprune.space._rnn import RNNGroupPlan, analyze_rnn_model
 from hwprune.space._rnnstack import CELL_TYPES, RNN_TYPES, RNNStack, split_rnn_stacks
+from hwprune.space._trace import raised_at
 from hwprune.space._types import PrunableGroup, QuantLayer, Space
 
 __all__ = ["PrunableGroup", "QuantLayer", "Space", "RNNStack", "build_space", "prepare_model",
@@ -72,7 +75,38 @@ def check_prunable(space: Space, policy: Any = None) -> None:
 
 
 def rnn_plans(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> list[RNNGroupPlan]:
-    return analyze_rnn_model(model, example, set(exclude), {})  # layers kept whole: see build_space's Space.kept
+    return _cuttable(model, example, analyze_rnn_model(model, example, set(exclude), {}), {})  # layers kept
+    # whole: see build_space's Space.kept
+
+
+def _cuttable(model: nn.Module, example: Any, plans: list[RNNGroupPlan], kept: dict[str, str]) -> list[RNNGroupPlan]:
+    """The plans that can be cut: each cut alone to every other unit on a copy of the model, which must run and
+    give the dense model's output shapes. One that does not (the model's own code holds the width as a number,
+    e.g. ``x[:, :, :self.n_hidden]``) is kept whole, with the user's line that failed, in ``kept``."""
+    if not plans:
+        return plans
+    was = model.training
+    try:
+        with torch.no_grad():
+            want = _shapes(inputs.call(model.eval(), example))
+        ok = []
+        for plan in plans:
+            trial = copy.deepcopy(model)
+            try:
+                cut_plans(trial, [(plan, torch.arange(0, plan.units, 2))])
+                with torch.no_grad():
+                    got = _shapes(inputs.call(trial.eval(), example))
+                why = None if got == want else f"the model's output shapes change from {want} to {got}"
+            except Exception as exc:  # noqa: BLE001 - the model's own code fails once cut: reported, kept whole
+                why = f"the model fails{raised_at(exc)}: {one_line(exc, 160)}"
+            if why is None:
+                ok.append(plan)
+            else:
+                kept[plan.producer] = (f"cut to half, {why} (its width is likely fixed in the model's code; take "
+                                       f"it from the layer, e.g. x.size(-1) // 2); kept whole")
+        return ok
+    finally:
+        model.train(was)
 
 
 def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> Space:
@@ -106,8 +140,9 @@ def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> 
                 f"report it with the model)") from exc
     kept: dict[str, str] = {}
     if is_recurrent(model):
+        plans = _cuttable(model, example, analyze_rnn_model(model, example, excl, kept), kept)
         groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.coupled + p.members + p.consumers +
-                                p.state_consumers, p.kind) for p in analyze_rnn_model(model, example, excl, kept)]
+                                p.state_consumers, p.kind) for p in plans]
     else:
         _, cg = cnn_groups(model, example, excl, kept)
         groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)

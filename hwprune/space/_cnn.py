@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from hwprune import inputs
-from hwprune.errors import HwpruneError
+from hwprune.errors import HwpruneError, one_line
 
-__all__ = ["CNNGroup", "cnn_groups", "grouped_conv", "output_layers"]
+__all__ = ["CNNGroup", "cnn_groups", "grouped_conv", "output_layers", "shapes"]
 
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -108,14 +108,55 @@ def _one_by_one(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str],
     return out
 
 
+def shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a model's output (nested tuples, lists, dicts)."""
+    from torch.utils._pytree import tree_leaves
+
+    return [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _trial_cut(model: nn.Module, dg: Any, group: CNNGroup, example: Any, want: list[tuple[int, ...]]) -> str | None:
+    """Cut ``group`` alone to half its units (every other one) and run the model: None when it runs and gives
+    the dense model's output shapes, else why not, in words, with the user's line that failed. Catches what the
+    graph got wrong (a cut dimension that crosses a ``view``, a GLU's halves, a residual stream fed by the
+    model's input), so that no listed group fails in ``apply``. The cut is made in place and undone: every
+    module it touches gets its attributes, parameters and buffers back (a copy of the model would leave the
+    graph behind)."""
+    from hwprune.space._trace import raised_at
+
+    cut = dg.get_pruning_group(group.root, group.handler, idxs=list(range(1, group.units, 2)))
+    mods = {id(d.target.module): d.target.module for d, _ in cut}.values()
+    if not all(isinstance(m, nn.Module) for m in mods):
+        return None  # a bare nn.Parameter member: its cut rewrites the graph itself; not tried
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in mods]
+    try:
+        cut.prune(record_history=False)
+        with torch.no_grad():
+            got = shapes(inputs.call(model, example))
+    except Exception as exc:  # noqa: BLE001 - the model's own failure once cut: reported, the group kept whole
+        return f"cut to half, the model fails{raised_at(exc)}: {one_line(exc, 160)}"
+    finally:
+        for m, attrs, params, bufs in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(bufs)
+    if got != want:
+        return f"cut to half, the model's output shapes change from {want} to {got}"
+    return None
+
+
 def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
-               kept: dict[str, str] | None = None) -> tuple[Any, list[CNNGroup]]:
+               kept: dict[str, str] | None = None, verify: bool = True) -> tuple[Any, list[CNNGroup]]:
     """Build the dependency graph of ``model`` and its prunable groups, in module order.
 
     A group that cuts into a grouped convolution (ResNeXt, RegNet: ``groups`` > 1, not depthwise) is not
     searched: removing arbitrary channels there would leave the groups uneven or mix them (Torch-Pruning
     indexes the grouped weight as if it were dense). It is kept whole, with the reason, in ``kept``
-    (layer -> why); the rest of the model is still searched."""
+    (layer -> why); the rest of the model is still searched. With ``verify``, each group is also cut alone on a
+    copy and the copy run (:func:`_trial_cut`): a group that breaks the model is kept whole, with the reason."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
@@ -166,4 +207,16 @@ def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
         label = min(producers, key=order.get) if producers else names[root]
         groups.append(CNNGroup(label, len(g[0].idxs), tuple(members), root, g[0].dep.handler, g))
     groups.sort(key=lambda c: order[c.name])
+    if verify and groups:
+        model.eval()
+        try:
+            with torch.no_grad():
+                want = shapes(inputs.call(model, example))
+            checked = [(g, _trial_cut(model, dg, g, example, want)) for g in groups]
+        finally:
+            model.train(was_training)
+        groups = [g for g, why in checked if why is None]
+        if kept is not None:
+            kept.update({g.name: f"{why} (the graph did not follow its channels there); kept whole"
+                         for g, why in checked if why is not None})
     return dg, groups

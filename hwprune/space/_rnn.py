@@ -24,12 +24,14 @@ _PASS_MODULES = (nn.Dropout, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Identity,
                  nn.ELU, nn.SiLU)
 _PASS_FUNCS = {torch.relu, torch.tanh, torch.sigmoid, nn.functional.relu, nn.functional.gelu,
                nn.functional.dropout, torch.mean, torch.sum, torch.amax, nn.functional.silu,
-               torch.squeeze, torch.flatten, *PACKING}
+               torch.squeeze, torch.flatten, nn.functional.hardtanh, nn.functional.relu6, nn.functional.leaky_relu,
+               nn.functional.elu, torch.clamp, *PACKING}
 _PAD_PACKED = nn.utils.rnn.pad_packed_sequence  # returns (padded, lengths): only [0] carries the features
 _JOIN = {torch.stack, torch.cat}  # a list of step outputs joined along a dim other than the features'
 _STATE_TAKING = RNN_TYPES + (RNNStack,) + CELL_TYPES
 _PASS_METHODS = {"relu", "tanh", "sigmoid", "contiguous", "mean", "sum", "amax", "squeeze", "clone",
-                 "flatten", "float"}
+                 "flatten", "float", "clamp"}
+_MOVES = {"transpose", "permute"}  # pass when the last dim stays last (T x N x H <-> N x T x H)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class RNNGroupPlan:
     dirs: int
     consumers: tuple[str, ...]
     kind: str
-    state_consumers: tuple[str, ...] = ()  # layers reading the producer's final state h_n / c_n (one direction)
+    state_consumers: tuple[str, ...] = ()  # layers reading units-wide blocks: the final state h_n / c_n (one
+    # direction), or the output with its directions added (DeepSpeech's x[..., :n] + x[..., n:])
     members: tuple[str, ...] = ()  # per-channel layers between a conv and its readers (BatchNorm), sliced with it
     stride: int = 1  # features per unit at the readers (a conv's channel flattened with its height: C*H inputs)
     coupled: tuple[str, ...] = ()  # RNN layers whose hidden units are the producer's (a decoder started from its
@@ -151,9 +154,60 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return dims == [r - 2, r - 1]
 
 
+def _keeps_last(user: fx.Node, node: fx.Node) -> bool:
+    """``x.transpose(0, 1)`` / ``x.permute(1, 0, 2)``: dims moved, the last one left where it is."""
+    name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+    r = _rank(node)
+    if name not in _MOVES or r is None or not user.args or user.args[0] is not node:
+        return False
+    dims = [d % r for d in _dims_arg(user)]
+    if name == "transpose":
+        return len(dims) >= 2 and r - 1 not in dims[:2]
+    return len(dims) == r and dims[-1] == r - 1
+
+
+def _half(user: fx.Node, node: fx.Node, width: int) -> int | None:
+    """0 or 1 when ``user`` is ``node[..., :width // 2]`` or ``node[..., width // 2:]`` (every other dim whole),
+    else None."""
+    if not _is_getitem(user) or user.args[0] is not node or width % 2 or _rank(node) is None:
+        return None
+    idx = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    whole = slice(None)
+    if not idx or any(i not in (whole, Ellipsis) for i in idx[:-1]):
+        return None
+    if Ellipsis not in idx and len(idx) != _rank(node):
+        return None
+    last, n = idx[-1], width // 2
+    if not isinstance(last, slice) or last.step not in (None, 1):
+        return None
+    if last.start in (None, 0) and last.stop == n:
+        return 0
+    if last.start == n and last.stop in (None, width):
+        return 1
+    return None
+
+
+def _direction_sum(user: fx.Node, node: fx.Node, width: int) -> fx.Node | None:
+    """DeepSpeech's ``x[:, :, :n] + x[:, :, n:]`` of a bidirectional output (``width`` = 2n): the add node when
+    ``user`` is one half and its only use adds it to the other half, else None. Unit i of both directions lands
+    on feature i: the readers after it see one n-wide block of the units."""
+    side = _half(user, node, width)
+    if side is None or len(user.users) != 1:
+        return None
+    add = next(iter(user.users))
+    if not (add.op == "call_function" and add.target in (operator.add, torch.add)) and \
+            not (add.op == "call_method" and add.target in ("add", "__add__")):
+        return None
+    parts = [a for a in add.args if isinstance(a, fx.Node)]
+    if len(parts) != 2 or len(add.args) != 2 or add.kwargs:
+        return None
+    other = parts[1] if parts[0] is user else parts[0]
+    return add if _half(other, node, width) == 1 - side and len(other.users) == 1 else None
+
+
 def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Module],
-            skip: set[fx.Node] = frozenset(), copies: dict[str, int] | None = None  # type: ignore[assignment]
-            ) -> tuple[str, ...] | None:
+            skip: set[fx.Node] = frozenset(), copies: dict[str, int] | None = None,  # type: ignore[assignment]
+            dirs: int = 1, summed: set[str] | None = None) -> tuple[str, ...] | None:
     """Consumers reading the last dim (of size ``width``) of ``start`` (one node or several: a cell loop's steps,
     an encoder's and its decoder's outputs); None if it reaches the model output. Calls in ``skip`` (a cell
     loop's next steps) are not readers.
@@ -162,34 +216,45 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
     ``torch.cat([a, b], -1)`` of two tensors of these features (a reader then sees the units twice: ``copies``
     gets the reader's count); dot-product attention, ``bmm(q, k.transpose(1, 2))`` (the features contracted
     between two tensors of these units: nothing to read on) and ``bmm(weights, v)`` (the features stay last).
-    Every other operand of a join or a contraction must itself be reached from ``start``."""
+    Every other operand of a join or a contraction must itself be reached from ``start``.
+
+    With ``dirs`` 2 (a bidirectional output, ``width`` = 2 x units), the two directions' halves added
+    (``x[..., :n] + x[..., n:]``) are followed too: the readers after the sum see one units-wide block, and go to
+    ``summed`` as well as to the result."""
     consumers: list[str] = []
     starts = start if isinstance(start, list) else [start]
-    frontier = [(n, 1) for n in starts]
+    frontier = [(n, 1, 1) for n in starts]  # (node, copies of the block side by side, directions summed: 1 or 2)
     seen: set[fx.Node] = set(starts)
     joins: list[fx.Node] = []
     need: list[tuple[fx.Node, fx.Node]] = []  # (an operand that must be reached, the op needing it)
     while frontier:
-        node, k = frontier.pop()
-        w = width * k
+        node, k, m = frontier.pop()
+        w = width * k // m
         for user in node.users:
             if user in seen or user in skip:
                 continue
             if node.op == "call_function" and node.target is _PAD_PACKED:
                 if _is_getitem(user, 0):
                     seen.add(user)
-                    frontier.append((user, k))
+                    frontier.append((user, k, m))
                 continue  # [1]: the lengths
             seen.add(user)
             if user.op == "output":
                 return None
+            if dirs == 2 and m == 1 and k == 1 and summed is not None:
+                add = _direction_sum(user, node, w)
+                if add is not None:
+                    seen.update(a for a in add.args if isinstance(a, fx.Node))
+                    seen.add(add)
+                    frontier.append((add, 1, 2))
+                    continue
             if _join_ok(user, node, w):
                 joins.append(user)
-                frontier.append((user, k))
+                frontier.append((user, k, m))
                 continue
             if _cat_features(user, node, w):  # [a | b] along the features: the units twice
                 joins.append(user)
-                frontier.append((user, k * len(user.args[0])))
+                frontier.append((user, k * len(user.args[0]), m))
                 continue
             if _swaps_last_two(user) and user.users and all(_is_matmul(u) and u.args[1] is user for u in user.users):
                 for u in user.users:  # q @ k^T: the features are contracted with q's, which must be ours
@@ -201,7 +266,7 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
                 need.append((user.args[1].args[0], user))
                 continue
             if _is_matmul(user) and user.args[1] is node and _last_dim(user) == w and user.args[0] is not node:
-                frontier.append((user, k))  # attention weights @ values: the features stay last
+                frontier.append((user, k, m))  # attention weights @ values: the features stay last
                 continue
             if user.op == "call_module":
                 mod = mods[str(user.target)]
@@ -216,20 +281,25 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
                     consumers.append(read)
                     if k > 1 and copies is not None:
                         copies[read] = k
+                    if m > 1 and summed is not None:
+                        summed.add(read)
                     continue
                 if isinstance(mod, _PASS_MODULES):
-                    frontier.append((user, k))
+                    frontier.append((user, k, m))
                     continue
             ok = (user.op == "call_function" and (user.target in _PASS_FUNCS or user.target is operator.getitem)) \
                 or (user.op == "call_method" and user.target in _PASS_METHODS)
             if user.op == "call_function" and user.target is _PAD_PACKED and user.args and user.args[0] is node:
-                frontier.append((user, k))
+                frontier.append((user, k, m))
+                continue
+            if _keeps_last(user, node):
+                frontier.append((user, k, m))
                 continue
             if ok and _last_dim(user) == w and sum(a is node for a in user.args) == 1:
-                frontier.append((user, k))
+                frontier.append((user, k, m))
                 continue
             if _scaled(user, node, w):
-                frontier.append((user, k))
+                frontier.append((user, k, m))
                 continue
             raise HwpruneError(f"cannot tell how the {w} features of {_name(starts[0])} reach "
                                f"{describe(user, mods)} (only ops that keep the feature dimension are followed); "
@@ -599,7 +669,15 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
             if k < len(stack) - 1:
                 cons: tuple[str, ...] | None = tuple(n[k + 1] for n in all_names)
             else:  # the last layer's output sequences, all at once: attention between them is followed
-                cons = _follow(outs, layer.hidden_size * d, mods, copies=copies) if outs else ()
+                summed: set[str] = set()
+                cons = _follow(outs, layer.hidden_size * d, mods, copies=copies, dirs=d, summed=summed) \
+                    if outs else ()
+                if cons is not None and summed:  # directions added: read as units-wide blocks, like h_n[i]
+                    if summed & {c for c in cons if cons.count(c) > 1}:
+                        raise HwpruneError(f"layer {names[k]!r}: a layer reads its output both with the directions "
+                                           f"added and without; exclude one of them")
+                    readers.setdefault(k, []).extend(sorted(summed))
+                    cons = tuple(c for c in cons if c not in summed)
             if cons is None or k in reaches_output:
                 continue  # a model output: its units are not ours to remove
             cons = tuple(dict.fromkeys(cons))

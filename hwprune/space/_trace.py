@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from hwprune import inputs
 
-__all__ = ["trace_concrete", "where", "PACKING"]
+__all__ = ["trace_concrete", "where", "defined_at", "raised_at", "PACKING"]
 
 PACKING = (rnn_utils.pack_padded_sequence, rnn_utils.pad_packed_sequence, rnn_utils.pack_sequence,
            rnn_utils.pad_sequence)
@@ -196,3 +197,29 @@ def defined_at(model: nn.Module, name: str) -> str:
                 return f" at {path.rsplit('/', 1)[-1]}:{first + k} ({code[:60] + '...' if len(code) > 60 else code})"
         return ""
     return ""
+
+
+def raised_at(exc: BaseException) -> str:
+    """The user's source line an exception was raised from (``' at file.py:12 (code)'``): the innermost frame of
+    its traceback outside torch, Torch-Pruning and hwprune; '' when there is none."""
+    import sysconfig
+    import traceback
+
+    import torch_pruning
+
+    dirs = [str(Path(m.__file__).resolve().parent) for m in (torch, torch_pruning)]
+    dirs.append(str(Path(__file__).resolve().parents[1]))
+    stdlib = str(Path(sysconfig.get_paths()["stdlib"]).resolve())
+
+    def ours(path: str) -> bool:
+        path = str(Path(path).resolve())
+        return any(path.startswith(d + "/") for d in dirs) or \
+            (path.startswith(stdlib + "/") and "-packages/" not in path)
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not ours(f.filename)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    code = (f.line or "").strip()
+    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno}" + (f" ({code[:60] + '...' if len(code) > 60 else code})"
+                                                                 if code else "")

@@ -496,3 +496,132 @@ class RegNetX(nn.Module):
 
 def regnetx(**kw):
     return RegNetX(**kw)
+
+
+class TasBlock(nn.Module):
+    """ConvTasNet's temporal block: 1x1 up, PReLU, GroupNorm, dilated depthwise conv, PReLU, GroupNorm, 1x1
+    back, residual."""
+
+    def __init__(self, b: int, h: int, dilation: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(b, h, 1), nn.PReLU(), nn.GroupNorm(1, h, eps=1e-8),
+            nn.Conv1d(h, h, 3, padding=dilation, dilation=dilation, groups=h), nn.PReLU(),
+            nn.GroupNorm(1, h, eps=1e-8), nn.Conv1d(h, b, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class ConvTasNet(nn.Module):
+    """torchaudio's ConvTasNet in small: an encoder conv, a mask generator whose output conv makes
+    ``sources * feats`` channels, viewed as (batch, sources, feats, time) and multiplied into the encoding, and a
+    transposed-conv decoder. The encoder's channels and the mask's cross the ``.view``."""
+
+    def __init__(self, sources: int = 2, feats: int = 16, b: int = 8, h: int = 16) -> None:
+        super().__init__()
+        self.sources, self.feats = sources, feats
+        self.encoder = nn.Conv1d(1, feats, 8, stride=4, padding=4, bias=False)
+        self.norm = nn.GroupNorm(1, feats, eps=1e-8)
+        self.bottleneck = nn.Conv1d(feats, b, 1)
+        self.blocks = nn.Sequential(TasBlock(b, h, 1), TasBlock(b, h, 2))
+        self.mask = nn.Conv1d(b, sources * feats, 1)
+        self.decoder = nn.ConvTranspose1d(feats, 1, 8, stride=4, padding=4, bias=False)
+
+    def forward(self, x):  # x: (batch, 1, samples)
+        n, t = x.shape[0], x.shape[-1]
+        e = self.encoder(x)
+        m = torch.sigmoid(self.mask(self.blocks(self.bottleneck(self.norm(e)))))
+        m = m.view(n, self.sources, self.feats, -1)
+        y = (e.unsqueeze(1) * m).view(n * self.sources, self.feats, -1)
+        return self.decoder(y).view(n, self.sources, -1)[..., :t]
+
+
+def convtasnet(**kw):
+    return ConvTasNet(**kw)
+
+
+class ConformerBlock(nn.Module):
+    """A Conformer block without attention: half-step feed-forward, convolution module (pointwise conv + GLU,
+    depthwise conv, BatchNorm, SiLU, pointwise conv), half-step feed-forward, LayerNorm; every module adds to
+    the residual stream of width ``d``."""
+
+    def __init__(self, d: int, ff: int, k: int = 5) -> None:
+        super().__init__()
+        self.ff1 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, ff), nn.SiLU(), nn.Linear(ff, d))
+        self.ln = nn.LayerNorm(d)
+        self.pw1 = nn.Conv1d(d, 2 * d, 1)
+        self.dw = nn.Conv1d(d, d, k, padding=k // 2, groups=d)
+        self.bn = nn.BatchNorm1d(d)
+        self.pw2 = nn.Conv1d(d, d, 1)
+        self.ff2 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, ff), nn.SiLU(), nn.Linear(ff, d))
+        self.out = nn.LayerNorm(d)
+
+    def forward(self, x):  # (batch, time, d)
+        x = x + 0.5 * self.ff1(x)
+        c = nn.functional.glu(self.pw1(self.ln(x).transpose(1, 2)), dim=1)
+        x = x + self.pw2(nn.functional.silu(self.bn(self.dw(c)))).transpose(1, 2)
+        x = x + 0.5 * self.ff2(x)
+        return self.out(x)
+
+
+class Conformer(nn.Module):
+    """torchaudio's Conformer fed features of width ``d`` directly (its residual stream is the input's width),
+    two blocks, a classifier over the mean. Follows: the feed-forward inner widths; the stream cannot be cut."""
+
+    def __init__(self, d: int = 16, ff: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(ConformerBlock(d, ff), ConformerBlock(d, ff))
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, x):  # (batch, time, d)
+        return self.fc(self.blocks(x).mean(1))
+
+
+def conformer(**kw):
+    return Conformer(**kw)
+
+
+class FullyConnected(nn.Module):
+    """torchaudio's DeepSpeech layer: Linear, ReLU, hardtanh(0, 20), dropout."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_in, n_out)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.drop(nn.functional.hardtanh(nn.functional.relu(self.fc(x)), 0, 20))
+
+
+class DeepSpeech(nn.Module):
+    """torchaudio's DeepSpeech in small: three FullyConnected layers on (batch, 1, time, feats), a bidirectional
+    ReLU RNN run time-first, its directions added by slicing (``x[:, :, :n] + x[:, :, n:]``), two Linear layers,
+    log-softmax over the classes per step."""
+
+    def __init__(self, feats: int = 12, hidden: int = 16, classes: int = 5, fixed: bool = True) -> None:
+        super().__init__()
+        self.n_hidden, self.fixed = hidden, fixed
+        self.fc1, self.fc2, self.fc3 = FullyConnected(feats, hidden), FullyConnected(hidden, hidden), \
+            FullyConnected(hidden, hidden)
+        self.bi_rnn = nn.RNN(hidden, hidden, num_layers=1, nonlinearity="relu", bidirectional=True)
+        self.fc4 = FullyConnected(hidden, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):  # (batch, 1, time, feats)
+        x = self.fc3(self.fc2(self.fc1(x)))
+        x = x.squeeze(1).transpose(0, 1)
+        x, _ = self.bi_rnn(x)
+        n = self.n_hidden if self.fixed else x.size(2) // 2  # torchaudio: the number, fixed
+        x = x[:, :, :n] + x[:, :, n:]
+        x = self.out(self.fc4(x))
+        return nn.functional.log_softmax(x.permute(1, 0, 2), dim=2)
+
+
+def deepspeech(**kw):
+    return DeepSpeech(**kw)
+
+
+def deepspeech_sized(**kw):
+    """DeepSpeech with the halves' width taken from the output (``x.size(2) // 2``): the RNN prunes too."""
+    return DeepSpeech(fixed=False, **kw)
