@@ -572,3 +572,48 @@ def test_deepspeech_with_its_width_fixed_keeps_the_rnn_whole_and_prunes_the_rest
     assert pruned.fc1.fc.out_features == 8 and pruned.fc4.fc.out_features == 4
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape == (2, 7, 5)
+
+
+def test_opennmt_tuple_state_traces_and_the_rest_prunes():
+    """OpenNMT-py's decoder asks isinstance(encoder_final, tuple) and slices the state by its size: the trace
+    refused the whole model (''tuple' object has no attribute 'size''). Now a layer's (out, (h, c)) is a real
+    tuple while tracing: the encoder LSTM (directions joined by strided slices of h_n) and the decoder LSTM
+    (joined with the attention context) are kept whole with their lines, the embeddings and the attention
+    output are groups, each cuts alone to the dense output shape."""
+    torch.manual_seed(0)
+    x = (torch.randint(0, 20, (6, 3)), torch.randint(0, 20, (5, 3)))
+    model = P.opennmt().eval()
+    space = build_space(model, x)
+    assert {g.name: (g.units, g.layers) for g in space.groups} == {
+        "encoder.embeddings": (8, ("encoder.embeddings", "encoder.rnn")),
+        "decoder.embeddings": (8, ("decoder.embeddings", "decoder.rnn")),
+        "decoder.linear_out": (16, ("decoder.linear_out", "decoder.generator"))}
+    assert "slice(0, 2, 2)" in space.kept["encoder.rnn"] and "patterns.py:659" in space.kept["encoder.rnn"]
+    assert "cat()" in space.kept["decoder.rnn"]
+    for g in space.groups:
+        pruned = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), x).eval()
+        with torch.no_grad():
+            assert pruned(*x).shape == model(*x).shape == (3, 5, 20)
+
+
+def test_fairseq_packing_through_the_module_traces_and_its_fixed_state_is_named():
+    """fairseq calls nn.utils.rnn.pack_padded_sequence(x, src_lengths.cpu()) through the module: the trace
+    failed (`__cuda_array_interface__` must be a dict). It is now one traced call, the module's function put
+    back after; x.new_zeros(...) reads no features; the LSTM, whose state is built with self.hidden_size, is
+    kept whole with that line; the embedding prunes, dead columns exactly (the LSTM input they fed is 0)."""
+    import torch.nn.utils.rnn as rnn_utils
+
+    original = rnn_utils.pack_padded_sequence
+    torch.manual_seed(0)
+    x = (torch.randint(1, 20, (3, 6)), torch.tensor([6, 4, 2]))
+    model = P.fairseq_lstm().eval()
+    space = build_space(model, x)
+    assert rnn_utils.pack_padded_sequence is original
+    assert {g.name: (g.units, g.layers) for g in space.groups} == {"embed_tokens": (8, ("embed_tokens", "lstm"))}
+    assert "patterns.py:710" in space.kept["lstm"], space.kept
+    with torch.no_grad():
+        model.embed_tokens.weight[:, 1::2] = 0
+    pruned = prune_model(model, Policy({"embed_tokens": 0.5}, channel_multiple=1), x).eval()
+    assert pruned.embed_tokens.weight.shape == (20, 4) and pruned.lstm.input_size == 4
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*x), model(*x), atol=1e-6, rtol=1e-5)

@@ -102,8 +102,9 @@ def _cuttable(model: nn.Module, example: Any, plans: list[RNNGroupPlan], kept: d
             if why is None:
                 ok.append(plan)
             else:
-                kept[plan.producer] = (f"cut to half, {why} (its width is likely fixed in the model's code; take "
-                                       f"it from the layer, e.g. x.size(-1) // 2); kept whole")
+                kept[plan.producer] = (f"cut to half, {why} (the model's code likely holds its width as a number, "
+                                       f"e.g. a state built with a fixed size or a fixed slice; take it from the "
+                                       f"layer, e.g. self.rnn.hidden_size); kept whole")
         return ok
     finally:
         model.train(was)

@@ -31,6 +31,7 @@ _JOIN = {torch.stack, torch.cat}  # a list of step outputs joined along a dim ot
 _STATE_TAKING = RNN_TYPES + (RNNStack,) + CELL_TYPES
 _PASS_METHODS = {"relu", "tanh", "sigmoid", "contiguous", "mean", "sum", "amax", "squeeze", "clone",
                  "flatten", "float", "clamp"}
+_SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 _MOVES = {"transpose", "permute"}  # pass when the last dim stays last (T x N x H <-> N x T x H)
 
 
@@ -241,6 +242,8 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
             seen.add(user)
             if user.op == "output":
                 return None
+            if user.op == "call_method" and user.target in _SHAPE_ONLY and user.args[0] is node:
+                continue  # x.new_zeros(...): only x's dtype and device are read
             if dirs == 2 and m == 1 and k == 1 and summed is not None:
                 add = _direction_sum(user, node, w)
                 if add is not None:

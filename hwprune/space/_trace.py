@@ -45,6 +45,8 @@ class _ConcreteProxy(fx.Proxy):
         return self.node.meta["value"]
 
     def __getattr__(self, k: str) -> Any:
+        if k.startswith("__") and k.endswith("__"):  # protocol probes (torch.as_tensor asks for
+            raise AttributeError(k)  # __cuda_array_interface__): a traced value has none of them
         if k in _CONCRETE_ATTRS and isinstance(self.node.meta.get("value"), torch.Tensor):
             return getattr(self._v(), k)
         return super().__getattr__(k)
@@ -131,7 +133,47 @@ class ConcreteTracer(fx.Tracer):
         meta = _meta(val)
         if meta is not None:
             node.meta["tensor_meta"] = meta
+        if kind == "call_module" and type(val) in (tuple, list):
+            return _unpacked(proxy, val)
         return proxy
+
+
+def _unpacked(proxy: fx.Proxy, val: Any) -> Any:
+    """A layer's ``(out, (h_n, c_n))`` as a real tuple of proxies (indexing nodes), so that the model's own
+    ``isinstance(state, tuple)`` sees a tuple (OpenNMT's encoder state); a named tuple (a PackedSequence) stays
+    one value."""
+    if type(val) not in (tuple, list):
+        return proxy
+    parts = [_unpacked(proxy[i], v) for i, v in enumerate(val)]
+    return tuple(parts) if type(val) is tuple else parts
+
+
+class _PatchedPacking:
+    """``nn.utils.rnn.pack_padded_sequence(...)`` called through the module (fairseq) is traced as one call,
+    as the names imported into a model's globals are (``autowrap_functions`` only patches globals); the module's
+    functions are put back afterwards."""
+
+    def __enter__(self) -> None:
+        self._saved = {f.__name__: getattr(rnn_utils, f.__name__) for f in PACKING}
+        for name, fn in self._saved.items():
+            setattr(rnn_utils, name, _traced_call(fn))
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, fn in self._saved.items():
+            setattr(rnn_utils, name, fn)
+
+
+def _traced_call(fn: Any) -> Any:
+    import functools
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        found: list[fx.Proxy] = []
+        map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, fx.Proxy) else None)
+        if not found:
+            return fn(*args, **kwargs)
+        return found[0].tracer.create_proxy("call_function", fn, args, kwargs)
+    return call
 
 
 def _meta(val: Any) -> Any:
@@ -154,7 +196,8 @@ def trace_concrete(model: nn.Module, example: Any, leaves: tuple[type, ...]) -> 
     was = model.training
     model.eval()
     try:
-        return ConcreteTracer(leaves, inputs.positional(model, example)).trace(model)
+        with _PatchedPacking():
+            return ConcreteTracer(leaves, inputs.positional(model, example)).trace(model)
     finally:
         model.train(was)
 

@@ -625,3 +625,91 @@ def deepspeech(**kw):
 def deepspeech_sized(**kw):
     """DeepSpeech with the halves' width taken from the output (``x.size(2) // 2``): the RNN prunes too."""
     return DeepSpeech(fixed=False, **kw)
+
+
+class NMTEncoder(nn.Module):
+    """OpenNMT-py's RNNEncoder in small: embeddings, a bidirectional LSTM, its final state returned as the
+    (h_n, c_n) tuple."""
+
+    def __init__(self, vocab: int, emb: int, hidden: int) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab, emb)
+        self.rnn = nn.LSTM(emb, hidden // 2, bidirectional=True)
+
+    def forward(self, src):  # (time, batch)
+        memory_bank, encoder_final = self.rnn(self.embeddings(src))
+        return encoder_final, memory_bank
+
+
+class NMTDecoder(nn.Module):
+    """OpenNMT-py's StdRNNDecoder in small: its init_state checks ``isinstance(encoder_final, tuple)`` and joins
+    the two directions of each state with strided slicing (``_fix_enc_hidden``), then an LSTM, general (Luong)
+    attention over the memory bank, and a Linear generator."""
+
+    def __init__(self, vocab: int, emb: int, hidden: int) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab, emb)
+        self.rnn = nn.LSTM(emb, hidden)
+        self.linear_in = nn.Linear(hidden, hidden, bias=False)
+        self.linear_out = nn.Linear(2 * hidden, hidden, bias=False)
+        self.generator = nn.Linear(hidden, vocab)
+
+    @staticmethod
+    def _fix_enc_hidden(hidden):
+        return torch.cat([hidden[0:hidden.size(0):2], hidden[1:hidden.size(0):2]], 2)
+
+    def init_state(self, encoder_final):
+        if isinstance(encoder_final, tuple):  # LSTM
+            return tuple(self._fix_enc_hidden(h) for h in encoder_final)
+        return (self._fix_enc_hidden(encoder_final),)
+
+    def forward(self, tgt, memory_bank, state):  # tgt: (time, batch); memory_bank: (src time, batch, hidden)
+        out, _ = self.rnn(self.embeddings(tgt), state)
+        q, mb = self.linear_in(out).transpose(0, 1), memory_bank.transpose(0, 1)  # (batch, time, hidden)
+        align = torch.softmax(torch.bmm(q, mb.transpose(1, 2)), dim=-1)
+        c = torch.bmm(align, mb)
+        attn_h = torch.tanh(self.linear_out(torch.cat([c, out.transpose(0, 1)], 2)))
+        return self.generator(attn_h)
+
+
+class OpenNMTSeq2Seq(nn.Module):
+    """OpenNMT-py's NMTModel: encoder, decoder started from the encoder's fixed-up state."""
+
+    def __init__(self, vocab: int = 20, emb: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.encoder = NMTEncoder(vocab, emb, hidden)
+        self.decoder = NMTDecoder(vocab, emb, hidden)
+
+    def forward(self, src, tgt):
+        enc_state, memory_bank = self.encoder(src)
+        return self.decoder(tgt, memory_bank, self.decoder.init_state(enc_state))
+
+
+def opennmt(**kw):
+    return OpenNMTSeq2Seq(**kw)
+
+
+class FairseqEncoder(nn.Module):
+    """fairseq's LSTMEncoder in small: tokens and lengths in, ``nn.utils.rnn.pack_padded_sequence`` called through
+    the module with the lengths moved to the CPU, zero initial states from ``x.new_zeros``, a classifier on the
+    final hidden state."""
+
+    def __init__(self, vocab: int = 20, emb: int = 8, hidden: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.hidden_size = hidden
+        self.embed_tokens = nn.Embedding(vocab, emb, padding_idx=0)
+        self.lstm = nn.LSTM(emb, hidden)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, src_tokens, src_lengths):  # (batch, time), (batch,)
+        bsz, _ = src_tokens.size()
+        x = self.embed_tokens(src_tokens).transpose(0, 1)
+        packed_x = nn.utils.rnn.pack_padded_sequence(x, src_lengths.cpu(), enforce_sorted=False)
+        h0 = x.new_zeros(1, bsz, self.hidden_size)
+        c0 = x.new_zeros(1, bsz, self.hidden_size)
+        _, (final_hiddens, _) = self.lstm(packed_x, (h0, c0))
+        return self.fc(final_hiddens[-1])
+
+
+def fairseq_lstm(**kw):
+    return FairseqEncoder(**kw)
