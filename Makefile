@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-e2e bench bench-quality bench-runtimes install clean
+.PHONY: demo test test-e2e bench bench-quality bench-runtimes bench-zoo install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,12 @@ bench-runtimes: $(STAMP)
 	$(BIN)/python bench/runtime_search.py --trials 8
 	$(BIN)/python bench/runtime_search.py --trials 8 --spec search/gru-mnist1d-cpu.yaml --name runtime_search_gru
 	$(BIN)/python bench/runtime_search.py --trials 8 --spec search/lstm-lm-pydoc-cpu.yaml --name runtime_search_lstm_lm
+
+# The field's model libraries (random weights, nothing downloaded): analysis and a uniform 50% prune of each
+# definition, in process. Only CUDA builds of torchvision are on the index and torchaudio's compiled extension is
+# CUDA-linked: both install without dependencies (the CPU torch stays) and run as pure Python (bench/zoo.py says
+# how); a library that is missing is skipped with the reason.
+bench-zoo: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps torchvision==0.28.0 timm==1.0.31 torchaudio==2.11.1
+	$(BIN)/pip install --quiet -c constraints.txt huggingface_hub safetensors pyyaml
+	$(BIN)/python bench/zoo.py

@@ -27,6 +27,14 @@ import patterns as P  # noqa: E402
 
 PAT = str(ASSETS / "patterns.py")
 
+
+def _at(code: str) -> str:
+    """``patterns.py:N (code)`` for the line of assets/patterns.py holding ``code`` (as messages quote it)."""
+    for n, text in enumerate(Path(PAT).read_text().splitlines(), 1):
+        if code in text:
+            return f"patterns.py:{n} ({text.strip()[:60]}"
+    raise AssertionError(code)
+
 # model -> (data factory, {group: (units, layers)}) as derived by hand from the code in assets/patterns.py
 HAND = {
     "seq2seq": ("seq2seq_data", {
@@ -417,6 +425,10 @@ CNN_HAND = {
     # the branches' insides (1x1 -> depthwise -> 1x1) are groups; the shuffled stream of stage2.1 is not
     "shufflenet": ({"conv1.0": 8, "stage2.0.branch2.0": 8, "stage2.1.branch2.0": 8, "conv5.0": 32},
                    {"stage2.1.branch2.5": "channel shuffle"}),
+    # three units, as torchvision's stages: Torch-Pruning's graph divided by zero for the whole model; the
+    # reshape is left unmapped and the branches' insides still prune
+    "shufflenet3": ({"conv1.0": 8, "stage2.0.branch2.0": 8, "stage2.1.branch2.0": 8, "stage2.2.branch2.0": 8,
+                     "conv5.0": 32}, {"stage2.2.branch2.5": "do not fit"}),
 }
 
 
@@ -476,12 +488,13 @@ def test_every_listed_group_can_be_cut(name):
 VIEW_HAND = {  # model -> (input, {group: units}, {kept layer: words its reason must hold})
     # the encoder's channels cross the mask's .view (sources x feats): kept; the separator's insides prune
     "convtasnet": ((2, 1, 64), {"bottleneck": 8, "blocks.0.net.0": 16, "blocks.1.net.0": 16},
-                   {"encoder": "patterns.py:533 (e = self.encoder(x))"}),
+                   {"encoder": _at("e = self.encoder(x)")}),
     # the residual stream is the input's width and the GLU's halves are not followed: kept; the feed-forward
     # modules' inner widths prune
     "conformer": ((2, 10, 16), {"blocks.0.ff1.1": 32, "blocks.0.ff2.1": 32, "blocks.1.ff1.1": 32,
                                 "blocks.1.ff2.1": 32},
-                  {"blocks.0.ff1.3": "x = x + 0.5 * self.ff1(x)", "blocks.0.pw1": "patterns.py:563",
+                  {"blocks.0.ff1.3": "x = x + 0.5 * self.ff1(x)",
+                   "blocks.0.pw1": _at("x = x + self.pw2(nn.functional.silu(")[:-1],
                    "blocks.1.pw1": "expected input"}),
 }
 
@@ -567,7 +580,7 @@ def test_deepspeech_with_its_width_fixed_keeps_the_rnn_whole_and_prunes_the_rest
     model = P.deepspeech().eval()
     space = build_space(model, x)
     assert [g.name for g in space.groups] == ["fc1.fc", "fc2.fc", "fc3.fc", "fc4.fc"]
-    assert "patterns.py:616 (x = x[:, :, :n] + x[:, :, n:])" in space.kept["bi_rnn"], space.kept
+    assert _at("x = x[:, :, :n] + x[:, :, n:]") in space.kept["bi_rnn"], space.kept
     pruned = prune_model(model, Policy({"fc1.fc": 0.5, "fc4.fc": 0.25}, channel_multiple=1), x).eval()
     assert pruned.fc1.fc.out_features == 8 and pruned.fc4.fc.out_features == 4
     with torch.no_grad():
@@ -588,7 +601,8 @@ def test_opennmt_tuple_state_traces_and_the_rest_prunes():
         "encoder.embeddings": (8, ("encoder.embeddings", "encoder.rnn")),
         "decoder.embeddings": (8, ("decoder.embeddings", "decoder.rnn")),
         "decoder.linear_out": (16, ("decoder.linear_out", "decoder.generator"))}
-    assert "slice(0, 2, 2)" in space.kept["encoder.rnn"] and "patterns.py:659" in space.kept["encoder.rnn"]
+    assert "slice(0, 2, 2)" in space.kept["encoder.rnn"]
+    assert _at("return torch.cat([hidden[0:hidden.size(0):2]") in space.kept["encoder.rnn"]
     assert "cat()" in space.kept["decoder.rnn"]
     for g in space.groups:
         pruned = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), x).eval()
@@ -610,10 +624,47 @@ def test_fairseq_packing_through_the_module_traces_and_its_fixed_state_is_named(
     space = build_space(model, x)
     assert rnn_utils.pack_padded_sequence is original
     assert {g.name: (g.units, g.layers) for g in space.groups} == {"embed_tokens": (8, ("embed_tokens", "lstm"))}
-    assert "patterns.py:710" in space.kept["lstm"], space.kept
+    assert _at("_, (final_hiddens, _) = self.lstm(packed_x, (h0, c0))") in space.kept["lstm"], space.kept
     with torch.no_grad():
         model.embed_tokens.weight[:, 1::2] = 0
     pruned = prune_model(model, Policy({"embed_tokens": 0.5}, channel_multiple=1), x).eval()
     assert pruned.embed_tokens.weight.shape == (20, 4) and pruned.lstm.input_size == 4
     with torch.no_grad():
         torch.testing.assert_close(pruned(*x), model(*x), atol=1e-6, rtol=1e-5)
+
+
+def test_concatenated_expands_prune_all_at_once_after_the_cut_checks():
+    """SqueezeNet's Fire modules concatenate two expands: the space's cut checks once left Torch-Pruning's concat
+    offsets shifted (a list mutated in place), so cutting every group together then failed. Every group at half
+    at once: hand-worked widths (squeeze 8 -> 4, expands 16 -> 8 each, the next squeeze reads 8 + 8), the model
+    runs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = P.squeezenet().eval()
+    space = build_space(model, x)
+    assert {g.name: g.units for g in space.groups} == {
+        "stem": 16, "fire1.squeeze": 8, "fire1.expand1x1": 16, "fire1.expand3x3": 16, "fire2.squeeze": 8,
+        "fire2.expand1x1": 16, "fire2.expand3x3": 16}
+    pruned = prune_model(model, Policy({g.name: 0.5 for g in space.groups}, channel_multiple=1), x).eval()
+    assert pruned.fire2.squeeze.weight.shape == (4, 16, 1, 1) and pruned.fire1.expand3x3.weight.shape == (8, 4, 3, 3)
+    assert pruned.fc.weight.shape == (4, 16)
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 4)
+    from hwprune.space._cnn import cnn_groups
+
+    dg, groups = cnn_groups(model, x, set())  # the graph the checks cut and restored still cuts right
+    for g in groups:
+        dg.get_pruning_group(g.root, g.handler, idxs=list(range(0, g.units, 2))).prune()
+    with torch.no_grad():
+        assert model(x).shape == (2, 4) and model.fire2.squeeze.in_channels == 16
+
+
+def test_torch_prunings_reshape_map_is_put_back():
+    """The reshape index map is wrapped only while hwprune uses Torch-Pruning's graph (a three-unit ShuffleNet
+    needs it), then the library's own function is back."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    build_space(P.shufflenet3(), torch.randn(2, 3, 16, 16))
+    assert index_mapping.update_reshape_index_mapping is original
+

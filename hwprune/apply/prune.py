@@ -12,7 +12,7 @@ from hwprune.apply.importance import (Batches, accumulate_grads, cnn_scores, mea
 from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
 from hwprune.space import build_space, is_recurrent, prepare_model, rnn_plans
-from hwprune.space._cnn import CNNGroup, cnn_groups
+from hwprune.space._cnn import CNNGroup, cnn_groups, unmapped_reshapes
 from hwprune.space._rnn import RNNGroupPlan
 from hwprune.space._cut import cut_plans
 from hwprune.space._rnnstack import CELL_TYPES
@@ -67,7 +67,7 @@ def _runs_pruned(model: nn.Module, example: Any, cells: list[str]) -> None:
 
 def _conv_scores(model: nn.Module, example: torch.Tensor, exclude: set[str], criterion: str,
                  batches: list | None) -> tuple[Any, list[tuple[CNNGroup, torch.Tensor]]]:
-    dg, groups = cnn_groups(model, example, exclude)
+    dg, groups = cnn_groups(model, example, exclude, verify=False)  # the policy was validated on the checked space
     names = {m: n for n, m in model.named_modules()}
     acts = mean_activation(model, {names[g.root]: g.root for g in groups}, batches) \
         if criterion == "activation" else None
@@ -84,8 +84,9 @@ def _prune_conv(model: nn.Module, example: torch.Tensor, policy: Policy, exclude
             continue
         kept = set(kept_indices(scores, keep).tolist())
         todo.append((g, [i for i in range(g.units) if i not in kept]))
-    for g, drop in todo:
-        dg.get_pruning_group(g.root, g.handler, idxs=drop).prune()
+    with unmapped_reshapes():
+        for g, drop in todo:
+            dg.get_pruning_group(g.root, g.handler, idxs=drop).prune()
 
 
 def _prepared(model: nn.Module, example: torch.Tensor, exclude: set[str], importance: str,

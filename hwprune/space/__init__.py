@@ -75,8 +75,9 @@ def check_prunable(space: Space, policy: Any = None) -> None:
 
 
 def rnn_plans(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> list[RNNGroupPlan]:
-    return _cuttable(model, example, analyze_rnn_model(model, example, set(exclude), {}), {})  # layers kept
-    # whole: see build_space's Space.kept
+    """Every plan the analysis finds (not cut-checked: build_space's groups are the checked ones, and a policy is
+    validated against them)."""
+    return analyze_rnn_model(model, example, set(exclude), {})  # layers kept whole: see build_space's Space.kept
 
 
 def _cuttable(model: nn.Module, example: Any, plans: list[RNNGroupPlan], kept: dict[str, str]) -> list[RNNGroupPlan]:

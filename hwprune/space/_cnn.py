@@ -6,6 +6,7 @@ sum, depthwise convs with their inputs, concatenations.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 from hwprune import inputs
 from hwprune.errors import HwpruneError, one_line
 
-__all__ = ["CNNGroup", "cnn_groups", "grouped_conv", "output_layers", "shapes"]
+__all__ = ["CNNGroup", "cnn_groups", "grouped_conv", "output_layers", "shapes", "unmapped_reshapes"]
 
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -115,20 +116,24 @@ def shapes(out: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+_MODULE_DICTS = {"_parameters", "_buffers", "_modules"}  # restored by content below (the same dict objects)
+
+
 def _trial_cut(model: nn.Module, dg: Any, group: CNNGroup, example: Any, want: list[tuple[int, ...]]) -> str | None:
     """Cut ``group`` alone to half its units (every other one) and run the model: None when it runs and gives
     the dense model's output shapes, else why not, in words, with the user's line that failed. Catches what the
     graph got wrong (a cut dimension that crosses a ``view``, a GLU's halves, a residual stream fed by the
     model's input), so that no listed group fails in ``apply``. The cut is made in place and undone: every
-    module it touches gets its attributes, parameters and buffers back (a copy of the model would leave the
-    graph behind)."""
+    module it touches gets its attributes (lists and dicts copied: Torch-Pruning's concat and split ops keep
+    their offsets there), parameters and buffers back (a copy of the model would leave the graph behind)."""
     from hwprune.space._trace import raised_at
 
     cut = dg.get_pruning_group(group.root, group.handler, idxs=list(range(1, group.units, 2)))
     mods = {id(d.target.module): d.target.module for d, _ in cut}.values()
     if not all(isinstance(m, nn.Module) for m in mods):
         return None  # a bare nn.Parameter member: its cut rewrites the graph itself; not tried
-    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in mods]
+    saved = [(m, {k: copy.deepcopy(v) if isinstance(v, (list, dict, set)) and k not in _MODULE_DICTS else v
+                  for k, v in m.__dict__.items()}, dict(m._parameters), dict(m._buffers)) for m in mods]
     try:
         cut.prune(record_history=False)
         with torch.no_grad():
@@ -148,8 +153,39 @@ def _trial_cut(model: nn.Module, dg: Any, group: CNNGroup, example: Any, want: l
     return None
 
 
+class unmapped_reshapes:
+    """Torch-Pruning with each reshape whose index mapping it cannot compute (its ``update_reshape_index_mapping``
+    dividing by zero: torchvision's ShuffleNetV2 shuffle) left unmapped, instead of failing for the whole model;
+    it recomputes the mappings on every group it builds, so this holds while the graph is used. The function is
+    put back afterwards. Yields the reshape nodes left unmapped; the groups through them fail their cut check
+    (or their index check) and are kept whole."""
+
+    def __enter__(self) -> list[str]:
+        from torch_pruning.dependency import index_mapping
+
+        self._mod, self._orig, lost = index_mapping, index_mapping.update_reshape_index_mapping, []
+        orig = self._orig
+
+        def tolerant(graph: Any, node: Any) -> None:
+            try:
+                orig(graph, node)
+            except ZeroDivisionError:
+                lost.append(str(getattr(node, "name", node)))
+        index_mapping.update_reshape_index_mapping = tolerant
+        return lost
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mod.update_reshape_index_mapping = self._orig
+
+
 def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
                kept: dict[str, str] | None = None, verify: bool = True) -> tuple[Any, list[CNNGroup]]:
+    with unmapped_reshapes():
+        return _cnn_groups(model, example, exclude, kept, verify)
+
+
+def _cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
+                kept: dict[str, str] | None, verify: bool) -> tuple[Any, list[CNNGroup]]:
     """Build the dependency graph of ``model`` and its prunable groups, in module order.
 
     A group that cuts into a grouped convolution (ResNeXt, RegNet: ``groups`` > 1, not depthwise) is not

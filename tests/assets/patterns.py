@@ -452,10 +452,10 @@ class ShuffleUnit(nn.Module):
 class ShuffleNet(nn.Module):
     """A small ShuffleNetV2: the stream through the shuffles cannot be followed; the branches' insides can."""
 
-    def __init__(self, classes: int = 4) -> None:
+    def __init__(self, classes: int = 4, units: int = 2) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2), ShuffleUnit(16, 16, 1))
+        self.stage2 = nn.Sequential(ShuffleUnit(8, 16, 2), *[ShuffleUnit(16, 16, 1) for _ in range(units - 1)])
         self.conv5 = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
         self.fc = nn.Linear(32, classes)
 
@@ -465,6 +465,12 @@ class ShuffleNet(nn.Module):
 
 def shufflenet(**kw):
     return ShuffleNet(**kw)
+
+
+def shufflenet3(**kw):
+    """Three units in a stage, as torchvision's: Torch-Pruning's reshape index map divides by zero building the
+    graph of the whole model."""
+    return ShuffleNet(units=3, **kw)
 
 
 class XBlock(nn.Module):
@@ -713,3 +719,32 @@ class FairseqEncoder(nn.Module):
 
 def fairseq_lstm(**kw):
     return FairseqEncoder(**kw)
+
+
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated."""
+
+    def __init__(self, cin: int, s: int, e: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, s, 1)
+        self.expand1x1 = nn.Conv2d(s, e, 1)
+        self.expand3x3 = nn.Conv2d(s, e, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(x)), torch.relu(self.expand3x3(x))], 1)
+
+
+class SqueezeNet(nn.Module):
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2)
+        self.fire1, self.fire2 = Fire(16, 8, 16), Fire(32, 8, 16)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.fire2(self.fire1(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def squeezenet(**kw):
+    return SqueezeNet(**kw)
