@@ -15,6 +15,7 @@ from torch import nn
 
 from hwprune import inputs
 from hwprune.errors import HwpruneError, one_line
+from hwprune.space._trace import raised_at
 
 __all__ = ["CNNGroup", "cnn_groups", "grouped_conv", "output_layers", "shapes", "unmapped_reshapes"]
 
@@ -126,8 +127,6 @@ def _trial_cut(model: nn.Module, dg: Any, group: CNNGroup, example: Any, want: l
     model's input), so that no listed group fails in ``apply``. The cut is made in place and undone: every
     module it touches gets its attributes (lists and dicts copied: Torch-Pruning's concat and split ops keep
     their offsets there), parameters and buffers back (a copy of the model would leave the graph behind)."""
-    from hwprune.space._trace import raised_at
-
     cut = dg.get_pruning_group(group.root, group.handler, idxs=list(range(1, group.units, 2)))
     mods = {id(d.target.module): d.target.module for d, _ in cut}.values()
     if not all(isinstance(m, nn.Module) for m in mods):
@@ -157,22 +156,21 @@ class unmapped_reshapes:
     """Torch-Pruning with each reshape whose index mapping it cannot compute (its ``update_reshape_index_mapping``
     dividing by zero: torchvision's ShuffleNetV2 shuffle) left unmapped, instead of failing for the whole model;
     it recomputes the mappings on every group it builds, so this holds while the graph is used. The function is
-    put back afterwards. Yields the reshape nodes left unmapped; the groups through them fail their cut check
-    (or their index check) and are kept whole."""
+    put back afterwards. The groups through such a reshape fail their cut check (or their index check) and are
+    kept whole."""
 
-    def __enter__(self) -> list[str]:
+    def __enter__(self) -> None:
         from torch_pruning.dependency import index_mapping
 
-        self._mod, self._orig, lost = index_mapping, index_mapping.update_reshape_index_mapping, []
+        self._mod, self._orig = index_mapping, index_mapping.update_reshape_index_mapping
         orig = self._orig
 
         def tolerant(graph: Any, node: Any) -> None:
             try:
                 orig(graph, node)
             except ZeroDivisionError:
-                lost.append(str(getattr(node, "name", node)))
+                pass  # left unmapped
         index_mapping.update_reshape_index_mapping = tolerant
-        return lost
 
     def __exit__(self, *exc: Any) -> None:
         self._mod.update_reshape_index_mapping = self._orig
@@ -180,19 +178,20 @@ class unmapped_reshapes:
 
 def cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
                kept: dict[str, str] | None = None, verify: bool = True) -> tuple[Any, list[CNNGroup]]:
+    """Build the dependency graph of ``model`` and its prunable groups, in module order.
+
+    A group that cuts into a grouped convolution (ResNeXt, RegNet: ``groups`` > 1, not depthwise) is not
+    searched: removing arbitrary channels there would leave the groups uneven or mix them (Torch-Pruning
+    indexes the grouped weight as if it were dense). It is kept whole, with the reason, in ``kept``
+    (layer -> why); the rest of the model is still searched. With ``verify``, each group is also cut alone in place
+    and the model run, then the cut undone (:func:`_trial_cut`): a group that breaks the model is kept whole, with
+    the reason."""
     with unmapped_reshapes():
         return _cnn_groups(model, example, exclude, kept, verify)
 
 
 def _cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
                 kept: dict[str, str] | None, verify: bool) -> tuple[Any, list[CNNGroup]]:
-    """Build the dependency graph of ``model`` and its prunable groups, in module order.
-
-    A group that cuts into a grouped convolution (ResNeXt, RegNet: ``groups`` > 1, not depthwise) is not
-    searched: removing arbitrary channels there would leave the groups uneven or mix them (Torch-Pruning
-    indexes the grouped weight as if it were dense). It is kept whole, with the reason, in ``kept``
-    (layer -> why); the rest of the model is still searched. With ``verify``, each group is also cut alone on a
-    copy and the copy run (:func:`_trial_cut`): a group that breaks the model is kept whole, with the reason."""
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
