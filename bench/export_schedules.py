@@ -22,7 +22,7 @@ RUNS = "runs/demo-cnn1d,runs/gru-mnist1d-cpu-50,runs/resnet20-mnist5k-cpu-50"
 
 
 def export(run: str, schedule: str, steps: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "hwprune", "export", run, "--trial", "best", "--schedule", schedule,
+    cmd = [sys.executable, "-m", "hwprune", "export", run, "--trust-code", "--trial", "best", "--schedule", schedule,
            "--finetune-steps", str(steps), "--out", str(out), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:

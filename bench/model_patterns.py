@@ -72,7 +72,7 @@ def run_one(name: str, data: str, task: str | None, margs: str, work: Path, a: a
                 str(a.steps), "--out", str(out), "--json", env=env)
     if srch.returncode:
         return {**row, "error": srch.stderr.strip().splitlines()[-1]}
-    exp = _cli("export", str(out), "--trial", "best", "--finetune-steps", str(a.export_steps), env=env)
+    exp = _cli("export", str(out), "--trust-code", "--trial", "best", "--finetune-steps", str(a.export_steps), env=env)
     if exp.returncode:
         return {**row, "error": exp.stderr.strip().splitlines()[-1]}
     rep = json.loads(next(out.glob("export-*/export.json")).read_text())

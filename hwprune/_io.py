@@ -9,7 +9,7 @@ from typing import Any
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["write_atomic", "read_json", "cache_root", "mask_url", "file_lock"]
+__all__ = ["write_atomic", "read_json", "cache_root", "mask_url", "is_masked", "file_lock"]
 
 
 def _current_umask() -> int:
@@ -35,16 +35,30 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hwprune"
 
 
+_SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "credential", "auth")
+
+
 def mask_url(url: str | None) -> str | None:
-    """A URL with its password replaced by ``***`` (``postgresql://user:***@host/db``); others unchanged."""
+    """A database URL with every secret replaced by ``***``: the password (``postgresql://user:***@host/db``) and
+    query parameters whose name says secret (``?password=``, ``sslpassword``, ``token``, ``*key*``), parsed by
+    SQLAlchemy (what opens the URL); a URL it cannot parse keeps only its scheme. Others (a path) unchanged."""
     if not url or "://" not in url:
         return url
-    scheme, rest = url.split("://", 1)
-    auth, at, host = rest.rpartition("@")
-    if not at or ":" not in auth.split("/")[0]:
-        return url
-    user = auth.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - unparseable: nothing after the scheme is shown
+        return url.split("://", 1)[0] + "://***"
+    secret = {k: "***" for k in parsed.query if any(w in k.lower() for w in _SECRET_PARAMS)}
+    if secret:
+        parsed = parsed.update_query_dict(secret)
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def is_masked(url: str | None) -> bool:
+    """True when :func:`mask_url` hid something of ``url`` (a URL read back from run.json needs it given again)."""
+    return bool(url) and "***" in str(url)
 
 
 def file_lock(path: str | os.PathLike[str]) -> Any:

@@ -9,7 +9,7 @@ raises :class:`hwprune.HwpruneError` with the CLI's one-line message::
     table = api.profile("my_model.py:build", target="cpu", input_shape="3,32,32")
     run = api.search("my_model.py:build", "my_data.py:load", target="cpu", budget="50%", trials=30,
                      out="runs/mine")
-    art = api.export(run["out"], trial="best")
+    art = api.export(run["out"], trial="best", trust_code=True)  # the run names user code: trust it to run it
     print(art["measured_latency_ms"], art["artifacts"])
 
 (Imported as ``api``: ``hwprune.search`` and ``hwprune.export`` are the modules that do the work.)
@@ -86,10 +86,12 @@ def search(model: str | None = None, data: str | None = None, log: Log | None = 
 
 def export(run_dir: str, trial: str | int = "best", log: Log | None = None, **options: Any) -> dict[str, Any]:
     """Fine-tune a searched policy longer, deploy it on the target's kernels, measure it and write the artifacts
-    (``hwprune export``). Options: finetune_steps, schedule, out, repeats, measure_here, storage, device. Returns
+    (``hwprune export``). Options: finetune_steps, schedule, out, repeats, measure_here, storage, device,
+    trust_code (run the user code run.json names). Returns
     the summary (``measured_latency_ms``, ``artifacts``, test metric, ...)."""
     from hwprune.export import export_run
 
     args = _command_args("export", [str(run_dir), "--trial", str(trial)], options)
     return export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
-                      args.measure_here, log=log or _stderr, storage=args.storage, device=args.device)
+                      args.measure_here, log=log or _stderr, storage=args.storage, device=args.device,
+                      trust_code=args.trust_code)

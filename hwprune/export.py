@@ -327,8 +327,13 @@ def _identity(run_dir: Path, trial: int, steps: int, schedule: str, stages: int)
 def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | None = None,
                schedule: str = "oneshot", out: str | Path | None = None, repeats: int = 30,
                measure_here: bool = False, stages: int = 4, log: Callable[[str], None] = _log,
-               storage: str | None = None, device: str | None = None) -> dict[str, Any]:
-    """Export one trial of a search run; returns the summary ``hwprune export --json`` prints."""
+               storage: str | None = None, device: str | None = None, trust_code: bool = False) -> dict[str, Any]:
+    """Export one trial of a search run; returns the summary ``hwprune export --json`` prints.
+
+    A run whose model, data or task is user code (``file.py:factory``) is exported only with ``trust_code``:
+    run.json names that code, and export imports and runs it (a run directory from elsewhere is untrusted input).
+    """
+    from hwprune.factory import refuse_untrusted
     from hwprune.apply import save_pruned
     from hwprune.device.deploy import deploy
     from hwprune.device.onnxrt import RUNTIMES as ONNX_RUNTIMES, SessionModule, is_openvino, load as load_onnx
@@ -349,6 +354,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         raise HwpruneError(f"--finetune-steps must be >= 0, got {finetune_steps}")
     info = read_json(run / "run.json", "run file")
     spec = run_spec(info, storage)
+    if not trust_code:
+        refuse_untrusted({"model": spec.model, "data": spec.data, "task": spec.task}, f"run {str(run)!r}",
+                         "--trust-code (trust_code=True)")
     study = open_study(run, spec, load_only=True)
     trials = study.get_trials(deepcopy=False)
     fin = study.user_attrs.get("finish") or {}

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["is_factory_ref", "load_factory", "source_digest"]
+__all__ = ["is_factory_ref", "load_factory", "source_digest", "refuse_untrusted"]
 
 
 def source_digest(ref: str) -> str:
@@ -35,6 +35,23 @@ def source_digest(ref: str) -> str:
         return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path is not None else ""
     except OSError:
         return ""
+
+
+def refuse_untrusted(refs: dict[str, Any], source: str, how: str) -> None:
+    """Refuse to run code that a file names (an artifact, a run directory) when the caller did not name it.
+
+    A file's ``model: "os:system"`` must not become a call: ``torch.load(weights_only=True)`` keeps pickled code
+    out, and this keeps named code out. Registry names (``resnet20``, ``mnist1d``, ``classification``) are fine.
+
+    Args:
+        refs: what the file names, e.g. ``{"model": "my_model.py:build", "data": "mnist1d"}``.
+        source: the file, for the message.
+        how: what the caller passes to trust it (``--trust-code``, ``trust_code=True``).
+    """
+    code = [f"{k} {v!r}" for k, v in refs.items() if isinstance(v, str) and is_factory_ref(v)]
+    if code:
+        raise HwpruneError(f"{source} names user code ({', '.join(code)}); loading it would import and run that "
+                           f"code: pass {how} if you trust whoever wrote the file")
 
 
 def is_factory_ref(ref: str) -> bool:

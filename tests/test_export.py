@@ -23,7 +23,7 @@ def run_dir(tables, tmp_path_factory):  # noqa: F811
 
 
 def _export(run, cache, *extra):
-    return run_cli("export", str(run), "--finetune-steps", "6", "--repeats", "3", "--json", *extra,
+    return run_cli("export", str(run), "--trust-code", "--finetune-steps", "6", "--repeats", "3", "--json", *extra,
                    env={"HWPRUNE_CACHE": str(cache)})
 
 
@@ -81,7 +81,7 @@ def test_export_reloads_in_plain_torch_and_measures(run_dir, tmp_path):
     from hwprune.apply import load_pruned
     from hwprune.device.deploy import deploy
 
-    model, meta = load_pruned(tmp_path / "e" / "pruned.pt")
+    model, meta = load_pruned(tmp_path / "e" / "pruned.pt", trust_code=True)
     assert meta["policy"] == best
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
     deployed, _ = deploy(model, "cpu", x)  # with its example, as export deploys it (regions planned)

@@ -82,7 +82,7 @@ def test_unseen_machine_profiles_then_searches_and_exports(random_cnn1d, tmp_pat
                       "--weights", str(random_cnn1d), "--out", str(out), "--json", env=env)
     assert again.returncode == 0 and "measuring" not in again.stderr  # the table is found, not re-measured
 
-    exp = _fake_cli("export", str(out), "--finetune-steps", "3", "--repeats", "5", "--json", env=env)
+    exp = _fake_cli("export", str(out), "--trust-code", "--finetune-steps", "3", "--repeats", "5", "--json", env=env)
     assert exp.returncode == 0, exp.stderr[-2000:]
     e = json.loads(exp.stdout)
     assert e["fingerprint_matches"] and e["measured_latency_ms"] > 0
@@ -315,7 +315,7 @@ def test_export_warns_when_measured_over_budget(tables, tmp_path):  # noqa: F811
     its own numbers."""
     run, cache = tmp_path / "run", tmp_path / "cache"
     assert _search(tables, run, cache, "--trials", "2").returncode == 0
-    proc = run_cli("export", str(run), "--finetune-steps", "2", "--repeats", "3", "--json",
+    proc = run_cli("export", str(run), "--trust-code", "--finetune-steps", "2", "--repeats", "3", "--json",
                    env={"HWPRUNE_CACHE": str(cache)})
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)
@@ -348,7 +348,7 @@ def test_a_stacked_rnn_trained_by_the_search_exports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-1500:]
     weights = list(cache.glob("*.pt"))
     assert len(weights) == 1 and "rnn.weight_ih_l1" in torch.load(weights[0], weights_only=True)
-    exp = run_cli("export", str(run), "--finetune-steps", "2", "--repeats", "3", "--json", env=env)
+    exp = run_cli("export", str(run), "--trust-code", "--finetune-steps", "2", "--repeats", "3", "--json", env=env)
     assert exp.returncode == 0, exp.stderr[-1500:]
     assert json.loads(exp.stdout)["measured_latency_ms"] > 0
 

@@ -192,7 +192,7 @@ def test_artifact_reloads_equal_to_the_in_memory_model(name, tmp_path):
     pruned = prune_model(model, policy, example).eval()
     ref = f"{PAT}:{name}"
     save_pruned(tmp_path / "p.pt", pruned, policy, ref, {}, inputs.shape_of(example), 0, (), {}, example)
-    back, meta = load_pruned(tmp_path / "p.pt")
+    back, meta = load_pruned(tmp_path / "p.pt", model=ref)
     with torch.no_grad():
         torch.testing.assert_close(inputs.call(back, example), inputs.call(pruned, example), atol=0, rtol=0)
     assert meta["policy"]["keep"] == policy.to_dict()["keep"]
@@ -334,12 +334,12 @@ def test_inspect_profile_search_export_end_to_end(name, task, tmp_path):
                    "--trials", "2",
                    "--finetune-steps", "5", "--out", str(out), "--json", env=env)
     assert srch.returncode == 0, srch.stderr
-    exp = run_cli("export", str(out), "--trial", "best", "--finetune-steps", "5", "--repeats", "3", env=env)
+    exp = run_cli("export", str(out), "--trust-code", "--trial", "best", "--finetune-steps", "5", "--repeats", "3", env=env)
     assert exp.returncode == 0, exp.stderr
     dest = next(out.glob("export-*"))
     report = json.loads((dest / "export.json").read_text())
     assert report["measured_latency_ms"] > 0 and report["predicted_latency_ms"] > 0
-    model, meta = load_pruned(dest / "pruned.pt")  # token ids and two inputs: rebuilt from the stored rows
+    model, meta = load_pruned(dest / "pruned.pt", trust_code=True)  # token ids and two inputs: rebuilt from the stored rows
     assert meta["policy"] == report["policy"]
     width = lambda m: next((getattr(getattr(m, "inner", m), a) for a in  # noqa: E731 - a FormatSim wraps a layer
                             ("hidden_size", "out_channels", "out_features", "embedding_dim")

@@ -57,7 +57,7 @@ def test_search_and_export_in_the_compile_runtime(tmp_path, monkeypatch):
     assert any((cache / "inductor").rglob("*.py"))
     assert s["pareto"] and json.loads((run / "run.json").read_text())["spec"]["runtime"] == "compile"
 
-    exp = run_cli("export", str(run), "--finetune-steps", "3", "--repeats", "3", "--json", "--out",
+    exp = run_cli("export", str(run), "--trust-code", "--finetune-steps", "3", "--repeats", "3", "--json", "--out",
                   str(tmp_path / "e"), env=env)
     assert exp.returncode == 0, exp.stderr
     e = json.loads(exp.stdout)

@@ -380,7 +380,7 @@ def test_search_and_export_in_an_onnx_runtime_measure_the_file_that_runtime_load
                    "--tables", str(tables), "--out", str(run), "--json", env={"HWPRUNE_CACHE": str(tmp_path / "c")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"the {runtime} runtime offers int8" in proc.stderr or f"the {runtime} runtime runs every op" in proc.stderr
-    proc = run_cli("export", str(run), "--finetune-steps", "3", "--repeats", "3", "--json",
+    proc = run_cli("export", str(run), "--trust-code", "--finetune-steps", "3", "--repeats", "3", "--json",
                    env={"HWPRUNE_CACHE": str(tmp_path / "c")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(proc.stdout)

@@ -97,7 +97,7 @@ def test_a_token_input_language_model_through_inspect_profile_search_and_export(
     assert next(csv.reader(open(run / "pareto.csv")))[1] == "perplexity"
     plain = run_cli("pareto", str(run), env=env)
     assert plain.returncode == 0 and "perplexity" in plain.stdout
-    ex = run_cli("export", str(run), "--finetune-steps", "3", "--repeats", "3", "--json", "--out", str(tmp_path / "e"),
+    ex = run_cli("export", str(run), "--trust-code", "--finetune-steps", "3", "--repeats", "3", "--json", "--out", str(tmp_path / "e"),
                  env=env)
     assert ex.returncode == 0, ex.stderr
     e = json.loads(ex.stdout)

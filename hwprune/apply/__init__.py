@@ -7,6 +7,7 @@ and loads the weights with ``torch.load(weights_only=True)``: no pickled code.
 """
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 from typing import Any, Iterable
@@ -54,14 +55,35 @@ def save_pruned(path: str | Path, model: nn.Module, policy: Policy, model_ref: s
     write_atomic(Path(path), buf.getvalue())
 
 
-def load_pruned(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a pruned model from an artifact written by :func:`save_pruned`."""
+def load_pruned(path: str | Path, model: str | nn.Module | None = None, *,
+                trust_code: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a pruned model from an artifact written by :func:`save_pruned`.
+
+    The artifact names the dense model it was pruned from. A built-in model is built by name; a user model
+    (``file.py:factory``) is code, and loading never runs code the file names: give ``model`` (the dense
+    ``nn.Module``, or its reference, whose factory then gets the artifact's ``model_args``), or
+    ``trust_code=True`` to build the reference the artifact holds.
+    """
+    from hwprune.factory import refuse_untrusted
+
     p = Path(path)
     blob = safe_load(p, "pruned model")
     if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
         raise HwpruneError(f"{str(p)!r} is not an hwprune pruned model ({ARTIFACT_FORMAT})")
+    missing = [k for k in ("model", "model_args", "input_shape", "num_classes", "exclude", "policy", "state_dict")
+               if k not in blob]
+    if missing or not isinstance(blob["model"], str) or not isinstance(blob["model_args"], dict):
+        raise HwpruneError(f"pruned model {str(p)!r} is damaged or foreign (missing or bad: "
+                           f"{', '.join(missing) or 'model/model_args'})")
     shape = tuple(tuple(s) if isinstance(s, list) else s for s in blob["input_shape"])
-    dense = build_model(blob["model"], shape, blob["num_classes"], blob["model_args"])
+    if isinstance(model, nn.Module):
+        dense = copy.deepcopy(model)
+    else:
+        ref = model if model is not None else blob["model"]
+        if model is None and not trust_code:
+            refuse_untrusted({"model": ref}, f"pruned model {str(p)!r}",
+                             "the dense model (load_pruned(path, model=...)) or trust_code=True")
+        dense = build_model(ref, shape, blob["num_classes"], blob["model_args"])
     policy = Policy.from_dict(blob["policy"], source=str(p))
     example = blob.get("example")
     if example is None:  # an artifact written before examples were stored: float inputs of the stored shape

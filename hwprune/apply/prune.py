@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -11,7 +12,7 @@ from hwprune.apply.importance import (Batches, accumulate_grads, cnn_scores, mea
                                       rnn_scores)
 from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
-from hwprune.space import build_space, is_recurrent, prepare_model, rnn_plans
+from hwprune.space import Space, build_space, is_recurrent, prepare_model, rnn_plans
 from hwprune.space._cnn import CNNGroup, cnn_groups, unmapped_reshapes
 from hwprune.space._rnn import RNNGroupPlan
 from hwprune.space._cut import cut_plans
@@ -114,6 +115,32 @@ def unit_scores(model: nn.Module, example: torch.Tensor, *, exclude: Iterable[st
     return {g.name: s for g, s in _conv_scores(model, example, excl, importance, data)[1]}
 
 
+# model -> {(structure, exclude, example shapes): its checked space}. build_space cuts every group once to check it;
+# a search prunes one dense model hundreds of times, and the check's answer depends only on the model's structure.
+_SPACES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Space]]" = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> tuple:
+    return tuple((n, type(m).__qualname__, tuple(tuple(t.shape) for t in m.parameters(recurse=False)))
+                 for n, m in model.named_modules())
+
+
+def _checked_space(original: nn.Module, prepared: nn.Module, example: Any, excl: set[str]) -> Space:
+    """``build_space`` of ``prepared`` (a prepared copy of ``original``), remembered for ``original`` while its
+    structure is unchanged."""
+    from hwprune import inputs
+
+    key = (_structure(original), frozenset(excl), inputs.shape_of(example))
+    try:
+        known = _SPACES.setdefault(original, {})
+    except TypeError:  # a model that cannot be weakly referenced: checked every time
+        return build_space(prepared, example, excl)
+    if key not in known:
+        known.clear()
+        known[key] = build_space(prepared, example, excl)
+    return known[key]
+
+
 def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, exclude: Iterable[str] = (),
                 importance: str = "l1", batches: Batches | None = None, loss: Any = None) -> nn.Module:
     """A pruned copy of ``model`` (the original is untouched); formats are not applied here.
@@ -128,8 +155,9 @@ def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, excl
         loss: the task's ``loss(output, target)`` that ``taylor`` differentiates (default: cross-entropy).
     """
     excl = set(exclude)
+    original = model
     model, data = _prepared(model, example, excl, importance, batches, loss)
-    policy.validate(build_space(model, example, excl))
+    policy.validate(_checked_space(original, model, example, excl))
     if is_recurrent(model):
         _prune_recurrent(model, example, policy, excl, importance, data)
     else:

@@ -74,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hwprune.export import export_run
 
     s = export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
-                   args.measure_here, log=log, storage=args.storage, device=args.device)
+                   args.measure_here, log=log, storage=args.storage, device=args.device, trust_code=args.trust_code)
     if not args.json:
         m = s["measured_latency_ms"]
         mt, split = s.get("metric", "accuracy"), s["test_split"].split(" ")[0]
@@ -222,5 +222,9 @@ def register(sub: Any) -> None:
     ex.add_argument("--storage", help="the study's storage URL, when it has a password (run.json keeps it masked)")
     ex.add_argument("--device", type=device, default=None,
                     help="where the fine-tune runs: auto, cpu, cuda or cuda:N (default: the run's --device)")
+    ex.add_argument("--trust-code", action="store_true",
+                    help="import and run the model/data/task code (file.py:factory, pkg.module:factory) that the "
+                         "run's run.json names; without it a run of user code is refused, since a run directory "
+                         "from elsewhere could name any code (built-in models and data need no trust)")
     ex.add_argument("--json", action="store_true", help="print the summary as JSON")
     ex.set_defaults(fn=cmd_export)

@@ -56,6 +56,23 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
         raise HwpruneError(f"cannot open study {spec.name!r} in {where!r}: {one_line(exc)}") from exc
 
 
+def check_storage(url: str) -> None:
+    """Open an RDB storage once (Optuna creates its tables if they are missing), so a bad URL, a missing driver or
+    an unreachable server is a one-line error before minutes of profiling and training."""
+    import optuna
+
+    from hwprune._io import mask_url
+
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_compatibility_check=False)
+        storage.engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - the user's URL or server: one line, password masked
+        msg = one_line(exc).replace(url, mask_url(url) or "")
+        raise HwpruneError(f"cannot open storage {mask_url(url)!r}: {msg}; check the URL "
+                           f"(e.g. postgresql://user:password@host:5432/db or sqlite:///path/studies.db) and that "
+                           f"the server is reachable") from exc
+
+
 def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], None]) -> Any:
     """Propose, train and tell one trial (ask-and-tell: the study holds the repaired policy, see
     :mod:`hwprune.search.trial`). A failing fine-tune fails its trial with the reason and the search goes
@@ -312,6 +329,8 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     spec.validate()
     out = Path(spec.out or Path("runs") / spec.name)
     check_run_dir(out, spec.identity())  # before any training or reading: a wrong --out costs nothing
+    if spec.storage:
+        check_storage(spec.storage)  # a typo in the URL, a missing driver, a server down: before any profiling
     if spec.backend == "ray":
         from hwprune.search.ray_backend import check_ray
 
@@ -441,10 +460,24 @@ def load_front(run_dir: str | Path, storage: str | None = None) -> SearchResult:
 
 
 def run_task(info: dict[str, Any]) -> Any:
-    """The task a run scored with (runs of older versions: classification)."""
-    from hwprune.tasks import get_task
+    """The task a run scored with (runs of older versions: classification), for reading its results: a user task
+    (``file.py:factory``) is not imported (run.json may come from anyone); its metric and direction come from
+    run.json, and it cannot score."""
+    from hwprune.factory import is_factory_ref
+    from hwprune.tasks import Task, get_task
 
-    return get_task(info.get("task") or (info.get("spec") or {}).get("task"))
+    ref = info.get("task") or (info.get("spec") or {}).get("task")
+    if not (isinstance(ref, str) and is_factory_ref(ref)):
+        return get_task(ref)
+    metric, direction = info.get("metric"), info.get("direction")
+    if not isinstance(metric, str) or direction not in ("max", "min"):
+        raise HwpruneError(f"run.json names user task {ref!r} without its metric and direction; the run is damaged "
+                           f"or from an older hwprune")
+
+    def unavailable(*_: Any) -> Any:
+        raise HwpruneError(f"user task {ref!r} is not loaded when a run is read back")
+
+    return Task(ref, metric, direction, unavailable, unavailable)
 
 
 def run_limit(info: dict[str, Any]) -> float:
@@ -454,14 +487,14 @@ def run_limit(info: dict[str, Any]) -> float:
 
 def run_spec(info: dict[str, Any], storage: str | None = None) -> SearchSpec:
     """The spec a run.json recorded; ``storage`` supplies the URL whose password run.json does not keep."""
-    from hwprune._io import mask_url
+    from hwprune._io import is_masked, mask_url
 
     spec = SearchSpec(**info["spec"])
     if storage:
         if mask_url(storage) != spec.storage:
             raise HwpruneError(f"--storage {mask_url(storage)!r} is not the run's storage {spec.storage!r}")
         spec.storage = storage
-    elif spec.storage and ":***@" in spec.storage:
+    elif is_masked(spec.storage):
         raise HwpruneError(f"the run's study is in {spec.storage!r}, and run.json does not keep its password; "
                            f"pass --storage with the full URL")
     return spec

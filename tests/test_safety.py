@@ -1,0 +1,145 @@
+"""Safe to load, safe to share (issue 35): artifacts and run directories run no code they name, secrets of a
+storage URL never reach run.json."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hwprune.apply import apply_policy, load_pruned, save_pruned
+from hwprune.errors import HwpruneError
+from hwprune.policy import Policy
+
+
+def _evil(tmp_path):
+    """A user module that leaves a mark when it is imported and when its factory is called."""
+    mark = tmp_path / "PWNED"
+    src = tmp_path / "evil.py"
+    src.write_text(f"open({str(mark)!r}, 'a').write('imported\\n')\n"
+                   f"import torch\n"
+                   f"def build(**kw):\n"
+                   f"    open({str(mark)!r}, 'a').write('called\\n')\n"
+                   f"    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),"
+                   f" torch.nn.Linear(8 * 6 * 6, 3))\n")
+    return mark, f"{src}:build"
+
+
+def _dense():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+
+
+def _artifact(path, ref, args=None):
+    dense, x = _dense(), torch.randn(2, 1, 8, 8)
+    policy = Policy({"0": 0.5}, channel_multiple=1)
+    pruned = apply_policy(dense, policy, x)
+    save_pruned(path, pruned, policy, ref, args or {}, (1, 8, 8), 3, (), {}, x)
+    return dense, pruned, x
+
+
+def test_a_hostile_artifact_runs_nothing(tmp_path):
+    """os:system named by the file, with the command as its model_args: refused before anything is called."""
+    mark = tmp_path / "PWNED"
+    _artifact(tmp_path / "p.pt", "os:system", {"command": f"echo PWNED > {mark}"})
+    with pytest.raises(HwpruneError, match=r"names user code \(model 'os:system'\).*trust_code=True"):
+        load_pruned(tmp_path / "p.pt")
+    assert not mark.exists()
+
+
+def test_a_user_model_artifact_loads_only_when_the_caller_names_the_model(tmp_path):
+    mark, ref = _evil(tmp_path)
+    dense, pruned, x = _artifact(tmp_path / "p.pt", ref)
+    with pytest.raises(HwpruneError, match="names user code"):
+        load_pruned(tmp_path / "p.pt")
+    assert not mark.exists()  # not even imported
+    back, meta = load_pruned(tmp_path / "p.pt", model=dense)  # the caller's own dense model: nothing imported
+    assert not mark.exists() and meta["model"] == ref
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), pruned.eval()(x), atol=0, rtol=0)
+    back2, _ = load_pruned(tmp_path / "p.pt", trust_code=True)  # trusted: the file's reference is built
+    assert mark.read_text() == "imported\ncalled\n"
+    assert back2[0].out_channels == 4
+
+
+def test_a_damaged_artifact_is_one_line(tmp_path):
+    torch.save({"format": "hwprune-pruned-model/1", "model": "resnet20"}, tmp_path / "p.pt")
+    with pytest.raises(HwpruneError, match="damaged or foreign"):
+        load_pruned(tmp_path / "p.pt")
+
+
+def _hostile_run(tmp_path, **refs):
+    from hwprune.search.spec import SearchSpec
+
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = SearchSpec(**{"model": "cnn1d", "data": "mnist1d", **refs})
+    (run / "run.json").write_text(json.dumps({"identity": {}, "spec": spec.public(), "budget_ms": 1.0,
+                                              "limit_ms": 1.0, "table_fingerprint": {}, "batch_size": 1,
+                                              "metric": "accuracy", "direction": "max",
+                                              "task": refs.get("task")}))
+    return run
+
+
+@pytest.mark.parametrize("field", ["model", "data", "task"])
+def test_export_of_a_run_naming_user_code_needs_trust(tmp_path, field):
+    from hwprune.export import export_run
+
+    mark, ref = _evil(tmp_path)
+    run = _hostile_run(tmp_path, **{field: ref})
+    with pytest.raises(HwpruneError, match=rf"names user code \({field} '.*evil.py:build'\).*--trust-code"):
+        export_run(run)
+    assert not mark.exists() and sorted(p.name for p in run.iterdir()) == ["run.json"]
+
+
+def test_reading_a_run_never_imports_its_user_task(tmp_path):
+    """pareto and trials.csv need the metric's name and direction: from run.json, not from the task's code."""
+    from hwprune.search.controller import run_task
+
+    mark, ref = _evil(tmp_path)
+    task = run_task({"task": ref, "metric": "bleu", "direction": "max"})
+    assert (task.metric, task.direction, task.show(0.5)) == ("bleu", "max", 0.5)
+    assert not mark.exists()
+    with pytest.raises(HwpruneError, match="without its metric"):
+        run_task({"task": ref})
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://bob:s3cret@db:5432/studies", "postgresql://bob:***@db:5432/studies"),
+    ("postgresql://db/studies?password=s3cret&sslmode=require", "postgresql://db/studies?password=***&sslmode=require"),
+    ("postgresql+psycopg2://bob:p%40ss@db/s?sslpassword=k&auth_token=t",
+     "postgresql+psycopg2://bob:***@db/s?auth_token=***&sslpassword=***"),
+    ("sqlite:///runs/x.db", "sqlite:///runs/x.db"),
+    ("runs/x.db", "runs/x.db"),
+])
+def test_every_secret_of_a_storage_url_is_masked(url, shown):
+    from hwprune._io import is_masked, mask_url
+
+    assert mask_url(url) == shown
+    assert "s3cret" not in shown and "p%40ss" not in shown
+    assert is_masked(mask_url(url)) == (url != shown)
+
+
+def test_a_query_password_never_reaches_run_json(tmp_path):
+    from hwprune.search.controller import run_spec
+    from hwprune.search.spec import SearchSpec
+
+    url = "postgresql://db.example/studies?password=s3cret"
+    public = SearchSpec(model="cnn1d", data="mnist1d", storage=url).public()
+    assert "s3cret" not in json.dumps(public)
+    with pytest.raises(HwpruneError, match="does not keep its password"):
+        run_spec({"spec": public})
+    assert run_spec({"spec": public}, storage=url).storage == url
+
+
+def test_a_bad_storage_url_fails_before_any_profiling_or_training(tmp_path):
+    from hwprune.search.controller import run_search
+    from hwprune.search.spec import SearchSpec
+
+    def prepare(*_):
+        raise AssertionError("profiling / training started before the storage was opened")
+
+    spec = SearchSpec(model="cnn1d", data="mnist1d", budget="50%", out=str(tmp_path / "run"),
+                      storage=f"sqlite:///{tmp_path}/no/such/dir/studies.db?password=s3cret")
+    with pytest.raises(HwpruneError, match=r"cannot open storage 'sqlite:///.*password=\*\*\*'") as err:
+        run_search(spec, log=lambda m: None, prepare=prepare)
+    assert "s3cret" not in str(err.value) and not (tmp_path / "run").exists()
