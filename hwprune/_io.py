@@ -1,15 +1,19 @@
 """Small file helpers: atomic writes, strict JSON reads."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hwprune.errors import HwpruneError
 
-__all__ = ["write_atomic", "read_json", "cache_root", "mask_url", "is_masked", "file_lock"]
+__all__ = ["write_atomic", "read_json", "cache_root", "mask_url", "is_masked", "file_lock", "staged_dir",
+           "relocated"]
 
 
 def _current_umask() -> int:
@@ -98,3 +102,56 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise HwpruneError(f"{what} {str(p)!r} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HwpruneError(f"{what} {str(p)!r} is not valid JSON (truncated or edited?): {exc}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """A folder whose content is built in a hidden sibling (``.NAME.partial-HOST-PID``) and renamed to ``dest``
+    only when the ``with`` block completes: a crash or kill leaves no half-written ``dest``, so the same command
+    runs again. A sibling left by a process of this host that is gone is removed first; one that raises removes
+    its own. ``dest`` may exist empty; a non-empty ``dest`` at the end (another process finished first) is an
+    error, and this one's work is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}.partial-{socket.gethostname()}-"
+    for old in dest.parent.glob(prefix + "*"):
+        pid = old.name[len(prefix):]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    work = dest.parent / f"{prefix}{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+        if dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()
+        try:
+            os.rename(work, dest)
+        except OSError as exc:
+            raise HwpruneError(f"{str(dest)!r} was written by another process while this one worked; "
+                               f"this one's result is dropped ({exc.strerror})") from exc
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def relocated(obj: Any, old: Path, new: Path) -> Any:
+    """``obj`` (JSON-like) with every string path under ``old`` moved under ``new`` (a staged folder's files
+    named where they end up)."""
+    if isinstance(obj, str):
+        return str(new) + obj[len(str(old)):] if obj == str(old) or obj.startswith(str(old) + os.sep) else obj
+    if isinstance(obj, dict):
+        return {k: relocated(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(relocated(v, old, new) for v in obj)
+    return obj

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from hwprune._compat import torchscript
-from hwprune._io import read_json, write_atomic
+from hwprune._io import read_json, relocated, staged_dir, write_atomic
 from hwprune import inputs
 from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
@@ -405,85 +405,87 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     space = build_space(setup.model, setup.example, spec.exclude)
     sim_acc = evaluate(model, test, task=task)
     val_acc = evaluate(model, data.val, task=task)
-    dest.mkdir(parents=True, exist_ok=True)
-    save_pruned(dest / "pruned.pt", model, policy, spec.model, setup.model_args, setup.input_shape,
-                setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps}, setup.example)
-    stats = model_stats(model, setup.example)
-    # the table's threads, engine and allocator from deploying to measuring (the fingerprint includes them); the
-    # process's own come back after (the fine-tune above ran with them)
-    with target.settings() if target.is_local() else contextlib.nullcontext():
-        if target.is_local():
-            deployed, rep = deploy(copy.deepcopy(model).eval(), target, setup.example)
-            deployed = deployed.to(target.device)
-        else:
-            deployed, rep = model.eval(), None
-            log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
-        test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
-        x = inputs.to_device(setup.inputs(info["batch_size"]), target.device if rep is not None else "cpu")  # real inputs (token ids too)
-        calib = [inputs.positional(deployed, inputs.to_device(xb, target.device if rep is not None else "cpu"))
-                 for xb, _ in few_batches(data.train)]  # real inputs: the ONNX file's static int8 scales
-        artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), dest, x, spec.runtime, calib)
-        if not artifacts:
-            log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
-        own = "openvino" if is_openvino(spec.runtime) else "onnx"  # the file the runtime loads
-        if spec.runtime in ONNX_RUNTIMES and rep is not None:
-            if own in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
-                test_acc = evaluate(SessionModule(load_onnx(spec.runtime, artifacts[own],
-                                                            target.threads or torch.get_num_threads())), test, task=task)
+    # built in a hidden sibling and renamed into place when complete: a killed export leaves no half-written
+    # folder, and the same command runs again
+    with staged_dir(dest) as work:
+        save_pruned(work / "pruned.pt", model, policy, spec.model, setup.model_args, setup.input_shape,
+                    setup.num_classes, spec.exclude, {"schedule": schedule, "finetune_steps": steps}, setup.example)
+        stats = model_stats(model, setup.example)
+        # the table's threads, engine and allocator from deploying to measuring (the fingerprint includes them); the
+        # process's own come back after (the fine-tune above ran with them)
+        with target.settings() if target.is_local() else contextlib.nullcontext():
+            if target.is_local():
+                deployed, rep = deploy(copy.deepcopy(model).eval(), target, setup.example)
+                deployed = deployed.to(target.device)
             else:
-                fname = "model.xml" if own == "openvino" else "model.onnx"
-                log(f"hwprune: warning: no {fname} for the {spec.runtime} runtime "
-                    f"({checks.get(own, {}).get('error')}); the test {metric} is the in-memory model's")
-        if spec.runtime == "compile" and rep is not None:
-            log(f"hwprune: compiling the AOTInductor package for batch {inputs.batch_len(x)} (the compile runtime's artifact)")
-            _save_aoti(deployed, x, dest, artifacts, checks)
-        measured = None
-        if here is not None and (not differs or measure_here):
-            torch.manual_seed(0)
-            measured = _measure_export(deployed, artifacts, x, target, repeats, info, spec, setup, chosen.values[1],
-                                       log)
-    pred_ms = chosen.values[1]
-    over = measured is not None and measured["adjusted_ms"] > info["budget_ms"]
-    if measured is not None:
-        raw_over = measured["median_ms"] > info["budget_ms"]
-        if over or raw_over:
-            both = (f"measured {measured['median_ms']:.4f} ms, {measured['adjusted_ms']:.4f} ms at the table's "
-                    f"speed (factor {measured['speed_factor']:.3f})")
-            log(f"hwprune: warning: {both}; budget {info['budget_ms']:.4f} ms (predicted {pred_ms:.4f} ms): "
-                + (f"over the budget by {measured['adjusted_ms'] / info['budget_ms'] - 1:.1%} at the speed the "
-                   f"table was measured at; export a faster point of the front (hwprune pareto), or search again "
-                   f"with a larger --budget-margin" if over else
-                   "over the budget as measured, within it at the table's speed: this machine is slower now than "
-                   "when it was profiled"))
-    prov = {"run": str(run), "study": spec.name, "trial": chosen.number, "model": spec.model,
-            "model_args": setup.model_args, "data": spec.data, "weights": setup.weights, "target": spec.target,
-            "batch_size": info["batch_size"], "table": info.get("table"), "table_fingerprint": run_fp,
-            "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"],
-            f"search_val_{metric}": task.show(chosen.values[0]), f"test_{metric}": test_acc, "schedule": schedule,
-            "task": task.name, "metric": metric,
-            "finetune_steps": steps}
-    write_atomic(dest / "policy.json", json.dumps({**policy.to_dict(), "provenance": prov}, indent=2,
-                                                  sort_keys=True) + "\n")
-    summary: dict[str, Any] = {
-        "identity": ident, "run": str(run), "trial": chosen.number, "out": str(dest), "schedule": schedule,
-        "runtime": spec.runtime,
-        "finetune_steps": steps, "policy": policy.to_dict(), "units": policy.units(space),
-        "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
-        "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
-        "over_budget": over if measured is not None else None,
-        "fingerprint_matches": not differs, "fingerprint_differs_in": differs,
-        "task": task.name, "metric": metric, "direction": task.direction,
-        "test_split": split, f"dense_test_{metric}": dense_acc, f"test_{metric}": test_acc,
-        f"test_{metric}_simulated": sim_acc, f"val_{metric}": val_acc, f"search_val_{metric}": task.show(chosen.values[0]),
-        "params": stats.params, "flops": stats.flops,
-        "formats_real": rep.real if rep else {}, "formats_simulated": rep.simulated if rep else dict(policy.formats),
-        "precision_regions": rep.regions if rep else None, "casts": rep.casts if rep else None,
-        "artifacts": {**artifacts, "hwprune": str(dest / "pruned.pt"), "policy": str(dest / "policy.json"),
-                      "report": str(dest / "report.md")},
-        "artifact_checks": checks, "seconds": round(time.time() - t0, 1)}
-    pts = front(trials, run_limit(info))
-    write_atomic(dest / "report.md", _report(summary, spec, info, pts, run_fp, here))
-    write_atomic(dest / "export.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+                deployed, rep = model.eval(), None
+                log(f"hwprune: the {spec.target} kernels need the device; the exported model keeps simulated formats")
+            test_acc = evaluate(deployed, test, task=task) if rep is not None else sim_acc  # batch by batch, on the model's device
+            x = inputs.to_device(setup.inputs(info["batch_size"]), target.device if rep is not None else "cpu")  # real inputs (token ids too)
+            calib = [inputs.positional(deployed, inputs.to_device(xb, target.device if rep is not None else "cpu"))
+                     for xb, _ in few_batches(data.train)]  # real inputs: the ONNX file's static int8 scales
+            artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), work, x, spec.runtime, calib)
+            if not artifacts:
+                log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
+            own = "openvino" if is_openvino(spec.runtime) else "onnx"  # the file the runtime loads
+            if spec.runtime in ONNX_RUNTIMES and rep is not None:
+                if own in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
+                    test_acc = evaluate(SessionModule(load_onnx(spec.runtime, artifacts[own],
+                                                                target.threads or torch.get_num_threads())), test, task=task)
+                else:
+                    fname = "model.xml" if own == "openvino" else "model.onnx"
+                    log(f"hwprune: warning: no {fname} for the {spec.runtime} runtime "
+                        f"({checks.get(own, {}).get('error')}); the test {metric} is the in-memory model's")
+            if spec.runtime == "compile" and rep is not None:
+                log(f"hwprune: compiling the AOTInductor package for batch {inputs.batch_len(x)} (the compile runtime's artifact)")
+                _save_aoti(deployed, x, work, artifacts, checks)
+            measured = None
+            if here is not None and (not differs or measure_here):
+                torch.manual_seed(0)
+                measured = _measure_export(deployed, artifacts, x, target, repeats, info, spec, setup, chosen.values[1],
+                                           log)
+        pred_ms = chosen.values[1]
+        over = measured is not None and measured["adjusted_ms"] > info["budget_ms"]
+        if measured is not None:
+            raw_over = measured["median_ms"] > info["budget_ms"]
+            if over or raw_over:
+                both = (f"measured {measured['median_ms']:.4f} ms, {measured['adjusted_ms']:.4f} ms at the table's "
+                        f"speed (factor {measured['speed_factor']:.3f})")
+                log(f"hwprune: warning: {both}; budget {info['budget_ms']:.4f} ms (predicted {pred_ms:.4f} ms): "
+                    + (f"over the budget by {measured['adjusted_ms'] / info['budget_ms'] - 1:.1%} at the speed the "
+                       f"table was measured at; export a faster point of the front (hwprune pareto), or search again "
+                       f"with a larger --budget-margin" if over else
+                       "over the budget as measured, within it at the table's speed: this machine is slower now than "
+                       "when it was profiled"))
+        prov = {"run": str(run), "study": spec.name, "trial": chosen.number, "model": spec.model,
+                "model_args": setup.model_args, "data": spec.data, "weights": setup.weights, "target": spec.target,
+                "batch_size": info["batch_size"], "table": info.get("table"), "table_fingerprint": run_fp,
+                "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"],
+                f"search_val_{metric}": task.show(chosen.values[0]), f"test_{metric}": test_acc, "schedule": schedule,
+                "task": task.name, "metric": metric,
+                "finetune_steps": steps}
+        write_atomic(work / "policy.json", json.dumps({**policy.to_dict(), "provenance": prov}, indent=2,
+                                                      sort_keys=True) + "\n")
+        summary: dict[str, Any] = {
+            "identity": ident, "run": str(run), "trial": chosen.number, "out": str(dest), "schedule": schedule,
+            "runtime": spec.runtime,
+            "finetune_steps": steps, "policy": policy.to_dict(), "units": policy.units(space),
+            "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
+            "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
+            "over_budget": over if measured is not None else None,
+            "fingerprint_matches": not differs, "fingerprint_differs_in": differs,
+            "task": task.name, "metric": metric, "direction": task.direction,
+            "test_split": split, f"dense_test_{metric}": dense_acc, f"test_{metric}": test_acc,
+            f"test_{metric}_simulated": sim_acc, f"val_{metric}": val_acc, f"search_val_{metric}": task.show(chosen.values[0]),
+            "params": stats.params, "flops": stats.flops,
+            "formats_real": rep.real if rep else {}, "formats_simulated": rep.simulated if rep else dict(policy.formats),
+            "precision_regions": rep.regions if rep else None, "casts": rep.casts if rep else None,
+            "artifacts": {**relocated(artifacts, work, dest), "hwprune": str(dest / "pruned.pt"), "policy": str(dest / "policy.json"),
+                          "report": str(dest / "report.md")},
+            "artifact_checks": relocated(checks, work, dest), "seconds": round(time.time() - t0, 1)}
+        pts = front(trials, run_limit(info))
+        write_atomic(work / "report.md", _report(summary, spec, info, pts, run_fp, here))
+        write_atomic(work / "export.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     return summary
 
 

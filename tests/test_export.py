@@ -153,3 +153,58 @@ def test_gradual_and_oneshot_reach_the_same_architecture():
     # hand-computed: features.0 keeps 16 of 32, features.3 16 of 64, features.6 all 64, fc1 96 of 128
     assert shapes["gradual"]["features.0.weight"][0] == 16 and shapes["gradual"]["features.3.weight"][:2] == (16, 16)
     assert shapes["gradual"]["fc1.weight"][0] == 96
+
+
+def test_kill_9_during_export_then_the_same_command_runs(run_dir, tmp_path):
+    """Killed while it writes its artifacts (the staged folder exists): nothing is left at --out, and the same
+    command then exports (the dead process's staged folder removed)."""
+    import os
+    import signal
+    import time
+
+    from conftest import ROOT
+
+    run, cache = run_dir
+    dest = tmp_path / "e"
+    cmd = [sys.executable, "-m", "hwprune", "export", str(run), "--trust-code", "--finetune-steps", "6",
+           "--repeats", "3", "--json", "--out", str(dest)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "HWPRUNE_CACHE": str(cache)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        staged = list(tmp_path.glob(".e.partial-*"))
+        if staged and (staged[0] / "pruned.pt").exists():
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the export ended before it could be killed: " + proc.stderr.read().decode()[-500:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not dest.exists() and len(list(tmp_path.glob(".e.partial-*"))) == 1
+    again = _export(run, cache, "--out", str(dest))
+    assert again.returncode == 0, again.stderr
+    s = json.loads(again.stdout)
+    assert s["out"] == str(dest) and all(str(dest) in p for p in s["artifacts"].values())
+    assert all(os.path.exists(p) for p in s["artifacts"].values())
+    assert not list(tmp_path.glob(".e.partial-*"))  # the dead one's staged folder is gone
+
+
+def test_a_staged_folder_is_renamed_only_when_complete(tmp_path):
+    from hwprune._io import relocated, staged_dir
+    from hwprune.errors import HwpruneError
+
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_dir(dest) as work:
+            (work / "a").write_text("x")
+            raise RuntimeError("crash")
+    assert not dest.exists() and not list(tmp_path.iterdir())
+    (tmp_path / ".out.partial-{}-999999999".format(__import__("socket").gethostname())).mkdir()  # a dead pid's
+    with staged_dir(dest) as work:
+        (work / "a").write_text("y")
+        assert relocated({"f": [str(work / "a")], "g": str(work) + "x"}, work, dest) == \
+            {"f": [str(dest / "a")], "g": str(work) + "x"}
+    assert (dest / "a").read_text() == "y" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(HwpruneError, match="written by another process"):
+        with staged_dir(dest) as work:
+            (work / "b").write_text("z")
+    assert sorted(p.name for p in dest.iterdir()) == ["a"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
