@@ -341,18 +341,18 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     from hwprune.measure import model_stats
     from hwprune.search.context import dense_setup
     from hwprune.search.controller import open_study, run_limit, run_spec
-    from hwprune.search.rundir import front
+    from hwprune.search.rundir import front, read_run
     from hwprune.space import build_space
     from hwprune.train import evaluate, few_batches
 
     run = Path(run_dir)
     if not (run / "run.json").exists():
         raise HwpruneError(f"{str(run)!r} is not a search run directory (no run.json); give the --out of 'hwprune search'")
+    info = read_run(run)
     if schedule not in SCHEDULES:
         raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if finetune_steps is not None and finetune_steps < 0:
         raise HwpruneError(f"--finetune-steps must be >= 0, got {finetune_steps}")
-    info = read_json(run / "run.json", "run file")
     spec = run_spec(info, storage)
     if not trust_code:
         refuse_untrusted({"model": spec.model, "data": spec.data, "task": spec.task}, f"run {str(run)!r}",

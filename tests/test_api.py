@@ -21,7 +21,7 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
             .replace("trials=30", f"trials=3, finetune_steps=3, batch_size=4, tables={str(tmp_path / 't')!r}")
             .replace('budget="50%"', 'budget="1ms"')  # a 2-layer MLP at batch 4 is launch-bound: no share of it
             .replace('out="runs/mine"', f"out={str(tmp_path / 'run')!r}")
-            .replace('trial="best")', 'trial="best", finetune_steps=10, repeats=5)'))
+            .replace('trial="best", trust_code=True)', 'trial="best", trust_code=True, finetune_steps=10, repeats=5)'))
     assert code.count(repr(MLP)) == 1 and "finetune_steps=10" in code and "trials=3," in code and "1ms" in code
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)

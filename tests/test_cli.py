@@ -42,7 +42,7 @@ def test_user_model_and_data_through_inspect_and_apply(tmp_path):
     assert 0.0 <= s["val_accuracy_after"] <= 1.0 and s["units"] == {"0": 4, "3": 4}
 
     from hwprune import load_pruned
-    model, meta = load_pruned(out)
+    model, meta = load_pruned(out, model=USER_MODEL)  # the caller names the user model: nothing else is imported
     assert meta["policy"]["keep"] == {"0": 0.5, "3": 0.25}
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
     assert type(model[7]).__name__ == "FormatSim"

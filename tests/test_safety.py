@@ -72,7 +72,7 @@ def _hostile_run(tmp_path, **refs):
 
     run = tmp_path / "run"
     run.mkdir()
-    spec = SearchSpec(**{"model": "cnn1d", "data": "mnist1d", **refs})
+    spec = SearchSpec(**{"model": "cnn1d", "data": "mnist1d", "budget": "50%", **refs})
     (run / "run.json").write_text(json.dumps({"identity": {}, "spec": spec.public(), "budget_ms": 1.0,
                                               "limit_ms": 1.0, "table_fingerprint": {}, "batch_size": 1,
                                               "metric": "accuracy", "direction": "max",
@@ -124,7 +124,7 @@ def test_a_query_password_never_reaches_run_json(tmp_path):
     from hwprune.search.spec import SearchSpec
 
     url = "postgresql://db.example/studies?password=s3cret"
-    public = SearchSpec(model="cnn1d", data="mnist1d", storage=url).public()
+    public = SearchSpec(model="cnn1d", data="mnist1d", budget="50%", storage=url).public()
     assert "s3cret" not in json.dumps(public)
     with pytest.raises(HwpruneError, match="does not keep its password"):
         run_spec({"spec": public})
@@ -143,3 +143,61 @@ def test_a_bad_storage_url_fails_before_any_profiling_or_training(tmp_path):
     with pytest.raises(HwpruneError, match=r"cannot open storage 'sqlite:///.*password=\*\*\*'") as err:
         run_search(spec, log=lambda m: None, prepare=prepare)
     assert "s3cret" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+def _valid_run_json():
+    from hwprune.search.spec import SearchSpec
+
+    spec = SearchSpec(model="cnn1d", data="mnist1d", budget="50%")
+    return {"identity": spec.identity(), "spec": spec.public(), "budget_ms": 1.0, "limit_ms": 0.9,
+            "speed_factor": 1.0, "task": "classification", "metric": "accuracy", "direction": "max",
+            "table": "t.json", "table_fingerprint": {"cpu": "x"}, "batch_size": 1, "grid": [0.5, 1.0],
+            "menus": {}, "prices": {}, "versions": {}}
+
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    leaf = st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True) | st.text(max_size=5)
+    return st.recursive(leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c,
+                                                                                  max_size=3), max_leaves=6)
+
+
+def test_an_edited_run_json_is_a_one_line_error_never_a_traceback(tmp_path):
+    """Fuzzed: any field of run.json or of its spec deleted or replaced by any JSON value; reading the run
+    (what export and pareto do first) either works or raises HwpruneError."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from hwprune.search.controller import run_limit, run_spec, run_task
+    from hwprune.search.rundir import read_run
+
+    base = _valid_run_json()
+    keys = [("top", k) for k in base] + [("spec", k) for k in base["spec"]] + [("top", "extra")]
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.sampled_from(keys), st.booleans(), _json_values()), min_size=1, max_size=3))
+    def check(edits):
+        info = json.loads(json.dumps(base))
+        for (where, key), delete, value in edits:
+            d = info if where == "top" else info["spec"] if isinstance(info.get("spec"), dict) else None
+            if d is None:
+                continue
+            if delete:
+                d.pop(key, None)
+            else:
+                d[key] = value
+        (tmp_path / "run.json").write_text(json.dumps(info))
+        try:
+            got = read_run(tmp_path)
+            spec = run_spec(got)
+            run_limit(got), run_task(got)
+            assert isinstance(spec.budget, str) and got["budget_ms"] > 0
+        except HwpruneError as exc:
+            assert "\n" not in str(exc)
+
+    check()
+    for text in ("[1, 2]", "{", "null", '"x"'):
+        (tmp_path / "run.json").write_text(text)
+        with pytest.raises(HwpruneError):
+            read_run(tmp_path)

@@ -447,10 +447,10 @@ def enqueue_seeds(ctx: SearchContext, study: Any, log: Callable[[str], None]) ->
 
 def load_front(run_dir: str | Path, storage: str | None = None) -> SearchResult:
     """The front of a finished or running search, read back from its run directory."""
-    from hwprune._io import read_json
+    from hwprune.search.rundir import read_run
 
     out = Path(run_dir)
-    info = read_json(out / "run.json", "run file")
+    info = read_run(out)
     spec = run_spec(info, storage)
     study = open_study(out, spec, load_only=True)
     pts = front(study.get_trials(deepcopy=False), run_limit(info))
@@ -486,10 +486,24 @@ def run_limit(info: dict[str, Any]) -> float:
 
 
 def run_spec(info: dict[str, Any], storage: str | None = None) -> SearchSpec:
-    """The spec a run.json recorded; ``storage`` supplies the URL whose password run.json does not keep."""
-    from hwprune._io import is_masked, mask_url
+    """The spec a run.json recorded, each field type-checked; ``storage`` supplies the URL whose password
+    run.json does not keep."""
+    import dataclasses
 
-    spec = SearchSpec(**info["spec"])
+    from hwprune._io import is_masked, mask_url
+    from hwprune.search.spec import _check
+
+    raw = info.get("spec")
+    if not isinstance(raw, dict):
+        raise HwpruneError("run.json has no spec mapping; the file is damaged or not hwprune's")
+    known = {f.name for f in dataclasses.fields(SearchSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise HwpruneError(f"run.json's spec has field(s) this hwprune does not know ({', '.join(unknown[:4])}): "
+                           f"written by a newer hwprune, or edited")
+    spec = SearchSpec(**{k: _check(k, v, "run.json's spec") for k, v in raw.items()})
+    if not spec.model or not spec.data or not spec.budget:
+        raise HwpruneError("run.json's spec lacks its model, data or budget; the file is damaged or edited")
     if storage:
         if mask_url(storage) != spec.storage:
             raise HwpruneError(f"--storage {mask_url(storage)!r} is not the run's storage {spec.storage!r}")

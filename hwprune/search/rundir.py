@@ -6,16 +6,77 @@ import io
 import json
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from hwprune._io import read_json, write_atomic
 from hwprune.errors import HwpruneError
 
-__all__ = ["check_run_dir", "claim_run_dir", "results_lock", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
+__all__ = ["RunInfo", "read_run", "check_run_dir", "claim_run_dir", "results_lock", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
 
 TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "limit_ms", "feasible", "repairs",
                  "mean_keep", "formats", "flops", "params", "seconds", "train_seconds", "duplicate_of", "error", "owner",
                  "node"]
+
+
+class RunInfo(TypedDict, total=False):
+    """run.json: what a search run recorded, as :func:`read_run` checked it (required: spec, budget_ms,
+    table_fingerprint, batch_size)."""
+
+    identity: dict[str, Any]
+    spec: dict[str, Any]  # a SearchSpec's fields (password masked): hwprune.search.controller.run_spec
+    budget_ms: float
+    limit_ms: float
+    budget_margin: float
+    speed_factor: float
+    dense_predicted_ms: float
+    task: str | None
+    metric: str
+    direction: str
+    table: str | None
+    table_fingerprint: dict[str, Any]
+    batch_size: int
+    grid: list[float]
+    menus: dict[str, Any]
+    prices: dict[str, Any]
+    versions: dict[str, Any]
+
+
+_NUM = (int, float)
+_RUN_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {  # field -> (types, required)
+    "identity": ((dict,), False), "spec": ((dict,), True), "budget_ms": (_NUM, True), "limit_ms": (_NUM, False),
+    "budget_margin": (_NUM, False), "speed_factor": (_NUM, False), "dense_predicted_ms": (_NUM, False),
+    "task": ((str, type(None)), False), "metric": ((str,), False), "direction": ((str,), False),
+    "table": ((str, type(None)), False), "table_fingerprint": ((dict,), True), "batch_size": ((int,), True),
+    "grid": ((list,), False), "menus": ((dict,), False), "prices": ((dict,), False), "versions": ((dict,), False)}
+
+
+def read_run(out: Path) -> RunInfo:
+    """``out/run.json`` checked field by field: an edited, damaged or foreign file is a one-line error naming
+    the field, never a KeyError later. Fields this version does not know are kept (a newer hwprune's)."""
+    path = Path(out) / "run.json"
+    if not path.exists():
+        raise HwpruneError(f"{str(out)!r} is not a search run directory (no run.json); give the --out of "
+                           f"'hwprune search'")
+    info = read_json(path, "run file")
+    src = f"run file {str(path)!r}"
+    if not isinstance(info, dict):
+        raise HwpruneError(f"{src} holds a {type(info).__name__}, not a run record; it is damaged or not hwprune's")
+    for key, (types, required) in _RUN_FIELDS.items():
+        if key not in info:
+            if required:
+                raise HwpruneError(f"{src} has no {key!r}; it is damaged or not hwprune's")
+            continue
+        val = info[key]
+        if isinstance(val, bool) or not isinstance(val, types):
+            raise HwpruneError(f"{src}: {key!r} must be {' or '.join(t.__name__ for t in types)}, got "
+                               f"{str(val)[:60]!r} ({type(val).__name__}); the file was edited or is damaged")
+        if types is _NUM and not (val > 0 and val < float("inf")):
+            raise HwpruneError(f"{src}: {key!r} must be a positive number, got {val!r}")
+    if info["batch_size"] < 1:
+        raise HwpruneError(f"{src}: 'batch_size' must be at least 1, got {info['batch_size']}")
+    if info.get("direction", "max") not in ("max", "min"):
+        raise HwpruneError(f"{src}: 'direction' must be 'max' or 'min', got {info['direction']!r}")
+    return info  # type: ignore[return-value]
 
 
 def check_run_dir(out: Path, identity: dict[str, Any]) -> bool:
