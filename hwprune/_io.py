@@ -73,10 +73,12 @@ def file_lock(path: str | os.PathLike[str]) -> Any:
     return FileLock(str(path))
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
+def write_atomic(path: str | os.PathLike[str], data: str | bytes, exclusive: bool = False) -> bool:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
-    A reader never sees a half-written file; an interrupted write leaves the old file.
+    A reader never sees a half-written file; an interrupted write leaves the old file. With ``exclusive``, the
+    file is created only if ``path`` does not exist (a hard link, atomic: of several processes exactly one
+    creates it); False when it existed. Otherwise True.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,10 +89,26 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, _FILE_MODE)  # the umask was read once: changing it here races other threads' files
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: an exclusive create, then the content
+                try:
+                    fdx = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _FILE_MODE)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fdx, "wb") as fh:
+                    fh.write(data.encode() if isinstance(data, str) else data)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            return True
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return True
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:

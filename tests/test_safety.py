@@ -201,3 +201,66 @@ def test_an_edited_run_json_is_a_one_line_error_never_a_traceback(tmp_path):
         (tmp_path / "run.json").write_text(text)
         with pytest.raises(HwpruneError):
             read_run(tmp_path)
+
+
+def test_a_resume_after_the_model_data_or_weights_changed_is_refused(tmp_path):
+    """The run identity holds the content digests of the user's files, not only their names."""
+    from hwprune.search.rundir import check_run_dir, claim_run_dir
+    from hwprune.search.spec import SearchSpec
+
+    model, data, weights = tmp_path / "m.py", tmp_path / "d.py", tmp_path / "w.pt"
+    model.write_text("def build(): pass\n")
+    data.write_text("def load(): pass\n")
+    torch.save({"w": torch.zeros(2)}, weights)
+    spec = SearchSpec(model=f"{model}:build", data=f"{data}:load", budget="50%", weights=str(weights))
+    assert set(spec.identity()["sources"]) == {"model", "data", "weights"}
+    out = tmp_path / "run"
+    out.mkdir()
+    assert claim_run_dir(out, spec.identity(), {}) is False
+    assert check_run_dir(out, spec.identity()) is True
+    model.write_text("def build(): pass  # edited\n")
+    with pytest.raises(HwpruneError, match=r"cannot resume .*the model file\(s\) changed"):
+        check_run_dir(out, spec.identity())
+    model.write_text("def build(): pass\n")
+    torch.save({"w": torch.ones(2)}, weights)
+    with pytest.raises(HwpruneError, match=r"the weights file\(s\) changed"):
+        check_run_dir(out, spec.identity())
+    torch.save({"w": torch.zeros(2)}, weights)
+    assert check_run_dir(out, spec.identity()) is True
+    # a run of an older hwprune (no digests in its identity) resumes
+    old = json.loads((out / "run.json").read_text())
+    del old["identity"]["sources"]
+    (out / "run.json").write_text(json.dumps(old))
+    assert check_run_dir(out, spec.identity()) is True
+
+
+def test_a_run_directory_is_claimed_by_exactly_one_of_several_processes(tmp_path):
+    """Eight processes claim one directory at once, half of them for another study: one run.json, written
+    whole by one; the same study's claimants resume it, the other study's are refused."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, json, time
+from pathlib import Path
+from hwprune.search.rundir import claim_run_dir
+from hwprune.errors import HwpruneError
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+try:
+    print(json.dumps(claim_run_dir(Path(sys.argv[1]), {"study": sys.argv[2]}, {"by": sys.argv[2]})))
+except HwpruneError as exc:
+    print(json.dumps("refused"))
+"""
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), "ab"[i % 2], start], stdout=subprocess.PIPE,
+                              text=True) for i in range(8)]
+    got = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    winner = json.loads((out / "run.json").read_text())
+    mine = [g for i, g in enumerate(got) if "ab"[i % 2] == winner["by"]]
+    theirs = [g for i, g in enumerate(got) if "ab"[i % 2] != winner["by"]]
+    assert sorted(mine, key=str) == [False, True, True, True] and theirs == ["refused"] * 4
+    assert winner["identity"] == {"study": winner["by"]} and [p.name for p in out.iterdir()] == ["run.json"]

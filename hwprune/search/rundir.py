@@ -80,13 +80,26 @@ def read_run(out: Path) -> RunInfo:
 
 
 def check_run_dir(out: Path, identity: dict[str, Any]) -> bool:
-    """True if ``out`` holds this study already; an error if it holds another; False if new."""
+    """True if ``out`` holds this study already; an error if it holds another; False if new.
+
+    A run of an older hwprune, whose identity has no source digests, resumes without them being compared."""
     run = out / "run.json"
     if run.exists():
         old = read_json(run, "run file")
-        if not isinstance(old, dict) or old.get("identity") != identity:
-            theirs = old.get("identity", {}) if isinstance(old, dict) else {}
-            diff = [k for k in identity if theirs.get(k) != identity[k]]
+        theirs = old.get("identity") if isinstance(old, dict) else None
+        if not isinstance(theirs, dict):
+            raise HwpruneError(f"run directory {str(out)!r} holds a run.json without a study identity; choose "
+                               f"another --out")
+        mine = identity if "sources" in theirs else {k: v for k, v in identity.items() if k != "sources"}
+        if theirs != mine:
+            then, now = theirs.get("sources") or {}, mine.get("sources") or {}
+            changed = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+            if changed and all(theirs.get(k) == mine.get(k) for k in mine if k != "sources"):
+                raise HwpruneError(f"cannot resume {str(out)!r}: the {', '.join(changed)} file(s) changed since the "
+                                   f"run started (content digest differs), so new trials would start from other "
+                                   f"code, data or weights than its trials did; search into a new --out, or put "
+                                   f"the files back")
+            diff = [k for k in mine if theirs.get(k) != mine[k]] + [k for k in theirs if k not in mine]
             raise HwpruneError(f"run directory {str(out)!r} holds a different study (differs in "
                                f"{', '.join(diff) or 'format'}); choose another --out")
         return True
@@ -94,7 +107,9 @@ def check_run_dir(out: Path, identity: dict[str, Any]) -> bool:
 
 
 def claim_run_dir(out: Path, identity: dict[str, Any], run_info: dict[str, Any]) -> bool:
-    """Create ``out`` for this study, or accept it if it holds the same study; True when resuming."""
+    """Create ``out`` for this study, or accept it if it holds the same study; True when resuming. The run file
+    is created atomically: of several processes claiming one directory at once, one writes it and the others
+    check their identity against it."""
     if check_run_dir(out, identity):
         return True
     import torch
@@ -103,7 +118,8 @@ def claim_run_dir(out: Path, identity: dict[str, Any], run_info: dict[str, Any])
     info = {"identity": identity, **run_info,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "optuna": __import__("optuna").__version__, "hwprune": __import__("hwprune").__version__}}
-    write_atomic(run, json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    if not write_atomic(run, json.dumps(info, indent=2, sort_keys=True, default=str) + "\n", exclusive=True):
+        return check_run_dir(out, identity)  # another process claimed it first: the same study, or an error
     return False
 
 
