@@ -6,7 +6,7 @@ exits non-zero; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["HwpruneError", "one_line", "is_oom"]
+__all__ = ["HwpruneError", "one_line", "is_oom", "is_own_bug"]
 
 
 class HwpruneError(Exception):
@@ -26,3 +26,21 @@ def is_oom(exc: BaseException) -> bool:
 
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
+
+
+def is_own_bug(exc: BaseException) -> bool:
+    """A bug in hwprune: an exception other than :class:`HwpruneError` raised by hwprune's own code (the deepest
+    frame of its traceback is in the ``hwprune`` package). One raised in the user's model, data or task code, or
+    in torch under it, is the user's (a failed trial with its reason); a bug must stop the search with its
+    traceback instead."""
+    import os
+
+    if isinstance(exc, (HwpruneError, MemoryError)) or is_oom(exc):
+        return False
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    pkg = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return last is not None and os.path.abspath(last).startswith(pkg)

@@ -204,7 +204,8 @@ def _running_nodes(run: Path) -> set[str]:
     if not (run / "study.journal").exists():
         return set()
     storage = JournalStorage(JournalFileBackend(str(run / "study.journal")))
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+             if not s.study_name.endswith(":seeds")]  # the seeds' claim marker
     if not names:
         return set()
     study = optuna.load_study(study_name=names[0], storage=storage)

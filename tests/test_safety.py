@@ -9,6 +9,7 @@ from torch import nn
 from hwprune.apply import apply_policy, load_pruned, save_pruned
 from hwprune.errors import HwpruneError
 from hwprune.policy import Policy
+from test_search import tables  # noqa: F401 - the fixture is used by name
 
 
 def _evil(tmp_path):
@@ -264,3 +265,108 @@ except HwpruneError as exc:
     theirs = [g for i, g in enumerate(got) if "ab"[i % 2] != winner["by"]]
     assert sorted(mine, key=str) == [False, True, True, True] and theirs == ["refused"] * 4
     assert winner["identity"] == {"study": winner["by"]} and [p.name for p in out.iterdir()] == ["run.json"]
+
+
+def test_seeds_are_claimed_by_exactly_one_of_several_hosts_on_one_study(tmp_path):
+    """Six processes, each as a host with its own --out on one shared storage, claim the seeds at once: one wins.
+    (The storage here is an SQLite file, the same RDB code path as PostgreSQL.)"""
+    import subprocess
+    import sys
+    import time
+
+    url = f"sqlite:///{tmp_path}/studies.db"
+    code = """
+import sys, time
+from pathlib import Path
+import optuna
+from hwprune.search.controller import claim_seeds
+from hwprune.search.spec import SearchSpec
+spec = SearchSpec(model="cnn1d", data="mnist1d", budget="50%", storage=sys.argv[1], study="shared")
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+print(claim_seeds(Path(sys.argv[2]), spec))
+"""
+    import optuna
+
+    optuna.storages.RDBStorage(url).engine.dispose()  # the tables made once, as a first host's search does
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(tmp_path / f"out{i}"), start],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
+    got = [p.communicate(timeout=60) for p in procs]
+    assert sorted(o.strip() for o, _ in got) == ["False"] * 5 + ["True"], [e[-300:] for _, e in got]
+
+
+def test_a_bug_in_hwprune_is_told_apart_from_the_users_error():
+    from hwprune.device.timing import timing_of
+    from hwprune.errors import is_own_bug
+
+    def user_code():
+        raise ValueError("the user's model")
+
+    for fn, own in ((lambda: timing_of([]), True), (user_code, False),
+                    (lambda: (_ for _ in ()).throw(HwpruneError("bad input")), False),
+                    (lambda: torch.zeros(2) @ torch.zeros(3), False)):  # torch under the user's call
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            assert is_own_bug(exc) is own, exc
+
+
+def test_a_bug_in_hwprune_stops_the_search_with_its_traceback(tables, tmp_path, monkeypatch):  # noqa: F811
+    """Not a failed trial among others: the first trial that hits it stops the search, the exception (and its
+    traceback) raised to the caller; the trial is marked failed with what happened."""
+    import csv
+
+    import hwprune.search.controller as controller
+    from hwprune.device.timing import timing_of
+    from hwprune.search import SearchSpec, run_search
+    from test_search import DATA, MLP
+
+    monkeypatch.setattr(controller, "train_candidate", lambda *a, **k: timing_of([]))
+    out = tmp_path / "run"
+    spec = SearchSpec(model=MLP, data=DATA, budget="80%", batch_size=4, tables=str(tables), finetune_steps=2,
+                      trials=4, out=str(out), race=0, finish=0)
+    with pytest.raises(ValueError, match="no samples to summarize") as err:
+        run_search(spec, lambda m: None)
+    assert err.traceback[-1].path.name == "timing.py"
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=spec.name, storage=JournalStorage(JournalFileBackend(str(out / "study.journal"))))
+    ran = [t for t in study.get_trials() if t.state.name != "WAITING"]
+    assert len(ran) == 1 and ran[0].state.name == "FAIL"
+    assert ran[0].user_attrs["error"] == "a bug in hwprune: ValueError: no samples to summarize"
+
+
+def test_a_lapsed_lease_never_crashes_the_live_host(tmp_path):
+    """Host B fails host A's trial as stale (A was cut off longer than the grace); A comes back: its heartbeat says
+    so once, its tell and attributes are dropped without raising, the trial stays failed with B's reason."""
+    import time
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from hwprune.search.controller import Heartbeat, fail_interrupted
+    from hwprune.search.trial import RUNNING, set_attrs, tell
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "j")))
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+    unclaimed = study.ask()  # a process between ask and recording its owner: never failed inside the grace
+    trial = study.ask()
+    RUNNING[trial.number] = trial
+    trial.set_user_attr("owner", "host-a.invalid:123")
+    trial.set_user_attr("heartbeat", time.time() - 100)
+    logs = []
+    assert fail_interrupted(study, logs.append, grace_s=50) == 1  # host B's view
+    assert "stale: no heartbeat from host-a.invalid:123" in logs[0]
+    hb = Heartbeat(study, 1.0, logs.append)
+    assert hb.beat() == 0 and hb.beat() == 0
+    assert sum("lease lapsed" in m for m in logs) == 1 and trial.number not in RUNNING
+    tell(study, trial, [0.9, 1.0])  # no exception
+    assert set_attrs(trial, params=3) is False
+    frozen = study.get_trials()[trial.number]
+    assert frozen.state.name == "FAIL" and frozen.user_attrs["error"].startswith("stale")
+    assert study.get_trials()[unclaimed.number].state.name == "RUNNING"
+    assert fail_interrupted(study, logs.append, grace_s=0.0) == 1  # past the grace, never claimed: failed
+    assert "never claimed" in logs[-1]

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hwprune.errors import HwpruneError, is_oom, one_line
+from hwprune.errors import HwpruneError, is_oom, is_own_bug, one_line
 from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.early_stop import spent
 from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, plot_front, results_lock,
                                    write_front, write_trials)
 from hwprune.search.spec import SearchSpec
 from hwprune.search.trial import (OWNER, Progress, finished, free_memory, make_sampler, params_of, propose,
-                                  proxy_of, reuse, rule_from, screen_correlation, train_candidate)
+                                  proxy_of, reuse, rule_from, screen_correlation, set_attrs, tell, train_candidate)
 
 __all__ = ["run_search", "open_study", "load_front", "SearchResult", "Heartbeat", "fail_interrupted", "stale_for"]
 
@@ -39,13 +39,11 @@ SearchResult = dict[str, Any]
 def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: ignore[no-untyped-def]
     """Create or load the study: a journal file in ``out`` by default, or ``spec.storage`` (an RDB URL)."""
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     from hwprune._io import mask_url
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: one line each from hwprune, reason in trials.csv
-    storage: Any = spec.storage or JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    storage = study_storage(out, spec)
     try:
         if load_only:
             return optuna.load_study(study_name=spec.name, storage=storage)
@@ -54,6 +52,29 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
     except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server: one line
         where = mask_url(spec.storage) or str(out)
         raise HwpruneError(f"cannot open study {spec.name!r} in {where!r}: {one_line(exc)}") from exc
+
+
+def study_storage(out: Path, spec: SearchSpec) -> Any:
+    """The study's storage: ``spec.storage`` (an RDB URL), else a journal file in the run directory."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return spec.storage or JournalStorage(JournalFileBackend(str(out / "study.journal")))
+
+
+def claim_seeds(out: Path, spec: SearchSpec) -> bool:
+    """True for exactly one of the processes and hosts that start on one study: the one that enqueues the seeds.
+
+    The claim is the creation of a marker study ``<study>:seeds`` in the same storage: the storage refuses a
+    second study of one name (a unique key in an RDB, a locked journal), so two hosts starting together cannot
+    both enqueue the seeds, whatever their timing."""
+    import optuna
+
+    try:
+        optuna.create_study(study_name=f"{spec.name}:seeds", storage=study_storage(out, spec))
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
 
 
 def check_storage(url: str) -> None:
@@ -83,7 +104,7 @@ def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], Non
     t0 = time.time()
     trial, policy, latency, dup = propose(ctx, study, log)
     if dup is not None:
-        study.tell(trial, list(reuse(trial, dup, t0)))
+        tell(study, trial, list(reuse(trial, dup, t0)))
         return trial
     curve: dict[str, float] = {}
     seed = bool(trial.user_attrs.get("seed"))
@@ -98,30 +119,42 @@ def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], Non
             raise optuna.TrialPruned(why)
 
     t1 = time.time()
-    trial.set_user_attr("node", socket.gethostname())  # the local backend fine-tunes here
+    set_attrs(trial, node=socket.gethostname())  # the local backend fine-tunes here
+    failed = None
     try:
         try:
             acc, params = train_candidate(ctx.setup, ctx.batches, ctx.spec, policy, at_checkpoint)
         finally:
-            trial.set_user_attr("train_seconds", round(time.time() - t1, 3))
-            trial.set_user_attr("seconds", round(time.time() - t0, 2))
+            set_attrs(trial, train_seconds=round(time.time() - t1, 3), seconds=round(time.time() - t0, 2))
     except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
+        tell(study, trial, state=TrialState.PRUNED)
         return trial
     except Exception as exc:  # noqa: BLE001 - the candidate fails with its reason; Progress stops a search
-        trial.set_user_attr("error", ("out of memory: " if is_oom(exc) else "") + one_line(exc))  # where all fail
-        if is_oom(exc):
-            free_memory()
-        study.tell(trial, state=TrialState.FAIL)
-        return trial
+        if is_own_bug(exc):  # hwprune's, not the user's model or data: stop here, with the traceback
+            set_attrs(trial, error="a bug in hwprune: " + one_line(exc))
+            tell(study, trial, state=TrialState.FAIL)
+            raise
+        failed = (("out of memory: " if is_oom(exc) else "") + one_line(exc), is_oom(exc))  # where all fail
     except BaseException:
-        trial.set_user_attr("error", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
+        set_attrs(trial, error="interrupted")
+        tell(study, trial, state=TrialState.FAIL)
         raise
-    trial.set_user_attr("params", params)
+    if failed is not None:  # handled outside the except: its traceback (and the trial's tensors) released first
+        if not set_attrs(trial, error=failed[0]):
+            log(f"hwprune: trial {trial.number} was failed by another host as stale while it ran here (its lease "
+                f"lapsed); its result is dropped")
+            return trial
+        if failed[1]:
+            free_memory()
+        tell(study, trial, state=TrialState.FAIL)
+        return trial
+    if not set_attrs(trial, params=params):
+        log(f"hwprune: trial {trial.number} was failed by another host as stale while it ran here (its lease "
+            f"lapsed); its result is dropped")
+        return trial
     if curve:
         rule.add(trial.number, latency, curve, acc)
-    study.tell(trial, [acc, latency])
+    tell(study, trial, [acc, latency])  # failed as stale by another host meanwhile: dropped
     return trial
 
 
@@ -161,24 +194,29 @@ def fail_interrupted(study: Any, log: Callable[[str], None], grace_s: float = 12
     """Mark FAIL the RUNNING trials whose process has ended, or whose host stopped renewing their lease.
 
     Trials of live processes (another ``hwprune search`` on the same study) are left running; so are trials
-    of another host whose lease is younger than ``grace_s`` seconds.
+    of another host whose lease is younger than ``grace_s`` seconds, and a trial with no owner yet (a process
+    between ``ask`` and recording itself) until it is ``grace_s`` old.
     """
     import optuna
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        alive = owner_alive(t.user_attrs.get("owner"))
+        owner = t.user_attrs.get("owner")
+        alive = owner_alive(owner) if owner else None
         why = None
         if alive is False:
             why = "interrupted (process ended mid-trial)"
         elif alive is None:
             age = stale_for(t, grace_s)
             if age is not None:
-                why = f"stale: no heartbeat from {t.user_attrs['owner']} for {age:.0f} s (host down or cut off)"
+                why = (f"stale: no heartbeat from {owner} for {age:.0f} s (host down or cut off)" if owner else
+                       f"stale: started {age:.0f} s ago and never claimed by a process")
         if why:
-            # Optuna's public API cannot fail a trial of another process with a reason: storage calls
-            study._storage.set_trial_user_attr(t._trial_id, "error", why)
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            try:  # the reason on the trial: Optuna's public API sets attributes only through the trial's own process
+                study._storage.set_trial_user_attr(t._trial_id, "error", why)
+            except Exception:  # noqa: BLE001 - it finished meanwhile: nothing to fail
+                continue
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             log(f"hwprune: trial {t.number} marked failed: {why}")
             n += 1
     return n
@@ -194,31 +232,45 @@ def remaining(trials: list[Any], wanted: int, grace_s: float = 120.0, steps: int
 
 
 class Heartbeat:
-    """Renews the lease (user attribute ``heartbeat``) of this process's running trials every ``interval_s``."""
+    """Renews the lease (user attribute ``heartbeat``) of this process's running trials every ``interval_s``
+    (the trials :func:`hwprune.search.trial.propose` registered, through their own ``set_user_attr``). A lease
+    another host lapsed (it failed the trial as stale) and a storage error are logged, each kind once."""
 
-    def __init__(self, study: Any, interval_s: float) -> None:
+    def __init__(self, study: Any, interval_s: float, log: Callable[[str], None] | None = None) -> None:
         import threading
 
         self.study, self.interval_s = study, interval_s
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self._said: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hwprune-heartbeat", daemon=True)
 
     def beat(self) -> int:
-        import optuna
+        from hwprune.search.trial import RUNNING
 
         n = 0
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.user_attrs.get("owner") == OWNER:
-                self.study._storage.set_trial_user_attr(t._trial_id, "heartbeat", time.time())
+        for number, trial in list(RUNNING.items()):
+            try:
+                trial.set_user_attr("heartbeat", time.time())
                 n += 1
+            except RuntimeError as exc:  # Optuna: the trial is finished (another host failed it as stale)
+                RUNNING.pop(number, None)
+                self._say(f"lapsed-{number}", f"hwprune: warning: trial {number}'s lease lapsed and another host "
+                                              f"failed it as stale ({one_line(exc)}); its result will be dropped")
         return n
+
+    def _say(self, key: str, msg: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.log(msg)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.beat()
-            except Exception:  # noqa: BLE001 - a storage hiccup must not kill the search; the next beat retries
-                pass
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not kill the search; the next beat retries
+                self._say(type(exc).__name__, f"hwprune: warning: a lease renewal failed ({one_line(exc)}); "
+                                              f"retrying every {self.interval_s:g} s (said once)")
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()
@@ -365,9 +417,12 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
         log(f"hwprune: {ctx.sensitivity.line()}")
     portfolio = None
     if not resumed and not study.trials and spec.uniform_seeds:
-        portfolio = enqueue_seeds(ctx, study, log)
+        if claim_seeds(out, spec):
+            portfolio = enqueue_seeds(ctx, study, log)
+        else:
+            log("hwprune: the seeds of this study are enqueued by another process that started on it")
     t0 = time.time()
-    with Heartbeat(study, spec.heartbeat_interval):
+    with Heartbeat(study, spec.heartbeat_interval, log):
         if spec.backend == "ray":
             from hwprune.search.ray_backend import run_ray
 

@@ -227,10 +227,10 @@ def _make_classes() -> tuple[type, type]:
         def _tell(self, trial: Any, state: str, values: list[float] | None = None) -> None:
             from optuna.trial import TrialState
 
-            if state == "COMPLETE":
-                self.study.tell(trial, values)
-            else:
-                self.study.tell(trial, state=getattr(TrialState, state))
+            from hwprune.search.trial import tell
+
+            tell(self.study, trial, values if state == "COMPLETE" else None,  # failed as stale meanwhile: kept
+                 None if state == "COMPLETE" else getattr(TrialState, state))
             if state in ("COMPLETE", "PRUNED"):  # an asked trial has no state: the one told, frozen, has
                 from hwprune.search.trial import spent
 
