@@ -243,15 +243,19 @@ def test_heartbeat_renews_this_processes_running_trials(tmp_path):
     import optuna
 
     from hwprune.search.controller import Heartbeat, stale_for
-    from hwprune.search.trial import OWNER
+    from hwprune.search.trial import OWNER, RUNNING
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     mine, other = study.ask(), study.ask()
+    RUNNING[id(mine)] = mine  # as propose registers the trials this process runs
     mine.set_user_attr("owner", OWNER)
     mine.set_user_attr("heartbeat", time.time() - 500)
     other.set_user_attr("owner", "elsewhere:1")
     other.set_user_attr("heartbeat", time.time() - 500)
-    assert Heartbeat(study, 60).beat() == 1
+    try:
+        assert Heartbeat(study, 60).beat() == 1
+    finally:
+        RUNNING.pop(id(mine), None)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     assert stale_for(by_number[mine.number], 120) is None and stale_for(by_number[other.number], 120) > 400
 
@@ -270,6 +274,7 @@ def test_storage_password_is_in_no_file_of_the_run(tables, tmp_path, monkeypatch
 
     monkeypatch.setattr(controller, "open_study", journal_instead)
     monkeypatch.setattr(controller, "check_storage", lambda url: None)  # nor its early reachability check
+    monkeypatch.setattr(controller, "claim_seeds", lambda out, spec: True)  # nor the seeds' claim in it
     out = tmp_path / "run"
     spec = SearchSpec(model=MLP, data=DATA, budget="80%", batch_size=4, tables=str(tables), finetune_steps=2,
                       trials=2, out=str(out), storage=url)

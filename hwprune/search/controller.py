@@ -249,13 +249,14 @@ class Heartbeat:
         from hwprune.search.trial import RUNNING
 
         n = 0
-        for number, trial in list(RUNNING.items()):
+        for key, trial in list(RUNNING.items()):
             try:
                 trial.set_user_attr("heartbeat", time.time())
                 n += 1
             except RuntimeError as exc:  # Optuna: the trial is finished (another host failed it as stale)
-                RUNNING.pop(number, None)
-                self._say(f"lapsed-{number}", f"hwprune: warning: trial {number}'s lease lapsed and another host "
+                RUNNING.pop(key, None)
+                number = trial.number
+                self._say(f"lapsed-{key}", f"hwprune: warning: trial {number}'s lease lapsed and another host "
                                               f"failed it as stale ({one_line(exc)}); its result will be dropped")
         return n
 

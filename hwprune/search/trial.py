@@ -38,13 +38,13 @@ __all__ = ["OWNER", "FINISHED", "finished", "make_sampler", "params_of", "param_
 
 FINISHED = ("COMPLETE", "PRUNED")  # trials that count toward --trials; failed ones are retried
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
-RUNNING: dict[int, Any] = {}  # this process's running trials (number -> optuna Trial): their leases are renewed
+RUNNING: dict[int, Any] = {}  # this process's running trials (id -> optuna Trial): their leases are renewed
 
 
 def tell(study: Any, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
     """Tell the study a trial of this process ended; a trial another host already failed (its lease lapsed, see
     :func:`hwprune.search.controller.fail_interrupted`) keeps that state, and this result is dropped."""
-    RUNNING.pop(trial.number, None)
+    RUNNING.pop(id(trial), None)
     study.tell(trial, values, state=state, skip_if_finished=True)
 
 
@@ -54,7 +54,7 @@ def set_attrs(trial: Any, **attrs: Any) -> bool:
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
     except RuntimeError:  # Optuna refuses to update a finished trial
-        RUNNING.pop(trial.number, None)
+        RUNNING.pop(id(trial), None)
         return False
     return True
 
@@ -294,7 +294,7 @@ def propose(ctx: SearchContext, study: Any, log: Callable[[str], None] | None = 
         token = uuid.uuid4().hex
         study.enqueue_trial(attrs.pop("_params"), user_attrs={**attrs, "proposal": token})
     trial = study.ask()
-    RUNNING[trial.number] = trial
+    RUNNING[id(trial)] = trial
     try:
         trial.set_user_attr("owner", OWNER)  # which process runs it: a resumed search fails only dead owners' trials
         trial.set_user_attr("heartbeat", time.time())  # its lease, renewed by Heartbeat while it runs
