@@ -17,8 +17,9 @@ raises :class:`hwprune.HwpruneError` with the CLI's one-line message::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hwprune.errors import HwpruneError
 
@@ -60,6 +61,38 @@ def _command_args(cmd: str, required: list[str], options: dict[str, Any]) -> arg
     return args
 
 
+@contextlib.contextmanager
+def _as_found() -> Iterator[None]:
+    """Process-wide state a command changes, put back when it ends (however it ends): the random generators of
+    torch, Python and NumPy (fine-tunes seed them), Optuna's log level, torch's thread count, default dtype and
+    grad mode; a local Ray that the command started is shut down."""
+    import random
+
+    import numpy as np
+    import optuna
+    import torch
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None, random.getstate(),
+             np.random.get_state(), optuna.logging.get_verbosity(), torch.get_num_threads(),
+             torch.get_default_dtype(), torch.is_grad_enabled())
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state_all(state[1])
+        random.setstate(state[2])
+        np.random.set_state(state[3])
+        optuna.logging.set_verbosity(state[4])
+        torch.set_num_threads(state[5])
+        torch.set_default_dtype(state[6])
+        torch.set_grad_enabled(state[7])
+        from hwprune.search.ray_backend import shutdown_if_started
+
+        shutdown_if_started()
+
+
 def profile(model: str, target: str = "cpu", log: Log | None = None, **options: Any) -> dict[str, Any]:
     """Measure ``model``'s latency table on this machine (``hwprune profile``); ``runtime="all"`` compares the
     dense model in every runtime instead. Options: data, input_shape, model_args, batch_size, threads, runtime,
@@ -68,7 +101,8 @@ def profile(model: str, target: str = "cpu", log: Log | None = None, **options: 
     from hwprune.cli.latency import run_profile
 
     args = _command_args("profile", ["--model", model, "--target", target], options)
-    return run_profile(args, log or _stderr)[0]
+    with _as_found():
+        return run_profile(args, log or _stderr)[0]
 
 
 def search(model: str | None = None, data: str | None = None, log: Log | None = None,
@@ -81,7 +115,8 @@ def search(model: str | None = None, data: str | None = None, log: Log | None = 
 
     required = ([] if model is None else ["--model", model]) + ([] if data is None else ["--data", data])
     args = _command_args("search", required, options)
-    return run_search(build_spec(args), log or _stderr)
+    with _as_found():
+        return run_search(build_spec(args), log or _stderr)
 
 
 def export(run_dir: str, trial: str | int = "best", log: Log | None = None, **options: Any) -> dict[str, Any]:
@@ -92,6 +127,7 @@ def export(run_dir: str, trial: str | int = "best", log: Log | None = None, **op
     from hwprune.export import export_run
 
     args = _command_args("export", [str(run_dir), "--trial", str(trial)], options)
-    return export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
-                      args.measure_here, log=log or _stderr, storage=args.storage, device=args.device,
-                      trust_code=args.trust_code)
+    with _as_found():
+        return export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
+                          args.measure_here, log=log or _stderr, storage=args.storage, device=args.device,
+                          trust_code=args.trust_code)

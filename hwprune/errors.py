@@ -15,7 +15,9 @@ class HwpruneError(Exception):
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message`` (for trials.csv and reports)."""
-    text = str(exc).strip()
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # a library's terminal colours
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 

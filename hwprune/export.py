@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -179,7 +179,8 @@ def output_diff(got: Any, ref: Any) -> tuple[float, float]:
 
 
 def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, runtime: str = "eager",
-                    calibration: list[Any] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+                    calibration: list[Any] | None = None,
+                    formats: Iterable[str] = ()) -> tuple[dict[str, str], dict[str, Any]]:
     """torch.export (``model.pt2``), TorchScript (``model.ts``) and ONNX (``model.onnx``) versions of ``model``
     made on ``x``, each kept only if it reloads (plain torch; ONNX Runtime, else OpenVINO, for the ONNX file) and
     computes what the model computes on ``x`` and on ``x_other`` (another batch size: the batch dimension of the
@@ -233,9 +234,12 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
     # layers the runtime runs in int8: the ONNX file computes them in int8, the in-memory model (and the torch
     # artifacts) in fp32; the file is kept within 10% of the output's scale (a wrong graph is off by far more)
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, RuntimeFormat))
+    formats = set(formats)
     savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module(), 1e-5),
               ("torchscript", out / "model.ts", via_torchscript, torchscript.load, 1e-5)]
-    tol_q = 0.1 if quantized else 1e-5
+    # the policy's formats set the tolerance against the deployed model: int8 anywhere 10% of the output's scale,
+    # bf16/fp16 5% (a wrong graph is off by far more); fp32 only: 1e-5
+    tol_q = 0.1 if quantized or "int8" in formats else 0.05 if formats & {"bf16", "fp16"} else 1e-5
     if onnx_rt == "onnxruntime":
         savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
                                                                       calibration=calibration),
@@ -253,6 +257,8 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
                 check(name, path, save(), load, tol)
             except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
                 checks[name] = {"error": one_line(exc, 200)}
+        if "onnx" not in kept and onnx_rt is not None and "onnx" in checks:
+            _onnx_in_fp32(model, args, out, onnx_rt, runtime, calibration, check, kept, checks)
         if "onnx" in checks:
             checks["onnx"]["checked_in"] = onnx_rt
         if is_openvino(runtime):  # bf16 keeps about 3 significant digits: 5% of the output's scale
@@ -264,6 +270,49 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
             checks.get(name, {})["note"] = f"computes {', '.join(quantized)} in fp32 (int8 in {where} only)"
         checks.get("openvino" if is_openvino(runtime) else "onnx", {})["int8_layers"] = quantized
     return kept, checks
+
+
+_ARTIFACT_FILES = {"torch.export": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx",
+                   "openvino": "model.xml"}
+
+
+def _say_artifacts(artifacts: dict[str, str], checks: dict[str, Any], log: Callable[[str], None]) -> None:
+    """One stderr line per artifact not written (which, and why), and per one written with layers in fp32."""
+    for name, check in checks.items():
+        fname = _ARTIFACT_FILES.get(name, name)
+        if name not in artifacts and check.get("error"):
+            log(f"hwprune: warning: no {fname}: {check['error']}"
+                + (f" (retried with those layers in fp32: {check['fp32_retry']})" if check.get("fp32_retry") else ""))
+        elif name in artifacts and check.get("fp32_layers"):
+            layers = check["fp32_layers"]
+            log(f"hwprune: note: {fname} computes {', '.join(f'{k} ({v})' for k, v in layers.items())} in fp32: "
+                f"{check.get('first_try') or 'the exporter cannot take those formats'}")
+
+
+def _onnx_in_fp32(model: nn.Module, args: tuple, out: Path, onnx_rt: str, runtime: str,
+                  calibration: list[Any] | None, check: Callable[..., None], kept: dict[str, str],
+                  checks: dict[str, Any]) -> None:
+    """``model.onnx`` again, from a copy of the deployed model with the layers ONNX cannot take in their format
+    (bf16/fp16 regions: ONNX Runtime has no bf16 convolution; torch.ao's packed int8 Linear: torch.export cannot
+    flatten it) in fp32, when the first try failed and such layers exist; the file says so in its check
+    (``fp32_layers``), checked against the deployed model within 10% of the output's scale."""
+    from hwprune.device.kernels import fp32_copy
+    from hwprune.device.onnxrt import Session, runtime_onnx, to_onnx
+
+    fmodel, changed = fp32_copy(model)
+    if not changed:
+        return
+    first = checks["onnx"].get("error")
+    make = (lambda: runtime_onnx(fmodel, args, onnx_rt, dynamic_batch=True, calibration=calibration)) \
+        if runtime == onnx_rt else (lambda: to_onnx(fmodel, args, dynamic_batch=True))
+    try:
+        check("onnx", out / "model.onnx", make(), lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()),
+              0.1)
+    except Exception as exc:  # noqa: BLE001 - not even in fp32: the first reason stays, the second beside it
+        checks["onnx"] = {"error": first, "fp32_retry": one_line(exc, 200)}
+        return
+    checks["onnx"]["fp32_layers"] = changed
+    checks["onnx"]["first_try"] = first
 
 
 def _save_openvino(model: nn.Module, args: tuple, others: list[tuple], refs: list[Any], out: Path,
@@ -424,9 +473,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
             x = inputs.to_device(setup.inputs(info["batch_size"]), target.device if rep is not None else "cpu")  # real inputs (token ids too)
             calib = [inputs.positional(deployed, inputs.to_device(xb, target.device if rep is not None else "cpu"))
                      for xb, _ in few_batches(data.train)]  # real inputs: the ONNX file's static int8 scales
-            artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), work, x, spec.runtime, calib)
-            if not artifacts:
-                log(f"hwprune: warning: neither torch.export nor TorchScript could save this model: {checks}")
+            artifacts, checks = _save_artifacts(deployed, inputs.rows(x, slice(0, 8)), work, x, spec.runtime, calib,
+                                                policy.formats.values())
+            _say_artifacts(artifacts, checks, log)
             own = "openvino" if is_openvino(spec.runtime) else "onnx"  # the file the runtime loads
             if spec.runtime in ONNX_RUNTIMES and rep is not None:
                 if own in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
@@ -440,7 +489,11 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
                 log(f"hwprune: compiling the AOTInductor package for batch {inputs.batch_len(x)} (the compile runtime's artifact)")
                 _save_aoti(deployed, x, work, artifacts, checks)
             measured = None
-            if here is not None and (not differs or measure_here):
+            unwritten = spec.runtime in ONNX_RUNTIMES and rep is not None and own not in artifacts
+            if unwritten:  # no number for a file nobody can deploy: the in-memory session is not what ships
+                log(f"hwprune: warning: not measured: the {spec.runtime} runtime deploys "
+                    f"{'model.xml' if own == 'openvino' else 'model.onnx'}, which was not written")
+            if here is not None and (not differs or measure_here) and not unwritten:
                 torch.manual_seed(0)
                 measured = _measure_export(deployed, artifacts, x, target, repeats, info, spec, setup, chosen.values[1],
                                            log)

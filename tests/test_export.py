@@ -208,3 +208,36 @@ def test_a_staged_folder_is_renamed_only_when_complete(tmp_path):
         with staged_dir(dest) as work:
             (work / "b").write_text("z")
     assert sorted(p.name for p in dest.iterdir()) == ["a"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("formats, fp32", [
+    ({"features.0": "bf16", "features.3": "bf16"}, {"features.0": "bf16", "features.3": "bf16"}),
+    ({"fc": "int8"}, {"fc": "int8"}),  # torch.ao's packed int8 Linear: torch.export (and so ONNX) cannot take it
+])
+def test_model_onnx_is_written_with_the_layers_onnx_cannot_take_in_fp32(tmp_path, formats, fp32):
+    """make demo's bf16 layers and an eager int8 Linear used to leave no model.onnx and say nothing: the file is
+    now written with those layers in fp32, says so, and computes the deployed model's outputs within the formats'
+    tolerance; an artifact that cannot be written is named with its reason."""
+    import copy
+
+    from hwprune.apply import apply_policy
+    from hwprune.device.deploy import deploy
+    from hwprune.device.onnxrt import missing
+    from hwprune.export import _save_artifacts, _say_artifacts
+    from hwprune.models import build_model
+    from hwprune.policy import Policy
+
+    if missing("onnxruntime"):
+        pytest.skip(missing("onnxruntime"))
+    torch.manual_seed(0)
+    model, x = build_model("cnn1d", (1, 40)).eval(), torch.randn(4, 1, 40)
+    deployed, _ = deploy(copy.deepcopy(apply_policy(model, Policy({}, formats, 1), x)).eval(), "cpu", x)
+    arts, checks = _save_artifacts(deployed, x[:2], tmp_path, x, "eager", None, formats.values())
+    assert "onnx" in arts and checks["onnx"]["fp32_layers"] == fp32 and (tmp_path / "model.onnx").exists()
+    assert checks["onnx"]["max_abs_diff"] < 0.05
+    lines = []
+    _say_artifacts(arts, checks, lines.append)
+    assert any(line.startswith("hwprune: note: model.onnx computes ") and "in fp32" in line for line in lines)
+    if "int8" in formats.values():
+        assert "torch.export" not in arts and any(line.startswith("hwprune: warning: no model.pt2: ")
+                                                   for line in lines)

@@ -370,3 +370,50 @@ def test_a_lapsed_lease_never_crashes_the_live_host(tmp_path):
     assert study.get_trials()[unclaimed.number].state.name == "RUNNING"
     assert fail_interrupted(study, logs.append, grace_s=0.0) == 1  # past the grace, never claimed: failed
     assert "never claimed" in logs[-1]
+
+
+def test_build_space_leaves_the_callers_model_as_it_was():
+    """Stacks split on a copy, the training mode put back."""
+    from hwprune.space import build_space
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 8, num_layers=2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    net = Net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    space = build_space(net, torch.randn(2, 5, 4))
+    assert space.groups and type(net.rnn) is nn.LSTM and net.rnn.num_layers == 2 and net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_the_python_api_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
+    """A search through hwprune.api (which seeds torch, sets Optuna's log level and draws pareto.png) leaves the
+    random generators, Optuna's verbosity and matplotlib's backend as they were."""
+    import random
+
+    import matplotlib
+    import optuna
+
+    from hwprune import api
+    from test_search import DATA, MLP
+
+    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path / "cache"))
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    backend = matplotlib.get_backend()
+    torch.manual_seed(1234)
+    random.seed(99)
+    want = (torch.rand(3), random.random())
+    torch.manual_seed(1234)
+    random.seed(99)
+    api.search(MLP, DATA, target="cpu", budget="1ms", trials=2, finetune_steps=2, batch_size=4,
+               tables=str(tmp_path / "t"), out=str(tmp_path / "run"), log=lambda m: None)
+    assert (tmp_path / "run" / "pareto.png").exists()
+    assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO and matplotlib.get_backend() == backend
+    optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["quantize_dynamic_int8", "quantized_engine", "DYNAMIC_INT8_TYPES"]
+__all__ = ["quantize_dynamic_int8", "quantized_engine", "DYNAMIC_INT8_TYPES", "dequantized_linear"]
 
 DYNAMIC_INT8_TYPES = (nn.Linear, nn.LSTM, nn.GRU)
 
@@ -31,3 +31,21 @@ def quantize_dynamic_int8(module: nn.Module) -> nn.Module:
 
         wrapped = quantize_dynamic(nn.Sequential(module).eval(), {type(module)}, dtype=torch.qint8)
     return wrapped[0]
+
+
+def dequantized_linear(module: nn.Module) -> nn.Linear | None:
+    """An fp32 ``nn.Linear`` computing what a dynamic int8 Linear of :func:`quantize_dynamic_int8` computes with its
+    int8 weights dequantized (activations in fp32); None for any other module. For exporters that cannot take
+    packed int8 weights (torch.export, ONNX)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    if not isinstance(module, DynamicLinear):
+        return None
+    w = module.weight().dequantize()
+    b = module.bias()
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin.eval()

@@ -361,3 +361,29 @@ def apply_regions(model: nn.Module, plan: RegionPlan) -> nn.Module:
     for n, d in plan.followers.items():
         model.get_submodule(n).to(d)
     return model
+
+
+def fp32_copy(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of a deployed model with every layer a runtime or exporter cannot take in its real format put back
+    in fp32: precision regions (bf16/fp16) and dynamic int8 Linears (weights dequantized). Returns the copy and
+    {layer: the format it had}; an empty dict when nothing changed."""
+    import copy
+
+    from hwprune._compat.ao import dequantized_linear
+
+    out = copy.deepcopy(model)
+    changed: dict[str, str] = {}
+    for name, mod in list(out.named_modules()):
+        if not name:
+            continue
+        new: nn.Module | None = None
+        if isinstance(mod, (RegionLayer, CastModule)):
+            new, fmt = mod.inner.float(), DTYPE_NAMES.get(mod.dtype, str(mod.dtype))
+        elif (lin := dequantized_linear(mod)) is not None:
+            new, fmt = lin, "int8"
+        if new is not None:
+            parent, _, leaf = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, leaf, new)
+            if fmt != "fp32":  # an fp32 layer at a region's edge: its casts go, its format was fp32 all along
+                changed[name] = fmt
+    return out, changed

@@ -269,6 +269,16 @@ def _make_classes() -> tuple[type, type]:
     return StudySearcher, StoppingScheduler
 
 
+def shutdown_if_started() -> None:
+    """Shut down the local Ray this process started (a failed search included); a cluster it joined is left."""
+    global _STARTED_HERE
+    if _STARTED_HERE:
+        import ray
+
+        ray.shutdown()
+        _STARTED_HERE = False
+
+
 def run_ray(ctx: Any, study: Any, out: Path, log: Callable[[str], None]) -> None:
     """Run the remaining trials of ``study`` through Ray Tune, ``spec.workers`` at a time."""
     global _STARTED_HERE

@@ -236,17 +236,15 @@ def plot_front(out: Path, trials: list[Any], pts: list[Any], budget_ms: float, d
                limit_ms: float | None = None, task: Any = None) -> Path:
     """pareto.png: every completed trial, the front, the budget line, the dense model (``dense``: its metric and
     latency) and the uniform seeds; the y axis is the task's metric."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are left alone
 
     from hwprune.tasks import get_task
 
     task = get_task(task)
     m = lambda t: task.show(t.values[0])  # noqa: E731
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [t for t in trials if t.state.name == "COMPLETE" and t.values]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    ax = fig.subplots()
     ax.scatter([t.values[1] for t in done], [m(t) for t in done], s=14, c="0.7", label="trials")
     ax.plot([t.values[1] for t in pts], [m(t) for t in pts], "o-", c="tab:blue", label="Pareto front")
     seeds = [t for t in done if t.user_attrs.get("seed")]
@@ -266,6 +264,5 @@ def plot_front(out: Path, trials: list[Any], pts: list[Any], budget_ms: float, d
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     write_atomic(out / "pareto.png", buf.getvalue())
     return out / "pareto.png"

@@ -115,14 +115,25 @@ def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> 
     """Find the prunable groups and quantizable layers of ``model``.
 
     Args:
-        model: the model; multi-layer LSTM/GRU stacks are split in place.
+        model: the model, left as it was (its training mode too): multi-layer LSTM/GRU stacks are split into
+            one module per layer on a copy, and the groups are named as in that copy (what ``prune_model``
+            prunes; :func:`prepare_model` splits a model in place).
         example: one batch of input (batch size 1 is enough).
         exclude: module names never to prune.
     """
     excl = set(exclude)
     stacks = [n for n, m in model.named_modules() if isinstance(m, RNN_TYPES) and m.num_layers > 1]
+    was = model.training
+    try:
+        return _build_space(model, example, excl, stacks)
+    finally:
+        model.train(was)
+
+
+def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[str]) -> Space:
     if stacks:  # the input is blamed only when the model as the user gave it fails on it
         check_input(model, example)
+        model = copy.deepcopy(model)  # split on a copy: the caller's model keeps its nn.LSTM/nn.GRU
     prepare_model(model)
     known = {n for n, _ in model.named_modules()}
     unknown = sorted(excl - known)
