@@ -1,9 +1,10 @@
 import pytest
 import torch
+from torch import nn
 
 from hwprune import HwpruneError, build_model, build_space
 from hwprune.models.cnn import MobileNetV2
-from hwprune.space import RNNStack, quant_layers
+from hwprune.space import RNNStack, prepare_model, quant_layers
 
 SMALL_MBV2 = [(1, 16, 1, 1), (6, 24, 2, 2)]
 
@@ -49,8 +50,10 @@ def test_rnn_each_layer_is_a_group(cell, layers, bi):
     if layers == 1:
         assert names == ["rnn"] and s.groups[0].layers == ("rnn", "fc")
     else:
+        assert isinstance(m.rnn, (nn.LSTM, nn.GRU))  # the caller's model is left as it was (issue 35)
+        assert names == ["rnn.layers.0", "rnn.layers.1", "rnn.layers.2"]  # named as prepare_model splits it
+        prepare_model(m)
         assert isinstance(m.rnn, RNNStack)
-        assert names == ["rnn.layers.0", "rnn.layers.1", "rnn.layers.2"]
         assert s.group("rnn.layers.1").layers == ("rnn.layers.1", "rnn.layers.2")
         assert s.group("rnn.layers.2").layers == ("rnn.layers.2", "fc")
     assert all(g.units == 16 and g.kind == "hidden" for g in s.groups)
