@@ -417,3 +417,27 @@ def test_the_python_api_leaves_the_process_as_it_found_it(tmp_path, monkeypatch)
     assert torch.equal(torch.rand(3), want[0]) and random.random() == want[1]
     assert optuna.logging.get_verbosity() == optuna.logging.INFO and matplotlib.get_backend() == backend
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_hosts_on_one_study_share_one_price_scale(tmp_path):
+    """Hosts with their own --out and their own table join one storage: the first records its prices in the
+    study; a host whose table is another device's, or whose entries for this model differ, is refused."""
+    from hwprune.search.controller import check_study_prices
+    from hwprune.search.spec import SearchSpec
+
+    class Ctx:
+        def __init__(self, fp, digest):
+            self.rec = {"table_fingerprint": {"cpu": fp}, "digest": digest, "entries": 10, "margin": 0.05,
+                        "batch_size": 1}
+
+        def prices(self, all_casts=False):
+            return dict(self.rec)
+
+    spec = SearchSpec(model="cnn1d", data="mnist1d", budget="50%", storage=f"sqlite:///{tmp_path}/s.db",
+                      study="shared")
+    check_study_prices(tmp_path / "a", spec, Ctx("epyc", "d1"))  # the first host records
+    check_study_prices(tmp_path / "b", spec, Ctx("epyc", "d1"))  # the same scale joins
+    with pytest.raises(HwpruneError, match="cannot join study 'shared': the table is another device's"):
+        check_study_prices(tmp_path / "c", spec, Ctx("xeon", "d1"))
+    with pytest.raises(HwpruneError, match="entries or calibration for this model changed"):
+        check_study_prices(tmp_path / "d", spec, Ctx("epyc", "d2"))

@@ -343,21 +343,61 @@ def check_prices(out: Path, ctx: SearchContext, log: Callable[[str], None]) -> N
         write_atomic(out / "run.json", json.dumps({**info, "prices": now}, indent=2, sort_keys=True, default=str)
                      + "\n")
         return
+    what = price_diff(then, now, ctx)
+    if what:
+        n = len(_trial_rows(out))
+        raise HwpruneError(f"cannot resume {str(out)!r}: {'; '.join(what)}, so its {n} trial(s) were priced on "
+                           f"another scale than new ones would be; search into a new --out (or give --table the "
+                           f"table it started with: {info.get('table')})")
+
+
+def price_diff(then: dict[str, Any], now: dict[str, Any], ctx: SearchContext) -> list[str]:
+    """What differs between two price records (:meth:`SearchContext.prices`): each a reason trials priced under
+    one cannot share a study with trials priced under the other."""
     what = []
     if then.get("table_fingerprint") != now["table_fingerprint"]:
         what.append("the table is another device's or runtime's (its fingerprint differs)")
     elif then.get("digest") not in (now["digest"], ctx.prices(all_casts=True)["digest"]):
         what.append(f"the table's entries or calibration for this model changed ({then.get('entries')} -> "
                     f"{now['entries']} entries priced from, digest {then.get('digest')} -> {now['digest']})")
-    if abs(float(then.get("margin", 0.0)) - now["margin"]) > 1e-3:  # the table on disk rounds what made it
-        what.append(f"the budget margin changed ({then.get('margin', 0):.2%} -> {now['margin']:.2%})")
+    try:
+        margin = float(then.get("margin", 0.0))
+    except (TypeError, ValueError):
+        margin = float("nan")
+    if not abs(margin - now["margin"]) <= 1e-3:  # the table on disk rounds what made it
+        what.append(f"the budget margin changed ({then.get('margin', 0)} -> {now['margin']:.2%})")
     if then.get("batch_size") != now["batch_size"]:
         what.append(f"the latency batch changed ({then.get('batch_size')} -> {now['batch_size']})")
+    return what
+
+
+def check_study_prices(out: Path, spec: SearchSpec, ctx: SearchContext) -> None:
+    """One price scale per study, however many hosts join it with their own --out and table: the first to start
+    records its prices in the storage (a marker study ``<study>:prices`` it alone can create, its record beside it);
+    every later process compares its own and is refused on a difference."""
+    import optuna
+
+    now = ctx.prices()
+    storage = study_storage(out, spec)
+    try:
+        marker = optuna.create_study(study_name=f"{spec.name}:prices", storage=storage)
+        marker.set_user_attr("prices", now)
+        return
+    except optuna.exceptions.DuplicatedStudyError:
+        marker = optuna.load_study(study_name=f"{spec.name}:prices", storage=storage)
+    then = None
+    for _ in range(100):  # its creator writes the record right after creating it
+        then = marker.user_attrs.get("prices")
+        if then is not None:
+            break
+        time.sleep(0.05)
+    if not isinstance(then, dict):
+        return  # its creator died between the two writes: nothing to compare with (run.json still is)
+    what = price_diff(then, now, ctx)
     if what:
-        n = len(_trial_rows(out))
-        raise HwpruneError(f"cannot resume {str(out)!r}: {'; '.join(what)}, so its {n} trial(s) were priced on "
-                           f"another scale than new ones would be; search into a new --out (or give --table the "
-                           f"table it started with: {info.get('table')})")
+        raise HwpruneError(f"cannot join study {spec.name!r}: {'; '.join(what)}: the process or host that started "
+                           f"it priced its trials on another scale; give this host the same table (--table), or "
+                           f"search into another --study")
 
 
 def _trial_rows(out: Path) -> list[Any]:
@@ -411,6 +451,7 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "
         f"(dense {ctx.dense_ms:.4f} ms, val {ctx.task.metric} {ctx.dense_val_metric:.4f}); table {table.path}")
     study = open_study(out, spec)
+    check_study_prices(out, spec, ctx)  # hosts with their own --out and table on one storage: one price scale
     study_grid(ctx, study, log)
     fail_interrupted(study, log, spec.heartbeat_grace)
     if spec.costs == "sensitivity":  # on the study's own keep ratios (a resume may have changed them)
