@@ -36,6 +36,9 @@ def _pg_bin(name: str) -> str | None:
     return found if isinstance(found, str) else (found[-1] if found else None)
 
 
+_PG: dict = {}  # the running server's stop and start, for the outage test
+
+
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     """A PostgreSQL server in a temporary directory on a loopback port; yields its URL (database 'hwprune')."""
@@ -63,6 +66,11 @@ def postgres(tmp_path_factory):
     subprocess.run(as_user + [pg_ctl, "-D", str(data), "-l", str(d / "server.log"), "-w", "-t", "60",
                               "-o", f"-p {port} -k {d} -h 127.0.0.1", "start"], check=True, capture_output=True,
                    timeout=90)
+    start = as_user + [pg_ctl, "-D", str(data), "-l", str(d / "server.log"), "-w", "-t", "60",
+                       "-o", f"-p {port} -k {d} -h 127.0.0.1", "start"]
+    _PG["stop"] = lambda: subprocess.run(as_user + [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "-t", "30",
+                                                    "stop"], check=True, capture_output=True, timeout=60)
+    _PG["start"] = lambda: subprocess.run(start, check=True, capture_output=True, timeout=90)
     try:
         with psycopg.connect(host="127.0.0.1", port=port, user="hwprune", dbname="postgres", autocommit=True) as con:
             con.execute("CREATE DATABASE hwprune")
@@ -143,6 +151,29 @@ def test_two_drivers_on_one_postgresql_study_keep_every_trial(postgres, tables, 
           f"interrupted trial(s) failed with: {[t.user_attrs.get('error') for t in interrupted]}")
     assert len(done) == 6 and all(t.user_attrs.get("error") for t in interrupted)
     assert not [t for t in after if t.state.name == "RUNNING"]
+
+
+@pytest.mark.e2e
+def test_a_storage_outage_of_a_few_seconds_is_ridden_out(postgres, tables, tmp_path):  # noqa: F811
+    """The PostgreSQL server stopped (immediate shutdown: connections cut) for 3 s mid-search, then started again:
+    the search says so once, reconnects, and ends with every asked trial, none failed or left running."""
+    env = {**os.environ, "HWPRUNE_CACHE": str(tmp_path / "c")}
+    out = tmp_path / "run"
+    cmd = _search(tables, out, trials=10, steps=100, storage=postgres, study="outage")  # a call every ~0.3 s
+    a = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait(lambda: sum(r["state"] == "COMPLETE" for r in _rows(out / "trials.csv")) >= 2, a, "two trials")
+    _PG["stop"]()
+    time.sleep(3)
+    _PG["start"]()
+    o, e = a.communicate(timeout=600)
+    assert a.returncode == 0, e.decode()[-800:]
+    import optuna
+
+    trials = optuna.load_study(study_name="outage", storage=postgres).get_trials(deepcopy=False)
+    print(f"outage of 3 s: {len(trials)} trials, states {sorted({t.state.name for t in trials})}")
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 10 and not [t for t in trials if t.state.name in
+                                                                          ("FAIL", "RUNNING")]
+    assert e.decode().count("the study's database did not answer") == 1
 
 
 class RayNode:

@@ -441,3 +441,38 @@ def test_hosts_on_one_study_share_one_price_scale(tmp_path):
         check_study_prices(tmp_path / "c", spec, Ctx("xeon", "d1"))
     with pytest.raises(HwpruneError, match="entries or calibration for this model changed"):
         check_study_prices(tmp_path / "d", spec, Ctx("epyc", "d2"))
+
+
+def test_a_lost_database_connection_is_retried_then_raised(monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    import hwprune.search.storage as st
+
+    monkeypatch.setattr(st, "RETRY_WAITS", (0.0, 0.0, 0.0))
+    calls = []
+
+    def flaky(self, n):
+        calls.append(n)
+        if len(calls) == 1:
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("server down"))
+        if len(calls) == 2:  # as Optuna wraps a commit that met a lost connection
+            try:
+                raise OperationalError("COMMIT", {}, ConnectionResetError("cut"))
+            except OperationalError as cause:
+                import optuna
+
+                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit") from cause
+        return n * 2
+
+    class Fake:
+        _said_outage = False
+
+    assert st._retried("x", flaky)(Fake(), 21) == 42 and len(calls) == 3
+    calls.clear()
+    with pytest.raises(OperationalError):  # down for longer than the waits: raised as before
+        st._retried("x", lambda self: calls.append(1) or (_ for _ in ()).throw(
+            OperationalError("SELECT 1", {}, ConnectionRefusedError("down"))))(Fake())
+    assert len(calls) == 4
+    with pytest.raises(RuntimeError):  # not a connection error: never retried
+        st._retried("x", lambda self: calls.append(2) or (_ for _ in ()).throw(RuntimeError("finished")))(Fake())
+    assert calls.count(2) == 1

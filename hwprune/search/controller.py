@@ -55,11 +55,16 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
 
 
 def study_storage(out: Path, spec: SearchSpec) -> Any:
-    """The study's storage: ``spec.storage`` (an RDB URL), else a journal file in the run directory."""
+    """The study's storage: ``spec.storage`` (an RDB URL; :class:`~hwprune.search.storage.RetryingRDBStorage`),
+    else a journal file in the run directory."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return spec.storage or JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    if spec.storage:
+        from hwprune.search.storage import RetryingRDBStorage
+
+        return RetryingRDBStorage(spec.storage)  # a database outage of a few seconds is ridden out
+    return JournalStorage(JournalFileBackend(str(out / "study.journal")))
 
 
 def claim_seeds(out: Path, spec: SearchSpec) -> bool:
