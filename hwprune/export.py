@@ -225,7 +225,7 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
     def via_torchscript() -> bytes:
         return torchscript.traced_bytes(model, args)
 
-    from hwprune.device.onnxrt import (RUNTIMES as ONNX_RUNTIMES, Session, is_openvino, missing, ov_precision,
+    from hwprune.device.onnxrt import (RUNTIMES as ONNX_RUNTIMES, Session, is_openvino, missing,
                                        runtime_onnx, to_onnx)
 
     from hwprune.device.onnxrt import RuntimeFormat
@@ -235,12 +235,28 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
     # artifacts) in fp32; the file is kept within 10% of the output's scale (a wrong graph is off by far more)
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, RuntimeFormat))
     formats = set(formats)
+    own_file: Callable[[], None] | None = None
     savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module(), 1e-5),
               ("torchscript", out / "model.ts", via_torchscript, torchscript.load, 1e-5)]
     # the policy's formats set the tolerance against the deployed model: int8 anywhere 10% of the output's scale,
     # bf16/fp16 5% (a wrong graph is off by far more); fp32 only: 1e-5
     tol_q = 0.1 if quantized or "int8" in formats else 0.05 if formats & {"bf16", "fp16"} else 1e-5
-    if onnx_rt == "onnxruntime":
+    if onnx_rt == "onnxruntime" and runtime == onnx_rt:  # the runtime's own file: checked as it ships
+        def own_onnx() -> None:
+            from hwprune.device.onnxrt import load
+
+            data = runtime_onnx(model, args, onnx_rt, dynamic_batch=True, calibration=calibration)
+            path = out / "model.onnx"
+            write_atomic(path, data)
+            checks["onnx"] = check_runtime_file(Session(onnx_rt, data, torch.get_num_threads()),
+                                                load(onnx_rt, str(path), torch.get_num_threads()),
+                                                list(zip([args] + others, refs)))
+            if "error" in checks["onnx"]:
+                path.unlink(missing_ok=True)
+            else:
+                kept["onnx"] = str(path)
+        own_file = own_onnx
+    elif onnx_rt == "onnxruntime":
         savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
                                                                       calibration=calibration),
                        lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), tol_q))
@@ -257,19 +273,43 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
                 check(name, path, save(), load, tol)
             except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
                 checks[name] = {"error": one_line(exc, 200)}
+        if own_file is not None:
+            try:
+                own_file()
+            except Exception as exc:  # noqa: BLE001 - e.g. an op the runtime's quantizer does not take
+                checks["onnx"] = {"error": one_line(exc, 200)}
         if "onnx" not in kept and onnx_rt is not None and "onnx" in checks:
             _onnx_in_fp32(model, args, out, onnx_rt, runtime, calibration, check, kept, checks)
         if "onnx" in checks:
             checks["onnx"]["checked_in"] = onnx_rt
-        if is_openvino(runtime):  # bf16 keeps about 3 significant digits: 5% of the output's scale
-            tol_ov = max(tol_q, 0.05) if ov_precision(runtime) == "bf16" else tol_q
-            _save_openvino(model, args, others, refs, out, calibration, tol_ov, kept, checks, runtime)
+        if is_openvino(runtime):  # checked against itself in memory; its bf16/int8 error reported beside
+            _save_openvino(model, args, others, refs, out, calibration, kept, checks, runtime)
     if quantized:
         where = "model.xml" if is_openvino(runtime) else "model.onnx"
         for name in ("torch.export", "torchscript") + (("onnx",) if is_openvino(runtime) else ()):
             checks.get(name, {})["note"] = f"computes {', '.join(quantized)} in fp32 (int8 in {where} only)"
         checks.get("openvino" if is_openvino(runtime) else "onnx", {})["int8_layers"] = quantized
     return kept, checks
+
+
+def check_runtime_file(mem: Any, loaded: Any, cases: list[tuple[tuple, Any]]) -> dict[str, Any]:
+    """The runtime's own artifact checked as it ships: the file reloaded (``loaded``) against the same model as
+    the runtime ran it in memory when it was measured (``mem``, e.g. the session of the same bytes), which must
+    agree to 1e-5 of the output's scale; the difference to the float model (the reference of each case) is
+    reported beside it (``diff_to_float``: int8 or bf16 error on these inputs), not judged."""
+    reload_diff, float_diff, scale = 0.0, 0.0, 1.0
+    for a, ref in cases:
+        try:
+            want, got = mem(*a), loaded(*a)
+        except Exception as exc:  # noqa: BLE001 - the file fails at another batch: not kept
+            return {"error": f"fails at batch {len(a[0])}: {one_line(exc, 160)}"}
+        d, _ = output_diff(got, want)
+        f, sc = output_diff(want, ref)
+        reload_diff, float_diff, scale = max(reload_diff, d), max(float_diff, f), max(scale, sc)
+    out = {"max_abs_diff": reload_diff, "diff_to_float": float_diff, "float_scale": scale}
+    if not reload_diff <= 1e-5 * max(1.0, scale):
+        out["error"] = "the reloaded file differs from the session that was measured"
+    return out
 
 
 _ARTIFACT_FILES = {"torch.export": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx",
@@ -283,7 +323,12 @@ def _say_artifacts(artifacts: dict[str, str], checks: dict[str, Any], log: Calla
         if name not in artifacts and check.get("error"):
             log(f"hwprune: warning: no {fname}: {check['error']}"
                 + (f" (retried with those layers in fp32: {check['fp32_retry']})" if check.get("fp32_retry") else ""))
-        elif name in artifacts and check.get("fp32_layers"):
+        if name in artifacts and check.get("diff_to_float", 0.0) > 0.1 * max(1.0, check.get("float_scale", 1.0)):
+            log(f"hwprune: note: {fname} (reloaded: identical to the session measured, max diff "
+                f"{check['max_abs_diff']:.2g}) differs from the float model by up to {check['diff_to_float']:.3g} "
+                f"({check['diff_to_float'] / max(1.0, check['float_scale']):.0%} of the output's scale) on the "
+                f"export's inputs: its formats' error there; the test metric is measured on the file")
+        if name in artifacts and check.get("fp32_layers"):
             layers = check["fp32_layers"]
             log(f"hwprune: note: {fname} computes {', '.join(f'{k} ({v})' for k, v in layers.items())} in fp32: "
                 f"{check.get('first_try') or 'the exporter cannot take those formats'}")
@@ -316,27 +361,25 @@ def _onnx_in_fp32(model: nn.Module, args: tuple, out: Path, onnx_rt: str, runtim
 
 
 def _save_openvino(model: nn.Module, args: tuple, others: list[tuple], refs: list[Any], out: Path,
-                   calibration: list[Any] | None, tol: float, kept: dict[str, str], checks: dict[str, Any],
+                   calibration: list[Any] | None, kept: dict[str, str], checks: dict[str, Any],
                    runtime: str = "openvino") -> None:
     """The OpenVINO runtime's artifact: an IR (``model.xml`` + ``model.bin``, dynamic batch, fp32 weights) with its
-    int8 layers quantized by NNCF on ``calibration`` inputs, kept only if OpenVINO reloads it and it computes the
-    model's outputs (within ``tol`` of their scale) at both batch sizes, at ``runtime``'s precision (the IR itself
-    holds no precision: a deployment asks for bf16 with OpenVINO's INFERENCE_PRECISION_HINT)."""
-    from hwprune.device.onnxrt import load, openvino_model, save_openvino_ir
+    int8 layers quantized by NNCF on ``calibration`` inputs, kept when OpenVINO reloads it and it computes what the
+    in-memory model it was saved from computes at both batch sizes, at ``runtime``'s precision (the IR itself
+    holds no precision: a deployment asks for bf16 with OpenVINO's INFERENCE_PRECISION_HINT); its difference to
+    the float model is reported (:func:`check_runtime_file`)."""
+    from hwprune.device.onnxrt import Session, load, openvino_model, save_openvino_ir
 
     path = out / "model.xml"
     try:
-        save_openvino_ir(openvino_model(model, args, dynamic_batch=True, calibration=calibration), str(path))
-        loaded = load(runtime, str(path), torch.get_num_threads())
-        diff, scale = 0.0, 1.0
-        for a, ref in zip([args] + others, refs):
-            d, s = output_diff(loaded(*a), ref)
-            diff, scale = max(diff, d), max(scale, s)
-        checks["openvino"] = {"max_abs_diff": diff, "checked_in": runtime}
-        if diff <= tol * max(1.0, scale):
+        ovm = openvino_model(model, args, dynamic_batch=True, calibration=calibration)
+        save_openvino_ir(ovm, str(path))
+        threads = torch.get_num_threads()
+        checks["openvino"] = {**check_runtime_file(Session(runtime, ovm, threads), load(runtime, str(path), threads),
+                                                   list(zip([args] + others, refs))), "checked_in": runtime}
+        if "error" not in checks["openvino"]:
             kept["openvino"] = str(path)
             return
-        checks["openvino"]["error"] = "reloaded outputs differ"
     except Exception as exc:  # noqa: BLE001 - e.g. an op NNCF or the ONNX frontend does not take
         checks["openvino"] = {"error": one_line(exc, 200)}
     for p in (path, path.with_suffix(".bin")):
