@@ -43,7 +43,7 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
     from hwprune._io import mask_url
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: one line each from hwprune, reason in trials.csv
-    storage = study_storage(out, spec)
+    storage = study_storage(out, spec)  # an unreachable server: one line there
     try:
         if load_only:
             return optuna.load_study(study_name=spec.name, storage=storage)
@@ -51,7 +51,8 @@ def open_study(out: Path, spec: SearchSpec, load_only: bool = False):  # type: i
                                    sampler=make_sampler(spec.sampler, spec.seed), load_if_exists=True)
     except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server: one line
         where = mask_url(spec.storage) or str(out)
-        raise HwpruneError(f"cannot open study {spec.name!r} in {where!r}: {one_line(exc)}") from exc
+        msg = one_line(exc).replace(spec.storage, where) if spec.storage else one_line(exc)
+        raise HwpruneError(f"cannot open study {spec.name!r} in {where!r}: {msg}") from exc
 
 
 def study_storage(out: Path, spec: SearchSpec) -> Any:
@@ -61,9 +62,15 @@ def study_storage(out: Path, spec: SearchSpec) -> Any:
     from optuna.storages.journal import JournalFileBackend
 
     if spec.storage:
+        from hwprune._io import mask_url
         from hwprune.search.storage import RetryingRDBStorage
 
-        return RetryingRDBStorage(spec.storage)  # a database outage of a few seconds is ridden out
+        try:
+            return RetryingRDBStorage(spec.storage)  # a database outage of a few seconds is ridden out
+        except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server: one line
+            where = mask_url(spec.storage) or ""
+            raise HwpruneError(f"cannot open storage {where!r}: {one_line(exc).replace(spec.storage, where)}") \
+                from exc
     return JournalStorage(JournalFileBackend(str(out / "study.journal")))
 
 
