@@ -150,7 +150,7 @@ def _valid_run_json():
     from hwprune.search.spec import SearchSpec
 
     spec = SearchSpec(model="cnn1d", data="mnist1d", budget="50%")
-    return {"identity": spec.identity(), "spec": spec.public(), "budget_ms": 1.0, "limit_ms": 0.9,
+    return {"identity": spec.identity(), "spec": spec.public(), "budget_ms": 1.0, "limit_ms": 0.9, "budget_margin": 0.0,
             "speed_factor": 1.0, "task": "classification", "metric": "accuracy", "direction": "max",
             "table": "t.json", "table_fingerprint": {"cpu": "x"}, "batch_size": 1, "grid": [0.5, 1.0],
             "menus": {}, "prices": {}, "versions": {}}
@@ -174,6 +174,8 @@ def test_an_edited_run_json_is_a_one_line_error_never_a_traceback(tmp_path):
     from hwprune.search.rundir import read_run
 
     base = _valid_run_json()
+    (tmp_path / "run.json").write_text(json.dumps(base))
+    assert read_run(tmp_path)["budget_margin"] == 0.0  # a run searched with --budget-margin 0 reads
     keys = [("top", k) for k in base] + [("spec", k) for k in base["spec"]] + [("top", "extra")]
 
     @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])

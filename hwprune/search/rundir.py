@@ -70,7 +70,10 @@ def read_run(out: Path) -> RunInfo:
         if isinstance(val, bool) or not isinstance(val, types):
             raise HwpruneError(f"{src}: {key!r} must be {' or '.join(t.__name__ for t in types)}, got "
                                f"{str(val)[:60]!r} ({type(val).__name__}); the file was edited or is damaged")
-        if types is _NUM and not (val > 0 and val < float("inf")):
+        if key == "budget_margin":
+            if not 0 <= val < 1:
+                raise HwpruneError(f"{src}: 'budget_margin' must be in [0, 1), got {val!r}")
+        elif types is _NUM and not (val > 0 and val < float("inf")):
             raise HwpruneError(f"{src}: {key!r} must be a positive number, got {val!r}")
     if info["batch_size"] < 1:
         raise HwpruneError(f"{src}: 'batch_size' must be at least 1, got {info['batch_size']}")
