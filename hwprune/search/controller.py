@@ -437,9 +437,19 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     if spec.storage:
         check_storage(spec.storage)  # a typo in the URL, a missing driver, a server down: before any profiling
     if spec.backend == "ray":
-        from hwprune.search.ray_backend import check_ray
+        from hwprune.search.ray_backend import check_ray, shutdown_if_started
 
         check_ray(spec)  # installed, and the cluster reachable: before any training
+        try:
+            return _search(spec, log, prepare, out)
+        finally:
+            shutdown_if_started()  # a local Ray this search started, however it ended (never one it joined)
+    return _search(spec, log, prepare, out)
+
+
+def _search(spec: SearchSpec, log: Callable[[str], None],
+            prepare: Callable[[SearchSpec, Callable[[str], None]], SearchContext], out: Path) -> SearchResult:
+    """:func:`run_search` after its cheap checks."""
     ctx = prepare(spec, log)
     table = ctx.predictor.table
     resumed = claim_run_dir(out, spec.identity(), {
