@@ -328,3 +328,29 @@ def test_a_profile_without_a_terminal_says_how_far_it_is(tmp_path, monkeypatch):
     done = [int(m.group(1)) for m in (re.match(r"hwprune: profiling: (\d+) of (\d+) configurations done", ln)
                                       for ln in logs) if m]
     assert len(done) >= 2 and done == sorted(done) and done[-1] == len(configs)
+
+
+def test_a_profile_says_how_far_it_is_while_it_only_prepares(tmp_path, monkeypatch):
+    """In the ONNX runtimes preparing (export, conversion, compilation) takes minutes before a chunk is measured
+    (OpenVINO: ~10 min for cnn1d here, with no line): progress lines come while preparing too."""
+    import re
+    import time as _time
+
+    from hwprune.latency import profiler
+
+    real = profiler.try_prepare
+
+    def slow(cfg, target):
+        _time.sleep(0.02)
+        return real(cfg, target)
+
+    monkeypatch.setattr(profiler, "try_prepare", slow)
+    monkeypatch.setattr(profiler, "PROGRESS_LINE_S", 0.05)
+    monkeypatch.setenv("HWPRUNE_ROUND_SECONDS", "1000")  # one chunk: nothing is measured until every item is prepared
+    target = CpuTarget(threads=1)
+    model, x = _mlp(), torch.randn(2, 8)
+    configs = layer_configs(analyze_layers(model, x), (0.5, 1.0), target, 4)
+    logs = []
+    profile_layers(LatencyTable(target.fingerprint(), 4, path=tmp_path / "t.json"), configs, target, 3, logs.append)
+    preparing = [ln for ln in logs if re.match(r"hwprune: profiling: 0 of \d+ configurations done, \d+ prepared", ln)]
+    assert len(preparing) >= 2, logs

@@ -405,7 +405,7 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
     said = time.time()  # not a terminal (a log file, CI): no bar, a progress line every PROGRESS_LINE_S instead
 
     def flush() -> None:
-        nonlocal held, chunk_s, said
+        nonlocal held, chunk_s
         if not chunk:
             return
         res = measure_rounds(chunk, target, plan, reference if target.interleaved else None)
@@ -419,13 +419,19 @@ def profile_layers(table: LatencyTable, configs: list[LayerConfig | CastConfig],
         chunk.clear()
         held, chunk_s = 0, 0.0
         saver.maybe(force=True)
+        progress()
+
+    def progress(prepared: int | None = None) -> None:
+        nonlocal said
         if bar.disable and time.time() - said >= PROGRESS_LINE_S:
             said = time.time()
             log(f"hwprune: profiling: {out['measured'] + out['unsupported']} of {len(todo)} configurations done, "
-                f"{said - t0:.0f} s")
+                + (f"{prepared} prepared (exported, converted, compiled: the runtime's own cost), "
+                   if prepared is not None else "") + f"{said - t0:.0f} s")
 
     try:
-        for cfg in bar:
+        for i, cfg in enumerate(bar):
+            progress(i)  # preparing dominates in the ONNX runtimes: said while no chunk is measured yet
             got = try_prepare(cfg, target)
             if isinstance(got, Failure):
                 if got.permanent:
