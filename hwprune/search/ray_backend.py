@@ -241,27 +241,28 @@ def _make_classes() -> tuple[type, type]:
             if trial_id not in self.live:
                 return
             trial, latency, t0 = self.live.pop(trial_id)
+            from hwprune.search.trial import set_attrs  # attributes of a trial another host failed: dropped
             curve = self.scheduler.curves.get(trial_id, {})
             if curve:
-                trial.set_user_attr("curve", curve)
-            trial.set_user_attr("seconds", round(time.time() - t0, 2))
+                set_attrs(trial, curve=curve)
+            set_attrs(trial, seconds=round(time.time() - t0, 2))
             node = (result or {}).get("node") or self.nodes.pop(trial_id, None)
             if node:
-                trial.set_user_attr("node", node)
+                set_attrs(trial, node=node)
             if error or result is None:
-                trial.set_user_attr("error", "the Ray worker died (see the Tune logs under RUN_DIR/ray)")
+                set_attrs(trial, error="the Ray worker died (see the Tune logs under RUN_DIR/ray)")
                 self._tell(trial, "FAIL")
             elif result.get("error"):
-                trial.set_user_attr("error", result["error"])
+                set_attrs(trial, error=result["error"])
                 self._tell(trial, "FAIL")
             elif not result.get("final"):
-                trial.set_user_attr("error", self.scheduler.reasons.get(trial_id, "stopped by the Tune scheduler"))
+                set_attrs(trial, error=self.scheduler.reasons.get(trial_id, "stopped by the Tune scheduler"))
                 if curve:  # what it cost: --trials counts fine-tunes' worth of steps
-                    trial.set_user_attr("steps_run", max(int(k) for k in curve))
+                    set_attrs(trial, steps_run=max(int(k) for k in curve))
                 self._tell(trial, "PRUNED")
             else:
-                trial.set_user_attr("params", result.get("params"))
-                trial.set_user_attr("train_seconds", result.get("train_seconds"))
+                set_attrs(trial, params=result.get("params"))
+                set_attrs(trial, train_seconds=result.get("train_seconds"))
                 if curve:
                     self.scheduler.rule.add(trial.number, latency, curve, float(result["accuracy"]))
                 self._tell(trial, "COMPLETE", [float(result["accuracy"]), latency])
