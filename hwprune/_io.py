@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +15,7 @@ from typing import Any, Iterator
 from hwprune.errors import HwpruneError
 
 __all__ = ["write_atomic", "read_json", "cache_root", "mask_url", "is_masked", "file_lock", "staged_dir",
-           "relocated"]
+           "relocated", "pid_alive", "file_digest"]
 
 
 def _current_umask() -> int:
@@ -122,7 +124,27 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         raise HwpruneError(f"{what} {str(p)!r} is not valid JSON (truncated or edited?): {exc}") from None
 
 
-def _pid_alive(pid: int) -> bool:
+@functools.lru_cache(maxsize=16)
+def _digest_of(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """A file's content hash (sha1, 16 hex digits; remembered while its mtime and size stay), '' when it cannot
+    be read."""
+    try:
+        st = os.stat(path)
+        return _digest_of(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -144,7 +166,7 @@ def staged_dir(dest: Path) -> Iterator[Path]:
     prefix = f".{dest.name}.partial-{socket.gethostname()}-"
     for old in dest.parent.glob(prefix + "*"):
         pid = old.name[len(prefix):]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     work = dest.parent / f"{prefix}{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)

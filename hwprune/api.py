@@ -65,7 +65,7 @@ def _command_args(cmd: str, required: list[str], options: dict[str, Any]) -> arg
 def _as_found() -> Iterator[None]:
     """Process-wide state a command changes, put back when it ends (however it ends): the random generators of
     torch, Python and NumPy (fine-tunes seed them), Optuna's log level, torch's thread count, default dtype and
-    grad mode; a local Ray that the command started is shut down."""
+    grad mode. (A local Ray a search started is shut down by the search itself.)"""
     import random
 
     import numpy as np
@@ -88,9 +88,6 @@ def _as_found() -> Iterator[None]:
         torch.set_num_threads(state[5])
         torch.set_default_dtype(state[6])
         torch.set_grad_enabled(state[7])
-        from hwprune.search.ray_backend import shutdown_if_started
-
-        shutdown_if_started()
 
 
 def profile(model: str, target: str = "cpu", log: Log | None = None, **options: Any) -> dict[str, Any]:

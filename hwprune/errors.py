@@ -29,7 +29,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
-
 def is_own_bug(exc: BaseException) -> bool:
     """A bug in hwprune: an exception other than :class:`HwpruneError` raised by hwprune's own code (the deepest
     frame of its traceback is in the ``hwprune`` package). One raised in the user's model, data or task code, or

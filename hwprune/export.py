@@ -235,31 +235,16 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
     # artifacts) in fp32; the file is kept within 10% of the output's scale (a wrong graph is off by far more)
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, RuntimeFormat))
     formats = set(formats)
-    own_file: Callable[[], None] | None = None
     savers = [("torch.export", out / "model.pt2", via_export, lambda b: torch.export.load(b).module(), 1e-5),
               ("torchscript", out / "model.ts", via_torchscript, torchscript.load, 1e-5)]
     # the policy's formats set the tolerance against the deployed model: int8 anywhere 10% of the output's scale,
     # bf16/fp16 5% (a wrong graph is off by far more); fp32 only: 1e-5
     tol_q = 0.1 if quantized or "int8" in formats else 0.05 if formats & {"bf16", "fp16"} else 1e-5
-    if onnx_rt == "onnxruntime" and runtime == onnx_rt:  # the runtime's own file: checked as it ships
-        def own_onnx() -> None:
-            from hwprune.device.onnxrt import load
-
-            data = runtime_onnx(model, args, onnx_rt, dynamic_batch=True, calibration=calibration)
-            path = out / "model.onnx"
-            write_atomic(path, data)
-            checks["onnx"] = check_runtime_file(Session(onnx_rt, data, torch.get_num_threads()),
-                                                load(onnx_rt, str(path), torch.get_num_threads()),
-                                                list(zip([args] + others, refs)))
-            if "error" in checks["onnx"]:
-                path.unlink(missing_ok=True)
-            else:
-                kept["onnx"] = str(path)
-        own_file = own_onnx
-    elif onnx_rt == "onnxruntime":
-        savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
-                                                                      calibration=calibration),
-                       lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), tol_q))
+    if onnx_rt == "onnxruntime":
+        if runtime != onnx_rt:  # in the onnxruntime runtime the file is its own: _save_onnxruntime, below
+            savers.append(("onnx", out / "model.onnx", lambda: runtime_onnx(model, args, onnx_rt, dynamic_batch=True,
+                                                                          calibration=calibration),
+                           lambda b: Session(onnx_rt, b.getvalue(), torch.get_num_threads()), tol_q))
     elif is_openvino(onnx_rt):  # the int8 of OpenVINO lives in its IR (model.xml): the ONNX file is the float graph,
         onnx_rt = "openvino"    # checked in f32
         savers.append(("onnx", out / "model.onnx", lambda: to_onnx(model, args, dynamic_batch=True),
@@ -273,11 +258,8 @@ def _save_artifacts(model: nn.Module, x: Any, out: Path, x_other: Any = None, ru
                 check(name, path, save(), load, tol)
             except Exception as exc:  # noqa: BLE001 - e.g. packed int8 weights torch.export cannot flatten
                 checks[name] = {"error": one_line(exc, 200)}
-        if own_file is not None:
-            try:
-                own_file()
-            except Exception as exc:  # noqa: BLE001 - e.g. an op the runtime's quantizer does not take
-                checks["onnx"] = {"error": one_line(exc, 200)}
+        if runtime == "onnxruntime":  # checked against itself in memory; its int8 error reported beside
+            _save_onnxruntime(model, args, others, refs, out, calibration, kept, checks)
         if "onnx" not in kept and onnx_rt is not None and "onnx" in checks:
             _onnx_in_fp32(model, args, out, onnx_rt, runtime, calibration, check, kept, checks)
         if "onnx" in checks:
@@ -360,6 +342,28 @@ def _onnx_in_fp32(model: nn.Module, args: tuple, out: Path, onnx_rt: str, runtim
     checks["onnx"]["first_try"] = first
 
 
+def _save_onnxruntime(model: nn.Module, args: tuple, others: list[tuple], refs: list[Any], out: Path,
+                      calibration: list[Any] | None, kept: dict[str, str], checks: dict[str, Any]) -> None:
+    """The ONNX Runtime runtime's artifact: ``model.onnx`` with its int8 nodes (:func:`runtime_onnx`, activation
+    scales from ``calibration``), kept when ONNX Runtime reloads it and it computes what the session it was
+    measured as computes (:func:`check_runtime_file`)."""
+    from hwprune.device.onnxrt import Session, load, runtime_onnx
+
+    path = out / "model.onnx"
+    try:
+        data = runtime_onnx(model, args, "onnxruntime", dynamic_batch=True, calibration=calibration)
+        write_atomic(path, data)
+        threads = torch.get_num_threads()
+        checks["onnx"] = check_runtime_file(Session("onnxruntime", data, threads),
+                                            load("onnxruntime", str(path), threads), list(zip([args] + others, refs)))
+        if "error" not in checks["onnx"]:
+            kept["onnx"] = str(path)
+            return
+    except Exception as exc:  # noqa: BLE001 - e.g. an op the runtime's quantizer does not take
+        checks["onnx"] = {"error": one_line(exc, 200)}
+    path.unlink(missing_ok=True)
+
+
 def _save_openvino(model: nn.Module, args: tuple, others: list[tuple], refs: list[Any], out: Path,
                    calibration: list[Any] | None, kept: dict[str, str], checks: dict[str, Any],
                    runtime: str = "openvino") -> None:
@@ -438,9 +442,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     from hwprune.train import evaluate, few_batches
 
     run = Path(run_dir)
-    if not (run / "run.json").exists():
-        raise HwpruneError(f"{str(run)!r} is not a search run directory (no run.json); give the --out of 'hwprune search'")
-    info = read_run(run)
+    info = read_run(run)  # no run.json, or a damaged one: one line
     if schedule not in SCHEDULES:
         raise HwpruneError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if finetune_steps is not None and finetune_steps < 0:
@@ -524,18 +526,14 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
                 if own in artifacts:  # the test metric of what that runtime runs (its int8 layers in int8)
                     test_acc = evaluate(SessionModule(load_onnx(spec.runtime, artifacts[own],
                                                                 target.threads or torch.get_num_threads())), test, task=task)
-                else:
-                    fname = "model.xml" if own == "openvino" else "model.onnx"
-                    log(f"hwprune: warning: no {fname} for the {spec.runtime} runtime "
-                        f"({checks.get(own, {}).get('error')}); the test {metric} is the in-memory model's")
+                else:  # its reason was said above; no number for a file nobody can deploy
+                    log(f"hwprune: warning: the {spec.runtime} runtime deploys {_ARTIFACT_FILES[own]}, which was not "
+                        f"written: the test {metric} is the in-memory model's, and nothing is measured")
             if spec.runtime == "compile" and rep is not None:
                 log(f"hwprune: compiling the AOTInductor package for batch {inputs.batch_len(x)} (the compile runtime's artifact)")
                 _save_aoti(deployed, x, work, artifacts, checks)
             measured = None
             unwritten = spec.runtime in ONNX_RUNTIMES and rep is not None and own not in artifacts
-            if unwritten:  # no number for a file nobody can deploy: the in-memory session is not what ships
-                log(f"hwprune: warning: not measured: the {spec.runtime} runtime deploys "
-                    f"{'model.xml' if own == 'openvino' else 'model.onnx'}, which was not written")
             if here is not None and (not differs or measure_here) and not unwritten:
                 torch.manual_seed(0)
                 measured = _measure_export(deployed, artifacts, x, target, repeats, info, spec, setup, chosen.values[1],

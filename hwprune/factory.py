@@ -19,7 +19,7 @@ def source_digest(ref: str) -> str:
     """A hash of the source file a factory reference names (``file.py:name``, or ``pkg.module:name`` through
     its module's file), '' for a registry name or a source that cannot be found: what a cache of models
     trained from user code must key on besides the reference, so an edited file is not served stale weights."""
-    import hashlib
+    from hwprune._io import file_digest
 
     if not is_factory_ref(ref):
         return ""
@@ -31,10 +31,7 @@ def source_digest(ref: str) -> str:
         except (ImportError, ValueError):
             found = None
         path = Path(found.origin) if found is not None and found.origin and found.origin.endswith(".py") else None
-    try:
-        return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path is not None else ""
-    except OSError:
-        return ""
+    return file_digest(path)[:12] if path is not None else ""  # the cache keys of earlier versions: 12 digits
 
 
 def refuse_untrusted(refs: dict[str, Any], source: str, how: str) -> None:

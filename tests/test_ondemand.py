@@ -273,9 +273,9 @@ def test_storage_password_is_in_no_file_of_the_run(tables, tmp_path, monkeypatch
         return real_open(out, SearchSpec(**{**vars(spec), "storage": None}), load_only)
 
     monkeypatch.setattr(controller, "open_study", journal_instead)
-    monkeypatch.setattr(controller, "check_storage", lambda url: None)  # nor its early reachability check
+    monkeypatch.setattr(controller, "check_storage", lambda out, spec: None)  # nor its early reachability check
     monkeypatch.setattr(controller, "claim_seeds", lambda out, spec: True)  # nor the seeds' claim in it
-    monkeypatch.setattr(controller, "check_study_prices", lambda out, spec, ctx: None)  # nor the prices' record
+    monkeypatch.setattr(controller, "check_study_prices", lambda out, spec, ctx, now: None)  # nor the prices' record
     out = tmp_path / "run"
     spec = SearchSpec(model=MLP, data=DATA, budget="80%", batch_size=4, tables=str(tables), finetune_steps=2,
                       trials=2, out=str(out), storage=url)

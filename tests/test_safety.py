@@ -376,18 +376,10 @@ def test_a_lapsed_lease_never_crashes_the_live_host(tmp_path):
 
 def test_build_space_leaves_the_callers_model_as_it_was():
     """Stacks split on a copy, the training mode put back."""
+    from hwprune.models import build_model
     from hwprune.space import build_space
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.LSTM(4, 8, num_layers=2, batch_first=True)
-            self.fc = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.fc(self.rnn(x)[0][:, -1])
-
-    net = Net().train()
+    net = build_model("lstm", (5, 4), 3, {"num_layers": 2, "hidden_size": 8}).train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     space = build_space(net, torch.randn(2, 5, 4))
     assert space.groups and type(net.rnn) is nn.LSTM and net.rnn.num_layers == 2 and net.training
@@ -437,12 +429,17 @@ def test_hosts_on_one_study_share_one_price_scale(tmp_path):
 
     spec = SearchSpec(model="cnn1d", data="mnist1d", budget="50%", storage=f"sqlite:///{tmp_path}/s.db",
                       study="shared")
-    check_study_prices(tmp_path / "a", spec, Ctx("epyc", "d1"))  # the first host records
-    check_study_prices(tmp_path / "b", spec, Ctx("epyc", "d1"))  # the same scale joins
+
+    def join(out, fp, digest):  # a host with its own --out and table starts on the study
+        ctx = Ctx(fp, digest)
+        check_study_prices(tmp_path / out, spec, ctx, ctx.prices())
+
+    join("a", "epyc", "d1")  # the first host records
+    join("b", "epyc", "d1")  # the same scale joins
     with pytest.raises(HwpruneError, match="cannot join study 'shared': the table is another device's"):
-        check_study_prices(tmp_path / "c", spec, Ctx("xeon", "d1"))
+        join("c", "xeon", "d1")
     with pytest.raises(HwpruneError, match="entries or calibration for this model changed"):
-        check_study_prices(tmp_path / "d", spec, Ctx("epyc", "d2"))
+        join("d", "epyc", "d2")
 
 
 def test_a_lost_database_connection_is_retried_then_raised(monkeypatch):
@@ -469,12 +466,12 @@ def test_a_lost_database_connection_is_retried_then_raised(monkeypatch):
     class Fake:
         _said_outage = False
 
-    assert st._retried("x", flaky)(Fake(), 21) == 42 and len(calls) == 3
+    assert st._retried(flaky)(Fake(), 21) == 42 and len(calls) == 3
     calls.clear()
     with pytest.raises(OperationalError):  # down for longer than the waits: raised as before
-        st._retried("x", lambda self: calls.append(1) or (_ for _ in ()).throw(
+        st._retried(lambda self: calls.append(1) or (_ for _ in ()).throw(
             OperationalError("SELECT 1", {}, ConnectionRefusedError("down"))))(Fake())
     assert len(calls) == 4
     with pytest.raises(RuntimeError):  # not a connection error: never retried
-        st._retried("x", lambda self: calls.append(2) or (_ for _ in ()).throw(RuntimeError("finished")))(Fake())
+        st._retried(lambda self: calls.append(2) or (_ for _ in ()).throw(RuntimeError("finished")))(Fake())
     assert calls.count(2) == 1

@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from hwprune._io import pid_alive
 from hwprune.errors import HwpruneError, is_oom, is_own_bug, one_line
 from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.early_stop import spent
@@ -69,41 +69,34 @@ def study_storage(out: Path, spec: SearchSpec) -> Any:
             return RetryingRDBStorage(spec.storage)  # a database outage of a few seconds is ridden out
         except Exception as exc:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server: one line
             where = mask_url(spec.storage) or ""
-            raise HwpruneError(f"cannot open storage {where!r}: {one_line(exc).replace(spec.storage, where)}") \
-                from exc
+            raise HwpruneError(f"cannot open storage {where!r}: {one_line(exc).replace(spec.storage, where)}; check "
+                               f"the URL (e.g. postgresql://user:password@host:5432/db or sqlite:///path/studies.db) "
+                               f"and that the server is reachable") from exc
     return JournalStorage(JournalFileBackend(str(out / "study.journal")))
 
 
-def claim_seeds(out: Path, spec: SearchSpec) -> bool:
-    """True for exactly one of the processes and hosts that start on one study: the one that enqueues the seeds.
+def check_storage(out: Path, spec: SearchSpec) -> None:
+    """Open the RDB storage once (Optuna creates its tables if they are missing): a bad URL, a missing driver or an
+    unreachable server is a one-line error (:func:`study_storage`) before minutes of profiling and training."""
+    study_storage(out, spec).engine.dispose()
 
-    The claim is the creation of a marker study ``<study>:seeds`` in the same storage: the storage refuses a
-    second study of one name (a unique key in an RDB, a locked journal), so two hosts starting together cannot
-    both enqueue the seeds, whatever their timing."""
+
+def _marker(out: Path, spec: SearchSpec, what: str) -> Any:
+    """Create the marker study ``<study>:<what>`` in the study's storage: the new study for exactly one of the
+    processes and hosts that try at once (the storage refuses a second study of one name: a unique key in an RDB,
+    a locked journal), None for the others."""
     import optuna
 
     try:
-        optuna.create_study(study_name=f"{spec.name}:seeds", storage=study_storage(out, spec))
+        return optuna.create_study(study_name=f"{spec.name}:{what}", storage=study_storage(out, spec))
     except optuna.exceptions.DuplicatedStudyError:
-        return False
-    return True
+        return None
 
 
-def check_storage(url: str) -> None:
-    """Open an RDB storage once (Optuna creates its tables if they are missing), so a bad URL, a missing driver or
-    an unreachable server is a one-line error before minutes of profiling and training."""
-    import optuna
-
-    from hwprune._io import mask_url
-
-    try:
-        storage = optuna.storages.RDBStorage(url, skip_compatibility_check=False)
-        storage.engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - the user's URL or server: one line, password masked
-        msg = one_line(exc).replace(url, mask_url(url) or "")
-        raise HwpruneError(f"cannot open storage {mask_url(url)!r}: {msg}; check the URL "
-                           f"(e.g. postgresql://user:password@host:5432/db or sqlite:///path/studies.db) and that "
-                           f"the server is reachable") from exc
+def claim_seeds(out: Path, spec: SearchSpec) -> bool:
+    """True for exactly one of the processes and hosts that start on one study: the one that enqueues the seeds
+    (it created the marker ``<study>:seeds``), so two hosts starting together cannot both enqueue them."""
+    return _marker(out, spec, "seeds") is not None
 
 
 def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], None]) -> Any:
@@ -153,20 +146,22 @@ def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], Non
         raise
     if failed is not None:  # handled outside the except: its traceback (and the trial's tensors) released first
         if not set_attrs(trial, error=failed[0]):
-            log(f"hwprune: trial {trial.number} was failed by another host as stale while it ran here (its lease "
-                f"lapsed); its result is dropped")
-            return trial
+            return _lapsed(trial, log)
         if failed[1]:
             free_memory()
         tell(study, trial, state=TrialState.FAIL)
         return trial
     if not set_attrs(trial, params=params):
-        log(f"hwprune: trial {trial.number} was failed by another host as stale while it ran here (its lease "
-            f"lapsed); its result is dropped")
-        return trial
+        return _lapsed(trial, log)
     if curve:
         rule.add(trial.number, latency, curve, acc)
     tell(study, trial, [acc, latency])  # failed as stale by another host meanwhile: dropped
+    return trial
+
+
+def _lapsed(trial: Any, log: Callable[[str], None]) -> Any:
+    log(f"hwprune: trial {trial.number} was failed by another host as stale while it ran here (its lease lapsed); "
+        f"its result is dropped")
     return trial
 
 
@@ -177,13 +172,7 @@ def owner_alive(owner: str | None) -> bool | None:
         return False  # no owner recorded: the process ended between creating the trial and starting it
     if host != socket.gethostname():
         return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(int(pid))
 
 
 def stale_for(trial: Any, grace_s: float, now: float | None = None) -> float | None:
@@ -339,15 +328,14 @@ def study_grid(ctx: SearchContext, study: Any, log: Callable[[str], None]) -> No
         ctx.meter = None
 
 
-def check_prices(out: Path, ctx: SearchContext, log: Callable[[str], None]) -> None:
+def check_prices(out: Path, ctx: SearchContext, log: Callable[[str], None], now: dict[str, Any]) -> None:
     """A resumed study keeps one price scale: the table's device, the entries and calibration this model is
     priced from, and the margin must be those the run started with; otherwise the resume is refused (its trials'
     predicted latencies would mix with prices of another table). A run started before prices were recorded gets
-    them recorded now, said."""
+    them recorded now, said. ``now``: this process's :meth:`SearchContext.prices`."""
     from hwprune._io import read_json, write_atomic
 
     info = read_json(out / "run.json", "run file")
-    now = ctx.prices()
     then = info.get("prices")
     if then is None:
         log("hwprune: this run was started before hwprune recorded its prices; recording the table's now (later "
@@ -383,20 +371,17 @@ def price_diff(then: dict[str, Any], now: dict[str, Any], ctx: SearchContext) ->
     return what
 
 
-def check_study_prices(out: Path, spec: SearchSpec, ctx: SearchContext) -> None:
+def check_study_prices(out: Path, spec: SearchSpec, ctx: SearchContext, now: dict[str, Any]) -> None:
     """One price scale per study, however many hosts join it with their own --out and table: the first to start
-    records its prices in the storage (a marker study ``<study>:prices`` it alone can create, its record beside it);
-    every later process compares its own and is refused on a difference."""
+    records its prices (``now``: :meth:`SearchContext.prices`) in the storage (a marker study ``<study>:prices`` it
+    alone can create, the record on it); every later process compares its own and is refused on a difference."""
     import optuna
 
-    now = ctx.prices()
-    storage = study_storage(out, spec)
-    try:
-        marker = optuna.create_study(study_name=f"{spec.name}:prices", storage=storage)
+    marker = _marker(out, spec, "prices")
+    if marker is not None:
         marker.set_user_attr("prices", now)
         return
-    except optuna.exceptions.DuplicatedStudyError:
-        marker = optuna.load_study(study_name=f"{spec.name}:prices", storage=storage)
+    marker = optuna.load_study(study_name=f"{spec.name}:prices", storage=study_storage(out, spec))
     then = None
     for _ in range(100):  # its creator writes the record right after creating it
         then = marker.user_attrs.get("prices")
@@ -435,7 +420,7 @@ def run_search(spec: SearchSpec, log: Callable[[str], None] | None = None,
     out = Path(spec.out or Path("runs") / spec.name)
     check_run_dir(out, spec.identity())  # before any training or reading: a wrong --out costs nothing
     if spec.storage:
-        check_storage(spec.storage)  # a typo in the URL, a missing driver, a server down: before any profiling
+        check_storage(out, spec)  # a typo in the URL, a missing driver, a server down: before any profiling
     if spec.backend == "ray":
         from hwprune.search.ray_backend import check_ray, shutdown_if_started
 
@@ -452,17 +437,18 @@ def _search(spec: SearchSpec, log: Callable[[str], None],
     """:func:`run_search` after its cheap checks."""
     ctx = prepare(spec, log)
     table = ctx.predictor.table
+    prices = ctx.prices()
     resumed = claim_run_dir(out, spec.identity(), {
         "spec": spec.public(), "budget_ms": ctx.budget_ms, "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
         "speed_factor": ctx.speed_factor,
         "dense_predicted_ms": ctx.dense_ms,
         f"dense_val_{ctx.task.metric}": ctx.dense_val_metric, "task": ctx.task.name, "metric": ctx.task.metric,
         "direction": ctx.task.direction, "table": str(table.path), "table_fingerprint": table.fingerprint,
-        "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus, "prices": ctx.prices()})
+        "batch_size": table.batch_size, "grid": list(ctx.grid), "menus": ctx.menus, "prices": prices})
     from hwprune._io import read_json
 
     if resumed:
-        check_prices(out, ctx, log)  # the run keeps the speed factor it started with: its trials are priced under one limit
+        check_prices(out, ctx, log, prices)  # the run keeps the speed factor it started with: its trials are priced under one limit
         first = float(read_json(out / "run.json", "run file").get("speed_factor", 1.0))
         if first != ctx.speed_factor:
             ctx.notes.append(f"resuming with the speed factor the run started with ({first:.3f}), not this "
@@ -473,7 +459,7 @@ def _search(spec: SearchSpec, log: Callable[[str], None],
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "
         f"(dense {ctx.dense_ms:.4f} ms, val {ctx.task.metric} {ctx.dense_val_metric:.4f}); table {table.path}")
     study = open_study(out, spec)
-    check_study_prices(out, spec, ctx)  # hosts with their own --out and table on one storage: one price scale
+    check_study_prices(out, spec, ctx, prices)  # hosts with their own --out and table on one storage: one price scale
     study_grid(ctx, study, log)
     fail_interrupted(study, log, spec.heartbeat_grace)
     if spec.costs == "sensitivity":  # on the study's own keep ratios (a resume may have changed them)

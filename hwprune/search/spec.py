@@ -6,8 +6,6 @@ types are errors naming the key, the value and what is accepted.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +160,7 @@ class SearchSpec:
     def sources(self) -> dict[str, str]:
         """Digests of what the references point at (the model, data and task files, the --weights file), beside
         the reference strings: an edited ``my_model.py`` or a replaced weights file is another study."""
+        from hwprune._io import file_digest
         from hwprune.factory import source_digest
 
         out = {k: source_digest(getattr(self, k) or "") for k in ("model", "data", "task")}
@@ -174,26 +173,6 @@ class SearchSpec:
         from hwprune._io import mask_url
 
         return {**vars(self), "storage": mask_url(self.storage)}
-
-
-@functools.lru_cache(maxsize=16)
-def _digest_of(path: str, mtime_ns: int, size: int) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: str) -> str:
-    """A file's content hash ('' when it cannot be read: the weights' own check reports that)."""
-    try:
-        st = os.stat(path)
-        return _digest_of(os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    except OSError:
-        return ""
 
 
 _TYPES: dict[str, tuple[type, ...]] = {}

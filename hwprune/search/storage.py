@@ -41,7 +41,7 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _retried(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def _retried(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         for wait in RETRY_WAITS + (None,):
@@ -73,4 +73,4 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 for _name in dir(optuna.storages.BaseStorage):
     _fn = getattr(optuna.storages.RDBStorage, _name, None)
     if not _name.startswith("_") and callable(_fn):
-        setattr(RetryingRDBStorage, _name, _retried(_name, _fn))
+        setattr(RetryingRDBStorage, _name, _retried(_fn))
