@@ -184,18 +184,34 @@ def _search_knob(measure: Any, grid: list[float], steps: int) -> dict[str, Any]:
         trace.append((k, round(r, 4)))
         return r <= measure.frac
 
+    def bisect(a: float, b: float, n: int) -> float:  # a does not fit, b fits
+        for _ in range(n):
+            mid = (a + b) / 2
+            if fits(mid):
+                b = mid
+            else:
+                a = mid
+        return b
+
     prev = None
     for k in grid:
+        before = len(trace)
         if fits(k):
-            a, b = (prev, k) if prev is not None else (None, k)
-            if a is not None:
-                for _ in range(steps):
-                    mid = (a + b) / 2
-                    if fits(mid):
-                        b = mid
-                    else:
-                        a = mid
-            return {"knob": b, "trace": trace}
+            return {"knob": bisect(prev, k, steps) if prev is not None else k, "trace": trace}
+        if isinstance(trace[before][1], str) and prev is not None:
+            # the peer cannot go as far as k (FastNAS: "NOT all constraints can be satisfied"): its own limit lies
+            # between prev (runs, too slow) and k; bisect for the most pruning it can produce, like any knob
+            a, b = prev, k
+            for i in range(steps):
+                mid = (a + b) / 2
+                n = len(trace)
+                if fits(mid):
+                    return {"knob": bisect(a, mid, steps - i - 1), "trace": trace}
+                if isinstance(trace[n][1], str):
+                    b = mid
+                else:
+                    a = mid
+            return {"knob": None, "trace": trace}
         prev = k
     return {"knob": None, "trace": trace}
 

@@ -69,3 +69,25 @@ def test_verdicts_by_welchs_t():
     assert abs(welch(a, b) - ttest_ind(a, b, equal_var=False).statistic) < 1e-12
     low = {"direction": "min", "metric": "perplexity"}  # lower is better
     assert verdict(low, pt([4.0, 4.1, 4.05]), pt([5.0, 5.1, 5.05]))[0] == "win"
+
+
+def test_a_peers_knob_is_bisected_past_its_own_limit_as_well_as_past_the_budget():
+    """FastNAS refuses a FLOPs constraint beyond its search space (5% here): the knob is bisected between the last
+    value that ran (10%, too slow) and the refused one, and the most pruning that runs and fits is taken."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from search_quality import _search_knob
+
+    def measure(pct):  # ratio falls with the FLOPs share; the peer cannot go below 7%
+        if pct < 7.0:
+            raise ValueError("NOT all constraints can be satisfied")
+        return 0.25 + pct / 100
+
+    measure.frac = 0.33  # fits at pct <= 8
+    got = _search_knob(measure, [90.0, 50.0, 10.0, 5.0], 6)
+    assert 7.0 <= got["knob"] <= 8.0 and measure(got["knob"]) <= 0.33
+    assert any(isinstance(r, str) for _, r in got["trace"])  # the refusal is in the trace
+    measure.frac = 0.30  # nothing the peer can build fits: no point, after bisecting its limit
+    assert _search_knob(measure, [90.0, 50.0, 10.0, 5.0], 6)["knob"] is None
+    measure.frac = 0.80  # the usual case: bisected between the last too-slow value and the first that fits
+    got = _search_knob(measure, [90.0, 50.0, 10.0, 5.0], 6)
+    assert 50.0 < got["knob"] <= 55.0 and measure(got["knob"]) <= 0.80
