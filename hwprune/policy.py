@@ -3,9 +3,10 @@
 A policy is versioned JSON::
 
     {"format_version": 1, "model": "resnet20", "channel_multiple": 8,
-     "keep": {"layer1.0.conv1": 0.5}, "formats": {"fc": "int8"}}
+     "keep": {"layer1.0.conv1": 0.5}, "formats": {"fc": "int8"}, "drop": ["layer2.2"]}
 
-Groups and layers it does not name keep every unit and stay fp32.
+Groups and layers it does not name keep every unit and stay fp32. ``drop`` (optional) names blocks removed whole
+(depth: :mod:`hwprune.space._depth`); keep ratios and formats of what lies inside a dropped block do not apply.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ __all__ = ["FORMATS", "FORMAT_VERSION", "Policy", "keep_units", "uniform_policy"
 FORMAT_VERSION = 1
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "sp24")
 """Numeric formats: int4 is weight-only; fp8 (e4m3) and sp24 (2:4 semi-structured sparse fp16) are CUDA formats."""
-_KEYS = {"format_version", "model", "channel_multiple", "keep", "formats", "provenance"}
+_KEYS = {"format_version", "model", "channel_multiple", "keep", "formats", "provenance", "drop"}
 """``provenance`` (where an exported policy came from) is informational: read, checked to be an object, not kept."""
 
 
@@ -48,16 +49,28 @@ class Policy:
         formats: layer name -> one of :data:`FORMATS`.
         channel_multiple: kept units are rounded to this multiple (1 allowed).
         model: the model reference this policy was made for (informational).
+        drop: blocks removed whole (module names of the space's ``blocks``), sorted.
     """
 
     keep: dict[str, float] = field(default_factory=dict)
     formats: dict[str, str] = field(default_factory=dict)
     channel_multiple: int = 8
     model: str = ""
+    drop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.drop = tuple(sorted(set(self.drop)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "model": self.model, "channel_multiple": self.channel_multiple,
-                "keep": dict(self.keep), "formats": dict(self.formats)}
+        out = {"format_version": FORMAT_VERSION, "model": self.model, "channel_multiple": self.channel_multiple,
+               "keep": dict(self.keep), "formats": dict(self.formats)}
+        if self.drop:  # absent when nothing is dropped: policies (and their digests) as before depth
+            out["drop"] = list(self.drop)
+        return out
+
+    def dropped(self, name: str) -> bool:
+        """``name`` (a layer or group) lies inside a dropped block."""
+        return any(name == d or name.startswith(d + ".") for d in self.drop)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "policy") -> "Policy":
@@ -87,10 +100,18 @@ class Policy:
         model = data.get("model", "")
         if not isinstance(model, str):
             raise HwpruneError(f"{source}: 'model' must be a string, got {model!r}")
-        return cls({k: float(v) for k, v in keep.items()}, dict(formats), mult, model)
+        drop = data.get("drop", [])
+        if not isinstance(drop, list) or not all(isinstance(d, str) and d for d in drop):
+            raise HwpruneError(f"{source}: 'drop' must be a list of block names, got {drop!r}")
+        return cls({k: float(v) for k, v in keep.items()}, dict(formats), mult, model, tuple(drop))
 
     def validate(self, space: Space, allowed_formats: Iterable[str] | None = None) -> None:
         """Check every entry against the model's space (and the target's format menu)."""
+        blocks = {b.name for b in space.blocks}
+        for name in self.drop:
+            if name not in blocks:
+                raise HwpruneError(f"policy drops block {name!r}, which the model cannot drop (droppable blocks: "
+                                   f"{', '.join(sorted(blocks)[:8]) or 'none'}{', ...' if len(blocks) > 8 else ''})")
         names = {g.name for g in space.groups}
         for name in self.keep:
             if name not in names:

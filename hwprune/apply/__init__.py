@@ -36,7 +36,7 @@ def apply_policy(model: nn.Module, policy: Policy, example: torch.Tensor, *, exc
     for Taylor importance)."""
     pruned = prune_model(model, policy, example, exclude=exclude, importance=importance, batches=batches,
                          loss=loss)
-    return apply_formats(pruned, policy.formats)
+    return apply_formats(pruned, {n: f for n, f in policy.formats.items() if not policy.dropped(n)})
 
 
 def save_pruned(path: str | Path, model: nn.Module, policy: Policy, model_ref: str, model_args: dict[str, Any],

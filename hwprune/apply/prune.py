@@ -12,7 +12,7 @@ from hwprune.apply.importance import (Batches, accumulate_grads, cnn_scores, mea
                                       rnn_scores)
 from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
-from hwprune.space import Space, build_space, is_recurrent, prepare_model, rnn_plans
+from hwprune.space import Space, build_space, drop_blocks, is_recurrent, prepare_model, rnn_plans
 from hwprune.space._cnn import CNNGroup, cnn_groups, unmapped_reshapes
 from hwprune.space._rnn import RNNGroupPlan
 from hwprune.space._cut import cut_plans
@@ -125,20 +125,35 @@ def _structure(model: nn.Module) -> tuple:
                  for n, m in model.named_modules())
 
 
-def _checked_space(original: nn.Module, prepared: nn.Module, example: Any, excl: set[str]) -> Space:
-    """``build_space`` of ``prepared`` (a prepared copy of ``original``), remembered for ``original`` while its
-    structure is unchanged."""
+def _checked_space(original: nn.Module, prepared: nn.Module, example: Any, excl: set[str],
+                   drop: tuple[str, ...] = ()) -> Space:
+    """``build_space`` of ``prepared`` (a prepared copy of ``original``, with the blocks ``drop`` names dropped),
+    remembered for ``original`` while its structure is unchanged."""
     from hwprune import inputs
 
-    key = (_structure(original), frozenset(excl), inputs.shape_of(example))
+    key = (_structure(original), frozenset(excl), inputs.shape_of(example), drop)
     try:
         known = _SPACES.setdefault(original, {})
     except TypeError:  # a model that cannot be weakly referenced: checked every time
         return build_space(prepared, example, excl)
     if key not in known:
-        known.clear()
+        if len(known) > 64 or any(k[0] != key[0] for k in known):  # another structure: forget the old one
+            known.clear()
         known[key] = build_space(prepared, example, excl)
     return known[key]
+
+
+def reduced_keep(space: Space, reduced: Space, policy: Policy) -> dict[str, float]:
+    """``policy``'s keep ratios for the groups of the model with its blocks dropped (``reduced``): each such group
+    lies inside one group of the dense model (its root layer is a member there; without a block, a group loses
+    the layers inside it but no two groups merge), whose ratio it takes."""
+    out = {}
+    for g in reduced.groups:
+        home = next((d for d in space.groups if d.name == g.name), None) or \
+            next((d for d in space.groups if g.name in d.layers), None)
+        if home is not None and home.name in policy.keep:
+            out[g.name] = policy.keep[home.name]
+    return out
 
 
 def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, exclude: Iterable[str] = (),
@@ -157,7 +172,12 @@ def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, excl
     excl = set(exclude)
     original = model
     model, data = _prepared(model, example, excl, importance, batches, loss)
-    policy.validate(_checked_space(original, model, example, excl))
+    space = _checked_space(original, model, example, excl)
+    policy.validate(space)
+    if policy.drop:  # depth first; the widths are then cut on the model without those blocks
+        drop_blocks(model, policy.drop)
+        reduced = _checked_space(original, model, example, excl, policy.drop)
+        policy = Policy(reduced_keep(space, reduced, policy), {}, policy.channel_multiple, policy.model)
     if is_recurrent(model):
         _prune_recurrent(model, example, policy, excl, importance, data)
     else:

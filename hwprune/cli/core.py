@@ -55,6 +55,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{len(space.layers)} quantizable layers: " + ", ".join(f"{q.name} ({q.op})" for q in space.layers))
         for name, why in space.kept.items():
             print(f"kept whole, not searched: {name}: {why}")
+        if space.blocks:
+            print(f"{len(space.blocks)} droppable blocks (depth; 'drop' in a policy, --drop in apply): " + ", ".join(
+                f"{b.name} ({b.kind}: {', '.join(b.layers)})" for b in space.blocks))
     emit(args, {"model": args.model, "input_shape": list(s.input_shape), "params": st.params, "flops": st.flops,
                  "size_bytes": st.size_bytes, **space.to_dict()})
     return 0
@@ -75,6 +78,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
     else:
         policy = uniform_policy(space, args.uniform, args.format, args.channel_multiple, model=args.model)
+    if args.drop:
+        policy.drop = tuple(sorted(set(policy.drop) | {d.strip() for d in args.drop.split(",") if d.strip()}))
     policy.validate(space)
     check_prunable(space, policy)
     if s.weights == "random init":
@@ -152,6 +157,9 @@ def register(sub: Any) -> None:
     src.add_argument("--uniform", type=keep_ratio, metavar="KEEP", help="keep this fraction of every group, e.g. 0.5")
     a.add_argument("--format", default="fp32", choices=FORMATS, help="with --uniform: every layer's format")
     a.add_argument("--channel-multiple", type=positive, default=8, help="with --uniform: round kept units to this multiple")
+    a.add_argument("--drop", default="", metavar="BLOCKS",
+                   help="comma-separated blocks to remove whole (depth; 'hwprune inspect' lists the droppable ones), "
+                        "added to the policy's own")
     a.add_argument("--importance", default="l1", choices=IMPORTANCES, help="which units to keep (default l1)")
     a.add_argument("--finetune-steps", type=int, default=0, help="fine-tune steps after pruning (needs --data)")
     a.add_argument("--out", default=None, help="write the pruned model artifact here (.pt)")

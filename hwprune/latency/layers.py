@@ -303,7 +303,90 @@ class ModelLayers:
 
     def configs(self, policy: Policy, batch: int, fused: bool = True) -> list[tuple[str, LayerConfig]]:
         units = policy.units(self.space)
-        return [(f.name, f.config(units, batch, policy.formats.get(f.name, "fp32"), fused)) for f in self.layers]
+        return [(f.name, f.config(units, batch, policy.formats.get(f.name, "fp32"), fused))
+                for f in self.forms(policy.drop)]
+
+    def forms(self, drop: tuple[str, ...] = ()) -> list[LayerForm]:
+        """The layer forms of the model with the blocks ``drop`` names removed (depth): the layers inside them
+        are gone, and a layer that read a dropped block's output reads its input instead (a block keeps its
+        input's shape, so its output width is its input width: ``factor * units_g`` of a group produced only
+        inside the block becomes the same share of the block's input form). Cached per set of blocks."""
+        if not drop:
+            return self.layers
+        cache = self.__dict__.setdefault("_dropped_forms", {})
+        if drop in cache:
+            return cache[drop]
+        from fractions import Fraction
+
+        gone = lambda n: any(n == d or n.startswith(d + ".") for d in drop)  # noqa: E731
+        producers: dict[str, list[str]] = {}
+        for f in self.layers:
+            for g in f.terms.get("cout", {}):
+                producers.setdefault(g, []).append(f.name)
+        subst: dict[str, tuple[dict[str, Fraction], Fraction]] = {}  # vanished group -> its value as a form
+
+        def rewrite(terms: dict[str, int], const: int) -> tuple[dict[str, Fraction], Fraction]:
+            out: dict[str, Fraction] = {}
+            c = Fraction(const)
+            for g, k in terms.items():
+                if g in subst:
+                    sub, sc = subst[g]
+                    c += k * sc
+                    for h, v in sub.items():
+                        out[h] = out.get(h, Fraction(0)) + k * v
+                else:
+                    out[g] = out.get(g, Fraction(0)) + k
+            return out, c
+
+        for block in sorted(drop, key=lambda b: next((i for i, f in enumerate(self.layers)
+                                                      if f.name == b or f.name.startswith(b + ".")), 0)):
+            inside = [f for f in self.layers if f.name == block or f.name.startswith(block + ".")]
+            if not inside:
+                continue
+            first = inside[0]
+            in_terms, in_const = rewrite(first.terms.get("cin", {}), first.consts.get("cin", 0))
+            width = first.base.cin  # the block's input (= output) width in the dense model
+            for g, ps in producers.items():
+                if g not in subst and all(gone(p) for p in ps) and any(p in {f.name for f in inside} for p in ps):
+                    share = Fraction(self.space.group(g).units, width)  # units_g per unit of the block's output
+                    subst[g] = ({h: v * share for h, v in in_terms.items()}, in_const * share)
+        out = []
+        for f in self.layers:
+            if gone(f.name):
+                continue
+            terms, consts = {}, {}
+            for dim in f.terms:
+                t, c = rewrite(f.terms[dim], f.consts.get(dim, 0))
+                if c.denominator != 1 or any(v.denominator != 1 for v in t.values()):
+                    raise HwpruneError(f"layer {f.name!r}: its {dim} does not follow the dropped blocks "
+                                       f"{', '.join(drop)} in whole units (a gap in hwprune: please report it)")
+                terms[dim] = {g: int(v) for g, v in t.items() if v}
+                consts[dim] = int(c)
+            out.append(replace(f, terms=terms, consts=consts))
+        cache[drop] = out
+        return out
+
+    def sources_for(self, drop: tuple[str, ...] = ()) -> Any:
+        """:attr:`sources` with the blocks ``drop`` names removed: whatever read a dropped layer or follower
+        reads what fed it (None stays None)."""
+        src = self.sources
+        if src is None or not drop:
+            return src
+        from hwprune.device.kernels import Sources
+
+        gone = lambda n: any(n == d or n.startswith(d + ".") for d in drop)  # noqa: E731
+
+        def through(names: tuple[str, ...], seen: frozenset[str] = frozenset()) -> tuple[str, ...]:
+            got: list[str] = []
+            for n in names:
+                if not gone(n):
+                    got.append(n)
+                elif n not in seen:
+                    got += through(src.inputs.get(n, ()), seen | {n})
+            return tuple(dict.fromkeys(got))
+
+        return Sources({n: through(v) for n, v in src.inputs.items() if not gone(n)}, through(src.output),
+                       tuple(n for n in src.followers if not gone(n)))
 
     def unit_options(self, group: str, grid: list[float]) -> list[int]:
         g = self.space.group(group)

@@ -220,7 +220,7 @@ class Predictor:
     def needed(self, policy: Policy) -> list[LayerConfig | CastConfig]:
         """Every table entry pricing ``policy`` reads: its layers' configurations and its precision regions' casts."""
         configs = self.layers.configs(policy, self.table.batch_size, self.fused)
-        casts, _ = self._casts(configs)
+        casts, _ = self._casts(configs, policy.drop)
         return [c for _, c in casts + configs]
 
     def entries_changed(self) -> None:
@@ -268,11 +268,12 @@ class Predictor:
         c, us = min(near, key=lambda t: abs(np.log(t[0].elems / cfg.elems)))
         return us * cfg.elems / c.elems
 
-    def _casts(self, configs: list[tuple[str, LayerConfig]]) -> tuple[list[tuple[str, CastConfig]], dict[str, float]]:
+    def _casts(self, configs: list[tuple[str, LayerConfig]], drop: tuple[str, ...] = ()
+               ) -> tuple[list[tuple[str, CastConfig]], dict[str, float]]:
         """The casts of a policy's precision regions, and each layer's output width in fp32 terms (0.5 for 16-bit)."""
         from hwprune.device.kernels import DTYPE_NAMES, plan_regions, region_dtype
 
-        src = self.layers.sources
+        src = self.layers.sources_for(drop)
         if self.table.casts != "regions" or src is None or all(region_dtype(c.fmt) == torch.float32 for _, c in configs):
             return [], {}
         by = dict(configs)
@@ -289,7 +290,7 @@ class Predictor:
         """Predicted latency of ``policy`` at the table's batch size (a missing entry is an error)."""
         total, macs, elems, rows, est = 0.0, 0, 0.0, [], []
         configs = self.layers.configs(policy, self.table.batch_size, self.fused)
-        casts, width = self._casts(configs)
+        casts, width = self._casts(configs, policy.drop)
         for name, cfg in casts:
             e = self.table.entries.get(cfg.key)
             if e is not None:

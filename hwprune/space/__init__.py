@@ -16,12 +16,13 @@ from hwprune import inputs
 from hwprune.errors import HwpruneError, one_line
 from hwprune.space._cnn import cnn_groups, shapes as _shapes
 from hwprune.space._cut import cut_plans
+from hwprune.space._depth import DepthBlock, drop_blocks, droppable_blocks
 from hwprune.space._rnn import RNNGroupPlan, analyze_rnn_model
 from hwprune.space._rnnstack import CELL_TYPES, RNN_TYPES, RNNStack, split_rnn_stacks
 from hwprune.space._trace import raised_at
 from hwprune.space._types import PrunableGroup, QuantLayer, Space
 
-__all__ = ["PrunableGroup", "QuantLayer", "Space", "RNNStack", "build_space", "prepare_model",
+__all__ = ["PrunableGroup", "QuantLayer", "Space", "RNNStack", "DepthBlock", "drop_blocks", "build_space", "prepare_model",
            "is_recurrent", "quant_layers", "rnn_plans", "check_input", "check_prunable"]
 
 _OPS = ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.LSTM, "lstm"), (nn.GRU, "gru"),
@@ -62,14 +63,14 @@ def check_input(model: nn.Module, example: Any) -> None:
 def check_prunable(space: Space, policy: Any = None) -> None:
     """Refuse a command that would prune nothing: no prunable group (and no format to set), or a policy that
     keeps every unit of every group and sets no format."""
-    if not space.groups and not (policy is not None and policy.formats):
+    if not space.groups and not (policy is not None and (policy.formats or policy.drop)):
         why = f" (excluded: {', '.join(space.excluded)})" if space.excluded else ""
         if space.kept:
             first = next(iter(space.kept.items()))
             why += f" (kept whole: {', '.join(space.kept)}; {first[0]}: {first[1]})"
         raise HwpruneError(f"nothing to prune: the model has no prunable group{why}; remove layers from --exclude, "
                            f"or check 'hwprune inspect'")
-    if policy is not None and not policy.formats and \
+    if policy is not None and not policy.formats and not policy.drop and \
             all(policy.units(space)[g.name] == g.units for g in space.groups):
         raise HwpruneError("nothing to prune: the policy keeps every unit of every group and sets no format")
 
@@ -160,4 +161,4 @@ def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[st
         _, cg = cnn_groups(model, example, excl, kept)
         groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)
                                 else "features") for g in cg]
-    return Space(groups, quant_layers(model), sorted(excl), kept)
+    return Space(groups, quant_layers(model), sorted(excl), kept, droppable_blocks(model, example, excl))

@@ -635,8 +635,10 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
 
         def layers_of(call: fx.Node) -> tuple[list[nn.RNNBase], list[str]]:
             m = mods[str(call.target)]
-            if isinstance(m, RNNStack):
-                return list(m.layers), [f"{call.target}.layers.{k}" for k in range(len(m.layers))]
+            if isinstance(m, RNNStack):  # the layers that run (a dropped one's place is skipped), by their names
+                live = [(layer, f"{call.target}.layers.{k}") for k, layer in enumerate(m.layers)
+                        if isinstance(layer, nn.RNNBase)]
+                return [layer for layer, _ in live], [n for _, n in live]
             return [m], [str(call.target)]
 
         stack, names = layers_of(node)

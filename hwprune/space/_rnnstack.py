@@ -65,8 +65,13 @@ class RNNStack(nn.Module):
     # flatten_parameters() in every forward; others read sizes off the module)
     def flatten_parameters(self) -> None:
         """Each layer's weights made one contiguous block (cuDNN), as ``nn.RNNBase.flatten_parameters``."""
-        for layer in self.layers:
+        for layer in self.live:
             layer.flatten_parameters()
+
+    @property
+    def live(self) -> list[nn.RNNBase]:
+        """The layers that run: all but those a policy dropped (:class:`hwprune.space._depth.Dropped`)."""
+        return [layer for layer in self.layers if isinstance(layer, nn.RNNBase)]
 
     @property
     def mode(self) -> str:
@@ -74,7 +79,8 @@ class RNNStack(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        """The layers that run (a dropped one does not count: the final state has one layer fewer)."""
+        return len(self.live)
 
     @property
     def input_size(self) -> int:
@@ -83,7 +89,7 @@ class RNNStack(nn.Module):
     @property
     def hidden_size(self) -> int:
         """The last layer's (what each direction of the output holds); layers may differ once pruned."""
-        return self.layers[-1].hidden_size
+        return self.live[-1].hidden_size
 
     @property
     def bidirectional(self) -> bool:
@@ -99,15 +105,16 @@ class RNNStack(nn.Module):
 
     @property
     def _flat_weights(self) -> list[torch.Tensor]:
-        return [w for layer in self.layers for w in layer._flat_weights]
+        return [w for layer in self.live for w in layer._flat_weights]
 
     @property
     def all_weights(self) -> list[list[torch.Tensor]]:
-        return [ws for layer in self.layers for ws in layer.all_weights]
+        return [ws for layer in self.live for ws in layer.all_weights]
 
     def _split_hx(self, hx):  # type: ignore[no-untyped-def]
+        n = len(self.live)
         if hx is None:
-            return [None] * len(self.layers)
+            return [None] * n
         d = self.dirs
 
         def part(t, i):  # type: ignore[no-untyped-def] - one stacked tensor, or one tensor per layer and direction
@@ -115,20 +122,21 @@ class RNNStack(nn.Module):
 
         if self.is_lstm:
             h, c = hx
-            return [(part(h, i), part(c, i)) for i in range(len(self.layers))]
-        return [part(hx, i) for i in range(len(self.layers))]
+            return [(part(h, i), part(c, i)) for i in range(n)]
+        return [part(hx, i) for i in range(n)]
 
     def forward(self, x: torch.Tensor, hx=None):  # type: ignore[no-untyped-def]
         hs, cs = [], []
         out = x
-        for i, (layer, h0) in enumerate(zip(self.layers, self._split_hx(hx))):
+        live = self.live
+        for i, (layer, h0) in enumerate(zip(live, self._split_hx(hx))):
             out, h = layer(out, h0)
             if self.is_lstm:
                 hs.append(h[0])
                 cs.append(h[1])
             else:
                 hs.append(h)
-            if self.training and self.dropout > 0 and i < len(self.layers) - 1:
+            if self.training and self.dropout > 0 and i < len(live) - 1:
                 if isinstance(out, nn.utils.rnn.PackedSequence):
                     out = out._replace(data=nn.functional.dropout(out.data, self.dropout, training=True))
                 else:

@@ -40,6 +40,7 @@ class Space:
     layers: list[QuantLayer]
     excluded: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # layers kept whole (not searched) -> why, in words
+    blocks: list[Any] = field(default_factory=list)  # hwprune.space._depth.DepthBlock: what a policy may drop
 
     def group(self, name: str) -> PrunableGroup:
         for g in self.groups:
@@ -49,4 +50,5 @@ class Space:
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": [asdict(g) for g in self.groups], "layers": [asdict(q) for q in self.layers],
-                "excluded": list(self.excluded), "kept_whole": dict(self.kept)}
+                "excluded": list(self.excluded), "kept_whole": dict(self.kept),
+                "blocks": [asdict(b) for b in self.blocks]}
