@@ -100,12 +100,16 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
     final = policy.units(space)
     per_stage = max(1, steps // (2 * stages)) if steps else 0
     model = dense
+    if policy.drop:  # depth at once, then the widths in stages on the model without those blocks
+        model = prune_model(dense, Policy(drop=policy.drop, channel_multiple=policy.channel_multiple), example,
+                            exclude=exclude, importance=importance, batches=batches, loss=_loss_of(task))
     plan = gradual_keeps({g: policy.keep.get(g, 1.0) for g in dense_units}, stages)
     for k, keeps in enumerate(plan, start=1):
         target = {g: final[g] if k == stages else max(final[g], keep_units(r, dense_units[g], policy.channel_multiple))
                   for g, r in keeps.items()}
         current = {g.name: g.units for g in build_space(model, example, exclude).groups}
-        rel = Policy({g: target[g] / current[g] for g in target if target[g] < current[g]}, {}, 1, policy.model)
+        rel = Policy({g: target[g] / current[g] for g in target if g in current and target[g] < current[g]}, {}, 1,
+                     policy.model)  # a group inside a dropped block is gone
         if rel.keep:
             model = prune_model(model, rel, example, exclude=exclude, importance=importance, batches=batches,
                                 loss=_loss_of(task))

@@ -9,6 +9,7 @@ from torch import nn
 from hwprune import Policy, apply_policy, build_model, build_space, prepare_model
 from hwprune.errors import HwpruneError
 from hwprune.latency.layers import analyze_layers
+from test_search import tables  # noqa: F401 - the fixture is used by name
 
 
 class Block(nn.Module):
@@ -146,3 +147,52 @@ def test_drop_in_a_policy_file_round_trips_and_bad_names_are_one_line_errors(tmp
     space = build_space(m, torch.randn(2, 3, 8, 8))
     with pytest.raises(HwpruneError, match=r"drops block 'stage2.0', which the model cannot drop \(droppable"):
         Policy(drop=("stage2.0",)).validate(space)
+
+
+def test_the_refusal_paragraph_says_what_reaches_the_budget_from_measured_numbers():
+    from hwprune.search.floor import WayOut, floor_paragraph
+
+    w = WayOut("eager", 1, 0.30, floor=0.41, depth=0.27, blocks=7, rounds=7,
+               runtimes={"compile": {"not_measured": "compiling takes minutes"},
+                         "onnxruntime": {"dense": 0.52, "smallest": 0.22},
+                         "openvino": {"not_measured": "the openvino runtime needs the Python package 'openvino'"}},
+               batches=[(2, 0.36), (4, 0.29), (8, 0.2)])
+    text = floor_paragraph(w)
+    assert "\n" not in text and text.startswith("What would reach the budget (30% of the dense model in eager at "
+                                                 "batch 1)")
+    assert "the smallest policy runs 41%" in text
+    assert "with all 7 droppable block(s) dropped as well (search with --depth) 27% -- within the budget" in text
+    assert "onnxruntime: dense 52%, smallest 22% -- within the budget (--runtime onnxruntime)" in text
+    assert "compile: not measured (compiling takes minutes)" in text
+    assert "at batch 4 the smallest policy's time per item is 29%" in text and "(--batch-size 4)" in text
+    none = floor_paragraph(WayOut("eager", 16, 0.10, floor=0.6, blocks=0, rounds=7, batches=[(32, 0.5), (256, 0.4)]))
+    assert "depth: no block of this model can be dropped" in none
+    assert "no batch up to 256 brings the smallest policy's time per item within the budget (40% at batch 256)" in none
+    assert "within the budget" not in none.replace("within the budget (40%", "")
+
+
+def test_a_search_with_depth_reaches_a_budget_below_the_floor_of_channel_pruning(tables, tmp_path):  # noqa: F811
+    """mlp3 at batch 4 on the synthetic table (entries MACs/100 + 1 us, int8 0.6 times fp32's work): its smallest
+    widths price 22% of dense in int8, so 15% is refused without depth; with --depth its middle Linear (32 -> 32, a shape-keeping child of its
+    Sequential) may go, and every point the search reports fits the limit, the best one without that layer."""
+    from conftest import run_cli
+    from test_search import DATA, MLP3
+
+    args = ("search", "--model", MLP3, "--data", DATA, "--target", "cpu", "--budget", "15%", "--batch-size", "4",
+            "--tables", str(tables), "--finetune-steps", "3", "--json")
+    env = {"HWPRUNE_CACHE": str(tmp_path / "cache")}
+    flat = run_cli(*args, "--no-way-out", "--trials", "2", "--out", str(tmp_path / "flat"), env=env)
+    assert flat.returncode == 2, flat.stderr[-3000:]
+    assert "cannot be met" in flat.stderr and "22% of the dense" in flat.stderr
+    deep = run_cli(*args, "--depth", "--trials", "4", "--out", str(tmp_path / "deep"), env=env)
+    assert deep.returncode == 0, deep.stderr
+    s = json.loads(deep.stdout)
+    assert "depth: 1 block(s) may be dropped (2)" in deep.stderr
+    assert s["pareto"] and all(p["predicted_latency_ms"] <= s["limit_ms"] + 1e-9 for p in s["pareto"])
+    best = json.loads((tmp_path / "deep" / "best_policy.json").read_text())
+    assert best.get("drop") == ["2"] and s["best"]["predicted_latency_ms"] <= s["limit_ms"] + 1e-9
+    run = json.loads((tmp_path / "deep" / "run.json").read_text())
+    assert run["identity"]["depth"] is True
+    exp = run_cli("export", str(tmp_path / "deep"), "--trial", "best", "--finetune-steps", "2", "--repeats", "3",
+                  "--trust-code", "--json", env=env)
+    assert exp.returncode == 0, exp.stderr

@@ -89,6 +89,7 @@ def _repair_ctx(int8_loss: float):
                           spec=SimpleNamespace(channel_multiple=1),
                           layers=SimpleNamespace(space=SimpleNamespace(groups=groups)))
     ctx.canonical = lambda keep: dict(keep)
+    ctx.keep_of = lambda p: {g.name: p.keep.get(g.name, 1.0) for g in groups}
     ctx.fills = True  # the dense model (25 ms) is over every limit these tests set
     ctx.policy = lambda keep, formats: Policy(dict(keep), {k: v for k, v in formats.items() if v != "fp32"})
     ctx.price_ms = lambda p: (sum(10 * p.keep.get(g, 1.0) for g in "ab")

@@ -105,7 +105,7 @@ def test_unseen_machine_with_no_profile_refuses_before_training(tmp_path):
 
 def test_unreachable_budget_fails_before_any_training(tables, tmp_path):  # noqa: F811
     cache = tmp_path / "cache"
-    proc = _search(tables, tmp_path / "run", cache, "--trials", "2", "--budget", "1us")
+    proc = _search(tables, tmp_path / "run", cache, "--trials", "2", "--budget", "1us", "--no-way-out")
     assert proc.returncode == 2, proc.stderr
     assert "cannot be met" in proc.stderr.strip().splitlines()[-1] and "training" not in proc.stderr
     assert _files(cache) == []  # no base model was trained or cached
@@ -120,7 +120,7 @@ def test_budget_margin_flag_and_message(tables, tmp_path):  # noqa: F811
     assert all(p["predicted_latency_ms"] <= s["limit_ms"] + 1e-9 for p in s["pareto"])
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["limit_ms"] == pytest.approx(s["limit_ms"]) and run["identity"]["budget_margin"] == 0.1
-    tight = _search(tables, tmp_path / "run2", tmp_path / "cache", "--budget-margin", "0.7")
+    tight = _search(tables, tmp_path / "run2", tmp_path / "cache", "--budget-margin", "0.7", "--no-way-out")
     assert tight.returncode == 2 and "less the 70.0% margin for prediction error; --budget-margin 0 prices up to " \
         "the budget itself) cannot be met" in tight.stderr
     bad = _search(tables, tmp_path / "run3", tmp_path / "cache", "--budget-margin", "1.5")

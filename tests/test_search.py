@@ -97,6 +97,9 @@ def test_impossible_budget_states_the_smallest(tables, tmp_path):
     proc = _search(tables, tmp_path / "r", tmp_path / "c", "--budget", "1us", "--trials", "1")
     assert proc.returncode == 2 and "cannot be met" in proc.stderr and "smallest policy" in proc.stderr
     assert "of the dense model's" in proc.stderr  # the floor as a share of the dense time
+    way = next(line for line in proc.stderr.splitlines() if "What would reach the budget" in line)
+    assert "measured now in 7 interleaved rounds" in way and "the smallest policy runs" in way
+    assert "depth: no block of this model can be dropped" in way and "no batch up to 64" in way
     assert not (tmp_path / "r").exists()
 
 

@@ -12,7 +12,7 @@ _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
                  "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
                  "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels",
-                 "costs", "objective", "seed_trials", "finish", "grow", "race")
+                 "costs", "objective", "seed_trials", "finish", "grow", "race", "way_out", "depth")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -138,6 +138,15 @@ def register(sub: Any) -> None:
     se.add_argument("--finish", type=int, metavar="N",
                     help="time the N best trials against the dense model in interleaved rounds at the end and drop "
                          "any that measure over the budget (this machine the target); 0: none (default 3)")
+    se.add_argument("--depth", action="store_true", default=None,
+                    help="search depth as well: every block the model can lose whole ('hwprune inspect' lists them: "
+                         "residual blocks with an identity shortcut, layers after the first of a stacked LSTM/GRU, "
+                         "shape-keeping blocks of a Sequential) may be dropped, one level below its narrowest width; "
+                         "reaches budgets below the floor of channel pruning")
+    se.add_argument("--no-way-out", dest="way_out", action="store_false", default=None,
+                    help="a budget below the smallest policy's price is refused at once, without first measuring "
+                         "what would reach it (depth, the other runtimes, larger batches: seconds, more where "
+                         "OpenVINO compiles)")
     se.add_argument("--no-grow", dest="grow", action="store_false", default=None,
                     help="with the finish, do not grow the best trial into the headroom its measurement shows (by "
                          "default it is filled up to the budget less 3 standard errors of the measurement, timed "

@@ -366,6 +366,23 @@ class ModelLayers:
         cache[drop] = out
         return out
 
+    def carriers(self) -> dict[str, str]:
+        """group -> the droppable block (``space.blocks``) it stands for in a search: a group produced only inside
+        that block (it is gone with it), the first such, innermost blocks first. A block without one (its layers
+        kept whole) is not searched."""
+        producers: dict[str, list[str]] = {}
+        for f in self.layers:
+            for g in f.terms.get("cout", {}):
+                producers.setdefault(g, []).append(f.name)
+        out: dict[str, str] = {}
+        for b in sorted(self.space.blocks, key=lambda b: -b.name.count(".")):
+            inside = lambda n, b=b: n == b.name or n.startswith(b.name + ".")  # noqa: E731
+            owned = [g.name for g in self.space.groups if g.name not in out and producers.get(g.name)
+                     and all(inside(p) for p in producers[g.name])]
+            if owned:
+                out[owned[0]] = b.name
+        return out
+
     def sources_for(self, drop: tuple[str, ...] = ()) -> Any:
         """:attr:`sources` with the blocks ``drop`` names removed: whatever read a dropped layer or follower
         reads what fed it (None stays None)."""

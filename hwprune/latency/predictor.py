@@ -373,4 +373,4 @@ class Predictor:
                 formats.pop(name, None)
         if formats == policy.formats:
             return policy
-        return Policy(dict(policy.keep), formats, policy.channel_multiple, policy.model)
+        return Policy(dict(policy.keep), formats, policy.channel_multiple, policy.model, policy.drop)

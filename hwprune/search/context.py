@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from hwprune.errors import HwpruneError
+from hwprune.errors import HwpruneError, one_line
 from hwprune.latency import ProfileJob, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.layers import ModelLayers
 from hwprune.policy import Policy
@@ -28,6 +28,9 @@ from hwprune.space import prepare_model
 __all__ = ["SearchContext", "prepare_context", "dense_setup", "MARGIN_QUANTILE"]
 
 MARGIN_QUANTILE = 0.9  # which quantile of the calibration errors the automatic budget margin is
+
+
+DROP = 0.0  # the keep ratio of a group whose block is dropped (spec.depth): one level below its narrowest width
 
 
 @dataclass
@@ -53,6 +56,13 @@ class SearchContext:
     _importance: Any = None  # (unit scores, keep losses, format losses), computed when first asked
     val_items: int = 0  # validation items a trial is scored on (near-ties: hwprune.search.finish.tie_margin)
     sensitivity: Any = None  # hwprune.search.sensitivity.SensitivityMap, once measured (spec.costs 'sensitivity')
+    carriers: dict[str, str] = field(default_factory=dict)  # spec.depth: group -> the block it drops at ratio DROP
+
+    def keep_of(self, policy: Policy) -> dict[str, float]:
+        """Every group's keep ratio in ``policy``, :data:`DROP` for a group whose block it drops."""
+        gone = set(policy.drop)
+        return {g.name: DROP if self.carriers.get(g.name) in gone else policy.keep.get(g.name, 1.0)
+                for g in self.layers.space.groups}
 
     def importance(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[float, float]], dict[str, dict[str, float]]]:
         """The dense model's unit scores (the spec's criterion), the importance each group loses at each keep
@@ -74,6 +84,8 @@ class SearchContext:
                 else:  # no scores for this group: every unit of average importance
                     lost = [float(g.units - u) for u in units]
                 keep[g.name] = dict(zip(self.grid, lost))
+                if g.name in self.carriers:  # the block dropped: every unit of the group, and then some
+                    keep[g.name][DROP] = max([float(v) for v in lost] + [float(g.units)]) * 1.5
             batch = self.batches[0][0] if self.batches else self.setup.example
             self._importance = (scores, keep, format_losses(self.setup.model, self.menus, batch))
         return self._importance
@@ -98,7 +110,8 @@ class SearchContext:
                     return float("-inf")
 
             groups = [(g.name, g.units) for g in self.layers.space.groups]
-            self.sensitivity = measure_sensitivity(score, groups, self.grid, self.menus, self.spec.channel_multiple)
+            self.sensitivity = measure_sensitivity(score, groups, self.grid, self.menus, self.spec.channel_multiple,
+                                                   drops=set(self.carriers), drop_ratio=DROP)
             self.sensitivity.method = proxy.method
         return self.sensitivity.keep, self.sensitivity.formats
 
@@ -115,8 +128,8 @@ class SearchContext:
 
         m = self.spec.channel_multiple
         units = {g.name: g.units for g in self.layers.space.groups}
-        return {g: dict(group_levels(self.grid, units[g], m)).get(keep_units(r, units[g], m), r) if g in units else r
-                for g, r in keep.items()}
+        return {g: r if g not in units or (r == DROP and g in self.carriers) else
+                dict(group_levels(self.grid, units[g], m)).get(keep_units(r, units[g], m), r) for g, r in keep.items()}
 
     @property
     def task(self) -> Any:
@@ -164,8 +177,12 @@ class SearchContext:
     def policy(self, keep: dict[str, float], formats: dict[str, str]) -> Policy:
         """A policy of these keep ratios and formats; a format the table marks unsupported at the layer's
         pruned shape falls back to fp32 (:meth:`Predictor.runnable`)."""
-        pol = Policy(self.canonical(dict(keep)), {k: v for k, v in formats.items() if v != "fp32"},
-                     self.spec.channel_multiple, self.spec.model)
+        keep = self.canonical(dict(keep))
+        drop = tuple(self.carriers[g] for g, r in keep.items() if r == DROP and g in self.carriers)
+        gone = lambda n: any(n == d or n.startswith(d + ".") for d in drop)  # noqa: E731
+        pol = Policy({g: r for g, r in keep.items() if not (r == DROP and g in self.carriers)},
+                     {k: v for k, v in formats.items() if v != "fp32" and not gone(k)}, self.spec.channel_multiple,
+                     self.spec.model, drop)
         return self.predictor.runnable(pol)
 
     def price_ms(self, policy: Policy) -> float:
@@ -183,7 +200,7 @@ class SearchContext:
         number of moves."""
         from hwprune.search.portfolio import level_ratios
 
-        keep = self.canonical({g.name: policy.keep.get(g.name, 1.0) for g in self.layers.space.groups})
+        keep = self.canonical(self.keep_of(policy))
         formats = dict(policy.formats)
         steps = 0
         current = self.price_ms(self.policy(keep, formats))
@@ -266,7 +283,8 @@ class SearchContext:
         lower width need not run faster)."""
         fastest = {layer: self._fastest(layer) for layer in self.menus}
         grids = {self.grid, self.table_grid or self.grid}
-        pols = [self.policy({g.name: min(grid) for g in self.layers.space.groups}, fastest) for grid in grids]
+        pols = [self.policy({g.name: DROP if g.name in self.carriers else min(grid)
+                             for g in self.layers.space.groups}, fastest) for grid in grids]
         return min(pols, key=self.price_ms)
 
 
@@ -409,7 +427,11 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     budget_ms = parse_budget(spec.budget, dense_ms)
     margin = predictor.margin(MARGIN_QUANTILE) if spec.budget_margin is None else spec.budget_margin
     ctx = SearchContext(spec, setup, layers, predictor, grid, menus, budget_ms, dense_ms, float("nan"), margin=margin,
-                        table_grid=table_grid, meter=meter)
+                        table_grid=table_grid, meter=meter, carriers=layers.carriers() if spec.depth else {})
+    if spec.depth:
+        ctx.notes.append(f"depth: {len(ctx.carriers)} block(s) may be dropped ({', '.join(ctx.carriers.values())})"
+                         if ctx.carriers else "depth: no block of this model can be dropped (none keeps its input's "
+                         "shape); channels and formats only")
     if why:
         ctx.notes.append(why)
     if target.format_note():
@@ -430,6 +452,15 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                 f"a budget is checked against)")
     floor = ctx.price_ms(ctx.smallest())
     if floor > ctx.limit_ms:
+        if target.is_local() and spec.way_out:  # the way out, measured, before the one-line refusal
+            from hwprune.search.floor import floor_paragraph, measure_way_out
+
+            try:
+                way = measure_way_out(setup.model, setup.example, setup.timing_pool(), ctx.smallest(),
+                                      [b.name for b in layers.space.blocks], spec, batch, budget_ms / dense_ms, log)
+                log("hwprune: " + floor_paragraph(way))
+            except Exception as exc:  # noqa: BLE001 - an aid to the refusal, never a reason to lose it
+                log(f"hwprune: could not measure what would reach the budget: {one_line(exc)}")
         kept = "" if margin == 0 else (f" ({budget_ms:.4f} ms less the {margin:.1%} margin for prediction error; "
                                        f"--budget-margin 0 prices up to the budget itself)")
         raise HwpruneError(f"budget {ctx.limit_ms:.4f} ms{kept} cannot be met: the smallest policy the grid allows "

@@ -540,7 +540,7 @@ def enqueue_seeds(ctx: SearchContext, study: Any, log: Callable[[str], None]) ->
             seen.add(key)
             chosen.append(r)
     for r in chosen:
-        study.enqueue_trial(params_of(ctx, r["policy"].keep, r["policy"].formats),
+        study.enqueue_trial(params_of(ctx, ctx.keep_of(r["policy"]), r["policy"].formats),
                             user_attrs={"seed": r["seed"].name, **({"repairs": r["moves"]} if r["moves"] else {}),
                                         **({"screen": r["screen"]} if r["screen"] is not None else {})})
     log(f"hwprune: seeds: a portfolio of {len(rows)} filled to the limit, screened in {time.time() - t0:.1f} s ("

@@ -299,7 +299,7 @@ def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: f
             f"the grown policy measured {g_ms:.4f} ms, too close to the budget; kept as it was")
         return out
     score = (trainer or _train)(ctx, grown, 0)
-    params = params_of(ctx, grown.keep, grown.formats)
+    params = params_of(ctx, ctx.keep_of(grown), grown.formats)
     dists = {k: (IntDistribution(0, len(level_ratios(ctx, k[2:])) - 1) if k.startswith("u:")
                  else CategoricalDistribution(ctx.menus[k[4:]])) for k in params}
     price = ctx.predictor.price(grown)

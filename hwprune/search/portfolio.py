@@ -26,11 +26,15 @@ __all__ = ["Seed", "fill", "project", "uniform_seed", "threshold_seed", "knapsac
 
 
 def level_ratios(ctx: Any, group: str) -> list[float]:
-    """The keep ratios of a group's distinct widths on the searched grid, ascending (one per kept-unit count)."""
+    """The keep ratios of a group's distinct widths on the searched grid, ascending (one per kept-unit count);
+    first :data:`~hwprune.search.context.DROP` where the group carries a droppable block (``spec.depth``)."""
     from hwprune.search.sensitivity import group_levels
 
+    from hwprune.search.context import DROP
+
     units = {g.name: g.units for g in ctx.layers.space.groups}[group]
-    return [r for _, r in group_levels(ctx.grid, units, ctx.spec.channel_multiple)]
+    widths = [r for _, r in group_levels(ctx.grid, units, ctx.spec.channel_multiple)]
+    return [DROP] + widths if group in getattr(ctx, "carriers", {}) else widths
 
 
 def _up(ratios: list[float], r: float) -> float | None:
@@ -47,7 +51,7 @@ def fill(ctx: Any, policy: Policy, limit: float | None = None) -> tuple[Policy, 
         return policy, 0
     limit = ctx.limit_ms if limit is None else limit
     keep_cost, fmt_cost = ctx.costs()
-    keep = ctx.canonical({g.name: policy.keep.get(g.name, 1.0) for g in ctx.layers.space.groups})
+    keep = ctx.canonical(ctx.keep_of(policy))
     formats = dict(policy.formats)
     current = ctx.price_ms(ctx.policy(keep, formats))
     moves = 0

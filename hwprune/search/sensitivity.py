@@ -52,7 +52,7 @@ class SensitivityMap:
         evaluations: proxy evaluations spent; seconds: their wall time.
     """
 
-    keep: dict[str, dict[float, float]]
+    keep: dict[str, dict[float, float]]  # with depth, a droppable group also at the drop ratio (0.0)
     formats: dict[str, dict[str, float]]
     measured: dict[str, list[int]] = field(default_factory=dict)
     evaluations: int = 0
@@ -102,7 +102,8 @@ def monotone(costs: list[float]) -> list[float]:
 
 def measure_sensitivity(score: Callable[[dict[str, float], dict[str, str]], float],
                         groups: list[tuple[str, int]], grid: tuple[float, ...], menus: dict[str, list[str]],
-                        multiple: int, max_levels: int = 12) -> SensitivityMap:
+                        multiple: int, max_levels: int = 12, drops: set[str] = frozenset(),
+                        drop_ratio: float = 0.0) -> SensitivityMap:
     """The costs of cutting each group to each width of ``grid`` and running each layer in each format.
 
     Args:
@@ -112,6 +113,8 @@ def measure_sensitivity(score: Callable[[dict[str, float], dict[str, str]], floa
         menus: layer -> formats it may run in.
         multiple: the channel multiple keep ratios round to.
         max_levels: at most this many widths per group are evaluated; the rest are interpolated.
+        drops: groups whose block can be dropped (depth): also evaluated at ``drop_ratio`` (the block gone), a
+            cost at least that of its narrowest width.
     """
     t0 = time.time()
     calls = 0
@@ -136,6 +139,8 @@ def measure_sensitivity(score: Callable[[dict[str, float], dict[str, str]], floa
         per_level = monotone(_interpolate(units, known))
         per_units = {u: c + TIE * (n - u) / n for u, c in zip(units, per_level)}
         keep[name] = {r: per_units[keep_units(r, n, multiple)] for r in grid}
+        if name in drops:
+            keep[name][drop_ratio] = max(cost({name: drop_ratio}, {}), max(keep[name].values())) + TIE
     formats = {layer: {f: (0.0 if f == "fp32" else max(0.0, cost({}, {layer: f}))) for f in menu}
                for layer, menu in menus.items()}
     return SensitivityMap(keep, formats, measured, calls, time.time() - t0)

@@ -70,6 +70,8 @@ class SearchSpec:
     seed_trials: int = 3  # the best-screened seeds of the portfolio that are fine-tuned (the fp32 uniform one always)
     finish: int = 3  # the best trials timed against the dense model at the end (this machine the target); 0: none
     grow: bool = True  # with the finish: grow the best into the headroom it measures (one more fine-tune)
+    way_out: bool = True  # a budget below the floor: measure what would reach it before refusing (seconds)
+    depth: bool = False  # blocks the model can lose whole are searched too: 'drop' is one more level of a group
     race: int = 3  # under a budget: successive halving at the checkpoints, the best 1/race go on; 0: no racing
 
     def validate(self) -> None:
@@ -149,7 +151,7 @@ class SearchSpec:
             ident["task"] = self.task
         for k, default in (("train_batch_size", 128), ("val_subset", None), ("num_classes", None),
                            ("early_stop_margin", 0.05), ("uniform_seeds", True), ("device", "auto"),
-                           ("costs", "sensitivity"), ("objective", "metric"), ("seed_trials", 3)):
+                           ("costs", "sensitivity"), ("objective", "metric"), ("seed_trials", 3), ("depth", False)):
             if getattr(self, k) != default:  # the defaults keep run directories of older versions
                 ident[k] = getattr(self, k)
         sources = self.sources()

@@ -179,7 +179,7 @@ def _neighbours(ctx: SearchContext, study: Any, n: int, rng: Any) -> list[tuple[
     groups = [g.name for g in ctx.layers.space.groups]
     out = []
     for _ in range(n * 3):
-        keep = ctx.canonical({g: pol.keep.get(g, 1.0) for g in groups})
+        keep = ctx.canonical(ctx.keep_of(pol))
         formats = dict(pol.formats)
         flip = [layer for layer, menu in ctx.menus.items() if len(menu) > 1]
         if flip and (len(groups) < 2 or rng.random() < 0.25):
@@ -255,7 +255,7 @@ def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], 
              "proposed_by": best["from"]}
     if "screen" in best:
         attrs["screen"] = best["screen"]
-    attrs["_params"] = params_of(ctx, pol.keep, pol.formats, mode)
+    attrs["_params"] = params_of(ctx, ctx.keep_of(pol), pol.formats, mode)
     return attrs
 
 
