@@ -6,6 +6,7 @@ rounds with the dense model, batch of the row's table, 1 thread), each method ch
   hwprune    the search: a screened portfolio of seeds, a single-objective sampler with local moves, candidates
              projected to the priced limit, costs of cutting measured by the proxy, a measured finish
   hwprune-fp32  the same search with every layer in fp32 (formats kept out: what the search finds by widths alone)
+  hwprune-depth the same search with --depth: blocks the model can lose whole may be dropped too (issue 36)
   knapsack   hwprune's latency knapsack alone (fp32) over the measured costs of cutting: the least cost under the
              priced limit, its entries measured and the headroom filled as the search's seeds are; no fine-tune
              spent choosing
@@ -53,8 +54,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import ROOT, write_results  # noqa: E402
 
-METHODS = ("hwprune", "hwprune-fp32", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops")
-SEARCHES = ("hwprune", "hwprune-fp32", "random", "flops")  # methods run once per search seed
+METHODS = ("hwprune", "hwprune-fp32", "hwprune-depth", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops")
+SEARCHES = ("hwprune", "hwprune-fp32", "hwprune-depth", "random", "flops")  # methods run once per search seed
 # model | data | model_args | search fine-tune steps  (the built-in specs' steps)
 ROW_SETS = {
     "cnn": "cnn1d|mnist1d||150;resnet20|mnist5k||100",
@@ -149,22 +150,9 @@ def fp32_prepare(spec: Any, logf: Any) -> Any:
 
 
 def _last_layer(model: Any, example: Any) -> Any:
-    """The Linear or Conv layer called last in a forward pass: the output layer a pruner must leave whole."""
-    import torch
-    from torch import nn
+    from hwprune.search.portfolio import output_layer
 
-    from hwprune import inputs
-
-    seen: list[Any] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(mod)) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    try:
-        with torch.no_grad():
-            inputs.call(model.eval(), example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen[-1] if seen else None
+    return output_layer(model, example)
 
 
 def _search_knob(measure: Any, grid: list[float], steps: int) -> dict[str, Any]:
@@ -459,6 +447,7 @@ class Bench:
                                    uniform_seeds=method != "random", out=str(out), study=out.name,
                                    screen=self.args.screen if ours else 0, seed=seed,
                                    race=self.args.race if ours else 0,  # random search as a user runs it: no racing
+                                   depth=method == "hwprune-depth",  # blocks dropped whole as well (--depth)
                                    weights=self.setup.weights)  # one dense model: the seed varies the search only
         prepare = flops_prepare(None) if method == "flops" else fp32_prepare if method == "hwprune-fp32" else \
             prepare_context
@@ -526,8 +515,9 @@ class Bench:
 
         from hwprune.space import build_space
 
-        if pol is not None:
-            return pol.units(build_space(self.setup.model, self.setup.example, []))
+        if pol is not None:  # a group inside a dropped block (hwprune-depth): 0
+            return {g: 0 if pol.dropped(g) else u
+                    for g, u in pol.units(build_space(self.setup.model, self.setup.example, [])).items()}
         return {n: getattr(m, "out_channels", getattr(m, "out_features", 0))
                 for n, m in self.build(r["model"]).named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
 
@@ -817,7 +807,8 @@ def plot(rows: list[dict[str, Any]], path: Path, methods: tuple[str, ...]) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    marks = {"hwprune": "*", "hwprune-fp32": "*", "knapsack": "P", "uniform": "o", "tp-global": "s", "fastnas": "X",
+    marks = {"hwprune": "*", "hwprune-fp32": "*", "hwprune-depth": "*", "knapsack": "P", "uniform": "o",
+             "tp-global": "s", "fastnas": "X",
              "random": "^", "flops": "D"}
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
     for ax, row in zip(axes[0], rows):

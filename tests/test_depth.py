@@ -196,3 +196,26 @@ def test_a_search_with_depth_reaches_a_budget_below_the_floor_of_channel_pruning
     exp = run_cli("export", str(tmp_path / "deep"), "--trial", "best", "--finetune-steps", "2", "--repeats", "3",
                   "--trust-code", "--json", env=env)
     assert exp.returncode == 0, exp.stderr
+
+
+def test_the_paragraph_of_a_search_with_depth_does_not_offer_depth_again():
+    from hwprune.search.floor import WayOut, floor_paragraph
+
+    text = floor_paragraph(WayOut("eager", 1, 0.2, floor=0.27, blocks=2, rounds=7, searched_depth=True))
+    assert "the smallest policy (its blocks dropped: --depth) runs 27%" in text and "search with --depth" not in text
+
+
+def test_inspect_lists_the_droppable_blocks_and_apply_drops_them(tmp_path, capsys):
+    from hwprune.cli import main
+    from test_search import MLP3
+
+    assert main(["inspect", "--model", MLP3, "--input-shape", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "1 droppable blocks (depth; 'drop' in a policy, --drop in apply): 2 (block: 2)" in out
+    assert main(["apply", "--model", MLP3, "--input-shape", "4", "--uniform", "1.0", "--drop", "2",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    capsys.readouterr()
+    assert main(["apply", "--model", MLP3, "--input-shape", "4", "--uniform", "1.0", "--drop", "0",
+                 "--out", str(tmp_path / "x.pt")]) == 2  # Linear(4, 32) changes the width: not droppable
+    assert "policy drops block '0', which the model cannot drop (droppable blocks: 2)" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

@@ -176,3 +176,38 @@ def test_format_losses_are_the_relative_output_error_times_the_output_units():
             assert want > 0
     assert got["0"]["fp32"] == 0.0
     assert got["0"]["bf16"] < got["0"]["int8"]  # bf16 keeps 8 bits of mantissa, int8 7 bits over the row's range
+
+
+def test_the_torch_pruning_seed_is_its_own_ranking_at_the_least_ratio_that_fits():
+    """A CNN priced by the units it keeps: the seed takes Torch-Pruning's global pruner at the least ratio whose
+    policy fits the limit (bisected), its widths read off the pruned layers; a recurrent model gets none."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from hwprune import build_model, build_space
+    from hwprune.policy import Policy, keep_units
+    from hwprune.search.portfolio import _tp_keep, tp_seed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 5)).eval()
+    ex = torch.randn(2, 3, 8, 8)
+    space = build_space(model, ex)
+    units = {g.name: g.units for g in space.groups}
+    price = lambda p: sum(keep_units(p.keep.get(g, 1.0), n, 8) for g, n in units.items())  # noqa: E731
+    ctx = SimpleNamespace(setup=SimpleNamespace(model=model, example=ex), menus={}, limit_ms=60.0,
+                          spec=SimpleNamespace(exclude=[], channel_multiple=8),
+                          layers=SimpleNamespace(space=space), price_ms=price)
+    ctx.policy = lambda keep, formats: Policy(dict(keep), dict(formats), 8)
+    pol = tp_seed(ctx)
+    assert pol is not None and price(pol) <= 60.0 < 96.0
+    ratios = sorted(ctx._tp_keeps)  # every ratio Torch-Pruning ran at, once each
+    fit = [r for r in ratios if price(Policy(ctx._tp_keeps[r], {}, 8)) <= 60.0]
+    assert pol.keep == ctx._tp_keeps[min(fit)]  # the least pruning that fits
+    assert any(price(Policy(ctx._tp_keeps[r], {}, 8)) > 60.0 for r in ratios if r < min(fit))
+    assert _tp_keep(ctx, 0.0) == {"0": 1.0, "3": 1.0}  # no pruning: every group whole
+    rnn = SimpleNamespace(setup=SimpleNamespace(model=build_model("gru", (8, 2), 3, {}), example=None))
+    assert tp_seed(rnn) is None

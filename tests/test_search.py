@@ -436,7 +436,7 @@ def test_seeds_are_a_screened_portfolio_filled_to_the_limit(tables, tmp_path):
     s = json.loads(proc.stdout)
     names = [p["seed"] for p in s["portfolio"]]
     also = {a for p in s["portfolio"] for a in p["same_as"]}  # a seed another one already is is listed with it
-    assert names[0].startswith("uniform-") and {"knapsack", "threshold"} <= set(names) | also, s["portfolio"]
+    assert names[0].startswith("uniform-") and {"knapsack", "threshold", "tp"} <= set(names) | also, s["portfolio"]
     assert all(p["predicted_ms"] <= s["limit_ms"] + 1e-9 for p in s["portfolio"])
     tuned = [p for p in s["portfolio"] if p["fine_tuned"]]
     assert tuned[0]["seed"] == names[0] and 1 <= len(tuned) <= 3

@@ -300,6 +300,8 @@ def _floor_measured(predictor: Predictor, smallest: Policy) -> str:
     from hwprune.latency.speed import smallest_reference
     from hwprune.latency.table import calibration_key
 
+    if smallest.drop:  # profiling measures no policy without blocks: the paragraph after measures it
+        return ""
     runs = {calibration_key(s["policy"]): s["measured_us"] for s in predictor.calibration}
     dense = runs.get(calibration_key(Policy(channel_multiple=smallest.channel_multiple).to_dict()))
     small, which = runs.get(calibration_key(smallest.to_dict())), ""
@@ -463,7 +465,8 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
                 log(f"hwprune: could not measure what would reach the budget: {one_line(exc)}")
         kept = "" if margin == 0 else (f" ({budget_ms:.4f} ms less the {margin:.1%} margin for prediction error; "
                                        f"--budget-margin 0 prices up to the budget itself)")
-        raise HwpruneError(f"budget {ctx.limit_ms:.4f} ms{kept} cannot be met: the smallest policy the grid allows "
+        raise HwpruneError(f"budget {ctx.limit_ms:.4f} ms{kept} cannot be met: the smallest policy the grid allows"
+                           f"{f' (its {len(ctx.smallest().drop)} droppable block(s) dropped)' if spec.depth else ''} "
                            f"is predicted at {floor:.4f} ms on {spec.target} (batch {batch}), "
                            f"{floor / dense_ms:.0%} of the dense model's {dense_ms:.4f} ms"
                            + _floor_measured(predictor, ctx.smallest()))

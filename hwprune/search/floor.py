@@ -44,6 +44,7 @@ class WayOut:
     budget_share: float
     floor: float | None = None
     depth: float | None = None
+    searched_depth: bool = False  # the search had --depth: the smallest policy drops the blocks already
     blocks: int = 0
     runtimes: dict[str, dict[str, Any]] = field(default_factory=dict)
     batches: list[tuple[int, float]] = field(default_factory=list)
@@ -57,12 +58,13 @@ def floor_paragraph(w: WayOut) -> str:
     parts = [f"What would reach the budget ({share:.0%} of the dense model in {w.runtime} at batch {w.batch}), "
              f"measured now in {w.rounds} interleaved rounds as shares of that dense model"]
     if w.floor is not None:
-        parts.append(f"the smallest policy runs {w.floor:.0%}")
-    if w.blocks:
+        parts.append(f"the smallest policy{' (its blocks dropped: --depth)' if w.searched_depth else ''} runs "
+                     f"{w.floor:.0%}")
+    if w.blocks and not w.searched_depth:
         parts.append(f"with all {w.blocks} droppable block(s) dropped as well (search with --depth) "
                      f"{w.depth:.0%}" + (" -- within the budget" if ok(w.depth) else " -- still over it")
                      if w.depth is not None else f"{w.blocks} droppable block(s) could not be measured dropped")
-    else:
+    elif not w.blocks:
         parts.append("depth: no block of this model can be dropped (none keeps its input's shape)")
     for rt, r in w.runtimes.items():
         if "not_measured" in r:
@@ -84,7 +86,8 @@ def floor_paragraph(w: WayOut) -> str:
 def measure_way_out(model: Any, example: Any, pool: Any, smallest: Policy, blocks: list[str], spec: Any,
                     batch: int, budget_share: float, log: Callable[[str], None], rounds: int = 7) -> WayOut:
     """Measure a :class:`WayOut` on this machine (the target must be local). ``model`` is the dense model,
-    ``smallest`` the search's smallest policy, ``blocks`` the droppable ones."""
+    ``smallest`` the search's smallest policy, ``blocks`` the droppable ones (with ``spec.depth`` the smallest
+    policy drops them already)."""
     import torch
 
     from hwprune import inputs
@@ -94,7 +97,8 @@ def measure_way_out(model: Any, example: Any, pool: Any, smallest: Policy, block
     from hwprune.latency.rounds import RoundPlan, measure_in_rounds
 
     here = get_target(spec.target, threads=spec.threads, runtime=spec.runtime)
-    w = WayOut(here.runtime, batch, budget_share, blocks=len(blocks), rounds=rounds)
+    w = WayOut(here.runtime, batch, budget_share, blocks=len(blocks), rounds=rounds,
+               searched_depth=bool(getattr(spec, "depth", False)))
     thin = Policy(dict(smallest.keep), {}, smallest.channel_multiple, drop=tuple(blocks))  # widths + depth, fp32
     deep = Policy(dict(smallest.keep), dict(smallest.formats), smallest.channel_multiple, drop=tuple(blocks))
     samplers: dict[Any, Callable[[], float]] = {}
@@ -112,7 +116,7 @@ def measure_way_out(model: Any, example: Any, pool: Any, smallest: Policy, block
     with here.settings():
         add("dense", here, Policy(channel_multiple=smallest.channel_multiple), x)
         add("floor", here, smallest, x)
-        if blocks:
+        if blocks and not w.searched_depth:
             try:
                 add("depth", here, deep, x)
             except Exception as exc:  # noqa: BLE001 - said in the paragraph; the refusal stands

@@ -12,7 +12,9 @@ to the limit, all screened by the proxy before any fine-tune:
 - ``uniform``: one keep ratio for every group (the largest that fits);
 - ``knapsack``: the latency knapsack over the costs of cutting (HALP-like, :func:`hwprune.search.knapsack.allocate`);
 - ``threshold``: every group at its narrowest width whose cost stays under one threshold, the threshold
-  bisected on the price (FastNAS's sensitivity threshold, bisected against the table instead of FLOPs).
+  bisected on the price (FastNAS's sensitivity threshold, bisected against the table instead of FLOPs);
+- ``tp``: Torch-Pruning's own ranking — its global, isomorphic pruner with group L2 magnitude, what its one-liner
+  does — its pruning ratio bisected on the price (CNNs: Torch-Pruning does not follow recurrent layers).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from typing import Any, Callable
 
 from hwprune.policy import Policy
 
-__all__ = ["Seed", "fill", "project", "uniform_seed", "threshold_seed", "knapsack_seed", "portfolio", "level_ratios"]
+__all__ = ["Seed", "fill", "project", "uniform_seed", "threshold_seed", "knapsack_seed", "tp_seed", "portfolio",
+           "level_ratios", "output_layer"]
 
 
 def level_ratios(ctx: Any, group: str) -> list[float]:
@@ -144,6 +147,88 @@ def threshold_seed(ctx: Any, fmt: str = "fp32", steps: int = 30) -> Policy | Non
     return at(hi)
 
 
+def output_layer(model: Any, example: Any) -> Any:
+    """The Linear or Conv layer called last in a forward pass: the output layer a pruner must leave whole (None:
+    none)."""
+    import torch
+    from torch import nn
+
+    from hwprune import inputs
+
+    seen: list[Any] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(mod)) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    was = model.training
+    try:
+        with torch.no_grad():
+            inputs.call(model.eval(), example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return seen[-1] if seen else None
+
+
+def _tp_keep(ctx: Any, ratio: float) -> dict[str, float] | None:
+    """Each group's keep ratio after Torch-Pruning's global, isomorphic pruner (group L2 magnitude, rounded to the
+    channel multiple, the output layer and the excluded ones left whole) at ``ratio``, read off the pruned group
+    roots; None when Torch-Pruning fails on the model."""
+    import copy
+
+    import torch_pruning as tp
+
+    model = copy.deepcopy(ctx.setup.model).eval()
+    ex = ctx.setup.example
+    try:
+        mods = dict(model.named_modules())
+        ignored = [m for m in [output_layer(model, ex)] + [mods.get(n) for n in ctx.spec.exclude] if m is not None]
+        pruner = tp.pruner.BasePruner(model, ex, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      global_pruning=True, isomorphic=True, pruning_ratio=ratio,
+                                      round_to=ctx.spec.channel_multiple, ignored_layers=ignored)
+        pruner.step()
+    except Exception:  # noqa: BLE001 - a seed among several: a model Torch-Pruning cannot take gives none
+        return None
+    mods = dict(model.named_modules())
+    keep = {}
+    for g in ctx.layers.space.groups:
+        width = getattr(mods.get(g.name), "out_channels", getattr(mods.get(g.name), "out_features", None))
+        keep[g.name] = min(1.0, max(1, int(width)) / g.units) if width is not None else 1.0
+    return keep
+
+
+def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 8) -> Policy | None:
+    """Torch-Pruning's ranking (:func:`_tp_keep`) at the least pruning ratio whose policy fits the limit (bisected
+    on the price), layers in ``fmt`` where their menu has it; None for a recurrent model, a model Torch-Pruning
+    cannot take, or where no ratio of 0.1, 0.2, ... 0.9 fits. Torch-Pruning's widths are computed once per ratio."""
+    from hwprune.space import is_recurrent
+
+    if is_recurrent(ctx.setup.model):
+        return None
+    formats = _fastest_formats(ctx, fmt)
+    cache = ctx.__dict__.setdefault("_tp_keeps", {})
+
+    def at(r: float) -> Policy | None:
+        if r not in cache:
+            cache[r] = _tp_keep(ctx, r)
+        return None if cache[r] is None else ctx.policy(cache[r], formats)
+
+    fits = lambda p: p is not None and ctx.price_ms(p) <= ctx.limit_ms  # noqa: E731
+    # a scan first: past some ratio Torch-Pruning leaves a group whole rather than empty it, so its price is not
+    # monotone in the ratio over the whole range; then the least ratio that fits, bisected within its step
+    scan = [k / 10 for k in range(1, 10)]
+    hi = next((r for r in scan if fits(at(r))), None)
+    if hi is None:
+        return None
+    lo = hi - 0.1
+    for _ in range(steps):  # more pruning fits better: the least ratio that fits keeps the most
+        mid = (lo + hi) / 2
+        if fits(at(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return at(hi)
+
+
 def knapsack_seed(ctx: Any, fmt: str = "fp32") -> Policy | None:
     """The latency knapsack over the costs of cutting (:func:`hwprune.search.knapsack.allocate`), layers in
     ``fmt`` where their menu has it (None when the narrowest widths do not fit)."""
@@ -159,7 +244,7 @@ def knapsack_seed(ctx: Any, fmt: str = "fp32") -> Policy | None:
 
 @dataclass
 class Seed:
-    """One seed of the portfolio: its name, policy, kind (uniform, knapsack, threshold), the format offered to
+    """One seed of the portfolio: its name, policy, kind (uniform, knapsack, threshold, tp), the format offered to
     all layers, and the names of later seeds that came out the same policy."""
 
     name: str
@@ -171,7 +256,7 @@ class Seed:
 
 def portfolio(ctx: Any) -> list[Seed]:
     """The seeds (see the module doc), each filled to the limit, each policy once (the first name kept): uniform,
-    knapsack and threshold in fp32, then each with every low-precision format."""
+    knapsack, threshold and Torch-Pruning's in fp32, then each with every low-precision format."""
     fmts = sorted({f for menu in ctx.menus.values() for f in menu if f != "fp32"})
     out: list[Seed] = []
     seen: dict[str, Seed] = {}
@@ -180,7 +265,8 @@ def portfolio(ctx: Any) -> list[Seed]:
         u = uniform_seed(ctx, fmt)
         cands = [("uniform", f"uniform-{u[0]:g}{suffix}", u[1])] if u else []
         cands += [("knapsack", "knapsack" + suffix, knapsack_seed(ctx, fmt)),
-                  ("threshold", "threshold" + suffix, threshold_seed(ctx, fmt))]
+                  ("threshold", "threshold" + suffix, threshold_seed(ctx, fmt)),
+                  ("tp", "tp" + suffix, tp_seed(ctx, fmt))]
         for kind, name, pol in cands:
             if pol is None:
                 continue
