@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 from test_search import DATA, MLP3, tables  # noqa: F401 - the fixture is used by name
 
-METHODS = {"hwprune", "hwprune-fp32", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops"}
+METHODS = {"hwprune", "hwprune-fp32", "hwprune-depth", "knapsack", "uniform", "tp-global", "fastnas", "random", "flops"}
 
 
 def test_search_quality_quick(tables, tmp_path):  # noqa: F811

@@ -199,6 +199,7 @@ def test_the_torch_pruning_seed_is_its_own_ranking_at_the_least_ratio_that_fits(
     units = {g.name: g.units for g in space.groups}
     price = lambda p: sum(keep_units(p.keep.get(g, 1.0), n, 8) for g, n in units.items())  # noqa: E731
     ctx = SimpleNamespace(setup=SimpleNamespace(model=model, example=ex), menus={}, limit_ms=60.0,
+                          grid=tuple(k / 8 for k in range(1, 9)),
                           spec=SimpleNamespace(exclude=[], channel_multiple=8),
                           layers=SimpleNamespace(space=space), price_ms=price)
     ctx.policy = lambda keep, formats: Policy(dict(keep), dict(formats), 8)
@@ -208,6 +209,7 @@ def test_the_torch_pruning_seed_is_its_own_ranking_at_the_least_ratio_that_fits(
     fit = [r for r in ratios if price(Policy(ctx._tp_keeps[r], {}, 8)) <= 60.0]
     assert pol.keep == ctx._tp_keeps[min(fit)]  # the least pruning that fits
     assert any(price(Policy(ctx._tp_keeps[r], {}, 8)) > 60.0 for r in ratios if r < min(fit))
-    assert _tp_keep(ctx, 0.0) == {"0": 1.0, "3": 1.0}  # no pruning: every group whole
+    whole = _tp_keep(ctx, 0.0)  # no pruning: every group keeps all its units (the lowest ratio giving them)
+    assert {g: keep_units(r, units[g], 8) for g, r in whole.items()} == units
     rnn = SimpleNamespace(setup=SimpleNamespace(model=build_model("gru", (8, 2), 3, {}), example=None))
     assert tp_seed(rnn) is None

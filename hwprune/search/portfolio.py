@@ -172,7 +172,8 @@ def output_layer(model: Any, example: Any) -> Any:
 def _tp_keep(ctx: Any, ratio: float) -> dict[str, float] | None:
     """Each group's keep ratio after Torch-Pruning's global, isomorphic pruner (group L2 magnitude, rounded to the
     channel multiple, the output layer and the excluded ones left whole) at ``ratio``, read off the pruned group
-    roots; None when Torch-Pruning fails on the model."""
+    roots and put on the searched widths (the narrowest that keeps at least as many units); None when
+    Torch-Pruning fails on the model."""
     import copy
 
     import torch_pruning as tp
@@ -188,11 +189,16 @@ def _tp_keep(ctx: Any, ratio: float) -> dict[str, float] | None:
         pruner.step()
     except Exception:  # noqa: BLE001 - a seed among several: a model Torch-Pruning cannot take gives none
         return None
+    from hwprune.policy import keep_units
+    from hwprune.search.context import DROP
+
     mods = dict(model.named_modules())
     keep = {}
-    for g in ctx.layers.space.groups:
+    for g in ctx.layers.space.groups:  # on the searched widths: the narrowest keeping at least Torch-Pruning's units
         width = getattr(mods.get(g.name), "out_channels", getattr(mods.get(g.name), "out_features", None))
-        keep[g.name] = min(1.0, max(1, int(width)) / g.units) if width is not None else 1.0
+        widths = [r for r in level_ratios(ctx, g.name) if r != DROP]
+        keep[g.name] = 1.0 if width is None else next(
+            (r for r in widths if keep_units(r, g.units, ctx.spec.channel_multiple) >= int(width)), 1.0)
     return keep
 
 

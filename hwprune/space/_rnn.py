@@ -16,6 +16,7 @@ from torch import fx, nn
 
 from hwprune.errors import HwpruneError
 from hwprune.space._rnnstack import CELL_TYPES, RNN_TYPES, RNNStack
+from hwprune.space._depth import Dropped
 from hwprune.space._trace import PACKING, trace_concrete, where
 
 __all__ = ["RNNGroupPlan", "analyze_rnn_model"]
@@ -637,7 +638,7 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
             m = mods[str(call.target)]
             if isinstance(m, RNNStack):  # the layers that run (a dropped one's place is skipped), by their names
                 live = [(layer, f"{call.target}.layers.{k}") for k, layer in enumerate(m.layers)
-                        if isinstance(layer, nn.RNNBase)]
+                        if not isinstance(layer, Dropped)]
                 return [layer for layer, _ in live], [n for _, n in live]
             return [m], [str(call.target)]
 

@@ -70,8 +70,11 @@ class RNNStack(nn.Module):
 
     @property
     def live(self) -> list[nn.RNNBase]:
-        """The layers that run: all but those a policy dropped (:class:`hwprune.space._depth.Dropped`)."""
-        return [layer for layer in self.layers if isinstance(layer, nn.RNNBase)]
+        """The layers that run: all but those a policy dropped (:class:`hwprune.space._depth.Dropped`); a layer
+        wrapped or swapped for deployment (a precision region, a dynamic int8 LSTM) still runs."""
+        from hwprune.space._depth import Dropped
+
+        return [layer for layer in self.layers if not isinstance(layer, Dropped)]
 
     @property
     def mode(self) -> str:
