@@ -162,13 +162,15 @@ def test_the_refusal_paragraph_says_what_reaches_the_budget_from_measured_number
                                                  "batch 1)")
     assert "the smallest policy runs 41%" in text
     assert "with all 7 droppable block(s) dropped as well (search with --depth) 27% -- within the budget" in text
-    assert "onnxruntime: dense 52%, smallest 22% -- within the budget (--runtime onnxruntime)" in text
+    assert ("onnxruntime: dense 52%, smallest policy with its blocks dropped (fp32) 22% -- within the budget "
+            "(--runtime onnxruntime)") in text
     assert "compile: not measured (compiling takes minutes)" in text
-    assert "at batch 4 the smallest policy's time per item is 29%" in text and "(--batch-size 4)" in text
+    assert "at batch 4 the smallest policy with its blocks dropped takes 29% of the dense model's time per item at " \
+        "batch 1, within the budget per item (--batch-size 4)" in text
     none = floor_paragraph(WayOut("eager", 16, 0.10, floor=0.6, blocks=0, rounds=7, batches=[(32, 0.5), (256, 0.4)]))
     assert "depth: no block of this model can be dropped" in none
-    assert "no batch up to 256 brings the smallest policy's time per item within the budget (40% at batch 256)" in none
-    assert "within the budget" not in none.replace("within the budget (40%", "")
+    assert "no batch up to 256 brings the smallest policy within the budget per item (40% at batch 256)" in none
+    assert "within the budget" not in none.replace("within the budget per item (40%", "")
 
 
 def test_a_search_with_depth_reaches_a_budget_below_the_floor_of_channel_pruning(tables, tmp_path):  # noqa: F811

@@ -66,19 +66,21 @@ def floor_paragraph(w: WayOut) -> str:
                      if w.depth is not None else f"{w.blocks} droppable block(s) could not be measured dropped")
     elif not w.blocks:
         parts.append("depth: no block of this model can be dropped (none keeps its input's shape)")
+    deep = w.blocks and (w.searched_depth or w.depth is not None)
+    small = "smallest policy" + (" with its blocks dropped" if deep else "")
     for rt, r in w.runtimes.items():
         if "not_measured" in r:
             parts.append(f"{rt}: not measured ({r['not_measured']})")
         else:
-            parts.append(f"{rt}: dense {r['dense']:.0%}, smallest {r['smallest']:.0%}"
+            parts.append(f"{rt}: dense {r['dense']:.0%}, {small} (fp32) {r['smallest']:.0%}"
                          + (" -- within the budget (--runtime " + rt + ")" if ok(r["smallest"]) else ""))
     reach = next(((b, r) for b, r in w.batches if ok(r)), None)
     if reach:
-        parts.append(f"at batch {reach[0]} the smallest policy's time per item is {reach[1]:.0%} of the dense "
-                     f"model's at batch {w.batch}, within the budget per item (--batch-size {reach[0]})")
+        parts.append(f"at batch {reach[0]} the {small} takes {reach[1]:.0%} of the dense model's time per item at "
+                     f"batch {w.batch}, within the budget per item (--batch-size {reach[0]})")
     elif w.batches:
         b, r = w.batches[-1]
-        parts.append(f"no batch up to {b} brings the smallest policy's time per item within the budget "
+        parts.append(f"no batch up to {b} brings the {small} within the budget per item "
                      f"({r:.0%} at batch {b})")
     return "; ".join(parts) + "."
 
