@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 A = ROOT / "tests" / "assets"
 PAT, ZOO, USER = f"{A / 'patterns.py'}", f"{A / 'zoo.py'}", f"{A / 'user_model.py'}"
 
-# name, model, data, model args (the widths model_patterns.py raises them to)
+# name, model, data (or shape:C,L / C,H,W for a model no data factory here fits), model args (the widths
+# model_patterns.py raises them to)
 MODELS = [
     ("cnn1d", "cnn1d", "mnist1d", ""),
     ("resnet20", "resnet20", "mnist5k", ""),
@@ -33,8 +34,8 @@ MODELS = [
     ("lstm-lm", "lstm-lm", "pydoc", ""),
     ("zoo lstm3", f"{ZOO}:lstm3", f"{ZOO}:make_seq_data", ""),
     ("zoo se_cnn", f"{ZOO}:se_cnn", f"{ZOO}:make_image_data", ""),
-    ("zoo tcn", f"{ZOO}:tcn", f"{ZOO}:make_seq_data", ""),
-    ("zoo crnn", f"{ZOO}:crnn", f"{ZOO}:make_image_data", ""),
+    ("zoo tcn", f"{ZOO}:tcn", "shape:8,64", ""),
+    ("zoo crnn", f"{ZOO}:crnn", "shape:1,32,100", ""),
     ("seq2seq", f"{PAT}:seq2seq", f"{PAT}:seq2seq_data", "hidden=128,emb=32"),
     ("seq2seq_attn", f"{PAT}:seq2seq_attn", f"{PAT}:seq2seq_data", "hidden=128,emb=32"),
     ("packed_lstm", f"{PAT}:packed_lstm", f"{PAT}:packed_data", "hidden=128"),
@@ -67,7 +68,8 @@ def one(name: str, model: str, data: str, margs: str, batch: int, budget: float,
     t0 = time.time()
     row: dict = {"name": name, "model": model, "model_args": margs, "batch": batch}
     try:
-        s = resolve(model, data, None, parse_model_args(margs), None, 0, use_cache=False)
+        shape = data[len("shape:"):] if data.startswith("shape:") else None
+        s = resolve(model, None if shape else data, shape, parse_model_args(margs), None, 0, use_cache=False)
         space = build_space(s.model, s.example)
         row["blocks"] = [b.name for b in space.blocks]
         row["groups"] = len(space.groups)

@@ -202,10 +202,11 @@ def _tp_keep(ctx: Any, ratio: float) -> dict[str, float] | None:
     return keep
 
 
-def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 8) -> Policy | None:
+def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 5) -> Policy | None:
     """Torch-Pruning's ranking (:func:`_tp_keep`) at the least pruning ratio whose policy fits the limit (bisected
     on the price), layers in ``fmt`` where their menu has it; None for a recurrent model, a model Torch-Pruning
-    cannot take, or where no ratio of 0.1, 0.2, ... 0.9 fits. Torch-Pruning's widths are computed once per ratio."""
+    cannot take, or where no ratio of 0.2, 0.4, 0.6, 0.8 fits. Torch-Pruning's widths are computed once per
+    ratio."""
     from hwprune.space import is_recurrent
 
     if is_recurrent(ctx.setup.model):
@@ -220,12 +221,13 @@ def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 8) -> Policy | None:
 
     fits = lambda p: p is not None and ctx.price_ms(p) <= ctx.limit_ms  # noqa: E731
     # a scan first: past some ratio Torch-Pruning leaves a group whole rather than empty it, so its price is not
-    # monotone in the ratio over the whole range; then the least ratio that fits, bisected within its step
-    scan = [k / 10 for k in range(1, 10)]
+    # monotone in the ratio over the whole range; then the least ratio that fits, bisected within its step (to
+    # 0.2 / 2**steps)
+    scan = [k / 5 for k in range(1, 5)]
     hi = next((r for r in scan if fits(at(r))), None)
     if hi is None:
         return None
-    lo = hi - 0.1
+    lo = hi - 0.2
     for _ in range(steps):  # more pruning fits better: the least ratio that fits keeps the most
         mid = (lo + hi) / 2
         if fits(at(mid)):
