@@ -466,7 +466,7 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
         kept = "" if margin == 0 else (f" ({budget_ms:.4f} ms less the {margin:.1%} margin for prediction error; "
                                        f"--budget-margin 0 prices up to the budget itself)")
         raise HwpruneError(f"budget {ctx.limit_ms:.4f} ms{kept} cannot be met: the smallest policy the grid allows"
-                           f"{f' (its {len(ctx.smallest().drop)} droppable block(s) dropped)' if spec.depth else ''} "
+                           f"{f' (its {len(ctx.smallest().drop)} droppable block(s) dropped)' if ctx.smallest().drop else ''} "
                            f"is predicted at {floor:.4f} ms on {spec.target} (batch {batch}), "
                            f"{floor / dense_ms:.0%} of the dense model's {dense_ms:.4f} ms"
                            + _floor_measured(predictor, ctx.smallest()))

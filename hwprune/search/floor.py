@@ -58,8 +58,8 @@ def floor_paragraph(w: WayOut) -> str:
     parts = [f"What would reach the budget ({share:.0%} of the dense model in {w.runtime} at batch {w.batch}), "
              f"measured now in {w.rounds} interleaved rounds as shares of that dense model"]
     if w.floor is not None:
-        parts.append(f"the smallest policy{' (its blocks dropped: --depth)' if w.searched_depth else ''} runs "
-                     f"{w.floor:.0%}")
+        dropped = " (its blocks dropped: --depth)" if w.searched_depth and w.blocks else ""
+        parts.append(f"the smallest policy{dropped} runs {w.floor:.0%}")
     if w.blocks and not w.searched_depth:
         parts.append(f"with all {w.blocks} droppable block(s) dropped as well (search with --depth) "
                      f"{w.depth:.0%}" + (" -- within the budget" if ok(w.depth) else " -- still over it")
