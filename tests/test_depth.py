@@ -221,3 +221,24 @@ def test_inspect_lists_the_droppable_blocks_and_apply_drops_them(tmp_path, capsy
                  "--out", str(tmp_path / "x.pt")]) == 2  # Linear(4, 32) changes the width: not droppable
     assert "policy drops block '0', which the model cannot drop (droppable blocks: 2)" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("schedule", ["oneshot", "gradual"])
+def test_both_export_schedules_end_in_the_structure_load_pruned_rebuilds(schedule):
+    """The gradual schedule drops the blocks first and cuts the widths in stages: it ends in the same modules and
+    shapes as pruning the dense model once (what load_pruned rebuilds the artifact on)."""
+    from torch.utils.data import TensorDataset
+
+    from hwprune.apply import prune_model
+    from hwprune.export import finetune_policy
+
+    m = _randomized(Tiny())
+    x = torch.randn(8, 3, 8, 8)
+    train = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 5, (32,)))
+    space = build_space(m, x)
+    pol = Policy({g.name: 0.5 for g in space.groups}, {}, channel_multiple=1, drop=("stage1.1", "stage2.1"))
+    got = finetune_policy(m, pol, x, train, 4, schedule=schedule, stages=2, batch_size=8)
+    want = prune_model(m, pol, x)
+    assert {k: tuple(v.shape) for k, v in got.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in want.state_dict().items()}
+    assert isinstance(got.stage1[1], nn.Identity) and isinstance(got.stage2[1], nn.Identity)
