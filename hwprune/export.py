@@ -75,8 +75,9 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
                     schedule: str = "oneshot", stages: int = 4, exclude: list[str] | None = None,
                     importance: str = "l1", lr: float = 1e-3, seed: int = 0, batches: Any = None,
                     log: Callable[[str], None] | None = None, device: str | None = None,
-                    task: Any = None, batch_size: int = 128) -> nn.Module:
-    """Prune ``dense`` to ``policy`` and fine-tune ``steps`` steps in total.
+                    task: Any = None, batch_size: int = 128, distill: float = 0.0) -> nn.Module:
+    """Prune ``dense`` to ``policy`` and fine-tune ``steps`` steps in total (``distill`` > 0: every step also
+    learns from ``dense``'s outputs with that weight, :func:`hwprune.train.finetune`).
 
     ``oneshot`` prunes once and fine-tunes with the policy's (simulated) formats.
     ``gradual`` spends half the steps pruning in ``stages`` stages toward the
@@ -94,7 +95,8 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
     if schedule == "oneshot":
         model = apply_policy(dense, policy, example, exclude=exclude, importance=importance, batches=batches,
                              loss=_loss_of(task))
-        return finetune(model, train, steps, lr=lr, batch_size=batch_size, seed=seed, device=device, task=task)
+        return finetune(model, train, steps, lr=lr, batch_size=batch_size, seed=seed, device=device, task=task,
+                        teacher=dense, distill=distill)
     space = build_space(dense, example, exclude)
     dense_units = {g.name: g.units for g in space.groups}
     final = policy.units(space)
@@ -116,10 +118,11 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
         if log:
             log(f"hwprune: gradual stage {k}/{stages}: {sum(target.values())} of {sum(dense_units.values())} units")
         if k < stages:
-            finetune(model, train, per_stage, lr=lr, batch_size=batch_size, seed=seed + k, device=device, task=task)
+            finetune(model, train, per_stage, lr=lr, batch_size=batch_size, seed=seed + k, device=device, task=task,
+                     teacher=dense, distill=distill)
     model = apply_formats(model, policy.formats)
     return finetune(model, train, max(0, steps - per_stage * (stages - 1)), lr=lr, batch_size=batch_size, seed=seed,
-                    device=device, task=task)
+                    device=device, task=task, teacher=dense, distill=distill)
 
 
 def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = (), met: Any = (),

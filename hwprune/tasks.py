@@ -8,7 +8,12 @@
 - a user task ``path/to/file.py:factory`` (or ``package.module:factory``) returning a dict (or object)
   with ``loss(output, target) -> scalar tensor``, ``metric(output, target) -> (sum, count)`` (or a float,
   weighted by the batch size), ``direction`` (``max`` or ``min``), optional ``name`` (the metric's name,
-  default ``metric``) and ``finalize(mean) -> value`` (default: the mean itself).
+  default ``metric``) and ``finalize(mean) -> value`` (default: the mean itself), and optionally
+  ``distill(output, teacher_output) -> scalar tensor`` (default: the mean squared error of the two outputs).
+
+Distillation (``--distill``): the two built-in tasks match the dense model's softened distribution (Hinton et
+al.'s KL at temperature :data:`TEMPERATURE`, scaled by its square; the language model over the tokens its
+loss counts).
 
 The search always maximizes a *score*: the metric where higher is better, minus the metric where lower is
 (:meth:`Task.score`); everything shown to the user is the metric itself (:meth:`Task.show`).
@@ -38,9 +43,19 @@ class Task:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     batch_fn: Callable[[torch.Tensor, torch.Tensor], tuple[float, float]]
     final_fn: Callable[[float], float] = float
+    distill_fn: Callable[[Any, Any, torch.Tensor], torch.Tensor] | None = None
 
     def loss(self, out: Any, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(out, y)
+
+    def distill(self, out: Any, teacher: Any, y: torch.Tensor) -> torch.Tensor:
+        """How far the student's output ``out`` is from the dense model's ``teacher`` output on targets ``y``."""
+        if self.distill_fn is not None:
+            return self.distill_fn(out, teacher, y)
+        if not isinstance(out, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+            raise HwpruneError(f"task {self.name!r}: distillation needs tensor outputs or the task's own "
+                               f"'distill(output, teacher_output)'; got {type(out).__name__}")
+        return nn.functional.mse_loss(out.float(), teacher.float())
 
     @property
     def sign(self) -> float:
@@ -97,12 +112,37 @@ def _lm_batch(out: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return float(flat), float((y != -100).sum())
 
 
+TEMPERATURE = 2.0  # Hinton et al.'s softening of both distributions in distillation
+
+
+def _soft_kl(out: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the last dim's distributions at :data:`TEMPERATURE`, times its square (so
+    its gradients keep the scale of the hard loss's); averaged over the rows ``keep`` selects (all: None)."""
+    t = TEMPERATURE
+    s, q = out.reshape(-1, out.shape[-1]).float(), teacher.reshape(-1, teacher.shape[-1]).float()
+    if keep is not None:
+        s, q = s[keep.reshape(-1)], q[keep.reshape(-1)]
+    if s.shape[0] == 0:
+        return out.sum() * 0.0
+    kl = nn.functional.kl_div(nn.functional.log_softmax(s / t, -1), nn.functional.log_softmax(q / t, -1),
+                              reduction="batchmean", log_target=True)
+    return kl * t * t
+
+
+def _ce_distill(out: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _soft_kl(out, teacher)
+
+
+def _lm_distill(out: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return _soft_kl(out, teacher, y != -100)
+
+
 def _perplexity(mean_loss: float) -> float:
     return math.exp(min(mean_loss, 700.0))
 
 
-CLASSIFICATION = Task("classification", "accuracy", "max", _ce, _correct)
-LANGUAGE_MODEL = Task("language-model", "perplexity", "min", _lm_loss, _lm_batch, _perplexity)
+CLASSIFICATION = Task("classification", "accuracy", "max", _ce, _correct, distill_fn=_ce_distill)
+LANGUAGE_MODEL = Task("language-model", "perplexity", "min", _lm_loss, _lm_batch, _perplexity, _lm_distill)
 _BUILTIN = {t.name: t for t in (CLASSIFICATION, LANGUAGE_MODEL)}
 TASK_NAMES = tuple(_BUILTIN)
 
@@ -119,6 +159,10 @@ def _user_task(ref: str) -> Task:
         raise HwpruneError(f"task {ref!r} has direction {direction!r}; expected 'max' (higher is better) or 'min'")
     name = str(get("name", "metric"))
     finalize = get("finalize", float)
+    distill = get("distill")
+    if distill is not None and not callable(distill):
+        raise HwpruneError(f"task {ref!r} gives 'distill' = {distill!r}; expected a callable "
+                           f"distill(output, teacher_output) or nothing")
 
     def batch(out: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         got = metric(out, y)
@@ -127,7 +171,8 @@ def _user_task(ref: str) -> Task:
         n = len(y) if hasattr(y, "__len__") else 1
         return float(got) * n, float(n)
 
-    return Task(ref, name, direction, loss, batch, finalize)
+    return Task(ref, name, direction, loss, batch, finalize,
+                None if distill is None else (lambda out, teacher, y: distill(out, teacher)))
 
 
 def get_task(ref: str | Task | None) -> Task:

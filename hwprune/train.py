@@ -96,13 +96,20 @@ def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 512, task: Any = N
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Any, y: torch.Tensor,
-          step: int, task: Any = None) -> float:
-    """One optimizer step on the task's loss (gradients clipped at norm 5); returns the loss."""
+          step: int, task: Any = None, teacher: nn.Module | None = None, distill: float = 0.0) -> float:
+    """One optimizer step on the task's loss (gradients clipped at norm 5); returns the loss. With a ``teacher``
+    the loss is ``(1 - distill) * task loss + distill * task.distill(output, teacher's output)``."""
     from hwprune.tasks import get_task
 
     dev = _device_of(model)
     x, y = inputs.to_device(x, dev, non_blocking=True), y.to(dev, non_blocking=True)
-    loss = get_task(task).loss(inputs.call(model, x), y)
+    t = get_task(task)
+    out = inputs.call(model, x)
+    loss = t.loss(out, y)
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            soft = inputs.call(teacher, x)
+        loss = (1.0 - distill) * loss + distill * t.distill(out, soft, y)
     if not torch.isfinite(loss):
         raise HwpruneError(f"training loss became {float(loss.detach())} at step {step}; lower the learning rate")
     opt.zero_grad(set_to_none=True)
@@ -156,8 +163,13 @@ def _train(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
 
 def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, batch_size: int = 128,
              seed: int = 0, callback: Callable[[int], None] | None = None, device: str | None = None,
-             task: Any = None) -> nn.Module:
+             task: Any = None, teacher: nn.Module | None = None, distill: float = 0.0) -> nn.Module:
     """A short fine-tune of ``steps`` optimizer steps (Adam, cosine decay), in place.
+
+    With a ``teacher`` (the dense model) and ``distill`` in (0, 1], each step's loss mixes the task's loss with
+    the task's distillation loss against the teacher's output (:meth:`hwprune.tasks.Task.distill`), weighted
+    ``1 - distill`` and ``distill``. The teacher is copied to the training device and run in eval mode, without
+    gradients; the caller's teacher is left as it was.
 
     Runs on ``device`` (``auto``/``cpu``/``cuda``; None: where the model is), batches moved per step; the
     model comes back on the device it was on. ``callback(step)`` runs after every step (1-based), with the
@@ -165,20 +177,28 @@ def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, bat
     statistics itself before it evaluates: :func:`refresh_batchnorm`). At the end, the BatchNorm statistics
     are re-estimated on :data:`BN_BATCHES` seeded training batches.
     """
+    if not 0.0 <= distill <= 1.0:
+        raise HwpruneError(f"distill must be a weight in [0, 1], got {distill}")
     if steps <= 0:  # pruned, not trained: its BatchNorm statistics still describe the dense model's activations
         refresh_batchnorm(model, train, batch_size, seed)
         return model
     home = _device_of(model)
     if device is not None:
         model.to(resolve_device(device))
+    soft = None
+    if teacher is not None and distill > 0:
+        import copy
+
+        soft = copy.deepcopy(teacher).to(_device_of(model)).eval().requires_grad_(False)
     try:
-        return _finetune(model, train, steps, lr, batch_size, seed, callback, task)
+        return _finetune(model, train, steps, lr, batch_size, seed, callback, task, soft, distill)
     finally:
         model.to(home)
 
 
 def _finetune(model: nn.Module, train: Dataset, steps: int, lr: float, batch_size: int, seed: int,
-              callback: Callable[[int], None] | None, task: Any = None) -> nn.Module:
+              callback: Callable[[int], None] | None, task: Any = None, teacher: nn.Module | None = None,
+              distill: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -192,7 +212,7 @@ def _finetune(model: nn.Module, train: Dataset, steps: int, lr: float, batch_siz
         except StopIteration:
             it = None
             continue
-        _step(model, opt, sched, x, y, step, task)
+        _step(model, opt, sched, x, y, step, task, teacher, distill)
         step += 1
         if callback is not None:
             callback(step)
