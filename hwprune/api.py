@@ -119,7 +119,8 @@ def search(model: str | None = None, data: str | None = None, log: Log | None = 
 def export(run_dir: str, trial: str | int = "best", log: Log | None = None, **options: Any) -> dict[str, Any]:
     """Fine-tune a searched policy longer, deploy it on the target's kernels, measure it and write the artifacts
     (``hwprune export``). Options: finetune_steps, schedule, out, repeats, measure_here, storage, device,
-    trust_code (run the user code run.json names). Returns
+    distill (the fine-tune's distillation weight; default the run's), trust_code (run the user code run.json
+    names). Returns
     the summary (``measured_latency_ms``, ``artifacts``, test metric, ...)."""
     from hwprune.export import export_run
 
@@ -127,4 +128,4 @@ def export(run_dir: str, trial: str | int = "best", log: Log | None = None, **op
     with _as_found():
         return export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
                           args.measure_here, log=log or _stderr, storage=args.storage, device=args.device,
-                          trust_code=args.trust_code)
+                          trust_code=args.trust_code, distill=args.distill)

@@ -422,17 +422,23 @@ def _save_aoti(model: nn.Module, x: Any, out: Path, kept: dict[str, str], checks
         checks["aoti"] = {"error": one_line(exc, 200)}
 
 
-def _identity(run_dir: Path, trial: int, steps: int, schedule: str, stages: int) -> dict[str, Any]:
-    return {"run": str(run_dir.resolve()), "trial": trial, "finetune_steps": steps, "schedule": schedule,
-            "stages": stages}
+def _identity(run_dir: Path, trial: int, steps: int, schedule: str, stages: int,
+              distill: float = 0.0) -> dict[str, Any]:
+    ident = {"run": str(run_dir.resolve()), "trial": trial, "finetune_steps": steps, "schedule": schedule,
+             "stages": stages}
+    if distill:  # without: the identity of older versions' exports
+        ident["distill"] = distill
+    return ident
 
 
 def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | None = None,
                schedule: str = "oneshot", out: str | Path | None = None, repeats: int = 30,
                measure_here: bool = False, stages: int = 4, log: Callable[[str], None] = _log,
-               storage: str | None = None, device: str | None = None, trust_code: bool = False) -> dict[str, Any]:
+               storage: str | None = None, device: str | None = None, trust_code: bool = False,
+               distill: float | None = None) -> dict[str, Any]:
     """Export one trial of a search run; returns the summary ``hwprune export --json`` prints.
 
+    ``distill``: the fine-tune's distillation weight (None: the search's, ``--distill``).
     A run whose model, data or task is user code (``file.py:factory``) is exported only with ``trust_code``:
     run.json names that code, and export imports and runs it (a run directory from elsewhere is untrusted input).
     """
@@ -455,6 +461,9 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     if finetune_steps is not None and finetune_steps < 0:
         raise HwpruneError(f"--finetune-steps must be >= 0, got {finetune_steps}")
     spec = run_spec(info, storage)
+    distill = spec.distill if distill is None else distill
+    if not 0 <= distill <= 1:
+        raise HwpruneError(f"--distill must be a weight in [0, 1], got {distill}")
     if not trust_code:
         refuse_untrusted({"model": spec.model, "data": spec.data, "task": spec.task}, f"run {str(run)!r}",
                          "--trust-code (trust_code=True)")
@@ -464,7 +473,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     chosen = pick_trial(trials, trial, run_limit(info), fin.get("dropped", []), fin.get("met", []), fin.get("best"))
     steps = DEFAULT_STEPS if finetune_steps is None else finetune_steps
     dest = Path(out) if out else run / f"export-trial{chosen.number}-{schedule}"
-    ident = _identity(run, chosen.number, steps, schedule, stages)
+    ident = _identity(run, chosen.number, steps, schedule, stages, distill)
     if (dest / "export.json").exists():
         old = read_json(dest / "export.json", "export summary")
         if isinstance(old, dict) and old.get("identity") == ident:
@@ -502,7 +511,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
     model = finetune_policy(setup.model, policy, setup.example, data.train, steps, schedule=schedule, stages=stages,
                             exclude=spec.exclude, importance=spec.importance, lr=spec.lr, seed=spec.seed,
                             batches=few_batches(data.train), log=log, device=device or spec.device, task=task,
-                            batch_size=spec.train_batch_size)
+                            batch_size=spec.train_batch_size, distill=distill)
     space = build_space(setup.model, setup.example, spec.exclude)
     sim_acc = evaluate(model, test, task=task)
     val_acc = evaluate(model, data.val, task=task)
@@ -570,7 +579,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         summary: dict[str, Any] = {
             "identity": ident, "run": str(run), "trial": chosen.number, "out": str(dest), "schedule": schedule,
             "runtime": spec.runtime,
-            "finetune_steps": steps, "policy": policy.to_dict(), "units": policy.units(space),
+            "finetune_steps": steps, "distill": distill, "policy": policy.to_dict(), "units": policy.units(space),
             "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
             "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
             "over_budget": over if measured is not None else None,

@@ -12,7 +12,7 @@ _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
                  "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
                  "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels",
-                 "costs", "objective", "seed_trials", "finish", "grow", "race", "way_out", "depth")
+                 "costs", "objective", "seed_trials", "finish", "grow", "race", "way_out", "depth", "distill")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -74,7 +74,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hwprune.export import export_run
 
     s = export_run(args.run_dir, args.trial, args.finetune_steps, args.schedule, args.out, args.repeats,
-                   args.measure_here, log=log, storage=args.storage, device=args.device, trust_code=args.trust_code)
+                   args.measure_here, log=log, storage=args.storage, device=args.device, trust_code=args.trust_code,
+                   distill=args.distill)
     if not args.json:
         m = s["measured_latency_ms"]
         mt, split = s.get("metric", "accuracy"), s["test_split"].split(" ")[0]
@@ -143,6 +144,10 @@ def register(sub: Any) -> None:
                          "residual blocks with an identity shortcut, layers after the first of a stacked LSTM/GRU, "
                          "shape-keeping blocks of a Sequential) may be dropped, one level below its narrowest width; "
                          "reaches budgets below the floor of channel pruning")
+    se.add_argument("--distill", type=float, metavar="W",
+                    help="every fine-tune also learns from the dense model's outputs: loss = (1 - W) x task loss + "
+                         "W x distillation loss (classification, language model: KL at temperature 2; a user task: "
+                         "its 'distill' or the outputs' MSE). Costs one dense forward per step. Default 0 (off)")
     se.add_argument("--no-way-out", dest="way_out", action="store_false", default=None,
                     help="a budget below the smallest policy's price is refused at once, without first measuring "
                          "what would reach it (depth, the other runtimes, larger batches: seconds, more where "
@@ -221,6 +226,8 @@ def register(sub: Any) -> None:
     ex.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
                     help="oneshot: prune once, then fine-tune (default); gradual: prune toward the policy in 4 "
                          "stages over the first half of the steps")
+    ex.add_argument("--distill", type=float, metavar="W", default=None,
+                    help="weight of the dense model's outputs in the fine-tune's loss (default: the run's --distill)")
     ex.add_argument("--out", default=None, help="export directory (default RUN_DIR/export-trial<N>-<schedule>)")
     ex.add_argument("--repeats", type=positive, default=30,
                     help="rounds of the end-to-end measurement (default 30): the exported model, its reloaded "

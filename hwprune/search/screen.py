@@ -77,7 +77,7 @@ class Screen:
             recalibrate_batchnorm(model, self.bn_batches)
         elif self.steps:
             finetune(model, setup.data.train, self.steps, lr=s.lr, batch_size=s.train_batch_size, seed=s.seed,
-                     device=s.device, task=setup.task)
+                     device=s.device, task=setup.task, teacher=setup.model, distill=s.distill)
         return -mean_loss(model, self.val, setup.task)
 
 

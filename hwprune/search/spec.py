@@ -72,6 +72,7 @@ class SearchSpec:
     grow: bool = True  # with the finish: grow the best into the headroom it measures (one more fine-tune)
     way_out: bool = True  # a budget below the floor: measure what would reach it before refusing (seconds)
     depth: bool = False  # blocks the model can lose whole are searched too: 'drop' is one more level of a group
+    distill: float = 0.0  # weight of the dense model's outputs in every fine-tune's loss (0: the task's loss only)
     race: int = 3  # under a budget: successive halving at the checkpoints, the best 1/race go on; 0: no racing
 
     def validate(self) -> None:
@@ -104,6 +105,9 @@ class SearchSpec:
                                f"{self.train_batch_size}, {self.val_subset} and {self.num_classes}")
         if self.finetune_steps < 0:
             raise HwpruneError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        if not 0 <= self.distill <= 1:
+            raise HwpruneError(f"distill must be a weight in [0, 1] (0: no distillation; 0.5: half the loss from the "
+                               f"dense model's outputs), got {self.distill}")
         if not 0 <= self.early_stop_margin <= 1:
             raise HwpruneError(f"early_stop_margin must be in [0, 1] (0: never stop a fine-tune early), "
                                f"got {self.early_stop_margin}")
@@ -151,7 +155,8 @@ class SearchSpec:
             ident["task"] = self.task
         for k, default in (("train_batch_size", 128), ("val_subset", None), ("num_classes", None),
                            ("early_stop_margin", 0.05), ("uniform_seeds", True), ("device", "auto"),
-                           ("costs", "sensitivity"), ("objective", "metric"), ("seed_trials", 3), ("depth", False)):
+                           ("costs", "sensitivity"), ("objective", "metric"), ("seed_trials", 3), ("depth", False),
+                           ("distill", 0.0)):
             if getattr(self, k) != default:  # the defaults keep run directories of older versions
                 ident[k] = getattr(self, k)
         sources = self.sources()

@@ -364,7 +364,7 @@ def train_candidate(setup: Any, batches: Any, spec: SearchSpec, policy: Any,
             at_checkpoint(step, task.score(evaluate(model, val, task=task)))
 
     finetune(model, data.train, spec.finetune_steps, lr=spec.lr, batch_size=spec.train_batch_size, seed=spec.seed,
-             callback=callback, device=spec.device, task=task)
+             callback=callback, device=spec.device, task=task, teacher=setup.model, distill=spec.distill)
     return task.score(evaluate(model, val, task=task)), params
 
 
