@@ -9,6 +9,7 @@ the fine-tune's seconds per arm (the teacher's forward passes are the extra cost
 bench/results/distill_<fingerprint>.{md,json}.
 
     python bench/distill.py [--rows resnet20-30,lstm-b1-30,cnn1d-30] [--weights 0,0.5,0.9] [--seeds 5]
+                            [--steps 150,1000,3000]   # each row at each fine-tune length instead of its own
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def welch(a: list[float], b: list[float]) -> float:
     return float(ttest_ind(a, b, equal_var=False).statistic)
 
 
-def run_row(name: str, weights: list[float], seeds: list[int]) -> dict:
+def run_row(name: str, weights: list[float], seeds: list[int], steps: int | None = None) -> dict:
     from hwprune.device.deploy import deploy
     from hwprune.export import finetune_policy
     from hwprune.policy import Policy
@@ -62,7 +63,8 @@ def run_row(name: str, weights: list[float], seeds: list[int]) -> dict:
     from hwprune.search.spec import SearchSpec
     from hwprune.train import evaluate, few_batches
 
-    model, data, margs, steps, pol = ROWS[name]
+    model, data, margs, own, pol = ROWS[name]
+    steps = own if steps is None else steps
     setup = dense_setup(SearchSpec(model=model, data=data, model_args=margs, budget="100%", finetune_steps=steps), log)
     task, d = setup.task, setup.data
     test = d.test if d.test is not None else d.val
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="resnet20-30,lstm-b1-30,cnn1d-30", help=f"of: {', '.join(ROWS)}")
     ap.add_argument("--weights", default="0,0.5,0.9", help="distillation weights; the first is the baseline")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--steps", default="", help="fine-tune lengths, each row at each (default: the row's own)")
     ap.add_argument("--name", default="distill")
     args = ap.parse_args(argv)
     import torch
@@ -111,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown row {bad[0]!r}; known: {', '.join(ROWS)}")
     weights = [float(w) for w in args.weights.split(",")]
     t0 = time.time()
-    out = [run_row(r, weights, list(range(args.seeds))) for r in rows]
+    lengths = [int(k) for k in args.steps.split(",") if k] or [None]
+    out = [run_row(r, weights, list(range(args.seeds)), k) for r in rows for k in lengths]
     fp = cpu_fingerprint()
     lines = [f"# Distillation from the dense model during the fine-tune — {fp['cpu']}, torch {fp['torch']}", "",
-             f"Made by `python bench/distill.py --rows {args.rows} --weights {args.weights} --seeds {args.seeds}` "
+             f"Made by `python bench/distill.py --rows {args.rows} --weights {args.weights} --seeds {args.seeds}"
+             + (f" --steps {args.steps}" if args.steps else "") + "` "
              f"on {time.strftime('%Y-%m-%d')} ({(time.time() - t0) / 60:.1f} min). The same pruned model, fine-tune "
              f"steps, data and seeds 0–{args.seeds - 1} per arm; weight 0 is the task's loss alone, w mixes "
              "(1 − w) × task loss + w × KL to the dense model's outputs at temperature 2 (× 4). Test metric after "
