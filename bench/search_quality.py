@@ -516,8 +516,7 @@ class Bench:
         from hwprune.space import build_space
 
         if pol is not None:  # a group inside a dropped block (hwprune-depth): 0
-            return {g: 0 if pol.dropped(g) else u
-                    for g, u in pol.units(build_space(self.setup.model, self.setup.example, [])).items()}
+            return pol.widths(build_space(self.setup.model, self.setup.example, []))
         return {n: getattr(m, "out_channels", getattr(m, "out_features", 0))
                 for n, m in self.build(r["model"]).named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
 

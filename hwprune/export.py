@@ -579,7 +579,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         summary: dict[str, Any] = {
             "identity": ident, "run": str(run), "trial": chosen.number, "out": str(dest), "schedule": schedule,
             "runtime": spec.runtime,
-            "finetune_steps": steps, "distill": distill, "policy": policy.to_dict(), "units": policy.units(space),
+            "finetune_steps": steps, "distill": distill, "policy": policy.to_dict(), "units": policy.widths(space),
             "predicted_latency_ms": pred_ms, "budget_ms": info["budget_ms"], "limit_ms": run_limit(info),
             "measured_latency_ms": measured["median_ms"] if measured else None, "measurement": measured,
             "over_budget": over if measured is not None else None,
@@ -705,7 +705,7 @@ def _report(s: dict[str, Any], spec: Any, info: dict[str, Any], pts: list[Any], 
               + (f" bf16/fp16 layers: {s['precision_regions']}, {s['casts']} dtype cast(s) per forward pass."
                  if s.get("precision_regions") not in (None, "none") else ""), "",
               "## Policy", "", "| group | units |", "|---|---|"]
-    lines += [f"| {g} | {u} |" for g, u in s["units"].items()]
+    lines += [f"| {g} | {u or 'dropped (its block is gone)'} |" for g, u in s["units"].items()]
     lines += ["", "## Front of the search", "", f"| trial | val {mt} | predicted ms | |", "|---|---|---|---|"]
     lines += [f"| {t.number} | {(t.values[0] if s['direction'] == 'max' else -t.values[0]):.4f} | {t.values[1]:.4f} | "
               f"{'**chosen**' if t.number == s['trial'] else ''} |" for t in pts]

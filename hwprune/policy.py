@@ -131,6 +131,10 @@ class Policy:
         """Units each group keeps under this policy."""
         return {g.name: keep_units(self.keep.get(g.name, 1.0), g.units, self.channel_multiple) for g in space.groups}
 
+    def widths(self, space: Space) -> dict[str, int]:
+        """The units each group has in the pruned model: :meth:`units`, and 0 for a group inside a dropped block."""
+        return {g: 0 if self.dropped(g) else u for g, u in self.units(space).items()}
+
 
 def uniform_policy(space: Space, keep: float, fmt: str = "fp32", channel_multiple: int = 8,
                    model: str = "") -> Policy:

@@ -86,6 +86,8 @@ def test_drop_and_width_pruning_together_hand_worked_shapes_and_prices_follow():
     assert out.stem.out_channels == 4 and out.stage1[1].conv1.in_channels == 4
     assert out.stage1[1].conv1.out_channels == 4 and out.stage2[0].conv1.out_channels == 8
     assert out.fc.in_features == 8 and tuple(out(x).shape) == (2, 5)
+    widths = pol.widths(space)  # what export and apply report: a group inside the dropped block has none
+    assert widths["stage1.0.conv1"] == 0 and widths["stage1.1.conv1"] == 4 and widths["stage2.0.conv1"] == 8
     layers = analyze_layers(m, x, [], 1)
     got = dict(layers.configs(pol, 2))
     assert "stage1.0.conv1" not in got and "stage1.0.conv2" not in got and len(got) == len(layers.layers) - 2

@@ -91,7 +91,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"model": args.model, "weights": s.weights, "policy": policy.to_dict(),
                                "params_before": before.params, "params_after": after.params,
                                "flops_before": before.flops, "flops_after": after.flops,
-                               "units": policy.units(space)}
+                               "units": policy.widths(space)}
     metric = s.task.metric
     if s.data is not None:
         summary["metric"] = metric
