@@ -23,8 +23,9 @@ demo: $(STAMP)
 	$(BIN)/hwprune search --spec search/cnn1d-mnist1d-cpu.yaml --out runs/demo-cnn1d
 	$(BIN)/hwprune export runs/demo-cnn1d --trial best
 
+# the fast tier, one pytest worker per core (at most 4: each test is small, and more workers only queue on the CPU)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e" -n auto --maxprocesses 4
 
 # The slow end-to-end tier (~12 min here): every user-model pattern of tests/assets/patterns.py through
 # inspect/profile/search/export, the two-node Ray / PostgreSQL cluster tests, kill -9 of a Ray search, two processes

@@ -50,6 +50,7 @@ def random_cnn1d(tmp_path_factory):
     return p
 
 
+@pytest.mark.e2e  # ~75 s: the demo's whole profile at batch 512, a search and an export in subprocesses
 def test_unseen_machine_profiles_then_searches_and_exports(random_cnn1d, tmp_path):
     """The demo's spec on a machine no table matches: profiled on demand, searched, exported, exit 0."""
     cache = tmp_path / "cache"

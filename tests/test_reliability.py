@@ -21,6 +21,7 @@ def _rows(path):
         return []
 
 
+@pytest.mark.e2e  # ~70 s of subprocess searches: the slow tier (make test-e2e; CI runs it)
 def test_kill_9_mid_search_then_resume(tables, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "hwprune", "search", "--model", MLP3, "--data", DATA, "--target", "cpu",
@@ -192,6 +193,7 @@ def test_kill_9_ray_search_then_resume(tables, tmp_path):  # noqa: F811
     assert sorted(int(r["trial"]) for r in rows) == list(range(len(rows)))
 
 
+@pytest.mark.e2e  # ~20 s: a real profile killed mid-way
 def test_interrupted_profile_leaves_a_valid_partial_table(tmp_path):
     """kill -9 mid-profile: the table on disk parses and holds what was measured; the next run completes it."""
     from hwprune.latency import LatencyTable
