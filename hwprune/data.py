@@ -13,7 +13,9 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,15 +61,60 @@ def _split(n: int, sizes: tuple[int, ...], seed: int) -> list[np.ndarray]:
     return out
 
 
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def data_cache_dir() -> Path:
+    """Where generated data sets are kept: ``$HWPRUNE_DATA_CACHE``, else ``data/`` in hwprune's cache folder."""
+    from hwprune._io import cache_root
+
+    return Path(os.environ.get("HWPRUNE_DATA_CACHE") or cache_root() / "data")
+
+
 @functools.lru_cache(maxsize=2)
 def _mnist1d_arrays(num_samples: int = 10_000) -> tuple[np.ndarray, ...]:
+    """MNIST-1D as the ``mnist1d`` package generates it (seconds), kept after the first time as plain arrays in
+    :func:`data_cache_dir` under a name holding the package's version and a digest of its generation arguments
+    (read with ``allow_pickle=False``; a damaged file is generated again)."""
+    import hashlib
+    import json
+    import zipfile
+
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.num_samples = num_samples
+    digest = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = data_cache_dir() / f"mnist1d-{_version('mnist1d')}-{digest}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return tuple(z[k] for k in _MNIST1D_KEYS)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # damaged or partial: generate it again below
     d = make_dataset(args)  # generated locally; get_dataset() would download
-    return (d["x"].astype(np.float32), d["y"].astype(np.int64),
-            d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+    arrays = (d["x"].astype(np.float32), d["y"].astype(np.int64),
+              d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
+    import io
+
+    from hwprune._io import write_atomic
+
+    buf = io.BytesIO()
+    np.savez(buf, **dict(zip(_MNIST1D_KEYS, arrays)))
+    try:  # written whole, then renamed: a reader never sees half a file; another process may write the same
+        write_atomic(path, buf.getvalue())
+    except OSError:
+        pass  # a read-only cache folder: the data was generated, it is just not kept
+    return arrays
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @functools.lru_cache(maxsize=1)

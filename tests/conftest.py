@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
 
+
+# generated data sets (MNIST-1D: ~4 s to generate) are kept once for the whole run, in every process a test starts;
+# each test still gets its own model cache (below)
+os.environ.setdefault("HWPRUNE_DATA_CACHE", tempfile.mkdtemp(prefix="hwprune-test-data-"))
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores shared out, not each worker taking all
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))

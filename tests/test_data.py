@@ -16,6 +16,31 @@ def test_mnist1d_splits(layout, shape):
     assert not xs & {tuple(x.flatten()[:8].tolist()) for x in d.train.tensors[0][:2000]}
 
 
+def test_mnist1d_is_generated_once_and_kept_as_plain_arrays(tmp_path, monkeypatch):
+    """Kept in the data cache (allow_pickle=False): the same arrays as the package generates; a damaged file is
+    generated again, and the arrays are the same."""
+    import numpy as np
+
+    from hwprune.data import _mnist1d_arrays
+
+    monkeypatch.setenv("HWPRUNE_DATA_CACHE", str(tmp_path))
+    _mnist1d_arrays.cache_clear()
+    try:
+        made = _mnist1d_arrays(200)
+        (kept,) = list(tmp_path.glob("mnist1d-*.npz"))
+        with np.load(kept, allow_pickle=False) as z:
+            assert all(np.array_equal(z[k], a) and z[k].dtype == a.dtype
+                       for k, a in zip(("x", "y", "x_test", "y_test"), made))
+        _mnist1d_arrays.cache_clear()
+        assert all(np.array_equal(a, b) for a, b in zip(_mnist1d_arrays(200), made))  # read back
+        kept.write_bytes(kept.read_bytes()[:100])  # damaged
+        _mnist1d_arrays.cache_clear()
+        assert all(np.array_equal(a, b) for a, b in zip(_mnist1d_arrays(200), made))
+        assert kept.stat().st_size > 1000  # and written whole again
+    finally:
+        _mnist1d_arrays.cache_clear()
+
+
 @pytest.mark.parametrize("layout,shape", [("2d", (1, 28, 28)), ("seq", (28, 28))])
 def test_mnist5k_splits_are_shuffled(layout, shape):
     d = load_data("mnist5k", layout)
