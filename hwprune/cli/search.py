@@ -147,7 +147,8 @@ def register(sub: Any) -> None:
     se.add_argument("--distill", type=float, metavar="W",
                     help="every fine-tune also learns from the dense model's outputs: loss = (1 - W) x task loss + "
                          "W x distillation loss (classification, language model: KL at temperature 2; a user task: "
-                         "its 'distill' or the outputs' MSE). Costs one dense forward per step. Default 0 (off)")
+                         "its 'distill' or the outputs' MSE). Costs one dense forward per step. Default 0 (off: it "
+                         "did not help the built-in models' pruned policies, docs/search.md)")
     se.add_argument("--no-way-out", dest="way_out", action="store_false", default=None,
                     help="a budget below the smallest policy's price is refused at once, without first measuring "
                          "what would reach it (depth, the other runtimes, larger batches: seconds, more where "
