@@ -328,9 +328,11 @@ def test_inspect_profile_search_export_end_to_end(name, task, tmp_path):
                    "--grid", "0.25,0.5,1", env=env)
     assert prof.returncode == 0, prof.stderr
     out = tmp_path / "run"
-    # the whole dense latency, margin 0: a launch-bound pattern (the GRUCell loop at batch 64 priced its smallest
-    # policy at 100% of dense in CI) still has a point; the pattern's flow is what is tested, not the budget
-    srch = run_cli("search", *common, *tables, "--batch-size", "64", "--budget", "100%", "--budget-margin", "0",
+    # an absolute budget far above every pattern (each under ~5 ms at batch 64), margin 0: the pattern's flow is
+    # what is tested, not the budget. A share of dense was not enough: a launch-bound pattern (the GRUCell loop)
+    # priced its smallest policy at 100% of dense in CI, and the packed GRU's smallest measured 240% of dense in
+    # the speed check of one CI run (66% at profiling), so "100%" was refused
+    srch = run_cli("search", *common, *tables, "--batch-size", "64", "--budget", "1000ms", "--budget-margin", "0",
                    "--trials", "2",
                    "--finetune-steps", "5", "--out", str(out), "--json", env=env)
     assert srch.returncode == 0, srch.stderr
