@@ -86,10 +86,10 @@ def rank_correlation(proxy: list[float], final: list[float]) -> dict[str, Any] |
     either side is constant)."""
     import math
 
-    from scipy.stats import kendalltau, spearmanr
-
     if len(proxy) < 3 or len(set(proxy)) < 2 or len(set(final)) < 2:
         return None
+    from scipy.stats import kendalltau, spearmanr  # ~1 s to import: only where there is something to rank
+
     rho, tau = spearmanr(proxy, final).statistic, kendalltau(proxy, final).statistic
     if math.isnan(rho) or math.isnan(tau):
         return None
