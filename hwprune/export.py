@@ -97,7 +97,7 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
                              loss=_loss_of(task))
         return finetune(model, train, steps, lr=lr, batch_size=batch_size, seed=seed, device=device, task=task,
                         teacher=dense, distill=distill)
-    space = build_space(dense, example, exclude)
+    space = build_space(dense, example, exclude, blocks=False)  # widths only: no block is asked for
     dense_units = {g.name: g.units for g in space.groups}
     final = policy.units(space)
     per_stage = max(1, steps // (2 * stages)) if steps else 0
@@ -109,7 +109,7 @@ def finetune_policy(dense: nn.Module, policy: Policy, example: torch.Tensor, tra
     for k, keeps in enumerate(plan, start=1):
         target = {g: final[g] if k == stages else max(final[g], keep_units(r, dense_units[g], policy.channel_multiple))
                   for g, r in keeps.items()}
-        current = {g.name: g.units for g in build_space(model, example, exclude).groups}
+        current = {g.name: g.units for g in build_space(model, example, exclude, blocks=False).groups}
         rel = Policy({g: target[g] / current[g] for g in target if g in current and target[g] < current[g]}, {}, 1,
                      policy.model)  # a group inside a dropped block is gone
         if rel.keep:

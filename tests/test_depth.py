@@ -60,6 +60,8 @@ def test_only_blocks_that_keep_their_input_shape_are_offered():
     assert "stage2.0" not in {b.name for b in space.blocks}
     assert space.to_dict()["blocks"][2] == {"name": "stage2.1", "kind": "block",
                                             "layers": ("stage2.1.conv1", "stage2.1.conv2")}
+    bare = build_space(m, torch.randn(2, 3, 8, 8), blocks=False)  # the same groups, no block checked
+    assert bare.blocks == [] and bare.groups == space.groups and bare.layers == space.layers
 
 
 def test_a_dropped_residual_block_leaves_the_rest_of_the_model_as_it_was():

@@ -128,18 +128,19 @@ def _structure(model: nn.Module) -> tuple:
 def _checked_space(original: nn.Module, prepared: nn.Module, example: Any, excl: set[str],
                    drop: tuple[str, ...] = ()) -> Space:
     """``build_space`` of ``prepared`` (a prepared copy of ``original``, with the blocks ``drop`` names dropped),
-    remembered for ``original`` while its structure is unchanged."""
+    remembered for ``original`` while its structure is unchanged. With blocks dropped, the space lists no
+    droppable blocks: only its groups are asked for (and finding blocks drops each one on a copy)."""
     from hwprune import inputs
 
     key = (_structure(original), frozenset(excl), inputs.shape_of(example), drop)
     try:
         known = _SPACES.setdefault(original, {})
     except TypeError:  # a model that cannot be weakly referenced: checked every time
-        return build_space(prepared, example, excl)
+        return build_space(prepared, example, excl, blocks=not drop)
     if key not in known:
         if len(known) > 64 or any(k[0] != key[0] for k in known):  # another structure: forget the old one
             known.clear()
-        known[key] = build_space(prepared, example, excl)
+        known[key] = build_space(prepared, example, excl, blocks=not drop)
     return known[key]
 
 

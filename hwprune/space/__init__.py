@@ -112,7 +112,7 @@ def _cuttable(model: nn.Module, example: Any, plans: list[RNNGroupPlan], kept: d
         model.train(was)
 
 
-def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> Space:
+def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = (), blocks: bool = True) -> Space:
     """Find the prunable groups and quantizable layers of ``model``.
 
     Args:
@@ -121,17 +121,19 @@ def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> 
             prunes; :func:`prepare_model` splits a model in place).
         example: one batch of input (batch size 1 is enough).
         exclude: module names never to prune.
+        blocks: find the blocks a policy may drop (each dropped once on a copy of the model); False: the space
+            lists none (the space of a model whose blocks are already dropped, where nothing asks for them).
     """
     excl = set(exclude)
     stacks = [n for n, m in model.named_modules() if isinstance(m, RNN_TYPES) and m.num_layers > 1]
     was = model.training
     try:
-        return _build_space(model, example, excl, stacks)
+        return _build_space(model, example, excl, stacks, blocks)
     finally:
         model.train(was)
 
 
-def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[str]) -> Space:
+def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[str], blocks: bool = True) -> Space:
     if stacks:  # the input is blamed only when the model as the user gave it fails on it
         check_input(model, example)
         model = copy.deepcopy(model)  # split on a copy: the caller's model keeps its nn.LSTM/nn.GRU
@@ -161,4 +163,5 @@ def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[st
         _, cg = cnn_groups(model, example, excl, kept)
         groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)
                                 else "features") for g in cg]
-    return Space(groups, quant_layers(model), sorted(excl), kept, droppable_blocks(model, example, excl))
+    return Space(groups, quant_layers(model), sorted(excl), kept,
+                 droppable_blocks(model, example, excl) if blocks else [])
