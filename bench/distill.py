@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -47,14 +46,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def welch(a: list[float], b: list[float]) -> float:
-    from scipy.stats import ttest_ind
-
-    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
-        return 0.0 if statistics.mean(a) == statistics.mean(b) else float("inf") * (statistics.mean(a) - statistics.mean(b))
-    return float(ttest_ind(a, b, equal_var=False).statistic)
-
-
 def run_row(name: str, weights: list[float], seeds: list[int], steps: int | None = None) -> dict:
     from hwprune.device.deploy import deploy
     from hwprune.export import finetune_policy
@@ -62,6 +53,7 @@ def run_row(name: str, weights: list[float], seeds: list[int], steps: int | None
     from hwprune.search.context import dense_setup
     from hwprune.search.spec import SearchSpec
     from hwprune.train import evaluate, few_batches
+    from search_quality import welch
 
     model, data, margs, own, pol = ROWS[name]
     steps = own if steps is None else steps

@@ -77,15 +77,19 @@ def _mnist1d_arrays(num_samples: int = 10_000) -> tuple[np.ndarray, ...]:
     :func:`data_cache_dir` under a name holding the package's version and a digest of its generation arguments
     (read with ``allow_pickle=False``; a damaged file is generated again)."""
     import hashlib
+    import io
     import json
     import zipfile
+    from importlib.metadata import version
 
     from mnist1d.data import get_dataset_args, make_dataset
+
+    from hwprune._io import write_atomic
 
     args = get_dataset_args()
     args.num_samples = num_samples
     digest = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = data_cache_dir() / f"mnist1d-{_version('mnist1d')}-{digest}.npz"
+    path = data_cache_dir() / f"mnist1d-{version('mnist1d')}-{digest}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -95,10 +99,6 @@ def _mnist1d_arrays(num_samples: int = 10_000) -> tuple[np.ndarray, ...]:
     d = make_dataset(args)  # generated locally; get_dataset() would download
     arrays = (d["x"].astype(np.float32), d["y"].astype(np.int64),
               d["x_test"].astype(np.float32), d["y_test"].astype(np.int64))
-    import io
-
-    from hwprune._io import write_atomic
-
     buf = io.BytesIO()
     np.savez(buf, **dict(zip(_MNIST1D_KEYS, arrays)))
     try:  # written whole, then renamed: a reader never sees half a file; another process may write the same
@@ -106,15 +106,6 @@ def _mnist1d_arrays(num_samples: int = 10_000) -> tuple[np.ndarray, ...]:
     except OSError:
         pass  # a read-only cache folder: the data was generated, it is just not kept
     return arrays
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,9 @@ ASSETS = Path(__file__).parent / "assets"
 
 # generated data sets (MNIST-1D: ~4 s to generate) are kept once for the whole run, in every process a test starts;
 # each test still gets its own model cache (below)
-os.environ.setdefault("HWPRUNE_DATA_CACHE", tempfile.mkdtemp(prefix="hwprune-test-data-"))
+if not os.environ.get("HWPRUNE_DATA_CACHE"):  # set here (pytest's own process): the workers inherit it
+    os.environ["HWPRUNE_DATA_CACHE"] = tempfile.mkdtemp(prefix="hwprune-test-data-")
+    atexit.register(shutil.rmtree, os.environ["HWPRUNE_DATA_CACHE"], ignore_errors=True)
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores shared out, not each worker taking all
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
