@@ -94,14 +94,14 @@ def _rows(path: Path) -> list[dict]:
     return list(csv.DictReader(open(path))) if path.exists() else []
 
 
-def _wait(cond, proc, what: str, timeout: float = 240) -> None:
+def _wait(cond, proc, what: str, timeout: float = 240, poll: float = 0.5) -> None:
     t0 = time.time()
     while not cond():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"process ended before {what}: {proc.stderr.read().decode()[-800:]}")
         if time.time() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 @pytest.mark.e2e
@@ -159,10 +159,14 @@ def test_a_storage_outage_of_a_few_seconds_is_ridden_out(postgres, tables, tmp_p
     the search says so once, reconnects, and ends with every asked trial, none failed or left running."""
     env = {**os.environ, "HWPRUNE_CACHE": str(tmp_path / "c")}
     out = tmp_path / "run"
-    cmd = _search(tables, out, trials=10, steps=100, storage=postgres, study="outage")  # a call every ~0.3 s
+    # trials of ~0.5 s here: the remaining ones outlast the outage even on a machine several times faster (CI once
+    # finished all 10 trials of 100 steps before the server was down, and the test saw no outage)
+    cmd = _search(tables, out, trials=12, steps=800, storage=postgres, study="outage")
     a = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait(lambda: sum(r["state"] == "COMPLETE" for r in _rows(out / "trials.csv")) >= 2, a, "two trials")
+    _wait(lambda: sum(r["state"] == "COMPLETE" for r in _rows(out / "trials.csv")) >= 2, a, "two trials", poll=0.1)
     _PG["stop"]()
+    done = sum(r["state"] == "COMPLETE" for r in _rows(out / "trials.csv"))
+    assert done < 12, f"the search had finished its trials ({done}) before the database was stopped: no outage met"
     time.sleep(3)
     _PG["start"]()
     o, e = a.communicate(timeout=600)
@@ -171,7 +175,7 @@ def test_a_storage_outage_of_a_few_seconds_is_ridden_out(postgres, tables, tmp_p
 
     trials = optuna.load_study(study_name="outage", storage=postgres).get_trials(deepcopy=False)
     print(f"outage of 3 s: {len(trials)} trials, states {sorted({t.state.name for t in trials})}")
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 10 and not [t for t in trials if t.state.name in
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 12 and not [t for t in trials if t.state.name in
                                                                           ("FAIL", "RUNNING")]
     assert e.decode().count("the study's database did not answer") == 1
 

@@ -475,3 +475,15 @@ def test_a_lost_database_connection_is_retried_then_raised(monkeypatch):
     with pytest.raises(RuntimeError):  # not a connection error: never retried
         st._retried(lambda self: calls.append(2) or (_ for _ in ()).throw(RuntimeError("finished")))(Fake())
     assert calls.count(2) == 1
+
+    # a retried call inside a retried call: only the outer one retries (not 4 x 4 tries)
+    calls.clear()
+    inner = st._retried(lambda self: calls.append("in") or (_ for _ in ()).throw(
+        OperationalError("SELECT 1", {}, ConnectionRefusedError("down"))))
+    with pytest.raises(OperationalError):
+        st._retried(lambda self: inner(self))(Fake())
+    assert calls == ["in"] * 4
+    # the private calls Optuna's _CachedStorage makes on its backend are retried too (an outage met in
+    # study.get_trials -> _get_trials ended a search in CI)
+    assert all(hasattr(getattr(st.RetryingRDBStorage, n), "__wrapped__")
+               for n in ("_get_trials", "_create_new_trial", "get_all_trials", "set_trial_state_values"))
