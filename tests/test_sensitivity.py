@@ -302,3 +302,53 @@ def test_bad_seed_trials_finish_costs_and_objective_are_one_line_errors():
                       ({"objective": "both"}, "unknown objective 'both'; known: metric, front")):
         with pytest.raises(HwpruneError, match=want):
             SearchSpec(**base, **bad).validate()
+
+
+def test_the_finish_measures_on_only_while_a_verdict_is_open():
+    """A sequential measurement: rounds go on only for a candidate whose verdict against the budget more rounds
+    could change (not clearly under by 2 standard errors and 1%, yet within reach of it), up to the cap."""
+    from hwprune.search.finish import sequential, undecided
+
+    assert not undecided(0.29, 0.01, 0.30)  # allowed 0.30: under by 3.4% >= max(1%, 2 x 1%): met, decided
+    assert undecided(0.29, 0.02, 0.30)  # under by 3.4% < 4%: not yet met, but 3.4% + 4% reaches 1%
+    assert not undecided(0.298, 0.001, 0.30)  # under by 0.7% < the 1% floor: no precision makes it meet
+    assert not undecided(0.40, 0.01, 0.30)  # over by 25% with 1% noise: clearly over
+    assert undecided(0.31, 0.05, 0.30)  # over by 3%, but 2 x 5% noise reaches under the budget
+
+    calls = []
+
+    def measure(keys, so_far):
+        calls.append(list(keys))
+        return {0: [0.2] * 15, 1: [0.27, 0.31] * 7 + [0.29], 2: [0.4] * 15}
+
+    out = sequential(lambda keys, s: {n: v for n, v in measure(keys, s).items() if n in keys}, [0, 1, 2], 0.30,
+                     rounds=15, max_rounds=60)
+    assert calls == [[0, 1, 2], [1], [1], [1]]  # the 0.29 +- 0.02 candidate alone, until 60 rounds
+    assert out[0] == (0.2, 0.0) and out[2] == (0.4, 0.0) and out[1][0] == pytest.approx(0.29)
+    # its error after 60 rounds: 1.25 x IQR / 1.35 / sqrt(60) / median, the IQR of the +-0.02 rounds
+    ratios = sorted(([0.27, 0.31] * 7 + [0.29]) * 4)
+    import statistics
+
+    q = statistics.quantiles(ratios, n=4)
+    assert out[1][1] == pytest.approx(1.25 * (q[2] - q[0]) / 1.35 / 60 ** 0.5 / 0.29)
+    calls.clear()
+    sequential(lambda keys, s: {n: v for n, v in measure(keys, s).items() if n in keys}, [0, 1, 2], 0.30,
+               rounds=15, max_rounds=30)
+    assert calls == [[0, 1, 2], [1]]  # the cap
+
+
+def test_the_second_timing_keeps_a_trial_whose_each_measurement_clears_the_margin_on_its_own_noise():
+    """First 0.46x with 4% noise (under the 0.525x budget by 14% >= 8%), again 0.495x with 0.5% noise (under by
+    6.1% >= 1%): both clear the margin, the trial is kept (the worse ratio with the other measurement's noise
+    would not); again 0.52x (under by 1% < 2%): dropped."""
+    from hwprune.search.finish import finish
+
+    for again, kept in ((0.495, True), (0.52, False)):
+        ctx = _finish_ctx()  # budget 1.05 ms on the table's scale, dense 2 ms: 0.525x
+        study = _study([(0.95, 0.9)])
+        timings = iter([{0: (0.46, 0.04)}, {0: (again, 0.005)}])
+        ctx.spec.grow = False
+        got = finish(ctx, study, lambda m: None, lambda c, cands: next(timings))
+        assert got["confirmed"]["dropped"] == ([] if kept else [0]) and got.get("best") == (0 if kept else None)
+        assert got["timed"][0]["ratio_again"] == again
+        assert got["timed"][0]["verdict"] == ("met" if kept else "marginal")
