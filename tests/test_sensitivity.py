@@ -352,3 +352,36 @@ def test_the_second_timing_keeps_a_trial_whose_each_measurement_clears_the_margi
         assert got["confirmed"]["dropped"] == ([] if kept else [0]) and got.get("best") == (0 if kept else None)
         assert got["timed"][0]["ratio_again"] == again
         assert got["timed"][0]["verdict"] == ("met" if kept else "marginal")
+
+
+def test_the_gate_shrinks_a_proposal_measured_over_the_budget_before_its_fine_tune():
+    """A proposal timed at 0.6x of a 2 ms dense model (1.2 ms against a 1.05 ms budget) is repaired to its price
+    x 1.05 / 1.2; one timed within is trained as it is; no gate without the finish, with --no-gate, on Ray."""
+    from hwprune.search.finish import gate
+
+    seen = {}
+    small = Policy({"g": 0.25}, {})
+
+    def repair(policy, limit=None):
+        seen["limit"] = limit
+        return small, 3
+
+    ctx = _finish_ctx()
+    ctx.spec.gate, ctx.spec.backend, ctx.fills = True, "local", True
+    ctx.price_ms = lambda p: 0.9 if p is not small else 0.7
+    ctx.repair, ctx.settle = repair, lambda p, log, grow=True: (p, 0)
+    big = Policy({"g": 0.5}, {})
+    lines = []
+    pol, info = gate(ctx, big, lines.append, lambda c, cands: {0: (0.6, 0.01)})
+    assert pol is small and seen["limit"] == pytest.approx(0.9 * 1.05 / 1.2)
+    assert info["verdict"] == "over" and info["shrunk"] == 3 and info["measured_ms"] == pytest.approx(1.2)
+    assert "over the budget" in lines[-1] and "shrunk by 3" in lines[-1]
+    pol, info = gate(ctx, big, lines.append, lambda c, cands: {0: (0.5, 0.01)})  # 1.0 ms: within
+    assert pol is big and info["verdict"] == "within"
+    for change in ({"gate": False}, {"finish": 0}, {"backend": "ray"}):
+        off = _finish_ctx()
+        off.spec.gate, off.spec.backend, off.fills = True, "local", True
+        vars(off.spec).update(change)
+        assert gate(off, big, lines.append, lambda c, cands: {0: (0.6, 0.01)}) == (big, None)
+    pol, info = gate(ctx, big, lines.append, lambda c, cands: (_ for _ in ()).throw(RuntimeError("no clock")))
+    assert (pol, info) == (big, None) and "could not time a proposal" in lines[-1]

@@ -12,7 +12,8 @@ _SEARCH_FLAGS = ("model", "data", "target", "budget", "trials", "sampler", "seed
                  "threads", "tables", "table", "weights", "lr", "importance", "channel_multiple", "early_stop_margin",
                  "uniform_seeds", "allow_foreign_table", "profile", "budget_margin", "device", "runtime", "task",
                  "train_batch_size", "val_subset", "num_classes", "screen", "keep_levels",
-                 "costs", "objective", "seed_trials", "finish", "grow", "race", "way_out", "depth", "distill")
+                 "costs", "objective", "seed_trials", "finish", "grow", "gate", "race", "way_out", "depth",
+                 "distill")
 
 
 def _print_front(summary: dict[str, Any]) -> None:
@@ -157,6 +158,11 @@ def register(sub: Any) -> None:
                     help="with the finish, do not grow the best trial into the headroom its measurement shows (by "
                          "default it is filled up to the budget less 3 standard errors of the measurement, timed "
                          "again and, within the budget, fine-tuned once more and added as trial 'finish-grown')")
+    se.add_argument("--no-gate", dest="gate", action="store_false", default=None,
+                    help="with the finish, do not time each proposal against the dense model before its fine-tune "
+                         "(by default one that measures over the budget is shrunk by the ratio it measured: the "
+                         "best-scoring trials were often the ones the table under-priced, and the finish dropped "
+                         "them)")
     se.add_argument("--num-classes", type=positive, help="a built-in model's outputs when the data does not expose "
                                                           "its class count")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")

@@ -193,22 +193,23 @@ class SearchContext:
             return self.price_ms(self.policy({}, {layer: fmt}))
         return min(self.menus[layer], key=cost)
 
-    def repair(self, policy: Policy) -> tuple[Policy, int]:
-        """Until the budget is met, make the move that saves the most predicted time per unit of cost of cutting:
-        one group one width down (its next lower kept-unit count), or one layer to another format of its menu
+    def repair(self, policy: Policy, limit: float | None = None) -> tuple[Policy, int]:
+        """Until the price is at most ``limit`` (default the search's limit), make the move that saves the most
+        predicted time per unit of cost of cutting: one group one width down (its next lower kept-unit count), or one layer to another format of its menu
         (costs from :meth:`costs`; a move that costs nothing and saves comes first). Returns the policy and the
         number of moves."""
         from hwprune.search.portfolio import level_ratios
 
+        lim = self.limit_ms if limit is None else limit
         keep = self.canonical(self.keep_of(policy))
         formats = dict(policy.formats)
         steps = 0
         current = self.price_ms(self.policy(keep, formats))
-        if current <= self.limit_ms:
+        if current <= lim:
             return self.policy(keep, formats), 0
         keep_loss, fmt_loss = self.costs()
         levels = {g: level_ratios(self, g) for g in keep}
-        while current > self.limit_ms:
+        while current > lim:
             best: tuple[float, float, Callable[[], None]] | None = None  # (saving per loss, saving, apply)
             for g, r in sorted(keep.items()):
                 lower = [v for v in levels[g] if v < r - 1e-12]
@@ -235,9 +236,9 @@ class SearchContext:
                 movable = [g for g in sorted(keep) if any(v < keep[g] - 1e-12 for v in levels[g])]
                 if not movable:  # every group at its lowest: the smallest policy met the limit when it was checked
                     small = self.smallest()
-                    if self.price_ms(small) <= self.limit_ms:
+                    if self.price_ms(small) <= lim:
                         return small, steps + 1
-                    raise HwpruneError(f"cannot repair a policy to {self.limit_ms:.4f} ms")  # guarded earlier
+                    raise HwpruneError(f"cannot repair a policy to {lim:.4f} ms")  # guarded earlier
                 g = max(movable, key=lambda n: keep[n])
                 keep[g] = max(v for v in levels[g] if v < keep[g] - 1e-12)
             else:

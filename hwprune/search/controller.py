@@ -512,6 +512,8 @@ def _search(spec: SearchSpec, log: Callable[[str], None],
             "finetunes": round(spent(finished(trials), spec.finetune_steps), 3),  # fine-tunes' worth of steps
             "repaired": sum(1 for t in trials if t.user_attrs.get("repairs")),
             "duplicates": sum(1 for t in trials if t.user_attrs.get("duplicate_of") not in (None, "")),
+            "gate": {"timed": sum(1 for t in trials if t.user_attrs.get("gate")),  # proposals timed before training
+                     "shrunk": sum(1 for t in trials if (t.user_attrs.get("gate") or {}).get("verdict") == "over")},
             "screen": screen_correlation(trials), "portfolio": portfolio, "finish": finished_,
             "costs": ctx.sensitivity.to_dict() if ctx.sensitivity is not None else ctx.spec.costs,
             "seconds": round(time.time() - t0, 1), "pareto": _points(pts, task), "best": best, "uniform_seeds": seeds,

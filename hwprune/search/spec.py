@@ -70,6 +70,7 @@ class SearchSpec:
     seed_trials: int = 3  # the best-screened seeds of the portfolio that are fine-tuned (the fp32 uniform one always)
     finish: int = 3  # the best trials timed against the dense model at the end (this machine the target); 0: none
     grow: bool = True  # with the finish: grow the best into the headroom it measures (one more fine-tune)
+    gate: bool = True  # with the finish: time each proposal before its fine-tune; one measured over is shrunk
     way_out: bool = True  # a budget below the floor: measure what would reach it before refusing (seconds)
     depth: bool = False  # blocks the model can lose whole are searched too: 'drop' is one more level of a group
     distill: float = 0.0  # weight of the dense model's outputs in every fine-tune's loss (0: the task's loss only)

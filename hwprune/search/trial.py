@@ -251,8 +251,13 @@ def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], 
         if ctx.screen is not None and _key(best["policy"]) not in done:
             best["screen"] = proxy_of(ctx, best["policy"], log)
     pol, more = ctx.settle(best["policy"], log)  # its entries measured (keep ratios off the table's grid)
+    from hwprune.search.finish import gate
+
+    pol, gated = gate(ctx, pol, log) if _key(pol) not in done else (pol, None)  # timed before its fine-tune
     attrs = {"repairs": best["repairs"] + more, "sampled": best["sampled"], "screened": len(fresh),
              "proposed_by": best["from"]}
+    if gated is not None:
+        attrs["gate"] = gated
     if "screen" in best:
         attrs["screen"] = best["screen"]
     attrs["_params"] = params_of(ctx, ctx.keep_of(pol), pol.formats, mode)
