@@ -135,7 +135,12 @@ def pick_trial(trials: list[Any], which: str, budget_ms: float, over: Any = (), 
         pts = front(trials, budget_ms)
         if not pts:
             raise HwpruneError("the run has no feasible completed trial to export yet")
-        return best_point(pts, over, trials, budget_ms, met, prefer)
+        best = best_point(pts, over, trials, budget_ms, met, prefer)
+        if best is None:
+            raise HwpruneError("the run has no best point: its measured finish timed every feasible trial over the "
+                               "budget on the search's machine; export one by number (--trial N, see trials.csv) "
+                               "to measure it again")
+        return best
     try:
         n = int(which)
     except ValueError:

@@ -402,3 +402,27 @@ def test_the_gate_shrinks_a_proposal_measured_over_the_budget_before_its_fine_tu
         assert gate(off, big, lines.append, timings((0.6, 0.01))) == (big, None)
     pol, info = gate(ctx, big, lines.append, lambda c, cands: (_ for _ in ()).throw(RuntimeError("no clock")))
     assert (pol, info) == (big, None) and "could not time a proposal" in lines[-1]
+
+
+def test_no_best_point_when_the_finish_passes_over_every_feasible_trial(tmp_path):
+    """Every feasible trial timed over the budget: no point is called best (not the best-scoring dropped one),
+    export --trial best says so in one line, and no best_policy.json is left from an earlier end of the run."""
+    from hwprune.errors import HwpruneError
+    from hwprune.export import pick_trial
+    from hwprune.search.finish import finish
+    from hwprune.search.rundir import best_point, front, write_front
+
+    ctx = _finish_ctx()
+    study = _study([(0.95, 0.9), (0.93, 0.8)])
+    got = finish(ctx, study, lambda m: None, lambda c, cands: {n: 0.6 for n, _ in cands})  # 1.2 ms > 1.05 ms
+    trials = study.get_trials()
+    assert got["dropped"] == [0, 1] and "best" not in got
+    pts = front(trials, ctx.limit_ms)
+    assert best_point(pts).number == 0  # by price alone
+    assert best_point(pts, got["dropped"], trials, ctx.limit_ms, got["met"]) is None
+    with pytest.raises(HwpruneError, match="no best point: its measured finish timed every feasible trial over"):
+        pick_trial(trials, "best", ctx.limit_ms, got["dropped"], got["met"])
+    assert pick_trial(trials, "1", ctx.limit_ms, got["dropped"]).number == 1  # by number: still exportable
+    (tmp_path / "best_policy.json").write_text("{}")
+    assert write_front(tmp_path, pts, 1.05, None, False) is None and not (tmp_path / "best_policy.json").exists()
+    assert (tmp_path / "pareto.csv").exists()

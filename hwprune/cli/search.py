@@ -54,6 +54,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             b = summary["best"]
             print(f"best feasible: trial {b['trial']}, val {metric} {b[metric]:.4f}, predicted "
                   f"{b['predicted_latency_ms']:.4f} ms -> {summary['out']}/best_policy.json")
+        elif summary["pareto"]:
+            print("no best point: the measured finish timed every feasible trial it reached over the budget")
         for name, u in summary["uniform_seeds"].items():
             print(f"baseline {name}: val {metric} {u[metric]:.4f}, predicted {u['predicted_latency_ms']:.4f} ms")
     emit(args, summary)

@@ -488,10 +488,13 @@ def _search(spec: SearchSpec, log: Callable[[str], None],
         write_trials(out, trials, ctx.limit_ms, task)
         pts = front(trials, ctx.limit_ms)
         fin = finished_ or {}
-        best = write_front(out, pts, ctx.budget_ms, task,
-                           best_point(pts, fin.get("dropped", []), trials, ctx.limit_ms, fin.get("met", []),
-                                      fin.get("best"))
-                           if pts else None)
+        chosen = best_point(pts, fin.get("dropped", []), trials, ctx.limit_ms, fin.get("met", []),
+                            fin.get("best")) if pts else None
+        if pts and chosen is None:
+            log(f"hwprune: no best point: the measured finish timed every feasible trial it reached over the budget "
+                f"(or within 2 standard errors of it) on this machine; no best_policy.json. More trials, a "
+                f"larger --budget-margin, or export a trial by number (export --trial N measures it again)")
+        best = write_front(out, pts, ctx.budget_ms, task, False if pts and chosen is None else chosen)
         if importlib.util.find_spec("matplotlib") is not None:
             plot_front(out, trials, pts, ctx.budget_ms, (ctx.dense_val_metric, ctx.dense_ms), ctx.limit_ms, task)
         else:

@@ -202,7 +202,9 @@ def best_point(pts: list[Any], over: Any = (), trials: list[Any] | None = None, 
     measured finish (:mod:`hwprune.search.finish`): trials it timed ``over`` the budget are passed over, and
     trials it timed within it (``met``: a trial grown into measured headroom is priced over the limit) count as
     feasible; the best of the feasible ``trials`` (within ``limit_ms``) is taken, dominated or not, unless the
-    finish picked one (``prefer``: near-ties re-scored with another data order)."""
+    finish picked one (``prefer``: near-ties re-scored with another data order). None when the finish passed over
+    every feasible trial: no point is known to meet the budget, and none is called best (a search once reported
+    a point its own finish had timed over, and the benchmark measured it at 0.561x of a 0.50x budget)."""
     over, met = set(over), set(met)
     if (over or met) and trials is not None and limit_ms is not None:
         ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.number not in over
@@ -211,12 +213,14 @@ def best_point(pts: list[Any], over: Any = (), trials: list[Any] | None = None, 
             return next(t for t in ok if t.number == prefer)
         if ok:
             return max(ok, key=lambda t: (t.values[0], -t.values[1], -t.number))
+        return None
     return max(pts, key=lambda t: (t.values[0], -t.values[1]))
 
 
 def write_front(out: Path, pts: list[Any], budget_ms: float, task: Any = None, best: Any = None
                 ) -> dict[str, Any] | None:
-    """pareto.csv and best_policy.json (``best``, default the best-scoring feasible point; ties: the faster)."""
+    """pareto.csv and best_policy.json (``best``, default the best-scoring feasible point; ties: the faster;
+    ``False``: none, the measured finish passed over every point, and no best_policy.json is left)."""
     from hwprune.tasks import get_task
 
     task = get_task(task)
@@ -227,7 +231,8 @@ def write_front(out: Path, pts: list[Any], budget_ms: float, task: Any = None, b
         w.writerow([t.number, f"{task.show(t.values[0]):.4f}", f"{t.values[1]:.5f}", t.user_attrs.get("seed", ""),
                     json.dumps(t.user_attrs.get("policy", {}), sort_keys=True)])
     write_atomic(out / "pareto.csv", buf.getvalue())
-    if not pts:
+    if not pts or best is False:  # False: the measured finish passed over every point (best_point's None)
+        (out / "best_policy.json").unlink(missing_ok=True)  # an earlier end of this run's search wrote it
         return None
     best = best or best_point(pts)
     write_atomic(out / "best_policy.json", json.dumps(best.user_attrs["policy"], indent=2, sort_keys=True) + "\n")
