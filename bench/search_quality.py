@@ -474,6 +474,7 @@ class Bench:
         res["int8_trials"] = sum(1 for r in done if "int8" in r["formats"])
         res["complete_trials"] = len(done)
         res["finish"] = s.get("finish")
+        res["gate"] = s.get("gate")  # proposals timed before their fine-tune, and how many were shrunk
         return res
 
     # ---- the same final fine-tune for every chosen model -------------------------------------------------
