@@ -195,8 +195,8 @@ class SearchContext:
 
     def repair(self, policy: Policy, limit: float | None = None) -> tuple[Policy, int]:
         """Until the price is at most ``limit`` (default the search's limit), make the move that saves the most
-        predicted time per unit of cost of cutting: one group one width down (its next lower kept-unit count), or one layer to another format of its menu
-        (costs from :meth:`costs`; a move that costs nothing and saves comes first). Returns the policy and the
+        predicted time per unit of cost of cutting: one group one width down (its next lower kept-unit count), or
+        one layer to another format of its menu (costs from :meth:`costs`; a move that costs nothing and saves comes first). Returns the policy and the
         number of moves."""
         from hwprune.search.portfolio import level_ratios
 

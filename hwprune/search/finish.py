@@ -7,12 +7,14 @@ trial's measured latency is the median of its per-round ratios times the dense m
 budget is listed as dropped in the study's ``finish`` attribute and is never the best point
 (:func:`hwprune.search.rundir.best_point`), in the search's summary nor in ``export --trial best``. Every trial
 that met the budget is timed a second time at the end (:func:`confirm`) and keeps its verdict only when both
-measurements clear the margin. A candidate whose verdict is still open after 15 rounds gets more rounds (up to 60,
-:func:`sequential`). The timer is a parameter so that tests can put a candidate over the budget.
+measurements clear the margin. A candidate whose verdict is still open after 15 rounds gets more rounds (up to 120
+or 10 s, :func:`sequential`); before its fine-tune, each proposal is timed too (:func:`gate`). The timer is a
+parameter so that tests can put a candidate over the budget.
 """
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any, Callable
 
 from hwprune.errors import one_line
@@ -72,8 +74,8 @@ def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 1
             items[number] = functools.cache(model_sampler(model, x, target))
 
         def measure(keys: list[int], seed: int) -> dict[int, list[float]]:
-            res = measure_rounds({n: items[n] for n in keys}, target,
-                                 RoundPlan(rounds=rounds, extra_rounds=0, seed=len(cands) + seed), reference=reference)
+            plan = RoundPlan(rounds=rounds, extra_rounds=0, seed=len(cands) + seed)
+            res = measure_rounds({n: items[n] for n in keys}, target, plan, reference=reference)
             return {n: [a / b for a, b in zip(res.samples[n], res.samples[REFERENCE])] for n in keys}
 
         return sequential(measure, list(items), allowed, rounds, max_rounds, max_seconds)
@@ -84,8 +86,6 @@ def sequential(measure: Callable[[list[int], int], dict[int, list[float]]], keys
     """``measure(keys, rounds_so_far)`` (per-round ratios to the dense model of each key) for every key, then again
     for the keys whose verdict is :func:`undecided`, until none is, each has ``max_rounds`` or the rounds have
     taken ``max_seconds``; returns each key's median ratio and its relative standard error over all its rounds."""
-    import time
-
     ratios: dict[int, list[float]] = {n: [] for n in keys}
     out: dict[int, tuple[float, float]] = {}
     todo, done, t0 = list(keys), 0, time.perf_counter()
@@ -113,10 +113,10 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
     machine is the target and trials run one at a time). One that does not measure clearly within the budget (the
     finish's rule: by :data:`SURE` standard errors and :data:`FLOOR`) is repaired to the price at which it would
     (its price times budget / (measured x that safety)) and timed again, :data:`GATE_TRIES` timings at most: the
-    table's errors are not the same for every policy, and the proposals that score best were often those it under-priced (cnn1d at 30%
-    and 50%: the best-scoring timed trial failed the finish in 3 of 3 searches each), so the fine-tunes went to
-    candidates the finish then dropped. The finish stays the arbiter. Returns the policy to fine-tune and what
-    was measured (None: not gated)."""
+    table's errors are not the same for every policy, and the proposals that score best were often those it
+    under-priced (cnn1d at 30% and 50%: the best-scoring timed trial failed the finish in 3 of 3 searches each), so
+    the fine-tunes went to candidates the finish then dropped. The finish stays the arbiter. Returns the policy to
+    fine-tune and what was measured (None: not gated)."""
     from hwprune.errors import HwpruneError
 
     spec = ctx.spec
@@ -253,8 +253,8 @@ def confirm(ctx: Any, study: Any, best: Any, result: dict[str, Any], allowed: fl
     rounds with a freshly deployed dense model): this VM's ratios drift between measurements by more than one
     run's standard errors (a GRU int8 policy timed 0.461x by the finish measured 0.525x in the benchmark minutes
     later). A trial keeps 'met' only when each of its two measurements clears the same margin on its own noise; one
-    that does not is dropped, and the best point is the best-scoring of those left (a re-scored trial by its mean). Returns
-    that trial (None when none is left)."""
+    that does not is dropped, and the best point is the best-scoring of those left (a re-scored trial by its
+    mean). Returns that trial (None when none is left)."""
     met = list(dict.fromkeys(result["met"]))
     if not met:
         return best

@@ -4,9 +4,9 @@ A search talks to its study many times a second (asking, telling, attributes, th
 (PostgreSQL for several hosts), a database restart or a network blip of a few seconds would otherwise end the
 search at the first call that meets it. :class:`RetryingRDBStorage` is Optuna's ``RDBStorage`` whose calls
 (the public ones, and the private ones Optuna's own ``_CachedStorage`` wrapper calls directly: ``_get_trials``,
-``_create_new_trial``…) are retried on a connection error (SQLAlchemy's ``OperationalError``/``InterfaceError``) with growing waits, about
-15 s in all, and whose pool checks a connection before using it (``pool_pre_ping``), so a restarted server is
-reconnected to. A call that still fails raises as before: the trial it belonged to is failed when the search is
+``_create_new_trial``…) are retried on a connection error (SQLAlchemy's ``OperationalError``/``InterfaceError``)
+with growing waits, about 15 s in all, and whose pool checks a connection before using it (``pool_pre_ping``),
+so a restarted server is reconnected to. A call that still fails raises as before: the trial it belonged to is failed when the search is
 resumed (the lease of :mod:`hwprune.search.controller`).
 """
 from __future__ import annotations
