@@ -27,6 +27,7 @@ FLOOR = 0.01  # and by at least this share: measurements minutes apart differ by
 # (cnn1d at 30%: trials the finish timed under 0.300x measured 0.303x in the benchmark's final rounds)
 MORE = 2  # batches of further trials timed when none of the best clearly met the budget
 GATE_TRIES = 3  # timings of a proposal before its fine-tune (the first, and after each of at most two shrinks)
+GATE_ROUNDS = 30  # rounds of one such timing at most
 
 Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
 Trainer = Callable[[Any, Policy, int], float]  # a policy's validation score after the search's fine-tune (seed +)
@@ -127,7 +128,10 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
 
         if not get_target(spec.target, threads=spec.threads, runtime=spec.runtime).is_local():
             return policy, None
-        timer = time_versus_dense
+        import functools
+
+        # fewer rounds than the finish's (the finish decides; this only steers the fine-tunes): at most 30 or 3 s
+        timer = functools.partial(time_versus_dense, max_rounds=GATE_ROUNDS, max_seconds=3.0)
     allowed = ctx.budget_ms / ctx.speed_factor
     info: dict[str, Any] | None = None
     for attempt in range(GATE_TRIES):  # shrunk, then timed again: a repair by price need not save what it priced
