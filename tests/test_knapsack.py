@@ -213,3 +213,90 @@ def test_the_torch_pruning_seed_is_its_own_ranking_at_the_least_ratio_that_fits(
     assert {g: keep_units(r, units[g], 8) for g, r in whole.items()} == units
     rnn = SimpleNamespace(setup=SimpleNamespace(model=build_model("gru", (8, 2), 3, {}), example=None))
     assert tp_seed(rnn) is None
+
+
+def _gate_ctx():
+    """:func:`_repair_ctx` with a gate: dense priced 25 ms, budget 13 ms (0.52x), the search's limit 12 ms."""
+    from types import SimpleNamespace
+
+    ctx, _ = _repair_ctx(int8_loss=2.0)
+    ctx.spec = SimpleNamespace(channel_multiple=1, gate=True, finish=3, backend="local")
+    ctx.limit_ms, ctx.budget_ms, ctx.speed_factor, ctx.dense_ms = 12.0, 13.0, 1.0, 25.0
+    ctx.settle = lambda p, log, grow=True, limit=None: (p, 0)
+    return ctx
+
+
+def test_the_gate_grows_a_proposal_measured_clearly_within_into_that_headroom():
+    """A proposal priced 10 ms (a and b at a quarter, fp32) timed at 0.30x of the dense model (7.5 ms x 1.01
+    against a 13 ms budget) is filled to its price x 13 / 7.575 = 17.16 ms: b up twice (4 per notch before a's
+    1), 15 ms; timed within again (0.45x: 11.36 ms, a raise to 17.5 ms would not fit 17.16), it is trained
+    with its price as its own limit, so the search counts it within (``limit_of``). One that measures over after
+    growing goes back to the policy measured within; the table's limit is then its limit again."""
+    from types import SimpleNamespace
+
+    from hwprune.policy import Policy
+    from hwprune.search.finish import gate
+    from hwprune.search.rundir import judged, limit_of, within
+
+    def timings(*ratios):
+        it = iter(ratios)
+        return lambda c, cands: {0: next(it)}
+
+    ctx, lines = _gate_ctx(), []
+    small = Policy({"a": 0.25, "b": 0.25}, {})
+    pol, info = gate(ctx, small, lines.append, timings((0.30, 0.0), (0.45, 0.0)))
+    assert pol.keep == {"a": 0.25, "b": 0.75} and ctx.price_ms(pol) == 15.0
+    assert info["verdict"] == "within" and info["final"] == "within" and info["grown"] == 2
+    assert info["grown_limit_ms"] == 15.0 and info["after"]["ratio"] == 0.45
+    assert "grown by 2 move(s)" in lines[-1]
+    trial = SimpleNamespace(values=[0.9, 15.0], user_attrs={"gate": info})
+    assert limit_of(trial.user_attrs, 12.0) == 15.0 and within(trial, 12.0)
+    assert judged(15.0, trial.user_attrs, 12.0) == 12.0  # racing: it competes as a trial within the limit
+    assert not within(SimpleNamespace(values=[0.9, 15.0], user_attrs={}), 12.0)  # priced over, nothing measured
+
+    pol, info = gate(ctx, small, lines.append, timings((0.30, 0.0), (0.55, 0.0)))  # 13.75 ms: over
+    assert pol == small and info["grown_back"] and info["final"] == "within" and "grown_limit_ms" not in info
+    assert limit_of({"gate": info}, 12.0) == 12.0
+    over = {"gate": {"final": "over", "grown_limit_ms": 15.0}}
+    assert limit_of(over, 12.0) == 12.0  # only a policy measured within earns its own limit
+    # 0.50x: 12.5 ms x 1.01 within 13 but by less than 3%: trained as it is, nothing grown
+    pol, info = gate(ctx, small, lines.append, timings((0.50, 0.0)))
+    assert pol == small and "grown" not in info and info["final"] == "within"
+
+
+def test_shrinking_along_a_samples_direction_keeps_its_shape_and_meets_the_limit():
+    """The shrink scales each group toward its narrowest width by one factor, so two samples of opposite shapes
+    stay opposite, each within the limit, with the largest factor that fits; a sample whose formats cannot fit
+    at any width is left to repair."""
+    from hwprune.policy import Policy
+    from hwprune.search.portfolio import project, shrink
+
+    ctx, _ = _repair_ctx(int8_loss=2.0)
+    ctx.grid = tuple(i / 16 for i in range(1, 17))  # 16 widths per group of 16 units
+    for g in ctx.layers.space.groups:
+        g.units = 16
+    ctx.limit_ms = 14.0  # 10 x (a + b) + 5 (L in fp32): a + b at most 0.9
+    wide_a, wide_b = Policy({"a": 1.0, "b": 0.5}, {}), Policy({"a": 0.5, "b": 1.0}, {})
+    got_a, got_b = shrink(ctx, wide_a), shrink(ctx, wide_b)
+    assert ctx.price_ms(got_a) <= 14.0 and ctx.price_ms(got_b) <= 14.0
+    assert got_a.keep["a"] > got_a.keep["b"] and got_b.keep["b"] > got_b.keep["a"]
+    assert got_a.keep == {"a": 0.5625, "b": 0.3125}  # t = 8/15: a 1/16 + 8/15 x 15/16, b 1/16 + 8/15 x 7/16
+    assert shrink(ctx, Policy({"a": 0.25, "b": 0.25}, {})) == Policy({"a": 0.25, "b": 0.25}, {})  # fits already
+    ctx.limit_ms = 5.0  # not even the narrowest widths in fp32 fit: left to repair (it trades L to int8)
+    assert shrink(ctx, wide_a) is None
+    got, _ = project(ctx, wide_a, ray=True)
+    assert ctx.price_ms(got) <= 5.0 and got.formats == {"L": "int8"}
+    ctx.limit_ms = 14.0
+    assert project(ctx, wide_a, ray=True)[0].keep == {"a": 0.5625, "b": 0.3125}  # at the limit: nothing to fill
+    assert project(ctx, wide_b, ray=True)[0].keep == {"a": 0.3125, "b": 0.5625}
+
+
+def test_a_policy_racing_stopped_is_not_proposed_again_while_another_is_new():
+    """A search once fine-tuned one policy and stopped it 11 times: proposals skip policies finished or stopped;
+    when every candidate was seen, a finished one is reused (its score, no fine-tune) before a stopped one."""
+    from hwprune.search.trial import unseen
+
+    cands = {"a": 1, "b": 2, "c": 3}
+    assert unseen(cands, done={"a"}, raced={"b"}) == {"c": 3}
+    assert unseen({"a": 1, "b": 2}, done={"a"}, raced={"b"}) == {"a": 1}
+    assert unseen({"b": 2}, done={"a"}, raced={"b"}) == {"b": 2}

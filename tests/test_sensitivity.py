@@ -379,7 +379,7 @@ def test_the_gate_shrinks_a_proposal_measured_over_the_budget_before_its_fine_tu
     ctx = _finish_ctx()
     ctx.spec.gate, ctx.spec.backend, ctx.fills = True, "local", True
     ctx.price_ms = lambda p: 0.9 if p is not small else 0.7
-    ctx.repair, ctx.settle = repair, lambda p, log, grow=True: (p, 0)
+    ctx.repair, ctx.settle = repair, lambda p, log, grow=True, limit=None: (p, 0)
     big = Policy({"g": 0.5}, {})
     lines = []
     pol, info = gate(ctx, big, lines.append, timings((0.6, 0.01), (0.5, 0.01)))
@@ -393,7 +393,7 @@ def test_the_gate_shrinks_a_proposal_measured_over_the_budget_before_its_fine_tu
     pol, info = gate(ctx, big, lines.append, timings((0.5, 0.01)))  # 1.0 ms x 1.02: clearly within
     assert pol is big and info["verdict"] == "within" and info["shrunk"] == 0
     limits.clear()
-    pol, info = gate(ctx, big, lines.append, timings((0.5, 0.03), (0.4, 0.01)))  # 1.0 x 1.06 > 1.05: not clearly
+    pol, info = gate(ctx, big, lines.append, timings((0.5, 0.03), (0.5, 0.01)))  # 1.0 x 1.06 > 1.05: not clearly
     assert pol is small and limits == [pytest.approx(0.9 * 1.05 / (1.0 * 1.06))]
     for change in ({"gate": False}, {"finish": 0}, {"backend": "ray"}):
         off = _finish_ctx()

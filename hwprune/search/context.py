@@ -247,11 +247,12 @@ class SearchContext:
             current = self.price_ms(self.policy(keep, formats))
         return self.policy(keep, formats), steps
 
-    def settle(self, policy: Policy, log: Callable[[str], None], grow: bool = True) -> tuple[Policy, int]:
+    def settle(self, policy: Policy, log: Callable[[str], None], grow: bool = True, limit: float | None = None
+               ) -> tuple[Policy, int]:
         """With a meter (keep ratios off the table's grid): measure the entries ``policy`` lacks, then repair it
         on the measured prices (and, with ``grow``, fill it into headroom they leave, at most twice), until it is
-        priced from measured entries only and meets the limit. Returns the policy and the moves it took (0:
-        ``policy`` as it was)."""
+        priced from measured entries only and meets ``limit`` (default the search's). Returns the policy and the
+        moves it took (0: ``policy`` as it was)."""
         from hwprune.search.portfolio import fill
 
         if self.meter is None:
@@ -262,13 +263,13 @@ class SearchContext:
             if n:
                 log(f"hwprune: measured {n} layer configuration(s) the table lacked "
                     f"({self.meter.measured} in {self.meter.seconds:.1f} s so far)")
-            if self.price_ms(policy) <= self.limit_ms and not n:
-                grown, g = fill(self, policy) if grow and fills < 2 else (policy, 0)
+            if self.price_ms(policy) <= (self.limit_ms if limit is None else limit) and not n:
+                grown, g = fill(self, policy, limit) if grow and fills < 2 else (policy, 0)
                 if not g:
                     return policy, moves
                 policy, moves, fills = grown, moves + g, fills + 1
                 continue
-            policy, m = self.repair(policy)
+            policy, m = self.repair(policy, limit)
             moves += m
             if not m and not self.meter.missing(self.predictor, policy) and not (grow and fills < 2):
                 return policy, moves

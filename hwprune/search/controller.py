@@ -25,7 +25,7 @@ from hwprune._io import pid_alive
 from hwprune.errors import HwpruneError, is_oom, is_own_bug, one_line
 from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.early_stop import spent
-from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, plot_front, results_lock,
+from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, judged, plot_front, results_lock,
                                    write_front, write_trials)
 from hwprune.search.spec import SearchSpec
 from hwprune.search.trial import (OWNER, Progress, finished, free_memory, make_sampler, params_of, propose,
@@ -113,11 +113,12 @@ def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], Non
         return trial
     curve: dict[str, float] = {}
     seed = bool(trial.user_attrs.get("seed"))
+    raced = judged(latency, trial.user_attrs, ctx.limit_ms)  # grown by the gate into measured headroom: within
 
     def at_checkpoint(step: int, acc: float) -> None:
         curve[str(step)] = acc
         trial.set_user_attr("curve", dict(curve))
-        why = None if seed else rule.check(latency, step, acc, key=trial.number)
+        why = None if seed else rule.check(raced, step, acc, key=trial.number)
         if why:
             trial.set_user_attr("error", why)
             trial.set_user_attr("steps_run", step)  # what it cost: --trials counts fine-tunes' worth of steps
@@ -154,7 +155,7 @@ def _run_one(ctx: SearchContext, rule: Any, study: Any, log: Callable[[str], Non
     if not set_attrs(trial, params=params):
         return _lapsed(trial, log)
     if curve:
-        rule.add(trial.number, latency, curve, acc)
+        rule.add(trial.number, raced, curve, acc)
     tell(study, trial, [acc, latency])  # failed as stale by another host meanwhile: dropped
     return trial
 

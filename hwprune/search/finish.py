@@ -28,6 +28,7 @@ FLOOR = 0.01  # and by at least this share: measurements minutes apart differ by
 MORE = 2  # batches of further trials timed when none of the best clearly met the budget
 GATE_TRIES = 3  # timings of a proposal before its fine-tune (the first, and after each of at most two shrinks)
 GATE_ROUNDS = 30  # rounds of one such timing at most
+GROW_AT = 0.03  # the gate grows a proposal measured clearly within the budget by more than this share
 
 Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
 Trainer = Callable[[Any, Policy, int], float]  # a policy's validation score after the search's fine-tune (seed +)
@@ -111,14 +112,23 @@ def _median_and_error(ratios: list[float]) -> tuple[float, float]:
 def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | None = None
          ) -> tuple[Policy, dict[str, Any] | None]:
     """Time a proposal against the dense model before its fine-tune (``spec.gate``, with the finish, where this
-    machine is the target and trials run one at a time). One that does not measure clearly within the budget (the
-    finish's rule: by :data:`SURE` standard errors and :data:`FLOOR`) is repaired to the price at which it would
-    (its price times budget / (measured x that safety)) and timed again, :data:`GATE_TRIES` timings at most: the
-    table's errors are not the same for every policy, and the proposals that score best were often those it
-    under-priced (cnn1d at 30% and 50%: the best-scoring timed trial failed the finish in 3 of 3 searches each), so
-    the fine-tunes went to candidates the finish then dropped. The finish stays the arbiter. Returns the policy to
-    fine-tune and what was measured (None: not gated)."""
+    machine is the target and trials run one at a time), and move it to the budget *as measured*:
+
+    - one that does not measure clearly within the budget (the finish's rule: by :data:`SURE` standard errors and
+      :data:`FLOOR`) is repaired to the price at which it would (its price times budget / (measured x that
+      safety)) and timed again: the table's errors are not the same for every policy, and the proposals that
+      score best were often those it under-priced (cnn1d at 30% and 50%: the best-scoring timed trial failed the
+      finish in 3 of 3 searches each), so the fine-tunes went to candidates the finish then dropped;
+    - one clearly within by more than :data:`GROW_AT` is filled to the price at which it would just be (the same
+      arithmetic) and timed again; a grown policy that then measures over goes back to the one measured within.
+      Prices err the other way too (cnn1d at 30%: a search fine-tuned 11 proposals priced at the limit that
+      measured 0.18-0.22x of a 0.30x budget). The trial's price limit becomes the grown price
+      (``gate.grown_limit_ms``, :func:`hwprune.search.rundir.limit_of`).
+
+    :data:`GATE_TRIES` timings at most. The finish stays the arbiter. Returns the policy to fine-tune and what
+    was measured (None: not gated; ``final``: the verdict on the returned policy)."""
     from hwprune.errors import HwpruneError
+    from hwprune.search.portfolio import fill
 
     spec = ctx.spec
     if not getattr(spec, "gate", False) or spec.finish <= 0 or not ctx.fills or spec.backend != "local":
@@ -134,35 +144,68 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
         timer = functools.partial(time_versus_dense, max_rounds=GATE_ROUNDS, max_seconds=3.0)
     allowed = ctx.budget_ms / ctx.speed_factor
     info: dict[str, Any] | None = None
-    for attempt in range(GATE_TRIES):  # shrunk, then timed again: a repair by price need not save what it priced
+    measured_within: Policy | None = None  # the last policy timed clearly within
+    for attempt in range(GATE_TRIES):
         try:
             got = timer(ctx, [(0, policy)])
         except Exception as exc:  # noqa: BLE001 - a check before the fine-tune: said, the proposal trained as it is
             log(f"hwprune: could not time a proposal before its fine-tune: {one_line(exc)}")
-            return policy, info
+            return _gated(ctx, measured_within or policy, info, measured_within is not None)
         if 0 not in got:  # not deployable: its fine-tune will say why
-            return policy, info
+            return _gated(ctx, measured_within or policy, info, measured_within is not None)
         ratio, noise = _pair(got[0])
         ms = ratio * ctx.dense_ms
         need = 1 + max(FLOOR, SURE * noise)  # the finish's rule: clearly within, by 2 standard errors and 1%
+        ok = ms * need <= allowed
         now = {"ratio": round(ratio, 4), "noise": round(noise, 4), "measured_ms": round(ms, 4)}
         if info is None:
-            info = {**now, "verdict": "within" if ms * need <= allowed else "over", "shrunk": 0}
+            info = {**now, "verdict": "within" if ok else "over", "shrunk": 0}
         else:
             info["after"] = now
-        if ms * need <= allowed or attempt == GATE_TRIES - 1:
-            return policy, info
+        if not ok and measured_within is not None:  # grown past what it measures: back to the one within
+            info["grown_back"] = True
+            return _gated(ctx, measured_within, info, True)
+        if ok:
+            measured_within = policy
+        last = attempt == GATE_TRIES - 1
+        if last or (ok and ms * need > allowed * (1 - GROW_AT)):
+            return _gated(ctx, policy, info, ok)
         limit = ctx.price_ms(policy) * allowed / (ms * need)
+        if ok:  # headroom it measured: filled into it
+            bigger, moves = fill(ctx, policy, limit=limit)
+            if moves:
+                bigger, more = ctx.settle(bigger, log, grow=False, limit=limit)  # entries the wider widths lack
+                moves += more
+            if not moves or bigger == policy:
+                return _gated(ctx, policy, info, True)
+            info.update(grown=info.get("grown", 0) + moves)
+            log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, clearly within the budget "
+                f"({allowed / ctx.dense_ms:.3f}x): grown by {moves} move(s) to a price of "
+                f"{ctx.price_ms(bigger):.4f} ms before its fine-tune")
+            policy = bigger
+            continue
         try:
             smaller, moves = ctx.repair(policy, limit=limit)
         except HwpruneError:  # the smallest policy is priced over it: the finish decides
-            return policy, info
+            return _gated(ctx, policy, info, False)
         smaller, more = ctx.settle(smaller, log, grow=False)  # entries the smaller widths lack, measured
         info.update(shrunk=info["shrunk"] + moves + more, price_limit_ms=round(limit, 5))
         log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, not clearly within the budget "
             f"({allowed / ctx.dense_ms:.3f}x): shrunk by {moves + more} move(s) to a price of "
             f"{ctx.price_ms(smaller):.4f} ms before its fine-tune")
         policy = smaller
+    return _gated(ctx, policy, info, False)  # not reached: the last attempt returns
+
+
+def _gated(ctx: Any, policy: Policy, info: dict[str, Any] | None, ok: bool) -> tuple[Policy, dict[str, Any] | None]:
+    """The gate's answer: ``policy`` and its record, with ``final`` (the verdict on ``policy``) and, for one
+    measured within at a price over the search's limit, that price as its own limit (``grown_limit_ms``)."""
+    if info is None:
+        return policy, None
+    info["final"] = "within" if ok else "over"
+    price = ctx.price_ms(policy)
+    if ok and price > ctx.limit_ms:
+        info["grown_limit_ms"] = price
     return policy, info
 
 
@@ -181,6 +224,7 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
         log(f"hwprune: no measured finish: this machine is not a {spec.target} device (export on the target "
             f"measures the chosen point)")
         return None
+    from hwprune.search.rundir import within
     from hwprune.search.trial import OWNER, finished
 
     trials = study.get_trials(deepcopy=False)
@@ -191,8 +235,7 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
         return before
     # a study other processes add to: time and drop only (one process growing or re-scoring is enough)
     shared = any(t.user_attrs.get("owner") not in (None, OWNER) for t in trials)
-    ok = [t for t in trials if t.state.name == "COMPLETE" and t.values
-          and t.values[1] <= ctx.limit_ms + 1e-12 and t.user_attrs.get("policy")
+    ok = [t for t in trials if t.state.name == "COMPLETE" and within(t, ctx.limit_ms) and t.user_attrs.get("policy")
           and t.user_attrs.get("duplicate_of") in (None, "")]
     ok.sort(key=lambda t: (-t.values[0], t.values[1], t.number))
     if not ok:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from hwprune.policy import Policy
 
-__all__ = ["Seed", "fill", "project", "uniform_seed", "threshold_seed", "knapsack_seed", "tp_seed", "portfolio",
+__all__ = ["Seed", "fill", "project", "shrink", "uniform_seed", "threshold_seed", "knapsack_seed", "tp_seed", "portfolio",
            "level_ratios", "output_layer"]
 
 
@@ -95,11 +95,53 @@ def _on(costs: dict[float, float], r: float) -> float:
     return r if r in costs else min(costs, key=lambda v: abs(v - r))
 
 
-def project(ctx: Any, policy: Policy) -> tuple[Policy, int]:
-    """``policy`` mapped into the budget: repaired until its price fits the limit, then filled up to it."""
+def project(ctx: Any, policy: Policy, ray: bool = False) -> tuple[Policy, int]:
+    """``policy`` mapped into the budget: repaired until its price fits the limit, then filled up to it. With
+    ``ray`` (the sampler's samples) it is first scaled down along its own direction (:func:`shrink`), so that the
+    sample's shape survives: greedy repair alone takes every sample far over the limit to nearly the same policy
+    (cnn1d at 30%: 15 different samples, each 11-15 moves over, all onto [8, 8, 8, 96]), and the sampler then
+    learns about one point."""
+    if ray:
+        scaled = shrink(ctx, policy)
+        if scaled is not None:
+            policy = scaled
     cut, m = ctx.repair(policy)
     grown, n = fill(ctx, cut)
     return grown, m + n
+
+
+def shrink(ctx: Any, policy: Policy, steps: int = 20) -> Policy | None:
+    """``policy`` scaled toward its narrowest widths along its own direction until its price fits the limit:
+    each group at ``lowest + t x (its width - lowest)``, snapped down to a width it can take, with the largest
+    ``t`` in [0, 1] a bisection finds within the limit; formats as they are. ``policy`` itself when it fits;
+    None when even ``t = 0`` does not (its formats are too slow: repair then trades them)."""
+    keep = ctx.canonical(ctx.keep_of(policy))
+    formats = dict(policy.formats)
+    if ctx.price_ms(ctx.policy(keep, formats)) <= ctx.limit_ms:
+        return policy
+    from hwprune.search.context import DROP
+
+    levels = {g: level_ratios(ctx, g) for g in keep}
+    # the narrowest width of each group (a block the sample dropped stays dropped; the shrink drops none)
+    low = {g: r if r <= DROP else min([v for v in levels[g] if v > DROP] or [r]) for g, r in keep.items()}
+
+    def at(t: float) -> Policy:
+        out = {}
+        for g, r in keep.items():
+            want = low[g] + t * (r - low[g])
+            out[g] = max([v for v in levels[g] if v <= want + 1e-12 and v >= low[g] - 1e-12] or [low[g]])
+        return ctx.policy(out, formats)
+
+    if ctx.price_ms(at(0.0)) > ctx.limit_ms:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if ctx.price_ms(at(mid)) <= ctx.limit_ms:
+            lo = mid
+        else:
+            hi = mid
+    return at(lo)
 
 
 def _fastest_formats(ctx: Any, fmt: str) -> dict[str, str]:

@@ -11,7 +11,8 @@ from typing import Any, TypedDict
 from hwprune._io import read_json, write_atomic
 from hwprune.errors import HwpruneError
 
-__all__ = ["RunInfo", "read_run", "check_run_dir", "claim_run_dir", "results_lock", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS"]
+__all__ = ["RunInfo", "read_run", "check_run_dir", "claim_run_dir", "results_lock", "write_trials", "front", "write_front", "plot_front", "best_point", "TRIAL_COLUMNS",
+           "limit_of", "judged", "within"]
 
 TRIAL_COLUMNS = ["trial", "state", "seed", "accuracy", "predicted_latency_ms", "limit_ms", "feasible", "repairs",
                  "mean_keep", "formats", "flops", "params", "seconds", "train_seconds", "duplicate_of", "error", "owner",
@@ -134,6 +135,28 @@ def trial_columns(task: Any = None) -> list[str]:
     return [metric if c == "accuracy" else c for c in TRIAL_COLUMNS]
 
 
+def limit_of(attrs: dict[str, Any], limit_ms: float) -> float:
+    """The price a trial may reach: the search's limit (the budget less its margin), or, for a trial the gate
+    (:func:`hwprune.search.finish.gate`) grew into headroom it *measured* clearly within the budget before the
+    fine-tune, the price it was grown to (``gate.grown_limit_ms``; the table's margin is there for prices nothing
+    measured)."""
+    g = attrs.get("gate")
+    if isinstance(g, dict) and g.get("final") == "within" and isinstance(g.get("grown_limit_ms"), (int, float)):
+        return max(limit_ms, float(g["grown_limit_ms"]))
+    return limit_ms
+
+
+def judged(latency: float, attrs: dict[str, Any], limit_ms: float) -> float:
+    """A trial's price as racing compares it with ``limit_ms``: one within its own limit (:func:`limit_of`)
+    counts as at most the search's limit."""
+    return min(latency, limit_ms) if latency <= limit_of(attrs, limit_ms) + 1e-12 else latency
+
+
+def within(t: Any, limit_ms: float) -> bool:
+    """Whether a finished trial's price is within its limit (:func:`limit_of`)."""
+    return bool(t.values) and t.values[1] <= limit_of(t.user_attrs, limit_ms) + 1e-12
+
+
 def _row(t: Any, limit_ms: float, task: Any) -> dict[str, Any]:
     a = t.user_attrs
     pol = a.get("policy", {})
@@ -145,7 +168,7 @@ def _row(t: Any, limit_ms: float, task: Any) -> dict[str, Any]:
     return {"trial": t.number, "state": t.state.name, "seed": a.get("seed", ""),
             task.metric: "" if vals[0] is None else f"{task.show(vals[0]):.4f}",
             "predicted_latency_ms": "" if vals[1] is None else f"{vals[1]:.5f}", "limit_ms": f"{limit_ms:.5f}",
-            "feasible": "" if vals[1] is None else str(vals[1] <= limit_ms + 1e-12),
+            "feasible": "" if vals[1] is None else str(vals[1] <= limit_of(a, limit_ms) + 1e-12),
             "repairs": a.get("repairs", ""), "mean_keep": f"{sum(keep) / len(keep):.3f}" if keep else "1.000",
             "formats": " ".join(f"{k}:{v}" for k, v in sorted(fmts.items())) or "fp32",
             "flops": a.get("flops", ""), "params": a.get("params", ""), "seconds": a.get("seconds", ""),
@@ -182,8 +205,9 @@ def write_trials(out: Path, trials: list[Any], limit_ms: float, task: Any = None
 
 
 def front(trials: list[Any], limit_ms: float) -> list[Any]:
-    """Feasible (predicted within ``limit_ms``), non-dominated trials, by latency; ties keep the first trial."""
-    ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.values[1] <= limit_ms + 1e-12]
+    """Feasible (priced within ``limit_ms``, or measured within by the gate: :func:`within`), non-dominated
+    trials, by latency; ties keep the first trial."""
+    ok = [t for t in trials if t.state.name == "COMPLETE" and within(t, limit_ms)]
     pts, seen = [], set()
     for t in sorted(ok, key=lambda t: t.number):
         if tuple(t.values) in seen:  # the same point again (a repeated policy): keep the first trial
@@ -208,7 +232,7 @@ def best_point(pts: list[Any], over: Any = (), trials: list[Any] | None = None, 
     over, met = set(over), set(met)
     if (over or met) and trials is not None and limit_ms is not None:
         ok = [t for t in trials if t.state.name == "COMPLETE" and t.values and t.number not in over
-              and (t.values[1] <= limit_ms + 1e-12 or t.number in met)]
+              and (within(t, limit_ms) or t.number in met)]
         if prefer is not None and any(t.number == prefer for t in ok):  # the finish's pick (near-ties re-scored)
             return next(t for t in ok if t.number == prefer)
         if ok:

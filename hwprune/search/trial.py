@@ -30,7 +30,7 @@ from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy
 from hwprune.search.context import SearchContext
 from hwprune.search.early_stop import spent
-from hwprune.search.rundir import front, results_lock, write_trials
+from hwprune.search.rundir import front, judged, limit_of, results_lock, within, write_trials
 from hwprune.search.spec import SearchSpec
 
 __all__ = ["OWNER", "FINISHED", "finished", "make_sampler", "params_of", "param_mode", "propose", "proxy_of", "reuse",
@@ -156,7 +156,8 @@ def _shadow(ctx: SearchContext, study: Any, salt: int) -> Any:
         curve = {int(k): float(v) for k, v in (t.user_attrs.get("curve") or {}).items()}
         if t.state == TrialState.COMPLETE and t.values:
             sh.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=t.values[0],
-                                                   constraints={"latency": t.values[1] - ctx.limit_ms}))
+                                                   constraints={"latency": t.values[1] - limit_of(t.user_attrs,
+                                                                                                  ctx.limit_ms)}))
         elif curve:  # stopped early: what it reached, as Optuna's pruned trials carry it
             sh.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, params=t.params,
                                                    distributions=t.distributions, intermediate_values=curve))
@@ -171,7 +172,7 @@ def _neighbours(ctx: SearchContext, study: Any, n: int, rng: Any) -> list[tuple[
     from hwprune.search.portfolio import level_ratios
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values and t.values[1] <= ctx.limit_ms + 1e-12 and t.user_attrs.get("policy")]
+            if within(t, ctx.limit_ms) and t.user_attrs.get("policy")]
     if not done or n <= 0:
         return []
     best = max(done, key=lambda t: (t.values[0], -t.number))
@@ -211,6 +212,13 @@ def _done_policies(study: Any) -> dict[str, Any]:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
 
+def unseen(cands: dict[str, Any], done: Any, raced: Any) -> dict[str, Any]:
+    """The candidates (by policy key) neither finished (``done``) nor stopped by racing (``raced``); when every
+    one was seen, those finished (reused: no fine-tune, no proxy), else all of them (one stopped runs again)."""
+    return ({k: c for k, c in cands.items() if k not in done and k not in raced}
+            or {k: c for k, c in cands.items() if k in done} or cands)
+
+
 def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], None],
                 done: dict[str, Any]) -> dict[str, Any]:
     """Sample ``screen`` candidates (at least one) and, with the ``metric`` objective, as many local moves around
@@ -219,7 +227,14 @@ def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], 
     parameters under ``params``)."""
     from hwprune.search.portfolio import project
 
+    from optuna.trial import TrialState
+
     n = max(1, ctx.spec.screen)
+    # policies racing stopped: proposing one again would fine-tune it again to the same stop (cnn1d at 30%: one
+    # policy was fine-tuned and stopped 11 times in a search of 17 trials)
+    raced = {json.dumps(t.user_attrs.get("policy"), sort_keys=True)
+             for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))}
+    seen = set(done) | raced
     cands: dict[str, dict[str, Any]] = {}
     for attempt in range(3):  # projection maps many samples onto a policy already trained: draw again
         sh = _shadow(ctx, study, len(study.trials) + 1000 * attempt)
@@ -233,15 +248,15 @@ def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], 
             for src, pol in _neighbours(ctx, study, n, rng):
                 samples.append((src, dict(pol.keep), dict(pol.formats)))
         for src, keep, formats in samples:
-            policy, repairs = project(ctx, ctx.policy(keep, formats))
+            policy, repairs = project(ctx, ctx.policy(keep, formats), ray=src == "sampler")
             k = _key(policy)
             if k in cands:
                 continue
             cands[k] = {"policy": policy, "repairs": repairs, "sampled": {"keep": keep, "formats": formats},
                         "from": src}
-        if any(k not in done for k in cands):
+        if any(k not in seen for k in cands):
             break
-    fresh = {k: c for k, c in cands.items() if k not in done} or cands  # all seen already: reused, no proxy needed
+    fresh = unseen(cands, done, raced)
     if ctx.screen is not None and len(fresh) > 1:
         for c in fresh.values():
             c["screen"] = proxy_of(ctx, c["policy"], log)
@@ -304,8 +319,10 @@ def propose(ctx: SearchContext, study: Any, log: Callable[[str], None] | None = 
         trial.set_user_attr("owner", OWNER)  # which process runs it: a resumed search fails only dead owners' trials
         trial.set_user_attr("heartbeat", time.time())  # its lease, renewed by Heartbeat while it runs
         keep, formats = _suggest(ctx, trial, mode)  # an enqueued trial: its fixed (repaired) parameters
-        policy, repairs = ctx.repair(ctx.policy(keep, formats))
-        policy, more = ctx.settle(policy, log)  # a proposal or seed was settled before it was enqueued: no-op
+        lim = limit_of(trial.user_attrs, ctx.limit_ms)  # a proposal the gate grew: the price it was grown to
+        grown = lim if lim > ctx.limit_ms else None
+        policy, repairs = ctx.repair(ctx.policy(keep, formats), limit=grown)
+        policy, more = ctx.settle(policy, log, limit=grown)  # settled before it was enqueued: a no-op
         attrs = trial.user_attrs
         if more:  # measuring moved it off its parameters (e.g. a policy another process sampled)
             trial.set_user_attr("params_are", f"{more} repair move(s) from the trained policy: entries measured "
@@ -320,7 +337,7 @@ def propose(ctx: SearchContext, study: Any, log: Callable[[str], None] | None = 
             trial.set_user_attr("repairs", repairs)
         pred = ctx.predictor.price(policy)
         trial.set_user_attr("objective", ctx.spec.objective)
-        trial.set_constraint("latency", pred.latency_ms - ctx.limit_ms)  # <= 0: within the priced limit
+        trial.set_constraint("latency", pred.latency_ms - lim)  # <= 0: within the priced (or gate-measured) limit
         trial.set_user_attr("policy", policy.to_dict())
         trial.set_user_attr("flops", pred.macs // ctx.predictor.table.batch_size)
         trial.set_user_attr("predicted_latency_ms", pred.latency_ms)
@@ -389,7 +406,7 @@ def rule_from(study: Any, spec: SearchSpec, task: Any, limit_ms: float = float("
             continue
         final = t.values[0] if t.state.name == "COMPLETE" else float("-inf")
         latency = t.values[1] if t.state.name == "COMPLETE" else t.user_attrs.get("predicted_latency_ms", float("inf"))
-        rule.add(t.number, latency, curve, final)
+        rule.add(t.number, judged(latency, t.user_attrs, limit_ms), curve, final)
     return rule
 
 
