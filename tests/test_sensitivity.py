@@ -426,3 +426,35 @@ def test_no_best_point_when_the_finish_passes_over_every_feasible_trial(tmp_path
     (tmp_path / "best_policy.json").write_text("{}")
     assert write_front(tmp_path, pts, 1.05, None, False) is None and not (tmp_path / "best_policy.json").exists()
     assert (tmp_path / "pareto.csv").exists()
+
+
+def test_the_finish_judges_timings_by_how_far_apart_timings_minutes_apart_are():
+    """The drift of one timing is 1.4826 x the median |log difference| / sqrt 2 of the search's pairs of timings
+    of one policy (None under 3 pairs). Three trials the gate timed at 0.40x that the finish times at 0.48, 0.45
+    and 0.44x (0.5% noise each) drift by 12%: each is under the 0.525x budget on its own noise, yet not by 2 x
+    12%, so none is called met; without the gate's timings (no pairs) the same timings meet it."""
+    import math
+
+    from hwprune.search.finish import drift, finish
+
+    assert drift([(1.0, math.exp(d)) for d in (0.04, -0.04, 0.04)]) == pytest.approx(1.4826 * 0.04 / math.sqrt(2))
+    assert drift([(1.0, 1.1), (1.0, 1.0)]) is None
+    for gated in (True, False):
+        ctx = _finish_ctx()
+        ctx.spec.grow = False
+        study = optuna.create_study(directions=["maximize", "minimize"])
+        for acc in (0.95, 0.94, 0.93):
+            attrs = {"policy": Policy({"g": 0.4}, {}).to_dict()}
+            if gated:
+                attrs["gate"] = {"final": "within", "final_ratio": 0.40}
+            study.add_trial(optuna.trial.create_trial(values=[acc, 0.9], user_attrs=attrs))
+        timings = iter([{0: (0.48, 0.005), 1: (0.45, 0.005), 2: (0.44, 0.005)}] + [
+            {0: (0.48, 0.005), 1: (0.45, 0.005), 2: (0.44, 0.005)}] * 3)
+        got = finish(ctx, study, lambda m: None, lambda c, cands: {n: v for n, v in next(timings).items()
+                                                                   if n in dict(cands)})
+        if gated:
+            assert got["drift"]["pairs"] == 3 and got["drift"]["noise"] == pytest.approx(
+                1.4826 * math.log(0.45 / 0.40) / math.sqrt(2), abs=1e-4)
+            assert got["met"] == [] and got.get("best") is None
+        else:
+            assert got["drift"]["pairs"] == 0 and got.get("best") == 0

@@ -162,9 +162,10 @@ def register(sub: Any) -> None:
                          "again and, within the budget, fine-tuned once more and added as trial 'finish-grown')")
     se.add_argument("--no-gate", dest="gate", action="store_false", default=None,
                     help="with the finish, do not time each proposal against the dense model before its fine-tune "
-                         "(by default one not clearly within the budget is shrunk by the ratio it measured and "
-                         "timed again: the best-scoring trials were often the ones the table under-priced, and the "
-                         "finish dropped them)")
+                         "(by default one not clearly within the budget is shrunk by the ratio it measured, one "
+                         "clearly within by more than 3%% is grown into that headroom, and either is timed again: "
+                         "the table's errors differ from policy to policy, and the finish dropped the trials it "
+                         "under-priced)")
     se.add_argument("--num-classes", type=positive, help="a built-in model's outputs when the data does not expose "
                                                           "its class count")
     se.add_argument("--importance", choices=IMPORTANCES, help="which units to keep (default l1)")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from hwprune.errors import one_line
 from hwprune.policy import Policy
 
-__all__ = ["finish", "confirm", "gate", "time_versus_dense", "undecided", "SURE", "MORE"]
+__all__ = ["finish", "confirm", "gate", "drift", "time_versus_dense", "undecided", "SURE", "MORE"]
 
 SURE = 2.0  # a timed trial meets the budget when its ratio is under it by this many standard errors,
 FLOOR = 0.01  # and by at least this share: measurements minutes apart differ by more than their rounds' errors
@@ -29,6 +29,7 @@ MORE = 2  # batches of further trials timed when none of the best clearly met th
 GATE_TRIES = 3  # timings of a proposal before its fine-tune (the first, and after each of at most two shrinks)
 GATE_ROUNDS = 30  # rounds of one such timing at most
 GROW_AT = 0.03  # the gate grows a proposal measured clearly within the budget by more than this share
+DRIFT_PAIRS = 3  # pairs of timings of one policy, minutes apart, from which a search estimates their drift
 
 Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
 Trainer = Callable[[Any, Policy, int], float]  # a policy's validation score after the search's fine-tune (seed +)
@@ -145,15 +146,17 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
     allowed = ctx.budget_ms / ctx.speed_factor
     info: dict[str, Any] | None = None
     measured_within: Policy | None = None  # the last policy timed clearly within
+    timed: dict[int, tuple[float, float]] = {}  # id(policy) -> its timing (ratio, noise)
     for attempt in range(GATE_TRIES):
         try:
             got = timer(ctx, [(0, policy)])
         except Exception as exc:  # noqa: BLE001 - a check before the fine-tune: said, the proposal trained as it is
             log(f"hwprune: could not time a proposal before its fine-tune: {one_line(exc)}")
-            return _gated(ctx, measured_within or policy, info, measured_within is not None)
+            return _gated(ctx, measured_within or policy, info, measured_within is not None, timed)
         if 0 not in got:  # not deployable: its fine-tune will say why
-            return _gated(ctx, measured_within or policy, info, measured_within is not None)
+            return _gated(ctx, measured_within or policy, info, measured_within is not None, timed)
         ratio, noise = _pair(got[0])
+        timed[id(policy)] = (ratio, noise)
         ms = ratio * ctx.dense_ms
         need = 1 + max(FLOOR, SURE * noise)  # the finish's rule: clearly within, by 2 standard errors and 1%
         ok = ms * need <= allowed
@@ -164,12 +167,12 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
             info["after"] = now
         if not ok and measured_within is not None:  # grown past what it measures: back to the one within
             info["grown_back"] = True
-            return _gated(ctx, measured_within, info, True)
+            return _gated(ctx, measured_within, info, True, timed)
         if ok:
             measured_within = policy
         last = attempt == GATE_TRIES - 1
         if last or (ok and ms * need > allowed * (1 - GROW_AT)):
-            return _gated(ctx, policy, info, ok)
+            return _gated(ctx, policy, info, ok, timed)
         limit = ctx.price_ms(policy) * allowed / (ms * need)
         if ok:  # headroom it measured: filled into it
             bigger, moves = fill(ctx, policy, limit=limit)
@@ -177,7 +180,7 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
                 bigger, more = ctx.settle(bigger, log, grow=False, limit=limit)  # entries the wider widths lack
                 moves += more
             if not moves or bigger == policy:
-                return _gated(ctx, policy, info, True)
+                return _gated(ctx, policy, info, True, timed)
             info.update(grown=info.get("grown", 0) + moves)
             log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, clearly within the budget "
                 f"({allowed / ctx.dense_ms:.3f}x): grown by {moves} move(s) to a price of "
@@ -187,22 +190,27 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
         try:
             smaller, moves = ctx.repair(policy, limit=limit)
         except HwpruneError:  # the smallest policy is priced over it: the finish decides
-            return _gated(ctx, policy, info, False)
+            return _gated(ctx, policy, info, False, timed)
         smaller, more = ctx.settle(smaller, log, grow=False)  # entries the smaller widths lack, measured
         info.update(shrunk=info["shrunk"] + moves + more, price_limit_ms=round(limit, 5))
         log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, not clearly within the budget "
             f"({allowed / ctx.dense_ms:.3f}x): shrunk by {moves + more} move(s) to a price of "
             f"{ctx.price_ms(smaller):.4f} ms before its fine-tune")
         policy = smaller
-    return _gated(ctx, policy, info, False)  # not reached: the last attempt returns
+    return _gated(ctx, policy, info, False, timed)  # not reached: the last attempt returns
 
 
-def _gated(ctx: Any, policy: Policy, info: dict[str, Any] | None, ok: bool) -> tuple[Policy, dict[str, Any] | None]:
-    """The gate's answer: ``policy`` and its record, with ``final`` (the verdict on ``policy``) and, for one
-    measured within at a price over the search's limit, that price as its own limit (``grown_limit_ms``)."""
+def _gated(ctx: Any, policy: Policy, info: dict[str, Any] | None, ok: bool, timed: dict[int, tuple[float, float]]
+           ) -> tuple[Policy, dict[str, Any] | None]:
+    """The gate's answer: ``policy`` and its record, with ``final`` (the verdict on ``policy``), its timing
+    (``final_ratio``, ``final_noise``: the finish pairs it with its own to learn how timings minutes apart differ)
+    and, for one measured within at a price over the search's limit, that price as its own limit
+    (``grown_limit_ms``)."""
     if info is None:
         return policy, None
     info["final"] = "within" if ok else "over"
+    if id(policy) in timed:
+        info["final_ratio"], info["final_noise"] = (round(v, 5) for v in timed[id(policy)])
     price = ctx.price_ms(policy)
     if ok and price > ctx.limit_ms:
         info["grown_limit_ms"] = price
@@ -261,9 +269,8 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
             break
         got.update(new)
         top += batch
-        for t in batch:
-            if t.number in new:
-                rows.append(_row(t, new[t.number], ctx.dense_ms, allowed))
+        noise = drift(_gate_pairs(top, got))  # the gate's timing and this one, minutes apart
+        rows = [_row(t, got[t.number], ctx.dense_ms, allowed, noise or 0.0) for t in top if t.number in got]
     over = [r["trial"] for r in rows if r["verdict"] != "met"]
     log(f"hwprune: measured finish: {len(rows)} best trial(s) timed against the dense model ("
         + ", ".join(f"trial {r['trial']} {r['ratio']:.3f}x = {r['measured_ms']:.4f} ms" for r in rows)
@@ -271,6 +278,8 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
                                            f"it, never the best point: {', '.join(map(str, over))}" if over else ""))
     result: dict[str, Any] = {"timed": rows, "dropped": over, "budget_ms_table_scale": round(allowed, 5),
                               "met": [r["trial"] for r in rows if r["verdict"] == "met"]}
+    pairs = _gate_pairs(top, got)
+    result["drift"] = {"pairs": len(pairs), "noise": None if drift(pairs) is None else round(drift(pairs), 4)}
     met = [t for t in top if t.number in result["met"]]
     result["after_trials"] = done
     if shared:
@@ -281,13 +290,14 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
     else:
         best, score = rescore_ties(ctx, met, result, log, trainer)
     if spec.grow and ctx.fills and best is not None and not shared:  # dense within the limit: the front, no growing
-        result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer)
+        result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer,
+                               result["drift"]["noise"] or 0.0)
         g = result["grown"] or {}
         if g.get("trial") is not None:
             result["met"].append(g["trial"])
             if g["score"] >= score:  # the grown trial scored at least as well: it is the best point
                 best = next(t for t in study.get_trials(deepcopy=False) if t.number == g["trial"])
-    best = confirm(ctx, study, best, result, allowed, log, timer)
+    best = confirm(ctx, study, best, result, allowed, log, timer, pairs)
     if best is not None:
         result["best"] = best.number
     study.set_user_attr("finish", result)  # finished trials cannot take attributes: the study keeps it
@@ -295,13 +305,14 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
 
 
 def confirm(ctx: Any, study: Any, best: Any, result: dict[str, Any], allowed: float, log: Callable[[str], None],
-            timer: Timer) -> Any:
+            timer: Timer, pairs: list[tuple[float, float]] | None = None) -> Any:
     """Time every trial that met the budget once more, after the re-scoring and growing (minutes later, in fresh
     rounds with a freshly deployed dense model): this VM's ratios drift between measurements by more than one
     run's standard errors (a GRU int8 policy timed 0.461x by the finish measured 0.525x in the benchmark minutes
     later). A trial keeps 'met' only when each of its two measurements clears the same margin on its own noise; one
     that does not is dropped, and the best point is the best-scoring of those left (a re-scored trial by its
-    mean). Returns that trial (None when none is left)."""
+    mean). Each verdict's noise is at least the drift (:func:`drift`) of the search's pairs of timings of one
+    policy (``pairs``, the gate's and the finish's, and these). Returns that trial (None when none is left)."""
     met = list(dict.fromkeys(result["met"]))
     if not met:
         return best
@@ -318,12 +329,17 @@ def confirm(ctx: Any, study: Any, best: Any, result: dict[str, Any], allowed: fl
     if grown.get("trial") is not None:
         first[grown["trial"]] = (grown["ratio"], grown.get("noise", 0.01))
     kept, lost = [], []
+    pairs = list(pairs or []) + [(first[n][0], again[n][0]) for n in met if n in again and n in first]
+    spread = drift(pairs)
+    result["drift"] = {"pairs": len(pairs), "noise": None if spread is None else round(spread, 4)}
     for n in met:
         if n not in again or n not in first:
             continue
-        # each measurement clears the margin on its own noise (the worse ratio is the one that decides)
-        verdicts = [_row(by_number[n], m, ctx.dense_ms, allowed)["verdict"] for m in (first[n], again[n])]
-        row = _row(by_number[n], max(first[n], again[n]), ctx.dense_ms, allowed)
+        # each measurement clears the margin on its own noise, at least the drift between timings (the worse
+        # ratio is the one that decides)
+        verdicts = [_row(by_number[n], m, ctx.dense_ms, allowed, spread or 0.0)["verdict"]
+                    for m in (first[n], again[n])]
+        row = _row(by_number[n], max(first[n], again[n]), ctx.dense_ms, allowed, spread or 0.0)
         row["verdict"] = next((v for v in ("over", "marginal") if v in verdicts), "met")
         row["ratio_again"] = round(again[n][0], 4)
         (kept if row["verdict"] == "met" else lost).append(n)
@@ -351,15 +367,41 @@ def confirm(ctx: Any, study: Any, best: Any, result: dict[str, Any], allowed: fl
     return pick
 
 
-def _row(t: Any, timed: tuple[float, float], dense_ms: float, allowed: float) -> dict[str, Any]:
+def _row(t: Any, timed: tuple[float, float], dense_ms: float, allowed: float, spread: float = 0.0
+         ) -> dict[str, Any]:
     """A timed trial: its ratio, measured ms (table scale) and verdict: ``over`` the budget, ``marginal`` (under
-    it by less than :data:`SURE` standard errors of its own ratio or :data:`FLOOR`: a later measurement may well
-    miss) or ``met``."""
+    it by less than :data:`SURE` standard errors of its own ratio, or of ``spread`` (the drift between timings,
+    :func:`drift`) where that is larger, or :data:`FLOOR`: a later measurement may well miss) or ``met``."""
     ratio, noise = timed
     ms = ratio * dense_ms
+    noise = max(noise, spread)
     verdict = "over" if ms > allowed else "marginal" if ms * (1 + max(FLOOR, SURE * noise)) > allowed else "met"
     return {"trial": t.number, "ratio": round(ratio, 4), "measured_ms": round(ms, 4), "noise": round(noise, 4),
             "predicted_ms": round(t.values[1], 4), "verdict": verdict}
+
+
+def drift(pairs: list[tuple[float, float]]) -> float | None:
+    """How far apart two timings of one policy minutes apart are, as the relative standard deviation of one timing:
+    1.4826 x the median absolute difference of their logs / sqrt 2 (robust to one timing a burst hit), from the
+    search's pairs (ratio then, ratio now); None under :data:`DRIFT_PAIRS` pairs. One timing's own standard error
+    does not see it: on a 2-core VM a cnn1d policy timed 0.291x and 0.288x (1% noise each) by the finish measured
+    0.303x in the benchmark minutes later."""
+    import math
+
+    diffs = [abs(math.log(a / b)) for a, b in pairs if a > 0 and b > 0]
+    if len(diffs) < DRIFT_PAIRS:
+        return None
+    return 1.4826 * statistics.median(diffs) / math.sqrt(2)
+
+
+def _gate_pairs(trials: list[Any], got: dict[int, Any]) -> list[tuple[float, float]]:
+    """(the gate's timing, the finish's) of each trial both timed: the policy the gate timed is the one trained."""
+    out = []
+    for t in trials:
+        g = t.user_attrs.get("gate")
+        if isinstance(g, dict) and isinstance(g.get("final_ratio"), (int, float)) and t.number in got:
+            out.append((float(g["final_ratio"]), _pair(got[t.number])[0]))
+    return out
 
 
 def _pair(v: Any) -> tuple[float, float]:
@@ -412,9 +454,10 @@ def rescore_ties(ctx: Any, met: list[Any], result: dict[str, Any], log: Callable
 
 
 def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: float, log: Callable[[str], None],
-         timer: Timer, trainer: Trainer | None = None) -> dict[str, Any] | None:
+         timer: Timer, trainer: Trainer | None = None, spread: float = 0.0) -> dict[str, Any] | None:
     """Grow the best trial into the headroom its measurement shows: fill it (:func:`~hwprune.search.portfolio.fill`)
-    up to the price that maps to the budget less a safety (3 standard errors of the measured ratio, at least 2%),
+    up to the price that maps to the budget less a safety (3 standard errors of the measured ratio, or of the
+    drift between timings ``spread`` where larger, at least 2%),
     time the grown policy against the dense model, and only where it measures within the budget less the same
     safety on its own noise, fine-tune it (the search's fine-tune) and add it to the study as trial
     ``finish-grown``: one more fine-tune, said. Returns what happened (None: no headroom worth growing into)."""
@@ -425,7 +468,7 @@ def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: f
     from hwprune.search.trial import param_mode, params_of
 
     ratio, noise = timed
-    safety = max(0.02, 3 * noise)
+    safety = max(0.02, 3 * max(noise, spread))
     target = allowed * (1 - safety)
     measured = ratio * ctx.dense_ms
     if measured >= target * 0.99 or param_mode(study) != "u":
@@ -440,7 +483,7 @@ def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: f
     out: dict[str, Any] = {"from_trial": best.number, "policy": grown.to_dict(), "price_limit_ms": round(limit, 5),
                            "ratio": round(g_ratio, 4), "noise": round(g_noise, 4), "measured_ms": round(g_ms, 4),
                            "trial": None}
-    if g_ms > allowed * (1 - max(0.02, 3 * g_noise)):  # the same safety as the target, on its own noise
+    if g_ms > allowed * (1 - max(0.02, 3 * max(g_noise, spread))):  # the same safety, on its own noise
         log(f"hwprune: growing trial {best.number} into the measured headroom ({measured:.4f} of {allowed:.4f} ms): "
             f"the grown policy measured {g_ms:.4f} ms, too close to the budget; kept as it was")
         return out
