@@ -96,7 +96,7 @@ def _repair_ctx(int8_loss: float):
                               + (2.0 if p.formats.get("L") == "int8" else 5.0))
     keep_loss = {"a": {r: 1.0 * (4 - 4 * r) for r in grid}, "b": {r: 4.0 * (4 - 4 * r) for r in grid}}
     ctx.costs = lambda: (keep_loss, {"L": {"fp32": 0.0, "int8": int8_loss}})
-    ctx.repair = lambda policy: SearchContext.repair(ctx, policy)
+    ctx.repair = lambda policy, limit=None: SearchContext.repair(ctx, policy, limit)
     return ctx, ctx.repair
 
 
@@ -223,6 +223,7 @@ def _gate_ctx():
     ctx.spec = SimpleNamespace(channel_multiple=1, gate=True, finish=3, backend="local")
     ctx.limit_ms, ctx.budget_ms, ctx.speed_factor, ctx.dense_ms = 12.0, 13.0, 1.0, 25.0
     ctx.settle = lambda p, log, grow=True, limit=None: (p, 0)
+    ctx.timings = {"quiet": [1.0] * 10}  # the search's drift: 0 (each timing's own noise decides)
     return ctx
 
 
@@ -300,3 +301,37 @@ def test_a_policy_racing_stopped_is_not_proposed_again_while_another_is_new():
     assert unseen(cands, done={"a"}, raced={"b"}) == {"c": 3}
     assert unseen({"a": 1, "b": 2}, done={"a"}, raced={"b"}) == {"a": 1}
     assert unseen({"b": 2}, done={"a"}, raced={"b"}) == {"b": 2}
+
+
+def test_the_first_gate_of_a_search_learns_how_far_apart_timings_of_one_policy_are():
+    """With nothing timed yet, the proposal and the seeds are timed 3 times each: the proposal's median timing
+    is its first, and the pairs give the search's drift (here 7%: |log| differences 0, 0, 0, 0.13, 0.14, 0.43),
+    which then counts wherever a timing's noise does (:func:`noise_of`)."""
+    import math
+    import statistics
+
+    import pytest
+
+    from hwprune.policy import Policy
+    from hwprune.search.finish import drift, gate, noise_of
+
+    ctx = _gate_ctx()
+    ctx.timings = {}
+    ctx.repair = lambda policy, limit=None: (Policy({"a": 0.25, "b": 0.25}, {}), 1)
+    seed = Policy({"a": 0.25, "b": 0.5}, {})
+    mine = iter([0.30, 0.40, 0.46])
+    calls = []
+
+    def timer(c, cands):
+        calls.append([n for n, _ in cands])
+        return {n: ((next(mine), 0.01) if n == 0 and len(calls) <= 3 else (0.2, 0.01) if n == 1 else (0.3, 0.01))
+                for n, _ in cands}
+
+    pol, info = gate(ctx, Policy({"a": 0.5, "b": 0.5}, {}), lambda m: None, timer, others=[seed])
+    assert calls[:3] == [[0, 1]] * 3 and info["ratio"] == 0.40  # the median of 0.30, 0.40, 0.46
+    spread = 1.4826 * statistics.median([0, 0, 0, math.log(0.4 / 0.3), math.log(0.46 / 0.4),
+                                         math.log(0.46 / 0.3)]) / math.sqrt(2)
+    assert drift(ctx.timings) == pytest.approx(spread) and noise_of(ctx, 0.01) == pytest.approx(spread)
+    # 0.40 x 25 = 10 ms x (1 + 2 x 7%) = 11.4 ms: within 13 ms; filled toward 15 x 13 / 11.4 = 17.1 ms, no
+    # notch fits (17.5 ms): trained as it is
+    assert info["verdict"] == info["final"] == "within" and "grown" not in info and len(calls) == 3

@@ -29,7 +29,8 @@ MORE = 2  # batches of further trials timed when none of the best clearly met th
 GATE_TRIES = 3  # timings of a proposal before its fine-tune (the first, and after each of at most two shrinks)
 GATE_ROUNDS = 30  # rounds of one such timing at most
 GROW_AT = 0.03  # the gate grows a proposal measured clearly within the budget by more than this share
-DRIFT_PAIRS = 3  # pairs of timings of one policy, minutes apart, from which a search estimates their drift
+DRIFT_PAIRS = 3  # pairs of timings of one policy from which a search estimates how far apart timings are
+SPREAD_TIMINGS = 3  # the gate's first call: separate timings of the proposal and the seeds, for that estimate
 
 Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
 Trainer = Callable[[Any, Policy, int], float]  # a policy's validation score after the search's fine-tune (seed +)
@@ -110,8 +111,8 @@ def _median_and_error(ratios: list[float]) -> tuple[float, float]:
     return med, 1.25 * (q[2] - q[0]) / 1.35 / len(ratios) ** 0.5 / med
 
 
-def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | None = None
-         ) -> tuple[Policy, dict[str, Any] | None]:
+def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | None = None,
+         others: list[Policy] | tuple[Policy, ...] = ()) -> tuple[Policy, dict[str, Any] | None]:
     """Time a proposal against the dense model before its fine-tune (``spec.gate``, with the finish, where this
     machine is the target and trials run one at a time), and move it to the budget *as measured*:
 
@@ -126,6 +127,9 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
       measured 0.18-0.22x of a 0.30x budget). The trial's price limit becomes the grown price
       (``gate.grown_limit_ms``, :func:`hwprune.search.rundir.limit_of`).
 
+    "Clearly" counts the search's :func:`drift` (how far apart timings of one policy are) where it exceeds a
+    timing's own noise: the first time the gate runs in a search, the proposal and ``others`` (the seeds) are
+    timed :data:`SPREAD_TIMINGS` times each to learn it, and the proposal's median timing is its first.
     :data:`GATE_TRIES` timings at most. The finish stays the arbiter. Returns the policy to fine-tune and what
     was measured (None: not gated; ``final``: the verdict on the returned policy)."""
     from hwprune.errors import HwpruneError
@@ -146,19 +150,20 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
     allowed = ctx.budget_ms / ctx.speed_factor
     info: dict[str, Any] | None = None
     measured_within: Policy | None = None  # the last policy timed clearly within
-    timed: dict[int, tuple[float, float]] = {}  # id(policy) -> its timing (ratio, noise)
+    times: dict[int, tuple[float, float]] = {}  # id(policy) -> its timing (ratio, noise)
     for attempt in range(GATE_TRIES):
         try:
-            got = timer(ctx, [(0, policy)])
+            got = _first_timing(ctx, timer, policy, others) if attempt == 0 else timed(ctx, timer, [(0, policy)])
         except Exception as exc:  # noqa: BLE001 - a check before the fine-tune: said, the proposal trained as it is
             log(f"hwprune: could not time a proposal before its fine-tune: {one_line(exc)}")
-            return _gated(ctx, measured_within or policy, info, measured_within is not None, timed)
+            return _gated(ctx, measured_within or policy, info, measured_within is not None, times)
         if 0 not in got:  # not deployable: its fine-tune will say why
-            return _gated(ctx, measured_within or policy, info, measured_within is not None, timed)
-        ratio, noise = _pair(got[0])
-        timed[id(policy)] = (ratio, noise)
+            return _gated(ctx, measured_within or policy, info, measured_within is not None, times)
+        ratio, noise = got[0]
+        times[id(policy)] = (ratio, noise)
         ms = ratio * ctx.dense_ms
-        need = 1 + max(FLOOR, SURE * noise)  # the finish's rule: clearly within, by 2 standard errors and 1%
+        # the finish's rule: clearly within, by 2 standard errors (or the search's drift, where larger) and 1%
+        need = 1 + max(FLOOR, SURE * noise_of(ctx, noise))
         ok = ms * need <= allowed
         now = {"ratio": round(ratio, 4), "noise": round(noise, 4), "measured_ms": round(ms, 4)}
         if info is None:
@@ -167,12 +172,12 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
             info["after"] = now
         if not ok and measured_within is not None:  # grown past what it measures: back to the one within
             info["grown_back"] = True
-            return _gated(ctx, measured_within, info, True, timed)
+            return _gated(ctx, measured_within, info, True, times)
         if ok:
             measured_within = policy
         last = attempt == GATE_TRIES - 1
         if last or (ok and ms * need > allowed * (1 - GROW_AT)):
-            return _gated(ctx, policy, info, ok, timed)
+            return _gated(ctx, policy, info, ok, times)
         limit = ctx.price_ms(policy) * allowed / (ms * need)
         if ok:  # headroom it measured: filled into it
             bigger, moves = fill(ctx, policy, limit=limit)
@@ -180,7 +185,7 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
                 bigger, more = ctx.settle(bigger, log, grow=False, limit=limit)  # entries the wider widths lack
                 moves += more
             if not moves or bigger == policy:
-                return _gated(ctx, policy, info, True, timed)
+                return _gated(ctx, policy, info, True, times)
             info.update(grown=info.get("grown", 0) + moves)
             log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, clearly within the budget "
                 f"({allowed / ctx.dense_ms:.3f}x): grown by {moves} move(s) to a price of "
@@ -190,17 +195,28 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
         try:
             smaller, moves = ctx.repair(policy, limit=limit)
         except HwpruneError:  # the smallest policy is priced over it: the finish decides
-            return _gated(ctx, policy, info, False, timed)
+            return _gated(ctx, policy, info, False, times)
         smaller, more = ctx.settle(smaller, log, grow=False)  # entries the smaller widths lack, measured
         info.update(shrunk=info["shrunk"] + moves + more, price_limit_ms=round(limit, 5))
         log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, not clearly within the budget "
             f"({allowed / ctx.dense_ms:.3f}x): shrunk by {moves + more} move(s) to a price of "
             f"{ctx.price_ms(smaller):.4f} ms before its fine-tune")
         policy = smaller
-    return _gated(ctx, policy, info, False, timed)  # not reached: the last attempt returns
+    return _gated(ctx, policy, info, False, times)  # not reached: the last attempt returns
 
 
-def _gated(ctx: Any, policy: Policy, info: dict[str, Any] | None, ok: bool, timed: dict[int, tuple[float, float]]
+def _first_timing(ctx: Any, timer: Timer, policy: Policy, others: Any) -> dict[int, tuple[float, float]]:
+    """The gate's first timing of ``policy``; in a search whose :func:`drift` is not known yet, ``policy`` and
+    ``others`` timed :data:`SPREAD_TIMINGS` times each (their median is the answer for ``policy``)."""
+    if drift(_record(ctx)) is not None:
+        return timed(ctx, timer, [(0, policy)])
+    cands = list(enumerate([policy, *[p for p in others if p != policy]]))
+    runs = [timed(ctx, timer, cands) for _ in range(SPREAD_TIMINGS)]
+    mine = sorted((r[0] for r in runs if 0 in r), key=lambda v: v[0])
+    return {0: mine[len(mine) // 2]} if mine else {}
+
+
+def _gated(ctx: Any, policy: Policy, info: dict[str, Any] | None, ok: bool, times: dict[int, tuple[float, float]]
            ) -> tuple[Policy, dict[str, Any] | None]:
     """The gate's answer: ``policy`` and its record, with ``final`` (the verdict on ``policy``), its timing
     (``final_ratio``, ``final_noise``: the finish pairs it with its own to learn how timings minutes apart differ)
@@ -209,8 +225,8 @@ def _gated(ctx: Any, policy: Policy, info: dict[str, Any] | None, ok: bool, time
     if info is None:
         return policy, None
     info["final"] = "within" if ok else "over"
-    if id(policy) in timed:
-        info["final_ratio"], info["final_noise"] = (round(v, 5) for v in timed[id(policy)])
+    if id(policy) in times:
+        info["final_ratio"], info["final_noise"] = (round(v, 5) for v in times[id(policy)])
     price = ctx.price_ms(policy)
     if ok and price > ctx.limit_ms:
         info["grown_limit_ms"] = price
@@ -261,7 +277,7 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
             break
         cands = [(t.number, Policy.from_dict(t.user_attrs["policy"])) for t in batch]
         try:
-            new = {n: _pair(v) for n, v in timer(ctx, cands).items()}
+            new = timed(ctx, timer, cands)
         except Exception as exc:  # noqa: BLE001 - timing is a check on top of a finished search: said, not fatal
             log(f"hwprune: the measured finish could not time the candidates: {one_line(exc)}")
             if not rows:
@@ -269,8 +285,8 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
             break
         got.update(new)
         top += batch
-        noise = drift(_gate_pairs(top, got))  # the gate's timing and this one, minutes apart
-        rows = [_row(t, got[t.number], ctx.dense_ms, allowed, noise or 0.0) for t in top if t.number in got]
+        spread = drift(_record(ctx))  # with the gate's timings of the same policies, minutes earlier
+        rows = [_row(t, got[t.number], ctx.dense_ms, allowed, spread or 0.0) for t in top if t.number in got]
     over = [r["trial"] for r in rows if r["verdict"] != "met"]
     log(f"hwprune: measured finish: {len(rows)} best trial(s) timed against the dense model ("
         + ", ".join(f"trial {r['trial']} {r['ratio']:.3f}x = {r['measured_ms']:.4f} ms" for r in rows)
@@ -278,8 +294,7 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
                                            f"it, never the best point: {', '.join(map(str, over))}" if over else ""))
     result: dict[str, Any] = {"timed": rows, "dropped": over, "budget_ms_table_scale": round(allowed, 5),
                               "met": [r["trial"] for r in rows if r["verdict"] == "met"]}
-    pairs = _gate_pairs(top, got)
-    result["drift"] = {"pairs": len(pairs), "noise": None if drift(pairs) is None else round(drift(pairs), 4)}
+    _said_drift(ctx, result)
     met = [t for t in top if t.number in result["met"]]
     result["after_trials"] = done
     if shared:
@@ -290,14 +305,20 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
     else:
         best, score = rescore_ties(ctx, met, result, log, trainer)
     if spec.grow and ctx.fills and best is not None and not shared:  # dense within the limit: the front, no growing
-        result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer,
-                               result["drift"]["noise"] or 0.0)
+        result["grown"] = grow(ctx, study, best, got[best.number], allowed, log, timer, trainer)
         g = result["grown"] or {}
         if g.get("trial") is not None:
             result["met"].append(g["trial"])
             if g["score"] >= score:  # the grown trial scored at least as well: it is the best point
                 best = next(t for t in study.get_trials(deepcopy=False) if t.number == g["trial"])
-    best = confirm(ctx, study, best, result, allowed, log, timer, pairs)
+    elif spec.grow and not met and ctx.fills and not shared and rows:  # none clearly within: the best shrunk
+        first = next(t for t in top if t.number in got)
+        result["grown"] = grow(ctx, study, first, got[first.number], allowed, log, timer, trainer, shrink=True)
+        g = result["grown"] or {}
+        if g.get("trial") is not None:
+            result["met"].append(g["trial"])
+            best = next(t for t in study.get_trials(deepcopy=False) if t.number == g["trial"])
+    best = confirm(ctx, study, best, result, allowed, log, timer)
     if best is not None:
         result["best"] = best.number
     study.set_user_attr("finish", result)  # finished trials cannot take attributes: the study keeps it
@@ -305,21 +326,21 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
 
 
 def confirm(ctx: Any, study: Any, best: Any, result: dict[str, Any], allowed: float, log: Callable[[str], None],
-            timer: Timer, pairs: list[tuple[float, float]] | None = None) -> Any:
+            timer: Timer) -> Any:
     """Time every trial that met the budget once more, after the re-scoring and growing (minutes later, in fresh
     rounds with a freshly deployed dense model): this VM's ratios drift between measurements by more than one
     run's standard errors (a GRU int8 policy timed 0.461x by the finish measured 0.525x in the benchmark minutes
     later). A trial keeps 'met' only when each of its two measurements clears the same margin on its own noise; one
     that does not is dropped, and the best point is the best-scoring of those left (a re-scored trial by its
-    mean). Each verdict's noise is at least the drift (:func:`drift`) of the search's pairs of timings of one
-    policy (``pairs``, the gate's and the finish's, and these). Returns that trial (None when none is left)."""
+    mean). Each verdict's noise is at least the search's :func:`drift` (these timings included). Returns that
+    trial (None when none is left)."""
     met = list(dict.fromkeys(result["met"]))
     if not met:
         return best
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     cands = [(n, Policy.from_dict(by_number[n].user_attrs["policy"])) for n in met if n in by_number]
     try:
-        again = {n: _pair(v) for n, v in timer(ctx, cands).items()}
+        again = timed(ctx, timer, cands)
     except Exception as exc:  # noqa: BLE001 - a check on top of a finished search: said, not fatal
         log(f"hwprune: the measured finish could not time the candidates a second time: {one_line(exc)}")
         return best
@@ -329,9 +350,7 @@ def confirm(ctx: Any, study: Any, best: Any, result: dict[str, Any], allowed: fl
     if grown.get("trial") is not None:
         first[grown["trial"]] = (grown["ratio"], grown.get("noise", 0.01))
     kept, lost = [], []
-    pairs = list(pairs or []) + [(first[n][0], again[n][0]) for n in met if n in again and n in first]
-    spread = drift(pairs)
-    result["drift"] = {"pairs": len(pairs), "noise": None if spread is None else round(spread, 4)}
+    spread = _said_drift(ctx, result)
     for n in met:
         if n not in again or n not in first:
             continue
@@ -380,28 +399,52 @@ def _row(t: Any, timed: tuple[float, float], dense_ms: float, allowed: float, sp
             "predicted_ms": round(t.values[1], 4), "verdict": verdict}
 
 
-def drift(pairs: list[tuple[float, float]]) -> float | None:
-    """How far apart two timings of one policy minutes apart are, as the relative standard deviation of one timing:
-    1.4826 x the median absolute difference of their logs / sqrt 2 (robust to one timing a burst hit), from the
-    search's pairs (ratio then, ratio now); None under :data:`DRIFT_PAIRS` pairs. One timing's own standard error
-    does not see it: on a 2-core VM a cnn1d policy timed 0.291x and 0.288x (1% noise each) by the finish measured
-    0.303x in the benchmark minutes later."""
+def drift(timings: dict[str, list[float]]) -> float | None:
+    """How far apart two timings of one policy are, as the relative standard deviation of one timing: 1.4826 x
+    the median absolute difference of their logs / sqrt 2 over every pair of timings of one policy (robust to a
+    timing a burst hit), from the search's timings by policy (:func:`timed`); None under :data:`DRIFT_PAIRS`
+    pairs. One timing's own standard error does not see it: on a 2-core VM a cnn1d policy timed 0.291x and
+    0.288x (1% noise each) by the finish measured 0.303x in the benchmark minutes later, and twelve timings of
+    another, seconds to minutes apart, ran from 0.256x to 0.285x (3.5%)."""
+    import itertools
     import math
 
-    diffs = [abs(math.log(a / b)) for a, b in pairs if a > 0 and b > 0]
+    diffs = [abs(math.log(a / b)) for v in timings.values() for a, b in itertools.combinations(v, 2)
+             if a > 0 and b > 0]
     if len(diffs) < DRIFT_PAIRS:
         return None
     return 1.4826 * statistics.median(diffs) / math.sqrt(2)
 
 
-def _gate_pairs(trials: list[Any], got: dict[int, Any]) -> list[tuple[float, float]]:
-    """(the gate's timing, the finish's) of each trial both timed: the policy the gate timed is the one trained."""
-    out = []
-    for t in trials:
-        g = t.user_attrs.get("gate")
-        if isinstance(g, dict) and isinstance(g.get("final_ratio"), (int, float)) and t.number in got:
-            out.append((float(g["final_ratio"]), _pair(got[t.number])[0]))
-    return out
+def timed(ctx: Any, timer: Timer, cands: list[tuple[int, Policy]]) -> dict[int, tuple[float, float]]:
+    """``timer``'s answer for ``cands`` as (ratio, noise), each timing also kept by policy in the search's record
+    (``ctx.timings``), from which :func:`drift` learns how far apart timings of one policy are."""
+    got = {n: _pair(v) for n, v in timer(ctx, cands).items()}
+    record = _record(ctx)
+    pols = dict(cands)
+    for n, (ratio, _) in got.items():
+        if n in pols:
+            record.setdefault(_key(pols[n]), []).append(ratio)
+    return got
+
+
+def _record(ctx: Any) -> dict[str, list[float]]:
+    record = getattr(ctx, "timings", None)
+    if record is None:
+        record = {}
+        ctx.timings = record
+    return record
+
+
+def _key(policy: Policy) -> str:
+    import json
+
+    return json.dumps(policy.to_dict(), sort_keys=True)
+
+
+def noise_of(ctx: Any, own: float) -> float:
+    """A timing's noise for a verdict: its own standard error, or the search's :func:`drift` where larger."""
+    return max(own, drift(_record(ctx)) or 0.0)
 
 
 def _pair(v: Any) -> tuple[float, float]:
@@ -453,53 +496,74 @@ def rescore_ties(ctx: Any, met: list[Any], result: dict[str, Any], log: Callable
     return chosen, best["mean"]
 
 
-def grow(ctx: Any, study: Any, best: Any, timed: tuple[float, float], allowed: float, log: Callable[[str], None],
-         timer: Timer, trainer: Trainer | None = None, spread: float = 0.0) -> dict[str, Any] | None:
-    """Grow the best trial into the headroom its measurement shows: fill it (:func:`~hwprune.search.portfolio.fill`)
-    up to the price that maps to the budget less a safety (3 standard errors of the measured ratio, or of the
-    drift between timings ``spread`` where larger, at least 2%),
-    time the grown policy against the dense model, and only where it measures within the budget less the same
-    safety on its own noise, fine-tune it (the search's fine-tune) and add it to the study as trial
-    ``finish-grown``: one more fine-tune, said. Returns what happened (None: no headroom worth growing into)."""
+def grow(ctx: Any, study: Any, best: Any, measured_as: tuple[float, float], allowed: float,
+         log: Callable[[str], None], timer: Timer, trainer: Trainer | None = None, shrink: bool = False
+         ) -> dict[str, Any] | None:
+    """Move the best trial to the budget as measured: the price that maps onto the budget less a safety (3 x its
+    timing's noise, :func:`noise_of`, at least 2%) as this trial measured, filled up to it
+    (:func:`~hwprune.search.portfolio.fill`: headroom) or, with ``shrink`` (no timed trial clearly met the
+    budget), repaired down to it; then timed against the dense model, and only where it measures within the
+    budget less the same safety on its own noise, fine-tuned (the search's fine-tune) and added to the study as
+    trial ``finish-grown`` or ``finish-shrunk``: one more fine-tune, said. Returns what happened (None: nothing
+    worth moving)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
+    from hwprune.errors import HwpruneError
     from hwprune.search.portfolio import fill, level_ratios
     from hwprune.search.trial import param_mode, params_of
 
-    ratio, noise = timed
-    safety = max(0.02, 3 * max(noise, spread))
+    ratio, noise = measured_as
+    safety = max(0.02, 3 * noise_of(ctx, noise))
     target = allowed * (1 - safety)
     measured = ratio * ctx.dense_ms
-    if measured >= target * 0.99 or param_mode(study) != "u":
+    if (measured <= target if shrink else measured >= target * 0.99) or param_mode(study) != "u":
         return None
     pol = Policy.from_dict(best.user_attrs["policy"])
     limit = ctx.price_ms(pol) * target / measured  # the price that maps onto the target as this trial measured
-    grown, moves = fill(ctx, pol, limit=limit)
+    if shrink:
+        try:
+            moved, moves = ctx.repair(pol, limit=limit)
+        except HwpruneError:  # not even the smallest policy is priced that low
+            return None
+    else:
+        moved, moves = fill(ctx, pol, limit=limit)
     if not moves:
         return None
-    g_ratio, g_noise = _pair(timer(ctx, [(-1, grown)])[-1])
+    g_ratio, g_noise = timed(ctx, timer, [(-1, moved)])[-1]
     g_ms = g_ratio * ctx.dense_ms
-    out: dict[str, Any] = {"from_trial": best.number, "policy": grown.to_dict(), "price_limit_ms": round(limit, 5),
+    word = "shrunk" if shrink else "grown"
+    out: dict[str, Any] = {"from_trial": best.number, "policy": moved.to_dict(), "price_limit_ms": round(limit, 5),
                            "ratio": round(g_ratio, 4), "noise": round(g_noise, 4), "measured_ms": round(g_ms, 4),
-                           "trial": None}
-    if g_ms > allowed * (1 - max(0.02, 3 * max(g_noise, spread))):  # the same safety, on its own noise
-        log(f"hwprune: growing trial {best.number} into the measured headroom ({measured:.4f} of {allowed:.4f} ms): "
-            f"the grown policy measured {g_ms:.4f} ms, too close to the budget; kept as it was")
+                           "trial": None, "move": word}
+    if g_ms > allowed * (1 - max(0.02, 3 * noise_of(ctx, g_noise))):  # the same safety, on its own noise
+        log(f"hwprune: moving trial {best.number} to the measured budget ({measured:.4f} of {allowed:.4f} ms): "
+            f"the {word} policy measured {g_ms:.4f} ms, too close to the budget; kept as it was")
         return out
-    score = (trainer or _train)(ctx, grown, 0)
-    params = params_of(ctx, ctx.keep_of(grown), grown.formats)
+    score = (trainer or _train)(ctx, moved, 0)
+    params = params_of(ctx, ctx.keep_of(moved), moved.formats)
     dists = {k: (IntDistribution(0, len(level_ratios(ctx, k[2:])) - 1) if k.startswith("u:")
                  else CategoricalDistribution(ctx.menus[k[4:]])) for k in params}
-    price = ctx.predictor.price(grown)
+    price = ctx.predictor.price(moved)
     study.add_trial(optuna.trial.create_trial(
         params=params, distributions=dists, values=[score, price.latency_ms],
-        user_attrs={"policy": grown.to_dict(), "seed": "finish-grown", "grown_from": best.number,
+        user_attrs={"policy": moved.to_dict(), "seed": f"finish-{word}", "grown_from": best.number,
                     "measured_ratio": round(g_ratio, 5), "predicted_latency_ms": price.latency_ms,
                     "flops": price.macs // ctx.predictor.table.batch_size}))
     out["trial"] = study.get_trials(deepcopy=False)[-1].number
     out["score"] = score
-    log(f"hwprune: grew trial {best.number} ({measured:.4f} ms measured) into the headroom: trial {out['trial']} "
-        f"measures {g_ms:.4f} ms of the {allowed:.4f} ms budget (priced {price.latency_ms:.4f} ms, over the priced "
-        f"limit: chosen by measurement), val {ctx.task.metric} {ctx.task.show(score):.4f} after one more fine-tune")
+    log(f"hwprune: {word} trial {best.number} ({measured:.4f} ms measured) to the budget: trial {out['trial']} "
+        f"measures {g_ms:.4f} ms of the {allowed:.4f} ms budget (priced {price.latency_ms:.4f} ms: chosen by "
+        f"measurement), val {ctx.task.metric} {ctx.task.show(score):.4f} after one more fine-tune")
     return out
+
+
+def _said_drift(ctx: Any, result: dict[str, Any]) -> float | None:
+    """The search's :func:`drift` now, into ``result['drift']`` (its pairs and the noise)."""
+    import itertools
+
+    record = _record(ctx)
+    spread = drift(record)
+    result["drift"] = {"pairs": sum(1 for v in record.values() for _ in itertools.combinations(v, 2)),
+                       "noise": None if spread is None else round(spread, 4)}
+    return spread

@@ -268,7 +268,9 @@ def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], 
     pol, more = ctx.settle(best["policy"], log)  # its entries measured (keep ratios off the table's grid)
     from hwprune.search.finish import gate
 
-    pol, gated = gate(ctx, pol, log) if _key(pol) not in done else (pol, None)  # timed before its fine-tune
+    seeds = [Policy.from_dict(t.user_attrs["policy"]) for t in study.get_trials(deepcopy=False)
+             if t.user_attrs.get("seed") and isinstance(t.user_attrs.get("policy"), dict)][:3]
+    pol, gated = gate(ctx, pol, log, others=seeds) if _key(pol) not in done else (pol, None)  # timed first
     attrs = {"repairs": best["repairs"] + more, "sampled": best["sampled"], "screened": len(fresh),
              "proposed_by": best["from"]}
     if gated is not None:
