@@ -335,3 +335,16 @@ def test_the_first_gate_of_a_search_learns_how_far_apart_timings_of_one_policy_a
     # 0.40 x 25 = 10 ms x (1 + 2 x 7%) = 11.4 ms: within 13 ms; filled toward 15 x 13 / 11.4 = 17.1 ms, no
     # notch fits (17.5 ms): trained as it is
     assert info["verdict"] == info["final"] == "within" and "grown" not in info and len(calls) == 3
+
+
+def test_a_seed_is_built_again_at_the_price_its_measurement_allows():
+    """The gate moves a seed by building the same kind of seed at the new price: uniform at a limit of 17.5 ms
+    is every group at the largest quarter that fits (0.5: 15 ms), then filled (b up: 17.5 ms); at 12.5 ms a
+    quarter (10 ms), filled to 12.5."""
+    from hwprune.search.portfolio import build_seed
+
+    ctx, _ = _repair_ctx(int8_loss=2.0)
+    ctx.fills, ctx.limit_ms = True, 12.5
+    assert build_seed(ctx, "uniform", "fp32", 17.5).keep == {"a": 0.5, "b": 0.75}
+    assert build_seed(ctx, "uniform", "fp32").keep == {"a": 0.25, "b": 0.5}  # the search's limit
+    assert build_seed(ctx, "uniform", "fp32", 4.0) is None  # not even a quarter fits

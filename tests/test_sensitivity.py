@@ -391,7 +391,9 @@ def test_the_gate_shrinks_a_proposal_measured_over_the_budget_before_its_fine_tu
     assert "not clearly within the budget" in lines[-1] and "shrunk by 3" in lines[-1]
     limits.clear()
     pol, info = gate(ctx, big, lines.append, timings((0.6, 0.01), (0.6, 0.01), (0.6, 0.01), (0.1, 0)))
-    assert pol is small and len(limits) == 2 and info["shrunk"] == 6 and info["after"]["ratio"] == 0.6
+    # a repair that cannot cut further (the same policy again) ends the gate: over, left to the finish
+    assert pol is small and len(limits) == 2 and info["shrunk"] == 3 and info["after"]["ratio"] == 0.6
+    assert info["final"] == "over"
     pol, info = gate(ctx, big, lines.append, timings((0.5, 0.01)))  # 1.0 ms x 1.02: clearly within
     assert pol is big and info["verdict"] == "within" and info["shrunk"] == 0
     limits.clear()

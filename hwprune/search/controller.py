@@ -529,8 +529,11 @@ def enqueue_seeds(ctx: SearchContext, study: Any, log: Callable[[str], None]) ->
     """The portfolio of seeds (:func:`hwprune.search.portfolio.portfolio`: uniform, knapsack and threshold, fp32 and
     per format, each filled to the limit), screened by the proxy; the fp32 uniform seed and the best-screened
     others, ``spec.seed_trials`` in all (at most ``spec.trials``), are enqueued to be fine-tuned first. Returns
-    every seed with its proxy, price and whether it was enqueued."""
-    from hwprune.search.portfolio import portfolio
+    every seed with its proxy, price and whether it was enqueued. With the gate
+    (:func:`~hwprune.search.finish.gate`), each enqueued seed is timed first and, where it measures clearly within
+    the budget with headroom or not clearly within, built again at the price its measurement allows."""
+    from hwprune.search.finish import gate
+    from hwprune.search.portfolio import build_seed, portfolio
 
     t0 = time.time()
     rows = []
@@ -546,10 +549,25 @@ def enqueue_seeds(ctx: SearchContext, study: Any, log: Callable[[str], None]) ->
         if key not in seen and len(chosen) < min(ctx.spec.seed_trials, ctx.spec.trials):
             seen.add(key)
             chosen.append(r)
+    others = [r["policy"] for r in chosen]
     for r in chosen:
+        def resize(policy: Any, limit: float, up: bool, seed: Any = r["seed"]) -> tuple[Any, int]:
+            pol = build_seed(ctx, seed.kind, seed.fmt, limit)  # the same kind of seed at the measured price
+            if pol is None:
+                if up:
+                    return policy, 0
+                raise HwpruneError(f"no {seed.kind} seed fits {limit:.4f} ms")  # the gate leaves it to the finish
+            pol, more = ctx.settle(pol, log, grow=False, limit=limit)
+            return pol, 0 if pol == policy else 1 + more
+
+        before = r["policy"]
+        r["policy"], gated = gate(ctx, before, log, others=others, resize=resize, what=f"seed {r['seed'].name}")
+        if r["policy"] != before and r["screen"] is not None:
+            r["screen"] = proxy_of(ctx, r["policy"], log)  # its proxy at the widths it is trained at
         study.enqueue_trial(params_of(ctx, ctx.keep_of(r["policy"]), r["policy"].formats),
                             user_attrs={"seed": r["seed"].name, **({"repairs": r["moves"]} if r["moves"] else {}),
-                                        **({"screen": r["screen"]} if r["screen"] is not None else {})})
+                                        **({"screen": r["screen"]} if r["screen"] is not None else {}),
+                                        **({"gate": gated} if gated is not None else {})})
     log(f"hwprune: seeds: a portfolio of {len(rows)} filled to the limit, screened in {time.time() - t0:.1f} s ("
         + ", ".join(r["seed"].name + (f" {r['screen']:.4f}" if r["screen"] is not None else "") for r in ranked)
         + f"); fine-tuned first: {', '.join(r['seed'].name for r in chosen)}")

@@ -111,8 +111,12 @@ def _median_and_error(ratios: list[float]) -> tuple[float, float]:
     return med, 1.25 * (q[2] - q[0]) / 1.35 / len(ratios) ** 0.5 / med
 
 
+Resize = Callable[[Policy, float, bool], tuple[Policy, int]]  # (policy, price limit, grow?) -> (policy, moves)
+
+
 def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | None = None,
-         others: list[Policy] | tuple[Policy, ...] = ()) -> tuple[Policy, dict[str, Any] | None]:
+         others: list[Policy] | tuple[Policy, ...] = (), resize: Resize | None = None, what: str = "a proposal"
+         ) -> tuple[Policy, dict[str, Any] | None]:
     """Time a proposal against the dense model before its fine-tune (``spec.gate``, with the finish, where this
     machine is the target and trials run one at a time), and move it to the budget *as measured*:
 
@@ -130,10 +134,10 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
     "Clearly" counts the search's :func:`drift` (how far apart timings of one policy are) where it exceeds a
     timing's own noise: the first time the gate runs in a search, the proposal and ``others`` (the seeds) are
     timed :data:`SPREAD_TIMINGS` times each to learn it, and the proposal's median timing is its first.
-    :data:`GATE_TRIES` timings at most. The finish stays the arbiter. Returns the policy to fine-tune and what
+    :data:`GATE_TRIES` timings at most. ``resize`` moves a policy to a price limit (default: filled or repaired;
+    a seed is built again at that limit). The finish stays the arbiter. Returns the policy to fine-tune and what
     was measured (None: not gated; ``final``: the verdict on the returned policy)."""
     from hwprune.errors import HwpruneError
-    from hwprune.search.portfolio import fill
 
     spec = ctx.spec
     if not getattr(spec, "gate", False) or spec.finish <= 0 or not ctx.fills or spec.backend != "local":
@@ -147,6 +151,7 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
 
         # fewer rounds than the finish's (the finish decides; this only steers the fine-tunes): at most 30 or 3 s
         timer = functools.partial(time_versus_dense, max_rounds=GATE_ROUNDS, max_seconds=3.0)
+    resize = resize or _resizer(ctx, log)
     allowed = ctx.budget_ms / ctx.speed_factor
     info: dict[str, Any] | None = None
     measured_within: Policy | None = None  # the last policy timed clearly within
@@ -155,7 +160,7 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
         try:
             got = _first_timing(ctx, timer, policy, others) if attempt == 0 else timed(ctx, timer, [(0, policy)])
         except Exception as exc:  # noqa: BLE001 - a check before the fine-tune: said, the proposal trained as it is
-            log(f"hwprune: could not time a proposal before its fine-tune: {one_line(exc)}")
+            log(f"hwprune: could not time {what} before its fine-tune: {one_line(exc)}")
             return _gated(ctx, measured_within or policy, info, measured_within is not None, times)
         if 0 not in got:  # not deployable: its fine-tune will say why
             return _gated(ctx, measured_within or policy, info, measured_within is not None, times)
@@ -180,29 +185,42 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
             return _gated(ctx, policy, info, ok, times)
         limit = ctx.price_ms(policy) * allowed / (ms * need)
         if ok:  # headroom it measured: filled into it
-            bigger, moves = fill(ctx, policy, limit=limit)
-            if moves:
-                bigger, more = ctx.settle(bigger, log, grow=False, limit=limit)  # entries the wider widths lack
-                moves += more
+            bigger, moves = resize(policy, limit, True)
             if not moves or bigger == policy:
                 return _gated(ctx, policy, info, True, times)
             info.update(grown=info.get("grown", 0) + moves)
-            log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, clearly within the budget "
+            log(f"hwprune: {what} measured {ratio:.3f}x of the dense model, clearly within the budget "
                 f"({allowed / ctx.dense_ms:.3f}x): grown by {moves} move(s) to a price of "
                 f"{ctx.price_ms(bigger):.4f} ms before its fine-tune")
             policy = bigger
             continue
         try:
-            smaller, moves = ctx.repair(policy, limit=limit)
+            smaller, moves = resize(policy, limit, False)
         except HwpruneError:  # the smallest policy is priced over it: the finish decides
             return _gated(ctx, policy, info, False, times)
-        smaller, more = ctx.settle(smaller, log, grow=False)  # entries the smaller widths lack, measured
-        info.update(shrunk=info["shrunk"] + moves + more, price_limit_ms=round(limit, 5))
-        log(f"hwprune: a proposal measured {ratio:.3f}x of the dense model, not clearly within the budget "
-            f"({allowed / ctx.dense_ms:.3f}x): shrunk by {moves + more} move(s) to a price of "
+        if not moves or smaller == policy:
+            return _gated(ctx, policy, info, False, times)
+        info.update(shrunk=info["shrunk"] + moves, price_limit_ms=round(limit, 5))
+        log(f"hwprune: {what} measured {ratio:.3f}x of the dense model, not clearly within the budget "
+            f"({allowed / ctx.dense_ms:.3f}x): shrunk by {moves} move(s) to a price of "
             f"{ctx.price_ms(smaller):.4f} ms before its fine-tune")
         policy = smaller
     return _gated(ctx, policy, info, False, times)  # not reached: the last attempt returns
+
+
+def _resizer(ctx: Any, log: Callable[[str], None]) -> Resize:
+    """The gate's default move to a price limit: filled up to it (growing) or repaired down to it, then its
+    entries off the table's grid measured (:meth:`~hwprune.search.context.SearchContext.settle`)."""
+    from hwprune.search.portfolio import fill
+
+    def resize(policy: Policy, limit: float, up: bool) -> tuple[Policy, int]:
+        moved, moves = fill(ctx, policy, limit=limit) if up else ctx.repair(policy, limit=limit)
+        if moves:
+            moved, more = ctx.settle(moved, log, grow=False, limit=limit)  # entries the new widths lack
+            moves += more
+        return moved, moves
+
+    return resize
 
 
 def _first_timing(ctx: Any, timer: Timer, policy: Policy, others: Any) -> dict[int, tuple[float, float]]:

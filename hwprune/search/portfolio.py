@@ -148,24 +148,26 @@ def _fastest_formats(ctx: Any, fmt: str) -> dict[str, str]:
     return {layer: fmt for layer, menu in ctx.menus.items() if fmt in menu}
 
 
-def uniform_seed(ctx: Any, fmt: str = "fp32") -> tuple[float, Policy] | None:
-    """The largest keep ratio of the grid that fits the limit with every group at it, layers in ``fmt`` where their
-    menu has it, and its policy (None when none fits)."""
+def uniform_seed(ctx: Any, fmt: str = "fp32", limit: float | None = None) -> tuple[float, Policy] | None:
+    """The largest keep ratio of the grid that fits ``limit`` (default the search's) with every group at it,
+    layers in ``fmt`` where their menu has it, and its policy (None when none fits)."""
     formats = _fastest_formats(ctx, fmt)
+    limit = ctx.limit_ms if limit is None else limit
     for r in sorted(ctx.grid, reverse=True):
         pol = ctx.policy({g.name: r for g in ctx.layers.space.groups}, formats)
-        if ctx.price_ms(pol) <= ctx.limit_ms:
+        if ctx.price_ms(pol) <= limit:
             return r, pol
     return None
 
 
-def threshold_seed(ctx: Any, fmt: str = "fp32", steps: int = 30) -> Policy | None:
+def threshold_seed(ctx: Any, fmt: str = "fp32", steps: int = 30, limit: float | None = None) -> Policy | None:
     """Every group at its narrowest width whose cost of cutting is at most a threshold, layers in ``fmt`` where
     their menu has it; the threshold bisected on price so the policy just fits the limit (None when even the
     narrowest widths do not)."""
     keep_cost, _ = ctx.costs()
     formats = _fastest_formats(ctx, fmt)
     levels = {g.name: level_ratios(ctx, g.name) for g in ctx.layers.space.groups}
+    limit = ctx.limit_ms if limit is None else limit
 
     def at(t: float) -> Policy:
         keep = {}
@@ -175,14 +177,14 @@ def threshold_seed(ctx: Any, fmt: str = "fp32", steps: int = 30) -> Policy | Non
         return ctx.policy(keep, formats)
 
     hi = max(max(c.values()) for c in keep_cost.values()) if keep_cost else 0.0
-    if ctx.price_ms(at(hi)) > ctx.limit_ms:
+    if ctx.price_ms(at(hi)) > limit:
         return None
     lo = 0.0
-    if ctx.price_ms(at(lo)) <= ctx.limit_ms:
+    if ctx.price_ms(at(lo)) <= limit:
         return at(lo)
     for _ in range(steps):  # price(at(t)) falls as t grows: the smallest t that fits keeps the most
         mid = (lo + hi) / 2
-        if ctx.price_ms(at(mid)) <= ctx.limit_ms:
+        if ctx.price_ms(at(mid)) <= limit:
             hi = mid
         else:
             lo = mid
@@ -244,7 +246,7 @@ def _tp_keep(ctx: Any, ratio: float) -> dict[str, float] | None:
     return keep
 
 
-def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 5) -> Policy | None:
+def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 5, limit: float | None = None) -> Policy | None:
     """Torch-Pruning's ranking (:func:`_tp_keep`) at the least pruning ratio whose policy fits the limit (bisected
     on the price), layers in ``fmt`` where their menu has it; None for a recurrent model, a model Torch-Pruning
     cannot take, or where no ratio of 0.2, 0.4, 0.6, 0.8 fits. Torch-Pruning's widths are computed once per
@@ -261,7 +263,8 @@ def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 5) -> Policy | None:
             cache[r] = _tp_keep(ctx, r)
         return None if cache[r] is None else ctx.policy(cache[r], formats)
 
-    fits = lambda p: p is not None and ctx.price_ms(p) <= ctx.limit_ms  # noqa: E731
+    limit = ctx.limit_ms if limit is None else limit
+    fits = lambda p: p is not None and ctx.price_ms(p) <= limit  # noqa: E731
     # a scan first: past some ratio Torch-Pruning leaves a group whole rather than empty it, so its price is not
     # monotone in the ratio over the whole range; then the least ratio that fits, bisected within its step (to
     # 0.2 / 2**steps)
@@ -279,7 +282,7 @@ def tp_seed(ctx: Any, fmt: str = "fp32", steps: int = 5) -> Policy | None:
     return at(hi)
 
 
-def knapsack_seed(ctx: Any, fmt: str = "fp32") -> Policy | None:
+def knapsack_seed(ctx: Any, fmt: str = "fp32", limit: float | None = None) -> Policy | None:
     """The latency knapsack over the costs of cutting (:func:`hwprune.search.knapsack.allocate`), layers in
     ``fmt`` where their menu has it (None when the narrowest widths do not fit)."""
     from hwprune.search.knapsack import allocate
@@ -288,7 +291,8 @@ def knapsack_seed(ctx: Any, fmt: str = "fp32") -> Policy | None:
     formats = _fastest_formats(ctx, fmt)
     levels = {g.name: level_ratios(ctx, g.name) for g in ctx.layers.space.groups}
     losses = {g: [keep_cost[g][_on(keep_cost[g], r)] for r in rs] for g, rs in levels.items()}
-    keep = allocate(levels, losses, lambda k: ctx.price_ms(ctx.policy(k, formats)), ctx.limit_ms)
+    keep = allocate(levels, losses, lambda k: ctx.price_ms(ctx.policy(k, formats)),
+                    ctx.limit_ms if limit is None else limit)
     return None if keep is None else ctx.policy(keep, formats)
 
 
@@ -302,6 +306,18 @@ class Seed:
     kind: str
     fmt: str
     same_as: list[str] = field(default_factory=list)
+
+
+def build_seed(ctx: Any, kind: str, fmt: str, limit: float | None = None) -> Policy | None:
+    """The seed of ``kind`` (uniform, knapsack, threshold, tp) with layers in ``fmt``, at price ``limit`` (default
+    the search's), filled up to it; None where that kind has none there."""
+    if kind == "uniform":
+        u = uniform_seed(ctx, fmt, limit)
+        pol = None if u is None else u[1]
+    else:
+        make = {"knapsack": knapsack_seed, "threshold": threshold_seed, "tp": tp_seed}[kind]
+        pol = make(ctx, fmt, limit=limit)
+    return None if pol is None else fill(ctx, pol, limit)[0]
 
 
 def portfolio(ctx: Any) -> list[Seed]:
