@@ -480,7 +480,10 @@ class Bench:
     # ---- the same final fine-tune for every chosen model -------------------------------------------------
 
     def finals(self, r: dict[str, Any], seeds: list[int], cache: dict[str, Any]) -> dict[str, Any]:
-        """Fine-tune the chosen model with each seed, deploy, test metric; latency against dense once."""
+        """Fine-tune the chosen model with each seed, deploy, test metric; latency against dense ``--final-timings``
+        times, one after each fine-tune (seconds apart), the timing with the median ratio kept: on a 2-core VM one
+        30-round timing during a burst of load (the dense model at 5.9 ms instead of 3.8) put a policy timed
+        0.24x before at 0.306x. The same rule for every method."""
         from hwprune.device.deploy import deploy
         from hwprune.export import finetune_policy
         from hwprune.policy import Policy
@@ -491,9 +494,10 @@ class Bench:
         key = json.dumps(r.get("policy") or list(r["model"]), sort_keys=True)
         if key in cache:
             return cache[key]
-        scores = []
+        scores, timings = [], []
         pol = Policy.from_dict(r["policy"]) if "policy" in r else None
-        for s in seeds:
+        timed = self.deployed(pol) if pol is not None else self.build(r["model"])
+        for i, s in enumerate(seeds):
             if pol is not None:
                 model = finetune_policy(self.setup.model, pol, self.setup.example, data.train, self.args.final_steps,
                                         seed=s, batches=self.batches, task=self.task)
@@ -503,8 +507,13 @@ class Bench:
                 finetune(model, data.train, self.args.final_steps, seed=s, task=self.task)
                 model.eval()
             scores.append(evaluate(model, test, task=self.task))
-        lat = self.versus_dense(self.deployed(pol) if pol is not None else self.build(r["model"]),
-                                self.args.repeats, f"final:{key}")
+            if i < self.args.final_timings:
+                timings.append(self.versus_dense(timed, self.args.repeats, f"final:{key}:{i}"))
+        while len(timings) < self.args.final_timings:  # fewer seeds than timings
+            timings.append(self.versus_dense(timed, self.args.repeats, f"final:{key}:{len(timings)}"))
+        lat = sorted(timings, key=lambda m: m["ratio"])[(len(timings) - 1) // 2]  # the median timing (the lower)
+        lat = {**lat, "timings": [{"ratio": round(m["ratio"], 4), "dense_ms": round(m["dense_ms"], 4)}
+                                  for m in timings]}
         cache[key] = {"test": scores, "mean": statistics.mean(scores),
                       "std": statistics.stdev(scores) if len(scores) > 1 else 0.0, **lat, "widths": self.widths(pol, r)}
         return cache[key]
@@ -734,7 +743,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, cmd: str, fp: d
              f"Trials per search: {args.trials} (hwprune screens {args.screen} proposals per fine-tune); final "
              f"fine-tune: {args.final_steps} steps from the chosen model's pruned weights, seeds "
              f"{list(range(args.seeds))}, test split. Latency: the chosen model deployed and timed in "
-             f"{args.repeats} interleaved rounds with the dense model (bisections and scans: {args.scan_repeats}); "
+             f"{args.repeats} interleaved rounds with the dense model (bisections and scans: {args.scan_repeats}), "
+             f"{args.final_timings} such timings (one after each final fine-tune), the median one kept; "
              f"'× dense' is the median of the per-round ratios, its IQR the noise of that comparison; a budget "
              f"is met when the ratio is at most the budget's share. 1 thread. Wall time of the whole run: "
              f"{wall / 60:.1f} min.", ""]
@@ -844,6 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-seeds", type=int, default=3, help="searches per search method (seeds 0..N-1), each "
                     "chosen model fine-tuned with every final seed")
     ap.add_argument("--repeats", type=int, default=30, help="interleaved rounds of a final latency")
+    ap.add_argument("--final-timings", type=int, default=3,
+                    help="separate timings of a chosen model (one after each final fine-tune); the median is its "
+                         "latency, the same rule for every method")
     ap.add_argument("--scan-repeats", type=int, default=11, help="rounds per step of a scan or bisection")
     ap.add_argument("--bisect-steps", type=int, default=6, help="bisection steps of a peer's knob")
     ap.add_argument("--fastnas-timeout", type=float, default=300.0, help="seconds one FastNAS run may take")
