@@ -260,17 +260,22 @@ def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], 
     if ctx.screen is not None and len(fresh) > 1:
         for c in fresh.values():
             c["screen"] = proxy_of(ctx, c["policy"], log)
-        best = max(fresh.values(), key=lambda c: c["screen"])
-    else:
-        best = next(iter(fresh.values()))
-        if ctx.screen is not None and _key(best["policy"]) not in done:
-            best["screen"] = proxy_of(ctx, best["policy"], log)
-    pol, more = ctx.settle(best["policy"], log)  # its entries measured (keep ratios off the table's grid)
+    elif ctx.screen is not None:
+        c = next(iter(fresh.values()))
+        if _key(c["policy"]) not in done:
+            c["screen"] = proxy_of(ctx, c["policy"], log)
     from hwprune.search.finish import gate
 
     seeds = [Policy.from_dict(t.user_attrs["policy"]) for t in study.get_trials(deepcopy=False)
              if t.user_attrs.get("seed") and isinstance(t.user_attrs.get("policy"), dict)][:3]
-    pol, gated = gate(ctx, pol, log, others=seeds) if _key(pol) not in done else (pol, None)  # timed first
+    # the best-screened first; one the gate moved onto a policy already trained or stopped gives way to the next
+    # (cnn1d at 30%: three proposals in a row were shrunk onto the first seed's policy), three at most
+    ranked = sorted(fresh.values(), key=lambda c: -c.get("screen", 0.0))
+    for best in ranked[:3]:
+        pol, more = ctx.settle(best["policy"], log)  # its entries measured (keep ratios off the table's grid)
+        pol, gated = gate(ctx, pol, log, others=seeds) if _key(pol) not in done else (pol, None)  # timed first
+        if _key(pol) not in seen:
+            break
     attrs = {"repairs": best["repairs"] + more, "sampled": best["sampled"], "screened": len(fresh),
              "proposed_by": best["from"]}
     if gated is not None:
