@@ -526,3 +526,17 @@ def test_when_the_second_timing_leaves_no_trial_the_best_is_shrunk_on_its_worse_
         assert r["move"] == "shrunk" and r["policy"]["keep"] == {"a": 0.25, "b": 0.5} and r["trial"] == 1
         assert r["ratio_again"] == last and got.get("best") == (1 if kept else None)
         assert (1 in got["met"]) == kept and (1 in got["dropped"]) != kept
+
+
+def test_the_drift_is_taken_from_timings_minutes_apart_where_there_are_enough():
+    """Back-to-back timings of one policy agree to 1%, timings a minute apart differ by 6%: with three pairs a
+    minute or more apart, the drift is theirs (what a later measurement will see); with fewer, every pair counts."""
+    import math
+
+    from hwprune.search.finish import drift
+
+    near = {f"p{i}": [(0.0, 1.0), (1.0, math.exp(0.01))] for i in range(5)}  # 5 pairs a second apart
+    far = {f"q{i}": [(0.0, 1.0), (60.0, math.exp(0.06))] for i in range(3)}  # 3 pairs a minute apart
+    assert drift({**near, **far}) == pytest.approx(1.4826 * 0.06 / math.sqrt(2))
+    two = {f"q{i}": v for i, v in enumerate(list(far.values())[:2])}
+    assert drift({**near, **two}) == pytest.approx(1.4826 * 0.01 / math.sqrt(2))  # median of 7: a near pair

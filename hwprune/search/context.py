@@ -57,7 +57,7 @@ class SearchContext:
     val_items: int = 0  # validation items a trial is scored on (near-ties: hwprune.search.finish.tie_margin)
     sensitivity: Any = None  # hwprune.search.sensitivity.SensitivityMap, once measured (spec.costs 'sensitivity')
     carriers: dict[str, str] = field(default_factory=dict)  # spec.depth: group -> the block it drops at ratio DROP
-    timings: dict[str, list[float]] = field(default_factory=dict)  # policy -> its measured ratios (search.finish)
+    timings: dict[str, list[Any]] = field(default_factory=dict)  # policy -> its timings (search.finish.timed)
 
     def keep_of(self, policy: Policy) -> dict[str, float]:
         """Every group's keep ratio in ``policy``, :data:`DROP` for a group whose block it drops."""

@@ -8,7 +8,9 @@ budget is listed as dropped in the study's ``finish`` attribute and is never the
 (:func:`hwprune.search.rundir.best_point`), in the search's summary nor in ``export --trial best``. Every trial
 that met the budget is timed a second time at the end (:func:`confirm`) and keeps its verdict only when both
 measurements clear the margin. A candidate whose verdict is still open after 15 rounds gets more rounds (up to 120
-or 10 s, :func:`sequential`); before its fine-tune, each proposal is timed too (:func:`gate`). The timer is a
+or 10 s, :func:`sequential`); before its fine-tune, each proposal and seed is timed too and moved to the budget as
+measured (:func:`gate`). A timing's noise is its own standard error or, where larger, the search's :func:`drift`:
+how far apart timings of one policy are, from every timing the search made (:func:`timed`). The timer is a
 parameter so that tests can put a candidate over the budget.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ GATE_TRIES = 3  # timings of a proposal before its fine-tune (the first, and aft
 GATE_ROUNDS = 30  # rounds of one such timing at most
 GROW_AT = 0.03  # the gate grows a proposal measured clearly within the budget by more than this share
 DRIFT_PAIRS = 3  # pairs of timings of one policy from which a search estimates how far apart timings are
+DRIFT_APART = 30.0  # seconds: pairs at least this far apart are the ones a drift is estimated from, where enough
 SPREAD_TIMINGS = 3  # the gate's first call: separate timings of the proposal and the seeds, for that estimate
 
 Timer = Callable[[Any, list[tuple[int, Policy]]], dict[int, Any]]  # trial -> median ratio, or (ratio, noise)
@@ -243,9 +246,8 @@ def _first_timing(ctx: Any, timer: Timer, policy: Policy, others: Any) -> dict[i
 def _gated(ctx: Any, policy: Policy, info: dict[str, Any] | None, ok: bool, times: dict[int, tuple[float, float]]
            ) -> tuple[Policy, dict[str, Any] | None]:
     """The gate's answer: ``policy`` and its record, with ``final`` (the verdict on ``policy``), its timing
-    (``final_ratio``, ``final_noise``: the finish pairs it with its own to learn how timings minutes apart differ)
-    and, for one measured within at a price over the search's limit, that price as its own limit
-    (``grown_limit_ms``)."""
+    (``final_ratio``, ``final_noise``) and, for one measured within at a price over the search's limit, that price
+    as its own limit (``grown_limit_ms``)."""
     if info is None:
         return policy, None
     info["final"] = "within" if ok else "over"
@@ -463,18 +465,24 @@ def _row(t: Any, timed: tuple[float, float], dense_ms: float, allowed: float, sp
             "predicted_ms": round(t.values[1], 4), "verdict": verdict}
 
 
-def drift(timings: dict[str, list[float]]) -> float | None:
+def drift(timings: dict[str, list[Any]]) -> float | None:
     """How far apart two timings of one policy are, as the relative standard deviation of one timing: 1.4826 x
-    the median absolute difference of their logs / sqrt 2 over every pair of timings of one policy (robust to a
-    timing a burst hit), from the search's timings by policy (:func:`timed`); None under :data:`DRIFT_PAIRS`
-    pairs. One timing's own standard error does not see it: on a 2-core VM a cnn1d policy timed 0.291x and
-    0.288x (1% noise each) by the finish measured 0.303x in the benchmark minutes later, and twelve timings of
-    another, seconds to minutes apart, ran from 0.256x to 0.285x (3.5%)."""
+    the median absolute difference of their logs / sqrt 2 over pairs of timings of one policy (robust to a timing
+    a burst hit), from the search's timings by policy (:func:`timed`: ``(seconds, ratio)``, or bare ratios); the
+    pairs at least :data:`DRIFT_APART` apart where there are :data:`DRIFT_PAIRS` of them (what a later measurement
+    will see: timings back to back agree more closely), else all; None under :data:`DRIFT_PAIRS` pairs. One
+    timing's own standard error does not see it: on a 2-core VM a cnn1d policy timed 0.291x and 0.288x (1% noise
+    each) by the finish measured 0.303x in the benchmark minutes later, and twelve timings of another, seconds to
+    minutes apart, ran from 0.256x to 0.285x (3.5%)."""
     import itertools
     import math
 
-    diffs = [abs(math.log(a / b)) for v in timings.values() for a, b in itertools.combinations(v, 2)
-             if a > 0 and b > 0]
+    near, far = [], []
+    for v in timings.values():
+        for a, b in itertools.combinations([x if isinstance(x, tuple) else (0.0, x) for x in v], 2):
+            if a[1] > 0 and b[1] > 0:
+                (far if abs(a[0] - b[0]) >= DRIFT_APART else near).append(abs(math.log(a[1] / b[1])))
+    diffs = far if len(far) >= DRIFT_PAIRS else near + far
     if len(diffs) < DRIFT_PAIRS:
         return None
     return 1.4826 * statistics.median(diffs) / math.sqrt(2)
@@ -482,13 +490,14 @@ def drift(timings: dict[str, list[float]]) -> float | None:
 
 def timed(ctx: Any, timer: Timer, cands: list[tuple[int, Policy]]) -> dict[int, tuple[float, float]]:
     """``timer``'s answer for ``cands`` as (ratio, noise), each timing also kept by policy in the search's record
-    (``ctx.timings``), from which :func:`drift` learns how far apart timings of one policy are."""
+    (``ctx.timings``: (seconds, ratio)), from which :func:`drift` learns how far apart timings of one policy are."""
     got = {n: _pair(v) for n, v in timer(ctx, cands).items()}
     record = _record(ctx)
     pols = dict(cands)
+    now = time.monotonic()
     for n, (ratio, _) in got.items():
         if n in pols:
-            record.setdefault(_key(pols[n]), []).append(ratio)
+            record.setdefault(_key(pols[n]), []).append((now, ratio))
     return got
 
 
@@ -628,6 +637,7 @@ def _said_drift(ctx: Any, result: dict[str, Any]) -> float | None:
 
     record = _record(ctx)
     spread = drift(record)
-    result["drift"] = {"pairs": sum(1 for v in record.values() for _ in itertools.combinations(v, 2)),
-                       "noise": None if spread is None else round(spread, 4)}
+    pairs = [(a, b) for v in record.values() for a, b in itertools.combinations(v, 2)]
+    apart = sum(1 for a, b in pairs if isinstance(a, tuple) and abs(a[0] - b[0]) >= DRIFT_APART)
+    result["drift"] = {"pairs": len(pairs), "apart": apart, "noise": None if spread is None else round(spread, 4)}
     return spread

@@ -225,9 +225,9 @@ def _candidates(ctx: SearchContext, study: Any, mode: str, log: Callable[[str], 
     the best trial so far; project each into the budget (:func:`~hwprune.search.portfolio.project`: repaired to
     the limit, then filled up to it) and screen them; the user attributes the chosen one's trial gets (its
     parameters under ``params``)."""
-    from hwprune.search.portfolio import project
-
     from optuna.trial import TrialState
+
+    from hwprune.search.portfolio import project
 
     n = max(1, ctx.spec.screen)
     # policies racing stopped: proposing one again would fine-tune it again to the same stop (cnn1d at 30%: one
