@@ -540,3 +540,15 @@ def test_the_drift_is_taken_from_timings_minutes_apart_where_there_are_enough():
     assert drift({**near, **far}) == pytest.approx(1.4826 * 0.06 / math.sqrt(2))
     two = {f"q{i}": v for i, v in enumerate(list(far.values())[:2])}
     assert drift({**near, **two}) == pytest.approx(1.4826 * 0.01 / math.sqrt(2))  # median of 7: a near pair
+
+
+def test_the_trial_shrunk_into_the_budget_is_the_best_within_reach_not_the_best_far_over():
+    """Against a 0.5x budget: 0.94 measured 0.56x (12% over), 0.93 measured 0.52x, 0.92 measured 0.47x: the best
+    within 10% over is shrunk (0.93); with every candidate far over, the one measured lowest."""
+    from hwprune.search.finish import _to_shrink
+
+    ctx = SimpleNamespace(dense_ms=2.0)
+    trials = [SimpleNamespace(number=n, values=[acc, 0.0]) for n, acc in enumerate((0.94, 0.93, 0.92))]
+    assert _to_shrink(ctx, trials, {0: 0.56, 1: 0.52, 2: 0.47}, allowed=1.0).number == 1
+    assert _to_shrink(ctx, trials, {0: 0.60, 1: 0.58, 2: 0.62}, allowed=1.0).number == 1
+    assert _to_shrink(ctx, [], {}, allowed=1.0) is None

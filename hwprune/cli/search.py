@@ -157,9 +157,10 @@ def register(sub: Any) -> None:
                          "what would reach it (depth, the other runtimes, larger batches: seconds, more where "
                          "OpenVINO compiles)")
     se.add_argument("--no-grow", dest="grow", action="store_false", default=None,
-                    help="with the finish, do not grow the best trial into the headroom its measurement shows (by "
-                         "default it is filled up to the budget less 3 standard errors of the measurement, timed "
-                         "again and, within the budget, fine-tuned once more and added as trial 'finish-grown')")
+                    help="with the finish, do not move the best trial to the budget as measured (by default it is "
+                         "filled up to the budget less 3 times the timing's noise, or shrunk to it when it is not "
+                         "clearly within and scores above the trials that are, timed again and, within the budget, "
+                         "fine-tuned once more and added as trial 'finish-grown' or 'finish-shrunk')")
     se.add_argument("--no-gate", dest="gate", action="store_false", default=None,
                     help="with the finish, do not time each proposal against the dense model before its fine-tune "
                          "(by default one not clearly within the budget is shrunk by the ratio it measured, one "
