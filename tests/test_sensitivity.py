@@ -371,7 +371,7 @@ def test_the_gate_shrinks_a_proposal_measured_over_the_budget_before_its_fine_tu
     limits = []
     small = Policy({"g": 0.25}, {})
 
-    def repair(policy, limit=None):
+    def resize(policy, limit, up):
         limits.append(limit)
         return small, 3
 
@@ -382,30 +382,33 @@ def test_the_gate_shrinks_a_proposal_measured_over_the_budget_before_its_fine_tu
     ctx = _finish_ctx()
     ctx.spec.gate, ctx.spec.backend, ctx.fills = True, "local", True
     ctx.price_ms = lambda p: 0.9 if p is not small else 0.7
-    ctx.repair, ctx.settle = repair, lambda p, log, grow=True, limit=None: (p, 0)
+    ctx.settle = lambda p, log, grow=True, limit=None: (p, 0)
     big = Policy({"g": 0.5}, {})
     lines = []
-    pol, info = gate(ctx, big, lines.append, timings((0.6, 0.01), (0.5, 0.01)))
+    pol, info = gate(ctx, big, lines.append, timings((0.6, 0.01), (0.5, 0.01)), resize=resize)
     assert pol is small and limits == [pytest.approx(0.9 * 1.05 / 1.03 / 1.2)]  # to the budget less 3 x 1%
     assert info["verdict"] == "over" and info["shrunk"] == 3 and info["measured_ms"] == pytest.approx(1.2)
     assert info["after"]["ratio"] == 0.5
     assert "not clearly within the budget" in lines[-1] and "shrunk by 3" in lines[-1]
     limits.clear()
-    pol, info = gate(ctx, big, lines.append, timings((0.6, 0.01), (0.6, 0.01), (0.6, 0.01), (0.1, 0)))
+    pol, info = gate(ctx, big, lines.append, timings((0.6, 0.01), (0.6, 0.01), (0.6, 0.01), (0.1, 0)),
+                     resize=resize)
     # a repair that cannot cut further (the same policy again) ends the gate: over, left to the finish
     assert pol is small and len(limits) == 2 and info["shrunk"] == 3 and info["after"]["ratio"] == 0.6
     assert info["final"] == "over"
-    pol, info = gate(ctx, big, lines.append, timings((0.5, 0.01)))  # 1.0 ms x 1.02: clearly within
+    pol, info = gate(ctx, big, lines.append, timings((0.5, 0.01)), resize=resize)  # 1.0 ms x 1.02: within
     assert pol is big and info["verdict"] == "within" and info["shrunk"] == 0
     limits.clear()
-    pol, info = gate(ctx, big, lines.append, timings((0.5, 0.03), (0.5, 0.01)))  # 1.0 x 1.06 > 1.05: not clearly
+    # 1.0 x 1.06 > 1.05: not clearly within
+    pol, info = gate(ctx, big, lines.append, timings((0.5, 0.03), (0.5, 0.01)), resize=resize)
     assert pol is small and limits == [pytest.approx(0.9 * 1.05 / 1.09 / 1.0)]  # less 3 x 3%
     for change in ({"gate": False}, {"finish": 0}, {"backend": "ray"}):
         off = _finish_ctx()
         off.spec.gate, off.spec.backend, off.fills = True, "local", True
         vars(off.spec).update(change)
-        assert gate(off, big, lines.append, timings((0.6, 0.01))) == (big, None)
-    pol, info = gate(ctx, big, lines.append, lambda c, cands: (_ for _ in ()).throw(RuntimeError("no clock")))
+        assert gate(off, big, lines.append, timings((0.6, 0.01)), resize=resize) == (big, None)
+    pol, info = gate(ctx, big, lines.append, lambda c, cands: (_ for _ in ()).throw(RuntimeError("no clock")),
+                     resize=resize)
     assert (pol, info) == (big, None) and "could not time a proposal" in lines[-1]
 
 

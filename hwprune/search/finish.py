@@ -131,9 +131,9 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
     machine is the target and trials run one at a time), and move it to the budget *as measured*:
 
     - one that does not measure clearly within the budget (the finish's rule: by :data:`SURE` standard errors and
-      :data:`FLOOR`) is repaired to the price at which it would measure the budget less 3 x its noise (its price
-      times that / measured) and timed again: the table's errors are not the same for every policy, and the proposals that
-      score best were often those it under-priced (cnn1d at 30% and 50%: the best-scoring timed trial failed the
+      :data:`FLOOR`) is cut to the price at which it would measure the budget less 3 x its noise (its price times
+      that / measured; :func:`~hwprune.search.portfolio.cut_to`, its shape kept) and timed again: the table's
+      errors are not the same for every policy, and the proposals that score best were often those it under-priced (cnn1d at 30% and 50%: the best-scoring timed trial failed the
       finish in 3 of 3 searches each), so the fine-tunes went to candidates the finish then dropped (a move aims
       at the budget less 3 x the noise, at least 2%);
     - one clearly within and under the budget less 3 x its noise (at least 2%) by more than :data:`GROW_AT` is
@@ -227,10 +227,10 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
 def _resizer(ctx: Any, log: Callable[[str], None]) -> Resize:
     """The gate's default move to a price limit: filled up to it (growing) or repaired down to it, then its
     entries off the table's grid measured (:meth:`~hwprune.search.context.SearchContext.settle`)."""
-    from hwprune.search.portfolio import fill
+    from hwprune.search.portfolio import cut_to, fill
 
     def resize(policy: Policy, limit: float, up: bool) -> tuple[Policy, int]:
-        moved, moves = fill(ctx, policy, limit=limit) if up else ctx.repair(policy, limit=limit)
+        moved, moves = fill(ctx, policy, limit=limit) if up else cut_to(ctx, policy, limit)
         if moves:
             moved, more = ctx.settle(moved, log, grow=False, limit=limit)  # entries the new widths lack
             moves += more
@@ -621,8 +621,10 @@ def grow(ctx: Any, study: Any, best: Any, measured_as: tuple[float, float], allo
     pol = Policy.from_dict(best.user_attrs["policy"])
     limit = ctx.price_ms(pol) * target / measured  # the price that maps onto the target as this trial measured
     if shrink:
+        from hwprune.search.portfolio import cut_to
+
         try:
-            moved, moves = ctx.repair(pol, limit=limit)
+            moved, moves = cut_to(ctx, pol, limit)  # its shape kept: scaled down along its own direction
         except HwpruneError:  # not even the smallest policy is priced that low
             return None
     else:
