@@ -77,7 +77,11 @@ def test_unseen_machine_profiles_then_searches_and_exports(random_cnn1d, tmp_pat
     s = json.loads(proc.stdout)
     assert s["trials"] == 3 and s["table_fingerprint"]["cpu"] == FAKE_CPU
     assert s["limit_ms"] == pytest.approx(s["budget_ms"] / (1 + s["budget_margin"]))
-    assert all(p["predicted_latency_ms"] <= s["limit_ms"] + 1e-9 for p in s["pareto"])
+    # each point priced within the limit, or grown by the gate into headroom it measured (its own limit)
+    import csv
+
+    rows = {r["trial"]: r for r in csv.DictReader(open(out / "trials.csv"))}
+    assert s["pareto"] and all(rows[str(p["trial"])]["feasible"] == "True" for p in s["pareto"])
 
     again = _fake_cli("search", "--spec", "search/cnn1d-mnist1d-cpu.yaml", "--trials", "3", "--finetune-steps", "5",
                       "--weights", str(random_cnn1d), "--out", str(out), "--json", env=env)
