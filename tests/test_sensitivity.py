@@ -555,3 +555,28 @@ def test_the_trial_shrunk_into_the_budget_is_the_best_within_reach_not_the_best_
     assert _to_shrink(ctx, trials, {0: 0.56, 1: 0.52, 2: 0.47}, allowed=1.0).number == 1
     assert _to_shrink(ctx, trials, {0: 0.60, 1: 0.58, 2: 0.62}, allowed=1.0).number == 1
     assert _to_shrink(ctx, [], {}, allowed=1.0) is None
+
+
+def test_a_rescue_first_times_the_next_trials_and_shrinks_the_best_only_when_it_can_beat_them():
+    """Only the best trial is timed by the finish (finish = 1): 0.77x then 0.79x of a 0.80x budget, dropped. The
+    next trial, never timed, is then timed twice (0.60x both times, clearly within): the fallback. Trial 0 (0.90)
+    scores more than a near-tie above it (0.85), so it is shrunk into the budget and fine-tuned: scoring 0.84, the
+    fallback stays the best point; scoring 0.88, the shrunk trial is. Where the best is only a near-tie above the
+    fallback (0.851), nothing is shrunk and nothing more is fine-tuned."""
+    from hwprune.search.finish import finish
+
+    for lead, shrunk_score, best in ((0.90, 0.84, 1), (0.90, 0.88, 2), (0.851, None, 1)):
+        ctx = _grow_ctx()
+        ctx.spec.finish, ctx.val_items = 1, 1000  # a near-tie: two items, 0.002
+        study = _u_study(ctx, [(lead, {"a": 0.5, "b": 0.5}), (0.85, {"a": 0.25, "b": 0.5})])
+        seen = {0: iter([0.77, 0.79]), 1: iter([0.60, 0.60]), -1: iter([0.55]), 2: iter([0.55])}
+        trained = []
+        got = finish(ctx, study, lambda m: None,
+                     lambda c, cands: {n: (next(seen[n]), 0.01) for n, _ in cands},
+                     lambda c, pol, seed: trained.append(pol) or shrunk_score)
+        assert got["confirmed"]["dropped"] == [0]
+        assert [(r["trial"], r["ratio_first"], r["verdict"]) for r in got["fallback"]] == [(1, 0.6, "met")]
+        assert got["best"] == best and 1 in got["met"]
+        assert len(trained) == (0 if shrunk_score is None else 1)
+        if shrunk_score is not None:
+            assert got["rescued"]["from_trial"] == 0 and got["rescued"]["verdict"] == "met"

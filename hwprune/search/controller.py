@@ -25,8 +25,8 @@ from hwprune._io import pid_alive
 from hwprune.errors import HwpruneError, is_oom, is_own_bug, one_line
 from hwprune.search.context import SearchContext, prepare_context
 from hwprune.search.early_stop import spent
-from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, judged, plot_front, results_lock,
-                                   write_front, write_trials)
+from hwprune.search.rundir import (best_point, check_run_dir, claim_run_dir, front, judged, plot_front,
+                                   results_lock, write_front, write_trials)
 from hwprune.search.spec import SearchSpec
 from hwprune.search.trial import (OWNER, Progress, finished, free_memory, make_sampler, params_of, propose,
                                   proxy_of, reuse, rule_from, screen_correlation, set_attrs, tell, train_candidate)
