@@ -74,6 +74,10 @@ bench-runtimes: $(STAMP)
 # CUDA-linked: both install without dependencies (the CPU torch stays) and run as pure Python (bench/zoo.py says
 # how); a library that is missing is skipped with the reason.
 bench-zoo: $(STAMP)
-	$(BIN)/pip install --quiet --no-deps torchvision==0.28.0 timm==1.0.31 torchaudio==2.11.1
-	$(BIN)/pip install --quiet -c constraints.txt huggingface_hub safetensors pyyaml
+	$(BIN)/pip install --quiet --no-deps torchvision==0.28.0 timm==1.0.31 torchaudio==2.11.1 speechbrain==1.1.2 \
+		opennmt-py==3.5.1
+	$(BIN)/pip install --quiet -c constraints.txt huggingface_hub safetensors pyyaml hyperpyyaml ruamel.yaml \
+		pyonmttok hydra-core==1.3.2 omegaconf==2.3.0 bitarray sacrebleu
+	test -d .zoo/fairseq_fixed-0.12.3.1 || ($(BIN)/pip download --quiet --no-deps \
+		fairseq-fixed==0.12.3.1 -d .zoo && tar xzf .zoo/fairseq_fixed-0.12.3.1.tar.gz -C .zoo)
 	$(BIN)/python bench/zoo.py

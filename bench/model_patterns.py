@@ -8,6 +8,7 @@ dense model's. Widths are raised from the test defaults (``--model-args``) so th
 overhead, dominates at the latency batch; all runs share one fresh table folder and model cache.
 
     python bench/model_patterns.py [--only seq2seq,grucell] [--trials 8] [--budget 70%] [--batch 64]
+    python bench/model_patterns.py --zoo --budget 50% --batch 16   # the libraries' models (bench/zoo_models.py)
 """
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ PATTERNS = [
     ("se_cnn", "image_data", None, "", "85%"),
     ("tcn", "tcn_data", None, "c=64"),
 ]
+ZOO_FILE = str(ROOT / "bench" / "zoo_models.py")
+# --zoo: the field's libraries' own model classes (bench/zoo_models.py; installed by make bench-zoo), budget 50%
+ZOO = [
+    ("resnet18", "image_data", None, ""),
+    ("mobilenet_v3_small", "image_data", None, ""),
+    ("timm_resnet10t", "image_data", None, ""),
+    ("wav2letter", "mfcc_data", None, ""),
+    ("crdnn_gru", "fbank_data", None, ""),
+    ("opennmt_gru", "reverse_data", "language-model", ""),
+    ("fairseq_lstm", "reverse_lengths_data", "language-model", ""),
+]
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -53,7 +65,8 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def run_one(name: str, data: str, task: str | None, margs: str, work: Path, a: argparse.Namespace,
             budget: str) -> dict:
     env = {"HWPRUNE_CACHE": str(work / "cache")}
-    common = ["--model", f"{PAT}:{name}", "--data", f"{PAT}:{data}"] + (["--task", task] if task else []) + \
+    src = ZOO_FILE if a.zoo else PAT
+    common = ["--model", f"{src}:{name}", "--data", f"{src}:{data}"] + (["--task", task] if task else []) + \
         (["--model-args", margs] if margs else [])
     row: dict = {"model": name, "data": data, "task": task or "classification", "model_args": margs, "budget": budget}
     ins = _cli("inspect", *common, "--json", env=env)
@@ -95,7 +108,11 @@ def main() -> None:
     ap.add_argument("--export-steps", type=int, default=300)
     ap.add_argument("--budget", default="70%")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--zoo", action="store_true", help="the libraries' models of bench/zoo_models.py instead of the "
+                    "patterns (results: model_patterns_zoo_*)")
     a = ap.parse_args()
+    patterns = ZOO if a.zoo else PATTERNS
+    stem = "model_patterns_zoo" if a.zoo else "model_patterns"
     import torch
 
     from _results import cpu_fingerprint, write_results
@@ -105,7 +122,7 @@ def main() -> None:
     t0 = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, data, task, margs, *budget in PATTERNS:
+        for name, data, task, margs, *budget in patterns:
             if only and name not in only:
                 continue
             print(f"{name} ({data}) ...", file=sys.stderr, flush=True)
@@ -114,13 +131,14 @@ def main() -> None:
     if only:  # the other models' rows from the last full run, in the patterns' order
         from hwprune.device.targets import fingerprint_slug
 
-        old = ROOT / "bench" / "results" / f"model_patterns_{fingerprint_slug(fp)}.json"
+        old = ROOT / "bench" / "results" / f"{stem}_{fingerprint_slug(fp)}.json"
         done = {(r["model"], r["data"]): r for r in rows}
         prev = {(r["model"], r["data"]): r for r in json.loads(old.read_text())["rows"]} if old.exists() else {}
-        rows = [done.get(k) or prev[k] for k in ((p[0], p[1]) for p in PATTERNS) if k in done or k in prev]
+        rows = [done.get(k) or prev[k] for k in ((p[0], p[1]) for p in patterns) if k in done or k in prev]
     lines = [f"# Models as people write them, end to end — {fp['cpu']} ({platform.machine()}), 1 thread, "
              f"torch {torch.__version__}", "",
-             f"Made by `python bench/model_patterns.py --trials {a.trials} --budget {a.budget} --batch {a.batch}` on "
+             f"Made by `python bench/model_patterns.py{' --zoo' if a.zoo else ''} --trials {a.trials} --budget "
+             f"{a.budget} --batch {a.batch}` on "
              f"{time.strftime('%Y-%m-%d %H:%M')} ({(time.time() - t0) / 60:.0f} min"
              + (f"; rows of {', '.join(sorted(only))} from this run, the others from earlier runs: git log bench/results" if only else "")
              + f"): inspect, profile, search ({a.trials} trials, {a.steps} fine-tune steps, budget {a.budget} of the "
@@ -140,7 +158,7 @@ def main() -> None:
                      f"{r['params_after']:,} | {r['dense_ms']:.3f} | {r['budget_ms']:.3f} | {r['predicted_ms']:.3f} | "
                      f"{r['measured_ms']:.3f} ({r['adjusted_ms']:.3f}, {r['spread_pct']:.0f}%) | "
                      f"{r['metric']} {r['test']:.4f} / {r['dense_test']:.4f} |")
-    out_md = write_results("model_patterns", fp, {"rows": rows, "args": vars(a)}, lines)
+    out_md = write_results(stem, fp, {"rows": rows, "args": vars(a)}, lines)
     print("\n".join(lines))
     print(f"wrote {out_md}", file=sys.stderr)
 

@@ -47,19 +47,26 @@ def _define_torchvision_ops() -> None:
 
 
 def torchaudio_models() -> Any:
-    """``torchaudio.models`` without ``torchaudio/__init__`` (which loads CUDA-linked ``lib/*.so``): the
-    package is entered as a bare namespace over its install folder."""
-    spec = importlib.util.find_spec("torchaudio")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("No module named 'torchaudio'")
-    if "torchaudio" not in sys.modules:
-        pkg = types.ModuleType("torchaudio")
-        pkg.__path__ = list(spec.submodule_search_locations)  # type: ignore[attr-defined]
-        pkg.__spec__ = spec
-        sys.modules["torchaudio"] = pkg
+    """``torchaudio.models`` without ``torchaudio/__init__`` (which loads CUDA-linked ``lib/*.so``)."""
+    _bare("torchaudio")
     import torchaudio.models as tam
 
     return tam
+
+
+def _bare(name: str) -> None:
+    """Enter package ``name`` as a bare namespace over its install folder, without running its ``__init__``:
+    torchaudio's loads CUDA-linked ``lib/*.so``; OpenNMT-py's imports its text transforms (spacy, fasttext),
+    which its model classes do not need."""
+    spec = importlib.util.find_spec(name) if name not in sys.modules else None
+    if name in sys.modules:
+        return
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"No module named '{name}'")
+    pkg = types.ModuleType(name)
+    pkg.__path__ = list(spec.submodule_search_locations)  # type: ignore[attr-defined]
+    pkg.__spec__ = spec
+    sys.modules[name] = pkg
 
 
 def _img(n: int = 2, size: int = 64) -> torch.Tensor:
@@ -97,8 +104,118 @@ def cases() -> list[tuple[str, str, Callable[[], torch.nn.Module], Callable[[], 
          lambda: torch.randn(2, 1, 800)),
         ("torchaudio", "deepspeech", ta("DeepSpeech", n_feature=40, n_hidden=64, n_class=10),
          lambda: torch.randn(2, 1, 50, 40)),
+        ("torchaudio", "conformer", ta("Conformer", input_dim=32, num_heads=2, ffn_dim=64, num_layers=2,
+                                       depthwise_conv_kernel_size=3),
+         lambda: (torch.randn(2, 20, 32), torch.tensor([20, 15]))),
     ]
+    out += _speech_and_translation()
     return out
+
+
+FAIRSEQ_SRC = ROOT / ".zoo" / "fairseq_fixed-0.12.3.1"  # its unbuilt source (no wheel exists; make bench-zoo unpacks it)
+
+
+def _speech_and_translation() -> list:
+    """SpeechBrain's CRDNN (GRU, LSTM and LiGRU layers), OpenNMT-py's RNN encoder-decoders (input feeding with an
+    LSTM, a standard decoder with a GRU; bidirectional encoders, general attention) and fairseq's LSTM model
+    (with and without attention), built from their own classes in small."""
+    out: list = []
+    for rnn in ("GRU", "LSTM", "LiGRU"):
+        out.append(("speechbrain", f"CRDNN ({rnn})", lambda rnn=rnn: crdnn_model(rnn), lambda: torch.randn(2, 50, 40)))
+    onmt_in = lambda: (torch.randint(2, 50, (2, 7, 1)), torch.randint(2, 50, (2, 6, 1)), torch.tensor([7, 7]))  # noqa: E731
+    out.append(("opennmt-py", "RNN seq2seq (bi-LSTM, input feeding)", lambda: onmt_model(True, "LSTM"), onmt_in))
+    out.append(("opennmt-py", "RNN seq2seq (bi-GRU, standard decoder)", lambda: onmt_model(False, "GRU"), onmt_in))
+    fs_in = lambda: (torch.randint(2, 50, (2, 7)), torch.tensor([7, 5]), torch.randint(2, 50, (2, 6)))  # noqa: E731
+    out.append(("fairseq", "LSTM model (attention)", lambda: fairseq_model(True), fs_in))
+    out.append(("fairseq", "LSTM model (no attention)", lambda: fairseq_model(False), fs_in))
+    return out
+
+
+def crdnn_model(rnn: str, classes: int = 10) -> torch.nn.Module:
+    """SpeechBrain's CRDNN (2 CNN blocks, 2 recurrent layers of 64 of ``rnn``, 1 DNN block) with a per-frame
+    Linear classifier; input (batch, frames, 40)."""
+    torchaudio_models()  # SpeechBrain imports torchaudio
+    import speechbrain.nnet.RNN as R
+    from speechbrain.lobes.models.CRDNN import CRDNN
+
+    return _Head(CRDNN(input_shape=[None, None, 40], rnn_class=getattr(R, rnn), cnn_blocks=2, cnn_channels=(16, 32),
+                       rnn_layers=2, rnn_neurons=64, dnn_blocks=1, dnn_neurons=64, time_pooling=False,
+                       using_2d_pooling=False, rnn_re_init=False), 64, classes)
+
+
+def onmt_model(input_feed: bool, rnn: str, vocab: int = 50, pad: int = 1) -> torch.nn.Module:
+    """OpenNMT-py's NMTModel: a bidirectional ``rnn`` encoder, an input-feeding or standard decoder with general
+    attention, hidden 64, embeddings 32, and its generator; input (src (batch, time, 1), tgt, src lengths)."""
+    for pkg in ("onmt", "onmt.encoders", "onmt.decoders", "onmt.models"):
+        _bare(pkg)
+    from onmt.decoders.decoder import InputFeedRNNDecoder, StdRNNDecoder
+    from onmt.encoders.rnn_encoder import RNNEncoder
+    from onmt.models.model import NMTModel
+    from onmt.modules import Embeddings
+
+    dec = InputFeedRNNDecoder if input_feed else StdRNNDecoder
+    return _OpenNMT(NMTModel(RNNEncoder(rnn, True, 1, 64, embeddings=Embeddings(32, vocab, pad)),
+                             dec(rnn, True, 1, 64, attn_type="general", embeddings=Embeddings(32, vocab, pad))),
+                    64, vocab)
+
+
+def fairseq_model(attention: bool, vocab: int = 50, pad: int = 1) -> torch.nn.Module:
+    """fairseq's LSTM model (LSTMEncoder, LSTMDecoder; hidden 64, embeddings 32, one layer each); input
+    (src tokens, src lengths, previous output tokens)."""
+    if FAIRSEQ_SRC.is_dir() and str(FAIRSEQ_SRC) not in sys.path:
+        sys.path.insert(0, str(FAIRSEQ_SRC))
+    from fairseq.models.lstm import LSTMDecoder, LSTMEncoder
+
+    d = _Dictionary(vocab, pad)
+    return _Fairseq(LSTMEncoder(d, embed_dim=32, hidden_size=64, num_layers=1),
+                    LSTMDecoder(d, embed_dim=32, hidden_size=64, out_embed_dim=32, num_layers=1,
+                                attention=attention, encoder_output_units=64))
+
+
+class _Head(torch.nn.Module):
+    """A library's encoder with a Linear classifier per frame."""
+
+    def __init__(self, body: torch.nn.Module, width: int, classes: int) -> None:
+        super().__init__()
+        self.body, self.out = body, torch.nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
+
+
+class _OpenNMT(torch.nn.Module):
+    """OpenNMT-py's NMTModel with its generator (a Linear over the vocabulary), as its trainer calls them."""
+
+    def __init__(self, model: torch.nn.Module, width: int, vocab: int) -> None:
+        super().__init__()
+        self.model, self.generator = model, torch.nn.Linear(width, vocab)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_len: torch.Tensor) -> torch.Tensor:
+        return self.generator(self.model(src, tgt, src_len)[0])
+
+
+class _Fairseq(torch.nn.Module):
+    """fairseq's LSTMModel.forward: the encoder's output handed to the decoder, the logits returned."""
+
+    def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, src_tokens: torch.Tensor, src_lengths: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return self.decoder(prev, encoder_out=self.encoder(src_tokens, src_lengths))[0]
+
+
+class _Dictionary:
+    """What fairseq's LSTM model reads off its dictionary: its size and the padding index."""
+
+    def __init__(self, n: int, pad: int) -> None:
+        self.n, self._pad = n, pad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def pad(self) -> int:
+        return self._pad
 
 
 def _params(m: torch.nn.Module) -> int:
@@ -160,7 +277,9 @@ def main() -> None:
             return version(pkg)
         except PackageNotFoundError:
             return "not installed"
-    versions = {p: _v(p) for p in ("torch", "torch-pruning", "torchvision", "timm", "torchaudio")}
+    versions = {p: _v(p) for p in ("torch", "torch-pruning", "torchvision", "timm", "torchaudio", "speechbrain",
+                                   "opennmt-py")}
+    versions["fairseq"] = "0.12.3.1 (fairseq-fixed, unbuilt source)" if FAIRSEQ_SRC.is_dir() else "not installed"
     lines = ["# The field's model libraries: analysis and a uniform 50% prune", "",
              "Random weights, small synthetic inputs; `build_space` (each listed group cut once) then every group "
              "at 50%, in process. Written by `python bench/zoo.py`.", "", f"Versions: {versions}", "",

@@ -670,3 +670,51 @@ def test_torch_prunings_reshape_map_is_put_back():
     build_space(P.shufflenet3(), torch.randn(2, 3, 16, 16))
     assert index_mapping.update_reshape_index_mapping is original
 
+
+
+def test_a_layernorm_over_frequency_and_channels_keeps_its_conv_whole_and_the_rest_prunes():
+    """SpeechBrain's CRDNN normalizes its convolutions' channels with LayerNorm over (frequency, channels)
+    together: Torch-Pruning cut one dimension of it, and scoring the group failed with a traceback
+    (``Index tensor must have the same number of dimensions``). conv1 is kept whole, naming that LayerNorm and
+    its line; conv2 (-> fc) and fc (-> out) are the groups, and conv2's dead channels prune exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 6)
+    model = P.sb_conv().eval()
+    space = build_space(model, x)
+    assert {g.name: (g.units, g.layers) for g in space.groups} == {"conv2": (8, ("conv2", "fc")),
+                                                                    "fc": (16, ("fc", "out"))}
+    why = space.kept["conv1"]
+    assert "'norm1'" in why and "(6, 8)" in why and _at("self.norm1 = nn.LayerNorm((feats, ch))") in why
+    with torch.no_grad():  # odd channels of conv2 dead, and fc's columns reading them zero
+        model.conv2.weight[1::2] = 0
+        model.conv2.bias[1::2] = 0
+        model.fc.weight[:, 1::2] = 0
+    pruned = prune_model(model, Policy({"conv2": 0.5}, channel_multiple=1), x).eval()
+    assert pruned.conv2.out_channels == 4 and pruned.fc.in_features == 4 and pruned.conv1.out_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-6, rtol=1e-5)
+    pruned = prune_model(model, Policy({"fc": 0.5}, channel_multiple=1), x).eval()
+    assert pruned.fc.out_features == 8 and pruned.out.in_features == 8
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape == (3, 7, 5)
+
+
+def test_attention_scores_written_by_item_assignment_trace_and_the_rest_prunes():
+    """fairseq's decoder writes each step's attention weights with ``attn_scores[:, j, :] = ...``: the trace
+    refused the whole model ('_ConcreteProxy' object does not support item assignment). The write is now one
+    traced operator.setitem; the encoder and the cell, whose features meet in bmm, are kept whole with that line;
+    the source embedding prunes, dead columns exactly, and the scores written come out the same."""
+    torch.manual_seed(0)
+    x = (torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 5)))
+    model = P.scores_loop().eval()
+    space = build_space(model, x)
+    assert {g.name: (g.units, g.layers) for g in space.groups} == {"src_emb": (8, ("src_emb", "encoder"))}
+    line = _at("a = torch.softmax(torch.bmm(enc, h.unsqueeze(2))")
+    assert line in space.kept["encoder"] and line in space.kept["cell"]
+    with torch.no_grad():
+        model.src_emb.weight[:, 1::2] = 0
+    pruned = prune_model(model, Policy({"src_emb": 0.5}, channel_multiple=1), x).eval()
+    assert pruned.src_emb.weight.shape == (20, 4) and pruned.encoder.input_size == 4
+    with torch.no_grad():
+        for got, want in zip(pruned(*x), model(*x)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

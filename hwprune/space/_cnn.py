@@ -236,6 +236,16 @@ def _cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
                                      f"{tied.in_channels} -> {tied.out_channels} channels), whose channels are tied "
                                      f"per group; kept whole")
             continue
+        wide = next((d.target.module for d, _ in g if isinstance(d.target.module, nn.LayerNorm)
+                     and len(d.target.module.normalized_shape) > 1), None)
+        if wide is not None:  # SpeechBrain's CNN blocks: LayerNorm over (frequency, channels) together
+            if kept is not None:
+                from hwprune.space._trace import defined_at
+
+                kept[names[root]] = (f"its channels reach LayerNorm {names[wide]!r}{defined_at(model, names[wide])}, "
+                                     f"which normalizes over {tuple(wide.normalized_shape)} together (Torch-Pruning "
+                                     f"cuts one dimension of it); kept whole")
+            continue
         producers = [names[d.target.module] for d, _ in g if d.target.module in names
                      and isinstance(d.target.module, PRUNABLE_TYPES)
                      and "out_channels" in getattr(d.handler, "__name__", "")]

@@ -66,6 +66,11 @@ class _ConcreteProxy(fx.Proxy):
     def __float__(self) -> float:
         return float(self._v())
 
+    def __setitem__(self, idx: Any, value: Any) -> None:
+        # ``scores[:, j, :] = attn(...)`` (fairseq's decoder loop): one operator.setitem call in the graph, the
+        # example's value written in place as the model writes it
+        self.tracer.create_proxy("call_function", operator.setitem, (self, idx, value), {})
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         v = self._v()
         n = len(v) if isinstance(v, (tuple, list)) else int(v.shape[0]) if isinstance(v, torch.Tensor) else None
@@ -100,6 +105,17 @@ class ConcreteTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
+
+    def create_node(self, kind: str, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(kind, target, *args, **kwargs)
+        if kind == "get_attr" and "value" not in node.meta:
+            # a real tensor the model passes to a traced call (OpenNMT's sequence_mask gets the example's lengths
+            # back from the encoder): fx stores it as a constant on the root, made here without create_proxy
+            val = self.root
+            for part in str(target).split("."):
+                val = getattr(val, part, None)
+            node.meta["value"] = val
+        return node
 
     def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
                      type_expr: Any = None, *rest: Any, **more: Any) -> Any:

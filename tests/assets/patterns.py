@@ -748,3 +748,58 @@ class SqueezeNet(nn.Module):
 
 def squeezenet(**kw):
     return SqueezeNet(**kw)
+
+
+class SBConv(nn.Module):
+    """SpeechBrain's CRDNN convolution blocks in small: features (batch, time, feats) as a 1-channel image, the
+    first block's channels normalized by LayerNorm over (frequency, channels) together in channels-last layout,
+    a second convolution averaged over frequency, a Linear per frame."""
+
+    def __init__(self, feats: int = 6, ch: int = 8, hidden: int = 16, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, ch, 3, padding=1)
+        self.norm1 = nn.LayerNorm((feats, ch))
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.fc = nn.Linear(ch, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):  # (batch, time, feats)
+        x = self.conv1(x.unsqueeze(1))  # (batch, ch, time, feats)
+        x = torch.relu(self.norm1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = torch.relu(self.conv2(x)).mean(3).transpose(1, 2)  # (batch, time, ch)
+        return self.out(torch.relu(self.fc(x)))
+
+
+def sb_conv(**kw):
+    return SBConv(**kw)
+
+
+class ScoresLoop(nn.Module):
+    """fairseq's LSTMDecoder loop in small: an LSTMCell stepped over the target, attention over the encoder's
+    outputs, and the attention weights written step by step into a preallocated tensor
+    (``attn_scores[:, j, :] = ...``), returned beside the logits."""
+
+    def __init__(self, vocab: int = 20, emb: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.src_emb, self.tgt_emb = nn.Embedding(vocab, emb), nn.Embedding(vocab, emb)
+        self.encoder = nn.LSTM(emb, hidden, batch_first=True)
+        self.cell = nn.LSTMCell(emb, hidden)
+        self.out = nn.Linear(2 * hidden, vocab)
+
+    def forward(self, src, tgt):  # (batch, src time), (batch, tgt time)
+        enc, _ = self.encoder(self.src_emb(src))
+        bsz, steps = tgt.shape
+        h = enc.new_zeros(bsz, self.cell.hidden_size)
+        c = enc.new_zeros(bsz, self.cell.hidden_size)
+        attn_scores = enc.new_zeros(bsz, steps, src.size(1))
+        emb, outs = self.tgt_emb(tgt), []
+        for j in range(steps):
+            h, c = self.cell(emb[:, j], (h, c))
+            a = torch.softmax(torch.bmm(enc, h.unsqueeze(2)).squeeze(2), dim=1)
+            attn_scores[:, j, :] = a
+            outs.append(torch.cat([h, torch.bmm(a.unsqueeze(1), enc).squeeze(1)], 1))
+        return self.out(torch.stack(outs, 1)), attn_scores
+
+
+def scores_loop(**kw):
+    return ScoresLoop(**kw)
