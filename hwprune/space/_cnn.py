@@ -15,7 +15,7 @@ from torch import nn
 
 from hwprune import inputs
 from hwprune.errors import HwpruneError, one_line
-from hwprune.space._trace import raised_at
+from hwprune.space._trace import defined_at, raised_at
 
 __all__ = ["CNNGroup", "cnn_groups", "grouped_conv", "output_layers", "shapes", "unmapped_reshapes"]
 
@@ -96,9 +96,11 @@ def _one_by_one(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str],
         except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own failure, in words
             visited.add(m)
             if kept is not None:
-                kept[names.get(m, "?")] = (f"Torch-Pruning cannot follow its channels ({type(exc).__name__}: "
-                                           f"{str(exc).splitlines()[0] if str(exc) else ''}; a reshape it cannot "
-                                           f"map, e.g. a channel shuffle); kept whole")
+                name = names.get(m, "?")
+                kept[name] = (f"Torch-Pruning cannot follow its channels ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}: an op it cannot map them through, such "
+                              f"as a channel shuffle's reshape or a recurrent cell written as Linear layers in a loop)"
+                              f"{defined_at(dg.model, name)}; kept whole")
             continue
         ok = True
         for dep, _ in group:
@@ -229,8 +231,6 @@ def _cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
         tied = next((d.target.module for d, _ in g if grouped_conv(d.target.module)), None)
         if tied is not None:
             if kept is not None:
-                from hwprune.space._trace import defined_at
-
                 kept[names[root]] = (f"its channels run through grouped convolution {names[tied]!r}"
                                      f"{defined_at(model, names[tied])} ({type(tied).__name__}, groups={tied.groups}, "
                                      f"{tied.in_channels} -> {tied.out_channels} channels), whose channels are tied "
@@ -240,8 +240,6 @@ def _cnn_groups(model: nn.Module, example: torch.Tensor, exclude: set[str],
                      and len(d.target.module.normalized_shape) > 1), None)
         if wide is not None:  # SpeechBrain's CNN blocks: LayerNorm over (frequency, channels) together
             if kept is not None:
-                from hwprune.space._trace import defined_at
-
                 kept[names[root]] = (f"its channels reach LayerNorm {names[wide]!r}{defined_at(model, names[wide])}, "
                                      f"which normalizes over {tuple(wide.normalized_shape)} together (Torch-Pruning "
                                      f"cuts one dimension of it); kept whole")
