@@ -117,7 +117,50 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Any, y: t
     nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
     sched.step()
+    release_graph(model)
     return float(loss.detach())
+
+
+_MODULE_DICTS = {"_parameters", "_buffers", "_modules"}
+
+
+def release_graph(model: nn.Module) -> int:
+    """Detach the tensors a model keeps as plain attributes from its last forward (OpenNMT-py's decoder keeps
+    its state dict): with their autograd history they hold the step's graph and make the model impossible to
+    ``copy.deepcopy`` ("Only Tensors created explicitly by the user ... support the deepcopy protocol"). Values
+    are kept. Returns how many were detached."""
+    n = 0
+
+    def fix(v: Any) -> Any:
+        nonlocal n
+        if isinstance(v, torch.Tensor) and v.grad_fn is not None:
+            n += 1
+            return v.detach()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                new = fix(item)
+                if new is not item:
+                    v[k] = new
+            return v
+        if isinstance(v, list):
+            for i, item in enumerate(v):
+                new = fix(item)
+                if new is not item:
+                    v[i] = new
+            return v
+        if isinstance(v, tuple) and not hasattr(v, "_fields"):
+            items = [fix(item) for item in v]
+            return tuple(items) if any(a is not b for a, b in zip(items, v)) else v
+        return v
+
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if k in _MODULE_DICTS or k.startswith("__"):
+                continue
+            new = fix(v)
+            if new is not v:
+                setattr(m, k, new)
+    return n
 
 
 def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,

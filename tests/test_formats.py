@@ -60,8 +60,32 @@ def test_deploy_cpu_uses_real_int8_kernels_for_linear_and_rnn():
     real, report = deploy_cpu(copy.deepcopy(q))
     assert report.real == {"rnn.layers.0": "int8", "rnn.layers.1": "int8", "fc": "int8"}
     assert report.simulated == {}
-    assert "quantized" in type(real.fc).__module__ and "quantized" in type(real.rnn.layers[0]).__module__
+    from torch.ao.nn.quantized import dynamic as qd
+
+    assert isinstance(real.fc, qd.Linear) and isinstance(real.rnn.layers[0], qd.GRU)
     assert (real(x) - sim).abs().max() < 0.05 * sim.abs().max()
+    real.rnn.flatten_parameters()  # models call it on their RNN in every forward (SpeechBrain): a no-op in int8
+    torch.testing.assert_close(real(x), real(x))
+
+
+def test_a_dynamic_int8_rnn_keeps_flatten_parameters_through_save_and_load(tmp_path):
+    """torch's dynamic int8 LSTM/GRU lack nn.RNNBase.flatten_parameters(), which SpeechBrain's wrappers call in
+    every forward: the CRDNN's search failed with ''GRU' object has no attribute 'flatten_parameters''. The
+    quantized modules hwprune makes have it (a no-op: the weights are packed), and keep it after torch.save/load."""
+    from torch.ao.nn.quantized import dynamic as qd
+
+    from hwprune._compat.ao import quantize_dynamic_int8
+
+    for rnn in (torch.nn.GRU(4, 8, batch_first=True), torch.nn.LSTM(4, 8, batch_first=True)):
+        q = quantize_dynamic_int8(rnn.eval())
+        assert isinstance(q, (qd.GRU, qd.LSTM))
+        x = torch.randn(2, 5, 4)
+        before = q(x)[0]
+        q.flatten_parameters()
+        torch.save(q, tmp_path / "q.pt")
+        back = torch.load(tmp_path / "q.pt", weights_only=False)
+        back.flatten_parameters()
+        torch.testing.assert_close(back(x)[0], before)
 
 
 def test_deploy_cpu_reports_what_stays_simulated():

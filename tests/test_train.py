@@ -45,3 +45,40 @@ def test_training_epochs_end_with_reestimated_statistics():
     mean, var = _by_hand(model, ds, 64, 0)
     assert torch.allclose(model[1].running_mean, mean, rtol=1e-4, atol=1e-3)
     assert out["val_history"][-1] == out["val_accuracy"] == evaluate(model, ds)  # scored on those statistics
+
+
+class _KeepsState(nn.Module):
+    """OpenNMT-py's decoder habit: the last forward's state kept in a plain dict attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.state: dict = {}
+
+    def forward(self, x):
+        out = self.fc(x)
+        self.state["hidden"] = (out * 2,)
+        self.state["seen"] = [out.sum()]
+        return out
+
+
+def test_a_state_kept_from_the_last_forward_is_detached_so_the_model_can_be_copied():
+    """After a fine-tune step the model's state dict holds tensors with autograd history; copy.deepcopy then
+    raised 'Only Tensors created explicitly by the user ... support the deepcopy protocol' (every search copies
+    the model). They are detached, with their values kept, and the copy works."""
+    import copy
+
+    from hwprune.train import release_graph
+
+    model = _KeepsState()
+    out = model(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)
+    want = model.state["hidden"][0].detach().clone()
+    assert release_graph(model) == 2
+    assert model.state["hidden"][0].grad_fn is None and model.state["seen"][0].grad_fn is None
+    assert torch.equal(model.state["hidden"][0], want) and out.grad_fn is not None
+    copy.deepcopy(model)
+    x = torch.randn(64, 8)
+    finetune(model, TensorDataset(x, torch.randint(0, 4, (64,))), steps=2, batch_size=16)
+    copy.deepcopy(model)  # finetune leaves it copyable

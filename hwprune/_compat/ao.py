@@ -30,7 +30,31 @@ def quantize_dynamic_int8(module: nn.Module) -> nn.Module:
         from torch.ao.quantization import quantize_dynamic
 
         wrapped = quantize_dynamic(nn.Sequential(module).eval(), {type(module)}, dtype=torch.qint8)
-    return wrapped[0]
+    out = wrapped[0]
+    keeps = _WITH_API.get(type(out))
+    if keeps is not None:
+        out.__class__ = keeps
+    return out
+
+
+def _with_rnn_api() -> dict[type, type]:
+    """torch's dynamic int8 LSTM/GRU with ``flatten_parameters()``, a no-op for packed weights: models call it
+    on their RNN in every forward (SpeechBrain's RNN wrappers), and the quantized modules lack it."""
+    from torch.ao.nn.quantized import dynamic as qd
+
+    def flatten_parameters(self: nn.Module) -> None:
+        """Nothing to flatten: the weights are packed int8 (``nn.RNNBase.flatten_parameters`` is for cuDNN)."""
+
+    made = {}
+    for base in (qd.LSTM, qd.GRU):
+        cls = type(base.__name__, (base,), {"flatten_parameters": flatten_parameters, "__module__": __name__,
+                                            "__qualname__": base.__name__})
+        globals()[base.__name__] = cls  # importable by name, so a pickled module finds its class
+        made[base] = cls
+    return made
+
+
+_WITH_API = _with_rnn_api()
 
 
 def dequantized_linear(module: nn.Module) -> nn.Linear | None:
