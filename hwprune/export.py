@@ -24,7 +24,6 @@ summary; a different export into the same directory is refused.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import sys
@@ -39,6 +38,7 @@ from torch import nn
 from hwprune._compat import torchscript
 from hwprune._io import read_json, relocated, staged_dir, write_atomic
 from hwprune import inputs
+from hwprune._modelcopy import copy_model
 from hwprune.errors import HwpruneError, one_line
 from hwprune.policy import Policy, keep_units
 
@@ -530,7 +530,7 @@ def export_run(run_dir: str | Path, trial: str = "best", finetune_steps: int | N
         # process's own come back after (the fine-tune above ran with them)
         with target.settings() if target.is_local() else contextlib.nullcontext():
             if target.is_local():
-                deployed, rep = deploy(copy.deepcopy(model).eval(), target, setup.example)
+                deployed, rep = deploy(copy_model(model).eval(), target, setup.example)
                 deployed = deployed.to(target.device)
             else:
                 deployed, rep = model.eval(), None

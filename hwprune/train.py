@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hwprune import inputs
 from hwprune._io import write_atomic
+from hwprune._modelcopy import copy_model, release_graph
 from hwprune.errors import HwpruneError
 
 __all__ = ["TrainConfig", "DEFAULT_EPOCHS", "train_model", "finetune", "evaluate", "resolve_device", "is_device_name",
@@ -117,50 +118,10 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Any, y: t
     nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
     sched.step()
-    release_graph(model)
+    release_graph(model)  # a state the model kept from this forward holds the step's graph
     return float(loss.detach())
 
 
-_MODULE_DICTS = {"_parameters", "_buffers", "_modules"}
-
-
-def release_graph(model: nn.Module) -> int:
-    """Detach the tensors a model keeps as plain attributes from its last forward (OpenNMT-py's decoder keeps
-    its state dict): with their autograd history they hold the step's graph and make the model impossible to
-    ``copy.deepcopy`` ("Only Tensors created explicitly by the user ... support the deepcopy protocol"). Values
-    are kept. Returns how many were detached."""
-    n = 0
-
-    def fix(v: Any) -> Any:
-        nonlocal n
-        if isinstance(v, torch.Tensor) and v.grad_fn is not None:
-            n += 1
-            return v.detach()
-        if isinstance(v, dict):
-            for k, item in v.items():
-                new = fix(item)
-                if new is not item:
-                    v[k] = new
-            return v
-        if isinstance(v, list):
-            for i, item in enumerate(v):
-                new = fix(item)
-                if new is not item:
-                    v[i] = new
-            return v
-        if isinstance(v, tuple) and not hasattr(v, "_fields"):
-            items = [fix(item) for item in v]
-            return tuple(items) if any(a is not b for a, b in zip(items, v)) else v
-        return v
-
-    for m in model.modules():
-        for k, v in list(vars(m).items()):
-            if k in _MODULE_DICTS or k.startswith("__"):
-                continue
-            new = fix(v)
-            if new is not v:
-                setattr(m, k, new)
-    return n
 
 
 def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
@@ -230,9 +191,7 @@ def finetune(model: nn.Module, train: Dataset, steps: int, lr: float = 1e-3, bat
         model.to(resolve_device(device))
     soft = None
     if teacher is not None and distill > 0:
-        import copy
-
-        soft = copy.deepcopy(teacher).to(_device_of(model)).eval().requires_grad_(False)
+        soft = copy_model(teacher).to(_device_of(model)).eval().requires_grad_(False)
     try:
         return _finetune(model, train, steps, lr, batch_size, seed, callback, task, soft, distill)
     finally:
@@ -323,9 +282,8 @@ def cache_key(model: str, data: str, seed: int, model_args: dict[str, Any], task
     the same model and data is another entry. User code (``file.py:factory`` models, data and tasks) enters
     with its source file's content: an edited file is trained again, never served the old file's weights.
     """
-    from hwprune.tasks import get_task
-
     from hwprune.factory import source_digest
+    from hwprune.tasks import get_task
 
     name = get_task(task).name
     sources = [d for d in (source_digest(model), source_digest(data), source_digest(name)) if d]
@@ -380,9 +338,9 @@ def train_and_cache(model: nn.Module, data: Any, model_ref: str, data_ref: str, 
     ``data`` is a :class:`hwprune.data.DataBundle`. ``hwprune train`` and a
     search that finds no trained model both come here, so the cache holds one kind of entry.
     """
-    from hwprune.tasks import get_task
-
     import dataclasses
+
+    from hwprune.tasks import get_task
 
     task = get_task(cfg.task if cfg.task is not None else getattr(data, "task", None))
     cfg = dataclasses.replace(cfg, task=task)

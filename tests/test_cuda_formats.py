@@ -190,8 +190,8 @@ def test_finetune_on_the_gpu_moves_batches_and_returns_to_cpu():
 
 
 def test_the_device_layer_sits_under_apply_latency_and_export():
-    """Kernels are a leaf (errors, the deprecated-API module and inputs only); the device package imports nothing
-    of latency, search or export; apply (pruning and simulation) imports nothing of latency or of the device
+    """Kernels are a leaf (errors, the deprecated-API module, inputs and the model copy only); the device package
+    imports nothing of latency, search or export; apply (pruning and simulation) imports nothing of latency or of the device
     layer but the kernels it simulates with. One module realizes formats for deployment and profiling."""
     import ast
 
@@ -205,8 +205,10 @@ def test_the_device_layer_sits_under_apply_latency_and_export():
         return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                 and n.module.startswith("hwprune")}
 
-    assert imports(ROOT / "hwprune" / "device" / "kernels.py") == {"hwprune.errors", "hwprune._compat.ao", "hwprune.inputs"}
+    assert imports(ROOT / "hwprune" / "device" / "kernels.py") == {"hwprune.errors", "hwprune._compat.ao", "hwprune.inputs",
+                                                                  "hwprune._modelcopy"}
     assert imports(ROOT / "hwprune" / "inputs.py") == {"hwprune.errors"}  # inputs: a leaf too
+    assert imports(ROOT / "hwprune" / "_modelcopy.py") == set()  # and the model copy
     for f in sorted((ROOT / "hwprune" / "device").glob("*.py")):
         assert not {m for m in imports(f) if m.startswith(("hwprune.latency", "hwprune.search", "hwprune.export",
                                                            "hwprune.cli"))}, f

@@ -68,7 +68,7 @@ def test_a_state_kept_from_the_last_forward_is_detached_so_the_model_can_be_copi
     the model). They are detached, with their values kept, and the copy works."""
     import copy
 
-    from hwprune.train import release_graph
+    from hwprune._modelcopy import copy_model, release_graph
 
     model = _KeepsState()
     out = model(torch.randn(3, 8))
@@ -79,6 +79,9 @@ def test_a_state_kept_from_the_last_forward_is_detached_so_the_model_can_be_copi
     assert model.state["hidden"][0].grad_fn is None and model.state["seen"][0].grad_fn is None
     assert torch.equal(model.state["hidden"][0], want) and out.grad_fn is not None
     copy.deepcopy(model)
+    model(torch.randn(3, 8))  # history again: copy_model (every copy hwprune makes of a model) detaches first
+    assert model.state["hidden"][0].grad_fn is not None
+    torch.testing.assert_close(copy_model(model).state["hidden"][0], model.state["hidden"][0].detach())
     x = torch.randn(64, 8)
     finetune(model, TensorDataset(x, torch.randint(0, 4, (64,))), steps=2, batch_size=16)
     copy.deepcopy(model)  # finetune leaves it copyable

@@ -7,7 +7,6 @@ and loads the weights with ``torch.load(weights_only=True)``: no pickled code.
 """
 from __future__ import annotations
 
-import copy
 import io
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +16,7 @@ from torch import nn
 
 from hwprune import inputs
 from hwprune._io import write_atomic
+from hwprune._modelcopy import copy_model
 from hwprune.apply.formats import FormatSim, apply_formats
 from hwprune.apply.importance import IMPORTANCES
 from hwprune.apply.prune import kept_indices, prune_model, unit_scores
@@ -77,7 +77,7 @@ def load_pruned(path: str | Path, model: str | nn.Module | None = None, *,
                            f"{', '.join(missing) or 'model/model_args'})")
     shape = tuple(tuple(s) if isinstance(s, list) else s for s in blob["input_shape"])
     if isinstance(model, nn.Module):
-        dense = copy.deepcopy(model)
+        dense = copy_model(model)
     else:
         ref = model if model is not None else blob["model"]
         if model is None and not trust_code:

@@ -110,9 +110,9 @@ def strip_formats(model: nn.Module) -> nn.Module:
     """
     if not any(isinstance(m, FormatSim) for m in model.modules()):
         return model
-    import copy
+    from hwprune._modelcopy import copy_model
 
-    plain = copy.deepcopy(model)
+    plain = copy_model(model)
     for name, mod in list(plain.named_modules()):
         if isinstance(mod, FormatSim):
             plain.set_submodule(name, mod.inner)

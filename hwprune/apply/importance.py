@@ -38,6 +38,9 @@ def accumulate_grads(model: nn.Module, batches: Batches, loss: Callable | None =
     model.eval()
     for x, y in batches:
         fn(inputs.call(model, x), y).backward()
+    from hwprune._modelcopy import release_graph
+
+    release_graph(model)  # a state the model kept from the last forward (OpenNMT-py's decoder) holds its graph
 
 
 def mean_activation(model: nn.Module, modules: dict[str, nn.Module], batches: Batches) -> dict[str, torch.Tensor]:

@@ -1,13 +1,13 @@
 """Turn a dense model into a physically smaller one under a policy."""
 from __future__ import annotations
 
-import copy
 import weakref
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from hwprune._modelcopy import copy_model
 from hwprune.apply.importance import (Batches, accumulate_grads, cnn_scores, mean_activation, needs_data,
                                       rnn_scores)
 from hwprune.errors import HwpruneError, one_line
@@ -95,7 +95,7 @@ def _prepared(model: nn.Module, example: torch.Tensor, exclude: set[str], import
     data = list(batches) if batches is not None else None
     if needs_data(importance) and not data:
         raise HwpruneError(f"importance {importance!r} needs a few data batches (give --data)")
-    model = prepare_model(copy.deepcopy(model))
+    model = prepare_model(copy_model(model))
     if importance == "taylor":
         accumulate_grads(model, data or [], loss)
     return model, data

@@ -44,7 +44,7 @@ def deploy(model: nn.Module, target: Any = "cpu", example: torch.Tensor | None =
     a target name. ``example`` (an input batch) is needed to plan the regions; without it, or when the
     planned model does not run, each bf16/fp16 layer is an island (cast in and back out), as the report says.
     """
-    import copy
+    from hwprune._modelcopy import copy_model
 
     from hwprune.errors import one_line
     from hwprune.device.kernels import Sources, apply_regions, dtype_sources, plan_regions, region_dtype
@@ -59,7 +59,7 @@ def deploy(model: nn.Module, target: Any = "cpu", example: torch.Tensor | None =
     if example is not None and any(region_dtype(f) != torch.float32 for f in formats.values()):
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         src = dtype_sources(model, inputs.to_device(example, dev), names)
-    backup = copy.deepcopy(model) if src is not None else None
+    backup = copy_model(model) if src is not None else None
     model, report = _realize_all(model, target)
     compute = {n: region_dtype(f) for n, f in report.real.items()}
     if not any(d != torch.float32 for d in compute.values()):

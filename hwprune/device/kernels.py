@@ -367,11 +367,11 @@ def fp32_copy(model: nn.Module) -> tuple[nn.Module, dict[str, str]]:
     """A copy of a deployed model with every layer a runtime or exporter cannot take in its real format put back
     in fp32: precision regions (bf16/fp16) and dynamic int8 Linears (weights dequantized). Returns the copy and
     {layer: the format it had}; an empty dict when nothing changed."""
-    import copy
+    from hwprune._modelcopy import copy_model
 
     from hwprune._compat.ao import dequantized_linear
 
-    out = copy.deepcopy(model)
+    out = copy_model(model)
     changed: dict[str, str] = {}
     for name, mod in list(out.named_modules()):
         if not name:

@@ -10,7 +10,6 @@ table of its kind (profiled on the device and copied here).
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from hwprune import inputs
+from hwprune._modelcopy import copy_model
 from hwprune.errors import HwpruneError
 from hwprune.latency.layers import ModelLayers
 from hwprune.latency.table import (LatencyTable, fingerprint_diff, table_dirs, table_path, user_tables_dir)
@@ -133,7 +133,7 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
     configs = layer_configs(job.layers, job.grid, target, table.batch_size, log, fused=fused)
     x = timing_batch(job.example, table.batch_size, job.inputs)
     got = profile_layers(table, configs, target, job.repeats, log,
-                         reference=model_sampler(copy.deepcopy(job.model), x, target))
+                         reference=model_sampler(copy_model(job.model), x, target))
     pred = Predictor(table, job.layers, job.key)
     menus = pred.menus(target)
     smallest = pred.runnable(smallest_policy(pred, job.grid, menus))
@@ -194,7 +194,7 @@ def missing_for(table: LatencyTable, target: Target, layers: ModelLayers | None,
 
 def estimate_seconds(job: ProfileJob, target: Target, batch: int, configs: int, calibration: int) -> float:
     """A rough profiling time from one timed dense forward pass (an estimate for the user, never stored)."""
-    model = copy.deepcopy(job.model).eval().to(target.device)  # the job's model stays where it is (the CPU)
+    model = copy_model(job.model).eval().to(target.device)  # the job's model stays where it is (the CPU)
     from hwprune.latency.profiler import timing_batch
 
     x = inputs.to_device(timing_batch(job.example, batch, job.inputs), target.device)

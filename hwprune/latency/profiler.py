@@ -505,9 +505,9 @@ def calibrate(table: LatencyTable, key: str, model: nn.Module, example: torch.Te
             log(f"hwprune: calibration policy {i} left out (not fitted): {problem}")
             continue
         prepared[i] = model_sampler(deployed, x, target)
-    import copy
+    from hwprune._modelcopy import copy_model
 
-    res = measure_rounds(prepared, target, round_plan(repeats), model_sampler(copy.deepcopy(model), x, target))
+    res = measure_rounds(prepared, target, round_plan(repeats), model_sampler(copy_model(model), x, target))
     ref = reference_stats(res.samples[REFERENCE])
     for i in prepared:
         t = res.timing(i)

@@ -200,7 +200,7 @@ def measure_with_anchors(items: dict[Any, Any], table: Any, key: str, model: Any
     rounds together with the speed curve's anchors: the dense ``model`` (the reference) and, where the table holds
     it, the smallest policy deployed as profiling measured it. Returns the rounds' result and the curve (None
     when ``table`` is None or holds no reference for ``key``)."""
-    import copy
+    from hwprune._modelcopy import copy_model
 
     from hwprune.latency.profiler import deployed_for_timing, measure_rounds, model_sampler, round_plan
     from hwprune.policy import Policy
@@ -212,5 +212,5 @@ def measure_with_anchors(items: dict[Any, Any], table: Any, key: str, model: Any
                                              regions_priced=table.casts == "regions")
         if not problem:
             items[SMALLEST] = model_sampler(small, x, target)
-    res = measure_rounds(items, target, round_plan(repeats, seed), model_sampler(copy.deepcopy(model), x, target))
+    res = measure_rounds(items, target, round_plan(repeats, seed), model_sampler(copy_model(model), x, target))
     return res, (speed_curve(table, key, res.samples) if table is not None else None)

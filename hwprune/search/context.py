@@ -8,7 +8,6 @@ infeasible one.
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from hwprune._modelcopy import copy_model
 from hwprune.errors import HwpruneError, one_line
 from hwprune.latency import ProfileJob, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.layers import ModelLayers
@@ -384,7 +384,7 @@ def _search_grid(spec: SearchSpec, target: Any, table: Any, table_grid: tuple[fl
         return table_grid, None, (f"keep ratios on the table's grid only ({', '.join(f'{r:g}' for r in table_grid)}):"
                                   f" finer ones are measured on demand, which needs this machine ({why})")
     x = timing_batch(setup.example, table.batch_size, setup.timing_pool())
-    meter = ConfigMeter(table, target, key, copy.deepcopy(model), x, dest)
+    meter = ConfigMeter(table, target, key, copy_model(model), x, dest)
     return fine, meter, (f"keep ratios in steps of 1/{n} down to {min(fine):g} beside the table's grid; the layer "
                          f"configurations a trial needs that the table lacks are measured before it trains, into "
                          f"{str(dest)!r}")
@@ -408,7 +408,7 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     batch = spec.batch_size or default_latency_batch(spec.model)
     from hwprune.space import check_prunable
 
-    structure = copy.deepcopy(setup.model)  # the analysis splits RNN stacks in place; training and the cache
+    structure = copy_model(setup.model)  # the analysis splits RNN stacks in place; training and the cache
     layers = analyze_layers(structure, setup.example, spec.exclude, spec.channel_multiple)  # keep the user's keys
     check_prunable(layers.space)
     for name, why in layers.space.kept.items():  # said before anything is measured: the user may restructure

@@ -57,7 +57,7 @@ def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 1
     trial at 0.283x of a 0.30x budget was dropped as marginal, and four timings of one policy in a row read
     0.286, 0.304, 0.305 and 0.285x; 15 rounds of four cnn1d models take 0.3 s). A candidate that cannot be
     deployed is left out."""
-    import copy
+    from hwprune._modelcopy import copy_model
     import functools
 
     from hwprune.device.targets import get_target
@@ -70,7 +70,7 @@ def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 1
     allowed = ctx.budget_ms / ctx.speed_factor / ctx.dense_ms  # the budget as a ratio to the dense model
     items = {}
     with target.settings():
-        dense, _ = deployed_for_timing(copy.deepcopy(setup.model), Policy(channel_multiple=spec.channel_multiple),
+        dense, _ = deployed_for_timing(copy_model(setup.model), Policy(channel_multiple=spec.channel_multiple),
                                        setup.example, target, spec.exclude, False)
         reference = functools.cache(model_sampler(dense, x, target))  # prepared once for every pass
         for number, pol in cands:

@@ -14,10 +14,10 @@ the dense model in the search's runtime, measured in the same rounds, so the mac
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from hwprune._modelcopy import copy_model
 from hwprune.errors import one_line
 from hwprune.policy import Policy
 
@@ -107,7 +107,7 @@ def measure_way_out(model: Any, example: Any, pool: Any, smallest: Policy, block
     x = timing_batch(example, batch, pool)
 
     def add(key: Any, target: Any, policy: Policy, xb: Any) -> None:
-        deployed, _ = deployed_for_timing(copy.deepcopy(model), policy, example, target, spec.exclude, False)
+        deployed, _ = deployed_for_timing(copy_model(model), policy, example, target, spec.exclude, False)
         xx = inputs.to_device(xb, target.device)
         with torch.no_grad():
             run = target.prepare(deployed.eval().to(target.device), xx)

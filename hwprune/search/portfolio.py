@@ -234,11 +234,11 @@ def _tp_keep(ctx: Any, ratio: float) -> dict[str, float] | None:
     channel multiple, the output layer and the excluded ones left whole) at ``ratio``, read off the pruned group
     roots and put on the searched widths (the narrowest that keeps at least as many units); None when
     Torch-Pruning fails on the model."""
-    import copy
+    from hwprune._modelcopy import copy_model
 
     import torch_pruning as tp
 
-    model = copy.deepcopy(ctx.setup.model).eval()
+    model = copy_model(ctx.setup.model).eval()
     ex = ctx.setup.example
     try:
         mods = dict(model.named_modules())

@@ -6,13 +6,13 @@ modules first, so each layer is its own group).
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from hwprune import inputs
+from hwprune._modelcopy import copy_model
 from hwprune.errors import HwpruneError, one_line
 from hwprune.space._cnn import cnn_groups, shapes as _shapes
 from hwprune.space._cut import cut_plans
@@ -93,7 +93,7 @@ def _cuttable(model: nn.Module, example: Any, plans: list[RNNGroupPlan], kept: d
             want = _shapes(inputs.call(model.eval(), example))
         ok = []
         for plan in plans:
-            trial = copy.deepcopy(model)
+            trial = copy_model(model)
             try:
                 cut_plans(trial, [(plan, torch.arange(0, plan.units, 2))])
                 with torch.no_grad():
@@ -136,7 +136,7 @@ def build_space(model: nn.Module, example: Any, exclude: Iterable[str] = (), blo
 def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[str], blocks: bool = True) -> Space:
     if stacks:  # the input is blamed only when the model as the user gave it fails on it
         check_input(model, example)
-        model = copy.deepcopy(model)  # split on a copy: the caller's model keeps its nn.LSTM/nn.GRU
+        model = copy_model(model)  # split on a copy: the caller's model keeps its nn.LSTM/nn.GRU
     prepare_model(model)
     known = {n for n, _ in model.named_modules()}
     unknown = sorted(excl - known)

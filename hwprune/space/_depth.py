@@ -16,7 +16,6 @@ when blocks are dropped (the module is replaced, not removed), so a policy's gro
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from hwprune import inputs
+from hwprune._modelcopy import copy_model
 from hwprune.errors import HwpruneError
 
 __all__ = ["DepthBlock", "Dropped", "droppable_blocks", "drop_blocks", "dropped_layers"]
@@ -162,7 +162,7 @@ def droppable_blocks(model: nn.Module, example: Any, exclude: Iterable[str] = ()
         for name, kind, mod in cands:
             if kind == "block" and name not in ok_shape:
                 continue
-            trial = copy.deepcopy(model)
+            trial = copy_model(model)
             try:
                 drop_blocks(trial, [name])
                 with torch.no_grad():
