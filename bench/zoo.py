@@ -58,9 +58,9 @@ def _bare(name: str) -> None:
     """Enter package ``name`` as a bare namespace over its install folder, without running its ``__init__``:
     torchaudio's loads CUDA-linked ``lib/*.so``; OpenNMT-py's imports its text transforms (spacy, fasttext),
     which its model classes do not need."""
-    spec = importlib.util.find_spec(name) if name not in sys.modules else None
     if name in sys.modules:
         return
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"No module named '{name}'")
     pkg = types.ModuleType(name)

@@ -118,7 +118,6 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Any, y: t
     nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     opt.step()
     sched.step()
-    release_graph(model)  # a state the model kept from this forward holds the step's graph
     return float(loss.detach())
 
 
@@ -153,6 +152,7 @@ def _train(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
         for x, y in loader:
             total += _step(model, opt, sched, x, y, step, cfg.task) * len(y)
             step += 1
+        release_graph(model)  # a state the model kept from the last step holds its graph
         refresh_batchnorm(model, train, cfg.batch_size, cfg.seed)  # the statistics of this epoch's weights
         acc = evaluate(model, val, task=cfg.task)
         history.append(acc)
@@ -219,6 +219,7 @@ def _finetune(model: nn.Module, train: Dataset, steps: int, lr: float, batch_siz
         if callback is not None:
             callback(step)
             model.train()
+    release_graph(model)  # a state the model kept from the last step holds its graph (once: ~1 ms on ResNet-18)
     refresh_batchnorm(model, train, batch_size, seed)  # before anyone evaluates it
     return model
 

@@ -57,9 +57,9 @@ def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 1
     trial at 0.283x of a 0.30x budget was dropped as marginal, and four timings of one policy in a row read
     0.286, 0.304, 0.305 and 0.285x; 15 rounds of four cnn1d models take 0.3 s). A candidate that cannot be
     deployed is left out."""
-    from hwprune._modelcopy import copy_model
     import functools
 
+    from hwprune._modelcopy import copy_model
     from hwprune.device.targets import get_target
     from hwprune.latency.profiler import REFERENCE, deployed_for_timing, measure_rounds, model_sampler, timing_batch
     from hwprune.latency.rounds import RoundPlan
@@ -448,9 +448,7 @@ def _fallback(ctx: Any, untimed: list[Any], result: dict[str, Any], allowed: flo
     for t in untimed:
         if t.number not in first or t.number not in again:
             continue
-        verdicts = [_row(t, m, ctx.dense_ms, allowed, spread)["verdict"] for m in (first[t.number], again[t.number])]
-        row = _row(t, max(first[t.number], again[t.number]), ctx.dense_ms, allowed, spread)
-        row["verdict"] = next((v for v in ("over", "marginal") if v in verdicts), "met")
+        row = _twice(t, first[t.number], again[t.number], ctx.dense_ms, allowed, spread)
         row["ratio_first"] = round(first[t.number][0], 4)
         rows.append(row)
         if row["verdict"] == "met":
@@ -498,12 +496,7 @@ def confirm(ctx: Any, study: Any, best: Any, result: dict[str, Any], allowed: fl
     for n in met:
         if n not in again or n not in first:
             continue
-        # each measurement clears the margin on its own noise, at least the drift between timings (the worse
-        # ratio is the one that decides)
-        verdicts = [_row(by_number[n], m, ctx.dense_ms, allowed, spread or 0.0)["verdict"]
-                    for m in (first[n], again[n])]
-        row = _row(by_number[n], max(first[n], again[n]), ctx.dense_ms, allowed, spread or 0.0)
-        row["verdict"] = next((v for v in ("over", "marginal") if v in verdicts), "met")
+        row = _twice(by_number[n], first[n], again[n], ctx.dense_ms, allowed, spread or 0.0)
         row["ratio_again"] = round(again[n][0], 4)
         (kept if row["verdict"] == "met" else lost).append(n)
         if n in rows:
@@ -541,6 +534,16 @@ def _row(t: Any, timed: tuple[float, float], dense_ms: float, allowed: float, sp
     verdict = "over" if ms > allowed else "marginal" if ms * (1 + max(FLOOR, SURE * noise)) > allowed else "met"
     return {"trial": t.number, "ratio": round(ratio, 4), "measured_ms": round(ms, 4), "noise": round(noise, 4),
             "predicted_ms": round(t.values[1], 4), "verdict": verdict}
+
+
+def _twice(t: Any, first: tuple[float, float], again: tuple[float, float], dense_ms: float, allowed: float,
+           spread: float) -> dict[str, Any]:
+    """A trial timed twice: the :func:`_row` of its worse timing, 'met' only when each timing clears the margin on
+    its own noise (at least ``spread``, the drift between timings)."""
+    verdicts = [_row(t, m, dense_ms, allowed, spread)["verdict"] for m in (first, again)]
+    row = _row(t, max(first, again), dense_ms, allowed, spread)
+    row["verdict"] = next((v for v in ("over", "marginal") if v in verdicts), "met")
+    return row
 
 
 def drift(timings: dict[str, list[Any]]) -> float | None:
