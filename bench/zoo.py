@@ -143,9 +143,11 @@ def crdnn_model(rnn: str, classes: int = 10) -> torch.nn.Module:
                        using_2d_pooling=False, rnn_re_init=False), 64, classes)
 
 
-def onmt_model(input_feed: bool, rnn: str, vocab: int = 50, pad: int = 1) -> torch.nn.Module:
+def onmt_model(input_feed: bool, rnn: str, vocab: int = 50, pad: int = 1, hidden: int = 64, emb: int = 32
+               ) -> torch.nn.Module:
     """OpenNMT-py's NMTModel: a bidirectional ``rnn`` encoder, an input-feeding or standard decoder with general
-    attention, hidden 64, embeddings 32, and its generator; input (src (batch, time, 1), tgt, src lengths)."""
+    attention, ``hidden`` units (64), embeddings ``emb`` wide (32), and its generator; input (src (batch, time,
+    1), tgt, src lengths)."""
     for pkg in ("onmt", "onmt.encoders", "onmt.decoders", "onmt.models"):
         _bare(pkg)
     from onmt.decoders.decoder import InputFeedRNNDecoder, StdRNNDecoder
@@ -154,9 +156,15 @@ def onmt_model(input_feed: bool, rnn: str, vocab: int = 50, pad: int = 1) -> tor
     from onmt.modules import Embeddings
 
     dec = InputFeedRNNDecoder if input_feed else StdRNNDecoder
-    return _OpenNMT(NMTModel(RNNEncoder(rnn, True, 1, 64, embeddings=Embeddings(32, vocab, pad)),
-                             dec(rnn, True, 1, 64, attn_type="general", embeddings=Embeddings(32, vocab, pad))),
-                    64, vocab)
+    model = _OpenNMT(NMTModel(RNNEncoder(rnn, True, 1, hidden, embeddings=Embeddings(emb, vocab, pad)),
+                              dec(rnn, True, 1, hidden, attn_type="general", embeddings=Embeddings(emb, vocab, pad))),
+                     hidden, vocab)
+    # its Embeddings are built with skip_init (memory left as it was, NaN at times): OpenNMT's model builder then
+    # draws every parameter from U(-0.1, 0.1) (its default --param_init), as here
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.1, 0.1)
+    return model
 
 
 def fairseq_model(attention: bool, vocab: int = 50, pad: int = 1) -> torch.nn.Module:

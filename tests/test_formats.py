@@ -95,3 +95,56 @@ def test_deploy_cpu_reports_what_stays_simulated():
     _, report = deploy_cpu(q)
     assert report.simulated == {"features.0": "int8", "features.3": "int8", "features.6": "int8"}
     assert set(report.real) == {"fc1", "fc"}
+
+
+class _StateByClass(torch.nn.Module):
+    """OpenNMT-py's decoder: it keeps its state as a tuple and unwraps it only ``if isinstance(self.rnn, nn.GRU)``;
+    neither a simulated GRU nor torch's int8 GRU is an nn.GRU, so the model fails with either on that layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.GRU(4, 8, batch_first=True)
+        self.dec = torch.nn.GRU(4, 8, batch_first=True)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        _, h = self.enc(x)
+        state = (h,)
+        out, _ = self.dec(x, state[0]) if isinstance(self.dec, torch.nn.GRU) else self.dec(x, state)  # LINE
+        return self.fc(out[:, -1])
+
+
+def test_formats_the_model_cannot_run_with_are_refused_per_layer_with_the_users_line():
+    import inspect
+
+    from hwprune.device.deploy import format_refusals
+    from hwprune.device.targets import get_target
+
+    m = _StateByClass().eval()
+    x = torch.randn(4, 5, 4)
+    menus = {"enc": ["fp32", "int8", "bf16"], "dec": ["fp32", "int8", "bf16"], "fc": ["fp32", "int8"]}
+    got = format_refusals(m, x, menus, get_target("cpu"))
+    assert set(got) == {"dec"} and set(got["dec"]) == {"int8", "bf16"}  # the encoder and the head keep theirs
+    line = next(i for i, s in enumerate(inspect.getsourcelines(_StateByClass.forward)[0]) if "# LINE" in s)
+    line += inspect.getsourcelines(_StateByClass.forward)[1]
+    assert f"test_formats.py:{line}" in got["dec"]["int8"] and "AttributeError" in got["dec"]["int8"]
+    torch.testing.assert_close(m(x), _StateByClass.forward(m, x))  # the user's model is left as it was
+
+
+def test_the_predictor_leaves_refused_formats_off_the_menus():
+    from hwprune.latency import Predictor, analyze_layers
+    from hwprune.latency.table import Entry, LatencyTable
+
+    m = _StateByClass().eval()
+    x = torch.randn(4, 5, 4)
+    layers = analyze_layers(m, x, [], 1)
+    table = LatencyTable(fingerprint={}, batch_size=4)
+    full = {g.name: g.units for g in layers.space.groups}
+    pred_fused = Predictor(table, layers, "k").fused
+    for form in layers.layers:  # int8 measured faster than fp32 for every layer
+        for fmt, us in (("fp32", 10.0), ("int8", 5.0)):
+            table.entries[form.config(full, 4, fmt, pred_fused).key] = Entry(us, 0.0, 10)
+    pred = Predictor(table, layers, "k")
+    assert all(menu == ["fp32", "int8"] for menu in pred.menus().values())
+    pred.refused = {"dec": {"int8": "why"}}
+    assert pred.menu("dec") == ["fp32"] and pred.menu("fc") == ["fp32", "int8"]

@@ -209,3 +209,26 @@ def test_the_graph_comes_from_the_parameters_so_in_place_input_changes_still_pla
     assert all(p.requires_grad for p in m.parameters())  # restored
     dep, rep = deploy(apply_formats(copy.deepcopy(m), {"a": "bf16", "b": "bf16"}), "cpu", torch.randn(2, 6))
     assert rep.regions == "regions" and rep.casts == 2
+
+
+class InPlaceResidual(nn.Module):
+    """torchvision's residual: ``result = block(x); result += x``. In place, the sum keeps the block's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        r = self.b(h)
+        r += h
+        return self.c(r)
+
+
+def test_an_in_place_sum_keeps_its_first_operands_dtype_so_the_next_layer_casts():
+    m, x = InPlaceResidual().eval(), torch.randn(4, 6)
+    src = dtype_sources(m, x, ["a", "b", "c"])
+    assert src is not None and src.inputs == {"a": (), "b": ("a",), "c": ("b",)}  # not ("a", "b"): r += h is b's
+    dep, rep = deploy(apply_formats(copy.deepcopy(m), {"b": "bf16"}), "cpu", x)
+    assert rep.regions == "regions" and rep.casts == 2  # into b, and out of it before c
+    assert float((dep(x) - m(x)).abs().max()) < 0.05 * float(m(x).abs().max())

@@ -166,3 +166,44 @@ def test_crnn_through_the_cli():
     gru = 2 * 3 * (16 * 64 + 16 * 16 + 2 * 16)
     assert s["params_after"] == (8 * 9 + 8) + 2 * 8 + (16 * 8 * 9 + 16) + 2 * 16 + gru + (32 * 3 + 3) == 9267
     assert 0 <= s["val_accuracy_after"] <= 1
+
+
+class Flat(nn.Module):
+    """out.reshape(-1, H) into the head and out.view(b * t, H) into another: reshapes that keep the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 12, batch_first=True)
+        self.fc = nn.Linear(12, 5)
+        self.fc2 = nn.Linear(12, 5)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        b, t, h = out.shape
+        y = self.fc(out.reshape(-1, h)) + self.fc2(torch.relu(out).contiguous().view(b * t, h))
+        return y.view(b, t, 5)
+
+
+class FlatFeatures(Flat):
+    """out.reshape(b, t * H): the features merged with time, which is refused in words."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(7 * 12, 5)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out.reshape(out.size(0), -1))
+
+
+def test_reshapes_that_keep_the_last_dim_pass_the_units_and_dead_units_prune_without_changing_outputs():
+    m = prepare_model(Flat()).eval()
+    x = torch.randn(4, 7, 3)
+    space = build_space(m, x)
+    assert [(g.name, set(g.layers)) for g in space.groups] == [("rnn", {"rnn", "fc", "fc2"})]
+    _kill_units(m, {"rnn": [0, 2, 7, 11]}, {"rnn": [m.fc2]})
+    p = apply_policy(m, Policy({"rnn": 8 / 12}, channel_multiple=1), x).eval()
+    assert p.rnn.hidden_size == 8 and p.fc.in_features == p.fc2.in_features == 8
+    assert torch.allclose(p(x), m(x), atol=1e-5, rtol=0)
+    flat = build_space(prepare_model(FlatFeatures()).eval(), x)
+    assert not flat.groups and "a '.reshape()' call at test_rnn_heads.py:" in flat.kept["rnn"]

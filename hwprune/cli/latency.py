@@ -197,12 +197,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from hwprune.latency.ondemand import check_formats
     from hwprune.latency.validate import validate_predictor
 
     target, s, exclude, layers, key, table, pred = _predictor(args, measure=True)
     if not pred.calibrated:
         raise HwpruneError(f"table {str(table.path)!r} has no calibration for {key}; run 'hwprune profile' first")
     grid = tuple(table.models[key]["grid"])
+    check_formats(pred, s.model, s.example, target, log)
     rep = validate_predictor(s.model, s.example, layers, pred, target, args.samples, args.seed, args.repeats,
                              exclude, grid, pred.menus(target), None if args.json else log, s.timing_pool())
     summary = {"model": args.model, "target": args.target, "batch_size": table.batch_size,

@@ -13,7 +13,7 @@ from hwprune import inputs
 from hwprune.apply.formats import FormatSim
 from hwprune.errors import is_oom
 
-__all__ = ["DeployReport", "deploy", "deploy_cpu"]
+__all__ = ["DeployReport", "deploy", "deploy_cpu", "format_refusals"]
 
 
 @dataclass
@@ -108,3 +108,64 @@ def _realize_all(model: nn.Module, tgt: Any) -> tuple[nn.Module, DeployReport]:
 def deploy_cpu(model: nn.Module, example: torch.Tensor | None = None) -> tuple[nn.Module, DeployReport]:
     """:func:`deploy` on the ``cpu`` target."""
     return deploy(model, "cpu", example)
+
+
+def _user_line(exc: BaseException) -> str:
+    """The innermost frame of ``exc`` in the user's code (not torch's, not hwprune's): ``' at file.py:12 (code)'``,
+    '' when there is none."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/hwprune/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({(f.line or '').strip()[:80]})"
+
+
+def format_refusals(model: nn.Module, example: Any, menus: dict[str, list[str]], target: Any
+                    ) -> dict[str, dict[str, str]]:
+    """The formats on the layers' menus that the model cannot run with: ``{layer: {format: reason}}``.
+
+    A model may depend on a layer's class (OpenNMT-py's decoder unwraps its state only ``if isinstance(self.rnn,
+    nn.GRU)``), which neither a simulated layer nor torch's int8 GRU is. Each low-precision format is tried on
+    every layer that offers it at once, on two rows of ``example``: simulated (what trials fine-tune) and, where the
+    target is this machine, deployed on its kernels (what the profiler times). Where the model fails, the layers
+    are halved until each failing one is found (layers that fail only together are all refused). The reason names
+    the error and the user's source line. A failure in hwprune's own code is a bug and is raised."""
+    from hwprune._modelcopy import copy_model
+    from hwprune.apply.formats import apply_formats
+    from hwprune.errors import is_own_bug, one_line
+
+    x = inputs.rows(example, slice(0, 2))
+
+    def fails(fmt: str, names: list[str]) -> str:
+        sim = apply_formats(copy_model(model).eval(), {n: fmt for n in names})
+        try:
+            with torch.no_grad():
+                inputs.call(sim, x)
+                if target.is_local():
+                    dep, _ = deploy(sim, target, example)
+                    dev = next(iter(dep.parameters()), None)
+                    inputs.call(dep.eval(), inputs.to_device(x, dev.device if dev is not None else "cpu"))
+        except Exception as exc:  # noqa: BLE001 - the user's model cannot take the format: refused with the reason
+            if is_oom(exc) or is_own_bug(exc):
+                raise
+            return one_line(exc, 120) + _user_line(exc)
+        return ""
+
+    def failing(fmt: str, names: list[str]) -> dict[str, str]:
+        why = fails(fmt, names)
+        if not why:
+            return {}
+        if len(names) == 1:
+            return {names[0]: why}
+        half = len(names) // 2
+        found = {**failing(fmt, names[:half]), **failing(fmt, names[half:])}
+        return found or {n: f"{why} (with the other layers in {fmt})" for n in names}
+
+    out: dict[str, dict[str, str]] = {}
+    for fmt in sorted({f for menu in menus.values() for f in menu if f != "fp32"}):
+        for name, why in failing(fmt, sorted(n for n, menu in menus.items() if fmt in menu)).items():
+            out.setdefault(name, {})[fmt] = why
+    return out

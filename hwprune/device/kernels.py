@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from hwprune.errors import HwpruneError
 
@@ -239,13 +240,37 @@ def _has_float_state(m: nn.Module) -> bool:
     return any(t.is_floating_point() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
 
 
+_IN_PLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+                                                "and", "or", "xor", "lshift", "rshift")}
+
+
+class _InPlaceOps(TorchFunctionMode):
+    """Records the autograd node of every in-place op on a tensor that has one (``add_``, ``+=``, ...)."""
+
+    def __init__(self, nodes: set[int], keep: list[Any]) -> None:
+        super().__init__()
+        self.nodes, self.keep = nodes, keep
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        before = target.grad_fn if target is not None else None
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if target is not None and (name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))) \
+                and target.grad_fn is not None and target.grad_fn is not before:  # a new node: the op wrote into it
+            self.nodes.add(id(target.grad_fn))
+            self.keep.append(target.grad_fn)
+        return out
+
+
 def dtype_sources(model: nn.Module, example: Any, layers: Iterable[str]) -> Sources | None:
     """Run ``model`` once on ``example[:1]`` with autograd on and read which of ``layers`` feed each layer, each
     follower and the output (see :class:`Sources`). The model's parameters and mode are restored afterwards.
 
     The graph is made by the parameters (set to require grad for the pass), never by the input, so a forward
-    that changes its input in place still runs. None when the pass fails anyway: the caller treats the
-    layers as islands.
+    that changes its input in place still runs. An op in place (``result += x``: torchvision's residual blocks)
+    keeps its first operand's dtype, so only that operand is a source of what follows it. None when the pass fails
+    anyway: the caller treats the layers as islands.
     """
     names = [n for n in layers]
     mods = dict(model.named_modules())
@@ -268,6 +293,7 @@ def dtype_sources(model: nn.Module, example: Any, layers: Iterable[str]) -> Sour
                         keep.append(t.grad_fn)
         return fn
 
+    in_place: set[int] = set()  # autograd nodes of in-place ops: their result has their first operand's dtype
     params = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     handles = [mods[n].register_forward_hook(hook(n, True)) for n in names if n in mods] + \
@@ -279,7 +305,8 @@ def dtype_sources(model: nn.Module, example: Any, layers: Iterable[str]) -> Sour
         with torch.enable_grad():
             from hwprune.inputs import call, rows
 
-            out = call(model.eval(), rows(example, slice(0, 1)))
+            with _InPlaceOps(in_place, keep):
+                out = call(model.eval(), rows(example, slice(0, 1)))
     except Exception:  # noqa: BLE001 - the forward worked without autograd (checked before); regions are optional
         return None
     finally:
@@ -299,7 +326,7 @@ def dtype_sources(model: nn.Module, example: Any, layers: Iterable[str]) -> Sour
             if id(f) in produced:
                 found.add(produced[id(f)])
                 continue
-            stack.extend(nf for nf, _ in f.next_functions)
+            stack.extend(nf for nf, _ in (f.next_functions[:1] if id(f) in in_place else f.next_functions))
         return tuple(sorted(found))
 
     outs = _tensors(out)

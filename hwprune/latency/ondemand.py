@@ -117,6 +117,19 @@ class ConfigMeter:
         return len(todo)
 
 
+def check_formats(pred: Any, model: nn.Module, example: Any, target: Target, log: Callable[[str], None]) -> None:
+    """Leave off the predictor's menus every format the model cannot run with on a layer
+    (:func:`~hwprune.device.deploy.format_refusals`), each said with its reason; the rest of the model keeps its
+    formats. Profile, search and validate check alike, so their menus agree."""
+    from hwprune.device.deploy import format_refusals
+
+    pred.refused = {}
+    pred.refused = format_refusals(model, example, pred.menus(target), target)
+    for name, fmts in sorted(pred.refused.items()):
+        for fmt, why in sorted(fmts.items()):
+            log(f"hwprune: {fmt} left off the menu of {name}: the model does not run with it ({why})")
+
+
 def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Callable[[str], None]) -> dict[str, Any]:
     """Measure the job's missing layer configurations, then its end-to-end calibration runs (the smallest policy
     the grid allows among them: the floor a budget is checked against); saves the table. The dense model is the
@@ -135,6 +148,7 @@ def profile_model(table: LatencyTable, target: Target, job: ProfileJob, log: Cal
     got = profile_layers(table, configs, target, job.repeats, log,
                          reference=model_sampler(copy_model(job.model), x, target))
     pred = Predictor(table, job.layers, job.key)
+    check_formats(pred, job.model, job.example, target, log)
     menus = pred.menus(target)
     smallest = pred.runnable(smallest_policy(pred, job.grid, menus))
     pols = calibration_policies(job.layers, job.grid, menus, job.calibration, fix=pred.runnable, smallest=smallest)

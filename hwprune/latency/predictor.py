@@ -139,6 +139,7 @@ class Predictor:
         self._guesses: dict[str, float] = {}  # interpolated entries (repair prices the same ones many times)
         self.coef: tuple[float, float, float] = (1.0, 0.0, 0.0)  # layer sum, output elements, constant
         self.flops_coef: tuple[float, float] | None = None
+        self.refused: dict[str, dict[str, str]] = {}  # {layer: {format: why}}: the model cannot run with it
         model = table.models.get(key, {})
         # with a stored speed reference, only runs that carry the reference of their own rounds can be put on its
         # scale (:func:`_on_reference_scale`): an older run merged back from another copy of the table is left out
@@ -343,8 +344,9 @@ class Predictor:
         return {f.name: self.menu(f.name) for f in self.layers.layers}
 
     def menu(self, layer: str, offered: Iterable[str] | None = None) -> list[str]:
-        """Formats worth offering for ``layer``: measured (not marked unsupported) and faster than fp32 at its
-        dense shape. ``offered`` narrows the formats considered (default: every format a table can hold)."""
+        """Formats worth offering for ``layer``: measured (not marked unsupported), faster than fp32 at its
+        dense shape, and not :attr:`refused` (the model does not run with it: :func:`~hwprune.latency.ondemand.
+        check_formats`). ``offered`` narrows the formats considered (default: every format a table can hold)."""
         from hwprune.policy import FORMATS
 
         form = next(f for f in self.layers.layers if f.name == layer)
@@ -352,7 +354,7 @@ class Predictor:
         base = self.table.entries.get(form.config(full, self.table.batch_size, "fp32", self.fused).key)
         out = ["fp32"]
         for fmt in (FORMATS if offered is None else offered):
-            if fmt == "fp32" or base is None:
+            if fmt == "fp32" or base is None or fmt in self.refused.get(layer, {}):
                 continue
             e = self.table.entries.get(form.config(full, self.table.batch_size, fmt, self.fused).key)
             if e is not None and e.median_us < base.median_us:

@@ -19,6 +19,7 @@ from hwprune._modelcopy import copy_model
 from hwprune.errors import HwpruneError, one_line
 from hwprune.latency import ProfileJob, Predictor, analyze_layers, get_target, model_key, resolve_table
 from hwprune.latency.layers import ModelLayers
+from hwprune.latency.ondemand import check_formats
 from hwprune.policy import Policy
 from hwprune.search.budget import parse_budget
 from hwprune.search.spec import SearchSpec
@@ -427,6 +428,7 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     grid, meter, why = _search_grid(spec, target, table, table_grid, structure, setup, key)
     if meter is not None:
         predictor.allow_missing = True  # proposals are priced by interpolation first, then measured
+    check_formats(predictor, structure, setup.example, target, log)
     menus = predictor.menus(target)
     dense_ms = predictor.price(Policy(channel_multiple=spec.channel_multiple)).latency_ms
     budget_ms = parse_budget(spec.budget, dense_ms)

@@ -305,6 +305,9 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
             if _scaled(user, node, w):
                 frontier.append((user, k, m))
                 continue
+            if _reshape_keeps_last(user, node, w):
+                frontier.append((user, k, m))
+                continue
             raise HwpruneError(f"cannot tell how the {w} features of {_name(starts[0])} reach "
                                f"{describe(user, mods)} (only ops that keep the feature dimension are followed); "
                                f"exclude that layer (--exclude {_layer(starts[0])}) and the rest of the model is "
@@ -321,6 +324,16 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
                                f"between an encoder and the decoder started from its state); exclude that layer "
                                f"(--exclude {_layer(starts[0])}) and the rest of the model is searched")
     return tuple(consumers)
+
+
+def _reshape_keeps_last(user: fx.Node, node: fx.Node, width: int) -> bool:
+    """``x.view(b * t, h)`` / ``x.reshape(-1, h)`` / ``torch.reshape(x, ...)`` that leaves the last dim ``width``
+    wide (OpenNMT's attention, ``.view(batch * tgt_len, dim)``): a reshape keeps the elements' order, so every row
+    of ``width`` features stays one row, whatever it does to the other dims."""
+    name = user.target if user.op == "call_method" else user.target if user.op == "call_function" else None
+    if name not in ("view", "reshape", torch.reshape) or not user.args or user.args[0] is not node:
+        return False
+    return _last_dim(node) == width and _last_dim(user) == width and _rank(user) is not None
 
 
 def _cat_features(user: fx.Node, node: fx.Node, width: int) -> bool:
