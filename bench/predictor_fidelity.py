@@ -10,8 +10,10 @@ and a .json with every measured policy.
 (streaming copies of a 64 MB array) with ``--off`` seconds of idle for the whole run, and hwprune's processes are
 pinned to core 0: a noisy neighbour anyone can reproduce.
 
-    python bench/predictor_fidelity.py [--samples 20] [--models cnn1d,gru,zoo:lstm3,...] [--neighbour]
-        [--runtime eager|compile|onnxruntime|openvino|openvino-bf16]
+    python bench/predictor_fidelity.py [--samples 20] [--models cnn1d,gru,zoo:lstm3,lib:resnet18,...] [--neighbour]
+        [--runtime eager|compile|onnxruntime|openvino|openvino-bf16] [--name predictor_fidelity_zoo]
+
+``lib:NAME``: a library's model of bench/zoo_models.py (torchvision, timm, SpeechBrain: ``make bench-zoo``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = ("cnn1d", "resnet20", "mobilenetv2", "lstm", "gru", "lstm-lm")
 ZOO = ("lstm3", "se_cnn", "tcn", "char_lm", "crnn")
+# the field's libraries' models (bench/zoo_models.py; torchvision, timm and SpeechBrain installed: make bench-zoo)
+LIB = {"resnet18": ["--input-shape", "3,64,64"], "mobilenet_v3_small": ["--input-shape", "3,64,64"],
+       "timm_resnet10t": ["--input-shape", "3,64,64"], "crdnn_gru": ["--data", "bench/zoo_models.py:fbank_data"]}
 NEIGHBOUR = """
 import sys, time
 import numpy as np
@@ -55,6 +60,9 @@ def model_args(name: str) -> list[str]:
 
         short = name.split(":", 1)[1]
         return ["--model", f"tests/assets/zoo.py:{short}", "--input-shape", SHAPES[short]]
+    if name.startswith("lib:"):
+        short = name.split(":", 1)[1]
+        return ["--model", f"bench/zoo_models.py:{short}", *LIB[short]]
     return ["--model", name] + (["--input-shape", "64"] if name == "lstm-lm" else [])
 
 
@@ -109,6 +117,7 @@ def main() -> None:
     ap.add_argument("--on", type=float, default=3.0, help="neighbour: seconds of memory-bound work (default 3)")
     ap.add_argument("--off", type=float, default=3.0, help="neighbour: seconds of idle (default 3)")
     ap.add_argument("--tables", default=None, help="table folder (default: a fresh temporary one)")
+    ap.add_argument("--name", default=None, help="results file stem (default predictor_fidelity[-neighbour][-RUNTIME])")
     ap.add_argument("--runtime", default="eager", choices=("eager", "compile", "onnxruntime", "openvino", "openvino-bf16"),
                     help="the cpu runtime the tables are profiled and the policies validated in (default eager)")
     args = ap.parse_args()
@@ -138,13 +147,15 @@ def main() -> None:
         if neighbour is not None:
             neighbour.kill()
     goal = (0.90, 0.85) if args.neighbour else (0.95, 0.90)
-    name = ("predictor_fidelity" + ("-neighbour" if args.neighbour else "")
-            + ("" if args.runtime == "eager" else f"-{args.runtime}"))
+    name = args.name or ("predictor_fidelity" + ("-neighbour" if args.neighbour else "")
+                         + ("" if args.runtime == "eager" else f"-{args.runtime}"))
     lines = [
         f"# Predictor fidelity{' beside a noisy neighbour' if args.neighbour else ''} — {fp['cpu']} "
         f"({platform.machine()}), 1 thread, torch {torch.__version__}, runtime {args.runtime}", "",
         f"Made by `python bench/predictor_fidelity.py --samples {args.samples} --seed {args.seed} --runs {args.runs}"
         f"{'' if args.runtime == 'eager' else ' --runtime ' + args.runtime}"
+        f"{'' if args.models == ap.get_default('models') else ' --models ' + args.models}"
+        f"{'' if args.name is None else ' --name ' + args.name}"
         f"{f' --neighbour --on {args.on:g} --off {args.off:g}' if args.neighbour else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M')} ({(time.time() - t0) / 60:.0f} min). Each model: `hwprune profile` into a "
         f"fresh table folder, then `hwprune validate --samples {args.samples}` {args.runs} times back to back: random "

@@ -321,7 +321,7 @@ def test_search_stops_losing_finetunes_early(tables, tmp_path, monkeypatch, obje
                       finetune_steps=30, sampler="random", out=str(tmp_path / "r"), objective=objective)
     s = controller.run_search(spec, log=lambda m: None)
     rows = list(csv.DictReader(open(tmp_path / "r" / "trials.csv")))
-    rows = [r for r in rows if r["seed"] != "finish-grown"]
+    rows = [r for r in rows if not r["seed"].startswith("finish-")]  # the finish may grow or rescue (timed here)
     seeds = [r for r in rows if r["seed"]]
     stopped = len(rows) - len(seeds)
     assert s["trials"] == len(rows) and s["stopped_early"] == stopped >= 3
