@@ -65,7 +65,8 @@ def _command_args(cmd: str, required: list[str], options: dict[str, Any]) -> arg
 def _as_found() -> Iterator[None]:
     """Process-wide state a command changes, put back when it ends (however it ends): the random generators of
     torch, Python and NumPy (fine-tunes seed them), Optuna's log level, torch's thread count, default dtype and
-    grad mode. (A local Ray a search started is shut down by the search itself.)"""
+    grad mode, oneDNN's cache variable (:func:`hwprune.device.targets.kernel_cache`). (A local Ray a search started
+    is shut down by the search itself.)"""
     import random
 
     import numpy as np
@@ -76,8 +77,11 @@ def _as_found() -> Iterator[None]:
     state = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None, random.getstate(),
              np.random.get_state(), optuna.logging.get_verbosity(), torch.get_num_threads(),
              torch.get_default_dtype(), torch.is_grad_enabled())
+    from hwprune.device.targets import kernel_cache
+
     try:
-        yield
+        with kernel_cache():
+            yield
     finally:
         torch.set_rng_state(state[0])
         if state[1] is not None:

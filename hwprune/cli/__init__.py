@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
+    from hwprune.device.targets import kernel_cache
+
     try:
-        return fn(args)
+        with kernel_cache():  # before anything runs a kernel: oneDNN reads it once
+            return fn(args)
     except HwpruneError as exc:
         print(f"hwprune: error: {exc}", file=sys.stderr)
         return 2
