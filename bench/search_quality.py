@@ -43,6 +43,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -870,6 +871,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.from_json:
         return rerender(Path(args.from_json))
+    from hwprune.device.targets import PRIMITIVE_CACHE
+
+    # oneDNN's kernel cache as every hwprune command has it (read once, at its first kernel: set before anything runs)
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE))
     if args.quick:
         args.trials, args.final_steps, args.seeds, args.repeats, args.scan_repeats, args.bisect_steps = \
             3, 20, 2, 5, 3, 3
