@@ -292,6 +292,27 @@ def test_shrinking_along_a_samples_direction_keeps_its_shape_and_meets_the_limit
     assert project(ctx, wide_b, ray=True)[0].keep == {"a": 0.3125, "b": 0.5625}
 
 
+def test_a_small_shrink_does_not_halve_a_group_of_two_widths():
+    """A group of two widths (cnn1d's first conv: 8 or 16 channels) shrunk by a little keeps its width: each group
+    goes to the width nearest its share of the shrink, not the next one down (which halved it at any factor under
+    1 while the wide group lost one notch: cnn1d 50% picks shrunk that way scored 0.85-0.89 against 0.93+)."""
+    from hwprune.policy import Policy
+    from hwprune.search.portfolio import shrink
+
+    ctx, _ = _repair_ctx(int8_loss=2.0)
+    ctx.grid = tuple(i / 16 for i in range(1, 17))
+    units = {"a": 2, "b": 16}
+    for g in ctx.layers.space.groups:
+        g.units = units[g.name]
+    # a's widths: 1 unit (ratio 0.0625) or 2 (0.75); b's: 16 steps. Priced 10 x (a + b) + 5 on those ratios
+    ctx.limit_ms = 21.0  # from 22.5: a + b at most 1.6
+    got = shrink(ctx, Policy({"a": 0.75, "b": 1.0}, {}))
+    assert got.keep == {"a": 0.75, "b": 0.8125} and ctx.price_ms(got) <= 21.0  # b: 0.0625 + t x 0.9375, t ~ 0.8
+    ctx.limit_ms = 12.0  # a + b at most 0.7: now the coarse group gives way too (t under one half)
+    got = shrink(ctx, Policy({"a": 0.75, "b": 1.0}, {}))
+    assert got.keep["a"] == 0.0625 and ctx.price_ms(got) <= 12.0
+
+
 def test_a_policy_racing_stopped_is_not_proposed_again_while_another_is_new():
     """A search once fine-tuned one policy and stopped it 11 times: proposals skip policies finished or stopped;
     when every candidate was seen, a finished one is reused (its score, no fine-tune) before a stopped one."""
