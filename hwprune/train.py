@@ -121,8 +121,6 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, x: Any, y: t
     return float(loss.detach())
 
 
-
-
 def train_model(model: nn.Module, train: Dataset, val: Dataset, cfg: TrainConfig,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``model`` in place on ``cfg.device``; returns a summary with per-epoch val accuracy.

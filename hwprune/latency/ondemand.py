@@ -123,7 +123,7 @@ def check_formats(pred: Any, model: nn.Module, example: Any, target: Target, log
     formats. Profile, search and validate check alike, so their menus agree."""
     from hwprune.device.deploy import format_refusals
 
-    pred.refused = {}
+    pred.refused = {}  # every format the table offers is tried again (a second check must not see the first's)
     pred.refused = format_refusals(model, example, pred.menus(target), target)
     for name, fmts in sorted(pred.refused.items()):
         for fmt, why in sorted(fmts.items()):

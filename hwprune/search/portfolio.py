@@ -146,8 +146,8 @@ def shrink(ctx: Any, policy: Policy, steps: int = 20, limit: float | None = None
         for g, r in keep.items():
             want = low[g] + t * (r - low[g])
             # the nearest width (a tie: the narrower), not the next one down: a group of two widths (cnn1d's first
-            # conv, 8 or 16 channels) lost half its units at any t < 1, and 50% picks shrunk 3-13% that way
-            # scored 0.852-0.886 against 0.93+ before (search_quality cnn1d run 15)
+            # conv, 8 or 16 channels) lost half its units at any t < 1, and 50% picks the finish shrank that way
+            # scored 0.852-0.886 validation against 0.93+ (search_quality cnn1d run 15)
             near = [v for v in levels[g] if low[g] - 1e-12 <= v <= r + 1e-12] or [low[g]]
             out[g] = min(near, key=lambda v: (abs(v - want), v))
         return ctx.policy(out, formats)
