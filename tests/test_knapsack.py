@@ -221,7 +221,7 @@ def _gate_ctx():
 
     ctx, _ = _repair_ctx(int8_loss=2.0)
     ctx.spec = SimpleNamespace(channel_multiple=1, gate=True, finish=3, backend="local")
-    ctx.limit_ms, ctx.budget_ms, ctx.speed_factor, ctx.dense_ms = 12.0, 13.0, 1.0, 25.0
+    ctx.limit_ms, ctx.budget_ms, ctx.speed_factor, ctx.measure_factor, ctx.dense_ms = 12.0, 13.0, 1.0, 1.0, 25.0
     ctx.settle = lambda p, log, grow=True, limit=None: (p, 0)
     ctx.timings = {"quiet": [1.0] * 10}  # the search's drift: 0 (each timing's own noise decides)
     return ctx

@@ -108,6 +108,34 @@ def test_speed_factor_applies_only_beyond_the_noise():
     assert got.ratio == pytest.approx(2.0) and got.factor == pytest.approx(2.0)
 
 
+def test_a_share_of_the_dense_latency_is_priced_where_the_speed_curve_puts_the_limit():
+    """The dense model (1000 us at profiling) runs 0.8x now, the smallest policy (100 us) 0.6x: a policy priced
+    p runs p * f(p) now, f interpolated in log-log between the anchors. A 30% budget (300 us) allows p * f(p) <=
+    0.3 * 1000 * 0.8, so its limit on the table's scale is 240 / f(p), above 300 us where f(p) < 0.8; an absolute
+    budget of 300 us allows p * f(p) <= 300; measured ratios compare with the share (factor 1) or, for the
+    absolute budget, ratio * 1000 * 0.8 <= 300 (factor 0.8). A flat curve leaves a share unchanged."""
+    import math
+
+    from hwprune.latency.speed import SpeedCurve
+    from hwprune.search.context import price_scale
+
+    curve = SpeedCurve(SpeedCheck(1000.0, 1.0, 10, 800.0, 1.0, 10), SpeedCheck(100.0, 1.0, 10, 60.0, 1.0, 10))
+
+    def f(p):  # by hand: log-linear between (100, 0.6) and (1000, 0.8)
+        t = (math.log(p) - math.log(100)) / (math.log(1000) - math.log(100))
+        return math.exp((1 - t) * math.log(0.6) + t * math.log(0.8))
+
+    sf, mf = price_scale(curve, 0.3, relative=True)  # budget_ms 0.3 = 300 us
+    p = 300.0 / sf  # the limit on the table's scale
+    assert mf == 1.0 and p * f(p) == pytest.approx(0.3 * 1000 * 0.8, rel=1e-3) and p > 300.0
+    sf, mf = price_scale(curve, 0.3, relative=False)
+    p = 300.0 / sf
+    assert mf == pytest.approx(0.8) and p * f(p) == pytest.approx(300.0, rel=1e-3)
+    flat = SpeedCurve(SpeedCheck(1000.0, 1.0, 10, 800.0, 1.0, 10), SpeedCheck(100.0, 1.0, 10, 80.0, 1.0, 10))
+    assert price_scale(flat, 0.3, relative=True) == (pytest.approx(1.0), 1.0)
+    assert price_scale(SpeedCurve(SpeedCheck(1000.0, 1.0, 10, 800.0, 1.0, 10)), 0.3, relative=True)[0] == 1.0
+
+
 def test_dilation_and_same_padding_are_in_the_key_and_the_kernel():
     plain = LayerConfig("conv1d", 8, 8, 4, kernel=(3,), stride=(1,), padding=(2,), extent=(32,))
     dil = LayerConfig("conv1d", 8, 8, 4, kernel=(3,), stride=(1,), padding=(2,), extent=(32,), dilation=(2,))

@@ -73,7 +73,7 @@ def test_levels_interpolation_and_monotone():
 def _finish_ctx(n_finish=3):
     spec = SimpleNamespace(finish=n_finish, target="cpu", threads=1, runtime="eager", grow=False)
     # timings of one policy that never differ (45 pairs): the search's drift is 0, each timing's own noise decides
-    return SimpleNamespace(spec=spec, limit_ms=1.0, budget_ms=1.05, speed_factor=1.0, dense_ms=2.0,
+    return SimpleNamespace(spec=spec, limit_ms=1.0, budget_ms=1.05, speed_factor=1.0, measure_factor=1.0, dense_ms=2.0,
                            timings={"quiet": [1.0] * 10})
 
 
@@ -153,7 +153,7 @@ def _grow_ctx():
 
     ctx, _ = _repair_ctx(int8_loss=2.0)
     ctx.spec = SimpleNamespace(channel_multiple=1, finish=2, grow=True, target="cpu", threads=1, runtime="eager")
-    ctx.limit_ms, ctx.budget_ms, ctx.speed_factor, ctx.dense_ms = 15.0, 20.0, 1.0, 25.0
+    ctx.limit_ms, ctx.budget_ms, ctx.speed_factor, ctx.measure_factor, ctx.dense_ms = 15.0, 20.0, 1.0, 1.0, 25.0
     ctx.predictor = SimpleNamespace(price=lambda p: SimpleNamespace(latency_ms=ctx.price_ms(p), macs=100),
                                     table=SimpleNamespace(batch_size=1))
     ctx.task = SimpleNamespace(metric="accuracy", show=lambda v: v)

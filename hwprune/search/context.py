@@ -50,7 +50,8 @@ class SearchContext:
     batches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # for data-driven importance
     notes: list[str] = field(default_factory=list)
     margin: float = 0.0  # share of the budget kept free: candidates are priced at most budget / (1 + margin)
-    speed_factor: float = 1.0  # machine's speed now / at profiling (hwprune.latency.speed), for absolute budgets
+    speed_factor: float = 1.0  # the price scale at the limit: speed now / at profiling (price_scale)
+    measure_factor: float = 1.0  # measured ratio x dense price <= budget / this (1 for a share; price_scale)
     screen: Any = None  # the cheap proxy (hwprune.search.screen.Screen); None with spec.screen 0
     table_grid: tuple[float, ...] = ()  # the keep ratios the table was profiled at (grid: those searched)
     meter: Any = None  # hwprune.latency.ondemand.ConfigMeter: measures entries off the table's grid; None: grid only
@@ -319,6 +320,41 @@ def _floor_measured(predictor: Predictor, smallest: Policy) -> str:
             f"{dense / 1e3:.4f} ms")
 
 
+def price_scale(speed: Any, budget_ms: float, relative: bool) -> tuple[float, float]:
+    """``(speed_factor, measure_factor)`` for a search from the machine's speed curve now
+    (:class:`~hwprune.latency.speed.SpeedCurve`, factor ``f(p)`` for a policy priced ``p`` at the table's speed):
+
+    - the price scale at the limit: a candidate priced ``p`` runs ``p * f(p)`` now; an absolute budget ``B``
+      (``budget_ms``, the margin taken off) allows ``p <= B / f(p)``, a share ``s`` of the dense latency ``D``
+      allows ``p * f(p) <= s * D * f(D)``, so ``p <= B * f(D) / f(p)``: a speed factor ``f(p) / f(D)``. The
+      curve is not flat (small, overhead-bound policies move more than the dense model), so a share is not the
+      same share of the table's prices at every speed: on an AMD EPYC VM whose cnn1d table was profiled on
+      another host, the dense model ran 0.744x and the smallest policy 0.687x its table time, and policies priced
+      0.22-0.29x of the dense model measured 6-16% under their prices (a 30% search priced
+      [16,16,16,32] out at 0.290x that measured 0.256x);
+    - what a *measured* ratio to the dense model is compared with: ``ratio * dense price <= budget / factor``,
+      the factor 1 for a share (the ratio is the share) and ``f(D)`` for an absolute budget (the ratio times the
+      dense model's time now).
+
+    ``p`` is where the limit falls, found by a few fixed-point steps (the curve is flat beyond its anchors)."""
+    dense = speed.factor
+    base = dense if relative else 1.0
+    factor = 1.0
+    for _ in range(5):
+        factor = speed.factor_at(1e3 * budget_ms / factor) / base
+    return factor, 1.0 if relative else dense
+
+
+def _scale_note(factor: float, relative: bool) -> str:
+    if not relative:
+        return ""
+    if abs(factor - 1.0) < 5e-4:
+        return "; the budget is a share of the dense latency, which scales alike, so the search is unchanged"
+    return (f"; the budget is a share of the dense latency, and at the limit the curve moves prices "
+            f"{abs(factor - 1):.1%} {'less' if factor < 1 else 'more'} than the dense model's: candidates are "
+            f"priced on the table's scale at the budget / {factor:.3f}")
+
+
 def _speed_now(model: torch.nn.Module, setup: Setup, table: Any, key: str, target: Any, batch: int,
                exclude: list[str]) -> Any:
     """The speed curve (:mod:`hwprune.latency.speed`): the dense model and the smallest policy timed now in the
@@ -449,10 +485,8 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
     speed = _speed_now(structure, setup, table, key, target, batch, spec.exclude) if target.is_local() else None
     if speed is not None:
         relative = str(spec.budget).strip().endswith("%")
-        ctx.notes.append(speed.line() + ("; the budget is a share of the dense latency, which scales alike, so the "
-                                         "search is unchanged" if relative else ""))
-        # an absolute budget: the factor where the search's candidates are (at the limit), from the curve
-        ctx.speed_factor = 1.0 if relative else speed.factor_at(1e3 * budget_ms / (1.0 + margin))
+        ctx.speed_factor, ctx.measure_factor = price_scale(speed, budget_ms / (1.0 + margin), relative)
+        ctx.notes.append(speed.line() + _scale_note(ctx.speed_factor, relative))
     if meter is not None:  # the floor is checked on measured entries: estimates below the profiled grid are rough
         for _ in range(3):
             n = meter.measure(predictor, ctx.smallest())

@@ -441,7 +441,7 @@ def _search(spec: SearchSpec, log: Callable[[str], None],
     prices = ctx.prices()
     resumed = claim_run_dir(out, spec.identity(), {
         "spec": spec.public(), "budget_ms": ctx.budget_ms, "budget_margin": ctx.margin, "limit_ms": ctx.limit_ms,
-        "speed_factor": ctx.speed_factor,
+        "speed_factor": ctx.speed_factor, "measure_factor": ctx.measure_factor,
         "dense_predicted_ms": ctx.dense_ms,
         f"dense_val_{ctx.task.metric}": ctx.dense_val_metric, "task": ctx.task.name, "metric": ctx.task.metric,
         "direction": ctx.task.direction, "table": str(table.path), "table_fingerprint": table.fingerprint,
@@ -450,11 +450,14 @@ def _search(spec: SearchSpec, log: Callable[[str], None],
 
     if resumed:
         check_prices(out, ctx, log, prices)  # the run keeps the speed factor it started with: its trials are priced under one limit
-        first = float(read_json(out / "run.json", "run file").get("speed_factor", 1.0))
+        began = read_json(out / "run.json", "run file")
+        first = float(began.get("speed_factor", 1.0))
         if first != ctx.speed_factor:
             ctx.notes.append(f"resuming with the speed factor the run started with ({first:.3f}), not this "
                              f"machine's now ({ctx.speed_factor:.3f}): one study, one price scale")
             ctx.speed_factor = first
+        ctx.measure_factor = float(began.get("measure_factor", 1.0 if str(spec.budget).strip().endswith("%")
+                                             else first))  # a run from before it: its speed factor served
     for note in ctx.notes:
         log(f"hwprune: {note}")
     log(f"hwprune: {'resuming' if resumed else 'starting'} study {spec.name!r} in {out}; budget {ctx.budget_ms:.4f} ms "

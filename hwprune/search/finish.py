@@ -67,7 +67,7 @@ def time_versus_dense(ctx: Any, cands: list[tuple[int, Policy]], rounds: int = 1
     spec, setup = ctx.spec, ctx.setup
     target = get_target(spec.target, threads=spec.threads, runtime=spec.runtime)
     x = timing_batch(setup.example, ctx.predictor.table.batch_size, setup.timing_pool())
-    allowed = ctx.budget_ms / ctx.speed_factor / ctx.dense_ms  # the budget as a ratio to the dense model
+    allowed = ctx.budget_ms / ctx.measure_factor / ctx.dense_ms  # the budget as a ratio to the dense model
     items = {}
     with target.settings():
         dense, _ = deployed_for_timing(copy_model(setup.model), Policy(channel_multiple=spec.channel_multiple),
@@ -164,7 +164,7 @@ def gate(ctx: Any, policy: Policy, log: Callable[[str], None], timer: Timer | No
         # fewer rounds than the finish's (the finish decides; this only steers the fine-tunes): at most 30 or 3 s
         timer = functools.partial(time_versus_dense, max_rounds=GATE_ROUNDS, max_seconds=3.0)
     resize = resize or _resizer(ctx, log)
-    allowed = ctx.budget_ms / ctx.speed_factor
+    allowed = ctx.budget_ms / ctx.measure_factor  # measured ratio x dense price <= this
     info: dict[str, Any] | None = None
     measured_within: Policy | None = None  # the last policy timed clearly within
     times: dict[int, tuple[float, float]] = {}  # id(policy) -> its timing (ratio, noise)
@@ -298,7 +298,7 @@ def finish(ctx: Any, study: Any, log: Callable[[str], None], timer: Timer | None
     if not ok:
         return None
     timer = timer or time_versus_dense
-    allowed = ctx.budget_ms / ctx.speed_factor  # the budget on the table's scale
+    allowed = ctx.budget_ms / ctx.measure_factor  # measured ratio x dense price <= this (price_scale)
     got: dict[int, tuple[float, float]] = {}
     rows: list[dict[str, Any]] = []
     top: list[Any] = []

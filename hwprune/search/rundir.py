@@ -29,6 +29,7 @@ class RunInfo(TypedDict, total=False):
     limit_ms: float
     budget_margin: float
     speed_factor: float
+    measure_factor: float
     dense_predicted_ms: float
     task: str | None
     metric: str
@@ -45,7 +46,8 @@ class RunInfo(TypedDict, total=False):
 _NUM = (int, float)
 _RUN_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {  # field -> (types, required)
     "identity": ((dict,), False), "spec": ((dict,), True), "budget_ms": (_NUM, True), "limit_ms": (_NUM, False),
-    "budget_margin": (_NUM, False), "speed_factor": (_NUM, False), "dense_predicted_ms": (_NUM, False),
+    "budget_margin": (_NUM, False), "speed_factor": (_NUM, False), "measure_factor": (_NUM, False),
+    "dense_predicted_ms": (_NUM, False),
     "task": ((str, type(None)), False), "metric": ((str,), False), "direction": ((str,), False),
     "table": ((str, type(None)), False), "table_fingerprint": ((dict,), True), "batch_size": ((int,), True),
     "grid": ((list,), False), "menus": ((dict,), False), "prices": ((dict,), False), "versions": ((dict,), False)}
