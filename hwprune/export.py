@@ -609,7 +609,9 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
                     log: Callable[[str], None]) -> dict[str, Any]:
     """The deployed model, its reloaded artifacts, the dense model and the smallest policy (the speed curve's
     anchors, :mod:`hwprune.latency.speed`) in interleaved rounds; the speed-adjusted latency (``adjusted_ms``) is
-    the measurement divided by the curve's factor at the predicted latency."""
+    the measurement divided by the curve's factor at the predicted latency, or, for a budget given as a share of
+    the dense latency, by the dense model's factor (the share is of the dense model's time now:
+    :func:`hwprune.search.context.price_scale`)."""
     from hwprune.latency.predictor import model_key
     from hwprune.latency.profiler import REFERENCE, model_sampler
     from hwprune.latency.speed import measure_with_anchors
@@ -645,7 +647,10 @@ def _measure_export(deployed: nn.Module, artifacts: dict[str, str], x: torch.Ten
     out["dense_now_ms"] = res.timing(REFERENCE).median_us / 1e3
     if speed is not None:
         log(f"hwprune: {speed.line()}")
-        out.update(speed=speed.to_dict(), speed_factor=speed.factor_at(predicted_ms * 1e3),
+        # a share of the dense latency is judged against the dense model now (its factor); an absolute budget at
+        # the factor where the exported model's price lies (the curve: small policies move more than the dense)
+        share = str(spec.budget).strip().endswith("%")
+        out.update(speed=speed.to_dict(), speed_factor=speed.verdict_factor(predicted_ms * 1e3, share),
                    dense_at_profile_ms=speed.dense.then_us / 1e3, machine_drift_pct=100 * (speed.dense.ratio - 1))
     else:
         out["speed_factor"] = 1.0

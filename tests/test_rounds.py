@@ -134,6 +134,47 @@ def test_a_share_of_the_dense_latency_is_priced_where_the_speed_curve_puts_the_l
     flat = SpeedCurve(SpeedCheck(1000.0, 1.0, 10, 800.0, 1.0, 10), SpeedCheck(100.0, 1.0, 10, 80.0, 1.0, 10))
     assert price_scale(flat, 0.3, relative=True) == (pytest.approx(1.0), 1.0)
     assert price_scale(SpeedCurve(SpeedCheck(1000.0, 1.0, 10, 800.0, 1.0, 10)), 0.3, relative=True)[0] == 1.0
+    # the user's own dense model runs 0.95x the per-layer stack the table prices (rho): a share is of the user's
+    # model, p * f(p) <= 0.3 * 0.95 * 1000 * 0.8; a measured ratio (to the user's model) of an absolute budget is
+    # ratio * 0.95 * 1000 * 0.8 <= 300
+    sf, mf = price_scale(curve, 0.3, relative=True, rho=0.95)
+    p = 300.0 / sf
+    assert mf == 1.0 and p * f(p) == pytest.approx(0.3 * 0.95 * 1000 * 0.8, rel=1e-3)
+    assert price_scale(curve, 0.3, relative=False, rho=0.95)[1] == pytest.approx(0.8 * 0.95)
+    # export's verdict: a share is judged against the dense model's time now (factor 0.8 whatever the policy's
+    # price), an absolute budget at the policy's own factor (0.6 at the smallest policy's 100 us)
+    assert curve.verdict_factor(100.0, share=True) == pytest.approx(0.8)
+    assert curve.verdict_factor(100.0, share=False) == pytest.approx(0.6)
+
+
+def test_measured_ratios_are_taken_against_the_users_own_dense_model_not_the_split_stack():
+    """The analysis splits a 2-layer GRU into one module per layer (every pruned model has that form); the dense
+    model the gate and the finish compare with is the user's own, fused ``nn.GRU``, deployed, with the same output."""
+    from types import SimpleNamespace
+
+    from hwprune.latency.profiler import deployed_for_timing
+    from hwprune.search.context import user_dense
+    from hwprune.space._rnnstack import RNNStack
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 16, num_layers=2, batch_first=True)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 5, 3)
+    setup = SimpleNamespace(model=model, example=x)
+    target = CpuTarget(threads=1)
+    mine = user_dense(setup, target)
+    split, _ = deployed_for_timing(model, Policy(channel_multiple=8), x, target, [], False)
+    assert type(mine.rnn) is nn.GRU and mine.rnn.num_layers == 2 and mine is not model
+    assert isinstance(split.rnn, RNNStack) and type(model.rnn) is nn.GRU  # the user's model is left as it was
+    with torch.no_grad():
+        assert torch.allclose(mine(x), split(x), atol=1e-6)
 
 
 def test_dilation_and_same_padding_are_in_the_key_and_the_kernel():

@@ -155,6 +155,12 @@ class SpeedCurve:
         t = min(1.0, max(0.0, t))
         return math.exp((1 - t) * math.log(s.factor) + t * math.log(d.factor))
 
+    def verdict_factor(self, predicted_us: float, share: bool) -> float:
+        """What a measurement is divided by before it is compared with a budget on the table's scale: for a
+        budget given as a share of the dense latency, the dense model's factor (the share is of the dense model's
+        time now, whatever the policy's own factor); for an absolute budget, the factor at ``predicted_us``."""
+        return self.factor if share else self.factor_at(predicted_us)
+
     @property
     def factor(self) -> float:
         """The dense model's factor (what a single reference gives)."""

@@ -320,7 +320,7 @@ def _floor_measured(predictor: Predictor, smallest: Policy) -> str:
             f"{dense / 1e3:.4f} ms")
 
 
-def price_scale(speed: Any, budget_ms: float, relative: bool) -> tuple[float, float]:
+def price_scale(speed: Any, budget_ms: float, relative: bool, rho: float = 1.0) -> tuple[float, float]:
     """``(speed_factor, measure_factor)`` for a search from the machine's speed curve now
     (:class:`~hwprune.latency.speed.SpeedCurve`, factor ``f(p)`` for a policy priced ``p`` at the table's speed):
 
@@ -336,39 +336,70 @@ def price_scale(speed: Any, budget_ms: float, relative: bool) -> tuple[float, fl
       the factor 1 for a share (the ratio is the share) and ``f(D)`` for an absolute budget (the ratio times the
       dense model's time now).
 
-    ``p`` is where the limit falls, found by a few fixed-point steps (the curve is flat beyond its anchors)."""
+    ``rho`` is the user's own dense model's time over the dense model the table prices (:func:`_speed_now`: a
+    model whose RNN stacks the analysis split): a share is of the user's model, ``s * rho * D * f(D)``, and a
+    measured ratio is to the user's model, ``ratio * rho * D * f(D)`` for an absolute budget. ``p`` is where the
+    limit falls, found by a few fixed-point steps (the curve is flat beyond its anchors)."""
     dense = speed.factor
-    base = dense if relative else 1.0
+    base = dense * rho if relative else 1.0
     factor = 1.0
     for _ in range(5):
         factor = speed.factor_at(1e3 * budget_ms / factor) / base
-    return factor, 1.0 if relative else dense
+    return factor, 1.0 if relative else dense * rho
 
 
-def _scale_note(factor: float, relative: bool) -> str:
+def _scale_note(factor: float, relative: bool, rho: float = 1.0) -> str:
+    user = "" if rho == 1.0 else (f"; your own dense model (its RNN stacks fused, as you deploy it) measures "
+                                  f"{rho:.3f}x the per-layer stack every pruned model is: budgets and measured "
+                                  f"ratios are taken against yours")
     if not relative:
-        return ""
+        return user
     if abs(factor - 1.0) < 5e-4:
         return "; the budget is a share of the dense latency, which scales alike, so the search is unchanged"
-    return (f"; the budget is a share of the dense latency, and at the limit the curve moves prices "
-            f"{abs(factor - 1):.1%} {'less' if factor < 1 else 'more'} than the dense model's: candidates are "
-            f"priced on the table's scale at the budget / {factor:.3f}")
+    return (f"{user}; the budget is a share of your dense model's latency: candidates are priced on the table's "
+            f"scale at the budget / {factor:.3f}")
+
+
+USER_DENSE = "__user_dense__"  # the user's own dense model, in the speed check's rounds
 
 
 def _speed_now(model: torch.nn.Module, setup: Setup, table: Any, key: str, target: Any, batch: int,
-               exclude: list[str]) -> Any:
+               exclude: list[str]) -> tuple[Any, float]:
     """The speed curve (:mod:`hwprune.latency.speed`): the dense model and the smallest policy timed now in the
-    same rounds, against the table's measurements of both (None without a stored reference)."""
-    from hwprune.latency.profiler import timing_batch
+    same rounds, against the table's measurements of both (None without a stored reference); and where the
+    analysis restructured the model (``model``: multi-layer RNNs split into one module per layer, which every
+    pruned model is), the user's own dense model in the same rounds: the median per-round ratio of its time to the
+    restructured dense model's (1.0 where nothing was restructured). A budget given as a share is a share of the
+    user's model: a 2-layer GRU split into two single-layer GRUs ran 2-7% slower than the fused ``nn.GRU`` the
+    user deploys (three 30-round timings: 1.037, 1.071, 1.019), and ratios taken against the split one put picks
+    over the budget as the user measures it."""
+    import statistics
+
+    from hwprune.latency.profiler import REFERENCE, model_sampler, timing_batch
     from hwprune.latency.speed import measure_with_anchors, model_reference
+    from hwprune.space._rnnstack import RNNStack
 
     ref = model_reference(table, key)
     if not ref:
-        return None
+        return None, 1.0
     x = timing_batch(setup.example, batch, setup.timing_pool())
+    split = any(isinstance(m, RNNStack) for m in model.modules())
     with target.settings():  # the table's threads while timing; the search's own afterwards
-        return measure_with_anchors({}, table, key, model, setup.example, x, target, exclude,
-                                    int(ref.get("rounds", 10)))[1]
+        items = {USER_DENSE: model_sampler(user_dense(setup, target), x, target)} if split else {}
+        res, speed = measure_with_anchors(items, table, key, model, setup.example, x, target, exclude,
+                                          int(ref.get("rounds", 10)))
+    if not split:
+        return speed, 1.0
+    return speed, statistics.median(a / b for a, b in zip(res.samples[USER_DENSE], res.samples[REFERENCE]))
+
+
+def user_dense(setup: Setup, target: Any) -> torch.nn.Module:
+    """The user's own dense model as the target's runtime deploys it (not restructured by the analysis): what a
+    budget given as a share of the dense latency is a share of."""
+    from hwprune._modelcopy import copy_model
+    from hwprune.device.deploy import deploy
+
+    return deploy(copy_model(setup.model).eval(), target, setup.example)[0]
 
 
 def _log(msg: str) -> None:
@@ -482,11 +513,12 @@ def prepare_context(spec: SearchSpec, log: Callable[[str], None] = _log) -> Sear
         ctx.notes.append(why)
     if target.format_note():
         ctx.notes.append(target.format_note())
-    speed = _speed_now(structure, setup, table, key, target, batch, spec.exclude) if target.is_local() else None
+    speed, rho = _speed_now(structure, setup, table, key, target, batch, spec.exclude) if target.is_local() \
+        else (None, 1.0)
     if speed is not None:
         relative = str(spec.budget).strip().endswith("%")
-        ctx.speed_factor, ctx.measure_factor = price_scale(speed, budget_ms / (1.0 + margin), relative)
-        ctx.notes.append(speed.line() + _scale_note(ctx.speed_factor, relative))
+        ctx.speed_factor, ctx.measure_factor = price_scale(speed, budget_ms / (1.0 + margin), relative, rho)
+        ctx.notes.append(speed.line() + _scale_note(ctx.speed_factor, relative, rho))
     if meter is not None:  # the floor is checked on measured entries: estimates below the profiled grid are rough
         for _ in range(3):
             n = meter.measure(predictor, ctx.smallest())
