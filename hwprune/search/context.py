@@ -354,7 +354,7 @@ def _scale_note(factor: float, relative: bool, rho: float = 1.0) -> str:
                                   f"ratios are taken against yours")
     if not relative:
         return user
-    if abs(factor - 1.0) < 5e-4:
+    if abs(factor - 1.0) < 5e-4 and not user:
         return "; the budget is a share of the dense latency, which scales alike, so the search is unchanged"
     return (f"{user}; the budget is a share of your dense model's latency: candidates are priced on the table's "
             f"scale at the budget / {factor:.3f}")
