@@ -152,21 +152,14 @@ def test_measured_ratios_are_taken_against_the_users_own_dense_model_not_the_spl
     model the gate and the finish compare with is the user's own, fused ``nn.GRU``, deployed, with the same output."""
     from types import SimpleNamespace
 
+    from conftest import ASSETS
+    from hwprune.factory import load_factory
     from hwprune.latency.profiler import deployed_for_timing
     from hwprune.search.context import user_dense
     from hwprune.space._rnnstack import RNNStack
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.GRU(3, 16, num_layers=2, batch_first=True)
-            self.fc = nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.fc(self.rnn(x)[0][:, -1])
-
     torch.manual_seed(0)
-    model, x = Net().eval(), torch.randn(2, 5, 3)
+    model, x = load_factory(f"{ASSETS / 'user_model.py'}:gru2")().eval(), torch.randn(2, 5, 1)
     setup = SimpleNamespace(model=model, example=x)
     target = CpuTarget(threads=1)
     mine = user_dense(setup, target)
