@@ -589,27 +589,87 @@ def test_deepspeech_with_its_width_fixed_keeps_the_rnn_whole_and_prunes_the_rest
         assert pruned(x).shape == model(x).shape == (2, 7, 5)
 
 
-def test_opennmt_tuple_state_traces_and_the_rest_prunes():
-    """OpenNMT-py's decoder asks isinstance(encoder_final, tuple) and slices the state by its size: the trace
-    refused the whole model (''tuple' object has no attribute 'size''). Now a layer's (out, (h, c)) is a real
-    tuple while tracing: the encoder LSTM (directions joined by strided slices of h_n) and the decoder LSTM
-    (joined with the attention context) are kept whole with their lines, the embeddings and the attention
-    output are groups, each cuts alone to the dense output shape."""
+def _silence(rnn: nn.Module, units: torch.Tensor) -> None:
+    """Zero every weight and bias of ``units`` of an LSTM/GRU layer (both directions, all gates) and their columns
+    in the recurrent weights: from a zero state those units stay 0 (LSTM: c = 0; GRU: h = (1 - z) * 0 + z * h)."""
+    H = rnn.hidden_size
+    gates = 4 if isinstance(rnn, nn.LSTM) else 3
+    rows = torch.cat([g * H + units for g in range(gates)])
+    with torch.no_grad():
+        for name, p in rnn.named_parameters():
+            p[rows] = 0
+            if name.startswith("weight_hh"):
+                p[:, units] = 0
+
+
+def test_opennmt_encoder_and_decoder_prune_as_one_group_through_the_joined_directions():
+    """OpenNMT-py's decoder starts from the bidirectional encoder's state with its directions joined
+    (``cat([h[0:n:2], h[1:n:2]], 2)``: the decoder's units are [fwd | bwd] of the encoder's) and runs general
+    attention over the memory bank (``bmm(linear_in(out), mb.transpose(1, 2))``, ``[context | out]`` into
+    linear_out). Before, the encoder was kept whole at the strided slice and the decoder at the cat: only the
+    embeddings and the attention output pruned. Now encoder, decoder and linear_in are one group, each kept
+    encoder unit kept in both halves of the decoder; the shapes worked by hand; units that carry nothing
+    (zeroed everywhere) go first and the output is unchanged."""
     torch.manual_seed(0)
     x = (torch.randint(0, 20, (6, 3)), torch.randint(0, 20, (5, 3)))
     model = P.opennmt().eval()
     space = build_space(model, x)
     assert {g.name: (g.units, g.layers) for g in space.groups} == {
         "encoder.embeddings": (8, ("encoder.embeddings", "encoder.rnn")),
+        "encoder.rnn": (8, ("encoder.rnn", "decoder.rnn", "decoder.linear_in", "decoder.linear_out")),
         "decoder.embeddings": (8, ("decoder.embeddings", "decoder.rnn")),
         "decoder.linear_out": (16, ("decoder.linear_out", "decoder.generator"))}
-    assert "slice(0, 2, 2)" in space.kept["encoder.rnn"]
-    assert _at("return torch.cat([hidden[0:hidden.size(0):2]") in space.kept["encoder.rnn"]
-    assert "cat()" in space.kept["decoder.rnn"]
+    assert space.kept == {}
+    dead = torch.arange(1, 8, 2)  # encoder units 1, 3, 5, 7: in the decoder, 1, 3, 5, 7 and 9, 11, 13, 15
+    sides = torch.cat([dead, dead + 8])
+    _silence(model.encoder.rnn, dead)
+    _silence(model.decoder.rnn, sides)
+    with torch.no_grad():
+        model.decoder.linear_in.weight[sides] = 0
+        model.decoder.linear_in.weight[:, sides] = 0
+        model.decoder.linear_out.weight[:, torch.cat([sides, sides + 16])] = 0
+    pruned = prune_model(model, Policy({"encoder.rnn": 0.5}, channel_multiple=1), x).eval()
+    assert (pruned.encoder.rnn.hidden_size, pruned.encoder.rnn.bidirectional) == (4, True)
+    assert (pruned.decoder.rnn.input_size, pruned.decoder.rnn.hidden_size) == (8, 8)
+    assert pruned.decoder.linear_in.weight.shape == (8, 8)
+    assert pruned.decoder.linear_out.weight.shape == (16, 16)  # [context | out]: 8 + 8 columns
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*x), model(*x), atol=1e-5, rtol=1e-5)
     for g in space.groups:
-        pruned = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), x).eval()
+        cut = prune_model(model, Policy({g.name: 0.5}, channel_multiple=1), x).eval()
         with torch.no_grad():
-            assert pruned(*x).shape == model(*x).shape == (3, 5, 20)
+            assert cut(*x).shape == model(*x).shape == (3, 5, 20)
+
+
+def test_opennmt_attention_output_reshaped_with_the_memory_banks_width_is_cut_with_the_units():
+    """OpenNMT-py's GlobalAttention reshapes its output with the memory bank's width, ``linear_out(...).view(batch,
+    tgt_len, dim)``: cut alone, either side fails there. The encoder group is tried again with linear_out's
+    outputs tied to its [fwd | bwd] indices, and its reader (the generator) with them; pruning finds the same tie
+    (Space.ties) and the output is unchanged where the cut units carry nothing."""
+    torch.manual_seed(0)
+    x = (torch.randint(0, 20, (3, 6)), torch.randint(0, 20, (3, 5)))
+    model = P.opennmt_gru().eval()
+    space = build_space(model, x)
+    assert {g.name: (g.units, g.layers) for g in space.groups} == {
+        "embeddings": (8, ("embeddings", "encoder")),
+        "encoder": (8, ("encoder", "decoder.rnn", "decoder.linear_in", "decoder.linear_out", "generator")),
+        "decoder.embeddings": (8, ("decoder.embeddings", "decoder.rnn"))}
+    assert space.ties == {"encoder": ("decoder.linear_out",)} and space.kept == {}
+    dead = torch.arange(0, 8, 2)
+    sides = torch.cat([dead, dead + 8])
+    _silence(model.encoder, dead)
+    _silence(model.decoder.rnn, sides)
+    with torch.no_grad():
+        model.decoder.linear_in.weight[sides] = 0
+        model.decoder.linear_in.weight[:, sides] = 0
+        model.decoder.linear_out.weight[sides] = 0
+        model.decoder.linear_out.weight[:, torch.cat([sides, sides + 16])] = 0
+        model.generator.weight[:, sides] = 0
+    pruned = prune_model(model, Policy({"encoder": 0.5}, channel_multiple=1), x).eval()
+    assert pruned.encoder.hidden_size == 4 and pruned.decoder.rnn.hidden_size == 8
+    assert pruned.decoder.linear_out.weight.shape == (8, 16) and pruned.generator.weight.shape == (20, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*x), model(*x), atol=1e-5, rtol=1e-5)
 
 
 def test_fairseq_packing_through_the_module_traces_and_its_fixed_state_is_named():

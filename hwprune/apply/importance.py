@@ -86,23 +86,33 @@ def rnn_scores(mods: dict[str, nn.Module], plan: RNNGroupPlan, criterion: str,
     H, D = plan.units, plan.dirs
     if criterion == "activation":
         assert activations is not None
-        return sum(activations[n].reshape(D, H).sum(0) for n in (plan.producer,) + plan.coupled
+        return sum(activations[n].reshape(D, H).sum(0) for n in (plan.producer,) + plan.coupled + plan.joined
                    if n in activations)
     score = torch.zeros(H)
-    for prod in [mods[plan.producer]] + [mods[n] for n in plan.coupled]:  # a decoder coupled to its encoder
+    for pname in (plan.producer,) + plan.coupled + plan.joined:  # a decoder coupled to its encoder
+        prod = mods[pname]
         if isinstance(prod, RNN_TYPES + CELL_TYPES):
+            W = prod.hidden_size  # H, or D x H for a decoder started from the directions joined ([dir0 | dir1])
             for name, p in prod.named_parameters():
                 s = _saliency(p, criterion)
-                rows = s.reshape(-1, H, *s.shape[1:])  # (gates, H, ...)
-                score += rows.reshape(rows.shape[0], H, -1).sum((0, 2))
+                rows = s.reshape(-1, W, *s.shape[1:])  # (gates, W, ...)
+                per = rows.reshape(rows.shape[0], W, -1).sum((0, 2))
                 if name.startswith("weight_hh"):
-                    score += s.sum(0)
+                    per = per + s.sum(0)
+                score += per.reshape(-1, H).sum(0)
         elif isinstance(prod, nn.Embedding):  # unit = a column of the table
             score += _saliency(prod.weight, criterion).sum(0)
         else:
             for p in prod.parameters():
                 s = _saliency(p, criterion)
                 score += s.reshape(H, -1).sum(1)
+    for tname in plan.through:  # attention's linear_in: the units are its rows and its columns
+        s = _saliency(mods[tname].weight, criterion)
+        score += (s.sum(1) + s.sum(0)).reshape(D, H).sum(0)
+    for tname in plan.tied:  # a reader's outputs cut to the same indices: its rows
+        for p in mods[tname].parameters():
+            s = _saliency(p, criterion)
+            score += s.reshape(D * H, -1).sum(1).reshape(D, H).sum(0)
     for cname, dirs in [(c, D * plan.copies(c)) for c in plan.consumers] + \
             [(c, plan.copies(c)) for c in plan.state_consumers]:
         cons = mods[cname]

@@ -28,18 +28,19 @@ def kept_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def _recurrent_scores(model: nn.Module, example: torch.Tensor, exclude: set[str], criterion: str,
-                      batches: list | None) -> list[tuple[RNNGroupPlan, torch.Tensor]]:
-    plans = rnn_plans(model, example, exclude)
+                      batches: list | None, ties: dict[str, tuple[str, ...]] | None = None
+                      ) -> list[tuple[RNNGroupPlan, torch.Tensor]]:
+    plans = rnn_plans(model, example, exclude, ties)
     mods = dict(model.named_modules())
-    acts = mean_activation(model, {n: mods[n] for p in plans for n in (p.producer,) + p.coupled}, batches) \
+    acts = mean_activation(model, {n: mods[n] for p in plans for n in (p.producer,) + p.coupled + p.joined}, batches) \
         if criterion == "activation" else None
     return [(plan, rnn_scores(mods, plan, criterion, acts)) for plan in plans]
 
 
 def _prune_recurrent(model: nn.Module, example: torch.Tensor, policy: Policy, exclude: set[str],
-                     criterion: str, batches: list | None) -> None:
+                     criterion: str, batches: list | None, ties: dict[str, tuple[str, ...]] | None = None) -> None:
     cuts = []
-    for plan, scores in _recurrent_scores(model, example, exclude, criterion, batches):
+    for plan, scores in _recurrent_scores(model, example, exclude, criterion, batches, ties):
         keep = keep_units(policy.keep.get(plan.producer, 1.0), plan.units, policy.channel_multiple)
         if keep < plan.units:
             cuts.append((plan, kept_indices(scores, keep)))
@@ -109,9 +110,11 @@ def unit_scores(model: nn.Module, example: torch.Tensor, *, exclude: Iterable[st
     (global pruning) needs a normalization, which is the caller's choice.
     """
     excl = set(exclude)
+    original = model
     model, data = _prepared(model, example, excl, importance, batches, loss)
     if is_recurrent(model):
-        return {plan.producer: s for plan, s in _recurrent_scores(model, example, excl, importance, data)}
+        ties = _checked_space(original, model, example, excl).ties
+        return {plan.producer: s for plan, s in _recurrent_scores(model, example, excl, importance, data, ties)}
     return {g.name: s for g, s in _conv_scores(model, example, excl, importance, data)[1]}
 
 
@@ -179,8 +182,9 @@ def prune_model(model: nn.Module, policy: Policy, example: torch.Tensor, *, excl
         drop_blocks(model, policy.drop)
         reduced = _checked_space(original, model, example, excl, policy.drop)
         policy = Policy(reduced_keep(space, reduced, policy), {}, policy.channel_multiple, policy.model)
+        space = reduced
     if is_recurrent(model):
-        _prune_recurrent(model, example, policy, excl, importance, data)
+        _prune_recurrent(model, example, policy, excl, importance, data, space.ties)
     else:
         _prune_conv(model, example, policy, excl, importance, data)
     model.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ modules first, so each layer is its own group).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable
 
 import torch
@@ -75,38 +76,80 @@ def check_prunable(space: Space, policy: Any = None) -> None:
         raise HwpruneError("nothing to prune: the policy keeps every unit of every group and sets no format")
 
 
-def rnn_plans(model: nn.Module, example: Any, exclude: Iterable[str] = ()) -> list[RNNGroupPlan]:
+def rnn_plans(model: nn.Module, example: Any, exclude: Iterable[str] = (),
+              ties: dict[str, tuple[str, ...]] | None = None) -> list[RNNGroupPlan]:
     """Every plan the analysis finds (not cut-checked: build_space's groups are the checked ones, and a policy is
-    validated against them)."""
-    return analyze_rnn_model(model, example, set(exclude), {})  # layers kept whole: see build_space's Space.kept
+    validated against them), with the readers ``ties`` (the checked space's :attr:`Space.ties`) tied to theirs."""
+    plans = analyze_rnn_model(model, example, set(exclude), {})  # layers kept whole: see build_space's Space.kept
+    by_producer = {p.producer: p for p in plans}
+    gone: set[str] = set()
+    for name, readers in (ties or {}).items():
+        if name in by_producer:
+            for c in readers:
+                if c in by_producer:
+                    by_producer[name] = _tie(by_producer[name], by_producer[c])
+                    gone.add(c)
+    return [by_producer[p.producer] for p in plans if p.producer not in gone]
+
+
+def _tie(p: RNNGroupPlan, q: RNNGroupPlan) -> RNNGroupPlan:
+    """Group ``p`` with the outputs of its reader ``q`` (a Linear, its own features group) cut to p's indices."""
+    return replace(p, consumers=tuple(dict.fromkeys(p.consumers + q.consumers)), tied=p.tied + (q.producer,),
+                   state_consumers=p.state_consumers + q.state_consumers,
+                   reader_copies=p.reader_copies + q.reader_copies)
 
 
 def _cuttable(model: nn.Module, example: Any, plans: list[RNNGroupPlan], kept: dict[str, str]) -> list[RNNGroupPlan]:
     """The plans that can be cut: each cut alone to every other unit on a copy of the model, which must run and
     give the dense model's output shapes. One that does not (the model's own code holds the width as a number,
-    e.g. ``x[:, :, :self.n_hidden]``) is kept whole, with the user's line that failed, in ``kept``."""
+    e.g. ``x[:, :, :self.n_hidden]``) is kept whole, with the user's line that failed, in ``kept``.
+
+    A hidden-unit group that fails is tried once more with a reader's outputs tied to it: a Linear reading the
+    units whose output is as wide as they are, cut to the same indices with its own readers (OpenNMT's attention
+    reshapes its output with the memory bank's width, ``.view(batch, tgt_len, dim)``: the two widths are one)."""
     if not plans:
         return plans
     was = model.training
     try:
         with torch.no_grad():
             want = _shapes(inputs.call(model.eval(), example))
-        ok = []
-        for plan in plans:
+
+        def fails(plan: RNNGroupPlan) -> str | None:
             trial = copy_model(model)
             try:
                 cut_plans(trial, [(plan, torch.arange(0, plan.units, 2))])
                 with torch.no_grad():
                     got = _shapes(inputs.call(trial.eval(), example))
-                why = None if got == want else f"the model's output shapes change from {want} to {got}"
+                return None if got == want else f"the model's output shapes change from {want} to {got}"
             except Exception as exc:  # noqa: BLE001 - the model's own code fails once cut: reported, kept whole
-                why = f"the model fails{raised_at(exc)}: {one_line(exc, 160)}"
-            if why is None:
-                ok.append(plan)
+                return f"the model fails{raised_at(exc)}: {one_line(exc, 160)}"
+
+        why = {p.producer: fails(p) for p in plans}
+        by_producer = {p.producer: p for p in plans}
+        merged: dict[str, RNNGroupPlan] = {}
+        absorbed: set[str] = set()
+        for p in plans:
+            if why[p.producer] is None or p.kind != "hidden":
+                continue
+            for c in p.consumers:
+                q = by_producer.get(c)
+                if q is None or q.kind != "features" or q.units != p.units * p.dirs or c in absorbed:
+                    continue
+                tied = _tie(p, q)
+                if fails(tied) is None:
+                    merged[p.producer], why[p.producer] = tied, None
+                    absorbed.add(c)
+                    break
+        ok = []
+        for plan in plans:
+            if plan.producer in absorbed:
+                continue
+            if why[plan.producer] is None:
+                ok.append(merged.get(plan.producer, plan))
             else:
-                kept[plan.producer] = (f"cut to half, {why} (the model's code likely holds its width as a number, "
-                                       f"e.g. a state built with a fixed size or a fixed slice; take it from the "
-                                       f"layer, e.g. self.rnn.hidden_size); kept whole")
+                kept[plan.producer] = (f"cut to half, {why[plan.producer]} (the model's code likely holds its width "
+                                       f"as a number, e.g. a state built with a fixed size or a fixed slice; take it "
+                                       f"from the layer, e.g. self.rnn.hidden_size); kept whole")
         return ok
     finally:
         model.train(was)
@@ -155,13 +198,15 @@ def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[st
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (a gap in hwprune: please "
                 f"report it with the model)") from exc
     kept: dict[str, str] = {}
+    ties: dict[str, tuple[str, ...]] = {}
     if is_recurrent(model):
         plans = _cuttable(model, example, analyze_rnn_model(model, example, excl, kept), kept)
-        groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.coupled + p.members + p.consumers +
-                                p.state_consumers, p.kind) for p in plans]
+        groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.coupled + p.joined + p.through + p.members +
+                                p.consumers + p.state_consumers, p.kind) for p in plans]
+        ties = {p.producer: p.tied for p in plans if p.tied}
     else:
         _, cg = cnn_groups(model, example, excl, kept)
         groups = [PrunableGroup(g.name, g.units, g.layers, "channels" if not isinstance(g.root, nn.Linear)
                                 else "features") for g in cg]
     return Space(groups, quant_layers(model), sorted(excl), kept,
-                 droppable_blocks(model, example, excl) if blocks else [])
+                 droppable_blocks(model, example, excl) if blocks else [], ties)

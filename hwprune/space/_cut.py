@@ -72,7 +72,7 @@ def _bn_slices(mod: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.M
 
 def cut_plans(model: nn.Module, cuts: list[tuple[RNNGroupPlan, torch.Tensor]]) -> list[str]:
     """Cut each plan's producer to the kept unit indices ``idx`` (ascending), with everything the plan ties to it
-    (members, coupled layers, readers' input columns), in place. Returns the cut layers' names."""
+    (members, coupled and joined layers, attention's square maps, readers' input columns), in place. Returns the cut layers' names."""
     mods = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
     ins: dict[str, torch.Tensor] = {}
@@ -84,6 +84,13 @@ def cut_plans(model: nn.Module, cuts: list[tuple[RNNGroupPlan, torch.Tensor]]) -
         block = plan.units * plan.dirs * plan.stride
         for m in plan.members + plan.coupled:
             outs[m] = idx
+        sides = torch.cat([d * plan.units + idx for d in range(plan.dirs)])  # [dir0 | dir1], each kept alike
+        for m in plan.joined:  # a decoder started from the directions joined: its units are [dir0 | dir1]
+            outs[m] = sides
+        for m in plan.through:  # attention's linear_in: the units in, the units out
+            outs[m] = ins[m] = sides
+        for m in plan.tied:  # a reader whose output width the model ties to the units' (its inputs: a consumer)
+            outs[m] = sides
         for c in plan.consumers:  # a reader of [dec | context] sees the units twice, block after block
             ins[c] = torch.cat([j * block + cols for j in range(plan.copies(c))])
         for c in plan.state_consumers:  # h_n[i]: one direction of one layer, the kept units (both: [h_n[-2] | h_n[-1]])

@@ -32,7 +32,8 @@ _JOIN = {torch.stack, torch.cat}  # a list of step outputs joined along a dim ot
 _STATE_TAKING = RNN_TYPES + (RNNStack,) + CELL_TYPES
 _PASS_METHODS = {"relu", "tanh", "sigmoid", "contiguous", "mean", "sum", "amax", "squeeze", "clone",
                  "flatten", "float", "clamp"}
-_SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+_SHAPE_ONLY = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "new", "size", "dim"}
+_SHAPE_ATTRS = {"data", "shape", "dtype", "device"}  # getattr(x, ...) read for a shape, a dtype, a device
 _MOVES = {"transpose", "permute"}  # pass when the last dim stays last (T x N x H <-> N x T x H)
 
 
@@ -57,6 +58,14 @@ class RNNGroupPlan:
     # final state): their output units are kept alike, in the same order
     reader_copies: tuple[tuple[str, int], ...] = ()  # readers that see the units several times side by side
     # ([dec | context] after attention): (reader, copies of the dirs-wide block)
+    joined: tuple[str, ...] = ()  # one-direction RNN layers started from a bidirectional producer's final state
+    # with its directions joined side by side (OpenNMT's _fix_enc_hidden): their hidden units are [dir0 | dir1]
+    # of the producer's, dirs x units wide, kept alike in both halves
+    through: tuple[str, ...] = ()  # square Linear layers that map the units onto themselves (general attention's
+    # linear_in: its output is contracted with the units): inputs and outputs cut alike
+    tied: tuple[str, ...] = ()  # readers whose output width the model's code takes from the units' width
+    # (OpenNMT's attention output, ``.view(batch, tgt_len, dim)`` with ``dim`` the memory bank's): their outputs
+    # are cut to the same [dir0 | dir1] indices, and their own readers (in ``consumers``) read them so
 
     def copies(self, reader: str) -> int:
         return dict(self.reader_copies).get(reader, 1)
@@ -209,7 +218,8 @@ def _direction_sum(user: fx.Node, node: fx.Node, width: int) -> fx.Node | None:
 
 def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Module],
             skip: set[fx.Node] = frozenset(), copies: dict[str, int] | None = None,  # type: ignore[assignment]
-            dirs: int = 1, summed: set[str] | None = None) -> tuple[str, ...] | None:
+            dirs: int = 1, summed: set[str] | None = None, through: list[str] | None = None
+            ) -> tuple[str, ...] | None:
     """Consumers reading the last dim (of size ``width``) of ``start`` (one node or several: a cell loop's steps,
     an encoder's and its decoder's outputs); None if it reaches the model output. Calls in ``skip`` (a cell
     loop's next steps) are not readers.
@@ -222,7 +232,11 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
 
     With ``dirs`` 2 (a bidirectional output, ``width`` = 2 x units), the two directions' halves added
     (``x[..., :n] + x[..., n:]``) are followed too: the readers after the sum see one units-wide block, and go to
-    ``summed`` as well as to the result."""
+    ``summed`` as well as to the result.
+
+    With ``through`` (a list), a square Linear (``width`` in and out) whose output is the query of such a
+    contraction (general attention's ``linear_in``: ``bmm(linear_in(dec), enc.transpose(1, 2))``) maps the units
+    onto themselves: it goes to ``through`` and its output is followed as the units."""
     consumers: list[str] = []
     starts = start if isinstance(start, list) else [start]
     frontier = [(n, 1, 1) for n in starts]  # (node, copies of the block side by side, directions summed: 1 or 2)
@@ -275,6 +289,11 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
             if user.op == "call_module":
                 mod = mods[str(user.target)]
                 read = None
+                if through is not None and k == 1 and m == 1 and isinstance(mod, nn.Linear) and \
+                        mod.in_features == mod.out_features == w and _queries(user):
+                    through.append(str(user.target))
+                    frontier.append((user, k, m))
+                    continue
                 if isinstance(mod, nn.Linear) and mod.in_features == w:
                     read = str(user.target)
                 elif isinstance(mod, RNNStack) and mod.layers[0].input_size == w:
@@ -305,7 +324,7 @@ def _follow(start: fx.Node | list[fx.Node], width: int, mods: dict[str, nn.Modul
             if _scaled(user, node, w):
                 frontier.append((user, k, m))
                 continue
-            if _reshape_keeps_last(user, node, w):
+            if _reshape_keeps_last(user, node, w) or _unsqueeze_keeps_last(user, node):
                 frontier.append((user, k, m))
                 continue
             raise HwpruneError(f"cannot tell how the {w} features of {_name(starts[0])} reach "
@@ -334,6 +353,30 @@ def _reshape_keeps_last(user: fx.Node, node: fx.Node, width: int) -> bool:
     if name not in ("view", "reshape", torch.reshape) or not user.args or user.args[0] is not node:
         return False
     return _last_dim(node) == width and _last_dim(user) == width and _rank(user) is not None
+
+
+def _unsqueeze_keeps_last(user: fx.Node, node: fx.Node) -> bool:
+    """``x.unsqueeze(0)`` / ``torch.unsqueeze(x, 1)``: a new dim before the last one (OpenNMT keeps the last
+    step's output as ``out[:, -1].unsqueeze(0)``)."""
+    name = user.target if user.op == "call_method" else user.target if user.op == "call_function" else None
+    if name not in ("unsqueeze", torch.unsqueeze) or len(user.args) < 2 or user.args[0] is not node:
+        return False
+    r, dim = _rank(user), user.args[1]
+    return r is not None and isinstance(dim, int) and dim % r != r - 1
+
+
+def _queries(linear: fx.Node) -> bool:
+    """The output of ``linear`` is only the query of ``bmm(q, k.transpose(1, 2))`` (through reshapes and moves
+    that keep the last dim): what attention contracts with the keys."""
+    node = linear
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if _is_matmul(user):
+            return user.args[0] is node and isinstance(user.args[1], fx.Node) and _swaps_last_two(user.args[1])
+        if not (_reshape_keeps_last(user, node, _last_dim(node) or -1) or _keeps_last(user, node)):
+            return False
+        node = user
+    return False
 
 
 def _cat_features(user: fx.Node, node: fx.Node, width: int) -> bool:
@@ -381,6 +424,55 @@ def _rnn_output(node: fx.Node) -> fx.Node | None:
     return out
 
 
+def _direction_join(st: fx.Node) -> fx.Node | None:
+    """OpenNMT's ``_fix_enc_hidden``: ``torch.cat([h[0:n:2], h[1:n:2]], -1)`` of a bidirectional RNN's final state
+    (``n`` = layers x 2), each layer's two directions side by side, [fwd | bwd]. The cat node when ``st``'s two
+    strided slices feed only it, in that order; else None."""
+    total = _shape(st)[0] if _rank(st) else None
+    parts: dict[int, fx.Node] = {}
+    for u in st.users:
+        if _is_getitem(u) and isinstance(u.args[1], slice) and u.args[1].step == 2 and \
+                (u.args[1].start or 0) in (0, 1) and u.args[1].stop in (None, total):
+            parts[u.args[1].start or 0] = u
+    if set(parts) != {0, 1} or any(len(p.users) != 1 for p in parts.values()):
+        return None
+    cat = next(iter(parts[0].users))
+    if cat is not next(iter(parts[1].users)) or cat.op != "call_function" or cat.target is not torch.cat:
+        return None
+    seq = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    r = _rank(cat)
+    if not isinstance(seq, (list, tuple)) or list(seq) != [parts[0], parts[1]] or r is None or \
+            not isinstance(dim, int) or dim % r != r - 1:
+        return None
+    return cat
+
+
+def _shape_read(node: fx.Node) -> bool:
+    """``node`` is read only for its shape, dtype or device (``x.size(1)``, ``x.data.new(b, h).zero_()``)."""
+    if node.op == "call_method" and node.target in _SHAPE_ONLY:
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and \
+            node.args[1] in _SHAPE_ATTRS:
+        return all(_shape_read(u) for u in node.users)
+    return False
+
+
+def _joined_starts(st: fx.Node, rnns: set[fx.Node] | None = None) -> list[fx.Node]:
+    """The RNN calls started from ``st`` with its directions joined (see :func:`_direction_join`); [] when it is
+    not joined that way. Any other read of the joined state than its shape is refused in words."""
+    cat = _direction_join(st)
+    if cat is None:
+        return []
+    starts = [u for u in cat.users if u.op == "call_module" and cat in _hx_nodes(u) and (rnns is None or u in rnns)]
+    others = [u for u in cat.users if u not in starts and not _shape_read(u)]
+    if starts and others:
+        raise HwpruneError(f"the final state of {_name(st)}, its directions joined by {describe(cat)}, starts "
+                           f"{describe(starts[0])} and is read by {describe(others[0])} too; hwprune follows a "
+                           f"joined state into the RNN it starts")
+    return starts
+
+
 def _state_uses(node: fx.Node, layers: int, dirs: int, mods: dict[str, nn.Module]
                 ) -> tuple[list[tuple[int, fx.Node]], list[fx.Node]]:
     """Every read of an RNN call's final state, as (layer index, node holding that layer's h_n or c_n), and the
@@ -403,7 +495,11 @@ def _state_uses(node: fx.Node, layers: int, dirs: int, mods: dict[str, nn.Module
             states.append(user)
     uses = []
     for st in states:
+        joined = _joined_starts(st) if dirs == 2 else []
+        starts += joined
         for u in st.users:
+            if joined and _is_getitem(u) and isinstance(u.args[1], slice):
+                continue  # a strided slice of the directions' join, into the RNN it starts
             if u.op == "call_module" and isinstance(mods.get(str(u.target)), RNN_TYPES + (RNNStack,)) \
                     and st in _hx_nodes(u):
                 starts.append(u)
@@ -587,25 +683,27 @@ def analyze_rnn_model(model: nn.Module, example: object, exclude: set[str],
     by_name: dict[str, list[fx.Node]] = {}
     for n in calls:
         by_name.setdefault(str(n.target), []).append(n)
-    couples = _couplings(calls, mods)
+    couples, joined = _couplings(calls, mods)
     for node in calls:
         name, mod = str(node.target), mods[str(node.target)]
         if name in exclude:
             continue
         try:
-            _plan_one(node, name, mod, by_name, mods, plans, couples)
+            _plan_one(node, name, mod, by_name, mods, plans, couples, joined)
         except HwpruneError as exc:
             if unsearched is None:
                 raise
             for member in couples.get(node, [node]):  # an encoder-decoder pair is kept whole together
                 kept[str(member.target)] = str(exc)
-    plans = [p for p in plans if not ({p.producer, *p.coupled} & exclude)]
+    plans = [p for p in plans if not ({p.producer, *p.coupled, *p.joined, *p.through} & exclude)]
     return [p for p in plans if p.producer not in exclude and not ((set(p.consumers) | set(p.state_consumers)) & exclude)]
 
 
-def _couplings(calls: list[fx.Node], mods: dict[str, nn.Module]) -> dict[fx.Node, list[fx.Node]]:
+def _couplings(calls: list[fx.Node], mods: dict[str, nn.Module]
+               ) -> tuple[dict[fx.Node, list[fx.Node]], set[fx.Node]]:
     """RNN calls whose hidden units are one: a call started from another's final state (``decoder(y, h_n)``,
-    ``(h_n, c_n)``), transitively; each call of such a set -> the set in graph order."""
+    ``(h_n, c_n)``, or a bidirectional state with its directions joined), transitively; each call of such a set
+    -> the set in graph order; and the calls started from a joined state (their units are [dir0 | dir1])."""
     rnn = [n for n in calls if isinstance(mods.get(str(n.target)), RNN_TYPES + (RNNStack,))]
     root: dict[fx.Node, fx.Node] = {}
 
@@ -614,6 +712,7 @@ def _couplings(calls: list[fx.Node], mods: dict[str, nn.Module]) -> dict[fx.Node
             a = root[a]
         return a
 
+    joined: set[fx.Node] = set()
     for x in rnn:
         states = [u for u in x.users if _is_getitem(u, 1)]
         states += [k for s in list(states) for k in s.users if _is_getitem(k, 0) or _is_getitem(k, 1)]
@@ -621,15 +720,22 @@ def _couplings(calls: list[fx.Node], mods: dict[str, nn.Module]) -> dict[fx.Node
             for u in st.users:
                 if u in rnn and st in _hx_nodes(u):
                     root[find(u)] = find(x)
+            try:
+                starts = _joined_starts(st, set(rnn))
+            except HwpruneError:
+                starts = []  # refused in words where the encoder is planned
+            for u in starts:
+                root[find(u)] = find(x)
+                joined.add(u)
     sets: dict[fx.Node, list[fx.Node]] = {}
     for x in rnn:
         sets.setdefault(find(x), []).append(x)
-    return {x: members for members in sets.values() if len(members) > 1 for x in members}
+    return {x: members for members in sets.values() if len(members) > 1 for x in members}, joined
 
 
 def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[fx.Node]],
-              mods: dict[str, nn.Module], plans: list[RNNGroupPlan], couples: dict[fx.Node, list[fx.Node]]
-              ) -> None:
+              mods: dict[str, nn.Module], plans: list[RNNGroupPlan], couples: dict[fx.Node, list[fx.Node]],
+              joined: set[fx.Node] = frozenset()) -> None:  # type: ignore[assignment]
     """The group(s) one called module produces, appended to ``plans`` (see :func:`analyze_rnn_model`)."""
     if isinstance(mod, CELL_TYPES):
         if node is not by_name[name][0]:
@@ -657,9 +763,20 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
 
         stack, names = layers_of(node)
         d = 2 if stack[0].bidirectional else 1
-        all_names = [names]
+        all_names, joined_names = [names], []
         for other in members[1:]:
             ostack, onames = layers_of(other)
+            if other in joined:  # started from the directions joined: one direction, d x the units
+                if len(ostack) != len(stack) or ostack[0].bidirectional or \
+                        any(b.hidden_size != d * a.hidden_size for a, b in zip(stack, ostack)):
+                    raise HwpruneError(f"layer {name!r}: its final state, directions joined, starts "
+                                       f"{describe(other, mods)}, which has other layers or widths; hwprune couples "
+                                       f"a bidirectional encoder and a decoder {d} x as wide. --exclude {name}")
+                if any(_state_uses(other, len(ostack), 1, mods)):
+                    raise HwpruneError(f"layer {name!r}: the final state of {describe(other, mods)}, started from "
+                                       f"its directions joined, is read on; not followed yet. --exclude {name}")
+                joined_names.append(onames)
+                continue
             if len(ostack) != len(stack) or (2 if ostack[0].bidirectional else 1) != d or \
                     any(a.hidden_size != b.hidden_size for a, b in zip(stack, ostack)):
                 raise HwpruneError(f"layer {name!r}: its final state starts {describe(other, mods)}, which has "
@@ -674,6 +791,8 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
             out = _rnn_output(call)
             if out is not None:
                 outs.append(out)
+            if call in joined:
+                continue  # its state: refused above when read
             uses, _ = _state_uses(call, len(stack), d, mods)
             for k, use in uses:
                 by_layer.setdefault(k, []).append(use)
@@ -684,13 +803,14 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
                 reaches_output.add(k)
             else:
                 readers.setdefault(k, []).extend(got)
+        through: list[str] = []
         for k, layer in enumerate(stack):
             if k < len(stack) - 1:
-                cons: tuple[str, ...] | None = tuple(n[k + 1] for n in all_names)
+                cons: tuple[str, ...] | None = tuple(n[k + 1] for n in all_names + joined_names)
             else:  # the last layer's output sequences, all at once: attention between them is followed
                 summed: set[str] = set()
-                cons = _follow(outs, layer.hidden_size * d, mods, copies=copies, dirs=d, summed=summed) \
-                    if outs else ()
+                cons = _follow(outs, layer.hidden_size * d, mods, copies=copies, dirs=d, summed=summed,
+                               through=through) if outs else ()
                 if cons is not None and summed:  # directions added: read as units-wide blocks, like h_n[i]
                     if summed & {c for c in cons if cons.count(c) > 1}:
                         raise HwpruneError(f"layer {names[k]!r}: a layer reads its output both with the directions "
@@ -707,7 +827,9 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
             mine = set(state) | (set(cons) if k == len(stack) - 1 else set())
             plans.append(RNNGroupPlan(names[k], layer.hidden_size, d, cons, "hidden", state,
                                       coupled=tuple(n[k] for n in all_names[1:]),
-                                      reader_copies=tuple(sorted((c, n) for c, n in copies.items() if c in mine))))
+                                      reader_copies=tuple(sorted((c, n) for c, n in copies.items() if c in mine)),
+                                      joined=tuple(n[k] for n in joined_names),
+                                      through=tuple(dict.fromkeys(through)) if k == len(stack) - 1 else ()))
     elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == 1 and not mod.transposed:  # a conv front end
         got = _follow_channels(node, mod.out_channels, mods)
         if got is not None and got[0]:

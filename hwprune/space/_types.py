@@ -41,6 +41,8 @@ class Space:
     excluded: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)  # layers kept whole (not searched) -> why, in words
     blocks: list[Any] = field(default_factory=list)  # hwprune.space._depth.DepthBlock: what a policy may drop
+    ties: dict[str, tuple[str, ...]] = field(default_factory=dict)  # RNN group -> readers whose outputs the
+    # model ties to its width, found by cutting (see hwprune.space._cuttable); pruning asks the analysis for them
 
     def group(self, name: str) -> PrunableGroup:
         for g in self.groups:

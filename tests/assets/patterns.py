@@ -695,6 +695,50 @@ def opennmt(**kw):
     return OpenNMTSeq2Seq(**kw)
 
 
+class NMTGRUDecoder(nn.Module):
+    """OpenNMT-py's StdRNNDecoder with a GRU and its GlobalAttention, batch first: the state a one-element tuple
+    unwrapped because ``isinstance(self.rnn, nn.GRU)``, general attention, and the attention output reshaped with
+    the memory bank's width (``.view(batch, tgt_len, dim)``, ``dim = memory_bank.size(2)``): the attention output
+    is as wide as the encoder's joined directions, by the model's code."""
+
+    def __init__(self, vocab: int, emb: int, hidden: int) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab, emb)
+        self.rnn = nn.GRU(emb, hidden, batch_first=True)
+        self.linear_in = nn.Linear(hidden, hidden, bias=False)
+        self.linear_out = nn.Linear(2 * hidden, hidden, bias=False)
+
+    def init_state(self, encoder_final):
+        return (torch.cat([encoder_final[0:encoder_final.size(0):2], encoder_final[1:encoder_final.size(0):2]], 2),)
+
+    def forward(self, tgt, memory_bank, state):  # tgt (batch, time); memory_bank (batch, src time, dim)
+        out, _ = self.rnn(self.embeddings(tgt), state[0] if isinstance(self.rnn, nn.GRU) else state)
+        batch, src_len, dim = memory_bank.size()
+        align = torch.softmax(torch.bmm(self.linear_in(out), memory_bank.transpose(1, 2)), -1)
+        c = torch.bmm(align, memory_bank)
+        concat = torch.cat([c, out], 2).view(batch * out.size(1), dim * 2)
+        return torch.tanh(self.linear_out(concat).view(batch, out.size(1), dim))
+
+
+class OpenNMTGRU(nn.Module):
+    """OpenNMT-py's NMTModel with a bidirectional GRU encoder, the decoder above and a generator."""
+
+    def __init__(self, vocab: int = 20, emb: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(vocab, emb)
+        self.encoder = nn.GRU(emb, hidden // 2, batch_first=True, bidirectional=True)
+        self.decoder = NMTGRUDecoder(vocab, emb, hidden)
+        self.generator = nn.Linear(hidden, vocab)
+
+    def forward(self, src, tgt):  # (batch, time) each
+        memory_bank, final = self.encoder(self.embeddings(src))
+        return self.generator(self.decoder(tgt, memory_bank, self.decoder.init_state(final)))
+
+
+def opennmt_gru(**kw):
+    return OpenNMTGRU(**kw)
+
+
 class FairseqEncoder(nn.Module):
     """fairseq's LSTMEncoder in small: tokens and lengths in, ``nn.utils.rnn.pack_padded_sequence`` called through
     the module with the lengths moved to the CPU, zero initial states from ``x.new_zeros``, a classifier on the
