@@ -713,7 +713,7 @@ class NMTGRUDecoder(nn.Module):
 
     def forward(self, tgt, memory_bank, state):  # tgt (batch, time); memory_bank (batch, src time, dim)
         out, _ = self.rnn(self.embeddings(tgt), state[0] if isinstance(self.rnn, nn.GRU) else state)
-        batch, src_len, dim = memory_bank.size()
+        batch, _, dim = memory_bank.size()
         align = torch.softmax(torch.bmm(self.linear_in(out), memory_bank.transpose(1, 2)), -1)
         c = torch.bmm(align, memory_bank)
         concat = torch.cat([c, out], 2).view(batch * out.size(1), dim * 2)
