@@ -466,10 +466,11 @@ def _joined_starts(st: fx.Node, rnns: set[fx.Node] | None = None) -> list[fx.Nod
         return []
     starts = [u for u in cat.users if u.op == "call_module" and cat in _hx_nodes(u) and (rnns is None or u in rnns)]
     others = [u for u in cat.users if u not in starts and not _shape_read(u)]
-    if starts and others:
-        raise HwpruneError(f"the final state of {_name(st)}, its directions joined by {describe(cat)}, starts "
-                           f"{describe(starts[0])} and is read by {describe(others[0])} too; hwprune follows a "
-                           f"joined state into the RNN it starts")
+    if others:
+        raise HwpruneError(f"the final state of {_name(st)}, its directions joined by {describe(cat)}, is read by "
+                           f"{describe(others[0])}; hwprune follows a joined state only into the LSTM/GRU layer it "
+                           f"starts (a decoder of cells started per layer, as with input feeding, is not followed "
+                           f"yet). --exclude {_layer(st)} (the rest is searched)")
     return starts
 
 
