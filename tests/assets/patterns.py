@@ -723,7 +723,7 @@ class NMTGRUDecoder(nn.Module):
 class OpenNMTGRU(nn.Module):
     """OpenNMT-py's NMTModel with a bidirectional GRU encoder, the decoder above and a generator."""
 
-    def __init__(self, vocab: int = 20, emb: int = 8, hidden: int = 16) -> None:
+    def __init__(self, vocab: int = VOCAB, emb: int = 8, hidden: int = 16) -> None:
         super().__init__()
         self.embeddings = nn.Embedding(vocab, emb)
         self.encoder = nn.GRU(emb, hidden // 2, batch_first=True, bidirectional=True)
