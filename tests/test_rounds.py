@@ -147,6 +147,31 @@ def test_a_share_of_the_dense_latency_is_priced_where_the_speed_curve_puts_the_l
     assert curve.verdict_factor(100.0, share=False) == pytest.approx(0.6)
 
 
+def test_a_speed_check_far_off_the_tables_scale_is_confirmed_by_the_median_of_three():
+    """One check of the 2-layer LSTM at 30%, timed while another process ran, priced the share at the budget / 1.46
+    and refused the search (its smallest policy measured 19% of dense at profiling). A factor more than 10% off 1
+    is checked twice more and the median kept; within 10%, one check and no note."""
+    from hwprune.latency.speed import SpeedCurve
+    from hwprune.search.context import CONFIRM_FACTOR, confirmed_scale
+
+    def curve(small_now):  # the dense model as profiled; the smallest policy (100 us then) at small_now
+        return SpeedCurve(SpeedCheck(1000.0, 1.0, 10, 1000.0, 1.0, 10), SpeedCheck(100.0, 1.0, 10, small_now, 1.0, 10))
+
+    later = iter([(curve(104.0), 1.0), (curve(107.0), 1.0)])
+    calls = []
+
+    def again():
+        calls.append(1)
+        return next(later)
+
+    sf, mf, speed, rho, note = confirmed_scale(curve(146.0), 1.0, again, 0.1, relative=True)  # the limit at 100 us
+    assert len(calls) == 2 and sf == pytest.approx(1.07) and speed.small.now_us == 107.0 and mf == 1.0
+    assert "budget / 1.460" in note and "1.040, 1.070, 1.460" in note and "the median kept" in note
+    calls.clear()
+    sf, _, _, _, note = confirmed_scale(curve(105.0), 1.0, again, 0.1, relative=True)
+    assert sf == pytest.approx(1.05) and not calls and note == "" and CONFIRM_FACTOR == 0.10
+
+
 def test_measured_ratios_are_taken_against_the_users_own_dense_model_not_the_split_stack():
     """The analysis splits a 2-layer GRU into one module per layer (every pruned model has that form); the dense
     model the gate and the finish compare with is the user's own, fused ``nn.GRU``, deployed, with the same output."""
