@@ -164,7 +164,7 @@ def test_a_speed_check_far_off_the_tables_scale_is_confirmed_by_the_median_of_th
         calls.append(1)
         return next(later)
 
-    sf, mf, speed, rho, note = confirmed_scale(curve(146.0), 1.0, again, 0.1, relative=True)  # the limit at 100 us
+    sf, mf, speed, _, note = confirmed_scale(curve(146.0), 1.0, again, 0.1, relative=True)  # the limit at 100 us
     assert len(calls) == 2 and sf == pytest.approx(1.07) and speed.small.now_us == 107.0 and mf == 1.0
     assert "budget / 1.460" in note and "1.040, 1.070, 1.460" in note and "the median kept" in note
     calls.clear()

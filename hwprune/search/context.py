@@ -364,9 +364,10 @@ def confirmed_scale(speed: Any, rho: float, again: Callable[[], tuple[Any, float
             checks.append((*price_scale(s2, limit_ms, relative, r2), s2, r2))
     checks.sort(key=lambda c: c[0])
     kept = checks[len(checks) // 2]
-    return (*kept, f"the speed check priced candidates at the budget / {factor:.3f}, more than {CONFIRM_FACTOR:.0%} "
-                   f"off the table's scale: checked {len(checks)} times (factors "
-                   f"{', '.join(f'{c[0]:.3f}' for c in checks)}), the median kept")
+    note = (f"the speed check priced candidates at the budget / {factor:.3f}, more than {CONFIRM_FACTOR:.0%} off the "
+            f"table's scale: checked {len(checks)} times (factors {', '.join(f'{c[0]:.3f}' for c in checks)}), "
+            f"the median kept")
+    return (*kept, note)
 
 
 def _scale_note(factor: float, relative: bool, rho: float = 1.0) -> str:
