@@ -141,8 +141,8 @@ class _NMT(nn.Module):
         return self.nmt(src.unsqueeze(-1), tgt.unsqueeze(-1), lengths)
 
 
-def opennmt_gru():
-    return _NMT(zoo.onmt_model(False, "GRU", vocab=VOCAB, pad=PAD))
+def opennmt_gru(hidden: int = 64, emb: int = 32):
+    return _NMT(zoo.onmt_model(False, "GRU", vocab=VOCAB, pad=PAD, hidden=hidden, emb=emb))
 
 
 def fairseq_lstm():
