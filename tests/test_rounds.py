@@ -172,6 +172,28 @@ def test_a_speed_check_far_off_the_tables_scale_is_confirmed_by_the_median_of_th
     assert sf == pytest.approx(1.04) and not calls and note == "" and CONFIRM_FACTOR == 0.05
 
 
+def test_a_share_the_smallest_policy_meets_now_is_never_priced_under_it():
+    """Three speed checks in a row priced the LSTM's 30% share at the budget / 1.599 and refused the search, while
+    its smallest policy measured 0.21x of dense. Here the dense model runs as profiled (1000 us) and the smallest
+    policy (100 us then) 160 us now, 0.16x of dense: a 30% share (its limit 110 us on the table's scale) is priced
+    at the budget / 1.1, where the smallest policy's price (100 us) meets the limit, not / 1.6. Where the smallest
+    policy misses the share now (400 us, 0.4x), the curve's factor stands."""
+    from hwprune.latency.speed import SpeedCurve
+    from hwprune.search.context import confirmed_scale
+
+    def curve(small_now):
+        return SpeedCurve(SpeedCheck(1000.0, 1.0, 10, 1000.0, 1.0, 10), SpeedCheck(100.0, 1.0, 10, small_now, 1.0, 10))
+
+    sf, _, _, _, note = confirmed_scale(curve(160.0), 1.0, lambda: (curve(160.0), 1.0), 0.11, True, 0.3, 0.1)
+    assert sf == pytest.approx(1.1) and "measures 0.160x your dense model now" in note and "/ 1.600" in note
+    sf, _, _, _, note = confirmed_scale(curve(160.0), 1.0, lambda: (curve(160.0), 1.0), 0.11, True, 0.3, 0.105)
+    assert sf == pytest.approx(0.11 / 0.105)  # the anchor priced above its measured time: its price is the floor
+    sf, _, _, _, note = confirmed_scale(curve(400.0), 1.0, lambda: (curve(400.0), 1.0), 0.11, True, 0.3, 0.1)
+    assert sf == pytest.approx(4.0) and "your dense model now" not in note
+    sf, _, _, _, _ = confirmed_scale(curve(160.0), 1.0, lambda: (curve(160.0), 1.0), 0.11, False, None, 0.1)
+    assert sf == pytest.approx(1.6)  # an absolute budget: the factor at the limit, as measured
+
+
 def test_measured_ratios_are_taken_against_the_users_own_dense_model_not_the_split_stack():
     """The analysis splits a 2-layer GRU into one module per layer (every pruned model has that form); the dense
     model the gate and the finish compare with is the user's own, fused ``nn.GRU``, deployed, with the same output."""
