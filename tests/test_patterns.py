@@ -763,6 +763,32 @@ def test_a_layernorm_over_frequency_and_channels_keeps_its_conv_whole_and_the_re
         assert pruned(x).shape == model(x).shape == (3, 7, 5)
 
 
+def test_speechbrain_crdnn_convs_prune_through_layernorm_over_frequency_and_channels():
+    """SpeechBrain's CRDNN: its convs' channels reach a LayerNorm over (frequency, channels) in channels-last
+    layout, a squeeze(1) that squeezes nothing, padding of frequency and time, pooling over frequency, and a
+    reshape to (batch, time, freq * channels) whose channels are the minor index. Before, every conv was kept whole
+    (the e2e CRDNN-GRU could not go under 71% of dense). Now the conv is a group: the LayerNorm is cut along its
+    channel axis, and the GRU reads channel c of frequency bin f at column f * C + c, worked out by hand."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 6)
+    model = P.sb_crdnn().eval()
+    space = build_space(model, x)
+    assert {g.name: (g.units, g.layers) for g in space.groups} == {
+        "conv": (4, ("conv", "norm", "gru")), "gru": (8, ("gru", "out"))} and space.kept == {}
+    with torch.no_grad():  # channels 1 and 3 weakest: l1 keeps 0 and 2
+        model.conv.weight[1::2] *= 0.01
+    pruned = prune_model(model, Policy({"conv": 0.5}, channel_multiple=1), x).eval()
+    keep = torch.tensor([0, 2])
+    cols = torch.tensor([f * 4 + c for f in range(3) for c in (0, 2)])  # 3 frequency bins after pooling, C = 4
+    assert pruned.conv.out_channels == 2 and pruned.norm.normalized_shape == (6, 2)
+    assert torch.equal(pruned.norm.weight, model.norm.weight[:, keep])
+    assert torch.equal(pruned.gru.weight_ih_l0, model.gru.weight_ih_l0[:, cols])
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape == (3, 7, 3)
+        full = prune_model(model, Policy({"conv": 1.0}, channel_multiple=1), x).eval()
+        torch.testing.assert_close(full(x), model(x))
+
+
 def test_attention_scores_written_by_item_assignment_trace_and_the_rest_prunes():
     """fairseq's decoder writes each step's attention weights with ``attn_scores[:, j, :] = ...``: the trace
     refused the whole model ('_ConcreteProxy' object does not support item assignment). The write is now one

@@ -120,7 +120,7 @@ def rnn_scores(mods: dict[str, nn.Module], plan: RNNGroupPlan, criterion: str,
             if name == "weight" or name.startswith("weight_ih"):
                 s = _saliency(p, criterion).sum(0)
                 s = s.reshape(s.shape[0], -1).sum(1) if s.dim() > 1 else s  # a conv reader: (in, k...) -> in
-                score += s.reshape(dirs, H, plan.stride).sum((0, 2))
+                score += s.reshape(dirs * plan.outer, H, plan.stride).sum((0, 2))
     return score
 
 

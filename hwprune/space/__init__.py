@@ -202,7 +202,7 @@ def _build_space(model: nn.Module, example: Any, excl: set[str], stacks: list[st
     if is_recurrent(model):
         plans = _cuttable(model, example, analyze_rnn_model(model, example, excl, kept), kept)
         groups = [PrunableGroup(p.producer, p.units, (p.producer,) + p.coupled + p.joined + p.through + p.members +
-                                p.consumers + p.state_consumers, p.kind) for p in plans]
+                                tuple(n for n, _ in p.norms) + p.consumers + p.state_consumers, p.kind) for p in plans]
         ties = {p.producer: p.tied for p in plans if p.tied}
     else:
         _, cg = cnn_groups(model, example, excl, kept)

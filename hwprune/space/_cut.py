@@ -76,14 +76,19 @@ def cut_plans(model: nn.Module, cuts: list[tuple[RNNGroupPlan, torch.Tensor]]) -
     mods = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
     ins: dict[str, torch.Tensor] = {}
+    norms: dict[str, tuple[int, torch.Tensor]] = {}
     for plan, idx in cuts:
         outs[plan.producer] = idx
         cols = torch.cat([d * plan.units + idx for d in range(plan.dirs)])
-        if plan.stride > 1:  # a conv's channel flattened with its height: channel-major features
-            cols = (idx[:, None] * plan.stride + torch.arange(plan.stride)).reshape(-1)
-        block = plan.units * plan.dirs * plan.stride
+        if plan.stride > 1 or plan.outer > 1:  # a conv's channels flattened with other dims: channel c at
+            # o * C * stride + c * stride + i (CRNN: stride H; SpeechBrain's (B, T, F, C) -> (B, T, F*C): outer F)
+            cols = (torch.arange(plan.outer)[:, None, None] * plan.units * plan.stride +
+                    idx[None, :, None] * plan.stride + torch.arange(plan.stride)[None, None, :]).reshape(-1)
+        block = plan.units * plan.dirs * plan.stride * plan.outer
         for m in plan.members + plan.coupled:
             outs[m] = idx
+        for m, axis in plan.norms:  # a LayerNorm over the channels and other dims: cut along the channels' axis
+            norms[m] = (axis, idx)
         sides = torch.cat([d * plan.units + idx for d in range(plan.dirs)])  # [dir0 | dir1], each kept alike
         for m in plan.joined:  # a decoder started from the directions joined: its units are [dir0 | dir1]
             outs[m] = sides
@@ -114,4 +119,21 @@ def cut_plans(model: nn.Module, cuts: list[tuple[RNNGroupPlan, torch.Tensor]]) -
         else:  # pragma: no cover - analysis only yields RNN/Linear members
             raise HwpruneError(f"cannot prune layer {name!r} of type {type(mod).__name__}")
         model.set_submodule(name, new)
-    return sorted(outs)
+    for name, (axis, keep) in norms.items():
+        model.set_submodule(name, _ln_slices(mods[name], axis, keep))
+    return sorted(set(outs) | set(norms))
+
+
+def _ln_slices(mod: nn.LayerNorm, axis: int, keep: torch.Tensor) -> nn.LayerNorm:
+    """A LayerNorm over the same dims with only ``keep`` along ``axis`` of its normalized shape."""
+    shape = list(mod.normalized_shape)
+    shape[axis] = len(keep)
+    new = nn.LayerNorm(shape, mod.eps, mod.elementwise_affine, bias=mod.bias is not None)
+    with torch.no_grad():
+        for pname in ("weight", "bias"):
+            src = getattr(mod, pname)
+            if src is not None:
+                getattr(new, pname).copy_(src.detach().index_select(axis, keep.to(src.device)))
+    new = new.to(next(iter(mod.parameters()), torch.zeros(0)).device)
+    new.train(mod.training)
+    return new

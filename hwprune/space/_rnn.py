@@ -8,6 +8,7 @@ guessed.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -54,6 +55,10 @@ class RNNGroupPlan:
     # direction), or the output with its directions added (DeepSpeech's x[..., :n] + x[..., n:])
     members: tuple[str, ...] = ()  # per-channel layers between a conv and its readers (BatchNorm), sliced with it
     stride: int = 1  # features per unit at the readers (a conv's channel flattened with its height: C*H inputs)
+    outer: int = 1  # blocks of units x stride features at the readers (channels last, merged with the dims
+    # before them: SpeechBrain's (B, T, F, C) -> (B, T, F*C), F blocks of C)
+    norms: tuple[tuple[str, int], ...] = ()  # LayerNorms over the units (and other dims): (layer, axis of the
+    # units in its normalized shape)
     coupled: tuple[str, ...] = ()  # RNN layers whose hidden units are the producer's (a decoder started from its
     # final state): their output units are kept alike, in the same order
     reader_copies: tuple[tuple[str, int], ...] = ()  # readers that see the units several times side by side
@@ -545,22 +550,28 @@ def _dims_arg(node: fx.Node) -> list[int]:
 
 
 def _follow_channels(start: fx.Node, width: int, mods: dict[str, nn.Module]
-                     ) -> tuple[tuple[str, ...], tuple[str, ...], int] | None:
+                     ) -> tuple[tuple[str, ...], tuple[str, ...], int, int, tuple[tuple[str, int], ...]] | None:
     """Where a conv's output channels go: (readers, per-channel members such as BatchNorm, features per channel
-    at the readers), or None when they reach the model output.
+    at the readers, copies of the channel block at the readers, LayerNorms over the channels with the channel's
+    axis in their shape), or None when they reach the model output.
 
-    Followed: BatchNorm, activations, pooling, dropout; ``permute``/``transpose`` (the channel dim moves) and
-    ``flatten`` (the channel dim merges with the dims after it: a reader sees channel-major features, ``stride``
-    per channel, as ``(B, C, H, W) -> (B, W, C*H)`` in a CRNN). Readers: convs (channels at dim 1), and
+    Followed: BatchNorm, activations, pooling, dropout, padding of other dims, ``squeeze`` of a dim that is not 1;
+    ``permute``/``transpose`` (the channel dim moves); a LayerNorm over trailing dims that include the channels
+    (SpeechBrain's over frequency x channels: its weights are cut along the channel axis); ``flatten`` and a
+    ``reshape`` that merges the channel dim with its neighbours: a reader sees ``outer`` blocks of ``C x stride``
+    features, channel ``c`` at ``o*C*stride + c*stride + i`` (``(B, C, H, W) -> (B, W, C*H)`` in a CRNN: stride H;
+    ``(B, T, F, C) -> (B, T, F*C)`` in SpeechBrain's CRDNN: outer F). Readers: convs (channels at dim 1), and
     Linear/LSTM/GRU layers (channels in the last dim).
     """
     readers: list[str] = []
     members: list[str] = []
-    strides: set[int] = set()
-    frontier = [(start, 1, 1)]
+    norms: list[tuple[str, int]] = []
+    layouts: set[tuple[int, int]] = set()
+    frontier = [(start, 1, 1, 1)]  # (node, channel dim, features per channel, channel blocks)
     seen: set[fx.Node] = set()
     while frontier:
-        node, cdim, stride = frontier.pop()
+        node, cdim, stride, outer = frontier.pop()
+        plain = stride == 1 and outer == 1
         for user in node.users:
             if user in seen:
                 continue
@@ -572,68 +583,112 @@ def _follow_channels(start: fx.Node, width: int, mods: dict[str, nn.Module]
                 mod = mods[str(user.target)]
                 r_node = _rank(node)
                 last = r_node is not None and cdim == r_node - 1
-                if isinstance(mod, nn.modules.conv._ConvNd) and cdim == 1 and stride == 1 and \
+                if isinstance(mod, nn.modules.conv._ConvNd) and cdim == 1 and plain and \
                         mod.in_channels == width and mod.groups == 1:
                     readers.append(str(user.target))
-                    strides.add(1)
+                    layouts.add((1, 1))
                     continue
-                if isinstance(mod, _BN) and cdim == 1 and stride == 1 and mod.num_features == width:
+                if isinstance(mod, _BN) and cdim == 1 and plain and mod.num_features == width:
                     members.append(str(user.target))
-                    frontier.append((user, cdim, stride))
+                    frontier.append((user, cdim, stride, outer))
                     continue
+                if isinstance(mod, nn.LayerNorm) and r_node is not None:
+                    first = r_node - len(mod.normalized_shape)
+                    if cdim < first:  # over other dims only: each channel normalized on its own, untouched
+                        frontier.append((user, cdim, stride, outer))
+                        continue
+                    if plain and mod.normalized_shape[cdim - first] == width:
+                        norms.append((str(user.target), cdim - first))
+                        frontier.append((user, cdim, stride, outer))
+                        continue
                 if isinstance(mod, _CHANNEL_PASS):
-                    frontier.append((user, cdim, stride))
+                    frontier.append((user, cdim, stride, outer))
                     continue
-                feats = width * stride
+                feats = width * stride * outer
                 if last and ((isinstance(mod, nn.Linear) and mod.in_features == feats) or
                              (isinstance(mod, RNN_TYPES) and mod.input_size == feats)):
                     readers.append(str(user.target))
-                    strides.add(stride)
+                    layouts.add((stride, outer))
                     continue
                 if last and isinstance(mod, RNNStack) and mod.layers[0].input_size == feats:
                     readers.append(f"{user.target}.layers.0")
-                    strides.add(stride)
+                    layouts.add((stride, outer))
                     continue
             name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
-            if user.op in ("call_method", "call_function") and name in ("permute", "transpose", "flatten") and \
-                    user.args and user.args[0] is node and rank is not None:
+            if user.op in ("call_method", "call_function") and user.args and user.args[0] is node and \
+                    rank is not None:
                 r_in = _rank(node)
                 assert r_in is not None
                 if name == "permute":
                     dims = [d % r_in for d in _dims_arg(user)]
-                    frontier.append((user, dims.index(cdim), stride))
+                    frontier.append((user, dims.index(cdim), stride, outer))
                     continue
                 if name == "transpose":
                     a, b = (d % r_in for d in _dims_arg(user)[:2])
-                    frontier.append((user, b if cdim == a else a if cdim == b else cdim, stride))
+                    frontier.append((user, b if cdim == a else a if cdim == b else cdim, stride, outer))
                     continue
-                args = _dims_arg(user)
-                s0 = (args[0] if args else int(user.kwargs.get("start_dim", 0))) % r_in
-                e0 = (args[1] if len(args) > 1 else int(user.kwargs.get("end_dim", -1))) % r_in
-                if cdim < s0:
-                    frontier.append((user, cdim, stride))
+                if name == "squeeze" and len(user.args) == 2 and isinstance(user.args[1], int):
+                    d = user.args[1] % r_in
+                    if _shape(node)[d] != 1:  # squeezing a dim that is not 1 does nothing
+                        frontier.append((user, cdim, stride, outer))
+                        continue
+                    if d != cdim:
+                        frontier.append((user, cdim - (d < cdim), stride, outer))
+                        continue
+                if name == "pad" and user.op == "call_function" and len(user.args) > 1 and \
+                        isinstance(user.args[1], (list, tuple)) and cdim < r_in - len(user.args[1]) // 2:
+                    frontier.append((user, cdim, stride, outer))  # padding the dims after the channels'
                     continue
-                if cdim > e0:
-                    frontier.append((user, cdim - (e0 - s0), stride))
-                    continue
-                if cdim == s0:
-                    inner = 1
-                    for v in _shape(node)[cdim + 1: e0 + 1]:
-                        inner *= v
-                    frontier.append((user, s0, stride * inner))
+                merged = _merged_dims(node, user, name)
+                if merged is not None and plain:
+                    s0, e0 = merged
+                    if cdim < s0:
+                        frontier.append((user, cdim, stride, outer))
+                        continue
+                    if cdim > e0:
+                        frontier.append((user, cdim - (e0 - s0), stride, outer))
+                        continue
+                    shape = _shape(node)
+                    inner = math.prod(shape[cdim + 1: e0 + 1])
+                    blocks = math.prod(shape[s0: cdim])
+                    frontier.append((user, s0, inner, blocks))
                     continue
             ok = (user.op == "call_function" and user.target in _CHANNEL_PASS_FUNCS) or \
                 (user.op == "call_method" and user.target in _CHANNEL_PASS_METHODS)
             if ok and sum(a is node for a in user.args) == 1 and _rank(user) == _rank(node):
-                frontier.append((user, cdim, stride))
+                frontier.append((user, cdim, stride, outer))
                 continue
             raise HwpruneError(f"cannot tell how the {width} channels of {_name(start)} reach {describe(user, mods)} "
-                               f"(followed: BatchNorm, activations, pooling, permute/transpose/flatten into "
-                               f"conv, Linear, LSTM and GRU layers); exclude that conv (--exclude) or restructure "
-                               f"the model")
-    if len(strides) > 1:
+                               f"(followed: BatchNorm, LayerNorm, activations, pooling, padding, "
+                               f"permute/transpose/flatten/reshape into conv, Linear, LSTM and GRU layers); exclude "
+                               f"that conv (--exclude) or restructure the model")
+    if len(layouts) > 1:
         raise HwpruneError(f"the channels of {_name(start)} reach its readers with different layouts; exclude it")
-    return tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(members)), (strides.pop() if strides else 1)
+    stride, outer = layouts.pop() if layouts else (1, 1)
+    return tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(members)), stride, outer, tuple(dict.fromkeys(norms))
+
+
+def _merged_dims(node: fx.Node, user: fx.Node, name: str) -> tuple[int, int] | None:
+    """``(first, last)`` dims of ``node`` that ``flatten`` or a ``reshape``/``view`` merges into one (the other dims
+    kept), else None."""
+    r_in = _rank(node)
+    if r_in is None:
+        return None
+    if name == "flatten":
+        args = _dims_arg(user)
+        s0 = (args[0] if args else int(user.kwargs.get("start_dim", 0))) % r_in
+        e0 = (args[1] if len(args) > 1 else int(user.kwargs.get("end_dim", -1))) % r_in
+        return s0, e0
+    if name not in ("reshape", "view", torch.reshape):
+        return None
+    a, b = _shape(node), _shape(user)
+    if len(b) >= len(a):
+        return None
+    k = len(a) - len(b)  # dims merged: one run of k + 1 dims becomes one
+    for s0 in range(len(b)):
+        if a[:s0] == b[:s0] and a[s0 + k + 1:] == b[s0 + 1:] and math.prod(a[s0: s0 + k + 1]) == b[s0]:
+            return s0, s0 + k
+    return None
 
 
 def _cell_loop(name: str, calls: list[fx.Node], mods: dict[str, nn.Module]) -> tuple[list[fx.Node], set[fx.Node]]:
@@ -835,7 +890,7 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
         got = _follow_channels(node, mod.out_channels, mods)
         if got is not None and got[0]:
             plans.append(RNNGroupPlan(name, mod.out_channels, 1, got[0], "channels", members=got[1],
-                                      stride=got[2]))
+                                      stride=got[2], outer=got[3], norms=got[4]))
     elif isinstance(mod, nn.Embedding):  # the embedding width: its columns and the readers' inputs
         try:
             cons = _follow(node, mod.embedding_dim, mods)

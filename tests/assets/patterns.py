@@ -818,6 +818,35 @@ def sb_conv(**kw):
     return SBConv(**kw)
 
 
+class SBCRDNN(nn.Module):
+    """SpeechBrain's CRDNN in small, with its recurrent layer: its Conv2d wrapper (features (batch, time, freq)
+    transposed and unsqueezed, padded, ``squeeze(1)`` after the conv, channels moved last), LayerNorm over
+    (frequency, channels) together, LeakyReLU, pooling over frequency, then ``reshape(batch, time, freq *
+    channels)`` (channels the minor index) into a GRU and a Linear per frame."""
+
+    def __init__(self, feats: int = 6, ch: int = 4, hidden: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, ch, 3)
+        self.norm = nn.LayerNorm((feats, ch))
+        self.act = nn.LeakyReLU()
+        self.pool = nn.MaxPool2d((1, 2))
+        self.gru = nn.GRU(feats // 2 * ch, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x):  # (batch, time, freq)
+        x = nn.functional.pad(x.transpose(1, -1).unsqueeze(1), [1, 1, 1, 1])  # (batch, 1, freq + 2, time + 2)
+        x = self.conv(x).squeeze(1).transpose(1, -1)  # (batch, time, freq, ch)
+        x = self.act(self.norm(x))
+        x = self.pool(x.transpose(-1, 2)).transpose(-1, 2)  # pooled over frequency: (batch, time, freq / 2, ch)
+        b, t = x.shape[0], x.shape[1]
+        x, _ = self.gru(x.reshape(b, t, x.shape[2] * x.shape[3]))
+        return self.out(x)
+
+
+def sb_crdnn(**kw):
+    return SBCRDNN(**kw)
+
+
 class ScoresLoop(nn.Module):
     """fairseq's LSTMDecoder loop in small: an LSTMCell stepped over the target, attention over the encoder's
     outputs, and the attention weights written step by step into a preallocated tensor
