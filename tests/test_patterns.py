@@ -789,6 +789,26 @@ def test_speechbrain_crdnn_convs_prune_through_layernorm_over_frequency_and_chan
         torch.testing.assert_close(full(x), model(x))
 
 
+def test_pooling_across_channels_keeps_the_conv_whole():
+    """Pooling passed a conv's channels whatever the dim it pooled: a MaxPool1d over the channel dim (channels
+    last, pooled in pairs) would have cut the GRU's columns as if each channel were still one. Now the conv is
+    kept whole with the pooling layer named, and the GRU is still a group."""
+
+    class PoolChannels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool = nn.Conv1d(1, 4, 3, padding=1), nn.MaxPool1d(2)
+            self.gru, self.out = nn.GRU(2, 8, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x):  # (batch, time)
+            y = self.pool(self.conv(x.unsqueeze(1)).transpose(1, 2))  # (batch, time, 4) pooled to (batch, time, 2)
+            return self.out(self.gru(y)[0])
+
+    space = build_space(PoolChannels().eval(), torch.randn(2, 9))
+    assert [g.name for g in space.groups] == ["gru"]
+    assert "layer 'pool' (MaxPool1d)" in space.kept["conv"], space.kept
+
+
 def test_attention_scores_written_by_item_assignment_trace_and_the_rest_prunes():
     """fairseq's decoder writes each step's attention weights with ``attn_scores[:, j, :] = ...``: the trace
     refused the whole model ('_ConcreteProxy' object does not support item assignment). The write is now one

@@ -601,7 +601,7 @@ def _follow_channels(start: fx.Node, width: int, mods: dict[str, nn.Module]
                         norms.append((str(user.target), cdim - first))
                         frontier.append((user, cdim, stride, outer))
                         continue
-                if isinstance(mod, _CHANNEL_PASS):
+                if isinstance(mod, _CHANNEL_PASS) and not _pools_dim(mod, user, cdim):
                     frontier.append((user, cdim, stride, outer))
                     continue
                 feats = width * stride * outer
@@ -666,6 +666,23 @@ def _follow_channels(start: fx.Node, width: int, mods: dict[str, nn.Module]
         raise HwpruneError(f"the channels of {_name(start)} reach its readers with different layouts; exclude it")
     stride, outer = layouts.pop() if layouts else (1, 1)
     return tuple(dict.fromkeys(readers)), tuple(dict.fromkeys(members)), stride, outer, tuple(dict.fromkeys(norms))
+
+
+def _pools_dim(mod: nn.Module, call: fx.Node, dim: int) -> bool:
+    """A pooling layer whose window spans more than one element along ``dim`` of its input (channels pooled
+    together are not the same channels any more); False for every other layer."""
+    pools = {nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.AdaptiveAvgPool1d: 1,
+             nn.AdaptiveMaxPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2}
+    n = pools.get(type(mod))
+    r = _rank(call)
+    if n is None or r is None or dim < r - n:
+        return False
+    j = dim - (r - n)  # which of the pooled dims
+    if isinstance(mod, (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        src = call.args[0] if call.args and isinstance(call.args[0], fx.Node) else None
+        return src is None or _shape(src)[dim] != _shape(call)[dim]
+    k = mod.kernel_size if isinstance(mod.kernel_size, tuple) else (mod.kernel_size,) * n
+    return k[j] > 1
 
 
 def _merged_dims(node: fx.Node, user: fx.Node, name: str) -> tuple[int, int] | None:
