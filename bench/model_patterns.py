@@ -51,7 +51,7 @@ ZOO = [
     ("timm_resnet10t", "image_data", None, ""),
     # not torchaudio's Wav2Letter (23 M parameters, widths fixed by its code): on a 2-core VM its profile took 11 min
     # and its base training had not finished 10 min later; bench/zoo.py analyses and prunes it
-    ("crdnn_gru", "fbank_data", None, "", "80%"),  # its convs are kept whole: the smallest policy is ~71%
+    ("crdnn_gru", "fbank_data", None, ""),  # its convs prune since 2026-12-08 (were kept whole: smallest ~71%, 80%)
     # hidden 256 (OpenNMT's default is 500): at 64 the model is overhead-bound, its smallest policy 77% of dense
     ("opennmt_gru", "reverse_data", "language-model", "hidden=256,emb=64"),
     ("fairseq_lstm", "reverse_lengths_data", "language-model", ""),
