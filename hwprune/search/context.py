@@ -358,9 +358,10 @@ def confirmed_scale(speed: Any, rho: float, again: Callable[[], tuple[Any, float
 
     A budget given as a share (``share`` of the dense model) that the smallest policy meets as timed now against
     the user's dense model is never priced under that policy: the factor is capped where its price (``anchor_ms``,
-    else its time at profiling) sits at the limit (at least 1). The 2-layer LSTM's smallest policy measured 0.21x of dense in a
-    benchmark's 30-round timings while three speed checks in a row, on a VM whose small models slowed more than its
-    dense one for seconds at a time, priced the 30% share at the budget / 1.599 and refused the search."""
+    else its time at profiling) sits at the limit (at least 1). The 2-layer LSTM's smallest policy measured 0.21x
+    of dense in a benchmark's 30-round timings while three speed checks in a row, on a VM whose small models slowed
+    more than its dense one for seconds at a time, priced the 30% share at the budget / 1.599 and refused the
+    search."""
     factor, measure = price_scale(speed, limit_ms, relative, rho)
     notes = []
     if abs(factor - 1.0) > CONFIRM_FACTOR:

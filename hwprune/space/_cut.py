@@ -72,14 +72,16 @@ def _bn_slices(mod: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.M
 
 def cut_plans(model: nn.Module, cuts: list[tuple[RNNGroupPlan, torch.Tensor]]) -> list[str]:
     """Cut each plan's producer to the kept unit indices ``idx`` (ascending), with everything the plan ties to it
-    (members, coupled and joined layers, attention's square maps, readers' input columns), in place. Returns the cut layers' names."""
+    (members, coupled and joined layers, attention's square maps, readers' input columns), in place. Returns the
+    cut layers' names."""
     mods = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
     ins: dict[str, torch.Tensor] = {}
     norms: dict[str, tuple[int, torch.Tensor]] = {}
     for plan, idx in cuts:
         outs[plan.producer] = idx
-        cols = torch.cat([d * plan.units + idx for d in range(plan.dirs)])
+        sides = torch.cat([d * plan.units + idx for d in range(plan.dirs)])  # [dir0 | dir1], each kept alike
+        cols = sides
         if plan.stride > 1 or plan.outer > 1:  # a conv's channels flattened with other dims: channel c at
             # o * C * stride + c * stride + i (CRNN: stride H; SpeechBrain's (B, T, F, C) -> (B, T, F*C): outer F)
             cols = (torch.arange(plan.outer)[:, None, None] * plan.units * plan.stride +
@@ -89,7 +91,6 @@ def cut_plans(model: nn.Module, cuts: list[tuple[RNNGroupPlan, torch.Tensor]]) -
             outs[m] = idx
         for m, axis in plan.norms:  # a LayerNorm over the channels and other dims: cut along the channels' axis
             norms[m] = (axis, idx)
-        sides = torch.cat([d * plan.units + idx for d in range(plan.dirs)])  # [dir0 | dir1], each kept alike
         for m in plan.joined:  # a decoder started from the directions joined: its units are [dir0 | dir1]
             outs[m] = sides
         for m in plan.through:  # attention's linear_in: the units in, the units out

@@ -845,7 +845,8 @@ def _plan_one(node: fx.Node, name: str, mod: nn.Module, by_name: dict[str, list[
                     raise HwpruneError(f"layer {name!r}: its final state, directions joined, starts "
                                        f"{describe(other, mods)}, which has other layers or widths; hwprune couples "
                                        f"a bidirectional encoder and a decoder {d} x as wide. --exclude {name}")
-                if any(_state_uses(other, len(ostack), 1, mods)):
+                reads, starts = _state_uses(other, len(ostack), 1, mods)
+                if reads or starts:
                     raise HwpruneError(f"layer {name!r}: the final state of {describe(other, mods)}, started from "
                                        f"its directions joined, is read on; not followed yet. --exclude {name}")
                 joined_names.append(onames)
